@@ -1,0 +1,291 @@
+"""Model and generation settings, with Hugging Face key names and precedence rules.
+
+`ModelConfig` reads config.json in both layouts found in the wild: transformers 4.x
+(`rope_theta` + `rope_scaling`) and transformers 5.x (`rope_parameters`). Keys it does not
+know are kept in `extra`. `GenerationConfig` resolves call arguments over generation_config.json
+over config.json, and records where each value came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import LlamascopeError
+
+# Model types whose checkpoints use the LLaMA block (RMSNorm, RoPE, GQA, SwiGLU).
+LLAMA_FAMILY = {"llama"}
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def read_json(path: Path) -> dict:
+    """Read a JSON object from `path`, with an error naming the file when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise LlamascopeError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LlamascopeError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise LlamascopeError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _as_id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    return [int(value)]
+
+
+@dataclass
+class ModelConfig:
+    """A LLaMA-family architecture, keyed like Hugging Face's LlamaConfig."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    torch_dtype: str | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+    model_type: str = "llama"
+    extra: dict = field(default_factory=dict)
+    # Keys that the source did not give and that were filled with the default.
+    defaulted: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
+    # ---- derived facts -------------------------------------------------------------------
+    @property
+    def rope_type(self) -> str:
+        if not self.rope_scaling:
+            return "default"
+        return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+
+    @property
+    def gqa_group_size(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    # ---- construction --------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config.json") -> "ModelConfig":
+        data = dict(data)
+        model_type = data.get("model_type")
+        archs = data.get("architectures") or []
+        if model_type is None and not any("Llama" in a for a in archs):
+            raise LlamascopeError(f"{source}: missing key 'model_type' (expected 'llama')")
+        if model_type is not None and model_type not in LLAMA_FAMILY:
+            raise LlamascopeError(
+                f"{source}: unsupported architecture model_type={model_type!r} "
+                f"(llamascope runs LLaMA-family models: model_type 'llama')"
+            )
+        for key in REQUIRED_KEYS:
+            if key not in data or data[key] is None:
+                raise LlamascopeError(f"{source}: missing required key {key!r}")
+
+        # transformers 5.x writes rope_parameters = {"rope_type": ..., "rope_theta": ..., ...}.
+        rope_parameters = data.pop("rope_parameters", None)
+        if rope_parameters is not None:
+            if not isinstance(rope_parameters, dict):
+                raise LlamascopeError(f"{source}: 'rope_parameters' must be an object")
+            rope = dict(rope_parameters)
+            if "rope_theta" in rope:
+                data.setdefault("rope_theta", rope.pop("rope_theta"))
+            if rope.get("rope_type", "default") != "default":
+                data["rope_scaling"] = rope
+            else:
+                data.setdefault("rope_scaling", None)
+        if data.get("dtype") is not None and data.get("torch_dtype") is None:
+            data["torch_dtype"] = data["dtype"]
+
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "defaulted"}
+        known = {k: v for k, v in data.items() if k in names}
+        extra = {k: v for k, v in data.items() if k not in names}
+        defaulted = tuple(sorted(n for n in names if n not in data))
+        try:
+            config = cls(**known, extra=extra, defaulted=defaulted)
+        except TypeError as e:
+            raise LlamascopeError(f"{source}: {e}") from None
+        config.validate(source)
+        return config
+
+    @classmethod
+    def from_file(cls, path: Path) -> "ModelConfig":
+        return cls.from_dict(read_json(path), source=str(path))
+
+    def validate(self, source: str = "config") -> None:
+        for key in REQUIRED_KEYS + ("num_key_value_heads", "head_dim"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise LlamascopeError(f"{source}: {key!r} must be a positive integer, found {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise LlamascopeError(
+                f"{source}: num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.hidden_act != "silu":
+            raise LlamascopeError(f"{source}: hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        if self.rope_type not in ROPE_TYPES:
+            raise LlamascopeError(
+                f"{source}: rope_scaling rope_type {self.rope_type!r} is not supported "
+                f"(supported: {', '.join(ROPE_TYPES)})"
+            )
+        if self.rope_type != "default" and "factor" not in self.rope_scaling:
+            raise LlamascopeError(f"{source}: rope_scaling of type {self.rope_type!r} needs key 'factor'")
+        if self.rope_type == "llama3":
+            for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+                if key not in self.rope_scaling:
+                    raise LlamascopeError(f"{source}: rope_scaling of type 'llama3' needs key {key!r}")
+
+    def to_hf_dict(self) -> dict:
+        """A config.json (transformers 4.x layout, which 5.x also reads)."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("extra", "defaulted")}
+        out.update(self.extra)
+        out.setdefault("architectures", ["LlamaForCausalLM"])
+        return out
+
+    def weight_bytes(self, bytes_per_param: float) -> int:
+        return int(self.num_parameters() * bytes_per_param)
+
+    def num_parameters(self) -> int:
+        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
+        q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
+        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv + h if self.attention_bias else 0)
+        mlp = 3 * h * i + (2 * i + h if self.mlp_bias else 0)
+        per_layer = attn + mlp + 2 * h
+        embed = self.vocab_size * h
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return embed + self.num_hidden_layers * per_layer + h + head
+
+
+# ---- generation settings --------------------------------------------------------------------
+
+@dataclass
+class GenerationConfig:
+    """Settings of one generate() call, with transformers' meanings and defaults."""
+
+    max_new_tokens: int | None = None
+    max_length: int | None = 20
+    min_new_tokens: int | None = None
+    do_sample: bool = False
+    num_beams: int = 1
+    temperature: float = 1.0
+    top_k: int | None = 50
+    top_p: float = 1.0
+    min_p: float | None = None
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    bad_words_ids: list | None = None
+    suppress_tokens: list | None = None
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1
+    use_cache: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+    stop_strings: list[str] | None = None
+    max_time: float | None = None
+    seed: int | None = None
+    output_logprobs: int | None = None
+    # Where each value came from: "default", "config.json", "generation_config.json" or "call".
+    sources: dict = field(default_factory=dict)
+
+    def max_length_for(self, prompt_length: int) -> int:
+        """transformers' rule: max_new_tokens wins; then max_length = prompt length + max_new_tokens."""
+        if self.max_new_tokens is not None:
+            return prompt_length + self.max_new_tokens
+        return self.max_length if self.max_length is not None else prompt_length + 20
+
+    @classmethod
+    def resolve(
+        cls,
+        model_config: ModelConfig | None = None,
+        generation_json: dict | None = None,
+        generation_source: str = "generation_config.json",
+        **call: Any,
+    ) -> "GenerationConfig":
+        """Call arguments over generation_config.json over config.json, as transformers does.
+
+        transformers uses config.json's bos/eos/pad only when there is no generation_config.json.
+        Arguments passed as None are treated as not given.
+        """
+        names = {f.name for f in dataclasses.fields(cls)} - {"sources"}
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        if generation_json is None and model_config is not None:
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                value = getattr(model_config, key)
+                if value is not None:
+                    values[key], sources[key] = value, "config.json"
+        if generation_json:
+            for key, value in generation_json.items():
+                if key in names and value is not None:
+                    values[key], sources[key] = value, generation_source
+        for key, value in call.items():
+            if key not in names:
+                raise LlamascopeError(f"unknown generation setting {key!r}")
+            if value is not None:
+                values[key], sources[key] = value, "call"
+        if "max_new_tokens" in values and "max_length" in values and sources["max_length"] != "call":
+            pass  # max_new_tokens wins; max_length stays for reference
+        if "eos_token_id" in values:
+            values["eos_token_id"] = _as_id_list(values["eos_token_id"])
+        config = cls(**values)
+        config.sources = {name: sources.get(name, "default") for name in names}
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> LlamascopeError:
+            return LlamascopeError(f"generation setting {name}={getattr(self, name)!r}: {why}")
+
+        if self.max_new_tokens is not None and self.max_new_tokens < 0:
+            raise bad("max_new_tokens", "must be >= 0")
+        if self.num_beams < 1:
+            raise bad("num_beams", "must be >= 1")
+        if self.do_sample:
+            if not (isinstance(self.temperature, (int, float)) and self.temperature > 0 and math.isfinite(self.temperature)):
+                raise bad("temperature", "must be a positive number when sampling")
+            if not (0 < self.top_p <= 1):
+                raise bad("top_p", "must be in (0, 1]")
+            if self.top_k is not None and self.top_k < 0:
+                raise bad("top_k", "must be >= 0")
+            if self.min_p is not None and not (0 <= self.min_p <= 1):
+                raise bad("min_p", "must be in [0, 1]")
+            if not (0 < self.typical_p <= 1):
+                raise bad("typical_p", "must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "must be > 0")
+        if self.num_return_sequences < 1:
+            raise bad("num_return_sequences", "must be >= 1")
+        if not self.do_sample and self.num_return_sequences > self.num_beams:
+            raise bad(
+                "num_return_sequences",
+                f"cannot exceed num_beams={self.num_beams} without sampling",
+            )

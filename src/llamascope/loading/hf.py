@@ -1,0 +1,84 @@
+"""Hugging Face model folders: config.json, generation_config.json, tokenizer files and weights
+(model.safetensors, sharded safetensors with an index, pytorch_model*.bin)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig, read_json
+from ..errors import LlamascopeError
+from . import Checkpoint, TensorSource
+from .tensorfiles import SafetensorsFile, load_bin
+
+TORCH_TYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _weight_files(folder: Path) -> tuple[str, list[Path]]:
+    for index_name, fmt in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
+        index_path = folder / index_name
+        if index_path.is_file():
+            index = read_json(index_path)
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise LlamascopeError(f"{index_path}: missing or empty 'weight_map'")
+            shards = sorted(set(weight_map.values()))
+            for shard in shards:
+                if not (folder / shard).is_file():
+                    raise LlamascopeError(f"{index_path}: shard {shard!r} is listed but missing")
+            return fmt, [folder / s for s in shards]
+    if (folder / "model.safetensors").is_file():
+        return "safetensors", [folder / "model.safetensors"]
+    singles = sorted(folder.glob("*.safetensors"))
+    if singles:
+        return "safetensors", singles
+    if (folder / "pytorch_model.bin").is_file():
+        return "bin", [folder / "pytorch_model.bin"]
+    raise LlamascopeError(
+        f"{folder}: no weights found (expected model.safetensors, model.safetensors.index.json "
+        f"or pytorch_model.bin)"
+    )
+
+
+def _bin_tensors(path: Path) -> dict[str, TensorSource]:
+    state = load_bin(path)  # memory-mapped: reading a tensor touches only its pages
+    out = {}
+    for name, t in state.items():
+        out[name] = TensorSource(tuple(t.shape), TORCH_TYPE_NAMES.get(t.dtype, str(t.dtype)), path,
+                                 t.numel() * t.element_size(), functools.partial(lambda t: t, t))
+    return out
+
+
+def open_hf_folder(folder: Path) -> Checkpoint:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise LlamascopeError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    config_dict = read_json(config_path)
+    config = ModelConfig.from_dict(config_dict, source=str(config_path))
+    gen_path = folder / "generation_config.json"
+    generation_json = read_json(gen_path) if gen_path.is_file() else None
+
+    fmt, files = _weight_files(folder)
+    tensors: dict[str, TensorSource] = {}
+    for path in files:
+        if fmt == "safetensors":
+            st = SafetensorsFile(path)
+            for name in st.names():
+                tensors[name] = TensorSource(st.shape(name), TORCH_TYPE_NAMES.get(st.dtype(name), str(st.dtype(name))),
+                                             path, st.nbytes(name), functools.partial(st.read, name))
+        else:
+            tensors.update(_bin_tensors(path))
+
+    def tokenizer_factory():
+        from ..tokenizer import Tokenizer
+
+        return Tokenizer.from_hf_folder(folder, config=config)
+
+    has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
+    return Checkpoint(
+        path=folder, format=fmt, config=config, config_dict=config_dict, generation_json=generation_json,
+        tensors=tensors, files=[(p, p.stat().st_size) for p in files],
+        tokenizer_factory=tokenizer_factory if has_tokenizer else None,
+    )

@@ -1,0 +1,112 @@
+"""Read tensors from safetensors and PyTorch .bin files one at a time, with clear errors.
+
+safetensors files are read with plain file reads into freshly allocated tensors: a memory-mapped
+read would keep every touched page of the file resident beside the converted weights (two copies
+at peak). The header is validated first, so a truncated or foreign file fails with its name.
+.bin files go through `torch.load(weights_only=True, mmap=True)`: no code in a pickle ever runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import LlamascopeError
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class SafetensorsFile:
+    """The header of one .safetensors file; `read(name)` loads one tensor."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        size = os.path.getsize(self.path)
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise LlamascopeError(f"{self.path}: not a safetensors file (only {size} bytes)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(size - 8, 100_000_000):
+                raise LlamascopeError(
+                    f"{self.path}: not a safetensors file or truncated (header claims {header_len} bytes, "
+                    f"file has {size})"
+                )
+            try:
+                header = json.loads(f.read(header_len))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise LlamascopeError(f"{self.path}: not a safetensors file (header is not JSON)") from None
+        if not isinstance(header, dict):
+            raise LlamascopeError(f"{self.path}: not a safetensors file (header is not an object)")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + header_len
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            try:
+                dtype = SAFETENSORS_DTYPES[info["dtype"]]
+                shape = tuple(int(s) for s in info["shape"])
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise LlamascopeError(f"{self.path}: tensor {name!r} has a malformed header entry") from None
+            expected = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+            if end - begin != expected:
+                raise LlamascopeError(
+                    f"{self.path}: tensor {name!r} has {end - begin} bytes for shape {list(shape)} "
+                    f"({info['dtype']}), expected {expected}"
+                )
+            if self.data_start + end > size:
+                raise LlamascopeError(
+                    f"{self.path}: file is truncated: tensor {name!r} ends at byte {self.data_start + end}, "
+                    f"file has {size} bytes"
+                )
+            self.entries[name] = (dtype, shape, begin, end)
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.entries[name][0]
+
+    def nbytes(self, name: str) -> int:
+        _, _, begin, end = self.entries[name]
+        return end - begin
+
+    def read(self, name: str) -> torch.Tensor:
+        dtype, shape, begin, end = self.entries[name]
+        out = torch.empty(shape, dtype=dtype)
+        if end > begin:
+            buf = out.view(-1).view(torch.uint8).numpy() if out.dim() else out.view(1).view(torch.uint8).numpy()
+            with open(self.path, "rb") as f:
+                f.seek(self.data_start + begin)
+                if f.readinto(buf) != end - begin:
+                    raise LlamascopeError(f"{self.path}: file is truncated while reading tensor {name!r}")
+        return out
+
+
+def load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A pytorch_model.bin state dict, refusing any pickle that would run code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "Unpickl" in type(e).__name__:
+            raise LlamascopeError(
+                f"{path}: refused to load: the pickle holds objects other than tensors "
+                f"(loading it could run code). {text}"
+            ) from None
+        raise LlamascopeError(f"{path}: not a readable PyTorch checkpoint ({text})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise LlamascopeError(f"{path}: expected a state dict of tensors")
+    return state

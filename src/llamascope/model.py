@@ -1,0 +1,273 @@
+"""The LLaMA transformer: `forward(tokens[B,T], positions[B,T], cache, mask) -> logits[B,T,V]`.
+
+Parameter names follow Hugging Face's LlamaForCausalLM (`model.layers.0.self_attn.q_proj.weight`,
+...), so a checkpoint's state dict loads without renaming. Numerics follow transformers'
+implementation step by step (RMSNorm in float32, RoPE tables in float32 cast to the activation
+dtype, rotate-half layout), which is what makes greedy tokens match it exactly.
+
+Capture points: when `capture` is a dict, the forward pass stores named activations in it
+(`embed`, `layers.{i}.input`, `layers.{i}.attn_out`, `layers.{i}.mlp_out`, `layers.{i}.output`,
+`norm`, `attn_weights.{i}` when `capture_attention` is set). With `capture=None` nothing is stored.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import ModelConfig
+
+
+# ---- rotary embeddings: one function per rope_type ---------------------------------------------
+
+def _default_inv_freq(config: ModelConfig, seq_len: int | None = None) -> torch.Tensor:
+    dim = config.head_dim
+    return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))  # [D/2]
+
+
+def _linear_inv_freq(config: ModelConfig, seq_len: int | None = None) -> torch.Tensor:
+    return _default_inv_freq(config) / config.rope_scaling["factor"]
+
+
+def _dynamic_inv_freq(config: ModelConfig, seq_len: int | None = None) -> torch.Tensor:
+    """NTK-aware scaling: the base grows once the sequence passes the trained context."""
+    max_pos = config.rope_scaling.get("original_max_position_embeddings", config.max_position_embeddings)
+    if seq_len is None or seq_len <= max_pos:
+        return _default_inv_freq(config)
+    factor, dim = config.rope_scaling["factor"], config.head_dim
+    base = config.rope_theta * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def _llama3_inv_freq(config: ModelConfig, seq_len: int | None = None) -> torch.Tensor:
+    """LLaMA 3.1: low frequencies divided by `factor`, high ones kept, a smooth blend between."""
+    scaling = config.rope_scaling
+    inv_freq = _default_inv_freq(config)
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_context / low, old_context / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+ROPE_INIT = {
+    "default": _default_inv_freq,
+    "linear": _linear_inv_freq,
+    "dynamic": _dynamic_inv_freq,
+    "llama3": _llama3_inv_freq,
+}
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for explicit positions, computed in float32 like transformers."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.inv_freq_fn = ROPE_INIT[config.rope_type]
+        self.register_buffer("inv_freq", self.inv_freq_fn(config), persistent=False)  # [D/2]
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq
+        if self.config.rope_type == "dynamic":
+            seq_len = int(positions.max()) + 1
+            inv_freq = self.inv_freq_fn(self.config, seq_len).to(positions.device)
+        freqs = positions[:, :, None].float() * inv_freq[None, None, :].float()  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, D]; cos, sin: [B, T, D]."""
+    cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, D]
+    return (x * cos) + (rotate_half(x) * sin)
+
+
+# ---- blocks ------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.heads, self.kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+        )
+        h, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(h, self.heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, h, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, hidden]
+        cos: torch.Tensor,  # [B, T, D]
+        sin: torch.Tensor,  # [B, T, D]
+        mask: torch.Tensor | None,  # [B, 1, T, S] bool, True = may attend
+        cache: KVCache | None,
+        capture: dict | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)  # [B, KVH, S, D], S = cached + T
+        groups = self.heads // self.kv_heads
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)  # [B, H, S, D]
+            v = v.repeat_interleave(groups, dim=1)  # [B, H, S, D]
+        if capture is not None and capture.get("_attention_weights"):
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # [B, H, T, S]
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            elif T > 1:
+                scores = scores + _causal_bias(T, k.shape[2], scores)
+            weights = scores.float().softmax(-1).to(q.dtype)  # [B, H, T, S]
+            capture[f"layers.{self.layer_index}.attn_weights"] = weights
+            out = weights @ v
+        elif mask is None and (T == 1 or T == k.shape[2]):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # [B, H, T, D]
+        elif mask is None:  # several new tokens after cached ones: causal with an offset
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_bias(T, k.shape[2], q) == 0)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, D]
+        out = out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)  # [B, T, H*D]
+        return self.o_proj(out)  # [B, T, hidden]
+
+
+def _causal_bias(T: int, S: int, like: torch.Tensor) -> torch.Tensor:
+    """[T, S] additive bias where query t sits at column S - T + t."""
+    q_pos = torch.arange(S - T, S, device=like.device)[:, None]
+    k_pos = torch.arange(S, device=like.device)[None, :]
+    bias = torch.zeros(T, S, dtype=like.dtype, device=like.device)
+    return bias.masked_fill(k_pos > q_pos, float("-inf"))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, hidden] -> [B, T, hidden]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.index = layer_index
+        self.self_attn = Attention(config, layer_index)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache, capture):  # x: [B, T, hidden]
+        attn_out = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, capture)
+        x = x + attn_out
+        mlp_out = self.mlp(self.post_attention_layernorm(x))
+        if capture is not None:
+            capture[f"layers.{self.index}.attn_out"] = attn_out
+            capture[f"layers.{self.index}.mlp_out"] = mlp_out
+        return x + mlp_out
+
+
+class DecoderStack(nn.Module):
+    """Hugging Face's `model.` submodule: embeddings, layers, final norm."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = DecoderStack(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def hidden_states(
+        self,
+        tokens: torch.Tensor,  # [B, T] int64
+        positions: torch.Tensor,  # [B, T] int64
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,  # [B, 1, T, S] bool, None = plain causal
+        capture: dict | None = None,
+    ) -> torch.Tensor:
+        """The final-normed hidden states [B, T, hidden]; the cache advances by T."""
+        stack = self.model
+        x = stack.embed_tokens(tokens)  # [B, T, hidden]
+        cos, sin = stack.rotary_emb(positions, x.dtype)  # [B, T, D] each
+        if capture is not None:
+            capture["embed"] = x
+        for layer in stack.layers:
+            if capture is not None:
+                capture[f"layers.{layer.index}.input"] = x
+            x = layer(x, cos, sin, mask, cache, capture)
+            if capture is not None:
+                capture[f"layers.{layer.index}.output"] = x
+        if cache is not None:
+            cache.advance(tokens.shape[1])
+        x = stack.norm(x)  # [B, T, hidden]
+        if capture is not None:
+            capture["norm"] = x
+        return x
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # [B, T] int64
+        positions: torch.Tensor,  # [B, T] int64
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,  # [B, 1, T, S] bool
+        capture: dict | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """logits [B, T, vocab] (or [B, 1, vocab] with last_only) in the model's dtype."""
+        h = self.hidden_states(tokens, positions, cache, mask, capture)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)

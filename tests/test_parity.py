@@ -1,0 +1,156 @@
+"""llamascope against transformers on the same random checkpoints: logits, greedy tokens, cache on/off,
+left-padded batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from llamascope.generation import generate
+from llamascope.loading import load_model
+
+PROMPTS = ["My name is Mariama, my favorite", "Once upon a time", "def forward(self, x): return 42"]
+
+CASES = {
+    "mha": dict(num_attention_heads=4, num_key_value_heads=4),
+    "gqa": dict(num_attention_heads=4, num_key_value_heads=2),
+    "mqa": dict(num_attention_heads=4, num_key_value_heads=1),
+    "head_dim": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24),
+    "rope_linear": dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+    "rope_llama3": dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
+                                         "rope_theta": 500000.0}),
+    "rope_dynamic": dict(max_position_embeddings=24,
+                         rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
+    "tied": dict(tie_word_embeddings=True),
+    "bias": dict(attention_bias=True, mlp_bias=True),
+    "sharded": dict(shard_size="60KB"),
+    "bin": dict(safe=False),
+    "bfloat16": dict(dtype=torch.bfloat16),
+}
+
+
+def _hf(folder, dtype):
+    return LlamaForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, model_factory):
+    name = request.param
+    folder = model_factory(name, **CASES[name])
+    dtype = CASES[name].get("dtype", torch.float32)
+    return name, folder, dtype
+
+
+def test_tokenizer_matches_transformers(tiny_model):
+    ref = AutoTokenizer.from_pretrained(tiny_model)
+    ours = load_model(tiny_model).tokenizer
+    for text in PROMPTS + ["", "  two  spaces\n\nnewlines", "東京 naïve 🙂"]:
+        assert ours.encode(text) == ref(text).input_ids, text
+        ids = ref(text).input_ids
+        assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+
+
+def test_logits_match(case):
+    name, folder, dtype = case
+    ours = load_model(folder)
+    assert ours.model.dtype == dtype
+    ids = torch.tensor([ours.tokenizer.encode(PROMPTS[0])])
+    with torch.no_grad():
+        expected = _hf(folder, dtype)(ids).logits.float()
+        found = ours.model(ids, torch.arange(ids.shape[1])[None]).float()
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2 * expected.abs().max().item()
+    assert (found - expected).abs().max().item() <= tolerance
+
+
+def test_greedy_32_tokens_match(case):
+    name, folder, dtype = case
+    ours = load_model(folder)
+    ids = ours.tokenizer.encode(PROMPTS[0])
+    hf = _hf(folder, dtype)
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                               max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
+    result = generate(ours.model, ids, max_new_tokens=32, eos_token_id=[])
+    assert result.output_ids[0] == expected[0, len(ids):].tolist()
+
+
+def test_cache_on_equals_cache_off(case):
+    name, folder, dtype = case
+    ours = load_model(folder)
+    ids = ours.tokenizer.encode(PROMPTS[1])
+    on = generate(ours.model, ids, max_new_tokens=32, eos_token_id=[], use_cache=True)
+    off = generate(ours.model, ids, max_new_tokens=32, eos_token_id=[], use_cache=False)
+    if name == "rope_dynamic":
+        # Past the trained context, dynamic NTK re-scales RoPE as the sequence grows: cached keys keep
+        # the old scaling, recomputed ones take the new one (transformers behaves the same way).
+        hf = _hf(folder, dtype)
+        with torch.no_grad():
+            hf_off = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, use_cache=False,
+                                 eos_token_id=None, pad_token_id=0,
+                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+        assert off.output_ids[0] == hf_off[0, len(ids):].tolist()
+    else:
+        assert on.output_ids[0] == off.output_ids[0]
+
+
+def test_left_padded_batch_equals_each_alone(case):
+    name, folder, dtype = case
+    ours = load_model(folder)
+    prompts = [ours.tokenizer.encode(p) for p in PROMPTS]
+    assert len({len(p) for p in prompts}) > 1
+    new_tokens = 16
+    if name == "rope_dynamic":
+        # Dynamic NTK scales by the longest sequence of the batch once past the trained context
+        # (as in transformers), so a batch equals each prompt alone only within that context.
+        new_tokens = ours.config.max_position_embeddings - max(map(len, prompts))
+    batch = generate(ours.model, prompts, max_new_tokens=new_tokens, eos_token_id=[])
+    for row, prompt in enumerate(prompts):
+        logits = []
+        alone = generate(ours.model, prompt, max_new_tokens=new_tokens, eos_token_id=[],
+                         on_step=lambda step: logits.append(step.logits[0]))
+        if dtype == torch.float32:
+            assert batch.output_ids[row] == alone.output_ids[0], f"prompt {row}"
+        else:
+            assert_equal_until_near_tie(alone.output_ids[0], batch.output_ids[row], logits)
+
+
+def assert_equal_until_near_tie(expected: list[int], found: list[int], logits: list[torch.Tensor]) -> None:
+    """bfloat16 keeps 8 bits of mantissa and a batch runs other kernels than one row: tokens must
+    agree until a step whose two candidates are within bfloat16 rounding of each other."""
+    for i, (a, b) in enumerate(zip(expected, found)):
+        if a != b:
+            gap = (logits[i][a] - logits[i][b]).abs().item()
+            assert gap <= 4 * 2 ** -8 * logits[i].abs().max().item(), f"step {i}: {a} vs {b}, gap {gap}"
+            return
+    assert expected == found
+
+
+def test_left_padded_batch_matches_transformers(tiny_model):
+    ours = load_model(tiny_model)
+    ref = AutoTokenizer.from_pretrained(tiny_model)
+    ref.pad_token, ref.padding_side = "</s>", "left"
+    enc = ref(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = _hf(tiny_model, torch.float32).generate(**enc, max_new_tokens=16, do_sample=False,
+                                                           eos_token_id=None, pad_token_id=2)
+    prompts = [ours.tokenizer.encode(p) for p in PROMPTS]
+    batch = generate(ours.model, prompts, max_new_tokens=16, eos_token_id=[], pad_token_id=2)
+    assert batch.output_ids == expected[:, enc.input_ids.shape[1]:].tolist()
+
+
+def test_eos_stops_generation(tiny_model):
+    ours = load_model(tiny_model)
+    ids = ours.tokenizer.encode(PROMPTS[0])
+    free = generate(ours.model, ids, max_new_tokens=12, eos_token_id=[]).output_ids[0]
+    stop_at = free[4]
+    result = generate(ours.model, ids, max_new_tokens=12, eos_token_id=[stop_at])
+    first = free.index(stop_at)
+    assert result.output_ids[0] == free[:first + 1]
+    assert result.finish_reasons == ["eos"]
+    hf = _hf(tiny_model, torch.float32)
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                               max_new_tokens=12, do_sample=False, eos_token_id=stop_at, pad_token_id=0)
+    assert result.output_ids[0] == expected[0, len(ids):].tolist()
