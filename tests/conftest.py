@@ -57,10 +57,11 @@ def make_model(folder: Path, dtype: torch.dtype = torch.float32, seed: int = 0, 
             else:
                 p.uniform_(0.5, 1.5)
     model = model.to(dtype)
-    kwargs = {"safe_serialization": safe}
-    if shard_size:
-        kwargs["max_shard_size"] = shard_size
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
     model.save_pretrained(folder, **kwargs)
+    if not safe:  # transformers 5 writes only safetensors: write the classic pytorch_model.bin by hand
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+        (folder / "model.safetensors").unlink()
     build_tokenizer(folder)
     return folder
 

@@ -1,0 +1,226 @@
+"""Config and weight loading: both config.json layouts, dtypes, safe .bin loading, bad input, memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_model, rewrite_json
+from llamascope.config import GenerationConfig, ModelConfig
+from llamascope.errors import LlamascopeError
+from llamascope.generation import generate
+from llamascope.loading import load_model
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ---- configs --------------------------------------------------------------------------------
+
+def test_transformers_4_layout_equals_5_layout(model_factory, tmp_path):
+    """rope_theta + rope_scaling (4.x) and rope_parameters (5.x) describe the same model."""
+    v5 = model_factory("rope_linear", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    v4 = copy_model(v5, tmp_path / "v4")
+    data = json.loads((v4 / "config.json").read_text())
+    rope = data.pop("rope_parameters")
+    data["rope_theta"] = rope.pop("rope_theta")
+    data["rope_scaling"] = rope
+    data["torch_dtype"] = data.pop("dtype")
+    (v4 / "config.json").write_text(json.dumps(data))
+    a, b = load_model(v5), load_model(v4)
+    assert a.config.rope_type == b.config.rope_type == "linear"
+    assert a.config.rope_theta == b.config.rope_theta == 10000.0
+    ids = a.tokenizer.encode("Once upon a time")
+    assert generate(a.model, ids, max_new_tokens=8).output_ids == generate(b.model, ids, max_new_tokens=8).output_ids
+
+
+def test_old_style_rope_type_key_and_unknown_keys_kept():
+    config = ModelConfig.from_dict({"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+                                    "num_hidden_layers": 1, "num_attention_heads": 2,
+                                    "rope_scaling": {"type": "linear", "factor": 4.0}, "my_custom_key": 7})
+    assert config.rope_type == "linear"
+    assert config.extra["my_custom_key"] == 7
+    assert config.num_key_value_heads == 2 and config.head_dim == 4
+    assert "rms_norm_eps" in config.defaulted and "hidden_size" not in config.defaulted
+
+
+@pytest.mark.parametrize("key", ["hidden_size", "num_hidden_layers", "vocab_size"])
+def test_missing_required_key_names_file_and_key(tiny_model, tmp_path, key):
+    folder = copy_model(tiny_model, tmp_path / "m")
+    rewrite_json(folder / "config.json", **{key: None})
+    with pytest.raises(LlamascopeError, match=rf"config\.json: missing required key '{key}'"):
+        load_model(folder)
+
+
+def test_unknown_architecture_refused(tiny_model, tmp_path):
+    folder = copy_model(tiny_model, tmp_path / "m")
+    rewrite_json(folder / "config.json", model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    with pytest.raises(LlamascopeError, match="unsupported architecture model_type='gpt2'"):
+        load_model(folder)
+
+
+def test_unknown_rope_type_refused():
+    with pytest.raises(LlamascopeError, match="rope_type 'mystery' is not supported"):
+        ModelConfig.from_dict({"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+                               "num_hidden_layers": 1, "num_attention_heads": 2,
+                               "rope_scaling": {"rope_type": "mystery", "factor": 2}})
+
+
+# ---- generation settings precedence ------------------------------------------------------------
+
+def test_generation_config_precedence(tiny_model):
+    config = ModelConfig.from_file(tiny_model / "config.json")
+    # No generation_config.json: config.json's ids are used.
+    g = GenerationConfig.resolve(config, None, max_new_tokens=5)
+    assert g.eos_token_id == [2] and g.sources["eos_token_id"] == "config.json"
+    # generation_config.json wins over config.json, and call arguments over both.
+    g = GenerationConfig.resolve(config, {"eos_token_id": [7, 9], "max_length": 50, "bos_token_id": 3}, bos_token_id=4)
+    assert g.eos_token_id == [7, 9] and g.sources["eos_token_id"] == "generation_config.json"
+    assert g.bos_token_id == 4 and g.sources["bos_token_id"] == "call"
+    assert g.max_length_for(10) == 50
+    # max_new_tokens wins over max_length: max_length = prompt length + max_new_tokens.
+    g = GenerationConfig.resolve(config, {"max_length": 50}, max_new_tokens=5)
+    assert g.max_length_for(10) == 15
+    # transformers' default max_length is 20 in total.
+    assert GenerationConfig.resolve(config, {}).max_length_for(10) == 20
+
+
+def test_max_length_from_generation_config_is_obeyed(tiny_model, tmp_path):
+    folder = copy_model(tiny_model, tmp_path / "m")
+    (folder / "generation_config.json").write_text(json.dumps({"max_length": 12, "eos_token_id": []}))
+    from llamascope import Engine
+
+    engine = Engine.load(folder)
+    ids = engine.encode("Once upon a time")
+    assert len(engine.generate_ids(ids).output_ids[0]) == 12 - len(ids)
+
+
+# ---- weights ---------------------------------------------------------------------------------
+
+def test_dtype_choice(tiny_model):
+    assert load_model(tiny_model).model.dtype == torch.float32
+    assert load_model(tiny_model, dtype="bfloat16").model.dtype == torch.bfloat16
+    with pytest.raises(LlamascopeError, match="--dtype 'int3'"):
+        load_model(tiny_model, dtype="int3")
+
+
+def test_missing_folder():
+    with pytest.raises(LlamascopeError, match="no such file or folder"):
+        load_model("/nonexistent/model")
+
+
+def test_file_that_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("hello")
+    with pytest.raises(LlamascopeError, match="not a model"):
+        load_model(path)
+    with pytest.raises(LlamascopeError, match="no config.json"):
+        load_model(tmp_path)
+
+
+def test_folder_without_weights(tiny_model, tmp_path):
+    folder = copy_model(tiny_model, tmp_path / "m")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(LlamascopeError, match="no weights found"):
+        load_model(folder)
+
+
+def test_truncated_safetensors(tiny_model, tmp_path):
+    folder = copy_model(tiny_model, tmp_path / "m")
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(LlamascopeError, match=r"model\.safetensors: file is truncated: tensor"):
+        load_model(folder)
+    path.write_bytes(b"garbage!" * 3)
+    with pytest.raises(LlamascopeError, match="not a safetensors file"):
+        load_model(folder)
+
+
+def test_wrong_shape_missing_and_extra_tensors(tiny_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = copy_model(tiny_model, tmp_path / "m")
+    path = folder / "model.safetensors"
+    state = load_file(path)
+    bad = dict(state)
+    bad["model.layers.1.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    save_file(bad, path)
+    with pytest.raises(LlamascopeError, match=r"'model.layers.1.mlp.up_proj.weight' has shape \[3, 3\], expected \[160, 64\]"):
+        load_model(folder)
+    bad = dict(state)
+    del bad["model.norm.weight"]
+    save_file(bad, path)
+    with pytest.raises(LlamascopeError, match=r"missing tensor 'model.norm.weight' \(expected shape \[64\]\)"):
+        load_model(folder)
+    bad = dict(state, **{"model.layers.9.extra.weight": torch.zeros(2)})
+    save_file(bad, path)
+    with pytest.raises(LlamascopeError, match=r"model\.safetensors: unexpected tensor 'model.layers.9.extra.weight'"):
+        load_model(folder)
+
+
+def test_missing_shard(model_factory, tmp_path):
+    folder = copy_model(model_factory("sharded", shard_size="60KB"), tmp_path / "m")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    (folder / first).unlink()
+    with pytest.raises(LlamascopeError, match=f"shard '{first}' is listed but missing"):
+        load_model(folder)
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/llamascope-pwned",))
+
+
+def test_unsafe_pickle_refused(model_factory, tmp_path):
+    folder = copy_model(model_factory("bin", safe=False), tmp_path / "m")
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    state["evil"] = Exploit()
+    torch.save(state, folder / "pytorch_model.bin")
+    marker = Path("/tmp/llamascope-pwned")
+    marker.unlink(missing_ok=True)
+    with pytest.raises(LlamascopeError, match="refused to load.*could run code"):
+        load_model(folder)
+    assert not marker.exists()
+
+
+def test_bin_loads_like_safetensors(model_factory):
+    safe = load_model(model_factory("gqa"))
+    binary = load_model(model_factory("bin", safe=False))
+    for (name, a), (_, b) in zip(safe.model.state_dict().items(), binary.model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+RSS_SCRIPT = """
+import resource, sys
+from llamascope.loading import load_model
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+loaded = load_model(sys.argv[1], dtype=sys.argv[2])
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+print(before, peak, weights)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_peak_rss_after_load_near_weight_bytes(tmp_path_factory, dtype):
+    """A few hundred MB of weights: loading keeps at most one extra tensor beside them."""
+    folder = tmp_path_factory.mktemp("big")
+    make_model(folder, hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=8,
+               num_key_value_heads=8, vocab_size=32000, shard_size="100MB")
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(folder), dtype], capture_output=True, text=True,
+                         check=True)
+    before, peak, weights = map(int, out.stdout.split())
+    assert weights > 100e6 if dtype == "float32" else weights > 50e6
+    assert peak - before < 1.3 * weights, f"peak grew by {(peak - before) / 1e6:.0f} MB for {weights / 1e6:.0f} MB"
