@@ -1,0 +1,280 @@
+/*
+ * Batch-1 matrix-vector kernels for decoding: y[t, n] = sum_k x[t, k] * W[n, k].
+ *
+ * At batch 1 every weight is read once per token, so speed is bytes per token over memory
+ * bandwidth. These kernels read the weights in their stored form (float32, bfloat16, or the
+ * GGUF block formats Q8_0 / Q4_0 / Q4_1, 32 weights per block) and use both cores (OpenMP over
+ * output rows). For the block formats the activations are first quantised to 8 bits per
+ * 32-wide block (scale d_x = max|x| / 127), and each block's dot product runs on AVX-512 VNNI
+ * (u8 x s8 -> s32), then is scaled in float:
+ *   Q8_0: w = d * q            block dot = d * d_x * sum(q * q_x)
+ *   Q4_0: w = d * (q - 8)      block dot = d * (d_x * sum(q * q_x) - 8 * s_x)
+ *   Q4_1: w = d * q + m        block dot = d * d_x * sum(q * q_x) + m * s_x
+ * with s_x = d_x * sum(q_x). Layouts are those of ggml (little-endian, fp16 scales):
+ *   Q8_0 block: d:f16, q:int8[32]                         (34 bytes)
+ *   Q4_0 block: d:f16, q:uint8[16] (low nibbles: weights 0..15, high nibbles: 16..31)  (18 bytes)
+ *   Q4_1 block: d:f16, m:f16, q:uint8[16] (same nibble order)                          (20 bytes)
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define QK 32
+
+static inline float f16(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+/* x[T, K] float -> q[T, K] int8, d[T, K/32], s[T, K/32] (s = d * sum(q)). K % 32 == 0. */
+void quantize_act_q8(const float *x, int T, int K, int8_t *q, float *d, float *s) {
+    const int nb = K / QK;
+    for (int t = 0; t < T; t++) {
+        for (int b = 0; b < nb; b++) {
+            const float *xb = x + (int64_t)t * K + b * QK;
+            __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
+            __m512 a = _mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1));
+            float amax = _mm512_reduce_max_ps(a);
+            float db = amax / 127.0f;
+            float id = db != 0.0f ? 1.0f / db : 0.0f;
+            __m512 sc = _mm512_set1_ps(id);
+            __m512i i0 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v0, sc), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m512i i1 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v1, sc), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            int8_t *qb = q + (int64_t)t * K + b * QK;
+            _mm_storeu_si128((__m128i *)qb, _mm512_cvtsepi32_epi8(i0));
+            _mm_storeu_si128((__m128i *)(qb + 16), _mm512_cvtsepi32_epi8(i1));
+            int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+            d[(int64_t)t * nb + b] = db;
+            s[(int64_t)t * nb + b] = db * (float)sum;
+        }
+    }
+}
+
+/* Two Q4 blocks' 16 packed bytes each -> 64 unsigned nibbles in weight order. */
+static inline __m512i unpack_q4_pair(const uint8_t *q0, const uint8_t *q1) {
+    const __m128i a = _mm_loadu_si128((const __m128i *)q0);
+    const __m128i b = _mm_loadu_si128((const __m128i *)q1);
+    const __m256i wa = _mm256_set_m128i(_mm_srli_epi16(a, 4), a);
+    const __m256i wb = _mm256_set_m128i(_mm_srli_epi16(b, 4), b);
+    const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(wa), wb, 1);
+    return _mm512_and_si512(w, _mm512_set1_epi8(0x0F));
+}
+
+static inline __m256i unpack_q4_one(const uint8_t *q0) {
+    const __m128i a = _mm_loadu_si128((const __m128i *)q0);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(a, 4), a), _mm256_set1_epi8(0x0F));
+}
+
+static inline __m512 pair_scale(float a, float b) {
+    return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1);
+}
+
+/* ---- row dot products ---------------------------------------------------------------------- */
+
+static float dot_q4_0(const uint8_t *row, int nb, const int8_t *xq, const float *xd, const float *xs) {
+    __m512 acc = _mm512_setzero_ps();
+    float extra = 0.0f;
+    int b = 0;
+    for (; b + 1 < nb; b += 2) {
+        const uint8_t *b0 = row + b * 18, *b1 = b0 + 18;
+        const __m512i w = unpack_q4_pair(b0 + 2, b1 + 2);
+        const __m512i x = _mm512_loadu_si512((const void *)(xq + b * QK));
+        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x);
+        const float d0 = f16(b0), d1 = f16(b1);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), pair_scale(d0 * xd[b], d1 * xd[b + 1]), acc);
+        extra -= 8.0f * (d0 * xs[b] + d1 * xs[b + 1]);
+    }
+    float sum = _mm512_reduce_add_ps(acc) + extra;
+    for (; b < nb; b++) {
+        const uint8_t *b0 = row + b * 18;
+        const __m256i w = unpack_q4_one(b0 + 2);
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
+        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
+        const __m256 pf = _mm256_cvtepi32_ps(p);
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(pf), _mm256_extractf128_ps(pf, 1));
+        h = _mm_hadd_ps(h, h);
+        h = _mm_hadd_ps(h, h);
+        const float d0 = f16(b0);
+        sum += d0 * (_mm_cvtss_f32(h) * xd[b] - 8.0f * xs[b]);
+    }
+    return sum;
+}
+
+static float dot_q4_1(const uint8_t *row, int nb, const int8_t *xq, const float *xd, const float *xs) {
+    __m512 acc = _mm512_setzero_ps();
+    float extra = 0.0f;
+    int b = 0;
+    for (; b + 1 < nb; b += 2) {
+        const uint8_t *b0 = row + b * 20, *b1 = b0 + 20;
+        const __m512i w = unpack_q4_pair(b0 + 4, b1 + 4);
+        const __m512i x = _mm512_loadu_si512((const void *)(xq + b * QK));
+        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), pair_scale(f16(b0) * xd[b], f16(b1) * xd[b + 1]), acc);
+        extra += f16(b0 + 2) * xs[b] + f16(b1 + 2) * xs[b + 1];
+    }
+    float sum = _mm512_reduce_add_ps(acc) + extra;
+    for (; b < nb; b++) {
+        const uint8_t *b0 = row + b * 20;
+        const __m256i w = unpack_q4_one(b0 + 4);
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
+        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
+        const __m256 pf = _mm256_cvtepi32_ps(p);
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(pf), _mm256_extractf128_ps(pf, 1));
+        h = _mm_hadd_ps(h, h);
+        h = _mm_hadd_ps(h, h);
+        sum += f16(b0) * xd[b] * _mm_cvtss_f32(h) + f16(b0 + 2) * xs[b];
+    }
+    return sum;
+}
+
+static float dot_q8_0(const uint8_t *row, int nb, const int8_t *xq, const float *xd, const float *xs) {
+    (void)xs;
+    __m512 acc = _mm512_setzero_ps();
+    int b = 0;
+    for (; b + 1 < nb; b += 2) {
+        const uint8_t *b0 = row + b * 34, *b1 = b0 + 34;
+        const __m256i wa = _mm256_loadu_si256((const __m256i *)(b0 + 2));
+        const __m256i wb = _mm256_loadu_si256((const __m256i *)(b1 + 2));
+        const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(wa), wb, 1);
+        const __m512i x = _mm512_loadu_si512((const void *)(xq + b * QK));
+        /* u8 x s8 only: move the weight's sign onto the activation. */
+        const __mmask64 neg = _mm512_movepi8_mask(w);
+        const __m512i sx = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
+        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), sx);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), pair_scale(f16(b0) * xd[b], f16(b1) * xd[b + 1]), acc);
+    }
+    float sum = _mm512_reduce_add_ps(acc);
+    for (; b < nb; b++) {
+        /* Intrinsics on purpose: GCC 12 turns the plain s8 x s8 loop into a u8 x s8 vpdpbusd. */
+        const uint8_t *b0 = row + b * 34;
+        const __m256i w = _mm256_loadu_si256((const __m256i *)(b0 + 2));
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
+        const __m256i sx = _mm256_mask_sub_epi8(x, _mm256_movepi8_mask(w), _mm256_setzero_si256(), x);
+        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w), sx);
+        const __m256 pf = _mm256_cvtepi32_ps(p);
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(pf), _mm256_extractf128_ps(pf, 1));
+        h = _mm_hadd_ps(h, h);
+        h = _mm_hadd_ps(h, h);
+        sum += f16(b0) * xd[b] * _mm_cvtss_f32(h);
+    }
+    return sum;
+}
+
+typedef float (*dot_fn)(const uint8_t *, int, const int8_t *, const float *, const float *);
+
+static void gemv_blocks(dot_fn dot, int block_bytes, const uint8_t *w, int N, int K, const int8_t *xq,
+                        const float *xd, const float *xs, int T, float *y, int nthreads) {
+    const int nb = K / QK;
+    const int64_t row_bytes = (int64_t)nb * block_bytes;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *row = w + n * row_bytes;
+        for (int t = 0; t < T; t++)
+            y[(int64_t)t * N + n] = dot(row, nb, xq + (int64_t)t * K, xd + (int64_t)t * nb, xs + (int64_t)t * nb);
+    }
+}
+
+void gemv_q4_0(const uint8_t *w, int N, int K, const int8_t *xq, const float *xd, const float *xs, int T,
+               float *y, int nthreads) {
+    gemv_blocks(dot_q4_0, 18, w, N, K, xq, xd, xs, T, y, nthreads);
+}
+
+void gemv_q4_1(const uint8_t *w, int N, int K, const int8_t *xq, const float *xd, const float *xs, int T,
+               float *y, int nthreads) {
+    gemv_blocks(dot_q4_1, 20, w, N, K, xq, xd, xs, T, y, nthreads);
+}
+
+void gemv_q8_0(const uint8_t *w, int N, int K, const int8_t *xq, const float *xd, const float *xs, int T,
+               float *y, int nthreads) {
+    gemv_blocks(dot_q8_0, 34, w, N, K, xq, xd, xs, T, y, nthreads);
+}
+
+/* ---- float weights ------------------------------------------------------------------------ */
+
+/* y[T, N] = x[T, K] @ W[N, K]^T, W float32. Four rows at a time share each load of x. */
+void gemv_f32(const float *w, int N, int K, const float *x, int T, float *y, int nthreads) {
+    const int N4 = N / 4 * 4;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int n = 0; n < N4; n += 4) {
+        const float *r0 = w + (int64_t)n * K, *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
+        for (int t = 0; t < T; t++) {
+            const float *xt = x + (int64_t)t * K;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            int k = 0;
+            for (; k + 16 <= K; k += 16) {
+                const __m512 xv = _mm512_loadu_ps(xt + k);
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r0 + k), xv, a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r1 + k), xv, a1);
+                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(r2 + k), xv, a2);
+                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(r3 + k), xv, a3);
+            }
+            float s0 = _mm512_reduce_add_ps(a0), s1 = _mm512_reduce_add_ps(a1);
+            float s2 = _mm512_reduce_add_ps(a2), s3 = _mm512_reduce_add_ps(a3);
+            for (; k < K; k++) {
+                s0 += r0[k] * xt[k]; s1 += r1[k] * xt[k]; s2 += r2[k] * xt[k]; s3 += r3[k] * xt[k];
+            }
+            float *yt = y + (int64_t)t * N + n;
+            yt[0] = s0; yt[1] = s1; yt[2] = s2; yt[3] = s3;
+        }
+    }
+    for (int n = N4; n < N; n++) {
+        const float *r = w + (int64_t)n * K;
+        for (int t = 0; t < T; t++) {
+            float s = 0.0f;
+            for (int k = 0; k < K; k++) s += r[k] * x[(int64_t)t * K + k];
+            y[(int64_t)t * N + n] = s;
+        }
+    }
+}
+
+static inline __m512 bf16x16_to_f32(const uint16_t *p) {
+    const __m256i h = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* y[T, N] = x[T, K] @ W[N, K]^T, W bfloat16 (raw uint16), x and y float32. */
+void gemv_bf16(const uint16_t *w, int N, int K, const float *x, int T, float *y, int nthreads) {
+    const int N2 = N / 2 * 2;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int n = 0; n < N2; n += 2) {
+        const uint16_t *r0 = w + (int64_t)n * K, *r1 = r0 + K;
+        for (int t = 0; t < T; t++) {
+            const float *xt = x + (int64_t)t * K;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+            int k = 0;
+            for (; k + 32 <= K; k += 32) {
+                const __m512 x0 = _mm512_loadu_ps(xt + k), x1 = _mm512_loadu_ps(xt + k + 16);
+                a0 = _mm512_fmadd_ps(bf16x16_to_f32(r0 + k), x0, a0);
+                b0 = _mm512_fmadd_ps(bf16x16_to_f32(r0 + k + 16), x1, b0);
+                a1 = _mm512_fmadd_ps(bf16x16_to_f32(r1 + k), x0, a1);
+                b1 = _mm512_fmadd_ps(bf16x16_to_f32(r1 + k + 16), x1, b1);
+            }
+            float s0 = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0)), s1 = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1));
+            for (; k < K; k++) {
+                uint32_t u0 = (uint32_t)r0[k] << 16, u1 = (uint32_t)r1[k] << 16;
+                float w0, w1;
+                memcpy(&w0, &u0, 4);
+                memcpy(&w1, &u1, 4);
+                s0 += w0 * xt[k];
+                s1 += w1 * xt[k];
+            }
+            y[(int64_t)t * N + n] = s0;
+            y[(int64_t)t * N + n + 1] = s1;
+        }
+    }
+    for (int n = N2; n < N; n++) {
+        const uint16_t *r = w + (int64_t)n * K;
+        for (int t = 0; t < T; t++) {
+            float s = 0.0f;
+            for (int k = 0; k < K; k++) {
+                uint32_t u = (uint32_t)r[k] << 16;
+                float wf;
+                memcpy(&wf, &u, 4);
+                s += wf * x[(int64_t)t * K + k];
+            }
+            y[(int64_t)t * N + n] = s;
+        }
+    }
+}

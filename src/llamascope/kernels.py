@@ -1,0 +1,98 @@
+"""The native decode kernels (csrc/gemv.c): built once with the system C compiler, called with ctypes.
+
+The library is compiled on first use into ~/.cache/llamascope/kernels/ (keyed by the source's
+hash), which takes about a second. It needs gcc or clang and a CPU with AVX-512 (F, BW, VL, VNNI)
+and F16C; without them `load()` returns None and callers use the plain PyTorch path.
+The library links OpenMP; torch's own libgomp (same soname) is already loaded, so both share one
+thread pool.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("llamascope")
+
+SOURCE = Path(__file__).parent / "csrc" / "gemv.c"
+REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma")
+CFLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+          "-mavx512vnni", "-mf16c", "-mfma"]
+
+
+def cpu_supported() -> bool:
+    try:
+        flags = set()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        return False
+    return all(flag in flags for flag in REQUIRED_CPU_FLAGS)
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "llamascope" / "kernels"
+
+
+def _build(target: Path) -> None:
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (gcc, cc or clang)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
+        os.replace(tmp, target)  # atomic: concurrent builders (tensor-parallel ranks) never see half a file
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"compiling {SOURCE.name} failed: {e.stderr.strip()[:500]}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@lru_cache(maxsize=1)
+def load() -> ctypes.CDLL | None:
+    """The kernel library, or None where this machine cannot run it."""
+    if os.environ.get("LLAMASCOPE_NO_KERNELS"):
+        return None
+    if not cpu_supported():
+        log.info("native kernels off: this CPU lacks one of %s", ", ".join(REQUIRED_CPU_FLAGS))
+        return None
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"gemv-{digest}.so"
+    try:
+        if not target.exists():
+            log.info("compiling native kernels into %s", target)
+            _build(target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError) as e:
+        log.warning("native kernels off: %s", e)
+        return None
+    p, i, f = ctypes.c_void_p, ctypes.c_int, None
+    lib.quantize_act_q8.argtypes = [p, i, i, p, p, p]
+    lib.quantize_act_q8.restype = f
+    for name in ("gemv_q4_0", "gemv_q4_1", "gemv_q8_0"):
+        getattr(lib, name).argtypes = [p, i, i, p, p, p, i, p, i]
+        getattr(lib, name).restype = f
+    for name in ("gemv_f32", "gemv_bf16"):
+        getattr(lib, name).argtypes = [p, i, i, p, i, p, i]
+        getattr(lib, name).restype = f
+    return lib
+
+
+def threads() -> int:
+    return torch.get_num_threads()

@@ -1,0 +1,224 @@
+"""Linear layers over quantised and float weights, with fast batch-1 kernels.
+
+Block formats are ggml's (32 weights per block, fp16 scales), so GGUF weights are used as stored
+and `--quant int8|int4` quantises float weights into the same formats:
+
+    Q8_0  int8, one scale per block              (8.5 bits per weight)   -- our `int8`
+    Q4_0  4-bit, one scale per block, offset 8   (4.5 bits per weight)
+    Q4_1  4-bit, scale and minimum per block     (5 bits per weight)     -- our `int4`
+
+Every layer has a plain path (dequantise, then `F.linear`) that is the reference for its fast path.
+Decoding (a few rows of activations) goes through the native kernels in csrc/gemv.c; longer inputs
+(prefill) dequantise the weight once per call and use PyTorch's matrix multiply.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+from .errors import LlamascopeError
+
+QK = 32
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+QUANT_CHOICES = {"int8": "Q8_0", "int4": "Q4_1", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1"}
+# Up to this many activation rows per call, the batch-1 kernels beat dequantise + matmul.
+KERNEL_MAX_ROWS = 8
+
+
+# ---- block formats: quantise and dequantise (the plain path) -------------------------------
+
+def _fp16_bytes(x: torch.Tensor) -> torch.Tensor:
+    """[N, nb] float -> [N, nb, 2] uint8 (little-endian fp16)."""
+    return x.to(torch.float16).contiguous().view(torch.uint8).view(*x.shape, 2)
+
+
+def _fp16_from(b: torch.Tensor) -> torch.Tensor:
+    """[N, nb, 2] uint8 -> [N, nb] float32."""
+    return b.contiguous().view(torch.float16).squeeze(-1).float()
+
+
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def quantize(w: torch.Tensor, qtype: str) -> torch.Tensor:
+    """w [N, K] float -> blocks [N, K/32 * bytes] uint8, following ggml's reference quantisers."""
+    N, K = w.shape
+    if K % QK:
+        raise LlamascopeError(f"cannot quantise to {qtype}: input size {K} is not a multiple of {QK}")
+    x = w.float().reshape(N, K // QK, QK)  # [N, nb, 32]
+    if qtype == "Q8_0":
+        d = x.abs().amax(-1) / 127  # [N, nb]
+        inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+        q = _round_half_away(x * inv[..., None]).clamp(-128, 127).to(torch.int8)
+        return torch.cat([_fp16_bytes(d), q.view(torch.uint8)], -1).reshape(N, -1)
+    if qtype == "Q4_0":
+        idx = x.abs().argmax(-1, keepdim=True)
+        peak = x.gather(-1, idx).squeeze(-1)  # signed value of largest magnitude
+        d = peak / -8
+        inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+        q = torch.clamp(torch.trunc(x * inv[..., None] + 8.5), max=15).to(torch.uint8)
+        packed = q[..., :16] | (q[..., 16:] << 4)  # [N, nb, 16]
+        return torch.cat([_fp16_bytes(d), packed], -1).reshape(N, -1)
+    if qtype == "Q4_1":
+        lo, hi = x.amin(-1), x.amax(-1)
+        d = (hi - lo) / 15
+        inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+        q = torch.clamp(torch.trunc((x - lo[..., None]) * inv[..., None] + 0.5), max=15).to(torch.uint8)
+        packed = q[..., :16] | (q[..., 16:] << 4)
+        return torch.cat([_fp16_bytes(d), _fp16_bytes(lo), packed], -1).reshape(N, -1)
+    raise LlamascopeError(f"unknown block format {qtype!r}")
+
+
+def dequantize(blocks: torch.Tensor, qtype: str, K: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """blocks [N, K/32 * bytes] uint8 -> w [N, K] at `dtype`."""
+    N = blocks.shape[0]
+    b = blocks.reshape(N, K // QK, BLOCK_BYTES[qtype])  # [N, nb, bytes]
+    d = _fp16_from(b[..., 0:2])[..., None]  # [N, nb, 1]
+    if qtype == "Q8_0":
+        w = b[..., 2:].contiguous().view(torch.int8).float() * d
+    else:
+        packed = b[..., 4:] if qtype == "Q4_1" else b[..., 2:]  # [N, nb, 16]
+        q = torch.cat([packed & 0x0F, packed >> 4], -1).float()  # [N, nb, 32]
+        w = q * d + _fp16_from(b[..., 2:4])[..., None] if qtype == "Q4_1" else (q - 8) * d
+    return w.reshape(N, K).to(dtype)
+
+
+# ---- layers ---------------------------------------------------------------------------------
+
+class QuantLinear(nn.Module):
+    """y = x @ W^T (+ b) with W kept in a block format."""
+
+    def __init__(self, blocks: torch.Tensor, qtype: str, in_features: int, bias: torch.Tensor | None = None):
+        super().__init__()
+        if qtype not in BLOCK_BYTES:
+            raise LlamascopeError(f"unsupported block format {qtype!r}")
+        self.qtype, self.in_features, self.out_features = qtype, in_features, blocks.shape[0]
+        self.register_buffer("blocks", blocks.contiguous())  # [N, K/32 * bytes] uint8
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self._kernel = getattr(kernels.load(), "gemv_" + qtype.lower(), None) if kernels.load() else None
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear | torch.Tensor, qtype: str) -> "QuantLinear":
+        weight = linear.weight if isinstance(linear, nn.Linear) else linear
+        bias = linear.bias if isinstance(linear, nn.Linear) else None
+        return cls(quantize(weight.detach(), qtype), qtype, weight.shape[1],
+                   None if bias is None else bias.detach().float())
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.blocks, self.qtype, self.in_features, dtype)  # [N, K]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}"
+
+    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized(x.dtype), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]
+        rows = x.numel() // self.in_features
+        if self._kernel is None or rows > KERNEL_MAX_ROWS or x.device.type != "cpu":
+            return self.forward_plain(x)
+        lib = kernels.load()
+        K, N = self.in_features, self.out_features
+        xf = x.reshape(rows, K).float().contiguous()  # [rows, K]
+        xq = torch.empty(rows, K, dtype=torch.int8)
+        xd = torch.empty(rows, K // QK)
+        xs = torch.empty(rows, K // QK)
+        lib.quantize_act_q8(xf.data_ptr(), rows, K, xq.data_ptr(), xd.data_ptr(), xs.data_ptr())
+        y = torch.empty(rows, N)  # [rows, N] float32
+        self._kernel(self.blocks.data_ptr(), N, K, xq.data_ptr(), xd.data_ptr(), xs.data_ptr(), rows,
+                     y.data_ptr(), kernels.threads())
+        if self.bias is not None:
+            y += self.bias
+        return y.reshape(*x.shape[:-1], N).to(x.dtype)
+
+
+class FastLinear(nn.Module):
+    """A float32 or bfloat16 linear layer whose batch-1 product uses both cores.
+
+    (PyTorch's float32 matrix-vector product runs on one thread; bfloat16 goes through oneDNN.)
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        self.bias = bias
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        lib = kernels.load()
+        name = {torch.float32: "gemv_f32", torch.bfloat16: "gemv_bf16"}.get(weight.dtype)
+        self._kernel = getattr(lib, name) if lib is not None and name else None
+
+    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if self._kernel is None or rows > KERNEL_MAX_ROWS or x.device.type != "cpu" or x.requires_grad:
+            return self.forward_plain(x)
+        xf = x.reshape(rows, self.in_features).float().contiguous()
+        y = torch.empty(rows, self.out_features)
+        self._kernel(self.weight.data_ptr(), self.out_features, self.in_features, xf.data_ptr(), rows,
+                     y.data_ptr(), kernels.threads())
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y += self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class QuantEmbedding(nn.Module):
+    """Token embeddings kept in a block format (GGUF Q8_0 token_embd); rows dequantised on lookup."""
+
+    def __init__(self, blocks: torch.Tensor, qtype: str, dim: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.qtype, self.embedding_dim, self.out_dtype = qtype, dim, dtype
+        self.register_buffer("blocks", blocks.contiguous())  # [V, dim/32 * bytes]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The full dequantised table (plain path; for inspection, not used on the hot path)."""
+        return dequantize(self.blocks, self.qtype, self.embedding_dim, self.out_dtype)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, dim]
+        rows = self.blocks.index_select(0, tokens.reshape(-1))
+        return dequantize(rows, self.qtype, self.embedding_dim, self.out_dtype).reshape(*tokens.shape, -1)
+
+
+# ---- whole-model transforms ---------------------------------------------------------------------
+
+def _linear_slots(model: nn.Module):
+    """(parent module, attribute name) of each projection and of the LM head."""
+    for layer in model.model.layers:
+        for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                              (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+            for name in names:
+                yield parent, name
+    yield model, "lm_head"
+
+
+def quantize_model(model: nn.Module, quant: str) -> nn.Module:
+    """Replace each float projection (and the LM head) with a QuantLinear in `quant`'s format."""
+    qtype = QUANT_CHOICES.get(quant.lower())
+    if qtype is None:
+        raise LlamascopeError(f"--quant {quant!r}: expected one of int8, int4, q8_0, q4_0, q4_1")
+    for parent, name in _linear_slots(model):
+        module = getattr(parent, name)
+        if isinstance(module, (nn.Linear, FastLinear)):
+            setattr(parent, name, QuantLinear.from_float(module.weight.detach(), qtype) if module.bias is None
+                    else QuantLinear(quantize(module.weight.detach(), qtype), qtype, module.in_features,
+                                     module.bias.detach().float()))
+    return model
+
+
+def accelerate_model(model: nn.Module) -> nn.Module:
+    """Give float projections the two-core batch-1 kernels (same weights, shared, no copy)."""
+    if kernels.load() is None:
+        return model
+    for parent, name in _linear_slots(model):
+        module = getattr(parent, name)
+        if type(module) is nn.Linear and module.weight.dtype in (torch.float32, torch.bfloat16):
+            setattr(parent, name, FastLinear(module.weight, module.bias))
+    return model
