@@ -90,8 +90,8 @@ def test_generation_config_precedence(tiny_model):
     # max_new_tokens wins over max_length: max_length = prompt length + max_new_tokens.
     g = GenerationConfig.resolve(config, {"max_length": 50}, max_new_tokens=5)
     assert g.max_length_for(10) == 15
-    # transformers' default max_length is 20 in total.
-    assert GenerationConfig.resolve(config, {}).max_length_for(10) == 20
+    # transformers 5: with no length set at all, 20 new tokens.
+    assert GenerationConfig.resolve(config, {}).max_length_for(10) == 30
 
 
 def test_max_length_from_generation_config_is_obeyed(tiny_model, tmp_path):

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import LlamascopeError
+
+log = logging.getLogger("llamascope")
 
 # Model types whose checkpoints use the LLaMA block (RMSNorm, RoPE, GQA, SwiGLU).
 LLAMA_FAMILY = {"llama"}
@@ -184,13 +187,29 @@ class ModelConfig:
 
 # ---- generation settings --------------------------------------------------------------------
 
+# Settings that only matter when sampling, and their transformers defaults (a greedy or beam
+# search run ignores other values with a warning, as transformers does).
+SAMPLING_ONLY = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": None, "typical_p": 1.0}
+# Settings that only matter for beam search.
+BEAM_ONLY = {"length_penalty": 1.0, "early_stopping": False}
+
+
 @dataclass
 class GenerationConfig:
-    """Settings of one generate() call, with transformers' meanings and defaults."""
+    """Settings of one generate() call, with transformers' meanings and defaults.
+
+    Lengths: `max_new_tokens` wins over `max_length` (prompt included); with neither, 20 new
+    tokens, capped at the model's context (transformers 5.x). `min_new_tokens` wins over
+    `min_length` (prompt included). `early_stopping` is True, False or "never" (beam search).
+    `stop_strings` end a sequence once its text contains one of them (finish reason "stop").
+    `output_logprobs=N` records each chosen token's log-probability and the N most likely
+    tokens (log_softmax of the processed scores). `seed` makes sampling reproducible.
+    """
 
     max_new_tokens: int | None = None
-    max_length: int | None = 20
+    max_length: int | None = None
     min_new_tokens: int | None = None
+    min_length: int | None = None
     do_sample: bool = False
     num_beams: int = 1
     temperature: float = 1.0
@@ -216,11 +235,15 @@ class GenerationConfig:
     # Where each value came from: "default", "config.json", "generation_config.json" or "call".
     sources: dict = field(default_factory=dict)
 
-    def max_length_for(self, prompt_length: int) -> int:
-        """transformers' rule: max_new_tokens wins; then max_length = prompt length + max_new_tokens."""
+    def max_length_for(self, prompt_length: int, context: int | None = None) -> int:
+        """Total length (prompt included) at which generation stops, by transformers' rule:
+        max_new_tokens wins; then an explicit max_length; else prompt + 20, capped at `context`."""
         if self.max_new_tokens is not None:
             return prompt_length + self.max_new_tokens
-        return self.max_length if self.max_length is not None else prompt_length + 20
+        if self.max_length is not None:
+            return self.max_length
+        default = prompt_length + 20
+        return min(default, context) if context is not None else default
 
     @classmethod
     def resolve(
@@ -232,8 +255,9 @@ class GenerationConfig:
     ) -> "GenerationConfig":
         """Call arguments over generation_config.json over config.json, as transformers does.
 
-        transformers uses config.json's bos/eos/pad only when there is no generation_config.json.
-        Arguments passed as None are treated as not given.
+        transformers reads generation settings from config.json (bos/eos/pad ids and any
+        generation keys such as `max_length` or `temperature` found there) only when there is no
+        generation_config.json. Arguments passed as None are treated as not given.
         """
         names = {f.name for f in dataclasses.fields(cls)} - {"sources"}
         values: dict[str, Any] = {}
@@ -242,6 +266,9 @@ class GenerationConfig:
             for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
                 value = getattr(model_config, key)
                 if value is not None:
+                    values[key], sources[key] = value, "config.json"
+            for key, value in (model_config.extra or {}).items():
+                if key in names and value is not None:
                     values[key], sources[key] = value, "config.json"
         if generation_json:
             for key, value in generation_json.items():
@@ -252,40 +279,104 @@ class GenerationConfig:
                 raise LlamascopeError(f"unknown generation setting {key!r}")
             if value is not None:
                 values[key], sources[key] = value, "call"
-        if "max_new_tokens" in values and "max_length" in values and sources["max_length"] != "call":
-            pass  # max_new_tokens wins; max_length stays for reference
         if "eos_token_id" in values:
             values["eos_token_id"] = _as_id_list(values["eos_token_id"])
+        if isinstance(values.get("stop_strings"), str):
+            values["stop_strings"] = [values["stop_strings"]]
         config = cls(**values)
         config.sources = {name: sources.get(name, "default") for name in names}
         config.validate()
         return config
 
     def validate(self) -> None:
+        """Refuse bad settings (LlamascopeError naming the setting) before any compute; warn
+        about settings the chosen decoding mode ignores."""
+
         def bad(name: str, why: str) -> LlamascopeError:
             return LlamascopeError(f"generation setting {name}={getattr(self, name)!r}: {why}")
 
-        if self.max_new_tokens is not None and self.max_new_tokens < 0:
-            raise bad("max_new_tokens", "must be >= 0")
-        if self.num_beams < 1:
-            raise bad("num_beams", "must be >= 1")
+        def is_int(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_number(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        # lengths
+        if self.max_new_tokens is not None and not (is_int(self.max_new_tokens) and self.max_new_tokens >= 0):
+            raise bad("max_new_tokens", "must be an integer >= 0")
+        if self.max_length is not None and not (is_int(self.max_length) and self.max_length > 0):
+            raise bad("max_length", "must be a positive integer")
+        for name in ("min_new_tokens", "min_length"):
+            value = getattr(self, name)
+            if value is not None and not (is_int(value) and value >= 0):
+                raise bad(name, "must be an integer >= 0")
+        if self.max_time is not None and not (is_number(self.max_time) and self.max_time >= 0):
+            raise bad("max_time", "must be a number of seconds >= 0")
+
+        # decoding mode
+        if not isinstance(self.do_sample, bool):
+            raise bad("do_sample", "must be true or false")
+        if not (is_int(self.num_beams) and self.num_beams >= 1):
+            raise bad("num_beams", "must be an integer >= 1")
+        if not (is_int(self.num_return_sequences) and self.num_return_sequences >= 1):
+            raise bad("num_return_sequences", "must be an integer >= 1")
+        if self.num_beams == 1 and not self.do_sample and self.num_return_sequences > 1:
+            raise bad("num_return_sequences",
+                      "greedy search returns one sequence: use do_sample=True or num_beams >= num_return_sequences")
+        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
+            raise bad("num_return_sequences", f"cannot exceed num_beams={self.num_beams}")
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
+            raise bad("early_stopping", "must be true, false or 'never'")
+        if not is_number(self.length_penalty):
+            raise bad("length_penalty", "must be a finite number")
+
+        # processors that apply in every mode
+        if not (is_number(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise bad("repetition_penalty", "must be > 0 (1.0: no penalty)")
+        if not (is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0):
+            raise bad("no_repeat_ngram_size", "must be an integer >= 0 (0: off)")
+        if self.bad_words_ids is not None:
+            if not (isinstance(self.bad_words_ids, (list, tuple)) and self.bad_words_ids and all(
+                    isinstance(w, (list, tuple)) and w and all(is_int(t) and t >= 0 for t in w)
+                    for w in self.bad_words_ids)):
+                raise bad("bad_words_ids", "must be a non-empty list of non-empty lists of token ids")
+        if self.suppress_tokens is not None:
+            if not (isinstance(self.suppress_tokens, (list, tuple))
+                    and all(is_int(t) and t >= 0 for t in self.suppress_tokens)):
+                raise bad("suppress_tokens", "must be a list of token ids")
+        if self.stop_strings is not None:
+            if not (isinstance(self.stop_strings, (list, tuple))
+                    and all(isinstance(s, str) and s for s in self.stop_strings)):
+                raise bad("stop_strings", "must be a list of non-empty strings")
+        if self.output_logprobs is not None and not (is_int(self.output_logprobs) and self.output_logprobs >= 0):
+            raise bad("output_logprobs", "must be an integer >= 0 (the number of alternatives per token)")
+        if self.seed is not None and not is_int(self.seed):
+            raise bad("seed", "must be an integer")
+
+        # sampling-only settings: checked when sampling, ignored with a warning otherwise
         if self.do_sample:
-            if not (isinstance(self.temperature, (int, float)) and self.temperature > 0 and math.isfinite(self.temperature)):
-                raise bad("temperature", "must be a positive number when sampling")
-            if not (0 < self.top_p <= 1):
+            if not (is_number(self.temperature) and self.temperature > 0):
+                raise bad("temperature", "must be a positive number when sampling (for greedy search use do_sample=False)")
+            if self.top_k is not None and not (is_int(self.top_k) and self.top_k >= 0):
+                raise bad("top_k", "must be an integer >= 0 (0: off)")
+            if not (is_number(self.top_p) and 0 < self.top_p <= 1):
                 raise bad("top_p", "must be in (0, 1]")
-            if self.top_k is not None and self.top_k < 0:
-                raise bad("top_k", "must be >= 0")
-            if self.min_p is not None and not (0 <= self.min_p <= 1):
+            if self.min_p is not None and not (is_number(self.min_p) and 0 <= self.min_p <= 1):
                 raise bad("min_p", "must be in [0, 1]")
-            if not (0 < self.typical_p <= 1):
+            if not (is_number(self.typical_p) and 0 < self.typical_p <= 1):
                 raise bad("typical_p", "must be in (0, 1]")
-        if self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", "must be > 0")
-        if self.num_return_sequences < 1:
-            raise bad("num_return_sequences", "must be >= 1")
-        if not self.do_sample and self.num_return_sequences > self.num_beams:
-            raise bad(
-                "num_return_sequences",
-                f"cannot exceed num_beams={self.num_beams} without sampling",
-            )
+        else:
+            self._warn_ignored("do_sample", SAMPLING_ONLY, "only used when sampling (do_sample=True)")
+        if self.num_beams == 1:
+            self._warn_ignored("num_beams", BEAM_ONLY, "only used in beam search (num_beams > 1)")
+
+    def _warn_ignored(self, mode_name: str, settings: dict, why: str) -> None:
+        """transformers' rule: warn about a setting the mode ignores, unless the call chose the
+        mode and the setting came from the model's files."""
+        mode_from_call = self.sources.get(mode_name) == "call"
+        ignored = [name for name, default in settings.items()
+                   if getattr(self, name) != default
+                   and not (mode_from_call and self.sources.get(name) != "call")]
+        if ignored:
+            listed = ", ".join(f"{name}={getattr(self, name)!r}" for name in ignored)
+            log.warning("generation settings %s are ignored: %s", listed, why)

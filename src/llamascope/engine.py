@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -19,6 +20,7 @@ from .config import GenerationConfig
 from .errors import LlamascopeError
 from .generation import GenerationResult, generate, stream
 from .loading import LoadedModel, load_model
+from .parallel import ParallelGroup, shared_seed
 
 
 @dataclass
@@ -28,24 +30,50 @@ class Completion:
     output_ids: list[int]
     text: str
     finish_reason: str
+    # output_logprobs=N: per new token {"token", "id", "logprob", "top": [...N]} (see GenerationResult)
+    logprobs: list[dict] | None = None
+    score: float | None = None  # beam search: the sequence's score
+    # num_return_sequences > 1: all the prompt's sequences, best (this one) first
+    sequences: list["Completion"] | None = None
 
     def to_json(self) -> dict:
-        return {"prompt": self.prompt, "prompt_ids": self.prompt_ids, "output_ids": self.output_ids,
-                "text": self.text, "finish_reason": self.finish_reason}
+        out = {"prompt": self.prompt, "prompt_ids": self.prompt_ids, "output_ids": self.output_ids,
+               "text": self.text, "finish_reason": self.finish_reason}
+        out.update(self._extras())
+        if self.sequences is not None:
+            out["sequences"] = [{"output_ids": c.output_ids, "text": c.text, "finish_reason": c.finish_reason,
+                                 **c._extras()} for c in self.sequences]
+        return out
+
+    def _extras(self) -> dict:
+        extras: dict = {}
+        if self.score is not None:
+            extras["score"] = self.score
+        if self.logprobs is not None:
+            extras["logprobs"] = self.logprobs
+        return extras
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, parallel: ParallelGroup | None = None):
         self.loaded = loaded
         self.model = loaded.model
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.generation_json = loaded.generation_json
+        # Tensor parallelism: every rank holds an Engine and makes the same calls in the same order.
+        self.parallel = parallel
 
     @classmethod
     def load(cls, path: str | Path | None = None, dtype: str | torch.dtype = "auto", device: str = "cpu",
-             progress: Callable[[int, int], None] | None = None) -> "Engine":
-        return cls(load_model(path, dtype=dtype, device=device, progress=progress))
+             progress: Callable[[int, int], None] | None = None,
+             parallel: ParallelGroup | None = None, quant: str | None = None, fast: bool = True) -> "Engine":
+        """`parallel` (from `parallel.init_from_env`): load this rank's shard; the device is the group's.
+        `quant`: "int8" or "int4" weight-only quantisation; `fast=False`: plain PyTorch layers only."""
+        if parallel is not None:
+            device = parallel.device
+        return cls(load_model(path, dtype=dtype, device=device, progress=progress, parallel=parallel,
+                              quant=quant, fast=fast), parallel)
 
     def _need_tokenizer(self):
         if self.tokenizer is None:
@@ -54,7 +82,17 @@ class Engine:
 
     def generation_config(self, **call) -> GenerationConfig:
         """Settings in force: call arguments over generation_config.json over config.json."""
-        return GenerationConfig.resolve(self.config, self.generation_json, **call)
+        source = "GGUF metadata" if self.loaded.checkpoint.format == "gguf" else "generation_config.json"
+        config = GenerationConfig.resolve(self.config, self.generation_json, generation_source=source, **call)
+        if self.parallel is not None:
+            # Ranks must choose the same tokens at the same steps.
+            if config.max_time is not None:
+                raise LlamascopeError("max_time is not supported with tensor parallelism "
+                                      "(each rank's clock would stop it at a different step)")
+            if config.do_sample and config.seed is None:
+                config.seed = shared_seed(self.parallel)
+                config.sources["seed"] = "rank 0"
+        return config
 
     def encode(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
         tokenizer = self._need_tokenizer()
@@ -70,22 +108,36 @@ class Engine:
         texts = [prompts] if single else list(prompts)
         ids = [self.encode(t, chat=chat) for t in texts]
         result = self.generate_ids(ids, **settings)
-        completions = [
-            Completion(text, p, out, self.tokenizer.decode(out, skip_special_tokens=True), reason)
-            for text, p, out, reason in zip(texts, ids, result.output_ids, result.finish_reasons)
-        ]
+        n = len(result.output_ids) // len(texts)  # sequences per prompt (num_return_sequences)
+        completions = []
+        for i, (text, p) in enumerate(zip(texts, ids)):
+            rows = [
+                Completion(text, p, result.output_ids[r], self.tokenizer.decode(result.output_ids[r],
+                           skip_special_tokens=True), result.finish_reasons[r],
+                           result.logprobs[r] if result.logprobs is not None else None,
+                           result.sequence_scores[r] if result.sequence_scores is not None else None)
+                for r in range(i * n, (i + 1) * n)
+            ]
+            if n > 1:
+                rows[0] = dataclasses.replace(rows[0], sequences=list(rows))
+            completions.append(rows[0])
         return completions[0] if single else completions
 
     def generate_ids(self, prompts: list[list[int]] | list[int], **settings) -> GenerationResult:
         config = self.generation_config(**settings)
         self._check_length(prompts if prompts and isinstance(prompts[0], list) else [prompts])
-        return generate(self.model, prompts, config)
+        return generate(self.model, prompts, config, tokenizer=self.tokenizer)
 
     def stream(self, prompt: str | list[int], chat: bool = False, **settings) -> Iterator[str]:
         """Text deltas as tokens are chosen (greedy or sampled; one prompt)."""
         ids = self.encode(prompt, chat=chat) if isinstance(prompt, str) else list(prompt)
         self._check_length([ids])
         config = self.generation_config(**settings)
+        if config.num_beams > 1 or config.num_return_sequences > 1:
+            # beam search and several sequences finish together: the text comes at the end
+            result = generate(self.model, [ids], config, tokenizer=self._need_tokenizer())
+            yield "\n".join(self.tokenizer.decode(out, skip_special_tokens=True) for out in result.output_ids)
+            return
         for _, delta in stream(self.model, self._need_tokenizer(), ids, config):
             if delta:
                 yield delta

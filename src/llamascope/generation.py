@@ -10,6 +10,7 @@ order, and a sequence stops at an eos id or when `max_length = prompt length + m
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -19,7 +20,7 @@ import torch
 from .cache import KVCache
 from .config import GenerationConfig
 from .errors import LlamascopeError
-from .sampling import apply_processors, build_processors, select_next
+from .sampling import apply_processors, build_processors, make_generator, select_next, token_logprobs
 
 log = logging.getLogger("llamascope")
 
@@ -41,13 +42,71 @@ class Step:
 
 @dataclass
 class GenerationResult:
+    """One row per returned sequence: with num_return_sequences = n, rows i*n .. i*n + n - 1 belong
+    to prompt i (as in transformers), and `prompt_ids` repeats each prompt n times."""
+
     prompt_ids: list[list[int]]
     output_ids: list[list[int]]  # the new tokens of each sequence (eos included when hit)
-    finish_reasons: list[str]  # "eos", "length", "stop", "time"
+    finish_reasons: list[str]  # "eos", "length", "stop" (a stop string), "time" (max_time)
     steps: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    # With output_logprobs=N: per sequence, per new token {"token", "id", "logprob", "top": [{"token",
+    # "id", "logprob"}, ...N]}, from log_softmax of the processed scores ("token" is None without a tokenizer).
     logprobs: list[list[dict]] | None = None
+    sequence_scores: list[float] | None = None  # beam search: transformers' sequences_scores
+
+
+class StopStrings:
+    """Finds a stop string that ends in the newest token of a sequence, also when its characters
+    come from several tokens. As in transformers, the match must take at least one character of
+    the newest token (text seen before does not stop again), and the prompt's end counts."""
+
+    def __init__(self, stop_strings: list[str], tokenizer):
+        if tokenizer is None:
+            raise LlamascopeError("stop_strings need the tokenizer: pass generate(..., tokenizer=...)")
+        self.strings = list(stop_strings)
+        self.tokenizer = tokenizer
+        # A token holds at least one byte and a character at most four: this many tokens hold the
+        # longest stop string with room to spare.
+        self.window = 4 * max(len(s) for s in self.strings) + 4
+
+    def match(self, ids: list[int]) -> str | None:
+        """The stop string that the last token of `ids` completes, or None."""
+        tail = list(ids[-self.window:])
+        if not tail:
+            return None
+        before = self.tokenizer.decode(tail[:-1], skip_special_tokens=False)
+        after = self.tokenizer.decode(tail, skip_special_tokens=False)
+        settled = len(os.path.commonprefix([before, after]))  # characters that were there before
+        for text in self.strings:
+            if text in after[max(0, settled - len(text) + 1):]:
+                return text
+        return None
+
+
+def add_token_text(logprobs: list[list[dict]], tokenizer) -> None:
+    """Fill each logprob entry's "token" (and its alternatives') with the token's text."""
+    if tokenizer is None:
+        return
+    cache: dict[int, str] = {}
+
+    def text(token_id: int) -> str:
+        if token_id not in cache:
+            cache[token_id] = tokenizer.decode([token_id], skip_special_tokens=False)
+        return cache[token_id]
+
+    for sequence in logprobs:
+        for entry in sequence:
+            entry["token"] = text(entry["id"])
+            for alt in entry["top"]:
+                alt["token"] = text(alt["id"])
+
+
+def logprob_entry(raw: dict) -> dict:
+    """One token's entry of GenerationResult.logprobs from sampling.token_logprobs' row ("token" filled later)."""
+    return {"token": None, "id": raw["id"], "logprob": raw["logprob"],
+            "top": [{"token": None, "id": alt["id"], "logprob": alt["logprob"]} for alt in raw["top"]]}
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +144,11 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(attention_mask == 0, 1)
 
 
+def _log_stage(stage: str, step: int, message: str, *args) -> None:
+    """One DEBUG record per stage of a step; `record.stage` and `record.step` say which."""
+    log.debug("step %d %s: " + message, step, stage, *args, extra={"stage": stage, "step": step})
+
+
 def generate_steps(
     model: torch.nn.Module,
     prompts: list[list[int]],
@@ -98,14 +162,13 @@ def generate_steps(
     pad_id = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_id or [0])[0]
     input_ids, attention_mask = left_pad(prompts, pad_id)  # [B, T0]
     B, T0 = input_ids.shape
-    max_length = config.max_length_for(T0)
     context = model.config.max_position_embeddings
+    max_length = config.max_length_for(T0, context)
     if T0 > context and model.config.rope_type != "dynamic":
         raise LlamascopeError(f"prompt of {T0} tokens is longer than the model's context ({context} positions)")
-    processors = build_processors(config, T0)
-    generator = None
-    if config.do_sample:
-        generator = torch.Generator().manual_seed(config.seed if config.seed is not None else torch.seed())
+    padding_lengths = (attention_mask == 0).sum(dim=1)  # [B] left padding of each row
+    processors = build_processors(config, T0, padding_lengths, vocab_size=model.config.vocab_size)
+    generator = make_generator(config, model.device) if config.do_sample else None
     eos = torch.tensor(config.eos_token_id or [-1], dtype=torch.long)
     unfinished = torch.ones(B, dtype=torch.bool)
     cache = KVCache.for_model(model, B, max_length) if config.use_cache else None
@@ -121,12 +184,22 @@ def generate_steps(
                 tokens, step_positions = sequences[:, -1:], positions[:, -1:]  # [B, 1]
             cache_length = cache.length if cache is not None else None
             mask = attention_mask_4d(attention_mask, tokens.shape[1])
+            debug = log.isEnabledFor(logging.DEBUG)
+            if debug:
+                _log_stage("inputs", step, "input_ids %s position_ids %s attention_mask %s, cache %s, use_cache=%s",
+                           list(tokens.shape), list(step_positions.shape), list(attention_mask.shape),
+                           "off" if cache is None else f"holding {cache_length} positions", cache is not None)
             acts = capture(step) if capture is not None else None
             logits = model(tokens, step_positions, cache, mask, capture=acts, last_only=True)  # [B, 1, V]
             logits = logits[:, -1].float()  # [B, V]
+            if debug:
+                _log_stage("forward", step, "next-token logits %s", list(logits.shape))
             scores = apply_processors(processors, sequences, logits)
             next_tokens = select_next(scores, config, generator)  # [B]
             next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_id))
+            if debug:
+                _log_stage("choice", step, "%s chose %s", "sampling" if config.do_sample else "argmax",
+                           next_tokens.tolist())
             yield Step(step, tokens, step_positions, attention_mask, cache_length, logits, scores, next_tokens, acts)
             sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
             attention_mask = torch.cat([attention_mask, torch.ones(B, 1, dtype=attention_mask.dtype)], dim=1)
@@ -161,11 +234,15 @@ def generate(
     if config.num_beams > 1:
         from .beam import beam_search
 
-        return beam_search(model, prompts, config)
+        return beam_search(model, prompts, config, tokenizer=tokenizer, on_step=on_step)
+    if config.num_return_sequences > 1:  # sampling n sequences per prompt: rows i*n .. i*n + n - 1
+        prompts = [p for p in prompts for _ in range(config.num_return_sequences)]
+    stops = StopStrings(config.stop_strings, tokenizer) if config.stop_strings else None
     B = len(prompts)
     outputs: list[list[int]] = [[] for _ in range(B)]
     reasons = ["length"] * B
     done = [False] * B
+    logprobs: list[list[dict]] | None = [[] for _ in range(B)] if config.output_logprobs is not None else None
     eos = set(config.eos_token_id or [])
     start = time.perf_counter()
     prefill_seconds = 0.0
@@ -176,23 +253,48 @@ def generate(
         steps += 1
         if on_step is not None:
             on_step(step)
+        if logprobs is not None:
+            entries = token_logprobs(step.scores, step.next_tokens, config.output_logprobs)
         for row, token in enumerate(step.next_tokens.tolist()):
             if done[row]:
                 continue
             outputs[row].append(token)
+            if logprobs is not None:
+                logprobs[row].append(logprob_entry(entries[row]))
             if token in eos:
                 done[row], reasons[row] = True, "eos"
+            elif stops is not None and stops.match(prompts[row] + outputs[row]) is not None:
+                done[row], reasons[row] = True, "stop"
         if config.max_time is not None and time.perf_counter() - start > config.max_time:
             reasons = [r if d else "time" for r, d in zip(reasons, done)]
             break
         if all(done):
             break
     total = time.perf_counter() - start
-    result = GenerationResult(prompts, outputs, reasons, steps, prefill_seconds, total - prefill_seconds)
+    if logprobs is not None:
+        add_token_text(logprobs, tokenizer)
+    result = GenerationResult(prompts, outputs, reasons, steps, prefill_seconds, total - prefill_seconds, logprobs)
     if steps > 1:
         log.info("generated %d tokens: prefill %.3f s, decode %.1f tokens/s", sum(map(len, outputs)),
                  prefill_seconds, (steps - 1) / max(total - prefill_seconds, 1e-9))
     return result
+
+
+def _log_speed(steps: Iterator[Step]) -> Iterator[Step]:
+    """Pass the steps through; when they end (or the consumer stops) log the speed once at INFO."""
+    start = time.perf_counter()
+    prefill_seconds, count = 0.0, 0
+    try:
+        for step in steps:
+            if count == 0:
+                prefill_seconds = time.perf_counter() - start
+            count += 1
+            yield step
+    finally:
+        if count > 1:
+            decode_seconds = max(time.perf_counter() - start - prefill_seconds, 1e-9)
+            log.info("generated %d tokens: prefill %.3f s, decode %.1f tokens/s", count, prefill_seconds,
+                     (count - 1) / decode_seconds)
 
 
 def stream(
@@ -205,11 +307,17 @@ def stream(
     """Yield (token id, text delta) for one prompt as each token is chosen."""
     decoder = tokenizer.stream_decoder(prompt_ids, skip_special_tokens=skip_special_tokens)
     eos = set(config.eos_token_id or [])
+    stops = StopStrings(config.stop_strings, tokenizer) if config.stop_strings else None
+    ids = list(prompt_ids)
     start = time.perf_counter()
-    for step in generate_steps(model, [prompt_ids], config):
+    for step in _log_speed(generate_steps(model, [prompt_ids], config)):
         token = int(step.next_tokens[0])
         if token in eos:
             yield token, decoder.flush()
+            return
+        ids.append(token)
+        if stops is not None and stops.match(ids) is not None:
+            yield token, decoder.push(token) + decoder.flush()
             return
         yield token, decoder.push(token)
         if config.max_time is not None and time.perf_counter() - start > config.max_time:

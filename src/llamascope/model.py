@@ -5,9 +5,13 @@ Parameter names follow Hugging Face's LlamaForCausalLM (`model.layers.0.self_att
 implementation step by step (RMSNorm in float32, RoPE tables in float32 cast to the activation
 dtype, rotate-half layout), which is what makes greedy tokens match it exactly.
 
-Capture points: when `capture` is a dict, the forward pass stores named activations in it
-(`embed`, `layers.{i}.input`, `layers.{i}.attn_out`, `layers.{i}.mlp_out`, `layers.{i}.output`,
-`norm`, `attn_weights.{i}` when `capture_attention` is set). With `capture=None` nothing is stored.
+Capture points: when `capture` is a dict, the forward pass stores named activations in it:
+`embed` [B,T,hidden], `layers.{i}.input` (the residual stream before block i), `layers.{i}.attn_out`,
+`layers.{i}.mlp_out`, `layers.{i}.output` (the residual stream after block i), `norm` (after the
+final norm). Two flags in the dict ask for more: `_attention_weights` stores
+`layers.{i}.attn_weights` [B,H,T,S] (attention then runs as an explicit softmax instead of SDPA),
+and `_all_logits` stores `logits` [B,T,vocab] for every position even when `last_only` is set (the
+returned logits are computed as without it). With `capture=None` nothing is stored or computed.
 """
 
 from __future__ import annotations
@@ -115,14 +119,23 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
         self.layer_index = layer_index
-        self.heads, self.kv_heads, self.head_dim = (
-            config.num_attention_heads, config.num_key_value_heads, config.head_dim,
-        )
+        self.head_dim = config.head_dim
         h, bias = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(h, self.heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, h, bias=bias)
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.q_proj = nn.Linear(h, heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(h, kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(h, kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * self.head_dim, h, bias=bias)
+
+    # Head counts come from the projections' shapes: under tensor parallelism (parallel.py) each
+    # rank's projections hold only its share of the heads, and these count that share.
+    @property
+    def heads(self) -> int:
+        return self.q_proj.out_features // self.head_dim
+
+    @property
+    def kv_heads(self) -> int:
+        return self.k_proj.out_features // self.head_dim
 
     def forward(
         self,
@@ -134,13 +147,14 @@ class Attention(nn.Module):
         capture: dict | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
-        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
+        # H, KVH: the heads this module holds (this rank's share under tensor parallelism)
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)  # [B, KVH, S, D], S = cached + T
-        groups = self.heads // self.kv_heads
+        groups = q.shape[1] // k.shape[1]
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)  # [B, H, S, D]
             v = v.repeat_interleave(groups, dim=1)  # [B, H, S, D]
@@ -159,7 +173,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_bias(T, k.shape[2], q) == 0)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, D]
-        out = out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)  # [B, T, H*D]
+        out = out.transpose(1, 2).reshape(B, T, -1)  # [B, T, H*D]
         return self.o_proj(out)  # [B, T, hidden]
 
 
@@ -224,11 +238,16 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self.model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads per layer held here: all, or this rank's share under tensor parallelism."""
+        return self.model.layers[0].self_attn.kv_heads
 
     def hidden_states(
         self,
@@ -268,6 +287,10 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """logits [B, T, vocab] (or [B, 1, vocab] with last_only) in the model's dtype."""
         h = self.hidden_states(tokens, positions, cache, mask, capture)
+        if capture is not None and capture.get("_all_logits"):
+            capture["logits"] = self.lm_head(h)  # [B, T, vocab]
+            if not last_only:
+                return capture["logits"]
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h)

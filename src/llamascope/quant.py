@@ -195,8 +195,16 @@ def _linear_slots(model: nn.Module):
         for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
                               (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
             for name in names:
-                yield parent, name
-    yield model, "lm_head"
+                yield _local_slot(parent, name)
+    yield _local_slot(model, "lm_head")
+
+
+def _local_slot(parent: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """Under tensor parallelism, o_proj, down_proj and the LM head are wrappers that hold the
+    module computing this rank's part as `local` (parallel.RowParallelLinear, VocabParallelHead):
+    transforms replace that one and the wrapper keeps its collective."""
+    module = getattr(parent, name)
+    return (module, "local") if isinstance(getattr(module, "local", None), nn.Module) else (parent, name)
 
 
 def quantize_model(model: nn.Module, quant: str) -> nn.Module:
@@ -222,3 +230,22 @@ def accelerate_model(model: nn.Module) -> nn.Module:
         if type(module) is nn.Linear and module.weight.dtype in (torch.float32, torch.bfloat16):
             setattr(parent, name, FastLinear(module.weight, module.bias))
     return model
+
+
+def install_block_weights(model: nn.Module, blocks: dict[str, tuple[str, torch.Tensor]], dtype: torch.dtype) -> None:
+    """Put weights kept in a block format into the model: projections and the LM head become
+    QuantLinear, the token embedding a QuantEmbedding (a tied LM head shares its blocks)."""
+    config = model.config
+    for name, (qtype, data) in blocks.items():
+        path = name.removesuffix(".weight")
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        if name == "model.embed_tokens.weight":
+            parent.embed_tokens = QuantEmbedding(data, qtype, config.hidden_size, dtype)
+            if config.tie_word_embeddings:
+                model.lm_head = QuantLinear(data, qtype, config.hidden_size)
+        else:
+            old = getattr(parent, attr)
+            bias = getattr(old, "bias", None)
+            bias = None if bias is None or bias.is_meta else bias.detach().float()
+            setattr(parent, attr, QuantLinear(data, qtype, old.in_features, bias))

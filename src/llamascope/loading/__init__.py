@@ -6,12 +6,15 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ..config import ModelConfig
 from ..errors import LlamascopeError
+
+if TYPE_CHECKING:
+    from ..parallel import ParallelGroup
 
 log = logging.getLogger("llamascope")
 
@@ -22,13 +25,29 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @dataclass
 class TensorSource:
-    """One weight as the checkpoint holds it: shape, stored type, the file, and how to read it."""
+    """One weight as the checkpoint holds it: shape, stored type, the file, and how to read it.
+
+    `slice_reader(dim, start, stop)`, when the format has one, reads indices [start, stop) along
+    `dim` of the tensor `read()` would give, touching only those bytes (tensor parallelism reads
+    each rank's rows or columns this way). Without it `read_slice` reads the whole tensor and
+    keeps the part.
+    """
 
     shape: tuple[int, ...]
     stored_type: str
     file: Path
     nbytes: int
     read: Callable[[], torch.Tensor]
+    slice_reader: Callable[[int, int, int], torch.Tensor] | None = None
+    # For GGUF block formats (Q8_0, Q4_0, Q4_1): the stored blocks, rows in Hugging Face order,
+    # as uint8 [rows, row bytes], so the model can keep the weight quantised (see quant.py).
+    read_blocks: Callable[[], torch.Tensor] | None = None
+
+    def read_slice(self, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Indices [start, stop) along `dim`, as a tensor of its own (no view of a larger one)."""
+        if self.slice_reader is not None:
+            return self.slice_reader(dim, start, stop)
+        return self.read().narrow(dim, start, stop - start).clone()
 
 
 @dataclass
@@ -159,27 +178,68 @@ def check_tensors(checkpoint: Checkpoint) -> None:
 
 
 def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: str | torch.device = "cpu",
-                progress: Callable[[int, int], None] | None = None) -> torch.nn.Module:
-    """Create the model without allocating, then read each weight once at `dtype`."""
+                progress: Callable[[int, int], None] | None = None,
+                parallel: "ParallelGroup | None" = None, keep_blocks: bool = False) -> torch.nn.Module:
+    """Create the model without allocating, then read each weight once at `dtype`.
+
+    With `parallel` (a tensor-parallel group of more than one rank), this rank's model holds only
+    its share of the heads, MLP units and vocabulary (see parallel.py) and reads only those slices.
+    With `keep_blocks`, weights stored in a GGUF block format stay in it (quant.QuantLinear,
+    quant.QuantEmbedding) instead of being dequantised.
+    """
     from ..model import ROPE_INIT, Transformer
+    from ..quant import BLOCK_BYTES, install_block_weights
 
     check_tensors(checkpoint)
     config = checkpoint.config
+    plan = {}
+    if parallel is not None and parallel.world_size > 1:
+        from ..parallel import check_world_size, narrow_linears, shard_plan
+
+        check_world_size(config, parallel.world_size, source=str(checkpoint.path))
+        if torch.device(device).type != parallel.device.type:
+            raise LlamascopeError(f"tensor parallel over {parallel.backend} runs on {parallel.device.type}, "
+                                  f"but the model was asked for on {device}")
+        plan = shard_plan(config, parallel.rank, parallel.world_size)
     with torch.device("meta"):
         model = Transformer(config)
+        if plan:
+            narrow_linears(model, plan)
     expected = expected_shapes(config)
     state: dict[str, torch.Tensor] = {}
+    blocks: dict[str, tuple[str, torch.Tensor]] = {}
     for k, name in enumerate(expected):
-        tensor = checkpoint.tensors[name].read()
+        source = checkpoint.tensors[name]
+        shard = plan.get(name)
+        if keep_blocks and not plan and source.read_blocks is not None and source.stored_type in BLOCK_BYTES \
+                and len(source.shape) == 2 and source.shape[1] % 32 == 0:
+            blocks[name] = (source.stored_type, source.read_blocks().to(device))
+            if progress is not None:
+                progress(k + 1, len(expected))
+            continue
+        tensor = source.read() if shard is None else source.read_slice(shard.dim, shard.start, shard.stop)
         state[name] = tensor.to(device=device, dtype=dtype)
         del tensor
         if progress is not None:
             progress(k + 1, len(expected))
-    if config.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, assign=True, strict=True)
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and "model.embed_tokens.weight" not in blocks:
+        head = plan.get("lm_head.weight")
+        embed = state["model.embed_tokens.weight"]
+        # A vocabulary shard of a tied head is a view of the (replicated) embedding: no copy.
+        state["lm_head.weight"] = embed if head is None else embed.narrow(0, head.start, head.stop - head.start)
+    missing, unexpected = model.load_state_dict(state, assign=True, strict=False)
+    allowed = set(blocks) | ({"lm_head.weight"} if config.tie_word_embeddings and blocks else set())
+    if unexpected or set(missing) - allowed:
+        raise LlamascopeError(f"{checkpoint.path}: internal error placing weights: missing {missing}, "
+                              f"unexpected {unexpected}")
+    if blocks:
+        install_block_weights(model, blocks, dtype)
+    elif config.tie_word_embeddings and not plan:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if plan:
+        from ..parallel import attach_collectives
+
+        attach_collectives(model, parallel)
     rotary = model.model.rotary_emb
     rotary.inv_freq = ROPE_INIT[config.rope_type](config).to(device)
     return model.eval().requires_grad_(False)
@@ -190,14 +250,33 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    parallel: "ParallelGroup | None" = None,
+    quant: str | None = None,
+    fast: bool = True,
 ) -> LoadedModel:
-    """Load a model, its tokenizer and generation settings from a folder or GGUF file."""
+    """Load a model, its tokenizer and generation settings from a folder or GGUF file.
+
+    With `parallel` (from `parallel.init_from_env`), this rank loads only its shard of the model.
+    `quant`: None keeps weights as stored (GGUF block formats stay quantised), "none" turns
+    them all into float at `dtype`, "int8" / "int4" quantise the projections after loading.
+    `fast` gives float projections the two-core batch-1 kernels (False: plain `nn.Linear`).
+    """
+    from ..quant import accelerate_model, quantize_model
+
     start = time.perf_counter()
     checkpoint = open_checkpoint(path)
+    for file, size in checkpoint.files:
+        log.info("reading %s (%d bytes)", file, size)
     torch_dtype = resolve_dtype(dtype, checkpoint.config, checkpoint)
-    log.info("loading %s (%s, %d tensors) as %s", checkpoint.path, checkpoint.format,
-             len(checkpoint.tensors), str(torch_dtype).removeprefix("torch."))
-    model = build_model(checkpoint, torch_dtype, device, progress)
+    log.info("loading %s (%s, %d tensors) as %s%s", checkpoint.path, checkpoint.format,
+             len(checkpoint.tensors), str(torch_dtype).removeprefix("torch."),
+             f", tensor parallel {parallel.describe()}" if parallel is not None else "")
+    keep_blocks = quant is None and checkpoint.format == "gguf"
+    model = build_model(checkpoint, torch_dtype, device, progress, parallel, keep_blocks=keep_blocks)
+    if quant and quant != "none":
+        quantize_model(model, quant)
+    if fast:
+        accelerate_model(model)
     tokenizer = checkpoint.tokenizer_factory() if checkpoint.tokenizer_factory else None
     seconds = time.perf_counter() - start
     log.info("loaded in %.2f s", seconds)

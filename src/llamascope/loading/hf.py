@@ -42,12 +42,19 @@ def _weight_files(folder: Path) -> tuple[str, list[Path]]:
     )
 
 
+def _bin_slice(t: torch.Tensor, dim: int, start: int, stop: int) -> torch.Tensor:
+    return t.narrow(dim, start, stop - start).clone()
+
+
 def _bin_tensors(path: Path) -> dict[str, TensorSource]:
     state = load_bin(path)  # memory-mapped: reading a tensor touches only its pages
     out = {}
     for name, t in state.items():
+        # Slices of the memory-mapped tensor touch only their own pages (for rows; a column
+        # block of a matrix touches every row's pages, which the kernel may drop again).
         out[name] = TensorSource(tuple(t.shape), TORCH_TYPE_NAMES.get(t.dtype, str(t.dtype)), path,
-                                 t.numel() * t.element_size(), functools.partial(lambda t: t, t))
+                                 t.numel() * t.element_size(), functools.partial(lambda t: t, t),
+                                 functools.partial(_bin_slice, t))
     return out
 
 
@@ -67,7 +74,8 @@ def open_hf_folder(folder: Path) -> Checkpoint:
             st = SafetensorsFile(path)
             for name in st.names():
                 tensors[name] = TensorSource(st.shape(name), TORCH_TYPE_NAMES.get(st.dtype(name), str(st.dtype(name))),
-                                             path, st.nbytes(name), functools.partial(st.read, name))
+                                             path, st.nbytes(name), functools.partial(st.read, name),
+                                             functools.partial(st.read_slice, name))
         else:
             tensors.update(_bin_tensors(path))
 

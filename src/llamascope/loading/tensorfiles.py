@@ -18,6 +18,9 @@ import torch
 
 from ..errors import LlamascopeError
 
+# Largest buffer a sliced read uses for ranges shorter than a page.
+SLICE_BUFFER_BYTES = 4 << 20
+
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -93,6 +96,52 @@ class SafetensorsFile:
                 if f.readinto(buf) != end - begin:
                     raise LlamascopeError(f"{self.path}: file is truncated while reading tensor {name!r}")
         return out
+
+    def read_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Indices [start, stop) of tensor `name` along `dim`, reading only those bytes.
+
+        Along dim 0 the slice is one contiguous byte range. Along a later dim it is one range per
+        index of the dims before it (a column block of each row of a matrix): each is read
+        straight into place when it is at least a page long, else blocks of whole rows go
+        through a buffer of at most `SLICE_BUFFER_BYTES`.
+        """
+        dtype, shape, begin, _ = self.entries[name]
+        if not 0 <= dim < len(shape) or not 0 <= start <= stop <= shape[dim]:
+            raise LlamascopeError(f"{self.path}: tensor {name!r} of shape {list(shape)} has no slice "
+                                  f"[{start}:{stop}] along dim {dim}")
+        item = torch.empty((), dtype=dtype).element_size()
+        outer = int(np.prod(shape[:dim], dtype=np.int64))  # independent ranges
+        inner = int(np.prod(shape[dim + 1:], dtype=np.int64)) * item  # bytes per index along dim
+        row = shape[dim] * inner  # bytes per outer index
+        piece = (stop - start) * inner  # bytes wanted per outer index
+        out = torch.empty(shape[:dim] + (stop - start,) + shape[dim + 1:], dtype=dtype)
+        if out.numel() == 0:
+            return out
+        dst = out.view(-1).view(torch.uint8).numpy().reshape(outer, piece)  # [outer, piece] bytes of out
+        first = self.data_start + begin + start * inner  # file offset of the first wanted byte
+        with open(self.path, "rb") as f:
+            fd = f.fileno()
+            if outer == 1 or piece == row:
+                self._pread(fd, dst.reshape(-1), first, name)
+            elif piece >= 4096:
+                for o in range(outer):
+                    self._pread(fd, dst[o], first + o * row, name)
+            else:
+                block = max(1, SLICE_BUFFER_BYTES // row)
+                buffer = np.empty((min(block, outer), row), dtype=np.uint8)
+                for o in range(0, outer, block):
+                    n = min(block, outer - o)
+                    self._pread(fd, buffer[:n].reshape(-1), self.data_start + begin + o * row, name)
+                    dst[o:o + n] = buffer[:n, start * inner:stop * inner]
+        return out
+
+    def _pread(self, fd: int, into: np.ndarray, offset: int, name: str) -> None:
+        view = memoryview(into).cast("B")
+        while len(view):
+            n = os.preadv(fd, [view], offset)
+            if n <= 0:
+                raise LlamascopeError(f"{self.path}: file is truncated while reading tensor {name!r}")
+            view, offset = view[n:], offset + n
 
 
 def load_bin(path: Path) -> dict[str, torch.Tensor]:

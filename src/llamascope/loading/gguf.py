@@ -1,0 +1,561 @@
+"""GGUF files (llama.cpp's format): metadata to a Hugging Face config, tensors to HF names.
+
+The file is parsed by the `gguf` package's GGUFReader (memory-mapped: no weight is read until
+asked for). This module adds what the reader lacks:
+- the `llama` metadata as a config.json-style dict (`gguf_config_dict`), checked against the
+  tensor shapes, with errors that name the key or the tensor;
+- GGUF tensor names to Hugging Face names (`hf_tensor_name`);
+- weights dequantised to float32 at read time, in the HF layout [out, in], with llama.cpp's
+  permutation of the Q and K projection rows undone (`unpermute_rows`);
+- LLaMA-3.1 rope scaling recovered from the `rope_freqs.weight` tensor llama.cpp writes instead
+  of the rope_scaling parameters (`llama3_rope_scaling`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+from ..errors import LlamascopeError
+from ..quant import BLOCK_BYTES
+from . import Checkpoint, TensorSource, expected_shapes
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+# Stored types that dequantise to float32 (gguf.quants implements each; see tests/test_gguf.py).
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+
+TOP_LEVEL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+BLOCK_PATTERN = re.compile(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias)")
+ROPE_FREQS = "rope_freqs.weight"
+# Tensors llama.cpp never loads for `llama` (old converters saved rotary_emb.inv_freq as these).
+IGNORED_TENSORS = re.compile(r"blk\.\d+\.attn_rot_embd(\.weight)?")
+
+_MISSING = object()
+
+
+# ---- reading the file --------------------------------------------------------------------------
+
+def read_gguf(path: Path):
+    """A GGUFReader over `path`; a LlamascopeError naming the file when it is not a whole GGUF."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise LlamascopeError(f"{path}: file not found")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise LlamascopeError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF'; {size} bytes)")
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # the reader raises IndexError, ValueError, KeyError... on damaged files
+        raise LlamascopeError(f"{path}: {_reader_problem(e, size)}") from None
+    for tensor in reader.tensors:
+        end = int(tensor.data_offset) + int(tensor.n_bytes)
+        if end > size:
+            raise LlamascopeError(
+                f"{path}: file is truncated: tensor {tensor.name!r} ends at byte {end}, the file has {size} bytes"
+            )
+    return reader
+
+
+def _reader_problem(error: Exception, size: int) -> str:
+    text = str(error)
+    # The reader walks the file in order; reading past its end shows up as one of these.
+    past_end = ("cannot reshape", "larger dtype", "out of bounds")
+    if isinstance(error, (IndexError, UnicodeDecodeError)) or any(p in text for p in past_end):
+        return f"file is truncated or damaged (it ends at byte {size} before the data it announces)"
+    if "GGMLQuantizationType" in text:
+        return f"a tensor has a type this version of the gguf package does not know ({text})"
+    if "version" in text:
+        return f"unsupported GGUF version ({text})"
+    return f"not a readable GGUF file ({type(error).__name__}: {text})"
+
+
+def _shortest_float(value: float) -> float:
+    """A float32 from the file as the decimal it was written from (9.99999974e-06 -> 1e-05)."""
+    return float(str(np.float32(value)))
+
+
+class GGUFMetadata:
+    """Typed reads of a GGUF file's key/value metadata, with errors naming the file and the key."""
+
+    def __init__(self, reader, path: Path):
+        self.reader, self.path = reader, Path(path)
+
+    def has(self, key: str) -> bool:
+        return key in self.reader.fields
+
+    def value(self, key: str, default: Any = _MISSING) -> Any:
+        """The key's value as Python data (float32 numbers as the decimals they were written from)."""
+        field = self.reader.fields.get(key)
+        if field is None:
+            if default is _MISSING:
+                raise LlamascopeError(f"{self.path}: missing metadata key {key!r}")
+            return default
+        try:
+            value = field.contents()
+        except Exception as e:
+            raise LlamascopeError(f"{self.path}: metadata key {key!r} is unreadable ({e})") from None
+        if field.types and field.types[0].name == "FLOAT32":
+            value = _shortest_float(value)
+        return value
+
+    def _typed(self, key: str, default: Any, valid, kind: str) -> Any:
+        if not self.has(key) and default is not _MISSING:
+            return default
+        value = self.value(key)
+        if not valid(value):
+            raise LlamascopeError(f"{self.path}: metadata key {key!r} must be {kind}, found {value!r}")
+        return value
+
+    def integer(self, key: str, default: Any = _MISSING, positive: bool = True) -> Any:
+        def valid(v):
+            return isinstance(v, int) and not isinstance(v, bool) and (v > 0 or not positive)
+
+        return self._typed(key, default, valid, "a positive integer" if positive else "an integer")
+
+    def number(self, key: str, default: Any = _MISSING) -> Any:
+        def valid(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        return self._typed(key, default, valid, "a number")
+
+    def string(self, key: str, default: Any = _MISSING) -> Any:
+        return self._typed(key, default, lambda v: isinstance(v, str), "a string")
+
+    def flag(self, key: str, default: bool | None = None) -> bool | None:
+        return self._typed(key, default, lambda v: isinstance(v, bool), "true or false")
+
+    def array(self, key: str, default: Any = _MISSING) -> Any:
+        return self._typed(key, default, lambda v: isinstance(v, list), "an array")
+
+    def array_length(self, key: str) -> int | None:
+        """Elements in an array key without decoding them (None when the key is absent)."""
+        field = self.reader.fields.get(key)
+        return None if field is None else len(field.data)
+
+
+# ---- names and layouts -------------------------------------------------------------------------
+
+def hf_tensor_name(name: str) -> str | None:
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None for unknown names."""
+    if name in TOP_LEVEL_NAMES:
+        return TOP_LEVEL_NAMES[name]
+    match = BLOCK_PATTERN.fullmatch(name)
+    if match and match[2] in BLOCK_NAMES:
+        return f"model.layers.{match[1]}.{BLOCK_NAMES[match[2]]}.{match[3]}"
+    return None
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    """The inverse of `hf_tensor_name`, for messages about missing tensors."""
+    for gguf_name, name in TOP_LEVEL_NAMES.items():
+        if name == hf_name:
+            return gguf_name
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf_name)
+    if match:
+        for short, module in BLOCK_NAMES.items():
+            if module == match[2]:
+                return f"blk.{match[1]}.{short}.{match[3]}"
+    return hf_name
+
+
+def unpermute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K permutation of the rows of a projection weight [out, in] or bias [out].
+
+    convert_hf_to_gguf.py stores `w.reshape(heads, 2, D/2, ...).swapaxes(1, 2)`: within each head
+    the two rotary halves are interleaved (pairs). Hugging Face's rotate-half RoPE wants the halves
+    back: view the rows as [heads, D/2, 2] and swap the last two axes.
+    """
+    rows = weight.shape[0]
+    head_dim = rows // heads
+    pairs = weight.reshape(heads, head_dim // 2, 2, *weight.shape[1:])  # [H, D/2, 2, ...]
+    return pairs.swapaxes(1, 2).reshape(weight.shape)  # [H*D, ...] in halves order
+
+
+def dequantize_tensor(tensor, path: Path) -> np.ndarray:
+    """float32 values of one GGUF tensor, in numpy's row-major order ([rows, cols] or [n])."""
+    from gguf.quants import dequantize
+
+    try:
+        values = dequantize(tensor.data, tensor.tensor_type)
+    except Exception as e:
+        raise LlamascopeError(
+            f"{path}: cannot dequantise tensor {tensor.name!r} ({tensor.tensor_type.name}): {e}"
+        ) from None
+    if values.dtype != np.float32 or not values.flags.writeable or np.may_share_memory(values, tensor.data):
+        values = np.array(values, dtype=np.float32)  # own memory, not a view of the mapped file
+    return values
+
+
+class GGUFWeight:
+    """One GGUF tensor as Hugging Face sees it: `shape` [out, in], Q/K rows un-permuted."""
+
+    def __init__(self, tensor, shape: tuple[int, ...], heads: int | None, path: Path):
+        self.tensor, self.shape, self.heads, self.path = tensor, shape, heads, path
+        self.type_name = tensor.tensor_type.name
+
+    def _unpermute(self, values: np.ndarray) -> np.ndarray:
+        if not self.heads:
+            return values
+        head_rows = self.shape[0] // self.heads
+        return np.ascontiguousarray(unpermute_rows(values, values.shape[0] // head_rows))
+
+    def read(self) -> torch.Tensor:
+        """float32 [out, in] (or [n])."""
+        values = dequantize_tensor(self.tensor, self.path).reshape(self.shape)
+        return torch.from_numpy(self._unpermute(values))
+
+    def read_blocks(self) -> torch.Tensor:
+        """The stored blocks as uint8 [rows, row bytes], rows in Hugging Face order (each row's
+        blocks are contiguous, so undoing the Q/K row permutation on them is exact)."""
+        raw = np.array(self.tensor.data, dtype=np.uint8).reshape(self.shape[0], -1)  # a copy, not the map
+        return torch.from_numpy(self._unpermute(raw))
+
+    def read_slice(self, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Indices [start, stop) along `dim` of `read()`, dequantising only those rows or blocks when
+        they line up (whole heads for Q/K rows, whole blocks for columns)."""
+        part = self._stored_part(dim, start, stop)
+        if part is None:
+            return self.read().narrow(dim, start, stop - start).clone()
+        from gguf.quants import dequantize
+
+        values = np.array(dequantize(part, self.tensor.tensor_type), dtype=np.float32)
+        shape = list(self.shape)
+        shape[dim] = stop - start
+        return torch.from_numpy(self._unpermute(values.reshape(shape)))
+
+    def _stored_part(self, dim: int, start: int, stop: int) -> np.ndarray | None:
+        from gguf.constants import GGML_QUANT_SIZES
+
+        data = self.tensor.data
+        if dim == 0:
+            head_rows = self.shape[0] // self.heads if self.heads else 1
+            return data[start:stop] if start % head_rows == 0 and stop % head_rows == 0 else None
+        block, type_size = GGML_QUANT_SIZES[self.tensor.tensor_type]
+        if dim != 1 or len(self.shape) != 2 or start % block or stop % block:
+            return None
+        if self.type_name in ("F32", "F16"):  # the reader gives typed values, not bytes
+            return data[:, start:stop]
+        return data[:, start // block * type_size:stop // block * type_size]
+
+
+# ---- metadata to config ------------------------------------------------------------------------
+
+def _vocab_size(meta: GGUFMetadata, tensors: dict, arch: str) -> int:
+    """Vocabulary size from the embedding rows, the token list and `{arch}.vocab_size`, which must agree."""
+    sources = []
+    embed = tensors.get("token_embd.weight")
+    if embed is not None:
+        sources.append(("tensor 'token_embd.weight' (rows)", int(embed.shape[1]) if len(embed.shape) == 2 else -1))
+    if meta.has("tokenizer.ggml.tokens"):
+        sources.append(("metadata key 'tokenizer.ggml.tokens' (length)", meta.array_length("tokenizer.ggml.tokens")))
+    if meta.has(f"{arch}.vocab_size"):
+        sources.append((f"metadata key '{arch}.vocab_size'", meta.integer(f"{arch}.vocab_size")))
+    if not sources:
+        raise LlamascopeError(f"{meta.path}: no vocabulary size (no token_embd.weight, tokenizer.ggml.tokens "
+                              f"or {arch}.vocab_size)")
+    first_name, first = sources[0]
+    for name, size in sources[1:]:
+        if size != first:
+            raise LlamascopeError(f"{meta.path}: {name} says {size} tokens, but {first_name} says {first}")
+    return first
+
+
+def _rope_scaling(meta: GGUFMetadata, arch: str) -> dict | None:
+    """rope_scaling from `{arch}.rope.scaling.*` (or the older `{arch}.rope.scale_linear`)."""
+    kind = meta.string(f"{arch}.rope.scaling.type", None)
+    if kind is None and meta.has(f"{arch}.rope.scale_linear"):
+        factor = meta.number(f"{arch}.rope.scale_linear")
+        return None if factor == 1.0 else {"rope_type": "linear", "factor": factor}
+    if kind in (None, "none"):
+        return None
+    if kind != "linear":
+        raise LlamascopeError(
+            f"{meta.path}: metadata key '{arch}.rope.scaling.type' = {kind!r} is not supported "
+            f"(supported: none, linear; LLaMA-3 scaling comes as the tensor {ROPE_FREQS!r})"
+        )
+    return {"rope_type": "linear", "factor": meta.number(f"{arch}.rope.scaling.factor")}
+
+
+def llama3_rope_scaling(factors: np.ndarray, head_dim: int, rope_theta: float, source: str) -> dict | None:
+    """rope_scaling {"rope_type": "llama3", ...} that reproduces llama.cpp's `rope_freqs.weight`.
+
+    llama.cpp divides each rotary frequency by factors[i]: 1 for short wavelengths, `factor` for
+    long ones and 1 / ((1 - s) / factor + s) between, with s = old_context / wavelength / (high - low)
+    - low / (high - low) linear in 1/wavelength. Fitting that line on the in-between entries gives
+    old_context / (high - low) and low / (high - low); with low_freq_factor = 1 this fixes the rest.
+    The result is checked by recomputing every factor.
+    """
+    factors = np.asarray(factors, dtype=np.float64).reshape(-1)  # [D/2]
+    if factors.shape[0] != head_dim // 2:
+        raise LlamascopeError(f"{source}: tensor {ROPE_FREQS!r} has {factors.shape[0]} entries, "
+                              f"expected head_dim / 2 = {head_dim // 2}")
+    if np.allclose(factors, 1.0, rtol=0, atol=1e-6):
+        return None
+    inv_freq = 1.0 / rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # [D/2]
+    wavelength = 2 * math.pi / inv_freq
+    factor = float(factors.max())
+    between = (factors > 1 + 1e-5) & (factors < factor * (1 - 1e-5))
+    scaling = None
+    if between.sum() >= 2 and factor > 1:
+        smooth = (1 / factors[between] - 1 / factor) / (1 - 1 / factor)  # s per in-between entry
+        design = np.stack([1 / wavelength[between], -np.ones(int(between.sum()))], axis=1)
+        (a, b), *_ = np.linalg.lstsq(design, smooth, rcond=None)
+        if b > 0:
+            span = 1 / b  # high - low with low = 1
+            old = a * span
+            scaling = {
+                "rope_type": "llama3", "factor": _round(factor),
+                "low_freq_factor": 1.0, "high_freq_factor": _round(1 + span),
+                "original_max_position_embeddings": int(round(old)) if abs(old - round(old)) < 1e-3 * old else old,
+            }
+    if scaling is None or not np.allclose(_llama3_factors(scaling, wavelength), factors, rtol=1e-4, atol=1e-6):
+        raise LlamascopeError(f"{source}: tensor {ROPE_FREQS!r} does not follow LLaMA-3 rope scaling "
+                              f"(llamascope cannot run other per-frequency rope factors)")
+    return scaling
+
+
+def _round(value: float) -> float:
+    return float(round(value, 4)) if abs(value - round(value, 4)) < 1e-5 * max(1.0, abs(value)) else float(value)
+
+
+def _llama3_factors(scaling: dict, wavelength: np.ndarray) -> np.ndarray:
+    """The divisors of each frequency under `scaling` (llama.cpp's formula)."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    smooth = (old / wavelength - low) / (high - low)
+    out = 1 / ((1 - smooth) / factor + smooth)
+    out = np.where(wavelength < old / high, 1.0, out)
+    return np.where(wavelength > old / low, factor, out)
+
+
+def _architecture(meta: GGUFMetadata) -> str:
+    arch = meta.string("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise LlamascopeError(
+            f"{meta.path}: unsupported architecture general.architecture = {arch!r} "
+            f"(llamascope runs LLaMA-family models: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    return arch
+
+
+def _attention_sizes(meta: GGUFMetadata, arch: str) -> tuple[int, int, int, int]:
+    """(hidden size, heads, kv heads, head size), checked against each other."""
+    p = f"{arch}."
+    hidden = meta.integer(p + "embedding_length")
+    heads = meta.integer(p + "attention.head_count")
+    kv_heads = meta.integer(p + "attention.head_count_kv", heads)
+    if heads % kv_heads:
+        raise LlamascopeError(f"{meta.path}: metadata key '{p}attention.head_count' = {heads} is not a multiple "
+                              f"of '{p}attention.head_count_kv' = {kv_heads}")
+    head_dim = meta.integer(p + "attention.key_length", hidden // heads if hidden % heads == 0 else None)
+    if head_dim is None:
+        raise LlamascopeError(f"{meta.path}: '{p}embedding_length' = {hidden} is not a multiple of "
+                              f"'{p}attention.head_count' = {heads} and there is no '{p}attention.key_length'")
+    for key in (p + "attention.value_length", p + "rope.dimension_count"):
+        value = meta.integer(key, head_dim)
+        if value != head_dim:
+            raise LlamascopeError(f"{meta.path}: metadata key {key!r} = {value} differs from the head size "
+                                  f"{head_dim} (partial or asymmetric heads are not supported)")
+    if head_dim % 2:
+        raise LlamascopeError(f"{meta.path}: head size {head_dim} is odd; rotary embeddings need an even size")
+    return hidden, heads, kv_heads, head_dim
+
+
+def _rope(meta: GGUFMetadata, arch: str, tensors: dict, head_dim: int) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from the metadata or from the rope_freqs.weight tensor."""
+    rope_theta = meta.number(f"{arch}.rope.freq_base", 10000.0)
+    rope_scaling = _rope_scaling(meta, arch)
+    if ROPE_FREQS in tensors:
+        if rope_scaling is not None:
+            raise LlamascopeError(f"{meta.path}: both '{arch}.rope.scaling.type' and tensor {ROPE_FREQS!r} are given")
+        factors = dequantize_tensor(tensors[ROPE_FREQS], meta.path)
+        rope_scaling = llama3_rope_scaling(factors, head_dim, rope_theta, str(meta.path))
+    return rope_theta, rope_scaling
+
+
+def token_id(meta: GGUFMetadata, key: str, default: int | None = None) -> int | None:
+    """A token id key; None when absent or set to llama.cpp's "no token" (-1 / 0xFFFFFFFF)."""
+    value = meta.integer(key, default, positive=False)
+    return None if value in (-1, 0xFFFFFFFF) else value
+
+
+def gguf_config_dict(meta: GGUFMetadata, tensors: dict) -> dict:
+    """A config.json-style dict for a `llama` GGUF; `tensors` maps GGUF names to reader tensors."""
+    arch = _architecture(meta)
+    hidden, heads, kv_heads, head_dim = _attention_sizes(meta, arch)
+    rope_theta, rope_scaling = _rope(meta, arch, tensors, head_dim)
+    eos_ids = _eos_ids(meta)
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": _vocab_size(meta, tensors, arch),
+        "hidden_size": hidden,
+        "intermediate_size": meta.integer(f"{arch}.feed_forward_length"),
+        "num_hidden_layers": meta.integer(f"{arch}.block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": meta.integer(f"{arch}.context_length"),
+        "rms_norm_eps": meta.number(f"{arch}.attention.layer_norm_rms_epsilon"),
+        "rope_theta": rope_theta,
+        "rope_scaling": rope_scaling,
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": "blk.0.attn_q.bias" in tensors,
+        "mlp_bias": "blk.0.ffn_up.bias" in tensors,
+        "bos_token_id": token_id(meta, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": eos_ids[0] if eos_ids else None,
+        "pad_token_id": token_id(meta, "tokenizer.ggml.padding_token_id"),
+    }
+
+
+def _eos_ids(meta: GGUFMetadata) -> list[int]:
+    """End-of-generation ids: eos, then llama.cpp's eot and eom when they differ."""
+    ids: list[int] = []
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        value = token_id(meta, key)
+        if value is not None and value not in ids:
+            ids.append(value)
+    return ids
+
+
+def generation_settings(meta: GGUFMetadata) -> dict | None:
+    """generation_config.json-style ids from the tokenizer metadata (None when there are none)."""
+    out: dict = {}
+    bos = token_id(meta, "tokenizer.ggml.bos_token_id")
+    if bos is not None:
+        out["bos_token_id"] = bos
+    eos = _eos_ids(meta)
+    if eos:
+        out["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    pad = token_id(meta, "tokenizer.ggml.padding_token_id")
+    if pad is not None:
+        out["pad_token_id"] = pad
+    return out or None
+
+
+# ---- tensors -----------------------------------------------------------------------------------
+
+SHAPE_KEYS = {
+    "embed_tokens": "embedding_length and the vocabulary size", "lm_head": "embedding_length and the vocabulary size",
+    "q_proj": "embedding_length, attention.head_count and the head size",
+    "o_proj": "embedding_length, attention.head_count and the head size",
+    "k_proj": "embedding_length, attention.head_count_kv and the head size",
+    "v_proj": "embedding_length, attention.head_count_kv and the head size",
+    "gate_proj": "embedding_length and feed_forward_length", "up_proj": "embedding_length and feed_forward_length",
+    "down_proj": "embedding_length and feed_forward_length",
+}
+
+
+def _shape_keys(hf_name: str, arch: str) -> str:
+    for part, keys in SHAPE_KEYS.items():
+        if f"{part}." in hf_name:
+            return f"{arch}.{keys}"
+    return f"{arch}.embedding_length"
+
+
+def _map_tensors(reader, path: Path) -> dict[str, Any]:
+    """GGUF name -> reader tensor, refusing unknown names and types llamascope cannot dequantise."""
+    tensors: dict[str, Any] = {}
+    for tensor in reader.tensors:
+        name = tensor.name
+        if IGNORED_TENSORS.fullmatch(name):
+            continue
+        if name != ROPE_FREQS and hf_tensor_name(name) is None:
+            raise LlamascopeError(f"{path}: unexpected tensor {name!r} (shape {list(map(int, tensor.shape))}): "
+                                  f"not part of a LLaMA model")
+        if tensor.tensor_type.name not in SUPPORTED_TYPES:
+            raise LlamascopeError(
+                f"{path}: tensor {name!r} is stored as {tensor.tensor_type.name}, which llamascope cannot "
+                f"dequantise (supported: {', '.join(SUPPORTED_TYPES)})"
+            )
+        tensors[name] = tensor
+    return tensors
+
+
+def _check_shapes(tensors: dict, config: ModelConfig, arch: str, path: Path) -> None:
+    """Every tensor the config implies is present with the implied shape, and nothing else."""
+    expected = expected_shapes(config)
+    for name, tensor in tensors.items():
+        hf_name = hf_tensor_name(name)
+        if hf_name is None:
+            continue
+        if hf_name not in expected:
+            raise LlamascopeError(f"{path}: unexpected tensor {name!r}: the metadata ({arch}.block_count = "
+                                  f"{config.num_hidden_layers}) has no place for it")
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        if shape != expected[hf_name]:
+            raise LlamascopeError(
+                f"{path}: tensor {name!r} has shape {list(shape)} ([out, in]), but the metadata "
+                f"({_shape_keys(hf_name, arch)}) implies {list(expected[hf_name])}"
+            )
+    present = {hf_tensor_name(n) for n in tensors}
+    for hf_name, shape in expected.items():
+        if hf_name not in present:
+            raise LlamascopeError(f"{path}: missing tensor {gguf_tensor_name(hf_name)!r} (expected shape "
+                                  f"{list(shape)} from the metadata; {arch}.block_count = {config.num_hidden_layers})")
+
+
+def _tensor_sources(tensors: dict, config: ModelConfig, path: Path) -> dict[str, TensorSource]:
+    sources = {}
+    for name, tensor in tensors.items():
+        hf_name = hf_tensor_name(name)
+        if hf_name is None:
+            continue
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        heads = None
+        if ".self_attn.q_proj." in hf_name:
+            heads = config.num_attention_heads
+        elif ".self_attn.k_proj." in hf_name:
+            heads = config.num_key_value_heads
+        weight = GGUFWeight(tensor, shape, heads, path)
+        # Block formats quant.py computes with directly can stay quantised (load_model's default).
+        blocks = weight.read_blocks if weight.type_name in BLOCK_BYTES and len(shape) == 2 else None
+        sources[hf_name] = TensorSource(shape, weight.type_name, path, int(tensor.n_bytes), weight.read,
+                                        slice_reader=weight.read_slice, read_blocks=blocks)
+    return sources
+
+
+def open_gguf(path: Path) -> Checkpoint:
+    """Config, generation settings, tokenizer factory and lazy float32 weights of a `llama` GGUF."""
+    path = Path(path)
+    reader = read_gguf(path)
+    meta = GGUFMetadata(reader, path)
+    if not reader.tensors:
+        raise LlamascopeError(f"{path}: the file holds no tensors (a vocabulary-only GGUF can serve as a "
+                              f"tokenizer, not as a model)")
+    tensors = _map_tensors(reader, path)
+    config_dict = gguf_config_dict(meta, tensors)
+    config = ModelConfig.from_dict(config_dict, source=str(path))
+    _check_shapes(tensors, config, meta.string("general.architecture"), path)
+
+    def tokenizer_factory():
+        from .gguf_tokenizer import tokenizer_from_gguf
+
+        return tokenizer_from_gguf(reader)
+
+    return Checkpoint(
+        path=path, format="gguf", config=config, config_dict=config_dict,
+        generation_json=generation_settings(meta), tensors=_tensor_sources(tensors, config, path),
+        files=[(path, path.stat().st_size)],
+        tokenizer_factory=tokenizer_factory if meta.has("tokenizer.ggml.model") else None,
+    )

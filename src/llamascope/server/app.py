@@ -1,0 +1,627 @@
+"""An OpenAI-compatible HTTP face over an `Engine`: FastAPI app, request schemas, streaming.
+
+Endpoints: `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/completions`,
+`POST /v1/chat/completions` (the chat template applied with `Tokenizer.encode_chat`), `GET /health`.
+`stream: true` answers with server-sent events in OpenAI's chunk format, ending in `data: [DONE]`.
+
+Sampling settings, per request and per choice:
+  temperature  the request's, else generation_config.json's, else 1.0; 0 means greedy search
+  top_p        the request's, else generation_config.json's, else 1.0
+  top_k        generation_config.json's, else off (OpenAI has no top_k)
+  seed         choice i draws from a generator seeded seed + i (see scheduler.py)
+  presence_penalty / frequency_penalty / logit_bias: additive, as OpenAI documents them
+  logprobs     of the distribution the token was drawn from (after temperature, top-p, penalties)
+Other settings of generation_config.json (repetition_penalty, ...) apply as in `Engine.generate`.
+
+Every error is OpenAI's error object {"error": {"message", "type", "param", "code"}}: 400 for a
+malformed body or setting (the message and `param` name the field), 401 for a missing or wrong
+API key, 404 for an unknown model or route, 429 (with Retry-After) when the queue is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import math
+import secrets
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..cache import SlotKVCache
+from ..errors import LlamascopeError
+from .scheduler import Delta, Done, Failed, QueueFull, Request, Scheduler, SequenceSpec
+
+log = logging.getLogger("llamascope")
+
+MAX_STOP_STRINGS = 16
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers
+
+
+def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None, headers: dict | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _param_name(loc: list) -> str | None:
+    """('messages', 0, 'content') -> 'messages[0].content'."""
+    name = ""
+    for part in loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        else:
+            name += ("." if name else "") + str(part)
+    return name or None
+
+
+def _validation_error(errors: list[dict]) -> JSONResponse:
+    error = errors[0]
+    loc = list(error.get("loc", ()))
+    if loc and loc[0] == "body":
+        loc = loc[1:]
+    if error.get("type") == "json_invalid":
+        detail = (error.get("ctx") or {}).get("error", "")
+        return error_response(400, f"the request body is not valid JSON{': ' + detail if detail else ''}",
+                              code="invalid_json")
+    if not loc:
+        if error.get("type") == "missing":
+            return error_response(400, "the request needs a JSON object body", code="invalid_body")
+        return error_response(400, f"the request body must be a JSON object: {error.get('msg')}",
+                              code="invalid_body")
+    param = _param_name(loc)
+    message = str(error.get("msg", "invalid value"))
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    if error.get("type") == "missing":
+        message = "this field is required"
+    return error_response(400, f"'{param}': {message}", param=param, code="invalid_value")
+
+
+# ---- request schemas ---------------------------------------------------------------------------
+
+class _Schema(BaseModel):
+    # strict: "5" is not a number and true is not 1; fields the server does not know are ignored.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Schema):
+    include_usage: bool = False
+
+
+class _Sampling(_Schema):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int | None = Field(None, ge=1, le=128)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: Any = None
+    seed: int | None = Field(None, ge=-(2 ** 63), lt=2 ** 64)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, value: Any) -> list[str]:
+        if value is None:
+            return []
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+            raise ValueError("expected a string or a list of strings")
+        if len(value) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        if any(s == "" for s in value):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (value or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"keys must be token ids, found {token!r}")
+            if not (math.isfinite(bias) and -100 <= bias <= 100):
+                raise ValueError(f"biases must be between -100 and 100, found {bias!r} for token {token}")
+        return value
+
+
+class CompletionRequest(_Sampling):
+    prompt: Any
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool | None = False
+    best_of: int | None = Field(None, ge=1)
+    suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, value: Any) -> list:
+        """-> a list of prompts, each a string or a list of token ids."""
+        def ids(v: Any) -> bool:
+            return isinstance(v, list) and len(v) > 0 and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+
+        if isinstance(value, str):
+            return [value]
+        if ids(value):
+            return [value]
+        if isinstance(value, list) and value and all(isinstance(p, str) or ids(p) for p in value):
+            return value
+        raise ValueError("expected a string, a list of strings, a list of token ids or a list of lists of "
+                         "token ids (not empty)")
+
+
+class ChatMessage(_Schema):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Any = None
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, value: Any) -> str:
+        """A string, null, or a list of text parts -> the text."""
+        if value is None:
+            return ""
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list):
+            texts = []
+            for part in value:
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise ValueError("only text content parts ({\"type\": \"text\", \"text\": ...}) are supported")
+                texts.append(part["text"])
+            return "".join(texts)
+        raise ValueError("expected a string or a list of text parts")
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list | None = None
+    response_format: dict | None = None
+
+
+# ---- the app -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ServerSettings:
+    model_name: str
+    max_batch: int = 8
+    max_queue: int = 64
+    kv_budget_bytes: int = 1 << 30
+    api_key: str | None = None
+
+
+class BearerAuth:
+    """ASGI middleware: /v1 routes need `Authorization: Bearer <api key>` (checked before the body)."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.api_key = app, api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            header = dict(scope.get("headers") or []).get(b"authorization", b"")
+            scheme, _, token = header.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+                message = ("missing API key: send the header 'Authorization: Bearer <key>'" if not header
+                           else "incorrect API key")
+                response = error_response(401, message, code="invalid_api_key",
+                                          headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def default_model_name(engine) -> str:
+    path = Path(engine.loaded.checkpoint.path)
+    return path.stem if path.is_file() else path.name
+
+
+def slot_capacity_for(engine, settings: ServerSettings) -> int:
+    """Positions per slot: the model's context, or less so that max_batch slots fit the KV budget."""
+    c = engine.config
+    per_token = SlotKVCache.token_bytes(c.num_hidden_layers, engine.model.kv_heads, c.head_dim, engine.model.dtype)
+    capacity = min(c.max_position_embeddings, settings.kv_budget_bytes // (settings.max_batch * per_token))
+    if capacity < 16:
+        raise LlamascopeError(
+            f"KV budget of {settings.kv_budget_bytes / 2**20:.1f} MiB is too small for {settings.max_batch} "
+            f"sequences ({per_token} bytes per position); raise it or lower --max-batch")
+    return capacity
+
+
+def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
+    """The FastAPI app serving `engine`; the scheduler thread runs while the app's lifespan does."""
+    settings = settings or ServerSettings(model_name=default_model_name(engine))
+    if engine.tokenizer is None:
+        raise LlamascopeError(f"{engine.loaded.checkpoint.path}: the server needs a tokenizer")
+    eos = engine.generation_config().eos_token_id or (
+        [engine.tokenizer.eos_id] if engine.tokenizer.eos_id is not None else [])
+    scheduler = Scheduler(engine.model, engine.tokenizer, settings.max_batch, settings.max_queue,
+                          slot_capacity_for(engine, settings), default_eos=eos)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        scheduler.start()
+        log.info("serving %s: up to %d sequences of %d positions, queue of %d", settings.model_name,
+                 settings.max_batch, scheduler.slot_capacity, settings.max_queue)
+        try:
+            yield
+        finally:
+            scheduler.stop()
+
+    app = FastAPI(title="llamascope", lifespan=lifespan)
+    app.state.engine, app.state.scheduler, app.state.settings = engine, scheduler, settings
+    if settings.api_key:
+        app.add_middleware(BearerAuth, api_key=settings.api_key)
+
+    # ---- error handlers -------------------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):
+        return _validation_error(list(e.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return error_response(e.status_code, str(e.detail), param=None, code=code, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def _crash(request, e: Exception):
+        log.exception("unexpected error in %s", request.url.path)
+        return error_response(500, f"internal error: {type(e).__name__}", type="server_error")
+
+    # ---- routes ---------------------------------------------------------------------------
+    def model_card() -> dict:
+        return {"id": settings.model_name, "object": "model", "created": created, "owned_by": "llamascope",
+                "max_model_len": scheduler.slot_capacity}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": settings.model_name, **scheduler.stats()}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        check_model(model_id)
+        return model_card()
+
+    def check_model(name: str) -> None:
+        if name != settings.model_name:
+            raise APIError(404, f"the model '{name}' does not exist; this server has '{settings.model_name}'",
+                           param="model", code="model_not_found")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: HTTPRequest):
+        check_model(body.model)
+        if body.suffix:
+            raise APIError(400, "'suffix' is not supported", param="suffix", code="unsupported")
+        n = body.n or 1
+        if body.best_of is not None and body.best_of != n:
+            raise APIError(400, "'best_of' other than n is not supported", param="best_of", code="unsupported")
+        _check_choices(len(body.prompt) * n, settings, "n" if len(body.prompt) == 1 else "prompt")
+        prompts = await asyncio.to_thread(_encode_prompts, engine, body.prompt)
+        specs, prompt_texts = [], []
+        for i, (text, ids) in enumerate(prompts):
+            max_tokens = body.max_tokens if body.max_tokens is not None else 16
+            _check_length(len(ids), max_tokens, scheduler.slot_capacity, "prompt", body.max_tokens is not None)
+            for j in range(n):
+                specs.append(_spec(engine, body, ids, max_tokens, i * n + j, body.logprobs))
+                prompt_texts.append(text)
+        request = _submit(scheduler, "cmpl", specs, settings)
+        echo = [t if body.echo else "" for t in prompt_texts]
+        if body.stream:
+            return _stream(http, scheduler, request, _CompletionChunks(request, settings.model_name, echo,
+                                                                      body.logprobs is not None), body)
+        choices, usage = await _collect(http, scheduler, request)
+        return {"id": request.id, "object": "text_completion", "created": int(time.time()),
+                "model": settings.model_name, "system_fingerprint": None,
+                "choices": [{"index": c.index, "text": echo[c.index] + c.text,
+                             "logprobs": _completion_logprobs(c.logprobs, len(echo[c.index]))
+                             if body.logprobs is not None else None,
+                             "finish_reason": c.finish_reason} for c in choices],
+                "usage": usage}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, http: HTTPRequest):
+        check_model(body.model)
+        if body.tools:
+            raise APIError(400, "'tools' are not supported", param="tools", code="unsupported")
+        if body.response_format and body.response_format.get("type", "text") != "text":
+            raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format",
+                           code="unsupported")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        _check_choices(body.n or 1, settings, "n")
+        messages = [{"role": m.role, "content": m.content or ""} for m in body.messages]
+        try:
+            ids = await asyncio.to_thread(engine.tokenizer.encode_chat, messages)
+        except LlamascopeError as e:
+            raise APIError(400, str(e), param="messages") from None
+        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = requested if requested is not None else scheduler.slot_capacity - len(ids)
+        _check_length(len(ids), max_tokens, scheduler.slot_capacity, "messages", requested is not None)
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        n = body.n or 1
+        specs = [_spec(engine, body, ids, max_tokens, j, top) for j in range(n)]
+        request = _submit(scheduler, "chatcmpl", specs, settings)
+        if body.stream:
+            return _stream(http, scheduler, request, _ChatChunks(request, settings.model_name, top is not None), body)
+        choices, usage = await _collect(http, scheduler, request)
+        return {"id": request.id, "object": "chat.completion", "created": int(time.time()),
+                "model": settings.model_name, "system_fingerprint": None,
+                "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                             "logprobs": {"content": _chat_logprobs(c.logprobs)} if top is not None else None,
+                             "finish_reason": c.finish_reason} for c in choices],
+                "usage": usage}
+
+    return app
+
+
+# ---- building a request ------------------------------------------------------------------------
+
+def _encode_prompts(engine, prompts: list) -> list[tuple[str, list[int]]]:
+    """Each prompt as (text, token ids); token-id prompts are checked against the vocabulary."""
+    vocab = engine.config.vocab_size
+    out = []
+    for i, prompt in enumerate(prompts):
+        param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+        if isinstance(prompt, str):
+            ids = engine.tokenizer.encode(prompt)
+            if not ids:
+                raise APIError(400, f"'{param}' encodes to no tokens", param=param)
+            out.append((prompt, ids))
+        else:
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise APIError(400, f"'{param}': token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})",
+                               param=param)
+            out.append((engine.tokenizer.decode(prompt), list(prompt)))
+    return out
+
+
+def _check_length(prompt_tokens: int, max_tokens: int, capacity: int, prompt_param: str, max_given: bool) -> None:
+    if prompt_tokens >= capacity or prompt_tokens + max_tokens > capacity:
+        param = "max_tokens" if max_given and prompt_tokens < capacity else prompt_param
+        raise APIError(
+            400, f"this model's maximum context length is {capacity} tokens; you asked for "
+                 f"{prompt_tokens + max(max_tokens, 1)} ({prompt_tokens} in the {prompt_param}, "
+                 f"{max(max_tokens, 1)} to generate); shorten the {prompt_param} or lower max_tokens",
+            param=param, code="context_length_exceeded")
+
+
+def _spec(engine, body: _Sampling, ids: list[int], max_tokens: int, choice: int, logprobs: int | None) -> SequenceSpec:
+    defaults = engine.generation_json or {}
+    temperature = body.temperature if body.temperature is not None else defaults.get("temperature", 1.0)
+    top_p = body.top_p if body.top_p is not None else defaults.get("top_p", 1.0)
+    call: dict[str, Any] = {"max_new_tokens": max_tokens, "do_sample": bool(temperature and temperature > 0)}
+    if call["do_sample"]:
+        call.update(temperature=temperature, top_p=top_p, top_k=defaults.get("top_k") or 0)
+        if body.seed is not None:
+            call["seed"] = (body.seed + choice) % 2 ** 64
+    try:
+        config = engine.generation_config(**call)
+    except LlamascopeError as e:
+        raise APIError(400, str(e)) from None
+    bias = {int(t): b for t, b in (body.logit_bias or {}).items()}
+    outside = [t for t in bias if t >= engine.config.vocab_size]
+    if outside:
+        raise APIError(400, f"'logit_bias': token ids {outside[:5]} are outside the vocabulary", param="logit_bias")
+    return SequenceSpec(list(ids), config, stop=list(body.stop or []), logprobs=logprobs,
+                        presence_penalty=body.presence_penalty or 0.0,
+                        frequency_penalty=body.frequency_penalty or 0.0, logit_bias=bias)
+
+
+def _check_choices(count: int, settings: ServerSettings, param: str) -> None:
+    """A request may not ask for more sequences than the server can hold at once (slots + queue)."""
+    limit = settings.max_batch + settings.max_queue
+    if count > limit:
+        raise APIError(400, f"'{param}': {count} choices asked (prompts x n), this server holds at most {limit} "
+                            f"at once", param=param, code="invalid_value")
+
+
+def _submit(scheduler: Scheduler, prefix: str, specs: list[SequenceSpec], settings: ServerSettings) -> Request:
+    request = Request(f"{prefix}-{secrets.token_hex(12)}", specs, asyncio.get_running_loop())
+    try:
+        scheduler.submit(request)
+    except QueueFull as e:
+        raise APIError(429, str(e), type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+    except LlamascopeError as e:
+        raise APIError(400, str(e)) from None
+    return request
+
+
+# ---- collecting and streaming results ----------------------------------------------------------
+
+@dataclasses.dataclass
+class _Choice:
+    index: int
+    text: str = ""
+    logprobs: list = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class _Disconnected:
+    pass
+
+
+def _usage(done: Done) -> dict:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens}
+
+
+async def _watch_disconnect(http: HTTPRequest, scheduler: Scheduler, request: Request) -> None:
+    """Cancel the request as soon as the client goes away (the body has been read already)."""
+    while True:
+        message = await http.receive()
+        if message["type"] == "http.disconnect":
+            scheduler.cancel(request)
+            request.events.put_nowait(_Disconnected())
+            return
+
+
+async def _collect(http: HTTPRequest, scheduler: Scheduler, request: Request) -> tuple[list[_Choice], dict]:
+    choices = [_Choice(i) for i in range(len(request.sequences))]
+    watcher = asyncio.create_task(_watch_disconnect(http, scheduler, request))
+    try:
+        while True:
+            event = await request.events.get()
+            if isinstance(event, Delta):
+                choice = choices[event.index]
+                choice.text += event.text
+                choice.logprobs.extend(event.logprobs or [])
+                choice.finish_reason = event.finish_reason or choice.finish_reason
+            elif isinstance(event, Done):
+                return choices, _usage(event)
+            elif isinstance(event, Failed):
+                raise APIError(500, event.message, type="server_error")
+            elif isinstance(event, _Disconnected):
+                raise APIError(499, "the client closed the connection", code="client_closed")
+    finally:
+        watcher.cancel()
+        scheduler.cancel(request)  # a no-op when the request has finished
+
+
+def _stream(http: HTTPRequest, scheduler: Scheduler, request: Request, chunks, body: _Sampling) -> StreamingResponse:
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def events():
+        finished = False
+        try:
+            for chunk in chunks.opening():
+                yield _sse(chunk, include_usage)
+            while True:
+                event = await request.events.get()
+                if isinstance(event, Delta):
+                    if event.text or event.finish_reason or chunks.logprobs:
+                        yield _sse(chunks.delta(event), include_usage)
+                elif isinstance(event, Done):
+                    finished = True
+                    if include_usage:
+                        yield _sse(chunks.usage_chunk(_usage(event)), False)
+                    yield "data: [DONE]\n\n"
+                    return
+                elif isinstance(event, Failed):
+                    finished = True
+                    yield "data: " + json.dumps({"error": {"message": event.message, "type": "server_error",
+                                                           "param": None, "code": None}}) + "\n\n"
+                    return
+        finally:
+            if not finished:  # the client went away (the task was cancelled) or the stream was closed
+                scheduler.cancel(request)
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _sse(chunk: dict, include_usage: bool) -> str:
+    if include_usage:
+        chunk["usage"] = None
+    return "data: " + json.dumps(chunk, ensure_ascii=False) + "\n\n"
+
+
+class _CompletionChunks:
+    def __init__(self, request: Request, model: str, echo: list[str], logprobs: bool):
+        self.request, self.model, self.echo, self.logprobs = request, model, echo, logprobs
+        self.created = int(time.time())
+        self.offsets = [len(e) for e in echo]
+
+    def _chunk(self, choices: list[dict]) -> dict:
+        return {"id": self.request.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "system_fingerprint": None, "choices": choices}
+
+    def opening(self) -> list[dict]:
+        return [self._chunk([{"index": i, "text": e, "logprobs": None, "finish_reason": None}])
+                for i, e in enumerate(self.echo) if e]
+
+    def delta(self, d: Delta) -> dict:
+        logprobs = None
+        if self.logprobs:
+            logprobs = _completion_logprobs(d.logprobs or [], self.offsets[d.index])
+            self.offsets[d.index] += sum(len(e["text"]) for e in d.logprobs or [])
+        return self._chunk([{"index": d.index, "text": d.text, "logprobs": logprobs, "finish_reason": d.finish_reason}])
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return dict(self._chunk([]), usage=usage)
+
+
+class _ChatChunks:
+    def __init__(self, request: Request, model: str, logprobs: bool):
+        self.request, self.model, self.logprobs = request, model, logprobs
+        self.created = int(time.time())
+
+    def _chunk(self, choices: list[dict]) -> dict:
+        return {"id": self.request.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "system_fingerprint": None, "choices": choices}
+
+    def opening(self) -> list[dict]:
+        return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}]) for i in range(len(self.request.sequences))]
+
+    def delta(self, d: Delta) -> dict:
+        logprobs = {"content": _chat_logprobs(d.logprobs or [])} if self.logprobs else None
+        delta = {"content": d.text} if d.text or d.finish_reason is None else {}
+        return self._chunk([{"index": d.index, "delta": delta, "logprobs": logprobs, "finish_reason": d.finish_reason}])
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return dict(self._chunk([]), usage=usage)
+
+
+def _completion_logprobs(entries: list[dict], offset: int) -> dict:
+    """The legacy completions format: tokens, token_logprobs, top_logprobs, text_offset."""
+    out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for e in entries:
+        out["tokens"].append(e["text"])
+        out["token_logprobs"].append(e["logprob"])
+        out["top_logprobs"].append({t["text"]: t["logprob"] for t in e["top"]})
+        out["text_offset"].append(offset)
+        offset += len(e["text"])
+    return out
+
+
+def _chat_logprobs(entries: list[dict]) -> list[dict]:
+    def item(e: dict) -> dict:
+        return {"token": e["text"], "logprob": e["logprob"], "bytes": list(e["text"].encode("utf-8"))}
+
+    return [dict(item(e), top_logprobs=[item(t) for t in e["top"]]) for e in entries]
+
+
+# ---- running it --------------------------------------------------------------------------------
+
+def serve(engine, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettings | None = None,
+          log_level: str = "info") -> None:
+    """Run the server until interrupted (uvicorn, one process; the model runs on one worker thread)."""
+    import uvicorn
+
+    app = create_app(engine, settings)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -1,0 +1,500 @@
+"""Continuous batching: sequences join the running batch at the next step and leave when done.
+
+One worker thread owns the model and a `SlotKVCache`. Each loop it
+  1. drops the sequences of cancelled requests (their slots are free for the next admission),
+  2. admits waiting sequences while slots are free: one prefill forward of the new prompts (not
+     the running ones; once for the n choices of one prompt), each row's keys/values copied into
+     a free slot, the first token chosen,
+  3. runs one decode forward over every active slot together: each row feeds its last token at
+     its own position and sees only its own columns,
+  4. chooses each row's next token with that row's own processors and generator, detokenises,
+     checks eos / stop strings / max_tokens, and hands the text to the request's asyncio queue.
+A finished sequence frees its slot at once; the highest used slot moves into the hole so the
+used slots stay packed [0, active) and the decode batch is a plain slice of the cache.
+
+The asyncio side only calls `submit` and `cancel` and reads events; it never touches the model.
+
+Seeds: choice i of a request with `seed` s draws from its own `torch.Generator` seeded s + i, so
+with the same settings it gets the tokens a lone `Engine.generate(..., do_sample=True, seed=s + i)`
+gets, whatever else is running. Without a seed each choice gets a generator with a fresh random seed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cache import KVCache, SlotKVCache
+from ..config import GenerationConfig
+from ..errors import LlamascopeError
+from ..sampling import apply_processors, build_processors, make_generator, select_next, token_logprobs
+
+log = logging.getLogger("llamascope")
+
+
+# Padded prompt tokens (rows x longest prompt) one prefill forward may take.
+PREFILL_TOKENS = 2048
+
+
+class QueueFull(LlamascopeError):
+    """More sequences wait than the queue holds; the client should retry later."""
+
+
+# ---- OpenAI's additive settings, as processors -------------------------------------------------
+
+class AdditivePenalties:
+    """OpenAI's presence and frequency penalties over the tokens generated so far (not the prompt):
+    score[j] -= presence * (count[j] > 0) + frequency * count[j]."""
+
+    def __init__(self, presence: float, frequency: float, prompt_length: int):
+        self.presence, self.frequency, self.prompt_length = float(presence), float(frequency), prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        generated = input_ids[:, self.prompt_length:]  # [B, G]
+        if generated.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)  # [B, V]
+
+
+class LogitBias:
+    """OpenAI's logit_bias: a fixed number added to the scores of some token ids."""
+
+    def __init__(self, bias: dict[int, float], vocab_size: int):
+        self.bias = torch.zeros(vocab_size, dtype=torch.float32)  # [V]
+        for token, value in bias.items():
+            self.bias[token] = float(value)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.bias.device != scores.device:
+            self.bias = self.bias.to(scores.device)
+        return scores + self.bias
+
+
+# ---- what the asyncio side submits and receives -----------------------------------------------
+
+@dataclass
+class SequenceSpec:
+    """One choice to generate: its prompt and its own settings."""
+
+    prompt_ids: list[int]
+    config: GenerationConfig  # resolved; max_new_tokens = max_tokens, seed = this choice's seed
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class Delta:
+    """New output of one choice: text, token ids, log-probabilities, and the finish reason when done."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict] | None = None  # per token: {"id", "text", "logprob", "top": [{"id", "text", "logprob"}]}
+    finish_reason: str | None = None  # "stop" (eos or a stop string) or "length"
+
+
+@dataclass
+class Done:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+class Request:
+    """A request's sequences and the asyncio queue its events go to."""
+
+    def __init__(self, request_id: str, sequences: list[SequenceSpec], loop: asyncio.AbstractEventLoop):
+        self.id = request_id
+        self.sequences = sequences
+        self.loop = loop
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+        self.failed = False
+        # worker-side bookkeeping
+        self.remaining = len(sequences)
+        self.prompt_tokens = sum(len(p) for p in {tuple(s.prompt_ids) for s in sequences})
+        self.completion_tokens = 0
+        self.submitted = time.perf_counter()
+        self.first_token: float | None = None
+        self.finish_reasons: list[str] = []
+
+    def push(self, event) -> None:
+        """Thread-safe: hand an event to the request's asyncio queue."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancelled = True
+
+
+# ---- worker-side state of one sequence ---------------------------------------------------------
+
+class _Sequence:
+    def __init__(self, request: Request, index: int, spec: SequenceSpec, tokenizer, vocab_size: int,
+                 default_eos: list[int], device: torch.device):
+        self.request, self.index, self.spec = request, index, spec
+        config = spec.config
+        P = len(spec.prompt_ids)
+        self.max_tokens = int(config.max_new_tokens)
+        self.ids = torch.zeros(1, P + self.max_tokens, dtype=torch.long, device=device)  # [1, P + max_tokens]
+        self.ids[0, :P] = torch.tensor(spec.prompt_ids, dtype=torch.long)
+        self.length = P  # filled columns of self.ids
+        self.prompt_length = P
+        processors: list = []
+        if spec.logit_bias:
+            processors.append(LogitBias(spec.logit_bias, vocab_size))
+        if spec.presence_penalty or spec.frequency_penalty:
+            processors.append(AdditivePenalties(spec.presence_penalty, spec.frequency_penalty, P))
+        self.processors = processors + build_processors(config, P, vocab_size=vocab_size)
+        self.generator = None
+        if config.do_sample:  # on the model's device, as generate() draws (same seed, same tokens)
+            self.generator = make_generator(config, device) or \
+                torch.Generator(device=device).manual_seed(secrets.randbits(62))
+        self.eos = set(config.eos_token_id or default_eos)
+        self.tokenizer = tokenizer
+        self.decoder = tokenizer.stream_decoder(spec.prompt_ids, skip_special_tokens=True)
+        self.held = ""  # text kept back because it may be the start of a stop string
+        self.slot: int | None = None
+        self.generated = 0
+        self.done = False  # left the scheduler (finished, cancelled or failed)
+
+    @property
+    def last_token(self) -> int:
+        return int(self.ids[0, self.length - 1])
+
+    def choose(self, logits: torch.Tensor) -> Delta:
+        """logits [1, V] float32 of the last position -> the next token, as a Delta."""
+        scores = apply_processors(self.processors, self.ids[:, :self.length], logits)  # [1, V]
+        token_tensor = select_next(scores, self.spec.config, self.generator)  # [1]
+        token = int(token_tensor[0])
+        self.ids[0, self.length] = token
+        self.length += 1
+        self.generated += 1
+        logprobs = None
+        if self.spec.logprobs is not None:
+            entry = token_logprobs(scores, token_tensor, self.spec.logprobs)[0]
+            decode = self.tokenizer.decode
+            logprobs = [{"id": token, "text": decode([token]), "logprob": entry["logprob"],
+                         "top": [dict(t, text=decode([t["id"]])) for t in entry["top"]]}]
+        finish = None
+        if token in self.eos:
+            finish, text = "stop", self.decoder.flush()
+        else:
+            text = self.decoder.push(token)
+            if self.generated >= self.max_tokens:
+                finish = "length"
+                text += self.decoder.flush()
+        text, stopped = self._cut_at_stop(text, final=finish is not None)
+        if stopped:
+            finish = "stop"
+        return Delta(self.index, text, [token], logprobs, finish)
+
+    def _cut_at_stop(self, text: str, final: bool) -> tuple[str, bool]:
+        """The text that may be sent now, and whether a stop string ended the sequence."""
+        stops = self.spec.stop
+        if not stops:
+            return text, False
+        pending = self.held + text
+        hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return pending[:min(hits)], True
+        if final:
+            self.held = ""
+            return pending, False
+        keep = 0  # the longest end of `pending` that begins some stop string
+        for s in stops:
+            for k in range(min(len(s) - 1, len(pending)), keep, -1):
+                if s.startswith(pending[-k:]):
+                    keep = k
+                    break
+        self.held = pending[len(pending) - keep:] if keep else ""
+        return pending[:len(pending) - keep], False
+
+
+# ---- the scheduler -----------------------------------------------------------------------------
+
+class Scheduler:
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, slot_capacity: int | None = None,
+                 default_eos: list[int] | None = None):
+        if max_batch < 1:
+            raise LlamascopeError(f"max_batch must be >= 1, found {max_batch}")
+        if max_queue < 0:
+            raise LlamascopeError(f"max_queue must be >= 0, found {max_queue}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        context = model.config.max_position_embeddings
+        self.slot_capacity = min(context, slot_capacity or context)
+        self.cache = SlotKVCache.for_model(model, max_batch, self.slot_capacity)
+        self.vocab_size = model.config.vocab_size
+        self.default_eos = list(default_eos or [])
+        self._cond = threading.Condition()
+        self._waiting: deque[_Sequence] = deque()
+        self._admitted = 0  # sequences taken from the queue and not yet finished (under _cond)
+        self._active: list[_Sequence] = []  # worker only; ordered by slot
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.completed = self.cancelled = self.failed = 0
+        self.peak_batch = 0  # the most sequences one decode step has run
+
+    # ---- asyncio side ----------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="llamascope-scheduler", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(self, request: Request) -> None:
+        """Queue a request's sequences; QueueFull when more would wait than max_queue."""
+        sequences = [_Sequence(request, i, spec, self.tokenizer, self.vocab_size, self.default_eos,
+                               self.model.device) for i, spec in enumerate(request.sequences)]
+        with self._cond:
+            if self._stopping:
+                raise LlamascopeError("the server is shutting down")
+            free = self.max_batch - self._admitted
+            if len(self._waiting) + len(sequences) > self.max_queue + free:
+                raise QueueFull(f"the queue is full ({len(self._waiting)} sequences wait, "
+                                f"{self._admitted} generate); retry later")
+            self._waiting.extend(sequences)
+            self._cond.notify_all()
+
+    def cancel(self, request: Request) -> None:
+        """The client went away: its sequences leave the queue now and their slots at the next step."""
+        if request.cancelled:
+            return
+        request.cancelled = True
+        with self._cond:
+            self._cond.notify_all()
+
+    def stats(self) -> dict:
+        with self._cond:
+            waiting, admitted = len(self._waiting), self._admitted
+        return {"active": admitted, "waiting": waiting, "max_batch": self.max_batch, "max_queue": self.max_queue,
+                "slot_capacity": self.slot_capacity, "kv_bytes": self.cache.nbytes(),
+                "kv_budget_bytes": self.cache.max_bytes(), "completed": self.completed,
+                "cancelled": self.cancelled, "failed": self.failed, "peak_batch": self.peak_batch}
+
+    # ---- worker ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while not self._stopping:
+                admit: list[_Sequence] = []
+                try:
+                    with self._cond:
+                        self._drop_cancelled_waiting()
+                        while not self._stopping and not self._waiting and not self._active:
+                            self.cache.release()
+                            self._cond.wait()
+                            self._drop_cancelled_waiting()
+                        if self._stopping:
+                            break
+                        while self._waiting and self._admitted < self.max_batch:
+                            admit.append(self._waiting.popleft())
+                            self._admitted += 1
+                    for seq in list(self._active):
+                        if seq.request.cancelled:
+                            self._leave(seq, None)
+                    self._admit(admit)
+                    if self._active:
+                        self._decode_step()
+                except Exception as e:  # noqa: BLE001 - a bug here must not leave requests hanging
+                    log.exception("scheduler step failed")
+                    for seq in list(self._active) + [s for s in admit if not s.done]:
+                        self._fail(seq, f"generation failed: {e}")
+            self._shutdown()
+
+    def _drop_cancelled_waiting(self) -> None:
+        """Under _cond: cancelled requests' sequences leave the queue."""
+        if any(seq.request.cancelled for seq in self._waiting):
+            kept = deque()
+            for seq in self._waiting:
+                if seq.request.cancelled:
+                    self._end_of_sequence(seq)
+                else:
+                    kept.append(seq)
+            self._waiting = kept
+
+    def _admit(self, admit: list[_Sequence]) -> None:
+        """Prefill the new prompts and put each choice in a free slot (choices sharing a prompt are
+        prefilled once). Prompts admitted together share one forward, up to PREFILL_TOKENS padded tokens."""
+        groups: list[list[_Sequence]] = []
+        for seq in admit:
+            if seq.request.cancelled:
+                self._release_admitted(seq)
+            elif groups and groups[-1][0].request is seq.request and groups[-1][0].spec.prompt_ids == seq.spec.prompt_ids:
+                groups[-1].append(seq)
+            else:
+                groups.append([seq])
+        chunk: list[list[_Sequence]] = []
+        for group in groups:
+            longest = max(len(g[0].spec.prompt_ids) for g in chunk + [group])
+            if chunk and (len(chunk) + 1) * longest > PREFILL_TOKENS:
+                self._prefill(chunk)
+                chunk = []
+            chunk.append(group)
+        if chunk:
+            self._prefill(chunk)
+
+    def _prefill(self, groups: list[list[_Sequence]]) -> None:
+        """One forward over the groups' prompts (right-padded: padding sits after each prompt, where
+        causal attention never looks) into a `KVCache`; each row is then copied into a slot per choice."""
+        prompts = [group[0].spec.prompt_ids for group in groups]
+        lengths = [len(p) for p in prompts]
+        B, T = len(prompts), max(lengths)
+        device = self.model.device
+        log.debug("prefill of %d prompts (%s tokens)", B, ", ".join(map(str, lengths)))
+        try:
+            tokens = torch.zeros((B, T), dtype=torch.long)  # [B, T], padding id 0
+            for row, prompt in enumerate(prompts):
+                tokens[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+            tokens = tokens.to(device)
+            positions = torch.arange(T, device=device)[None, :].expand(B, T)  # [B, T]
+            cache = KVCache.for_model(self.model, B, T)
+            if len(set(lengths)) == 1:  # no padding: exactly generate()'s prefill
+                logits = self.model(tokens, positions, cache, None, last_only=True)[:, -1].float()  # [B, V]
+            else:
+                hidden = self.model.hidden_states(tokens, positions, cache, None)  # [B, T, hidden]
+                last = hidden[torch.arange(B, device=device), torch.tensor(lengths, device=device) - 1]  # [B, hidden]
+                logits = self.model.lm_head(last[:, None])[:, -1].float()  # [B, V]
+            for row, group in enumerate(groups):
+                for seq in group:
+                    seq.slot = self.cache.allocate()
+                    self._active.append(seq)
+                    self.cache.load(seq.slot, cache, row, lengths[row])
+        except Exception as e:  # noqa: BLE001 - one bad request must not stop the others
+            log.exception("prefill of %s failed", ", ".join(g[0].request.id for g in groups))
+            for group in groups:
+                for seq in group:
+                    self._fail(seq, f"generation failed: {e}")
+            return
+        for row, group in enumerate(groups):
+            for seq in group:
+                try:
+                    delta = seq.choose(logits[row:row + 1])
+                except Exception as e:  # noqa: BLE001
+                    log.exception("request %s: choosing a token failed", seq.request.id)
+                    self._fail(seq, f"generation failed: {e}")
+                    continue
+                self._deliver(seq, delta)
+
+    def _decode_step(self) -> None:
+        active = sorted(self._active, key=lambda s: s.slot)
+        self.peak_batch = max(self.peak_batch, len(active))
+        try:
+            batch = self.cache.batch([s.slot for s in active], 1)
+            tokens = torch.tensor([[s.last_token] for s in active], dtype=torch.long,
+                                  device=self.model.device)  # [B, 1]
+            positions = batch.positions(1)  # [B, 1]
+            mask = batch.mask(1)  # [B, 1, 1, S] or None when all rows have one length
+            logits = self.model(tokens, positions, batch, mask, last_only=True)[:, -1].float()  # [B, V]
+        except Exception as e:  # noqa: BLE001
+            log.exception("decode step failed")
+            for seq in active:
+                self._fail(seq, f"generation failed: {e}")
+            return
+        for row, seq in enumerate(active):
+            try:
+                delta = seq.choose(logits[row:row + 1])
+            except Exception as e:  # noqa: BLE001
+                log.exception("request %s: choosing a token failed", seq.request.id)
+                self._fail(seq, f"generation failed: {e}")
+                continue
+            self._deliver(seq, delta)
+
+    def _deliver(self, seq: _Sequence, delta: Delta) -> None:
+        request = seq.request
+        if request.first_token is None:
+            request.first_token = time.perf_counter()
+        request.completion_tokens += len(delta.token_ids)
+        request.push(delta)
+        if delta.finish_reason is not None:
+            request.finish_reasons.append(delta.finish_reason)
+            self._leave(seq, delta.finish_reason)
+
+    def _leave(self, seq: _Sequence, reason: str | None) -> None:
+        """The sequence is done (reason) or cancelled (None): free its slot, keep used slots packed."""
+        if seq.done:
+            return
+        if seq in self._active:
+            self._active.remove(seq)
+            freed = seq.slot
+            self.cache.free(freed)
+            top = max((s for s in self._active if s.slot > freed), key=lambda s: s.slot, default=None)
+            if top is not None:
+                self.cache.move(top.slot, freed)
+                top.slot = freed
+        seq.slot = None
+        self._release_admitted(seq)
+
+    def _release_admitted(self, seq: _Sequence) -> None:
+        with self._cond:
+            self._admitted -= 1
+        self._end_of_sequence(seq)
+
+    def _end_of_sequence(self, seq: _Sequence) -> None:
+        seq.done = True
+        request = seq.request
+        request.remaining -= 1
+        if request.remaining:
+            return
+        now = time.perf_counter()
+        first = request.first_token
+        if request.failed:
+            self.failed += 1
+            outcome = "failed"
+        elif request.cancelled:
+            self.cancelled += 1
+            outcome = "cancelled"
+        elif len(request.finish_reasons) == len(request.sequences):
+            self.completed += 1
+            outcome = "finish " + ",".join(request.finish_reasons)
+            request.push(Done(request.prompt_tokens, request.completion_tokens))
+        else:
+            self.failed += 1
+            outcome = "failed"
+        # tokens/s: the request's own pace after its first token (what a streaming client sees)
+        decode_rate = (request.completion_tokens - len(request.sequences)) / max(now - first, 1e-9) \
+            if first is not None and request.completion_tokens > len(request.sequences) else 0.0
+        log.info("request %s: %d tokens in, %d out, first token %s, %.1f tokens/s, %s", request.id,
+                 request.prompt_tokens, request.completion_tokens,
+                 f"{first - request.submitted:.3f} s" if first is not None else "none", decode_rate, outcome)
+
+    def _fail(self, seq: _Sequence, message: str) -> None:
+        """The sequence cannot go on: the request fails, and its other sequences are dropped."""
+        request = seq.request
+        if not request.failed:
+            request.push(Failed(message))
+        request.failed = request.cancelled = True
+        self._leave(seq, None)
+
+    def _shutdown(self) -> None:
+        for seq in list(self._active):
+            self._fail(seq, "the server is shutting down")
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), deque()
+        for seq in waiting:
+            if not seq.request.failed:
+                seq.request.push(Failed("the server is shutting down"))
+            seq.request.failed = True
+            self._end_of_sequence(seq)

@@ -1,0 +1,714 @@
+"""A glass box over one generation: what each step of generate() took in, computed and chose.
+
+    from llamascope import Engine
+    from llamascope.trace import trace, render_trace
+    engine = Engine.load()
+    t = trace(engine, "My name is Mariama, my favorite", max_new_tokens=4, lens=True)
+    render_trace(t)                  # rich tables: tokenization, settings, strategy, each step, ...
+    t.to_json(); render_html(t)      # the same trace as JSON, and an HTML report with the lens heat map
+
+The trace records; it never recomputes what the engine computed. It runs `generation.generate`
+with `on_step` (which hands over each `Step`: the prepared inputs, the logits, the scores after
+the processors and the chosen tokens) and `capture` (the model's named activations, see
+`model.py`). The per-position predictions come from the prefill's own logits (the `_all_logits`
+capture point). The logit lens is the one computation added on top: it applies the model's final
+norm and LM head to the residual stream after each layer; at the last layer that is exactly the
+computation the model made, so that row equals the model's logits bit for bit.
+
+`ActivationRecorder` captures activations by name (off by default): the residual stream before
+and after each block (`layers.{i}.input`, `layers.{i}.output`), the attention and MLP outputs
+(`layers.{i}.attn_out`, `layers.{i}.mlp_out`), attention weights (`layers.{i}.attn_weights`),
+`embed`, `norm` and `logits`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import html
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from .config import GenerationConfig
+from .errors import LlamascopeError
+from .info import Contradiction, find_contradictions, generation_rows_json, settings_table
+
+# ---- capturing activations by name ------------------------------------------------------------
+
+ACTIVATION_NAMES = {
+    "embed": "token embeddings [B, T, hidden]",
+    "layers.{i}.input": "residual stream before block i [B, T, hidden]",
+    "layers.{i}.attn_out": "attention output of block i, before it is added [B, T, hidden]",
+    "layers.{i}.mlp_out": "MLP output of block i, before it is added [B, T, hidden]",
+    "layers.{i}.output": "residual stream after block i [B, T, hidden]",
+    "layers.{i}.attn_weights": "attention probabilities of block i [B, heads, T, S]",
+    "norm": "hidden states after the final norm [B, T, hidden]",
+    "logits": "logits at every position [B, T, vocab]",
+}
+
+
+class ActivationRecorder:
+    """Pass as `generate(..., capture=recorder)`; afterwards `recorder.steps[k]` maps each captured
+    name matching one of `names` (glob patterns such as "layers.*.output") to its tensor at step k.
+
+    Attention weights are computed only when asked for (a pattern naming `attn_weights`, or
+    `attention_weights=True`): attention then runs as an explicit softmax instead of PyTorch's
+    fused kernel, which can change the last bits of the results.
+    """
+
+    def __init__(self, names: Iterable[str] = ("*",), attention_weights: bool = False):
+        self.patterns = list(names)
+        self.attention_weights = attention_weights or any("attn_weights" in p for p in self.patterns)
+        self.all_logits = any(fnmatch.fnmatchcase("logits", p) for p in self.patterns)
+        self._raw: list[dict] = []
+
+    def flags(self) -> dict:
+        out: dict = {}
+        if self.attention_weights:
+            out["_attention_weights"] = True
+        if self.all_logits:
+            out["_all_logits"] = True
+        return out
+
+    def __call__(self, step_index: int) -> dict:
+        self._compact()
+        acts = self.flags()
+        self._raw.append(acts)
+        return acts
+
+    def select(self, acts: dict) -> dict[str, torch.Tensor]:
+        return {name: value for name, value in acts.items()
+                if not name.startswith("_") and any(fnmatch.fnmatchcase(name, p) for p in self.patterns)}
+
+    def _compact(self) -> None:
+        if self._raw:
+            self._raw[-1] = self.select(self._raw[-1])
+
+    @property
+    def steps(self) -> list[dict[str, torch.Tensor]]:
+        self._compact()
+        return self._raw
+
+
+def capture_activations(model: torch.nn.Module, ids: Sequence[int], names: Iterable[str] = ("*",),
+                        attention_weights: bool = False) -> dict[str, torch.Tensor]:
+    """One forward pass over `ids` (no cache): the named activations, each [1, T, ...]."""
+    recorder = ActivationRecorder(names, attention_weights)
+    tokens = torch.tensor([list(ids)], dtype=torch.long, device=model.device)  # [1, T]
+    positions = torch.arange(tokens.shape[1], device=model.device)[None]  # [1, T]
+    acts = recorder(0)
+    with torch.inference_mode():
+        logits = model(tokens, positions, None, None, capture=acts)  # [1, T, V]
+    if recorder.all_logits:
+        acts["logits"] = logits
+    return recorder.steps[0]
+
+
+# ---- what a trace holds -----------------------------------------------------------------------
+
+@dataclass
+class TokenChoice:
+    id: int
+    text: str  # the token decoded on its own (special tokens kept)
+    prob: float  # under the distribution the token was chosen from (after the processors)
+    model_prob: float  # softmax of the model's raw logits
+    logit: float
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "text": self.text, "prob": self.prob, "model_prob": self.model_prob,
+                "logit": self.logit}
+
+
+@dataclass
+class StepTrace:
+    index: int
+    input_ids: list[list[int]]  # [B, T] fed this step
+    position_ids: list[list[int]]  # [B, T]
+    attention_mask: list[list[int]]  # [B, S]
+    use_cache: bool
+    cache_length: int | None  # positions the cache held before this step (None: no cache)
+    shapes: dict[str, list[int]]  # embed, decoder_output, norm, logits (what the model returned per step)
+    chosen: TokenChoice
+    top: list[TokenChoice]
+    activations: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def cache_state(self) -> str:
+        if not self.use_cache:
+            return "no cache (use_cache=False): the whole sequence is fed again"
+        if not self.cache_length:
+            return "empty (0 positions)"
+        return f"holding {self.cache_length} positions"
+
+    def to_json(self) -> dict:
+        return {
+            "index": self.index, "phase": "prefill" if self.index == 0 else "decode",
+            "input_ids": self.input_ids, "input_ids_shape": _shape(self.input_ids),
+            "position_ids": self.position_ids, "position_ids_shape": _shape(self.position_ids),
+            "attention_mask": self.attention_mask, "attention_mask_shape": _shape(self.attention_mask),
+            "use_cache": self.use_cache, "cache_length": self.cache_length, "cache_state": self.cache_state,
+            "shapes": self.shapes, "chosen": self.chosen.to_json(), "top": [c.to_json() for c in self.top],
+            "activations": {name: list(t.shape) for name, t in self.activations.items()},
+        }
+
+
+@dataclass
+class PositionPrediction:
+    position: int
+    token_id: int  # the prompt token at this position
+    token_text: str
+    predicted_id: int  # argmax of the logits at this position
+    predicted_text: str
+    prob: float
+    next_id: int | None  # the prompt token that follows (None at the last position)
+
+    def to_json(self) -> dict:
+        return {"position": self.position, "token_id": self.token_id, "token": self.token_text,
+                "predicted_id": self.predicted_id, "predicted": self.predicted_text, "prob": self.prob,
+                "next_id": self.next_id,
+                "correct": None if self.next_id is None else self.predicted_id == self.next_id}
+
+
+@dataclass
+class Lens:
+    """Logit lens: final norm + LM head applied to the residual stream after each layer."""
+
+    layers: list[str]  # "embed", "0", ..., str(L-1)
+    positions: list[int]
+    tokens: list[str]  # the token fed at each position
+    next_ids: list[int | None]  # the token that came next at each position (prompt or generated)
+    cells: list[list[list[tuple[int, str, float]]]]  # [layer][position] -> top-K (id, text, prob)
+    final_layer_max_abs_diff: float  # |lens at the last layer - the model's logits|, max over steps
+
+    def to_json(self) -> dict:
+        return {"layers": self.layers, "positions": self.positions, "tokens": self.tokens,
+                "next_ids": self.next_ids, "final_layer_max_abs_diff": self.final_layer_max_abs_diff,
+                "cells": [[[{"id": i, "text": t, "prob": p} for i, t, p in cell] for cell in row]
+                          for row in self.cells]}
+
+
+@dataclass
+class Trace:
+    prompt: str | None
+    prompt_ids: list[int]
+    pieces: list[str]  # the tokenizer's pieces ("Ġname")
+    texts: list[str]  # each token decoded on its own (" name")
+    attention_mask: list[int]
+    adds_bos: bool
+    settings: GenerationConfig
+    max_length: int
+    context: int  # the model's max_position_embeddings
+    warnings: list[Contradiction]
+    strategy: str
+    strategy_reason: str
+    processors: list[str]
+    steps: list[StepTrace]
+    predictions: list[PositionPrediction]
+    output_ids: list[int]
+    text: str
+    finish_reason: str
+    top: int
+    lens: Lens | None = None
+
+    @property
+    def prompt_length(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def predictions_text(self) -> str:
+        """The per-position argmax tokens read one after another."""
+        return "".join(p.predicted_text for p in self.predictions)
+
+    def to_json(self) -> dict:
+        return {
+            "prompt": self.prompt,
+            "tokenization": {"input_ids": [self.prompt_ids], "input_ids_shape": [1, self.prompt_length],
+                             "pieces": self.pieces, "texts": self.texts,
+                             "attention_mask": [self.attention_mask],
+                             "attention_mask_shape": [1, self.prompt_length], "adds_bos": self.adds_bos},
+            "settings": generation_rows_json(self.settings),
+            "max_length": self.max_length,
+            "max_length_rule": _max_length_rule(self),
+            "warnings": [w.to_json() for w in self.warnings],
+            "strategy": {"name": self.strategy, "reason": self.strategy_reason, "processors": self.processors},
+            "steps": [s.to_json() for s in self.steps],
+            "predictions": [p.to_json() for p in self.predictions],
+            "predictions_text": self.predictions_text,
+            "lens": self.lens.to_json() if self.lens is not None else None,
+            "output_ids": self.output_ids,
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+        }
+
+
+def _shape(nested: list) -> list[int]:
+    shape = []
+    while isinstance(nested, list):
+        shape.append(len(nested))
+        nested = nested[0] if nested else None
+    return shape
+
+
+def _max_length_rule(t: Trace) -> str:
+    s = t.settings
+    if s.max_new_tokens is not None:
+        return (f"max_length = prompt length {t.prompt_length} + max_new_tokens {s.max_new_tokens} "
+                f"({s.sources['max_new_tokens']}) = {t.max_length}")
+    if s.max_length is not None:
+        return f"max_length = {t.max_length} ({s.sources['max_length']}; max_new_tokens not set)"
+    return (f"max_length = min(prompt length {t.prompt_length} + 20, context {t.context}) = {t.max_length} "
+            f"(transformers' default when neither max_new_tokens nor max_length is set)")
+
+
+def decoding_strategy(settings: GenerationConfig) -> tuple[str, str]:
+    """transformers' generation mode for these settings, and the settings that chose it."""
+    def said(name: str) -> str:
+        return f"{name}={getattr(settings, name)!r} ({settings.sources.get(name, 'default')})"
+
+    if settings.num_beams > 1:
+        if settings.do_sample:
+            return "beam sampling", f"{said('num_beams')} > 1 and {said('do_sample')}"
+        return "beam search", (f"{said('num_beams')} > 1 and {said('do_sample')}: keeps the best beams by "
+                               f"log-probability")
+    if settings.do_sample:
+        return "sampling", (f"{said('do_sample')} and {said('num_beams')}: the next token is drawn from the "
+                            f"softmax of the processed logits")
+    return "greedy search", (f"{said('do_sample')} and {said('num_beams')}: the next token is the argmax "
+                             f"of the logits")
+
+
+# ---- recording --------------------------------------------------------------------------------
+
+class _Recorder:
+    """on_step / capture callbacks for generate(): keeps what the trace shows, drops the rest."""
+
+    def __init__(self, model, tokenizer, settings: GenerationConfig, prompt_ids: list[int], top: int,
+                 lens: bool, activations: ActivationRecorder | None):
+        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.prompt_ids, self.top, self.want_lens = prompt_ids, top, lens
+        self.activations = activations
+        self.steps: list[StepTrace] = []
+        self.predictions: list[PositionPrediction] = []
+        self.lens_cells: list[list[list[tuple[int, str, float]]]] = []  # [layer][position]
+        self.lens_positions: list[int] = []
+        self.lens_max_diff = 0.0
+        self._texts: dict[int, str] = {}
+
+    def text(self, token_id: int) -> str:
+        if token_id not in self._texts:
+            self._texts[token_id] = (self.tokenizer.decode([token_id]) if self.tokenizer is not None
+                                     else f"<{token_id}>")
+        return self._texts[token_id]
+
+    def capture(self, step_index: int) -> dict:
+        acts = self.activations.flags() if self.activations is not None else {}
+        if step_index == 0:
+            acts["_all_logits"] = True  # the prefill's logits at every prompt position
+        return acts
+
+    def on_step(self, step) -> None:
+        acts = step.capture
+        L = self.model.config.num_hidden_layers
+        logits = step.logits[0]  # [V] float32, last position, before the processors
+        scores = step.scores[0]  # [V] after the processors
+        probs, model_probs = scores.softmax(-1), logits.softmax(-1)  # [V]
+        chosen_id = int(step.next_tokens[0])
+
+        def choice(i: int) -> TokenChoice:
+            return TokenChoice(i, self.text(i), float(probs[i]), float(model_probs[i]), float(logits[i]))
+
+        k = min(self.top, probs.shape[-1])
+        top_ids = torch.topk(probs, k).indices.tolist()
+        shapes = {
+            "embed": list(acts["embed"].shape),
+            "decoder_output": list(acts[f"layers.{L - 1}.output"].shape),
+            "norm": list(acts["norm"].shape),
+            "logits": [step.logits.shape[0], 1, step.logits.shape[1]],
+            "next_token_logits": list(step.logits.shape),
+        }
+        if "logits" in acts:
+            shapes["all_position_logits"] = list(acts["logits"].shape)
+        self.steps.append(StepTrace(
+            index=step.index, input_ids=step.input_ids.tolist(), position_ids=step.position_ids.tolist(),
+            attention_mask=step.attention_mask.tolist(), use_cache=step.cache_length is not None,
+            cache_length=step.cache_length, shapes=shapes, chosen=choice(chosen_id),
+            top=[choice(i) for i in top_ids],
+            activations=self.activations.select(acts) if self.activations is not None else {},
+        ))
+        if step.index == 0:
+            self._predictions(acts["logits"][0].float())  # [T, V]
+        if self.want_lens:
+            self._lens(step, acts)
+
+    def _predictions(self, all_logits: torch.Tensor) -> None:
+        probs = all_logits.softmax(-1)  # [T, V]
+        best = probs.max(-1)
+        ids = self.prompt_ids
+        for t, (p, i) in enumerate(zip(best.values.tolist(), best.indices.tolist())):
+            self.predictions.append(PositionPrediction(
+                t, ids[t], self.text(ids[t]), i, self.text(i), p, ids[t + 1] if t + 1 < len(ids) else None))
+
+    def _lens(self, step, acts: dict) -> None:
+        """Final norm + LM head on the residual stream after each layer, at this step's new positions."""
+        model = self.model
+        L = model.config.num_hidden_layers
+        new = step.input_ids.shape[1] if step.index == 0 else 1
+        self.lens_positions.extend(step.position_ids[0, -new:].tolist())
+        if not self.lens_cells:
+            self.lens_cells = [[] for _ in range(L + 1)]
+        streams = [acts["embed"]] + [acts[f"layers.{i}.output"] for i in range(L)]
+        with torch.inference_mode():
+            final = lens_logits(model, streams[-1], new)[0]  # [new, V], the model's own computation
+            reference = acts["logits"][0, -new:].float() if step.index == 0 else step.logits
+            self.lens_max_diff = max(self.lens_max_diff, (final - reference).abs().max().item())
+            # The other layers in one product per chunk of positions (at most ~64 MB of logits).
+            chunk = max(1, (1 << 24) // (L * model.config.vocab_size))
+            for lo in range(0, new, chunk):
+                hi = min(new, lo + chunk)
+                normed = torch.cat([model.model.norm(s)[:, -new:][:, lo:hi] for s in streams[:-1]])  # [L, n, hidden]
+                logits = torch.cat([model.lm_head(normed).float(), final[None, lo:hi]])  # [L + 1, n, V]
+                values, indices = torch.topk(logits.softmax(-1), min(self.top, logits.shape[-1]), dim=-1)
+                for row, (vs_row, ids_row) in enumerate(zip(values.tolist(), indices.tolist())):
+                    for vs, ids in zip(vs_row, ids_row):
+                        self.lens_cells[row].append([(i, self.text(i), p) for i, p in zip(ids, vs)])
+
+
+def lens_logits(model, stream: torch.Tensor, positions: int | None = None) -> torch.Tensor:
+    """The logit lens on one residual stream [B, T, hidden]: the model's final norm, then its LM
+    head on the last `positions` positions (all by default) -> float32 [B, positions, vocab].
+
+    The norm runs over all T positions and the head over the kept ones, as the model's forward
+    does, so on the last layer's output this is the model's own computation, bit for bit.
+    """
+    with torch.inference_mode():
+        h = model.model.norm(stream)  # [B, T, hidden]
+        if positions is not None:
+            h = h[:, -positions:]
+        return model.lm_head(h).float()  # [B, positions, V]
+
+
+def trace(
+    engine,
+    prompt: str | Sequence[int],
+    *,
+    chat: bool = False,
+    top: int = 5,
+    lens: bool = False,
+    activations: Iterable[str] | None = None,
+    attention_weights: bool = False,
+    **settings: Any,
+) -> Trace:
+    """Generate for one prompt and record every step (greedy search or sampling).
+
+    `settings` are generation settings (max_new_tokens, use_cache, do_sample, ...) given by the
+    call; the rest come from generation_config.json, config.json and defaults as in transformers.
+    `activations`: glob patterns of capture names to keep per step (off by default).
+    """
+    from .generation import generate
+    from .sampling import build_processors
+
+    tokenizer = engine.tokenizer
+    if isinstance(prompt, str):
+        text_prompt: str | None = prompt
+        ids = engine.encode(prompt, chat=chat)
+    else:
+        text_prompt, ids = None, [int(i) for i in prompt]
+    if not ids:
+        raise LlamascopeError("the prompt encodes to no tokens: nothing to trace")
+    engine._check_length([ids])
+    config = engine.generation_config(**settings)
+    strategy, reason = decoding_strategy(config)
+    if config.num_beams > 1:
+        raise LlamascopeError(f"trace follows greedy search and sampling step by step; these settings choose "
+                              f"{strategy} ({reason}). Pass num_beams=1 to trace.")
+    gguf = engine.loaded.checkpoint.format == "gguf"
+    warnings = find_contradictions(
+        engine.config, engine.loaded.checkpoint.config_dict, engine.generation_json, tokenizer, generation=config,
+        config_label="GGUF metadata" if gguf else "config.json",
+        generation_label="GGUF metadata" if gguf else "generation_config.json")
+    recorder = ActivationRecorder(activations, attention_weights) if (activations or attention_weights) else None
+    record = _Recorder(engine.model, tokenizer, config, ids, top, lens, recorder)
+    result = generate(engine.model, [ids], config, on_step=record.on_step, capture=record.capture)
+    output_ids = result.output_ids[0]
+    processors = [_describe_processor(p) for p in build_processors(config, len(ids))]
+
+    lens_result = None
+    if lens:
+        sequence = ids + output_ids
+        next_ids = [sequence[p + 1] if p + 1 < len(sequence) else None for p in record.lens_positions]
+        lens_result = Lens(
+            layers=["embed"] + [str(i) for i in range(engine.config.num_hidden_layers)],
+            positions=record.lens_positions, tokens=[record.text(sequence[p]) for p in record.lens_positions],
+            next_ids=next_ids, cells=record.lens_cells, final_layer_max_abs_diff=record.lens_max_diff,
+        )
+    pieces = tokenizer.tokens(ids) if tokenizer is not None else [str(i) for i in ids]
+    text = tokenizer.decode(output_ids, skip_special_tokens=True) if tokenizer is not None else ""
+    return Trace(
+        prompt=text_prompt, prompt_ids=ids, pieces=pieces, texts=[record.text(i) for i in ids],
+        attention_mask=record.steps[0].attention_mask[0] if record.steps else [1] * len(ids),
+        adds_bos=bool(text_prompt is not None and not chat and tokenizer is not None and tokenizer.adds_bos
+                      and ids[0] == tokenizer.bos_id),
+        settings=config, max_length=config.max_length_for(len(ids), engine.config.max_position_embeddings),
+        context=engine.config.max_position_embeddings, warnings=warnings,
+        strategy=strategy, strategy_reason=reason, processors=processors, steps=record.steps,
+        predictions=record.predictions, output_ids=output_ids, text=text,
+        finish_reason=result.finish_reasons[0], top=top, lens=lens_result,
+    )
+
+
+def _describe_processor(processor) -> str:
+    values = ", ".join(f"{k}={v!r}" for k, v in vars(processor).items())
+    return f"{type(processor).__name__}({values})"
+
+
+# ---- rendering: terminal ----------------------------------------------------------------------
+
+def _tensor(rows: list[list[int]]) -> str:
+    return "tensor([" + ", ".join("[" + ", ".join(map(str, r)) + "]" for r in rows) + "])"
+
+
+def _shape_text(shape: list[int]) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def _q(text: str) -> str:
+    return repr(text)
+
+
+def render_trace(t: Trace, console=None, lens: bool = True) -> None:
+    """Print the trace as rich text and tables, in the order generation happens."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    out = lambda *a, **k: console.print(*a, highlight=False, **k)  # noqa: E731
+
+    console.rule("1. tokenization")
+    if t.prompt is not None:
+        out(f"prompt: {t.prompt!r}")
+    if t.adds_bos:
+        out(f"the tokenizer adds BOS {t.pieces[0]!r} (id {t.prompt_ids[0]}) in front")
+    out(f"input_ids      = {_tensor([t.prompt_ids])}  shape {_shape_text([1, t.prompt_length])}  int64")
+    out(f"attention_mask = {_tensor([t.attention_mask])}  shape {_shape_text([1, t.prompt_length])}  "
+        f"(1 = a real token, 0 = padding)")
+    table = Table()
+    for column in ("position", "id", "piece", "text"):
+        table.add_column(column, justify="right" if column in ("position", "id") else "left")
+    for pos, (i, piece, text) in enumerate(zip(t.prompt_ids, t.pieces, t.texts)):
+        table.add_row(str(pos), str(i), piece, _q(text))
+    console.print(table)
+
+    console.rule("2. generation settings")
+    console.print(settings_table(t.settings))
+    out(_max_length_rule(t))
+    for w in t.warnings:
+        out(f"[yellow]warning[/yellow] ({w.kind}): {w.message}")
+
+    console.rule("3. decoding strategy")
+    out(f"[bold]{t.strategy}[/bold]: {t.strategy_reason}")
+    out("logits processors: " + (", ".join(t.processors) if t.processors else "none (the scores are the logits)"))
+
+    L = len(t.lens.layers) - 1 if t.lens is not None else None
+    for s in t.steps:
+        phase = "prefill: the whole prompt in one forward pass" if s.index == 0 else (
+            "decode: one new token with the cache" if s.use_cache else "decode: the whole sequence again")
+        console.rule(f"step {s.index} ({phase})")
+        table = Table(title="prepared inputs", title_justify="left")
+        table.add_column("input")
+        table.add_column("value", overflow="fold")
+        table.add_column("shape")
+        table.add_row("input_ids", _tensor(s.input_ids), _shape_text(_shape(s.input_ids)))
+        table.add_row("position_ids", _tensor(s.position_ids), _shape_text(_shape(s.position_ids)))
+        table.add_row("attention_mask", _tensor(s.attention_mask), _shape_text(_shape(s.attention_mask)))
+        table.add_row("cache", s.cache_state, "")
+        table.add_row("use_cache", str(s.use_cache), "")
+        console.print(table)
+        table = Table(title="forward pass", title_justify="left")
+        table.add_column("stage")
+        table.add_column("shape")
+        table.add_row("hidden states after the embeddings", _shape_text(s.shapes["embed"]))
+        table.add_row("hidden states after the decoder layers", _shape_text(s.shapes["decoder_output"]))
+        table.add_row("hidden states after the final norm", _shape_text(s.shapes["norm"]))
+        table.add_row("logits (last position only)", _shape_text(s.shapes["logits"]))
+        if "all_position_logits" in s.shapes:
+            table.add_row("logits at every position (captured for the trace)",
+                          _shape_text(s.shapes["all_position_logits"]))
+        table.add_row("next-token logits", _shape_text(s.shapes["next_token_logits"]))
+        for name, tensor in s.activations.items():
+            table.add_row(f"captured {name}", _shape_text(list(tensor.shape)))
+        console.print(table)
+        out(f"next token: [bold]{s.chosen.text!r}[/bold] (id {s.chosen.id}), p = {s.chosen.prob:.4f}")
+        sampled = t.settings.do_sample
+        table = Table(title=f"top {len(s.top)}", title_justify="left")
+        for column in ["rank", "id", "token", "p"] + (["p (model)"] if sampled else []) + ["logit"]:
+            table.add_column(column, justify="left" if column == "token" else "right")
+        for rank, c in enumerate(s.top, 1):
+            row = [str(rank), str(c.id), _q(c.text), f"{c.prob:.4f}"] + (
+                [f"{c.model_prob:.4f}"] if sampled else []) + [f"{c.logit:.3f}"]
+            table.add_row(*row, style="bold" if c.id == s.chosen.id else None)
+        console.print(table)
+        if s.index == 0 and t.predictions:
+            _render_predictions(t, console)
+
+    console.rule("result")
+    out(f"output_ids = {t.output_ids}  ({len(t.output_ids)} new tokens, finish reason: {t.finish_reason})")
+    out(f"text: {t.text!r}")
+    if t.prompt is not None:
+        out(f"prompt + text: {t.prompt + t.text!r}")
+
+    if lens and t.lens is not None:
+        _render_lens(t.lens, console, L)
+
+
+def _render_predictions(t: Trace, console) -> None:
+    from rich.table import Table
+
+    console.rule("per-position predictions (from the prefill's logits)")
+    console.print("Each position sees the tokens up to itself and predicts the token that follows it: the "
+                  "prediction at position t lines up with the prompt token at t + 1, and the prediction at "
+                  "the last position is the first generated token.", highlight=False)
+    table = Table()
+    for column in ("position", "token", "predicts next", "p", "actual next"):
+        table.add_column(column, justify="right" if column in ("position", "p") else "left")
+    for p in t.predictions:
+        if p.next_id is None:
+            actual = "(generated)"
+        else:
+            mark = "=" if p.predicted_id == p.next_id else "≠"
+            actual = f"{mark} {t.texts[p.position + 1]!r}"
+        table.add_row(str(p.position), _q(p.token_text), _q(p.predicted_text), f"{p.prob:.3f}", actual)
+    console.print(table)
+    console.print(f"prompt:          {''.join(t.texts)!r}", highlight=False)
+    console.print(f"predictions:     {t.predictions_text!r}", highlight=False)
+
+
+def _render_lens(lens: Lens, console, L: int | None) -> None:
+    from rich.table import Table
+
+    console.rule("logit lens (final norm + LM head after each layer; top token and p)")
+    console.print(f"the last row is the model's own output: max |lens - logits| = {lens.final_layer_max_abs_diff}",
+                  highlight=False)
+    cell_width = 16
+    per_chunk = max(1, (console.width - 10) // (cell_width + 3))
+    for start in range(0, len(lens.positions), per_chunk):
+        cols = range(start, min(start + per_chunk, len(lens.positions)))
+        table = Table()
+        table.add_column("layer", justify="right")
+        for c in cols:
+            table.add_column(f"{lens.positions[c]}: {lens.tokens[c]!r}"[:cell_width], max_width=cell_width)
+        for row in reversed(range(len(lens.layers))):
+            cells = []
+            for c in cols:
+                i, text, p = lens.cells[row][c][0]
+                style = "bold" if lens.next_ids[c] == i else ""
+                cells.append(f"[{style}]{_short(text)} {p:.2f}[/{style}]" if style else f"{_short(text)} {p:.2f}")
+            table.add_row(lens.layers[row], *cells)
+        console.print(table)
+
+
+def _short(text: str, width: int = 8) -> str:
+    """A token as a quoted literal of at most `width` characters inside the quotes."""
+    from rich.markup import escape
+
+    r = repr(text)[1:-1]
+    return escape("'" + (r if len(r) <= width else r[: width - 1] + "…") + "'")
+
+
+# ---- rendering: HTML --------------------------------------------------------------------------
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+h1 { font-size: 1.3em; } h2 { font-size: 1.1em; margin-top: 1.5em; }
+code, .tok { font-family: ui-monospace, monospace; white-space: pre; }
+table { border-collapse: collapse; }
+th, td { padding: 2px 6px; font-size: 12px; }
+table.grid td, table.grid th { border: 1px solid #ddd; }
+table.heatmap td.cell { position: relative; min-width: 64px; text-align: center; border: 1px solid #fff;
+  font-family: ui-monospace, monospace; white-space: pre; cursor: default; }
+table.heatmap td.cell.next { outline: 2px solid #222; outline-offset: -2px; }
+table.heatmap th.layer { text-align: right; }
+table.heatmap th.pos { font-weight: normal; font-family: ui-monospace, monospace; white-space: pre; }
+td.cell .tip { display: none; position: absolute; z-index: 2; left: 50%; top: 100%; background: #fff;
+  border: 1px solid #888; padding: 4px 6px; text-align: left; box-shadow: 0 2px 6px rgba(0,0,0,.25); color: #222; }
+td.cell:hover .tip { display: block; }
+.warn { color: #a15c00; }
+"""
+
+
+def _heat(p: float) -> str:
+    """White (p = 0) to deep blue (p = 1)."""
+    lightness = 97 - 62 * max(0.0, min(1.0, p))
+    return f"hsl(215, 80%, {lightness:.0f}%)"
+
+
+def render_html(t: Trace) -> str:
+    """A self-contained HTML report (inline CSS, no scripts, no network): the lens heat map
+    (layer x position, hover for the top-K), the per-position predictions and the steps."""
+    e = html.escape
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             "<title>llamascope trace</title>", f"<style>{_CSS}</style></head><body>",
+             "<h1>llamascope trace</h1>"]
+    if t.prompt is not None:
+        parts.append(f"<p>prompt: <code>{e(repr(t.prompt))}</code></p>")
+    parts.append(f"<p>input_ids <code>{e(_tensor([t.prompt_ids]))}</code> shape [1, {t.prompt_length}]</p>")
+    parts.append(f"<p>decoding: <b>{e(t.strategy)}</b> — {e(t.strategy_reason)}. {e(_max_length_rule(t))}</p>")
+    for w in t.warnings:
+        parts.append(f'<p class="warn">warning ({e(w.kind)}): {e(w.message)}</p>')
+    parts.append(f"<p>output: <code>{e(repr(t.text))}</code> ({len(t.output_ids)} tokens, {e(t.finish_reason)})</p>")
+
+    if t.lens is not None:
+        lens = t.lens
+        parts.append("<h2>logit lens</h2>")
+        parts.append("<p>Each cell: the top token when the final norm and LM head are applied to the residual "
+                     "stream after that layer, at that position; colour = its probability. Hover for the top "
+                     f"{t.top}. A framed cell predicts the token that actually came next. The top row is the "
+                     "model's own output.</p>")
+        parts.append('<table class="heatmap" id="lens"><thead><tr><th></th>')
+        for pos, token in zip(lens.positions, lens.tokens):
+            parts.append(f'<th class="pos" title="position {pos}">{pos}<br>{e(repr(token))}</th>')
+        parts.append("</tr></thead><tbody>")
+        for row in reversed(range(len(lens.layers))):
+            parts.append(f'<tr><th class="layer">{e(lens.layers[row])}</th>')
+            for col, cell in enumerate(lens.cells[row]):
+                top_id, top_text, top_p = cell[0]
+                framed = " next" if lens.next_ids[col] == top_id else ""
+                tip = "<br>".join(f"{e(repr(text))} (id {i}) {p:.4f}" for i, text, p in cell)
+                label = repr(top_text)[1:-1]
+                label = label if len(label) <= 8 else label[:7] + "…"
+                if not label.strip():
+                    label = "␣" * len(label)  # a token of spaces, made visible
+                color = "#fff" if top_p > 0.55 else "#222"
+                parts.append(
+                    f'<td class="cell{framed}" data-layer="{e(lens.layers[row])}" data-position="{lens.positions[col]}"'
+                    f' data-token-id="{top_id}" data-prob="{top_p:.6f}"'
+                    f' style="background:{_heat(top_p)};color:{color}">'
+                    f'{e(label)}<div class="tip"><b>layer {e(lens.layers[row])}, position {lens.positions[col]}</b>'
+                    f"<br>{tip}</div></td>")
+            parts.append("</tr>")
+        parts.append("</tbody></table>")
+
+    if t.predictions:
+        parts.append("<h2>per-position predictions (prefill)</h2>")
+        parts.append("<p>Each position predicts the token that follows it.</p>")
+        parts.append('<table class="grid"><tr><th>position</th><th>token</th><th>predicts next</th><th>p</th>'
+                     "<th>actual next</th></tr>")
+        for p in t.predictions:
+            actual = "(generated)" if p.next_id is None else e(repr(t.texts[p.position + 1]))
+            parts.append(f"<tr><td>{p.position}</td><td class=tok>{e(repr(p.token_text))}</td>"
+                         f"<td class=tok>{e(repr(p.predicted_text))}</td><td>{p.prob:.3f}</td>"
+                         f"<td class=tok>{actual}</td></tr>")
+        parts.append("</table>")
+        parts.append(f"<p>reads as: <code>{e(repr(t.predictions_text))}</code></p>")
+
+    parts.append("<h2>steps</h2>")
+    parts.append('<table class="grid"><tr><th>step</th><th>input_ids</th><th>position_ids</th><th>cache</th>'
+                 "<th>logits</th><th>next token</th><th>p</th></tr>")
+    for s in t.steps:
+        parts.append(f"<tr><td>{s.index}</td><td><code>{e(str(_shape(s.input_ids)))}</code></td>"
+                     f"<td><code>{e(str(s.position_ids[0]))}</code></td><td>{e(s.cache_state)}</td>"
+                     f"<td><code>{e(str(s.shapes['logits']))}</code></td>"
+                     f"<td class=tok>{e(repr(s.chosen.text))} ({s.chosen.id})</td><td>{s.chosen.prob:.4f}</td></tr>")
+    parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

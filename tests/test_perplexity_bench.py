@@ -1,0 +1,78 @@
+"""Perplexity against transformers' loss, and the bench command's report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+from transformers import LlamaForCausalLM
+
+from llamascope.cli import main
+from llamascope.loading import load_model
+from llamascope.perplexity import perplexity
+
+TEXT = ("Once upon a time there was a little robot who liked to count: 1, 2, 3, 42, 1000. "
+        "The quick brown fox jumps over the lazy dog. My name is Mariama, my favorite color is blue. ") * 3
+
+
+def reference_sliding_nll(hf, ids: list[int], window: int, stride: int) -> tuple[float, int]:
+    """Hugging Face's perplexity guide: labels -100 for the context a window shares with the previous one."""
+    total, count, previous_end = 0.0, 0, 0
+    for start in range(0, len(ids), stride):
+        end = min(start + window, len(ids))
+        chunk = torch.tensor([ids[start:end]])
+        labels = chunk.clone()
+        labels[:, : chunk.shape[1] - (end - previous_end)] = -100
+        with torch.no_grad():
+            loss = hf(chunk, labels=labels).loss
+        n = int((labels[:, 1:] != -100).sum())
+        total += loss.item() * n
+        count += n
+        previous_end = end
+        if end == len(ids):
+            break
+    return total, count
+
+
+def test_perplexity_matches_transformers(tiny_model):
+    ours = load_model(tiny_model, fast=False)
+    ids = ours.tokenizer.encode(TEXT)[:200]  # within the test model's 256 positions
+    hf = LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    # One window: exp of transformers' mean loss.
+    with torch.no_grad():
+        expected = math.exp(hf(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item())
+    value, scored = perplexity(ours.model, ids, window=len(ids), stride=len(ids))
+    assert scored == len(ids) - 1
+    assert math.isclose(value, expected, rel_tol=1e-4)
+    # Several overlapping windows.
+    total, count = reference_sliding_nll(hf, ids, window=24, stride=10)
+    value, scored = perplexity(ours.model, ids, window=24, stride=10)
+    assert scored == count
+    assert math.isclose(value, math.exp(total / count), rel_tol=1e-4)
+
+
+def test_perplexity_cli_and_quantisation_cost(tiny_model, tmp_path, capsys):
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT)
+    values = {}
+    for quant in ("none", "int8", "int4"):
+        assert main(["perplexity", "--model", str(tiny_model), "--quant", quant, "--json", str(path)]) == 0
+        values[quant] = json.loads(capsys.readouterr().out)["perplexity"]
+    assert values["none"] > 1
+    assert values["int8"] != values["none"]  # the quantised weights are really used
+    assert abs(values["int8"] / values["none"] - 1) < abs(values["int4"] / values["none"] - 1) + 0.05
+
+
+def test_bench_json_report(tiny_model, capsys):
+    assert main(["bench", "--model", str(tiny_model), "--new-tokens", "8", "--prefill-tokens", "32",
+                 "--repeats", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["decode_tokens_per_s"] > 0 and report["prefill_tokens_per_s"] > 0
+    assert report["prefill_tokens"] == 32 and report["decode_tokens"] == 8
+    model = load_model(tiny_model).model
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # RoPE frequencies
+    assert report["weight_bytes"] == weights + buffers
+    assert 0 < report["decode_share_of_limit"]
+    assert report["peak_rss_bytes"] > weights

@@ -1,0 +1,566 @@
+"""The OpenAI-compatible server, driven through the official `openai` client and raw HTTP.
+
+A real uvicorn server runs in a thread on a free loopback port with a small random model; every
+answer is checked against `Engine.generate` run alone on the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from conftest import rewrite_json
+from llamascope import Engine
+from llamascope.cache import KVCache, SlotKVCache
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from llamascope.server import ServerSettings, create_app  # noqa: E402
+from llamascope.server.scheduler import AdditivePenalties  # noqa: E402
+
+MODEL = "tiny-server"
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+PROMPTS = ["Once upon a time", "My name is Mariama, my favorite", "def forward(self, x):", "The quick brown fox"]
+EOS = 2
+
+
+@pytest.fixture(scope="module")
+def model_dir(model_factory, tmp_path_factory):
+    """The test model with a long context and a ChatML chat template (a copy of its own)."""
+    folder = tmp_path_factory.mktemp("server") / "model"
+    shutil.copytree(model_factory("server", max_position_embeddings=4096), folder)
+    rewrite_json(folder / "tokenizer_config.json", chat_template=CHATML)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    """A second copy of the model, for reference answers computed alone."""
+    return Engine.load(model_dir)
+
+
+@contextmanager
+def running(model_dir, **settings):
+    """A real server on a free loopback port; yields its base URL and the app."""
+    app = create_app(Engine.load(model_dir), ServerSettings(model_name=MODEL, **settings))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    with running(model_dir, max_batch=8, max_queue=64) as (url, app):
+        yield url, app
+
+
+@pytest.fixture
+def client(server):
+    with openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=60) as c:
+        yield c
+
+
+def health(url: str) -> dict:
+    return httpx.get(url + "/health", timeout=10).json()
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def finish(reason: str) -> str:
+    return {"eos": "stop", "length": "length", "stop": "stop"}[reason]
+
+
+# ---- the per-slot cache: batched decode equals each sequence alone ---------------------------
+
+def test_slot_cache_batch_decode_matches_each_sequence_alone(engine):
+    """Slots of different lengths, in a row order that is not a plain slice, decode together
+    (one token, then three) and give each sequence the logits it gets alone with a KVCache."""
+    model = engine.model
+    prompts = [engine.encode(p) for p in PROMPTS[:3]]
+    steps = [[[5]], [[7, 8, 9]]]  # the tokens each sequence is fed after its prompt
+    slots = SlotKVCache.for_model(model, num_slots=4, slot_capacity=64)
+    alone = []
+    with torch.inference_mode():
+        for ids in prompts:
+            cache = KVCache.for_model(model, 1, 64)
+            model(torch.tensor([ids]), torch.arange(len(ids))[None], cache, None, last_only=True)
+            outs = []
+            for tokens in steps:
+                positions = torch.arange(cache.length, cache.length + len(tokens[0]))[None]
+                outs.append(model(torch.tensor(tokens), positions, cache, None)[0])  # [T, V]
+            alone.append(outs)
+        order = [2, 0, 1]
+        for slot in range(3):
+            assert slots.allocate() == slot
+        for ids, slot in zip(prompts, order):
+            cache = KVCache.for_model(model, 1, len(ids) + 4)  # a prefill, copied into the slot
+            model(torch.tensor([ids]), torch.arange(len(ids))[None], cache, None, last_only=True)
+            slots.load(slot, cache)
+        for i, tokens in enumerate(steps):
+            T = len(tokens[0])
+            batch = slots.batch(order, T)
+            logits = model(torch.tensor(tokens * 3), batch.positions(T), batch, batch.mask(T))  # [3, T, V]
+            for row in range(3):
+                torch.testing.assert_close(logits[row], alone[row][i], rtol=1e-5, atol=1e-5)
+        assert [slots.lengths[s] for s in order] == [len(ids) + 4 for ids in prompts]
+        assert 0 < slots.nbytes() <= slots.max_bytes()
+        slots.move(2, 3)  # slot 2's sequence moves to the free slot 3
+        assert slots.in_use == [True, True, False, True] and slots.lengths[3] == len(prompts[0]) + 4
+        for slot in (0, 1, 3):
+            slots.free(slot)
+        slots.release()
+        assert slots.nbytes() == 0
+
+
+def test_additive_penalties_are_openai_formula():
+    scores = torch.zeros(1, 6)
+    ids = torch.tensor([[4, 4, 1, 2, 2, 2, 5]])  # prompt [4, 4], generated [1, 2, 2, 2, 5]
+    out = AdditivePenalties(presence=0.5, frequency=0.25, prompt_length=2)(ids, scores)
+    counts = torch.tensor([0, 1, 3, 0, 0, 1.0])
+    torch.testing.assert_close(out[0], -(0.25 * counts + 0.5 * (counts > 0).float()))
+
+
+# ---- answers equal Engine.generate -----------------------------------------------------------
+
+def test_models_and_health(server, client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    state = health(server[0])
+    assert state["status"] == "ok" and state["max_batch"] == 8
+
+
+@pytest.mark.parametrize("max_tokens", [1, 7, 40])
+def test_completion_equals_engine_greedy(client, engine, max_tokens):
+    for prompt in PROMPTS:
+        expected = engine.generate(prompt, max_new_tokens=max_tokens, do_sample=False)
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0)
+        assert r.choices[0].text == expected.text
+        assert r.choices[0].finish_reason == finish(expected.finish_reason)
+        assert r.usage.prompt_tokens == len(expected.prompt_ids)
+        assert r.usage.completion_tokens == len(expected.output_ids)
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_completion_of_token_ids_and_several_prompts(client, engine):
+    ids = engine.encode(PROMPTS[0])
+    expected = [engine.generate(p, max_new_tokens=9, do_sample=False).text for p in PROMPTS[:2]]
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=9, temperature=0)
+    assert r.choices[0].text == expected[0]
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[:2], max_tokens=9, temperature=0, n=2)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert [c.text for c in r.choices] == [expected[0], expected[0], expected[1], expected[1]]
+
+
+def test_chat_equals_engine_with_chat_template(client, engine):
+    for prompt in PROMPTS[:3]:
+        expected = engine.generate(prompt, chat=True, max_new_tokens=12, do_sample=False)
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
+                                           max_tokens=12, temperature=0)
+        assert r.object == "chat.completion"
+        assert r.choices[0].message.role == "assistant"
+        assert r.choices[0].message.content == expected.text
+        assert r.usage.prompt_tokens == len(expected.prompt_ids) == len(engine.encode(prompt, chat=True))
+        assert r.usage.completion_tokens == len(expected.output_ids)
+
+
+def test_streaming_equals_non_streaming(client):
+    for prompt in PROMPTS[:2]:
+        whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=25, temperature=0)
+        chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=25, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompt}]
+        whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
+        chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20,
+                                                     temperature=0, stream=True))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+        assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_raw_stream_is_openai_sse(server):
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 5, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server[0] + "/v1/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert {c["object"] for c in chunks} == {"text_completion"} and len({c["id"] for c in chunks}) == 1
+
+
+def test_seeded_sampling_equals_engine_and_repeats(client, engine):
+    settings = dict(temperature=0.8, top_p=0.9)
+    for seed in (0, 7):
+        expected = [engine.generate(PROMPTS[1], max_new_tokens=15, do_sample=True, top_k=0, seed=seed + i,
+                                    **settings).text for i in range(2)]
+        r = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=15, seed=seed, n=2, **settings)
+        assert [c.text for c in r.choices] == expected
+    assert expected[0] != expected[1]
+
+
+def test_stop_strings_cut_the_text(client, engine):
+    full = engine.generate(PROMPTS[0], max_new_tokens=30, do_sample=False).text
+    stop = full[10:13]
+    cut = full[:full.index(stop)]
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=30, temperature=0, stop=[stop, "§§"])
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (cut, "stop")
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=30, temperature=0,
+                                            stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == cut
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_logprobs(client, engine):
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=6, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert value <= 0 and len(top) <= 3
+        assert value >= max(top.values()) - 1e-5  # greedy: the chosen token is the most likely
+    assert "".join(lp.tokens) == r.choices[0].text or "\ufffd" in "".join(lp.tokens)
+
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROMPTS[2]}],
+                                       max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob == pytest.approx(c.logprob) for c in content)
+
+
+def test_logit_bias_and_penalties(client, engine):
+    token = engine.tokenizer.encode("fox", add_special_tokens=False)[0]
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=5, temperature=0,
+                                  logit_bias={str(token): 100})
+    assert r.choices[0].text == engine.tokenizer.decode([token] * 5)
+    plain = client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=40, temperature=0)
+    penalised = client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=40, temperature=0,
+                                          frequency_penalty=2.0, presence_penalty=2.0)
+    assert penalised.usage.completion_tokens >= 1
+    assert penalised.choices[0].text != plain.choices[0].text or plain.choices[0].finish_reason == "stop"
+
+
+def test_concurrent_streams_each_get_their_own_tokens(server, engine):
+    """Requests with different prompts, lengths and settings run in one batch, joining and leaving
+    at different steps; each gets exactly what it gets alone."""
+    cases = []
+    for i, prompt in enumerate(PROMPTS * 2):
+        if i % 2:
+            cases.append((prompt, 5 + 7 * i, dict(temperature=0.7, top_p=0.95, seed=100 + i)))
+        else:
+            cases.append((prompt, 5 + 7 * i, dict(temperature=0)))
+    expected = []
+    for prompt, max_tokens, s in cases:
+        if s["temperature"] == 0:
+            expected.append(engine.generate(prompt, max_new_tokens=max_tokens, do_sample=False).text)
+        else:
+            expected.append(engine.generate(prompt, max_new_tokens=max_tokens, do_sample=True, top_k=0,
+                                            temperature=s["temperature"], top_p=s["top_p"], seed=s["seed"]).text)
+
+    server[1].state.scheduler.peak_batch = 0
+
+    async def one(client, prompt, max_tokens, s, delay):
+        await asyncio.sleep(delay)
+        stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, stream=True, **s)
+        return "".join([c.choices[0].text async for c in stream])
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=server[0] + "/v1", api_key="x", max_retries=0, timeout=60) as client:
+            jobs = [one(client, p, m, s, 0.01 * i) for i, (p, m, s) in enumerate(cases)]
+            return await asyncio.wait_for(asyncio.gather(*jobs), 60)
+
+    assert asyncio.run(main()) == expected
+    assert server[1].state.scheduler.peak_batch > 1  # they really decoded together
+
+
+# ---- bad input: a 4xx naming the field, and the server goes on -------------------------------
+
+def _error(response: httpx.Response, status: int, param=None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param, error
+    return error
+
+
+def test_bad_requests_get_openai_errors(server, engine):
+    url = server[0]
+    post = lambda path, **kw: httpx.post(url + path, timeout=10, **kw)  # noqa: E731
+    ok = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    headers = {"content-type": "application/json"}
+
+    assert _error(post("/v1/completions", content=b'{"model": ', headers=headers), 400)["code"] == "invalid_json"
+    _error(post("/v1/completions", content=b"[1, 2]", headers=headers), 400)
+    _error(post("/v1/completions", content=b"", headers=headers), 400)
+    _error(post("/v1/completions", json={"prompt": "hi"}), 400, "model")
+    _error(post("/v1/completions", json={**ok, "max_tokens": "5"}), 400, "max_tokens")
+    _error(post("/v1/completions", json={**ok, "max_tokens": 0}), 400, "max_tokens")
+    _error(post("/v1/completions", json={**ok, "max_tokens": True}), 400, "max_tokens")
+    _error(post("/v1/completions", json={**ok, "temperature": "hot"}), 400, "temperature")
+    _error(post("/v1/completions", json={**ok, "temperature": 7}), 400, "temperature")
+    _error(post("/v1/completions", json={**ok, "top_p": 0}), 400, "top_p")
+    _error(post("/v1/completions", json={**ok, "prompt": 5}), 400, "prompt")
+    _error(post("/v1/completions", json={**ok, "prompt": []}), 400, "prompt")
+    _error(post("/v1/completions", json={**ok, "prompt": [1, 2, 99999]}), 400, "prompt")
+    _error(post("/v1/completions", json={**ok, "stop": [1]}), 400, "stop")
+    _error(post("/v1/completions", json={**ok, "n": 100000}), 400, "n")
+    _error(post("/v1/completions", json={**ok, "n": 128}), 400, "n")  # more than the server could ever run
+    _error(post("/v1/completions", json={**ok, "logprobs": 9}), 400, "logprobs")
+    _error(post("/v1/completions", json={**ok, "presence_penalty": 3}), 400, "presence_penalty")
+    _error(post("/v1/completions", json={**ok, "logit_bias": {"x": 1}}), 400, "logit_bias")
+    _error(post("/v1/completions", json={**ok, "logit_bias": {"5": 1000}}), 400, "logit_bias")
+    _error(post("/v1/completions", json={**ok, "seed": 1.5}), 400, "seed")
+    assert _error(post("/v1/completions", json={**ok, "model": "gpt-9"}), 404, "model")["code"] == "model_not_found"
+    long_prompt = list(range(3, 300)) * 14  # 4158 tokens > 4096 positions
+    assert _error(post("/v1/completions", json={**ok, "prompt": long_prompt}), 400,
+                  "prompt")["code"] == "context_length_exceeded"
+    _error(post("/v1/completions", json={**ok, "max_tokens": 5000}), 400, "max_tokens")
+    _error(post("/v1/chat/completions", json={**chat, "messages": "hi"}), 400, "messages")
+    _error(post("/v1/chat/completions", json={**chat, "messages": []}), 400, "messages")
+    _error(post("/v1/chat/completions", json={**chat, "messages": [{"role": "wizard", "content": "x"}]}), 400,
+           "messages[0].role")
+    _error(post("/v1/chat/completions", json={**chat, "messages": [{"role": "user", "content": 3}]}), 400,
+           "messages[0].content")
+    _error(post("/v1/chat/completions", json={**chat, "top_logprobs": 2}), 400, "top_logprobs")
+    _error(post("/v1/chat/completions", json={**chat, "messages": [{"role": "user", "content": "x " * 5000}]}),
+           400, "messages")
+    _error(httpx.get(url + "/v1/nowhere", timeout=10), 404)
+    _error(httpx.get(url + "/v1/completions", timeout=10), 405)
+
+    # nothing above harmed the server
+    r = post("/v1/completions", json={**ok, "temperature": 0})
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["text"] == engine.generate("hi", max_new_tokens=2, do_sample=False).text
+    assert health(url)["active"] == 0
+
+
+def test_api_key(model_dir):
+    with running(model_dir, max_batch=2, api_key="sekret") as (url, _):
+        with openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0) as bad:
+            with pytest.raises(openai.AuthenticationError):
+                bad.models.list()
+            with pytest.raises(openai.AuthenticationError):
+                bad.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+        _error(httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "hi"}, timeout=10), 401)
+        # the key is checked before the body, so a malformed body without a key is a 401 too
+        _error(httpx.post(url + "/v1/completions", content=b"{", timeout=10), 401)
+        assert httpx.get(url + "/health", timeout=10).status_code == 200
+        with openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0) as good:
+            assert good.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_a_failing_request_does_not_harm_the_others(server, engine, monkeypatch):
+    """A request whose token choice raises gets a 500 (or an error event in its stream); a request
+    running beside it finishes with exactly its own tokens."""
+    original = AdditivePenalties.__call__
+
+    def broken(self, input_ids, scores):
+        if self.presence == 1.25 and input_ids.shape[1] - self.prompt_length >= 3:
+            raise RuntimeError("injected failure")
+        return original(self, input_ids, scores)
+
+    monkeypatch.setattr(AdditivePenalties, "__call__", broken)
+    expected = engine.generate(PROMPTS[1], max_new_tokens=60, do_sample=False).text
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=server[0] + "/v1", api_key="x", max_retries=0, timeout=60) as client:
+            async def good():
+                stream = await client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=60,
+                                                         temperature=0, stream=True)
+                return "".join([c.choices[0].text async for c in stream])
+
+            async def bad(stream: bool):
+                await asyncio.sleep(0.01)
+                r = await client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=30, temperature=0,
+                                                    presence_penalty=1.25, stream=stream)
+                if stream:
+                    return "".join([c.choices[0].text async for c in r])
+                return r
+
+            return await asyncio.gather(good(), bad(False), bad(True), return_exceptions=True)
+
+    good, bad_plain, bad_stream = asyncio.run(main())
+    assert good == expected
+    assert isinstance(bad_plain, openai.InternalServerError) and "injected failure" in str(bad_plain)
+    assert isinstance(bad_stream, openai.APIError) and "injected failure" in str(bad_stream)
+    state = wait_for(lambda: (s := health(server[0]))["active"] == 0 and s, what="idle")
+    assert state["failed"] >= 2
+
+
+# ---- queueing, disconnects, load -------------------------------------------------------------
+
+def _no_eos() -> dict:
+    return {str(EOS): -100}
+
+
+def test_full_queue_gets_429_and_disconnect_frees_the_slot(model_dir, caplog):
+    caplog.set_level(logging.INFO, logger="llamascope")
+    with running(model_dir, max_batch=1, max_queue=1) as (url, app):
+        body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 3000, "temperature": 0, "stream": True,
+                "logit_bias": _no_eos()}
+        with httpx.Client(timeout=30) as http:
+            with http.stream("POST", url + "/v1/completions", json=body) as long_stream:
+                lines = long_stream.iter_lines()
+                assert next(lines).startswith("data: ")  # generating: it holds the only slot
+                waiter = {}
+                thread = threading.Thread(target=lambda: waiter.setdefault("r", httpx.post(
+                    url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3}, timeout=30)))
+                thread.start()
+                wait_for(lambda: health(url)["waiting"] == 1, what="a waiting request")
+                full = http.post(url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3})
+                assert _error(full, 429)["code"] == "queue_full"
+                assert full.headers["retry-after"] == "1"
+                for _ in range(3):
+                    next(lines)
+            # the client closed the long stream: its slot goes to the waiting request at once
+            thread.join(10)
+            assert waiter["r"].status_code == 200
+        state = wait_for(lambda: (s := health(url))["active"] == 0 and s["cancelled"] == 1 and s, what="slot freed")
+        assert state["completed"] == 1
+        assert wait_for(lambda: health(url)["kv_bytes"] == 0, what="KV memory released")
+    cancelled = [r.getMessage() for r in caplog.records if "cancelled" in r.getMessage()]
+    assert len(cancelled) == 1
+    assert int(cancelled[0].split(" out,")[0].split()[-1]) < 3000  # it stopped long before max_tokens
+
+
+def test_non_streaming_client_disconnect_cancels(server):
+    url = server[0]
+    before = health(url)["cancelled"]
+    body = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 4000, "temperature": 0, "logit_bias": _no_eos()}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", json=body, timeout=httpx.Timeout(10, read=0.3))
+    wait_for(lambda: health(url)["cancelled"] == before + 1 and health(url)["active"] == 0, what="cancel")
+
+
+def test_load_16_concurrent_clients(server, engine):
+    """16 clients x 3 requests (completions and chat, streamed or not) against 8 slots: every
+    response complete and equal to the answer alone, nothing lost, no error."""
+    lengths = (6, 17)
+    expected = {(p, m, chat): engine.generate(p, chat=chat, max_new_tokens=m, do_sample=False).text
+                for p in PROMPTS for m in lengths for chat in (False, True)}
+
+    async def client_task(client, k):
+        results = []
+        for j in range(3):
+            prompt, max_tokens = PROMPTS[(k + j) % 4], lengths[(k + j) % 2]
+            chat, stream = (k + j) % 3 == 0, (k * 3 + j) % 2 == 0
+            if chat:
+                kwargs = dict(model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                              temperature=0, stream=stream)
+                r = await client.chat.completions.create(**kwargs)
+                if stream:
+                    text = "".join([c.choices[0].delta.content or "" async for c in r])
+                else:
+                    text = r.choices[0].message.content
+            else:
+                r = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens,
+                                                    temperature=0, stream=stream)
+                text = "".join([c.choices[0].text async for c in r]) if stream else r.choices[0].text
+            results.append(text == expected[(prompt, max_tokens, chat)])
+        return results
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=server[0] + "/v1", api_key="x", max_retries=0, timeout=60) as client:
+            return await asyncio.wait_for(asyncio.gather(*(client_task(client, k) for k in range(16))), 80)
+
+    before = health(server[0])
+    server[1].state.scheduler.peak_batch = 0
+    start = time.monotonic()
+    results = asyncio.run(main())
+    assert all(all(r) for r in results) and sum(map(len, results)) == 48
+    assert time.monotonic() - start < 80
+    state = wait_for(lambda: (s := health(server[0]))["active"] == 0 and s, what="idle")
+    assert state["completed"] - before["completed"] == 48 and state["waiting"] == 0
+    assert state["failed"] == before["failed"] and state["cancelled"] == before["cancelled"]
+    assert server[1].state.scheduler.peak_batch == 8
+
+
+def test_one_log_line_per_request(client, caplog):
+    caplog.set_level(logging.INFO, logger="llamascope")
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4, temperature=0)
+    wait_for(lambda: any(r.id in rec.getMessage() for rec in caplog.records), what="log line")
+    lines = [rec.getMessage() for rec in caplog.records if r.id in rec.getMessage()]
+    assert len(lines) == 1
+    assert f"{r.usage.prompt_tokens} tokens in, {r.usage.completion_tokens} out, first token" in lines[0]
+    assert "tokens/s" in lines[0]
+
+
+# ---- the command line --------------------------------------------------------------------------
+
+def test_llamascope_serve_command(tiny_model):
+    """`llamascope serve` in its own process: API key, KV budget, and a model without a chat template."""
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "llamascope", "serve", "--model", str(tiny_model), "--port", str(port),
+               "--max-batch", "2", "--kv-budget-mb", "0.125", "--api-key", "k", "--served-model-name", "m"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            assert process.poll() is None, process.stdout.read()
+            try:
+                return httpx.get(url + "/health", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(up, timeout=60, what="llamascope serve")
+        with openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=30) as client:
+            # 0.125 MiB for 2 slots of 512 bytes per position (2 layers, 2 kv heads of 16, float32): 128 positions
+            assert client.models.list().data[0].model_extra["max_model_len"] == 128
+            r = client.completions.create(model="m", prompt="Once upon a time", max_tokens=5, temperature=0)
+            assert r.choices[0].text == Engine.load(tiny_model).generate("Once upon a time", max_new_tokens=5).text
+            with pytest.raises(openai.BadRequestError, match="context"):
+                client.completions.create(model="m", prompt="Once upon a time", max_tokens=200)
+            with pytest.raises(openai.BadRequestError, match="chat template"):
+                client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        _error(httpx.get(url + "/v1/models", timeout=5), 401)
+    finally:
+        process.terminate()
+        try:
+            output = process.communicate(timeout=15)[0]
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output = process.communicate()[0]
+    assert "tokens in, 5 out, first token" in output  # the per-request log line, on by default

@@ -1,0 +1,284 @@
+"""`llamascope trace`: records what generation computed, and what it records agrees with a full
+forward pass, with transformers, with generation without the trace, and with golden numbers for
+the default model made by transformers from the same GGUF file."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from conftest import rewrite_json
+from llamascope.cli import main
+from llamascope.engine import Engine
+from llamascope.errors import LlamascopeError
+from llamascope.generation import generate
+from llamascope.trace import ActivationRecorder, capture_activations, lens_logits, render_html, render_trace, trace
+
+PROMPT = "My name is Mariama, my favorite"
+GOLDEN = Path(__file__).parent / "golden" / "trace_smollm2.json"
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    return Engine.load(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def traced(engine):
+    return trace(engine, PROMPT, max_new_tokens=4, lens=True, top=3)
+
+
+def _render(t, width=160) -> str:
+    console = Console(file=io.StringIO(), width=width, color_system=None)
+    render_trace(t, console)
+    return console.file.getvalue()
+
+
+# ---- the numbers ----------------------------------------------------------------------------------
+
+def test_per_position_predictions_equal_full_forward_and_transformers(engine, traced, tiny_model):
+    from transformers import LlamaForCausalLM
+
+    ids = torch.tensor([traced.prompt_ids])
+    with torch.no_grad():
+        ours = engine.model(ids, torch.arange(ids.shape[1])[None])[0].float()  # [T, V]
+        reference = LlamaForCausalLM.from_pretrained(tiny_model).eval()(ids).logits[0].float()
+    predicted = [p.predicted_id for p in traced.predictions]
+    assert predicted == ours.argmax(-1).tolist() == reference.argmax(-1).tolist()
+    probs = torch.tensor([p.prob for p in traced.predictions])
+    assert torch.allclose(probs, reference.softmax(-1).max(-1).values, atol=1e-5)
+    # each position is lined up with the prompt token that follows it
+    assert [p.next_id for p in traced.predictions] == traced.prompt_ids[1:] + [None]
+    # the last position's prediction is the first generated token
+    assert traced.predictions[-1].predicted_id == traced.output_ids[0]
+
+
+def test_lens_at_the_last_layer_equals_the_models_logits_exactly(engine, traced):
+    lens = traced.lens
+    L = engine.config.num_hidden_layers
+    assert lens.layers == ["embed"] + [str(i) for i in range(L)]
+    assert lens.final_layer_max_abs_diff == 0.0
+    # prompt positions, then one position per decode step (the last token is never fed)
+    assert lens.positions == list(range(traced.prompt_length + len(traced.output_ids) - 1))
+    for row in lens.cells:
+        assert len(row) == len(lens.positions)
+    top_at_last_layer = [cell[0][0] for cell in lens.cells[L][: traced.prompt_length]]
+    assert top_at_last_layer == [p.predicted_id for p in traced.predictions]
+    for s in traced.steps:
+        assert lens.cells[L][traced.prompt_length - 1 + s.index][0][0] == s.chosen.id
+    # the same through the public pieces: captured residual stream -> lens == captured logits, bit for bit
+    acts = capture_activations(engine.model, traced.prompt_ids, ["layers.*.output", "logits"])
+    assert torch.equal(lens_logits(engine.model, acts[f"layers.{L - 1}.output"]), acts["logits"].float())
+
+
+def test_trace_on_and_off_give_the_same_tokens(engine):
+    ids = engine.encode(PROMPT)
+    for settings in (dict(max_new_tokens=8), dict(max_new_tokens=8, use_cache=False),
+                     dict(max_new_tokens=8, do_sample=True, seed=7, top_k=20, temperature=0.8)):
+        plain = generate(engine.model, ids, engine.generation_config(**settings)).output_ids[0]
+        traced = trace(engine, PROMPT, lens=True, **settings)
+        assert traced.output_ids == plain, settings
+        assert [s.chosen.id for s in traced.steps] == plain
+
+
+def test_steps_record_inputs_cache_and_shapes(engine, traced):
+    T, V, H = traced.prompt_length, engine.config.vocab_size, engine.config.hidden_size
+    first, second = traced.steps[0], traced.steps[1]
+    assert first.input_ids == [traced.prompt_ids] and first.position_ids == [list(range(T))]
+    assert first.cache_length == 0 and first.cache_state == "empty (0 positions)"
+    assert first.shapes["embed"] == first.shapes["decoder_output"] == first.shapes["norm"] == [1, T, H]
+    assert first.shapes["logits"] == [1, 1, V] and first.shapes["all_position_logits"] == [1, T, V]
+    assert second.input_ids == [[traced.output_ids[0]]] and second.position_ids == [[T]]
+    assert second.cache_length == T and second.cache_state == f"holding {T} positions"
+    assert len(second.attention_mask[0]) == T + 1 and second.shapes["embed"] == [1, 1, H]
+    assert len(first.top) == 3 and first.top[0].id == first.chosen.id
+    nocache = trace(engine, PROMPT, max_new_tokens=2, use_cache=False)
+    assert nocache.steps[1].cache_length is None and "no cache" in nocache.steps[1].cache_state
+    assert nocache.steps[1].input_ids[0] == nocache.prompt_ids + nocache.output_ids[:1]
+
+
+def test_settings_sources_max_length_and_strategy(engine, traced):
+    s = traced.settings
+    assert s.sources["max_new_tokens"] == "call" and s.sources["eos_token_id"] == "generation_config.json"
+    assert s.sources["do_sample"] == "default"
+    assert traced.max_length == traced.prompt_length + 4
+    assert traced.strategy == "greedy search" and "do_sample=False (default)" in traced.strategy_reason
+    sampled = trace(engine, PROMPT, max_new_tokens=1, do_sample=True, seed=1, temperature=0.5)
+    assert sampled.strategy == "sampling" and "do_sample=True (call)" in sampled.strategy_reason
+    assert any(p.startswith("Temperature") for p in sampled.processors)
+    with pytest.raises(LlamascopeError, match="beam search"):
+        trace(engine, PROMPT, max_new_tokens=1, num_beams=2)
+
+
+def test_warns_when_settings_contradict_the_tokenizer(model_factory, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(model_factory("gqa"), folder)
+    rewrite_json(folder / "generation_config.json", bos_token_id=0, eos_token_id=1, pad_token_id=-1)
+    t = trace(Engine.load(folder), PROMPT, max_new_tokens=1)
+    assert {"bos", "eos", "pad"} <= {w.kind for w in t.warnings}
+    assert t.settings.sources["bos_token_id"] == "generation_config.json"
+    text = _render(t)
+    assert "warning (eos): generation stops at EOS id(s) 1" in text and "EOS '</s>' is 2" in text
+
+
+def test_activation_recorder(engine):
+    recorder = ActivationRecorder(["layers.*.input", "layers.*.attn_out", "layers.*.mlp_out", "layers.*.output",
+                                   "layers.0.attn_weights"])
+    ids = engine.encode(PROMPT)
+    generate(engine.model, ids, max_new_tokens=2, capture=recorder)
+    first, second = recorder.steps
+    T = len(ids)
+    assert set(first) == {f"layers.{i}.{n}" for i in range(2) for n in ("input", "attn_out", "mlp_out", "output")} | {
+        "layers.0.attn_weights"}
+    assert first["layers.0.attn_weights"].shape == (1, 4, T, T)
+    assert second["layers.0.attn_weights"].shape == (1, 4, 1, T + 1)
+    assert torch.allclose(first["layers.0.attn_weights"].sum(-1), torch.ones(1, 4, T))
+    for i in range(2):  # the residual stream: output = input + attention output + MLP output
+        a = first[f"layers.{i}.input"] + first[f"layers.{i}.attn_out"] + first[f"layers.{i}.mlp_out"]
+        assert torch.equal(a, first[f"layers.{i}.output"])
+    assert torch.equal(first["layers.0.output"], first["layers.1.input"])
+    assert ActivationRecorder().flags() == {"_all_logits": True}
+    assert ActivationRecorder(["layers.*.output"]).flags() == {}  # off unless asked for
+
+
+# ---- rendering --------------------------------------------------------------------------------
+
+def test_text_rendering_order_and_content(traced):
+    text = _render(traced)
+    order = ["1. tokenization", "2. generation settings", "3. decoding strategy", "step 0 (prefill",
+             "per-position predictions", "step 1 (decode", "step 3 (decode", "result", "logit lens"]
+    positions = [text.index(heading) for heading in order]
+    assert positions == sorted(positions)
+    T = traced.prompt_length
+    assert f"input_ids      = tensor([[{', '.join(map(str, traced.prompt_ids))}]])  shape [1, {T}]" in text
+    assert f"max_length = prompt length {T} + max_new_tokens 4 (call) = {T + 4}" in text
+    assert "greedy search" in text and "predicts the token that follows it" in text
+    assert f"holding {T} positions" in text and "empty (0 positions)" in text
+    assert f"[1, {T}, 64]" in text and "[1, 1, 320]" in text
+    assert repr(traced.predictions_text) in text and repr(traced.text) in text
+
+
+def test_json_holds_the_whole_trace(traced, tmp_path):
+    data = json.loads(json.dumps(traced.to_json()))
+    assert data["tokenization"]["input_ids"] == [traced.prompt_ids]
+    assert data["tokenization"]["input_ids_shape"] == [1, traced.prompt_length]
+    assert len(data["steps"]) == 4 and data["steps"][1]["cache_length"] == traced.prompt_length
+    assert data["strategy"]["name"] == "greedy search"
+    assert {s["name"] for s in data["settings"]} >= {"max_new_tokens", "do_sample", "eos_token_id"}
+    assert [p["predicted_id"] for p in data["predictions"]] == [p.predicted_id for p in traced.predictions]
+    assert len(data["lens"]["cells"]) == 3 and data["output_ids"] == traced.output_ids
+
+
+def test_cli_trace_writes_json_and_html(tiny_model, tmp_path, capsys):
+    out_json, out_html = tmp_path / "t.json", tmp_path / "t.html"
+    assert main(["trace", "--model", str(tiny_model), "--max-new-tokens", "2", "--top", "2", "--lens",
+                 "--json", str(out_json), "--html", str(out_html), PROMPT]) == 0
+    text = capsys.readouterr().out
+    assert "1. tokenization" in text and "logit lens" in text
+    data = json.loads(out_json.read_text())
+    assert len(data["output_ids"]) == 2 and len(data["steps"][0]["top"]) == 2
+    assert out_html.read_text().count('<td class="cell') == 3 * (data["lens"]["positions"][-1] + 1)
+    assert main(["trace", "--model", str(tiny_model), "--max-new-tokens", "1", "--no-cache", "Hi"]) == 0
+    assert "no cache (use_cache=False)" in capsys.readouterr().out
+
+
+# ---- the HTML report in a real browser ----------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    path = shutil.which("chromium")
+    if path is None and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "chromium"],
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=900)
+        path = shutil.which("chromium")
+    if path is None:
+        pytest.skip("headless Chromium is not installed (Debian package `chromium`; the test installs it with "
+                    "apt-get only when running as root)")
+    return path
+
+
+PROBE = """<script>
+const cells = [...document.querySelectorAll('#lens td.cell')];
+const shown = cells.filter(c => { const r = c.getBoundingClientRect(); return r.width > 0 && r.height > 0; });
+const tinted = cells.filter(c => getComputedStyle(c).backgroundColor !== 'rgba(0, 0, 0, 0)');
+const tips = cells.filter(c => getComputedStyle(c.querySelector('.tip')).display === 'none');
+const probe = document.createElement('pre');
+probe.id = 'probe';
+probe.textContent = JSON.stringify({cells: cells.length, shown: shown.length, tinted: tinted.length,
+  hiddenTips: tips.length, rows: document.querySelectorAll('#lens tbody tr').length});
+document.body.appendChild(probe);
+</script>"""
+
+
+def test_html_heat_map_in_headless_chromium(chromium, traced, tmp_path):
+    page = render_html(traced)
+    assert "http://" not in page and "https://" not in page and "<script" not in page  # self-contained
+    report = tmp_path / "report.html"
+    report.write_text(page.replace("</body>", PROBE + "</body>"), encoding="utf-8")
+    profile = tmp_path / "profile"
+    run = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run", f"--user-data-dir={profile}", "--dump-dom",
+         report.as_uri()],
+        capture_output=True, text=True, timeout=120)
+    match = re.search(r'<pre id="probe">(.*?)</pre>', run.stdout)
+    assert match, run.stderr[-2000:]
+    found = json.loads(match.group(1).replace("&quot;", '"'))
+    expected = len(traced.lens.layers) * len(traced.lens.positions)
+    assert found == {"cells": expected, "shown": expected, "tinted": expected, "hiddenTips": expected,
+                     "rows": len(traced.lens.layers)}
+
+
+# ---- golden output on the default model ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def default_engine():
+    try:
+        import llamascope.loading.gguf  # noqa: F401
+        from llamascope.loading import default_model_path
+
+        default_model_path()
+    except (LlamascopeError, ImportError) as e:
+        pytest.skip(f"the default GGUF model is not loadable yet: {e}")
+    return Engine.load()
+
+
+def test_golden_trace_on_the_default_model(default_engine):
+    golden = json.loads(GOLDEN.read_text())
+    t = trace(default_engine, golden["prompt"], max_new_tokens=golden["max_new_tokens"], lens=True)
+    # numbers: transformers' own run on the same GGUF file (tests/golden/make_trace_golden.py)
+    assert t.prompt_ids == golden["prompt_ids"]
+    assert [p.predicted_id for p in t.predictions] == golden["predicted_ids"]
+    # Probabilities within 0.03: for a few rows the engine's GGUF kernels quantise the activations to
+    # 8 bits per block (as llama.cpp does), while transformers multiplies dequantised float weights.
+    assert [p.prob for p in t.predictions] == pytest.approx(golden["predicted_probs"], abs=3e-2)
+    assert t.predictions_text == golden["predictions_text"]
+    assert t.output_ids == golden["output_ids"] and t.text == golden["text"]
+    # the top 5 of the first step: the same tokens (close ones may swap places), the same probabilities
+    top = {c.id: c.prob for c in t.steps[0].top}
+    assert t.steps[0].top[0].id == golden["first_step_top_ids"][0] and set(top) == set(golden["first_step_top_ids"])
+    assert [top[i] for i in golden["first_step_top_ids"]] == pytest.approx(golden["first_step_top_probs"], abs=3e-2)
+    assert t.lens.final_layer_max_abs_diff == 0.0
+    # structure
+    T, H, V, L = len(t.prompt_ids), golden["hidden_size"], golden["vocab_size"], golden["num_hidden_layers"]
+    assert len(t.steps) == golden["max_new_tokens"] and t.finish_reason == "length"
+    assert t.steps[0].shapes == {"embed": [1, T, H], "decoder_output": [1, T, H], "norm": [1, T, H],
+                                 "logits": [1, 1, V], "next_token_logits": [1, V], "all_position_logits": [1, T, V]}
+    for k, s in enumerate(t.steps[1:], 1):
+        assert s.cache_length == T + k - 1 and s.position_ids == [[T + k - 1]] and s.shapes["embed"] == [1, 1, H]
+    assert t.settings.sources["eos_token_id"] == "GGUF metadata" and t.warnings == []
+    assert len(t.lens.cells) == L + 1 and len(t.lens.positions) == T + golden["max_new_tokens"] - 1
+    text = _render(t)
+    for heading in ("1. tokenization", "greedy search", "step 7 (decode", "per-position predictions", "logit lens"):
+        assert heading in text
+    assert repr(golden["predictions_text"]) in text and repr(golden["text"]) in text
