@@ -46,11 +46,14 @@ class KVCache:
         """Store k, v [B, KVH, T, D] after the filled columns; return all keys/values [B, KVH, S, D]."""
         T = k.shape[2]
         end = self.length + T
-        if end > self.capacity:
-            raise LlamascopeError(f"KV cache full: {end} positions needed, capacity {self.capacity}")
+        self.check_room(T)
         self.keys[layer][:, :, self.length:end] = k
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def check_room(self, T: int) -> None:
+        if self.length + T > self.capacity:
+            raise LlamascopeError(f"KV cache full: {self.length + T} positions needed, capacity {self.capacity}")
 
     def advance(self, T: int) -> None:
         self.length += T

@@ -88,6 +88,13 @@ def load() -> ctypes.CDLL | None:
     for name in ("gemv_q4_0", "gemv_q4_1", "gemv_q8_0"):
         getattr(lib, name).argtypes = [p, i, i, p, p, p, i, p, i]
         getattr(lib, name).restype = f
+    lib.gemv_blocks_f32.argtypes = [i, p, i, i, p, i, p, i]
+    lib.gemv_blocks_f32.restype = f
+    fl = ctypes.c_float
+    lib.rmsnorm_f32.argtypes = [p, p, p, i, i, fl]
+    lib.rmsnorm_f32.restype = f
+    lib.decode_attention_f32.argtypes = [p, p, p, p, p, i, i, i, i, i, fl, p, i]
+    lib.decode_attention_f32.restype = f
     for name in ("gemv_f32", "gemv_bf16"):
         getattr(lib, name).argtypes = [p, i, i, p, i, p, i]
         getattr(lib, name).restype = f

@@ -107,8 +107,15 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.kernel = None  # native float32 kernel for a few rows (quant.accelerate_model sets it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and x.dtype == torch.float32 and x.numel() <= 8 * x.shape[-1] \
+                and x.is_contiguous() and not x.requires_grad:
+            out = torch.empty_like(x)
+            self.kernel(x.data_ptr(), self.weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1],
+                        x.shape[-1], self.eps)
+            return out
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -126,16 +133,27 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(h, kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(heads * self.head_dim, h, bias=bias)
+        self.qkv_proj: nn.Module | None = None  # q, k, v as one product (quant.fuse_projections)
+        self.qkv_sizes: tuple[int, int, int] | None = None
+        self.decode_kernel = None  # native one-token attention (quant.accelerate_model sets it)
+
+    def fuse(self, qkv_proj: nn.Module) -> None:
+        """Replace q_proj, k_proj and v_proj by one layer whose output is their outputs side by side."""
+        self.qkv_sizes = (self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features)
+        self.qkv_proj = qkv_proj
+        del self.q_proj, self.k_proj, self.v_proj
 
     # Head counts come from the projections' shapes: under tensor parallelism (parallel.py) each
     # rank's projections hold only its share of the heads, and these count that share.
     @property
     def heads(self) -> int:
-        return self.q_proj.out_features // self.head_dim
+        size = self.qkv_sizes[0] if self.qkv_sizes else self.q_proj.out_features
+        return size // self.head_dim
 
     @property
     def kv_heads(self) -> int:
-        return self.k_proj.out_features // self.head_dim
+        size = self.qkv_sizes[1] if self.qkv_sizes else self.k_proj.out_features
+        return size // self.head_dim
 
     def forward(
         self,
@@ -147,18 +165,25 @@ class Attention(nn.Module):
         capture: dict | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
+        if (self.decode_kernel is not None and B == 1 and T == 1 and mask is None and capture is None
+                and self.qkv_proj is not None and x.dtype == torch.float32 and type(cache) is KVCache):
+            return self.o_proj(self._decode_one(x, cos, sin, cache))
         # H, KVH: the heads this module holds (this rank's share under tensor parallelism)
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)  # [B, T, H*D], [B, T, KVH*D] x2
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)  # [B, KVH, S, D], S = cached + T
         groups = q.shape[1] // k.shape[1]
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)  # [B, H, S, D]
-            v = v.repeat_interleave(groups, dim=1)  # [B, H, S, D]
         if capture is not None and capture.get("_attention_weights"):
+            if groups > 1:
+                k = k.repeat_interleave(groups, dim=1)  # [B, H, S, D]
+                v = v.repeat_interleave(groups, dim=1)  # [B, H, S, D]
             scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # [B, H, T, S]
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
@@ -167,14 +192,30 @@ class Attention(nn.Module):
             weights = scores.float().softmax(-1).to(q.dtype)  # [B, H, T, S]
             capture[f"layers.{self.layer_index}.attn_weights"] = weights
             out = weights @ v
-        elif mask is None and (T == 1 or T == k.shape[2]):
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # [B, H, T, D]
+        elif mask is None and (T == 1 or T == k.shape[2]):  # (GQA: each group of query heads shares a KV head)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=groups > 1)  # [B, H, T, D]
         elif mask is None:  # several new tokens after cached ones: causal with an offset
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_bias(T, k.shape[2], q) == 0)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_bias(T, k.shape[2], q) == 0,
+                                                 enable_gqa=groups > 1)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, D]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)  # [B, H, T, D]
         out = out.transpose(1, 2).reshape(B, T, -1)  # [B, T, H*D]
         return self.o_proj(out)  # [B, T, hidden]
+
+
+    def _decode_one(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The same attention for one token of one sequence, in one native call: RoPE, cache write,
+        softmax(q k^T / sqrt(D)) v over the cached positions (the plain path above is the reference)."""
+        qkv = self.qkv_proj(x).contiguous()  # [1, 1, (H + 2 KVH) * D]
+        heads, kv_heads, D = self.heads, self.kv_heads, self.head_dim
+        keys, values = cache.keys[self.layer_index], cache.values[self.layer_index]  # [1, KVH, cap, D]
+        cache.check_room(1)
+        out = torch.empty(1, 1, heads * D)  # [1, 1, H*D]
+        cos, sin = cos.contiguous(), sin.contiguous()
+        self.decode_kernel(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(),
+                           cache.length, cache.capacity, heads, kv_heads, D, D ** -0.5, out.data_ptr(),
+                           torch.get_num_threads())
+        return out
 
 
 def _causal_bias(T: int, S: int, like: torch.Tensor) -> torch.Tensor:
@@ -192,9 +233,19 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=bias)
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
+        self.gate_up_proj: nn.Module | None = None  # gate and up as one product (quant.fuse_projections)
+
+    def fuse(self, gate_up_proj: nn.Module) -> None:
+        """Replace gate_proj and up_proj by one layer whose output is [gate | up]."""
+        self.gate_up_proj = gate_up_proj
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, hidden] -> [B, T, hidden]
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [B, T, I] each
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

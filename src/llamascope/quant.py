@@ -19,10 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .model import RMSNorm
 from .errors import LlamascopeError
 
 QK = 32
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+QTYPE_CODES = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2}  # as in csrc/gemv.c
 QUANT_CHOICES = {"int8": "Q8_0", "int4": "Q4_1", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1"}
 # Up to this many activation rows per call, the batch-1 kernels beat dequantise + matmul.
 KERNEL_MAX_ROWS = 8
@@ -99,7 +101,9 @@ class QuantLinear(nn.Module):
         self.qtype, self.in_features, self.out_features = qtype, in_features, blocks.shape[0]
         self.register_buffer("blocks", blocks.contiguous())  # [N, K/32 * bytes] uint8
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self._kernel = getattr(kernels.load(), "gemv_" + qtype.lower(), None) if kernels.load() else None
+        lib = kernels.load()
+        self._kernel = lib.gemv_blocks_f32 if lib is not None else None
+        self._code = QTYPE_CODES[qtype]
 
     @classmethod
     def from_float(cls, linear: nn.Linear | torch.Tensor, qtype: str) -> "QuantLinear":
@@ -122,19 +126,14 @@ class QuantLinear(nn.Module):
         rows = x.numel() // self.in_features
         if self._kernel is None or rows > KERNEL_MAX_ROWS or x.device.type != "cpu":
             return self.forward_plain(x)
-        lib = kernels.load()
-        K, N = self.in_features, self.out_features
-        xf = x.reshape(rows, K).float().contiguous()  # [rows, K]
-        xq = torch.empty(rows, K, dtype=torch.int8)
-        xd = torch.empty(rows, K // QK)
-        xs = torch.empty(rows, K // QK)
-        lib.quantize_act_q8(xf.data_ptr(), rows, K, xq.data_ptr(), xd.data_ptr(), xs.data_ptr())
-        y = torch.empty(rows, N)  # [rows, N] float32
-        self._kernel(self.blocks.data_ptr(), N, K, xq.data_ptr(), xd.data_ptr(), xs.data_ptr(), rows,
-                     y.data_ptr(), kernels.threads())
+        N = self.out_features
+        xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()  # [..., K]
+        y = torch.empty(*x.shape[:-1], N)  # [..., N] float32
+        self._kernel(self._code, self.blocks.data_ptr(), N, self.in_features, xf.data_ptr(), rows, y.data_ptr(),
+                     torch.get_num_threads())
         if self.bias is not None:
             y += self.bias
-        return y.reshape(*x.shape[:-1], N).to(x.dtype)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 class FastLinear(nn.Module):
@@ -159,14 +158,15 @@ class FastLinear(nn.Module):
         rows = x.numel() // self.in_features
         if self._kernel is None or rows > KERNEL_MAX_ROWS or x.device.type != "cpu" or x.requires_grad:
             return self.forward_plain(x)
-        xf = x.reshape(rows, self.in_features).float().contiguous()
-        y = torch.empty(rows, self.out_features)
+        xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()  # [..., K]
+        y = torch.empty(*x.shape[:-1], self.out_features)  # [..., N] float32
         self._kernel(self.weight.data_ptr(), self.out_features, self.in_features, xf.data_ptr(), rows,
-                     y.data_ptr(), kernels.threads())
-        y = y.to(x.dtype)
+                     y.data_ptr(), torch.get_num_threads())
+        if x.dtype != torch.float32:
+            y = y.to(x.dtype)
         if self.bias is not None:
             y += self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y
 
 
 class QuantEmbedding(nn.Module):
@@ -192,10 +192,11 @@ class QuantEmbedding(nn.Module):
 def _linear_slots(model: nn.Module):
     """(parent module, attribute name) of each projection and of the LM head."""
     for layer in model.model.layers:
-        for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
-                              (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+        for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")),
+                              (layer.mlp, ("gate_proj", "up_proj", "gate_up_proj", "down_proj"))):
             for name in names:
-                yield _local_slot(parent, name)
+                if getattr(parent, name, None) is not None:  # fused layers replace their parts
+                    yield _local_slot(parent, name)
     yield _local_slot(model, "lm_head")
 
 
@@ -222,9 +223,16 @@ def quantize_model(model: nn.Module, quant: str) -> nn.Module:
 
 
 def accelerate_model(model: nn.Module) -> nn.Module:
-    """Give float projections the two-core batch-1 kernels (same weights, shared, no copy)."""
-    if kernels.load() is None:
+    """Give float projections the two-core batch-1 kernels (same weights, shared, no copy), and
+    RMSNorm and one-token attention their native float32 versions."""
+    lib = kernels.load()
+    if lib is None:
         return model
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.kernel = lib.rmsnorm_f32
+        elif hasattr(module, "decode_kernel"):
+            module.decode_kernel = lib.decode_attention_f32
     for parent, name in _linear_slots(model):
         module = getattr(parent, name)
         if type(module) is nn.Linear and module.weight.dtype in (torch.float32, torch.bfloat16):
@@ -249,3 +257,43 @@ def install_block_weights(model: nn.Module, blocks: dict[str, tuple[str, torch.T
             bias = getattr(old, "bias", None)
             bias = None if bias is None or bias.is_meta else bias.detach().float()
             setattr(parent, attr, QuantLinear(data, qtype, old.in_features, bias))
+
+
+def _fused(modules: list[nn.Module]) -> nn.Module | None:
+    """One layer computing the given layers' outputs side by side, or None where they differ in kind."""
+    biases = [m.bias for m in modules]
+    if any(b is not None for b in biases) and any(b is None for b in biases):
+        return None
+    bias = None if biases[0] is None else torch.cat([b.detach().float() for b in biases])
+    if all(isinstance(m, QuantLinear) for m in modules) and len({m.qtype for m in modules}) == 1:
+        return QuantLinear(torch.cat([m.blocks for m in modules]), modules[0].qtype, modules[0].in_features, bias)
+    if all(type(m) in (nn.Linear, FastLinear) for m in modules) and len({m.weight.dtype for m in modules}) == 1:
+        weight = torch.cat([m.weight.detach() for m in modules])
+        bias = None if bias is None else bias.to(weight.dtype)
+        return FastLinear(weight, bias) if kernels.load() is not None else _linear(weight, bias)
+    return None
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    with torch.device("meta"):
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias, requires_grad=False)
+    return layer
+
+
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """q, k and v (and gate and up) as one product each: half the calls per layer, and the
+    activations are read (and quantised) once. Outputs are the same numbers as separate layers."""
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if getattr(attn, "qkv_proj", None) is None:
+            fused = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
+            if fused is not None:
+                attn.fuse(fused)
+        if getattr(mlp, "gate_up_proj", None) is None:
+            fused = _fused([mlp.gate_proj, mlp.up_proj])
+            if fused is not None:
+                mlp.fuse(fused)
+    return model

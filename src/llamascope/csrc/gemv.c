@@ -18,6 +18,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define QK 32
@@ -276,5 +277,103 @@ void gemv_bf16(const uint16_t *w, int N, int K, const float *x, int T, float *y,
             }
             y[(int64_t)t * N + n] = s;
         }
+    }
+}
+
+/* ---- one call per product: quantise the activations, then the block product --------------- */
+
+enum { QTYPE_Q8_0 = 0, QTYPE_Q4_0 = 1, QTYPE_Q4_1 = 2 };
+
+/* y[T, N] = x[T, K] @ W^T for a block-format W; x float32. The 8-bit activations live in a
+ * scratch buffer on the stack for small inputs (the decode case), on the heap otherwise. */
+void gemv_blocks_f32(int qtype, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads) {
+    const int nb = K / QK;
+    const int64_t need = (int64_t)T * K + 2 * (int64_t)T * nb * (int64_t)sizeof(float) + 64;
+    uint8_t stack[65536];
+    uint8_t *scratch = need <= (int64_t)sizeof(stack) ? stack : (uint8_t *)aligned_alloc(64, (need + 63) / 64 * 64);
+    int8_t *xq = (int8_t *)scratch;
+    float *xd = (float *)(scratch + (((int64_t)T * K + 63) / 64 * 64));
+    float *xs = xd + (int64_t)T * nb;
+    quantize_act_q8(x, T, K, xq, xd, xs);
+    if (qtype == QTYPE_Q8_0) gemv_blocks(dot_q8_0, 34, w, N, K, xq, xd, xs, T, y, nthreads);
+    else if (qtype == QTYPE_Q4_0) gemv_blocks(dot_q4_0, 18, w, N, K, xq, xd, xs, T, y, nthreads);
+    else gemv_blocks(dot_q4_1, 20, w, N, K, xq, xd, xs, T, y, nthreads);
+    if (scratch != stack) free(scratch);
+}
+
+/* ---- the rest of a batch-1 decode step, for float32 activations ----------------------------- */
+
+/* out[r] = w * x[r] / sqrt(mean(x[r]^2) + eps), for `rows` rows of `dim` (LLaMA's RMSNorm). */
+void rmsnorm_f32(const float *x, const float *w, float *out, int rows, int dim, float eps) {
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (int64_t)r * dim;
+        float *o = out + (int64_t)r * dim;
+        __m512 acc = _mm512_setzero_ps();
+        int k = 0;
+        for (; k + 16 <= dim; k += 16) {
+            const __m512 v = _mm512_loadu_ps(xr + k);
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        float ss = _mm512_reduce_add_ps(acc);
+        for (; k < dim; k++) ss += xr[k] * xr[k];
+        const float scale = 1.0f / sqrtf(ss / (float)dim + eps);
+        for (k = 0; k < dim; k++) o[k] = w[k] * (xr[k] * scale);
+    }
+}
+
+/* Rotate-half RoPE in place on n heads of size D: x = x * cos + rotate_half(x) * sin. */
+static void rope_heads(float *x, int n, int D, const float *cos, const float *sin) {
+    const int half = D / 2;
+    for (int h = 0; h < n; h++) {
+        float *v = x + (int64_t)h * D;
+        for (int i = 0; i < half; i++) {
+            const float a = v[i], b = v[i + half];
+            v[i] = a * cos[i] - b * sin[i];
+            v[i + half] = b * cos[i + half] + a * sin[i + half];
+        }
+    }
+}
+
+/*
+ * One token's attention for one sequence, given its fused projection qkv = [q (H*D) | k (KVH*D) |
+ * v (KVH*D)]: RoPE on q and k, k and v written to cache column `col` (caches are [KVH, cap, D]),
+ * then softmax(q k^T * scale) v over columns 0..col, query head h reading KV head h / (H / KVH).
+ * out: [H*D].
+ */
+void decode_attention_f32(float *qkv, const float *cos, const float *sin, float *kcache, float *vcache,
+                          int col, int cap, int H, int KVH, int D, float scale, float *out, int nthreads) {
+    float *q = qkv, *k = qkv + (int64_t)H * D, *v = k + (int64_t)KVH * D;
+    rope_heads(q, H, D, cos, sin);
+    rope_heads(k, KVH, D, cos, sin);
+    for (int h = 0; h < KVH; h++) {
+        memcpy(kcache + ((int64_t)h * cap + col) * D, k + (int64_t)h * D, D * sizeof(float));
+        memcpy(vcache + ((int64_t)h * cap + col) * D, v + (int64_t)h * D, D * sizeof(float));
+    }
+    const int S = col + 1, group = H / KVH;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (S * H > 4096)
+    for (int h = 0; h < H; h++) {
+        const float *qh = q + (int64_t)h * D;
+        const float *kh = kcache + (int64_t)(h / group) * cap * D;
+        const float *vh = vcache + (int64_t)(h / group) * cap * D;
+        float *oh = out + (int64_t)h * D;
+        float *scores = (float *)malloc(sizeof(float) * S);
+        float top = -INFINITY;
+        for (int s = 0; s < S; s++) {
+            float dot = 0.0f;
+            for (int d = 0; d < D; d++) dot += qh[d] * kh[(int64_t)s * D + d];
+            scores[s] = dot * scale;
+            if (scores[s] > top) top = scores[s];
+        }
+        float total = 0.0f;
+        for (int s = 0; s < S; s++) {
+            scores[s] = expf(scores[s] - top);
+            total += scores[s];
+        }
+        for (int d = 0; d < D; d++) oh[d] = 0.0f;
+        for (int s = 0; s < S; s++) {
+            const float p = scores[s] / total;
+            for (int d = 0; d < D; d++) oh[d] += p * vh[(int64_t)s * D + d];
+        }
+        free(scores);
     }
 }

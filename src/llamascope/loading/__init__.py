@@ -261,7 +261,7 @@ def load_model(
     them all into float at `dtype`, "int8" / "int4" quantise the projections after loading.
     `fast` gives float projections the two-core batch-1 kernels (False: plain `nn.Linear`).
     """
-    from ..quant import accelerate_model, quantize_model
+    from ..quant import accelerate_model, fuse_projections, quantize_model
 
     start = time.perf_counter()
     checkpoint = open_checkpoint(path)
@@ -277,6 +277,8 @@ def load_model(
         quantize_model(model, quant)
     if fast:
         accelerate_model(model)
+        if parallel is None or parallel.world_size == 1:
+            fuse_projections(model)
     tokenizer = checkpoint.tokenizer_factory() if checkpoint.tokenizer_factory else None
     seconds = time.perf_counter() - start
     log.info("loaded in %.2f s", seconds)
