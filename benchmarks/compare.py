@@ -144,8 +144,6 @@ def token_ids(n: int, vocab: int, seed: int) -> list[int]:
 
 def measure(system: str, path: str, precision: str, prompt_tokens: int, new_tokens: int, prefill_tokens: int,
             threads: int) -> dict:
-    import resource
-
     import torch
 
     torch.set_num_threads(threads)
@@ -213,7 +211,16 @@ def measure(system: str, path: str, precision: str, prompt_tokens: int, new_toke
     else:
         raise SystemExit(f"unknown system {system}")
     return {"load_s": load, "decode_tps": decode, "prefill_tps": prefill_tokens / prefill_seconds,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM; ru_maxrss would carry the parent's over exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 # ---- driver ---------------------------------------------------------------------------------

@@ -51,6 +51,15 @@ class BenchResult:
 
 
 def peak_rss_bytes() -> int:
+    """Peak resident memory of this process (VmHWM on Linux: ru_maxrss carries a parent's peak
+    across exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -229,6 +229,45 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    """A multi-turn chat in the terminal; reads one user message per line until EOF or /exit."""
+    engine = _load_engine(args)
+    settings = _generation_settings(args)
+    settings["max_new_tokens"] = args.max_new_tokens if args.max_new_tokens is not None else 256
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Chat with the model; an empty line or /exit ends the chat.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        if line.strip() in ("", "/exit", "/quit"):
+            if interactive or line.strip():
+                break
+            continue
+        messages.append({"role": "user", "content": line})
+        if interactive:
+            sys.stdout.write("assistant> ")
+        reply = []
+        for delta in engine.chat(messages, **settings):
+            reply.append(delta)
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply).strip()})
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert_gguf
+
+    out = convert_gguf(args.gguf_file, args.out_dir, dtype=args.dtype)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import Progress
@@ -340,7 +379,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: file or folder name)")
     p.set_defaults(func=cmd_serve)
     _add_bench_commands(sub)
+    _add_chat_and_convert_commands(sub)
     return parser
+
+
+def _add_chat_and_convert_commands(sub) -> None:
+    p = sub.add_parser("chat", help="interactive multi-turn chat with the model's chat template")
+    _add_model_args(p)
+    _add_generation_args(p)
+    p.add_argument("--system", default=None, help="a system message to start the conversation")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("convert", help="write a GGUF model as a Hugging Face folder that transformers loads")
+    p.add_argument("gguf_file")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_convert)
 
 
 def _add_bench_commands(sub) -> None:

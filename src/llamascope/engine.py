@@ -54,6 +54,10 @@ class Completion:
         return extras
 
 
+# End-of-turn markers of widespread chat templates (ChatML, LLaMA-3, Phi-3, LLaMA-2).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>")
+
+
 class Engine:
     def __init__(self, loaded: LoadedModel, parallel: ParallelGroup | None = None):
         self.loaded = loaded
@@ -139,6 +143,26 @@ class Engine:
             yield "\n".join(self.tokenizer.decode(out, skip_special_tokens=True) for out in result.output_ids)
             return
         for _, delta in stream(self.model, self._need_tokenizer(), ids, config):
+            if delta:
+                yield delta
+
+    def end_of_turn_ids(self) -> list[int]:
+        """Tokens that end an assistant turn in common chat templates, where the vocabulary has them."""
+        tokenizer = self._need_tokenizer()
+        ids = [tokenizer.token_to_id(t) for t in END_OF_TURN_TOKENS if t in (tokenizer.chat_template or "")]
+        return [i for i in ids if i is not None]
+
+    def chat(self, messages: list[dict], **settings) -> Iterator[str]:
+        """Stream the assistant's reply to `messages` (chat template applied, no double BOS); the
+        reply ends at an eos id or at the template's end-of-turn token."""
+        tokenizer = self._need_tokenizer()
+        ids = tokenizer.encode_chat(messages)
+        config = self.generation_config(**settings)
+        extra = [i for i in self.end_of_turn_ids() if i not in config.eos_token_id]
+        if extra:
+            config.eos_token_id = config.eos_token_id + extra
+        self._check_length([ids])
+        for _, delta in stream(self.model, tokenizer, ids, config):
             if delta:
                 yield delta
 

@@ -26,20 +26,27 @@ log = logging.getLogger("llamascope")
 SOURCE = Path(__file__).parent / "csrc" / "gemv.c"
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma")
 CFLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-          "-mavx512vnni", "-mf16c", "-mfma"]
+          "-mavx512vnni", "-mavx512bf16", "-mf16c", "-mfma"]
 
 
-def cpu_supported() -> bool:
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
     try:
-        flags = set()
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
-        return False
-    return all(flag in flags for flag in REQUIRED_CPU_FLAGS)
+        pass
+    return frozenset()
+
+
+def cpu_has(flag: str) -> bool:
+    return flag in cpu_flags()
+
+
+def cpu_supported() -> bool:
+    return all(cpu_has(flag) for flag in REQUIRED_CPU_FLAGS)
 
 
 def _cache_dir() -> Path:
@@ -88,14 +95,18 @@ def load() -> ctypes.CDLL | None:
     for name in ("gemv_q4_0", "gemv_q4_1", "gemv_q8_0"):
         getattr(lib, name).argtypes = [p, i, i, p, p, p, i, p, i]
         getattr(lib, name).restype = f
-    lib.gemv_blocks_f32.argtypes = [i, p, i, i, p, i, p, i]
-    lib.gemv_blocks_f32.restype = f
+    for name in ("gemv_blocks_f32", "gemv_q4_packed_f32"):
+        getattr(lib, name).argtypes = [i, p, i, i, p, i, p, i]
+        getattr(lib, name).restype = f
     fl = ctypes.c_float
     lib.rmsnorm_f32.argtypes = [p, p, p, i, i, fl]
     lib.rmsnorm_f32.restype = f
     lib.decode_attention_f32.argtypes = [p, p, p, p, p, i, i, i, i, i, fl, p, i]
     lib.decode_attention_f32.restype = f
-    for name in ("gemv_f32", "gemv_bf16"):
+    if cpu_has("avx512_bf16") and hasattr(lib, "gemv_bf16_bf16"):
+        lib.gemv_bf16_bf16.argtypes = [p, i, i, p, i, p, i]
+        lib.gemv_bf16_bf16.restype = f
+    for name in ("gemv_f32", "gemv_bf16", "gemv_q8_0_exact_f32"):
         getattr(lib, name).argtypes = [p, i, i, p, i, p, i]
         getattr(lib, name).restype = f
     return lib

@@ -89,6 +89,29 @@ def dequantize(blocks: torch.Tensor, qtype: str, K: int, dtype: torch.dtype = to
     return w.reshape(N, K).to(dtype)
 
 
+def pack_q4(blocks: torch.Tensor, qtype: str, K: int) -> torch.Tensor:
+    """ggml Q4_0 / Q4_1 blocks [N, nb * bytes] -> the kernel's rows [N, nbp * (16 + 2 or 4)]:
+    all blocks' packed nibbles, then their f16 scales d, then (Q4_1) their f16 minimums m; nbp is
+    nb rounded up to a multiple of 4 with zero blocks."""
+    N, nb = blocks.shape[0], K // QK
+    nbp = (nb + 3) // 4 * 4
+    b = blocks.reshape(N, nb, BLOCK_BYTES[qtype])  # [N, nb, bytes]
+    offset = 4 if qtype == "Q4_1" else 2
+    parts = [b[..., offset:], b[..., 0:2]] + ([b[..., 2:4]] if qtype == "Q4_1" else [])
+    padded = [F.pad(part, (0, 0, 0, nbp - nb)) for part in parts]  # zero blocks: d = m = 0
+    return torch.cat([part.reshape(N, -1) for part in padded], dim=1).contiguous()
+
+
+def unpack_q4(packed: torch.Tensor, qtype: str, K: int) -> torch.Tensor:
+    """The inverse of pack_q4."""
+    N, nb = packed.shape[0], K // QK
+    nbp = (nb + 3) // 4 * 4
+    q = packed[:, : nbp * 16].reshape(N, nbp, 16)[:, :nb]
+    d = packed[:, nbp * 16: nbp * 18].reshape(N, nbp, 2)[:, :nb]
+    parts = [d] + ([packed[:, nbp * 18: nbp * 20].reshape(N, nbp, 2)[:, :nb]] if qtype == "Q4_1" else []) + [q]
+    return torch.cat(parts, dim=-1).reshape(N, -1)
+
+
 # ---- layers ---------------------------------------------------------------------------------
 
 class QuantLinear(nn.Module):
@@ -99,11 +122,34 @@ class QuantLinear(nn.Module):
         if qtype not in BLOCK_BYTES:
             raise LlamascopeError(f"unsupported block format {qtype!r}")
         self.qtype, self.in_features, self.out_features = qtype, in_features, blocks.shape[0]
-        self.register_buffer("blocks", blocks.contiguous())  # [N, K/32 * bytes] uint8
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         lib = kernels.load()
-        self._kernel = lib.gemv_blocks_f32 if lib is not None else None
         self._code = QTYPE_CODES[qtype]
+        if lib is not None and qtype in ("Q4_0", "Q4_1"):
+            # Kept only in the kernel's layout (same numbers, see csrc/gemv.c); `blocks` rebuilds ggml's.
+            self.register_buffer("packed", pack_q4(blocks, qtype, in_features))  # [N, packed row bytes]
+            self._kernel = lib.gemv_q4_packed_f32
+        else:
+            self.register_buffer("stored", blocks.contiguous())  # [N, K/32 * bytes] uint8
+            self._kernel = lib.gemv_blocks_f32 if lib is not None else None
+        self._exact_kernel = None
+
+    def use_float_activations(self) -> None:
+        """Keep the activations in float32 (Q8_0 only): for the LM head, where 8-bit activations
+        next to the final hidden state's outlier channels can swap the top candidates."""
+        lib = kernels.load()
+        if lib is not None and self.qtype == "Q8_0":
+            self._exact_kernel = lib.gemv_q8_0_exact_f32
+
+    @property
+    def blocks(self) -> torch.Tensor:
+        """The weight in ggml's block format, uint8 [N, K/32 * bytes]."""
+        if hasattr(self, "packed"):
+            return unpack_q4(self.packed, self.qtype, self.in_features)
+        return self.stored
+
+    def _weight_ptr(self) -> int:
+        return self.packed.data_ptr() if hasattr(self, "packed") else self.stored.data_ptr()
 
     @classmethod
     def from_float(cls, linear: nn.Linear | torch.Tensor, qtype: str) -> "QuantLinear":
@@ -129,8 +175,12 @@ class QuantLinear(nn.Module):
         N = self.out_features
         xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()  # [..., K]
         y = torch.empty(*x.shape[:-1], N)  # [..., N] float32
-        self._kernel(self._code, self.blocks.data_ptr(), N, self.in_features, xf.data_ptr(), rows, y.data_ptr(),
-                     torch.get_num_threads())
+        if self._exact_kernel is not None:
+            self._exact_kernel(self.stored.data_ptr(), N, self.in_features, xf.data_ptr(), rows, y.data_ptr(),
+                               torch.get_num_threads())
+        else:
+            self._kernel(self._code, self._weight_ptr(), N, self.in_features, xf.data_ptr(), rows, y.data_ptr(),
+                         torch.get_num_threads())
         if self.bias is not None:
             y += self.bias
         return y if x.dtype == torch.float32 else y.to(x.dtype)
@@ -150,6 +200,11 @@ class FastLinear(nn.Module):
         lib = kernels.load()
         name = {torch.float32: "gemv_f32", torch.bfloat16: "gemv_bf16"}.get(weight.dtype)
         self._kernel = getattr(lib, name) if lib is not None and name else None
+        # bfloat16 activations with bfloat16 weights: exact products, float32 sums (AVX512-BF16)
+        self._bf16_kernel = None
+        if lib is not None and weight.dtype == torch.bfloat16 and weight.shape[1] % 32 == 0 \
+                and kernels.cpu_has("avx512_bf16"):
+            self._bf16_kernel = lib.gemv_bf16_bf16
 
     def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -158,8 +213,14 @@ class FastLinear(nn.Module):
         rows = x.numel() // self.in_features
         if self._kernel is None or rows > KERNEL_MAX_ROWS or x.device.type != "cpu" or x.requires_grad:
             return self.forward_plain(x)
-        xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()  # [..., K]
         y = torch.empty(*x.shape[:-1], self.out_features)  # [..., N] float32
+        if self._bf16_kernel is not None and x.dtype == torch.bfloat16:
+            xb = x.contiguous()
+            self._bf16_kernel(self.weight.data_ptr(), self.out_features, self.in_features, xb.data_ptr(), rows,
+                              y.data_ptr(), torch.get_num_threads())
+            y = y.to(torch.bfloat16)
+            return y if self.bias is None else y + self.bias
+        xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()  # [..., K]
         self._kernel(self.weight.data_ptr(), self.out_features, self.in_features, xf.data_ptr(), rows,
                      y.data_ptr(), torch.get_num_threads())
         if x.dtype != torch.float32:
@@ -213,12 +274,15 @@ def quantize_model(model: nn.Module, quant: str) -> nn.Module:
     qtype = QUANT_CHOICES.get(quant.lower())
     if qtype is None:
         raise LlamascopeError(f"--quant {quant!r}: expected one of int8, int4, q8_0, q4_0, q4_1")
+    head = _local_slot(model, "lm_head")
     for parent, name in _linear_slots(model):
         module = getattr(parent, name)
+        # The LM head decides the token: it keeps 8 bits (llama.cpp also keeps the output high).
+        layer_qtype = "Q8_0" if (parent, name) == head else qtype
         if isinstance(module, (nn.Linear, FastLinear)):
-            setattr(parent, name, QuantLinear.from_float(module.weight.detach(), qtype) if module.bias is None
-                    else QuantLinear(quantize(module.weight.detach(), qtype), qtype, module.in_features,
-                                     module.bias.detach().float()))
+            bias = None if module.bias is None else module.bias.detach().float()
+            setattr(parent, name, QuantLinear(quantize(module.weight.detach(), layer_qtype), layer_qtype,
+                                              module.in_features, bias))
     return model
 
 
@@ -228,6 +292,9 @@ def accelerate_model(model: nn.Module) -> nn.Module:
     lib = kernels.load()
     if lib is None:
         return model
+    parent, name = _local_slot(model, "lm_head")
+    if isinstance(getattr(parent, name), QuantLinear):
+        getattr(parent, name).use_float_activations()
     for module in model.modules():
         if isinstance(module, RMSNorm):
             module.kernel = lib.rmsnorm_f32

@@ -377,3 +377,150 @@ void decode_attention_f32(float *qkv, const float *cos, const float *sin, float 
         free(scores);
     }
 }
+
+/* ---- bfloat16 weights and activations (AVX512-BF16) ------------------------------------------ */
+
+#ifdef __AVX512BF16__
+/* y[T, N] = x[T, K] @ W[N, K]^T with W and x bfloat16 (raw uint16), y float32. Each
+ * vdpbf16ps multiplies 32 pairs exactly and accumulates in float32. K % 32 == 0. */
+void gemv_bf16_bf16(const uint16_t *w, int N, int K, const uint16_t *x, int T, float *y, int nthreads) {
+    const int N2 = N / 2 * 2;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int n = 0; n < N2; n += 2) {
+        const uint16_t *r0 = w + (int64_t)n * K, *r1 = r0 + K;
+        for (int t = 0; t < T; t++) {
+            const uint16_t *xt = x + (int64_t)t * K;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+            int k = 0;
+            for (; k + 64 <= K; k += 64) {
+                const __m512bh x0 = (__m512bh)_mm512_loadu_si512((const void *)(xt + k));
+                const __m512bh x1 = (__m512bh)_mm512_loadu_si512((const void *)(xt + k + 32));
+                a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512((const void *)(r0 + k)), x0);
+                b0 = _mm512_dpbf16_ps(b0, (__m512bh)_mm512_loadu_si512((const void *)(r0 + k + 32)), x1);
+                a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512((const void *)(r1 + k)), x0);
+                b1 = _mm512_dpbf16_ps(b1, (__m512bh)_mm512_loadu_si512((const void *)(r1 + k + 32)), x1);
+            }
+            for (; k < K; k += 32) {
+                const __m512bh x0 = (__m512bh)_mm512_loadu_si512((const void *)(xt + k));
+                a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512((const void *)(r0 + k)), x0);
+                a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512((const void *)(r1 + k)), x0);
+            }
+            y[(int64_t)t * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0));
+            y[(int64_t)t * N + n + 1] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1));
+        }
+    }
+    for (int n = N2; n < N; n++) {
+        const uint16_t *r = w + (int64_t)n * K;
+        for (int t = 0; t < T; t++) {
+            __m512 a = _mm512_setzero_ps();
+            for (int k = 0; k < K; k += 32)
+                a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512((const void *)(r + k)),
+                                     (__m512bh)_mm512_loadu_si512((const void *)(x + (int64_t)t * K + k)));
+            y[(int64_t)t * N + n] = _mm512_reduce_add_ps(a);
+        }
+    }
+}
+#endif
+
+/* ---- Q4 rows repacked for the kernel ---------------------------------------------------------
+ * The same numbers as Q4_0 / Q4_1 blocks, laid out so that four blocks go through two VNNI
+ * instructions with no per-block scalar work. Per row, with nbp = blocks rounded up to 4 (the
+ * extra blocks are zero):  q: uint8[nbp * 16] (each block's 16 packed bytes, in order),
+ * d: f16[nbp], and for Q4_1 m: f16[nbp]. The activations are laid out to match: for each group
+ * of four blocks, the first 16 values of each block, then the last 16 of each. */
+
+static void permute_act_groups(const int8_t *xq, int nb, int nbp, int8_t *xp) {
+    memset(xp, 0, (size_t)nbp * QK);
+    for (int b = 0; b < nb; b++) {
+        const int g = b / 4, j = b % 4;
+        memcpy(xp + g * 128 + j * 16, xq + b * QK, 16);
+        memcpy(xp + g * 128 + 64 + j * 16, xq + b * QK + 16, 16);
+    }
+}
+
+static float dot_q4_packed(int is_q4_1, const uint8_t *row, int nbp, const int8_t *xp, const float *xd,
+                           const float *xs) {
+    const uint8_t *q = row;
+    const uint16_t *d = (const uint16_t *)(row + (int64_t)nbp * 16);
+    const uint16_t *m = d + nbp;
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    __m512 acc = _mm512_setzero_ps();
+    __m128 extra = _mm_setzero_ps();
+    for (int g = 0; g < nbp / 4; g++) {
+        const __m512i v = _mm512_loadu_si512((const void *)(q + g * 64));
+        const __m512i lo = _mm512_and_si512(v, low);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)(xp + g * 128)));
+        p = _mm512_dpbusd_epi32(p, hi, _mm512_loadu_si512((const void *)(xp + g * 128 + 64)));
+        const __m128 d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(d + g * 4)));
+        const __m128 s4 = _mm_mul_ps(d4, _mm_loadu_ps(xd + g * 4));
+        const __m512 s16 = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(s4));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s16, acc);
+        const __m128 xs4 = _mm_loadu_ps(xs + g * 4);
+        if (is_q4_1)
+            extra = _mm_fmadd_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(m + g * 4))), xs4, extra);
+        else
+            extra = _mm_fmadd_ps(d4, xs4, extra);
+    }
+    __m128 h = _mm_hadd_ps(extra, extra);
+    h = _mm_hadd_ps(h, h);
+    const float e = _mm_cvtss_f32(h);
+    return _mm512_reduce_add_ps(acc) + (is_q4_1 ? e : -8.0f * e);
+}
+
+/* y[T, N] = x[T, K] @ W^T, W in the repacked Q4 layout above (qtype 1: Q4_0, 2: Q4_1); x float32. */
+void gemv_q4_packed_f32(int qtype, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads) {
+    const int nb = K / QK, nbp = (nb + 3) / 4 * 4;
+    const int is_q4_1 = qtype == QTYPE_Q4_1;
+    const int64_t row_bytes = (int64_t)nbp * (16 + (is_q4_1 ? 4 : 2));
+    const int64_t act_bytes = (int64_t)nbp * QK;                   /* permuted int8 activations */
+    const int64_t need = T * (act_bytes + K + 2 * (int64_t)nbp * (int64_t)sizeof(float)) + 128;
+    uint8_t stack[65536];
+    uint8_t *scratch = need <= (int64_t)sizeof(stack) ? stack : (uint8_t *)aligned_alloc(64, (need + 63) / 64 * 64);
+    int8_t *xp = (int8_t *)scratch;                                 /* [T, nbp * 32] */
+    int8_t *xq = xp + T * act_bytes;                                /* [T, K] natural order */
+    float *xd = (float *)(((uintptr_t)(xq + (int64_t)T * K) + 63) / 64 * 64);
+    float *xs = xd + (int64_t)T * nbp;
+    /* pad both scale arrays with zeros so the padded blocks contribute nothing */
+    memset(xd, 0, 2 * (size_t)T * nbp * sizeof(float));
+    for (int t = 0; t < T; t++) {
+        quantize_act_q8(x + (int64_t)t * K, 1, K, xq + (int64_t)t * K, xd + (int64_t)t * nbp, xs + (int64_t)t * nbp);
+        permute_act_groups(xq + (int64_t)t * K, nb, nbp, xp + t * act_bytes);
+    }
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *row = w + n * row_bytes;
+        for (int t = 0; t < T; t++)
+            y[(int64_t)t * N + n] = dot_q4_packed(is_q4_1, row, nbp, xp + t * act_bytes, xd + (int64_t)t * nbp,
+                                                  xs + (int64_t)t * nbp);
+    }
+    if (scratch != stack) free(scratch);
+}
+
+/* ---- Q8_0 weights with float32 activations -----------------------------------------------------
+ * For the LM head, where the next token is decided: 8-bit activations lose too much beside the
+ * outlier channels of the final hidden state, so each block is widened to float in registers. */
+static float dot_q8_0_exact(const uint8_t *row, int nb, const float *x) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 34;
+        const __m512 d = _mm512_set1_ps(f16(blk));
+        const __m128i q0 = _mm_loadu_si128((const __m128i *)(blk + 2));
+        const __m128i q1 = _mm_loadu_si128((const __m128i *)(blk + 18));
+        const __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), d);
+        const __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), d);
+        acc = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + b * QK), acc);
+        acc = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + b * QK + 16), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+void gemv_q8_0_exact_f32(const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads) {
+    const int nb = K / QK;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *row = w + (int64_t)n * nb * 34;
+        for (int t = 0; t < T; t++) y[(int64_t)t * N + n] = dot_q8_0_exact(row, nb, x + (int64_t)t * K);
+    }
+}

@@ -226,7 +226,14 @@ class GGUFWeight:
     def read_blocks(self) -> torch.Tensor:
         """The stored blocks as uint8 [rows, row bytes], rows in Hugging Face order (each row's
         blocks are contiguous, so undoing the Q/K row permutation on them is exact)."""
-        raw = np.array(self.tensor.data, dtype=np.uint8).reshape(self.shape[0], -1)  # a copy, not the map
+        # Plain file reads, not the memory map: mapped pages once touched stay resident beside the
+        # copy (two copies at peak); a read leaves only the tensor.
+        blocks = torch.empty(int(self.tensor.n_bytes), dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(int(self.tensor.data_offset))
+            if f.readinto(blocks.numpy()) != blocks.numel():
+                raise LlamascopeError(f"{self.path}: file is truncated in tensor {self.tensor.name!r}")
+        raw = blocks.numpy().reshape(self.shape[0], -1)  # [out, in/32 * block bytes]
         return torch.from_numpy(self._unpermute(raw))
 
     def read_slice(self, dim: int, start: int, stop: int) -> torch.Tensor:
