@@ -30,16 +30,15 @@ import torch
 
 from .cache import KVCache
 from .config import GenerationConfig
-from .errors import LlamascopeError
 from .generation import (
     GenerationResult,
     Step,
     StopStrings,
     add_token_text,
     attention_mask_4d,
-    left_pad,
     logprob_entry,
     positions_from_mask,
+    prepare_batch,
 )
 from .sampling import apply_processors, build_processors, make_generator, token_logprobs
 
@@ -67,13 +66,8 @@ def beam_search(
     """Beam search for each prompt; rows i*n .. i*n + n - 1 of the result (n = num_return_sequences)
     are prompt i's best hypotheses, best first."""
     num_beams, n_return = config.num_beams, config.num_return_sequences
-    pad_id = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_id or [0])[0]
-    input_ids, attention_mask = left_pad(prompts, pad_id)  # [B, T0]
+    pad_id, input_ids, attention_mask, max_length = prepare_batch(model, prompts, config)
     B, T0 = input_ids.shape
-    context = model.config.max_position_embeddings
-    max_length = config.max_length_for(T0, context)
-    if T0 > context and model.config.rope_type != "dynamic":
-        raise LlamascopeError(f"prompt of {T0} tokens is longer than the model's context ({context} positions)")
     stops = StopStrings(config.stop_strings, tokenizer) if config.stop_strings else None
     expanded_prompts = [p for p in prompts for _ in range(n_return)]
     if max_length <= T0:  # nothing to generate

@@ -149,6 +149,18 @@ def _log_stage(stage: str, step: int, message: str, *args) -> None:
     log.debug("step %d %s: " + message, step, stage, *args, extra={"stage": stage, "step": step})
 
 
+def prepare_batch(model: torch.nn.Module, prompts: list[list[int]], config: GenerationConfig):
+    """-> (pad id, input_ids [B, T0], attention_mask [B, T0], max_length), prompts left-padded;
+    refuses a prompt longer than the context."""
+    pad_id = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_id or [0])[0]
+    input_ids, attention_mask = left_pad(prompts, pad_id)  # [B, T0]
+    T0 = input_ids.shape[1]
+    context = model.config.max_position_embeddings
+    if T0 > context and model.config.rope_type != "dynamic":
+        raise LlamascopeError(f"prompt of {T0} tokens is longer than the model's context ({context} positions)")
+    return pad_id, input_ids, attention_mask, config.max_length_for(T0, context)
+
+
 def generate_steps(
     model: torch.nn.Module,
     prompts: list[list[int]],
@@ -159,13 +171,8 @@ def generate_steps(
     the loop itself stops at max_length and when every sequence has hit an eos id."""
     if config.num_beams > 1:
         raise LlamascopeError("beam search goes through llamascope.beam, not generate_steps")
-    pad_id = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_id or [0])[0]
-    input_ids, attention_mask = left_pad(prompts, pad_id)  # [B, T0]
+    pad_id, input_ids, attention_mask, max_length = prepare_batch(model, prompts, config)
     B, T0 = input_ids.shape
-    context = model.config.max_position_embeddings
-    max_length = config.max_length_for(T0, context)
-    if T0 > context and model.config.rope_type != "dynamic":
-        raise LlamascopeError(f"prompt of {T0} tokens is longer than the model's context ({context} positions)")
     padding_lengths = (attention_mask == 0).sum(dim=1)  # [B] left padding of each row
     processors = build_processors(config, T0, padding_lengths, vocab_size=model.config.vocab_size)
     generator = make_generator(config, model.device) if config.do_sample else None

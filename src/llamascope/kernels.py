@@ -92,9 +92,6 @@ def load() -> ctypes.CDLL | None:
     p, i, f = ctypes.c_void_p, ctypes.c_int, None
     lib.quantize_act_q8.argtypes = [p, i, i, p, p, p]
     lib.quantize_act_q8.restype = f
-    for name in ("gemv_q4_0", "gemv_q4_1", "gemv_q8_0"):
-        getattr(lib, name).argtypes = [p, i, i, p, p, p, i, p, i]
-        getattr(lib, name).restype = f
     for name in ("gemv_blocks_f32", "gemv_q4_packed_f32"):
         getattr(lib, name).argtypes = [i, p, i, i, p, i, p, i]
         getattr(lib, name).restype = f

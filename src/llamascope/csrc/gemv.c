@@ -53,82 +53,11 @@ void quantize_act_q8(const float *x, int T, int K, int8_t *q, float *d, float *s
     }
 }
 
-/* Two Q4 blocks' 16 packed bytes each -> 64 unsigned nibbles in weight order. */
-static inline __m512i unpack_q4_pair(const uint8_t *q0, const uint8_t *q1) {
-    const __m128i a = _mm_loadu_si128((const __m128i *)q0);
-    const __m128i b = _mm_loadu_si128((const __m128i *)q1);
-    const __m256i wa = _mm256_set_m128i(_mm_srli_epi16(a, 4), a);
-    const __m256i wb = _mm256_set_m128i(_mm_srli_epi16(b, 4), b);
-    const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(wa), wb, 1);
-    return _mm512_and_si512(w, _mm512_set1_epi8(0x0F));
-}
-
-static inline __m256i unpack_q4_one(const uint8_t *q0) {
-    const __m128i a = _mm_loadu_si128((const __m128i *)q0);
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(a, 4), a), _mm256_set1_epi8(0x0F));
-}
-
 static inline __m512 pair_scale(float a, float b) {
     return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1);
 }
 
 /* ---- row dot products ---------------------------------------------------------------------- */
-
-static float dot_q4_0(const uint8_t *row, int nb, const int8_t *xq, const float *xd, const float *xs) {
-    __m512 acc = _mm512_setzero_ps();
-    float extra = 0.0f;
-    int b = 0;
-    for (; b + 1 < nb; b += 2) {
-        const uint8_t *b0 = row + b * 18, *b1 = b0 + 18;
-        const __m512i w = unpack_q4_pair(b0 + 2, b1 + 2);
-        const __m512i x = _mm512_loadu_si512((const void *)(xq + b * QK));
-        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x);
-        const float d0 = f16(b0), d1 = f16(b1);
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), pair_scale(d0 * xd[b], d1 * xd[b + 1]), acc);
-        extra -= 8.0f * (d0 * xs[b] + d1 * xs[b + 1]);
-    }
-    float sum = _mm512_reduce_add_ps(acc) + extra;
-    for (; b < nb; b++) {
-        const uint8_t *b0 = row + b * 18;
-        const __m256i w = unpack_q4_one(b0 + 2);
-        const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
-        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
-        const __m256 pf = _mm256_cvtepi32_ps(p);
-        __m128 h = _mm_add_ps(_mm256_castps256_ps128(pf), _mm256_extractf128_ps(pf, 1));
-        h = _mm_hadd_ps(h, h);
-        h = _mm_hadd_ps(h, h);
-        const float d0 = f16(b0);
-        sum += d0 * (_mm_cvtss_f32(h) * xd[b] - 8.0f * xs[b]);
-    }
-    return sum;
-}
-
-static float dot_q4_1(const uint8_t *row, int nb, const int8_t *xq, const float *xd, const float *xs) {
-    __m512 acc = _mm512_setzero_ps();
-    float extra = 0.0f;
-    int b = 0;
-    for (; b + 1 < nb; b += 2) {
-        const uint8_t *b0 = row + b * 20, *b1 = b0 + 20;
-        const __m512i w = unpack_q4_pair(b0 + 4, b1 + 4);
-        const __m512i x = _mm512_loadu_si512((const void *)(xq + b * QK));
-        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x);
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), pair_scale(f16(b0) * xd[b], f16(b1) * xd[b + 1]), acc);
-        extra += f16(b0 + 2) * xs[b] + f16(b1 + 2) * xs[b + 1];
-    }
-    float sum = _mm512_reduce_add_ps(acc) + extra;
-    for (; b < nb; b++) {
-        const uint8_t *b0 = row + b * 20;
-        const __m256i w = unpack_q4_one(b0 + 4);
-        const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
-        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
-        const __m256 pf = _mm256_cvtepi32_ps(p);
-        __m128 h = _mm_add_ps(_mm256_castps256_ps128(pf), _mm256_extractf128_ps(pf, 1));
-        h = _mm_hadd_ps(h, h);
-        h = _mm_hadd_ps(h, h);
-        sum += f16(b0) * xd[b] * _mm_cvtss_f32(h) + f16(b0 + 2) * xs[b];
-    }
-    return sum;
-}
 
 static float dot_q8_0(const uint8_t *row, int nb, const int8_t *xq, const float *xd, const float *xs) {
     (void)xs;
@@ -175,21 +104,6 @@ static void gemv_blocks(dot_fn dot, int block_bytes, const uint8_t *w, int N, in
         for (int t = 0; t < T; t++)
             y[(int64_t)t * N + n] = dot(row, nb, xq + (int64_t)t * K, xd + (int64_t)t * nb, xs + (int64_t)t * nb);
     }
-}
-
-void gemv_q4_0(const uint8_t *w, int N, int K, const int8_t *xq, const float *xd, const float *xs, int T,
-               float *y, int nthreads) {
-    gemv_blocks(dot_q4_0, 18, w, N, K, xq, xd, xs, T, y, nthreads);
-}
-
-void gemv_q4_1(const uint8_t *w, int N, int K, const int8_t *xq, const float *xd, const float *xs, int T,
-               float *y, int nthreads) {
-    gemv_blocks(dot_q4_1, 20, w, N, K, xq, xd, xs, T, y, nthreads);
-}
-
-void gemv_q8_0(const uint8_t *w, int N, int K, const int8_t *xq, const float *xd, const float *xs, int T,
-               float *y, int nthreads) {
-    gemv_blocks(dot_q8_0, 34, w, N, K, xq, xd, xs, T, y, nthreads);
 }
 
 /* ---- float weights ------------------------------------------------------------------------ */
@@ -295,9 +209,8 @@ void gemv_blocks_f32(int qtype, const uint8_t *w, int N, int K, const float *x, 
     float *xd = (float *)(scratch + (((int64_t)T * K + 63) / 64 * 64));
     float *xs = xd + (int64_t)T * nb;
     quantize_act_q8(x, T, K, xq, xd, xs);
-    if (qtype == QTYPE_Q8_0) gemv_blocks(dot_q8_0, 34, w, N, K, xq, xd, xs, T, y, nthreads);
-    else if (qtype == QTYPE_Q4_0) gemv_blocks(dot_q4_0, 18, w, N, K, xq, xd, xs, T, y, nthreads);
-    else gemv_blocks(dot_q4_1, 20, w, N, K, xq, xd, xs, T, y, nthreads);
+    (void)qtype; /* Q8_0: Q4 weights use the repacked kernel below */
+    gemv_blocks(dot_q8_0, 34, w, N, K, xq, xd, xs, T, y, nthreads);
     if (scratch != stack) free(scratch);
 }
 
