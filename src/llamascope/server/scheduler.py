@@ -390,13 +390,7 @@ class Scheduler:
             return
         for row, group in enumerate(groups):
             for seq in group:
-                try:
-                    delta = seq.choose(logits[row:row + 1])
-                except Exception as e:  # noqa: BLE001
-                    log.exception("request %s: choosing a token failed", seq.request.id)
-                    self._fail(seq, f"generation failed: {e}")
-                    continue
-                self._deliver(seq, delta)
+                self._choose_and_deliver(seq, logits[row:row + 1])
 
     def _decode_step(self) -> None:
         active = sorted(self._active, key=lambda s: s.slot)
@@ -414,13 +408,17 @@ class Scheduler:
                 self._fail(seq, f"generation failed: {e}")
             return
         for row, seq in enumerate(active):
-            try:
-                delta = seq.choose(logits[row:row + 1])
-            except Exception as e:  # noqa: BLE001
-                log.exception("request %s: choosing a token failed", seq.request.id)
-                self._fail(seq, f"generation failed: {e}")
-                continue
-            self._deliver(seq, delta)
+            self._choose_and_deliver(seq, logits[row:row + 1])
+
+    def _choose_and_deliver(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        """Pick seq's next token from its logits [1, V] and send it; a failure ends only this sequence."""
+        try:
+            delta = seq.choose(logits)
+        except Exception as e:  # noqa: BLE001
+            log.exception("request %s: choosing a token failed", seq.request.id)
+            self._fail(seq, f"generation failed: {e}")
+            return
+        self._deliver(seq, delta)
 
     def _deliver(self, seq: _Sequence, delta: Delta) -> None:
         request = seq.request
