@@ -50,9 +50,29 @@ _MISSING = object()
 
 # ---- reading the file --------------------------------------------------------------------------
 
+def _plain_array_reader():
+    """gguf's GGUFReader whose file map is seen as a plain ndarray.
+
+    The reader slices its np.memmap once per metadata item, and every memmap slice pays for
+    memmap's own bookkeeping: on a 49152-token vocabulary that is most of 2.4 s. A plain view of
+    the same mapping reads the same bytes (0.7 s)."""
+    from gguf import GGUFReader
+
+    class PlainArrayReader(GGUFReader):
+        @property
+        def data(self) -> np.ndarray:
+            return self._mapped
+
+        @data.setter
+        def data(self, value: np.ndarray) -> None:
+            self._mapped = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+    return PlainArrayReader
+
+
 def read_gguf(path: Path):
     """A GGUFReader over `path`; a LlamascopeError naming the file when it is not a whole GGUF."""
-    from gguf import GGUFReader
+    GGUFReader = _plain_array_reader()
 
     path = Path(path)
     if not path.is_file():
