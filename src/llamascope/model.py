@@ -77,7 +77,9 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.config = config
         self.inv_freq_fn = ROPE_INIT[config.rope_type]
-        self.register_buffer("inv_freq", self.inv_freq_fn(config), persistent=False)  # [D/2]
+        with torch.device("cpu"):  # a few numbers: computed here even when the model is built on "meta"
+            inv_freq = self.inv_freq_fn(config)  # [D/2]
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq
@@ -101,6 +103,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # ---- blocks ------------------------------------------------------------------------------------
+
+class Linear(nn.Linear):
+    """nn.Linear whose weights always come from a checkpoint: construction allocates and does not
+    draw random values (which on the meta device would also pull in a second of imports)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -129,10 +139,10 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         h, bias = config.hidden_size, config.attention_bias
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.q_proj = nn.Linear(h, heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(h, kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(h, kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(heads * self.head_dim, h, bias=bias)
+        self.q_proj = Linear(h, heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(h, kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(h, kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(heads * self.head_dim, h, bias=bias)
         self.qkv_proj: nn.Module | None = None  # q, k, v as one product (quant.fuse_projections)
         self.qkv_sizes: tuple[int, int, int] | None = None
         self.decode_kernel = None  # native one-token attention (quant.accelerate_model sets it)
@@ -230,9 +240,9 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(h, i, bias=bias)
-        self.up_proj = nn.Linear(h, i, bias=bias)
-        self.down_proj = nn.Linear(i, h, bias=bias)
+        self.gate_proj = Linear(h, i, bias=bias)
+        self.up_proj = Linear(h, i, bias=bias)
+        self.down_proj = Linear(i, h, bias=bias)
         self.gate_up_proj: nn.Module | None = None  # gate and up as one product (quant.fuse_projections)
 
     def fuse(self, gate_up_proj: nn.Module) -> None:
@@ -272,7 +282,9 @@ class DecoderStack(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # weights come from the checkpoint: allocated, never randomly initialised
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
@@ -283,7 +295,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.model = DecoderStack(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

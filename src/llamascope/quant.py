@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .model import RMSNorm
+from .model import Linear, RMSNorm
 from .errors import LlamascopeError
 
 QK = 32
@@ -302,7 +302,7 @@ def accelerate_model(model: nn.Module) -> nn.Module:
             module.decode_kernel = lib.decode_attention_f32
     for parent, name in _linear_slots(model):
         module = getattr(parent, name)
-        if type(module) is nn.Linear and module.weight.dtype in (torch.float32, torch.bfloat16):
+        if isinstance(module, nn.Linear) and module.weight.dtype in (torch.float32, torch.bfloat16):
             setattr(parent, name, FastLinear(module.weight, module.bias))
     return model
 
@@ -334,7 +334,7 @@ def _fused(modules: list[nn.Module]) -> nn.Module | None:
     bias = None if biases[0] is None else torch.cat([b.detach().float() for b in biases])
     if all(isinstance(m, QuantLinear) for m in modules) and len({m.qtype for m in modules}) == 1:
         return QuantLinear(torch.cat([m.blocks for m in modules]), modules[0].qtype, modules[0].in_features, bias)
-    if all(type(m) in (nn.Linear, FastLinear) for m in modules) and len({m.weight.dtype for m in modules}) == 1:
+    if all(isinstance(m, (nn.Linear, FastLinear)) for m in modules) and len({m.weight.dtype for m in modules}) == 1:
         weight = torch.cat([m.weight.detach() for m in modules])
         bias = None if bias is None else bias.to(weight.dtype)
         return FastLinear(weight, bias) if kernels.load() is not None else _linear(weight, bias)
@@ -343,7 +343,7 @@ def _fused(modules: list[nn.Module]) -> nn.Module | None:
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     with torch.device("meta"):
-        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        layer = Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     layer.weight = nn.Parameter(weight, requires_grad=False)
     if bias is not None:
         layer.bias = nn.Parameter(bias, requires_grad=False)
