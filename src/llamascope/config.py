@@ -40,7 +40,8 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def _as_id_list(value: Any) -> list[int]:
+def as_id_list(value: Any) -> list[int]:
+    """A token id setting (one id, a list, or none) as a list: eos may be any of the three."""
     if value is None:
         return []
     if isinstance(value, (list, tuple)):
@@ -280,7 +281,7 @@ class GenerationConfig:
             if value is not None:
                 values[key], sources[key] = value, "call"
         if "eos_token_id" in values:
-            values["eos_token_id"] = _as_id_list(values["eos_token_id"])
+            values["eos_token_id"] = as_id_list(values["eos_token_id"])
         if isinstance(values.get("stop_strings"), str):
             values["stop_strings"] = [values["stop_strings"]]
         config = cls(**values)

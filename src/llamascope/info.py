@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import GenerationConfig, ModelConfig
+from .config import GenerationConfig, ModelConfig, as_id_list
 
 BYTES_PER_PARAMETER = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0, "int4": 0.5}
 KV_DTYPES = {"float32": 4, "bfloat16": 2}
@@ -38,14 +38,6 @@ class Contradiction:
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "message": self.message}
-
-
-def _ids(value: Any) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return [int(v) for v in value]
-    return [int(value)]
 
 
 def _token_name(tokenizer, token_id: int) -> str:
@@ -76,11 +68,11 @@ def find_contradictions(
     def claims(key: str) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
         if config_dict.get(key) is not None:
-            out[config_label] = _ids(config_dict[key])
+            out[config_label] = as_id_list(config_dict[key])
         if generation_json and generation_json.get(key) is not None:
-            out[generation_label] = _ids(generation_json[key])
+            out[generation_label] = as_id_list(generation_json[key])
         if generation is not None and generation.sources.get(key) == "call":
-            out["the call"] = _ids(getattr(generation, key))
+            out["the call"] = as_id_list(getattr(generation, key))
         return out
 
     def said(sources: dict[str, list[int]]) -> str:

@@ -19,8 +19,6 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-import torch
-
 log = logging.getLogger("llamascope")
 
 SOURCE = Path(__file__).parent / "csrc" / "gemv.c"
@@ -90,8 +88,6 @@ def load() -> ctypes.CDLL | None:
         log.warning("native kernels off: %s", e)
         return None
     p, i, f = ctypes.c_void_p, ctypes.c_int, None
-    lib.quantize_act_q8.argtypes = [p, i, i, p, p, p]
-    lib.quantize_act_q8.restype = f
     for name in ("gemv_blocks_f32", "gemv_q4_packed_f32"):
         getattr(lib, name).argtypes = [i, p, i, i, p, i, p, i]
         getattr(lib, name).restype = f
@@ -107,7 +103,3 @@ def load() -> ctypes.CDLL | None:
         getattr(lib, name).argtypes = [p, i, i, p, i, p, i]
         getattr(lib, name).restype = f
     return lib
-
-
-def threads() -> int:
-    return torch.get_num_threads()
