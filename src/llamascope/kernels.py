@@ -1,6 +1,7 @@
-"""The native decode kernels (csrc/gemv.c): built once with the system C compiler, called with ctypes.
+"""The native decode kernels (csrc/gemv.c, csrc/decode_step.c): built once with the system C
+compiler, called with ctypes.
 
-The library is compiled on first use into ~/.cache/llamascope/kernels/ (keyed by the source's
+The library is compiled on first use into ~/.cache/llamascope/kernels/ (keyed by the sources'
 hash), which takes about a second. It needs gcc or clang and a CPU with AVX-512 (F, BW, VL, VNNI)
 and F16C; without them `load()` returns None and callers use the plain PyTorch path.
 The library links OpenMP; torch's own libgomp (same soname) is already loaded, so both share one
@@ -21,7 +22,7 @@ from pathlib import Path
 
 log = logging.getLogger("llamascope")
 
-SOURCE = Path(__file__).parent / "csrc" / "gemv.c"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemv.c", "decode_step.c")]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma")
 CFLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
           "-mavx512vnni", "-mavx512bf16", "-mf16c", "-mfma"]
@@ -60,10 +61,11 @@ def _build(target: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
     os.close(fd)
     try:
-        subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *CFLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], check=True, capture_output=True,
+                       text=True)
         os.replace(tmp, target)  # atomic: concurrent builders (tensor-parallel ranks) never see half a file
     except subprocess.CalledProcessError as e:
-        raise RuntimeError(f"compiling {SOURCE.name} failed: {e.stderr.strip()[:500]}") from None
+        raise RuntimeError(f"compiling the kernels failed: {e.stderr.strip()[:500]}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -77,7 +79,7 @@ def load() -> ctypes.CDLL | None:
     if not cpu_supported():
         log.info("native kernels off: this CPU lacks one of %s", ", ".join(REQUIRED_CPU_FLAGS))
         return None
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(CFLAGS).encode()).hexdigest()[:16]
     target = _cache_dir() / f"gemv-{digest}.so"
     try:
         if not target.exists():
@@ -94,6 +96,8 @@ def load() -> ctypes.CDLL | None:
     fl = ctypes.c_float
     lib.rmsnorm_f32.argtypes = [p, p, p, i, i, fl]
     lib.rmsnorm_f32.restype = f
+    lib.silu_mul_f32.argtypes = [p, i, i, p]
+    lib.silu_mul_f32.restype = f
     lib.decode_attention_f32.argtypes = [p, p, p, p, p, i, i, i, i, i, fl, p, i]
     lib.decode_attention_f32.restype = f
     if cpu_has("avx512_bf16") and hasattr(lib, "gemv_bf16_bf16"):
@@ -102,4 +106,6 @@ def load() -> ctypes.CDLL | None:
     for name in ("gemv_f32", "gemv_bf16", "gemv_q8_0_exact_f32"):
         getattr(lib, name).argtypes = [p, i, i, p, i, p, i]
         getattr(lib, name).restype = f
+    lib.decode_step_f32.argtypes = [p, p, p, p, p, p, i, i, p, i]
+    lib.decode_step_f32.restype = i
     return lib

@@ -244,6 +244,7 @@ class MLP(nn.Module):
         self.up_proj = Linear(h, i, bias=bias)
         self.down_proj = Linear(i, h, bias=bias)
         self.gate_up_proj: nn.Module | None = None  # gate and up as one product (quant.fuse_projections)
+        self.act_kernel = None  # native silu(gate) * up for a few float32 rows (quant.accelerate_model sets it)
 
     def fuse(self, gate_up_proj: nn.Module) -> None:
         """Replace gate_proj and up_proj by one layer whose output is [gate | up]."""
@@ -252,7 +253,14 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, hidden] -> [B, T, hidden]
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [B, T, I] each
+            gate_up = self.gate_up_proj(x)  # [B, T, 2I]
+            if self.act_kernel is not None and gate_up.dtype == torch.float32 and gate_up.numel() <= 16 * \
+                    gate_up.shape[-1] and gate_up.is_contiguous() and not gate_up.requires_grad:
+                rows, width = gate_up.numel() // gate_up.shape[-1], gate_up.shape[-1] // 2
+                act = gate_up.new_empty(*gate_up.shape[:-1], width)  # [B, T, I]
+                self.act_kernel(gate_up.data_ptr(), rows, width, act.data_ptr())
+                return self.down_proj(act)
+            gate, up = gate_up.chunk(2, dim=-1)  # [B, T, I] each
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
@@ -298,6 +306,9 @@ class Transformer(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # One native call per batch-1 decode step (decode_step.enable sets it once the model's
+        # layers have their kernels); forward falls back to the modules wherever it does not apply.
+        self.decode_step = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -349,6 +360,8 @@ class Transformer(nn.Module):
         last_only: bool = False,
     ) -> torch.Tensor:
         """logits [B, T, vocab] (or [B, 1, vocab] with last_only) in the model's dtype."""
+        if self.decode_step is not None and self.decode_step.applies(tokens, cache, mask, capture):
+            return self.decode_step(tokens, positions, cache)  # [1, 1, vocab]
         h = self.hidden_states(tokens, positions, cache, mask, capture)
         if capture is not None and capture.get("_all_logits"):
             capture["logits"] = self.lm_head(h)  # [B, T, vocab]

@@ -271,6 +271,7 @@ def _local_slot(parent: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 def quantize_model(model: nn.Module, quant: str) -> nn.Module:
     """Replace each float projection (and the LM head) with a QuantLinear in `quant`'s format."""
+    model.decode_step = None  # it points at the modules being replaced: decode_step.enable again after
     qtype = QUANT_CHOICES.get(quant.lower())
     if qtype is None:
         raise LlamascopeError(f"--quant {quant!r}: expected one of int8, int4, q8_0, q4_0, q4_1")
@@ -289,6 +290,7 @@ def quantize_model(model: nn.Module, quant: str) -> nn.Module:
 def accelerate_model(model: nn.Module) -> nn.Module:
     """Give float projections the two-core batch-1 kernels (same weights, shared, no copy), and
     RMSNorm and one-token attention their native float32 versions."""
+    model.decode_step = None  # it points at the modules being replaced: decode_step.enable again after
     lib = kernels.load()
     if lib is None:
         return model
@@ -300,6 +302,8 @@ def accelerate_model(model: nn.Module) -> nn.Module:
             module.kernel = lib.rmsnorm_f32
         elif hasattr(module, "decode_kernel"):
             module.decode_kernel = lib.decode_attention_f32
+        elif hasattr(module, "act_kernel"):
+            module.act_kernel = lib.silu_mul_f32
     for parent, name in _linear_slots(model):
         module = getattr(parent, name)
         if isinstance(module, nn.Linear) and module.weight.dtype in (torch.float32, torch.bfloat16):
@@ -353,6 +357,7 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 def fuse_projections(model: nn.Module) -> nn.Module:
     """q, k and v (and gate and up) as one product each: half the calls per layer, and the
     activations are read (and quantised) once. Outputs are the same numbers as separate layers."""
+    model.decode_step = None  # it points at the modules being replaced: decode_step.enable again after
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         if getattr(attn, "qkv_proj", None) is None:

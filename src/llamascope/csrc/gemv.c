@@ -234,6 +234,15 @@ void rmsnorm_f32(const float *x, const float *w, float *out, int rows, int dim, 
     }
 }
 
+/* out[r, i] = silu(gu[r, i]) * gu[r, I + i] for `rows` rows of [gate (I) | up (I)]: the MLP's activation. */
+void silu_mul_f32(const float *gu, int rows, int I, float *out) {
+    for (int r = 0; r < rows; r++) {
+        const float *g = gu + (int64_t)r * 2 * I, *u = g + I;
+        float *o = out + (int64_t)r * I;
+        for (int i = 0; i < I; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
+}
+
 /* Rotate-half RoPE in place on n heads of size D: x = x * cos + rotate_half(x) * sin. */
 static void rope_heads(float *x, int n, int D, const float *cos, const float *sin) {
     const int half = D / 2;

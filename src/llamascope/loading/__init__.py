@@ -261,6 +261,7 @@ def load_model(
     them all into float at `dtype`, "int8" / "int4" quantise the projections after loading.
     `fast` gives float projections the two-core batch-1 kernels (False: plain `nn.Linear`).
     """
+    from .. import decode_step
     from ..quant import accelerate_model, fuse_projections, quantize_model
 
     start = time.perf_counter()
@@ -279,6 +280,7 @@ def load_model(
         accelerate_model(model)
         if parallel is None or parallel.world_size == 1:
             fuse_projections(model)
+            decode_step.enable(model)
     tokenizer = checkpoint.tokenizer_factory() if checkpoint.tokenizer_factory else None
     seconds = time.perf_counter() - start
     log.info("loaded in %.2f s", seconds)

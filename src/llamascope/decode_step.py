@@ -1,0 +1,161 @@
+"""One batch-1 decode step through the whole decoder stack in a single native call.
+
+The module-by-module path runs the native kernels one projection at a time; on a small model the
+Python between them (about 30 module calls per layer) costs more than the arithmetic. `DecodeStep`
+describes the model once, as C structs pointing at the weights the modules already hold (no copy),
+and then each decode step is one call into csrc/decode_step.c, which runs the same kernels in the
+same order: RMSNorm, q/k/v, attention with the cache, o, RMSNorm, gate/up, SiLU, down, and at the
+end the final norm and the LM head.
+
+It applies where the module path would run those kernels anyway: one sequence, one new token, a
+plain `KVCache`, float32 activations on the CPU, every projection a `FastLinear` or `QuantLinear`
+with its kernel, and nothing asked to be captured. Anything else (prefill, batches, tracing,
+bfloat16 activations, tensor parallelism) takes the module path, which stays the reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+
+from . import kernels
+from .cache import KVCache
+from .quant import FastLinear, QuantLinear
+
+# Weight formats, as in csrc/decode_step.c
+LIN_F32, LIN_BF16, LIN_Q8_0, LIN_Q4_0, LIN_Q4_1, LIN_Q8_0_EXACT = range(6)
+_Q4_KINDS = {"Q4_0": LIN_Q4_0, "Q4_1": LIN_Q4_1}
+
+_p, _i, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("kind", _i), ("N", _i), ("K", _i), ("w", _p), ("bias", _p)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("attn_norm", _p), ("mlp_norm", _p), ("qkv", _Linear * 3), ("n_qkv", _i), ("o", _Linear),
+                ("gate_up", _Linear * 2), ("n_gate_up", _i), ("down", _Linear)]
+
+
+class _Stack(ctypes.Structure):
+    _fields_ = [("n_layers", _i), ("hidden", _i), ("H", _i), ("KVH", _i), ("D", _i), ("I", _i),
+                ("eps", _f), ("scale", _f), ("layers", ctypes.POINTER(_Layer)), ("final_norm", _p),
+                ("head", _Linear)]
+
+
+class NotApplicable(Exception):
+    """The model has a part the native step does not run (it then keeps the module path)."""
+
+
+def _float32(t: torch.Tensor | None, what: str) -> int:
+    if t is None:
+        return 0
+    if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
+        raise NotApplicable(f"{what} is not a contiguous float32 CPU tensor")
+    return t.data_ptr()
+
+
+def _describe(module: nn.Module, keep: list, what: str) -> _Linear:
+    """The C description of one projection; its tensors go into `keep`."""
+    if isinstance(module, FastLinear) and module._kernel is not None:
+        kind = {torch.float32: LIN_F32, torch.bfloat16: LIN_BF16}.get(module.weight.dtype)
+        if kind is None or not module.weight.is_contiguous():
+            raise NotApplicable(f"{what}: weight dtype {module.weight.dtype}")
+        weight = module.weight
+    elif isinstance(module, QuantLinear) and module._kernel is not None:
+        if module._exact_kernel is not None:
+            kind, weight = LIN_Q8_0_EXACT, module.stored
+        elif hasattr(module, "packed"):
+            kind, weight = _Q4_KINDS[module.qtype], module.packed
+        elif module.qtype == "Q8_0":
+            kind, weight = LIN_Q8_0, module.stored
+        else:
+            raise NotApplicable(f"{what}: block format {module.qtype}")
+    else:
+        raise NotApplicable(f"{what} is a {type(module).__name__} without a native kernel")
+    bias = getattr(module, "bias", None)
+    bias = None if bias is None else bias.detach().float().contiguous()
+    keep += [weight, bias]
+    return _Linear(kind, module.out_features, module.in_features, weight.data_ptr(), _float32(bias, what))
+
+
+def _parts(parent: nn.Module, fused: str, names: tuple[str, ...]) -> list[nn.Module]:
+    module = getattr(parent, fused, None)
+    return [module] if module is not None else [getattr(parent, name) for name in names]
+
+
+class DecodeStep:
+    """`step(tokens [1, 1], positions [1, 1], cache) -> logits [1, 1, vocab]` in one native call."""
+
+    def __init__(self, model: nn.Module):
+        lib = kernels.load()
+        if lib is None:
+            raise NotApplicable("native kernels are off")
+        config = model.config
+        if model.dtype != torch.float32 or model.device.type != "cpu":
+            raise NotApplicable(f"activations are {model.dtype} on {model.device}")
+        self.model = model
+        self._keep: list = []  # every tensor the structs point at stays alive with them
+        layers = (_Layer * config.num_hidden_layers)()
+        for i, block in enumerate(model.model.layers):
+            attn, mlp, L = block.self_attn, block.mlp, layers[i]
+            L.attn_norm = _float32(block.input_layernorm.weight, f"layer {i} input_layernorm")
+            L.mlp_norm = _float32(block.post_attention_layernorm.weight, f"layer {i} post_attention_layernorm")
+            qkv = _parts(attn, "qkv_proj", ("q_proj", "k_proj", "v_proj"))
+            gate_up = _parts(mlp, "gate_up_proj", ("gate_proj", "up_proj"))
+            L.n_qkv, L.n_gate_up = len(qkv), len(gate_up)
+            for j, part in enumerate(qkv):
+                L.qkv[j] = _describe(part, self._keep, f"layer {i} attention input")
+            for j, part in enumerate(gate_up):
+                L.gate_up[j] = _describe(part, self._keep, f"layer {i} gate/up")
+            L.o = _describe(attn.o_proj, self._keep, f"layer {i} o_proj")
+            L.down = _describe(mlp.down_proj, self._keep, f"layer {i} down_proj")
+        attn = model.model.layers[0].self_attn
+        self.heads, self.kv_heads, self.head_dim = attn.heads, attn.kv_heads, attn.head_dim
+        head = _describe(model.lm_head, self._keep, "lm_head")
+        self.vocab = head.N
+        self._layers = layers
+        self.stack = _Stack(config.num_hidden_layers, config.hidden_size, self.heads, self.kv_heads,
+                            self.head_dim, config.intermediate_size, config.rms_norm_eps, self.head_dim ** -0.5,
+                            layers, _float32(model.model.norm.weight, "final norm"), head)
+        self._fn = lib.decode_step_f32
+        self._cache_pointers: tuple[KVCache, object, object] | None = None
+
+    def applies(self, tokens: torch.Tensor, cache, mask, capture) -> bool:
+        return (capture is None and mask is None and type(cache) is KVCache and tokens.shape == (1, 1)
+                and cache.keys[0].dtype == torch.float32 and cache.keys[0].shape[1] == self.kv_heads)
+
+    def _pointers(self, cache: KVCache):
+        """Arrays of the cache's per-layer key and value addresses, made once per cache."""
+        if self._cache_pointers is None or self._cache_pointers[0] is not cache:
+            array = _p * len(cache.keys)
+            self._cache_pointers = (cache, array(*(k.data_ptr() for k in cache.keys)),
+                                    array(*(v.data_ptr() for v in cache.values)))
+        return self._cache_pointers[1], self._cache_pointers[2]
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        stack = self.model.model
+        x = stack.embed_tokens(tokens).float().contiguous()  # [1, 1, hidden], becomes the residual stream
+        cos, sin = stack.rotary_emb(positions, torch.float32)  # [1, 1, D] each
+        cos, sin = cos.contiguous(), sin.contiguous()
+        cache.check_room(1)
+        keys, values = self._pointers(cache)
+        logits = torch.empty(1, 1, self.vocab)  # [1, 1, vocab]
+        status = self._fn(ctypes.byref(self.stack), x.data_ptr(), cos.data_ptr(), sin.data_ptr(), keys, values,
+                          cache.length, cache.capacity, logits.data_ptr(), torch.get_num_threads())
+        if status != 0:
+            raise MemoryError("decode step: out of memory for its scratch buffers")
+        cache.advance(1)
+        return logits
+
+
+def enable(model: nn.Module) -> bool:
+    """Give the model its native decode step where it applies; True when it does."""
+    try:
+        model.decode_step = DecodeStep(model)
+    except NotApplicable:
+        model.decode_step = None
+    return model.decode_step is not None

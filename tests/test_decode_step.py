@@ -1,0 +1,106 @@
+"""The native decode step (one call per token for the whole stack) against the module path, which
+runs the same kernels one module at a time, and against the plain PyTorch path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llamascope import decode_step, kernels
+from llamascope.cache import KVCache
+from llamascope.generation import generate
+from llamascope.loading import load_model
+from llamascope.quant import accelerate_model
+
+pytestmark = pytest.mark.skipif(kernels.load() is None, reason="native kernels unavailable on this machine")
+
+PROMPT = [1, 17, 42, 99, 7]
+
+
+def _step_logits(model, native: bool, steps: int = 12) -> torch.Tensor:
+    """Logits of `steps` one-token decode steps after the prompt, feeding each step's argmax."""
+    saved = model.decode_step
+    model.decode_step = saved if native else None
+    try:
+        cache = KVCache.for_model(model, 1, 64)
+        with torch.inference_mode():
+            logits = model(torch.tensor([PROMPT]), torch.arange(len(PROMPT))[None], cache, last_only=True)
+            out = []
+            for _ in range(steps):
+                token = logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
+                logits = model(token, torch.tensor([[cache.length]]), cache)  # [1, 1, V]
+                out.append(logits)
+        return torch.cat(out, dim=1)  # [1, steps, V]
+    finally:
+        model.decode_step = saved
+
+
+@pytest.mark.parametrize("quant", [None, "int8", "int4", "q4_0"])
+@pytest.mark.parametrize("name,overrides", [
+    ("gqa", {}),
+    ("mha-bias", dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True)),
+])
+def test_native_step_equals_module_path(model_factory, quant, name, overrides):
+    """Same kernels in the same order on the same numbers: bit-identical logits, for float and
+    block-format weights (8-bit activations make any difference visible, so this is strict)."""
+    model = load_model(model_factory(name, **overrides), quant=quant).model
+    assert model.decode_step is not None
+    native, modules = _step_logits(model, True), _step_logits(model, False)
+    assert torch.equal(native, modules)
+
+
+def test_native_step_matches_plain_float_path_and_transformers_tokens(tiny_model):
+    from transformers import LlamaForCausalLM
+
+    fast = load_model(tiny_model).model
+    plain = load_model(tiny_model, fast=False).model
+    assert fast.decode_step is not None and plain.decode_step is None
+    assert (_step_logits(fast, True) - _step_logits(plain, False)).abs().max() < 1e-4
+    ours = generate(fast, PROMPT, max_new_tokens=24, eos_token_id=[]).output_ids[0]
+    reference = LlamaForCausalLM.from_pretrained(tiny_model).eval()
+    theirs = reference.generate(torch.tensor([PROMPT]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)[0, len(PROMPT):].tolist()
+    assert ours == theirs
+
+
+def test_unfused_projections_take_the_three_part_route(tiny_model):
+    """q, k, v (and gate, up) kept as separate layers: the step runs them side by side."""
+    model = accelerate_model(load_model(tiny_model, fast=False).model)  # kernels, no fusion
+    assert decode_step.enable(model)
+    assert model.decode_step.stack.layers[0].n_qkv == 3 and model.decode_step.stack.layers[0].n_gate_up == 2
+    # (the unfused module path runs attention and SiLU through PyTorch: float rounding only)
+    assert (_step_logits(model, True) - _step_logits(model, False)).abs().max() < 1e-4
+
+
+def test_step_applies_only_where_the_module_path_would_use_the_kernels(tiny_model):
+    model = load_model(tiny_model).model
+    step = model.decode_step
+    cache = KVCache.for_model(model, 1, 16)
+    one = torch.tensor([[5]])
+    assert step.applies(one, cache, None, None)
+    assert not step.applies(one, cache, None, {})  # capturing activations (trace)
+    assert not step.applies(torch.tensor([[5, 6]]), cache, None, None)  # prefill
+    assert not step.applies(torch.tensor([[5], [6]]), KVCache.for_model(model, 2, 16), None, None)  # batch
+    assert not step.applies(one, None, None, None)  # no cache
+    assert load_model(tiny_model, dtype="bfloat16").model.decode_step is None  # bfloat16 activations
+    assert load_model(tiny_model, fast=False).model.decode_step is None
+
+
+def test_a_full_cache_is_refused_before_the_native_call(tiny_model):
+    from llamascope.errors import LlamascopeError
+
+    model = load_model(tiny_model).model
+    cache = KVCache.for_model(model, 1, 2)
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2]]), torch.tensor([[0, 1]]), cache)
+        with pytest.raises(LlamascopeError, match="KV cache full"):
+            model(torch.tensor([[3]]), torch.tensor([[2]]), cache)
+
+
+def test_replacing_layers_drops_the_stale_step(tiny_model):
+    from llamascope.quant import quantize_model
+
+    model = load_model(tiny_model).model
+    assert model.decode_step is not None
+    quantize_model(model, "int8")
+    assert model.decode_step is None  # it pointed at the float weights just replaced
