@@ -90,26 +90,29 @@ def dequantize(blocks: torch.Tensor, qtype: str, K: int, dtype: torch.dtype = to
 
 
 def pack_q4(blocks: torch.Tensor, qtype: str, K: int) -> torch.Tensor:
-    """ggml Q4_0 / Q4_1 blocks [N, nb * bytes] -> the kernel's rows [N, nbp * (16 + 2 or 4)]:
-    all blocks' packed nibbles, then their f16 scales d, then (Q4_1) their f16 minimums m; nbp is
-    nb rounded up to a multiple of 4 with zero blocks."""
+    """ggml Q4_0 / Q4_1 blocks [N, nb * bytes] -> the kernel's rows [N, nbp/4 * (72 or 80)]: per
+    group of four blocks, their packed nibbles (64 bytes), their f16 scales d (8 bytes) and for
+    Q4_1 their f16 minimums m (8 bytes). nbp is nb rounded up to a multiple of 4 with zero blocks
+    (d = m = 0)."""
     N, nb = blocks.shape[0], K // QK
     nbp = (nb + 3) // 4 * 4
-    b = blocks.reshape(N, nb, BLOCK_BYTES[qtype])  # [N, nb, bytes]
-    offset = 4 if qtype == "Q4_1" else 2
-    parts = [b[..., offset:], b[..., 0:2]] + ([b[..., 2:4]] if qtype == "Q4_1" else [])
-    padded = [F.pad(part, (0, 0, 0, nbp - nb)) for part in parts]  # zero blocks: d = m = 0
-    return torch.cat([part.reshape(N, -1) for part in padded], dim=1).contiguous()
+    b = F.pad(blocks.reshape(N, nb, BLOCK_BYTES[qtype]), (0, 0, 0, nbp - nb))  # [N, nbp, bytes]
+    groups = b.reshape(N, nbp // 4, 4, BLOCK_BYTES[qtype])  # [N, G, 4, bytes]
+    q = groups[..., -16:].reshape(N, nbp // 4, 64)
+    d = groups[..., 0:2].reshape(N, nbp // 4, 8)
+    parts = [q, d] + ([groups[..., 2:4].reshape(N, nbp // 4, 8)] if qtype == "Q4_1" else [])
+    return torch.cat(parts, dim=-1).reshape(N, -1).contiguous()
 
 
 def unpack_q4(packed: torch.Tensor, qtype: str, K: int) -> torch.Tensor:
     """The inverse of pack_q4."""
     N, nb = packed.shape[0], K // QK
     nbp = (nb + 3) // 4 * 4
-    q = packed[:, : nbp * 16].reshape(N, nbp, 16)[:, :nb]
-    d = packed[:, nbp * 16: nbp * 18].reshape(N, nbp, 2)[:, :nb]
-    parts = [d] + ([packed[:, nbp * 18: nbp * 20].reshape(N, nbp, 2)[:, :nb]] if qtype == "Q4_1" else []) + [q]
-    return torch.cat(parts, dim=-1).reshape(N, -1)
+    groups = packed.reshape(N, nbp // 4, -1)  # [N, G, 72 or 80]
+    q = groups[..., :64].reshape(N, nbp, 16)
+    d = groups[..., 64:72].reshape(N, nbp, 2)
+    parts = [d] + ([groups[..., 72:80].reshape(N, nbp, 2)] if qtype == "Q4_1" else []) + [q]
+    return torch.cat(parts, dim=-1)[:, :nb].reshape(N, -1)
 
 
 # ---- layers ---------------------------------------------------------------------------------

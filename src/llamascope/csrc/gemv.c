@@ -306,32 +306,29 @@ void decode_attention_f32(float *qkv, const float *cos, const float *sin, float 
 /* y[T, N] = x[T, K] @ W[N, K]^T with W and x bfloat16 (raw uint16), y float32. Each
  * vdpbf16ps multiplies 32 pairs exactly and accumulates in float32. K % 32 == 0. */
 void gemv_bf16_bf16(const uint16_t *w, int N, int K, const uint16_t *x, int T, float *y, int nthreads) {
-    const int N2 = N / 2 * 2;
+    const int N4 = N / 4 * 4;
+    /* Four rows per pass: four weight streams in flight per core, each load of x used four times. */
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int n = 0; n < N2; n += 2) {
-        const uint16_t *r0 = w + (int64_t)n * K, *r1 = r0 + K;
+    for (int n = 0; n < N4; n += 4) {
+        const uint16_t *r0 = w + (int64_t)n * K, *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
         for (int t = 0; t < T; t++) {
             const uint16_t *xt = x + (int64_t)t * K;
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
-            int k = 0;
-            for (; k + 64 <= K; k += 64) {
-                const __m512bh x0 = (__m512bh)_mm512_loadu_si512((const void *)(xt + k));
-                const __m512bh x1 = (__m512bh)_mm512_loadu_si512((const void *)(xt + k + 32));
-                a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512((const void *)(r0 + k)), x0);
-                b0 = _mm512_dpbf16_ps(b0, (__m512bh)_mm512_loadu_si512((const void *)(r0 + k + 32)), x1);
-                a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512((const void *)(r1 + k)), x0);
-                b1 = _mm512_dpbf16_ps(b1, (__m512bh)_mm512_loadu_si512((const void *)(r1 + k + 32)), x1);
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int k = 0; k < K; k += 32) {
+                const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(xt + k));
+                a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512((const void *)(r0 + k)), xv);
+                a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512((const void *)(r1 + k)), xv);
+                a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512((const void *)(r2 + k)), xv);
+                a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512((const void *)(r3 + k)), xv);
             }
-            for (; k < K; k += 32) {
-                const __m512bh x0 = (__m512bh)_mm512_loadu_si512((const void *)(xt + k));
-                a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512((const void *)(r0 + k)), x0);
-                a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512((const void *)(r1 + k)), x0);
-            }
-            y[(int64_t)t * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0));
-            y[(int64_t)t * N + n + 1] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1));
+            float *yt = y + (int64_t)t * N + n;
+            yt[0] = _mm512_reduce_add_ps(a0);
+            yt[1] = _mm512_reduce_add_ps(a1);
+            yt[2] = _mm512_reduce_add_ps(a2);
+            yt[3] = _mm512_reduce_add_ps(a3);
         }
     }
-    for (int n = N2; n < N; n++) {
+    for (int n = N4; n < N; n++) {
         const uint16_t *r = w + (int64_t)n * K;
         for (int t = 0; t < T; t++) {
             __m512 a = _mm512_setzero_ps();
@@ -347,9 +344,10 @@ void gemv_bf16_bf16(const uint16_t *w, int N, int K, const uint16_t *x, int T, f
 /* ---- Q4 rows repacked for the kernel ---------------------------------------------------------
  * The same numbers as Q4_0 / Q4_1 blocks, laid out so that four blocks go through two VNNI
  * instructions with no per-block scalar work. Per row, with nbp = blocks rounded up to 4 (the
- * extra blocks are zero):  q: uint8[nbp * 16] (each block's 16 packed bytes, in order),
- * d: f16[nbp], and for Q4_1 m: f16[nbp]. The activations are laid out to match: for each group
- * of four blocks, the first 16 values of each block, then the last 16 of each. */
+ * extra blocks are zero), group by group of four blocks: the four blocks' packed bytes (64 bytes),
+ * then their f16 scales d[4], then for Q4_1 their f16 minimums m[4] (72 or 80 bytes a group), so a
+ * row is read as one stream. The activations are laid out to match: for each group of four
+ * blocks, the first 16 values of each block, then the last 16 of each. */
 
 static void permute_act_groups(const int8_t *xq, int nb, int nbp, int8_t *xp) {
     memset(xp, 0, (size_t)nbp * QK);
@@ -360,35 +358,43 @@ static void permute_act_groups(const int8_t *xq, int nb, int nbp, int8_t *xp) {
     }
 }
 
-static float dot_q4_packed(int is_q4_1, const uint8_t *row, int nbp, const int8_t *xp, const float *xd,
-                           const float *xs) {
-    const uint8_t *q = row;
-    const uint16_t *d = (const uint16_t *)(row + (int64_t)nbp * 16);
-    const uint16_t *m = d + nbp;
+static inline __attribute__((always_inline)) float dot_q4_packed_impl(
+        const int is_q4_1, const uint8_t *row, int nbp, const int8_t *xp, const float *xd, const float *xs) {
+    const int group_bytes = is_q4_1 ? 80 : 72;
     const __m512i low = _mm512_set1_epi8(0x0F);
     const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     __m512 acc = _mm512_setzero_ps();
     __m128 extra = _mm_setzero_ps();
     for (int g = 0; g < nbp / 4; g++) {
-        const __m512i v = _mm512_loadu_si512((const void *)(q + g * 64));
+        const uint8_t *grp = row + (int64_t)g * group_bytes;
+        const __m512i v = _mm512_loadu_si512((const void *)grp);
         const __m512i lo = _mm512_and_si512(v, low);
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
         __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)(xp + g * 128)));
         p = _mm512_dpbusd_epi32(p, hi, _mm512_loadu_si512((const void *)(xp + g * 128 + 64)));
-        const __m128 d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(d + g * 4)));
+        __m128 d4, e4;
+        if (is_q4_1) {  /* d and m of the group's four blocks: one 16-byte load */
+            const __m256 dm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grp + 64)));
+            d4 = _mm256_castps256_ps128(dm);
+            e4 = _mm256_extractf128_ps(dm, 1);
+        } else {
+            d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(grp + 64)));
+            e4 = d4;
+        }
         const __m128 s4 = _mm_mul_ps(d4, _mm_loadu_ps(xd + g * 4));
         const __m512 s16 = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(s4));
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s16, acc);
-        const __m128 xs4 = _mm_loadu_ps(xs + g * 4);
-        if (is_q4_1)
-            extra = _mm_fmadd_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(m + g * 4))), xs4, extra);
-        else
-            extra = _mm_fmadd_ps(d4, xs4, extra);
+        extra = _mm_fmadd_ps(e4, _mm_loadu_ps(xs + g * 4), extra);
     }
     __m128 h = _mm_hadd_ps(extra, extra);
     h = _mm_hadd_ps(h, h);
     const float e = _mm_cvtss_f32(h);
     return _mm512_reduce_add_ps(acc) + (is_q4_1 ? e : -8.0f * e);
+}
+
+static float dot_q4_packed(int is_q4_1, const uint8_t *row, int nbp, const int8_t *xp, const float *xd,
+                           const float *xs) {
+    return is_q4_1 ? dot_q4_packed_impl(1, row, nbp, xp, xd, xs) : dot_q4_packed_impl(0, row, nbp, xp, xd, xs);
 }
 
 /* y[T, N] = x[T, K] @ W^T, W in the repacked Q4 layout above (qtype 1: Q4_0, 2: Q4_1); x float32. */
