@@ -130,3 +130,34 @@ def test_lm_head_keeps_float_activations():
     exact, plain = head(x), head.forward_plain(x)
     assert torch.allclose(exact, plain, rtol=1e-5, atol=1e-4 * plain.abs().max())
     assert (approximate - plain).abs().max() > 10 * (exact - plain).abs().max()
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("K", [32, 160, 2048])
+def test_native_dequantisation_is_exact(qtype, K):
+    """The prefill path's native dequantisation gives the plain path's numbers bit for bit."""
+    torch.manual_seed(K)
+    layer = QuantLinear.from_float(torch.randn(37, K) * torch.rand(37, 1) * 3, qtype)
+    assert torch.equal(layer.dequantized_fast(torch.float32), layer.dequantized(torch.float32))
+    if kernels.cpu_has("avx512_bf16"):
+        assert torch.equal(layer.dequantized_fast(torch.bfloat16), layer.dequantized(torch.bfloat16))
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_long_inputs_match_plain_path(qtype):
+    """Prefill-sized inputs: float32 products agree with the plain path to float rounding; the
+    bfloat16 product (the default where the CPU has AVX512-BF16) to bfloat16 rounding of the
+    activations and weights."""
+    torch.manual_seed(3)
+    layer = QuantLinear.from_float(torch.randn(96, 256), qtype)
+    x = torch.randn(40, 256)
+    plain = layer.forward_plain(x)
+    scale = x.abs() @ layer.dequantized().abs().t()  # [40, 96] size of each dot product's terms
+    layer.long_inputs_in_bf16 = False
+    assert ((layer(x) - plain).abs() / scale).max() < 1e-5
+    if kernels.cpu_has("avx512_bf16"):
+        layer.long_inputs_in_bf16 = True
+        error = ((layer(x) - plain).abs() / scale).max()
+        assert 1e-6 < error < 2 ** -7  # it does run in bfloat16, and within its rounding

@@ -24,7 +24,7 @@ log = logging.getLogger("llamascope")
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemv.c", "decode_step.c")]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma")
-CFLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+CFLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
           "-mavx512vnni", "-mavx512bf16", "-mf16c", "-mfma"]
 
 
@@ -106,6 +106,10 @@ def load() -> ctypes.CDLL | None:
     for name in ("gemv_f32", "gemv_bf16", "gemv_q8_0_exact_f32"):
         getattr(lib, name).argtypes = [p, i, i, p, i, p, i]
         getattr(lib, name).restype = f
+    lib.dequant_q8_0.argtypes = [p, i, i, p, i, i]
+    lib.dequant_q8_0.restype = f
+    lib.dequant_q4_packed.argtypes = [i, p, i, i, p, i, i]
+    lib.dequant_q4_packed.restype = f
     lib.decode_step_f32.argtypes = [p, p, p, p, p, p, i, i, p, i]
     lib.decode_step_f32.restype = i
     return lib

@@ -136,11 +136,13 @@ class QuantLinear(nn.Module):
             self.register_buffer("stored", blocks.contiguous())  # [N, K/32 * bytes] uint8
             self._kernel = lib.gemv_blocks_f32 if lib is not None else None
         self._exact_kernel = None
+        self.long_inputs_in_bf16 = lib is not None and kernels.cpu_has("avx512_bf16")
 
     def use_float_activations(self) -> None:
         """Keep the activations in float32 (Q8_0 only): for the LM head, where 8-bit activations
         next to the final hidden state's outlier channels can swap the top candidates."""
         lib = kernels.load()
+        self.long_inputs_in_bf16 = False
         if lib is not None and self.qtype == "Q8_0":
             self._exact_kernel = lib.gemv_q8_0_exact_f32
 
@@ -171,10 +173,39 @@ class QuantLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized(x.dtype), bias)
 
+    def dequantized_fast(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """`dequantized(dtype)` by the native kernel: the same numbers, on both cores."""
+        lib = kernels.load()
+        native_bf16 = dtype == torch.bfloat16 and kernels.cpu_has("avx512_bf16")
+        if lib is None or (dtype != torch.float32 and not native_bf16):
+            return self.dequantized(dtype)
+        out = torch.empty(self.out_features, self.in_features, dtype=dtype)  # [N, K]
+        if hasattr(self, "packed"):
+            lib.dequant_q4_packed(self._code, self.packed.data_ptr(), self.out_features, self.in_features,
+                                  out.data_ptr(), int(native_bf16), torch.get_num_threads())
+        else:
+            lib.dequant_q8_0(self.stored.data_ptr(), self.out_features, self.in_features, out.data_ptr(),
+                             int(native_bf16), torch.get_num_threads())
+        return out
+
+    def forward_long(self, x: torch.Tensor) -> torch.Tensor:
+        """Many rows (prefill): dequantise once natively, then PyTorch's matrix product. With
+        `long_inputs_in_bf16` (the default where the CPU has AVX512-BF16) that product runs in
+        bfloat16 with float32 sums: the weight is already 4 or 8 bits, and rounding the activations
+        to 8 significant bits is no coarser than the decode kernels' 8-bit blocks (llama.cpp's
+        choice too); it runs the product about 2.5x faster. The plain path stays float32."""
+        if x.dtype == torch.float32 and self.long_inputs_in_bf16:
+            y = F.linear(x.to(torch.bfloat16), self.dequantized_fast(torch.bfloat16)).float()  # [..., N]
+            return y if self.bias is None else y + self.bias
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_fast(x.dtype), bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]
         rows = x.numel() // self.in_features
-        if self._kernel is None or rows > KERNEL_MAX_ROWS or x.device.type != "cpu":
+        if self._kernel is None or x.device.type != "cpu":
             return self.forward_plain(x)
+        if rows > KERNEL_MAX_ROWS:
+            return self.forward_long(x)
         N = self.out_features
         xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()  # [..., K]
         y = torch.empty(*x.shape[:-1], N)  # [..., N] float32

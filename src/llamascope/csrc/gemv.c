@@ -452,3 +452,62 @@ void gemv_q8_0_exact_f32(const uint8_t *w, int N, int K, const float *x, int T, 
         for (int t = 0; t < T; t++) y[(int64_t)t * N + n] = dot_q8_0_exact(row, nb, x + (int64_t)t * K);
     }
 }
+
+/* ---- dequantisation for long inputs (prefill) ----------------------------------------------------
+ * The weight as float32 (or bfloat16, rounded to nearest even) for a matrix product, with the
+ * same arithmetic as the plain path (quant.dequantize): Q8_0 d * q, Q4_0 (q - 8) * d, Q4_1 q * d + m
+ * (a product then a sum: the library is built without floating-point contraction). */
+
+static inline void store16(void *out, int64_t index, int bf16, __m512 v) {
+    if (bf16)
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + index), (__m256i)_mm512_cvtneps_pbh(v));
+    else
+        _mm512_storeu_ps((float *)out + index, v);
+}
+
+void dequant_q8_0(const uint8_t *w, int N, int K, void *out, int bf16, int nthreads) {
+    const int nb = K / QK;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *row = w + (int64_t)n * nb * 34;
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *blk = row + b * 34;
+            const __m512 d = _mm512_set1_ps(f16(blk));
+            const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2))));
+            const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18))));
+            store16(out, (int64_t)n * K + b * QK, bf16, _mm512_mul_ps(q0, d));
+            store16(out, (int64_t)n * K + b * QK + 16, bf16, _mm512_mul_ps(q1, d));
+        }
+    }
+}
+
+void dequant_q4_packed(int qtype, const uint8_t *w, int N, int K, void *out, int bf16, int nthreads) {
+    const int nb = K / QK, nbp = (nb + 3) / 4 * 4, is_q4_1 = qtype == QTYPE_Q4_1;
+    const int group_bytes = is_q4_1 ? 80 : 72;
+    const int64_t row_bytes = (int64_t)(nbp / 4) * group_bytes;
+    const __m512 eight = _mm512_set1_ps(8.0f);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *row = w + n * row_bytes;
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *grp = row + (int64_t)(b / 4) * group_bytes;
+            const int j = b % 4;
+            const __m128i bytes = _mm_loadu_si128((const __m128i *)(grp + j * 16));
+            const __m512i v = _mm512_cvtepu8_epi32(bytes);
+            const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F)));
+            const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+            const __m512 d = _mm512_set1_ps(f16(grp + 64 + j * 2));
+            __m512 w0, w1;
+            if (is_q4_1) {
+                const __m512 m = _mm512_set1_ps(f16(grp + 72 + j * 2));
+                w0 = _mm512_add_ps(_mm512_mul_ps(lo, d), m);
+                w1 = _mm512_add_ps(_mm512_mul_ps(hi, d), m);
+            } else {
+                w0 = _mm512_mul_ps(_mm512_sub_ps(lo, eight), d);
+                w1 = _mm512_mul_ps(_mm512_sub_ps(hi, eight), d);
+            }
+            store16(out, (int64_t)n * K + b * QK, bf16, w0);
+            store16(out, (int64_t)n * K + b * QK + 16, bf16, w1);
+        }
+    }
+}
