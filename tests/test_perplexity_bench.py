@@ -76,3 +76,17 @@ def test_bench_json_report(tiny_model, capsys):
     assert report["weight_bytes"] == weights + buffers
     assert 0 < report["decode_share_of_limit"]
     assert report["peak_rss_bytes"] > weights
+
+
+def test_bench_runs_on_weights_without_a_tokenizer(tiny_model, tmp_path, capsys):
+    """Benchmark checkpoints often ship no tokenizer: bench feeds ids spread over the vocabulary."""
+    import shutil
+
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(tiny_model / name, folder / name)
+    assert main(["bench", "--model", str(folder), "--new-tokens", "4", "--prefill-tokens", "16",
+                 "--repeats", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["prefill_tokens"] == 16 and report["decode_tokens_per_s"] > 0

@@ -98,8 +98,11 @@ def measure_read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     return buffer.numel() * 4 / best
 
 
-def prompt_ids(tokenizer, n: int) -> list[int]:
-    """n tokens of ordinary English text."""
+def prompt_ids(tokenizer, n: int, vocab_size: int = 32000) -> list[int]:
+    """n tokens of ordinary English text; without a tokenizer (a folder of weights only), n ids
+    spread over the vocabulary."""
+    if tokenizer is None:
+        return [(1 + 7919 * i) % vocab_size for i in range(n)]
     ids: list[int] = []
     while len(ids) < n:
         ids += tokenizer.encode(SAMPLE_TEXT, add_special_tokens=False)
@@ -130,8 +133,9 @@ def run(engine, prompt_tokens: int = 10, new_tokens: int = 128, prefill_tokens: 
         if progress is not None:
             progress(what, done, steps)
 
-    decode_ids = prompt_ids(tokenizer, prompt_tokens)
-    long_ids = prompt_ids(tokenizer, min(prefill_tokens, engine.config.max_position_embeddings - 2))
+    vocab = engine.config.vocab_size
+    decode_ids = prompt_ids(tokenizer, prompt_tokens, vocab)
+    long_ids = prompt_ids(tokenizer, min(prefill_tokens, engine.config.max_position_embeddings - 2), vocab)
     time_decode(model, decode_ids, 4)  # warm-up: kernel build, allocator, caches
     tick("warm-up")
     bandwidth = measure_read_bandwidth()
