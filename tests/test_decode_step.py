@@ -82,8 +82,33 @@ def test_step_applies_only_where_the_module_path_would_use_the_kernels(tiny_mode
     assert not step.applies(torch.tensor([[5, 6]]), cache, None, None)  # prefill
     assert not step.applies(torch.tensor([[5], [6]]), KVCache.for_model(model, 2, 16), None, None)  # batch
     assert not step.applies(one, None, None, None)  # no cache
-    assert load_model(tiny_model, dtype="bfloat16").model.decode_step is None  # bfloat16 activations
     assert load_model(tiny_model, fast=False).model.decode_step is None
+    bf16 = load_model(tiny_model, dtype="bfloat16").model  # its own step, for bfloat16 caches only
+    assert bf16.decode_step is not None and not bf16.decode_step.applies(one, cache, None, None)
+    assert bf16.decode_step.applies(one, KVCache.for_model(bf16, 1, 16), None, None)
+
+
+@pytest.mark.skipif(not kernels.cpu_has("avx512_bf16"), reason="needs AVX512-BF16")
+@pytest.mark.parametrize("name,overrides", [("gqa", {}), ("mha-bias", dict(num_key_value_heads=4,
+                                                                            attention_bias=True, mlp_bias=True))])
+def test_bfloat16_step_rounds_where_pytorch_rounds(model_factory, name, overrides):
+    """The bfloat16 step rounds after the same operations as PyTorch in bfloat16; only float sums
+    taken in another order differ. So logits agree to a few bfloat16 steps of their size, and the
+    greedy tokens agree with the module path (and transformers, see test_parity's bfloat16 case)
+    until two candidates come within bfloat16 rounding of each other."""
+    from test_parity import assert_equal_until_near_tie
+
+    model = load_model(model_factory(name, **overrides), dtype="bfloat16").model
+    assert model.decode_step is not None and model.decode_step.dtype == torch.bfloat16
+    native, modules = _step_logits(model, True).float(), _step_logits(model, False).float()
+    assert (native[0, 0] - modules[0, 0]).abs().max() <= 4 * 2 ** -8 * modules[0, 0].abs().max()
+    logits = []
+    with_step = generate(model, PROMPT, max_new_tokens=24, eos_token_id=[]).output_ids[0]
+    saved, model.decode_step = model.decode_step, None
+    without = generate(model, PROMPT, max_new_tokens=24, eos_token_id=[],
+                       on_step=lambda step: logits.append(step.logits[0])).output_ids[0]
+    model.decode_step = saved
+    assert_equal_until_near_tie(without, with_step, logits)
 
 
 def test_a_full_cache_is_refused_before_the_native_call(tiny_model):

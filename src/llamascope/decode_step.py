@@ -8,9 +8,12 @@ same order: RMSNorm, q/k/v, attention with the cache, o, RMSNorm, gate/up, SiLU,
 end the final norm and the LM head.
 
 It applies where the module path would run those kernels anyway: one sequence, one new token, a
-plain `KVCache`, float32 activations on the CPU, every projection a `FastLinear` or `QuantLinear`
-with its kernel, and nothing asked to be captured. Anything else (prefill, batches, tracing,
-bfloat16 activations, tensor parallelism) takes the module path, which stays the reference.
+plain `KVCache`, on the CPU, every projection a `FastLinear` or `QuantLinear` with its kernel, and
+nothing asked to be captured. Float32 activations give bit-identical results to the module path.
+A bfloat16 model gets its own step (bfloat16 weights on AVX512-BF16) that rounds to bfloat16 at
+every point where PyTorch does; only float summation order and attention internals differ.
+Anything else (prefill, batches, tracing, tensor parallelism) takes the module path, which stays
+the reference.
 """
 
 from __future__ import annotations
@@ -58,8 +61,22 @@ def _float32(t: torch.Tensor | None, what: str) -> int:
     return t.data_ptr()
 
 
-def _describe(module: nn.Module, keep: list, what: str) -> _Linear:
-    """The C description of one projection; its tensors go into `keep`."""
+def _float_copy(t: torch.Tensor, keep: list) -> int:
+    """A float32 copy of a small bfloat16 tensor (norm weights, biases: exact), kept alive."""
+    copy = t.detach().float().contiguous()
+    keep.append(copy)
+    return copy.data_ptr()
+
+
+def _describe(module: nn.Module, keep: list, what: str, bf16: bool = False) -> _Linear:
+    """The C description of one projection; its tensors go into `keep`. With `bf16` (a bfloat16
+    model) only bfloat16 weights whose inputs are a multiple of 32 wide qualify."""
+    if bf16:
+        if not (isinstance(module, FastLinear) and module._bf16_kernel is not None):
+            raise NotApplicable(f"{what} is not a bfloat16 layer with the AVX512-BF16 kernel")
+        bias = None if module.bias is None else _float_copy(module.bias, keep)
+        keep.append(module.weight)
+        return _Linear(LIN_BF16, module.out_features, module.in_features, module.weight.data_ptr(), bias or 0)
     if isinstance(module, FastLinear) and module._kernel is not None:
         kind = {torch.float32: LIN_F32, torch.bfloat16: LIN_BF16}.get(module.weight.dtype)
         if kind is None or not module.weight.is_contiguous():
@@ -95,38 +112,49 @@ class DecodeStep:
         if lib is None:
             raise NotApplicable("native kernels are off")
         config = model.config
-        if model.dtype != torch.float32 or model.device.type != "cpu":
-            raise NotApplicable(f"activations are {model.dtype} on {model.device}")
+        self.dtype = model.dtype
+        if model.device.type != "cpu":
+            raise NotApplicable(f"the model is on {model.device}")
+        if self.dtype == torch.bfloat16:
+            if not (kernels.cpu_has("avx512_bf16") and hasattr(lib, "decode_step_bf16")):
+                raise NotApplicable("bfloat16 activations need AVX512-BF16")
+        elif self.dtype != torch.float32:
+            raise NotApplicable(f"activations are {self.dtype}")
+        bf16 = self.dtype == torch.bfloat16
         self.model = model
         self._keep: list = []  # every tensor the structs point at stays alive with them
+
+        def norm(weight: torch.Tensor, what: str) -> int:
+            return _float_copy(weight, self._keep) if bf16 else _float32(weight, what)
+
         layers = (_Layer * config.num_hidden_layers)()
         for i, block in enumerate(model.model.layers):
             attn, mlp, L = block.self_attn, block.mlp, layers[i]
-            L.attn_norm = _float32(block.input_layernorm.weight, f"layer {i} input_layernorm")
-            L.mlp_norm = _float32(block.post_attention_layernorm.weight, f"layer {i} post_attention_layernorm")
+            L.attn_norm = norm(block.input_layernorm.weight, f"layer {i} input_layernorm")
+            L.mlp_norm = norm(block.post_attention_layernorm.weight, f"layer {i} post_attention_layernorm")
             qkv = _parts(attn, "qkv_proj", ("q_proj", "k_proj", "v_proj"))
             gate_up = _parts(mlp, "gate_up_proj", ("gate_proj", "up_proj"))
             L.n_qkv, L.n_gate_up = len(qkv), len(gate_up)
             for j, part in enumerate(qkv):
-                L.qkv[j] = _describe(part, self._keep, f"layer {i} attention input")
+                L.qkv[j] = _describe(part, self._keep, f"layer {i} attention input", bf16)
             for j, part in enumerate(gate_up):
-                L.gate_up[j] = _describe(part, self._keep, f"layer {i} gate/up")
-            L.o = _describe(attn.o_proj, self._keep, f"layer {i} o_proj")
-            L.down = _describe(mlp.down_proj, self._keep, f"layer {i} down_proj")
+                L.gate_up[j] = _describe(part, self._keep, f"layer {i} gate/up", bf16)
+            L.o = _describe(attn.o_proj, self._keep, f"layer {i} o_proj", bf16)
+            L.down = _describe(mlp.down_proj, self._keep, f"layer {i} down_proj", bf16)
         attn = model.model.layers[0].self_attn
         self.heads, self.kv_heads, self.head_dim = attn.heads, attn.kv_heads, attn.head_dim
-        head = _describe(model.lm_head, self._keep, "lm_head")
+        head = _describe(model.lm_head, self._keep, "lm_head", bf16)
         self.vocab = head.N
         self._layers = layers
         self.stack = _Stack(config.num_hidden_layers, config.hidden_size, self.heads, self.kv_heads,
                             self.head_dim, config.intermediate_size, config.rms_norm_eps, self.head_dim ** -0.5,
-                            layers, _float32(model.model.norm.weight, "final norm"), head)
-        self._fn = lib.decode_step_f32
+                            layers, norm(model.model.norm.weight, "final norm"), head)
+        self._fn = lib.decode_step_bf16 if bf16 else lib.decode_step_f32
         self._cache_pointers: tuple[KVCache, object, object] | None = None
 
     def applies(self, tokens: torch.Tensor, cache, mask, capture) -> bool:
         return (capture is None and mask is None and type(cache) is KVCache and tokens.shape == (1, 1)
-                and cache.keys[0].dtype == torch.float32 and cache.keys[0].shape[1] == self.kv_heads)
+                and cache.keys[0].dtype == self.dtype and cache.keys[0].shape[1] == self.kv_heads)
 
     def _pointers(self, cache: KVCache):
         """Arrays of the cache's per-layer key and value addresses, made once per cache."""
@@ -138,8 +166,8 @@ class DecodeStep:
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         stack = self.model.model
-        x = stack.embed_tokens(tokens).float().contiguous()  # [1, 1, hidden], becomes the residual stream
-        cos, sin = stack.rotary_emb(positions, torch.float32)  # [1, 1, D] each
+        x = stack.embed_tokens(tokens).to(self.dtype).contiguous()  # [1, 1, hidden]: the residual stream
+        cos, sin = stack.rotary_emb(positions, self.dtype)  # [1, 1, D] each
         cos, sin = cos.contiguous(), sin.contiguous()
         cache.check_room(1)
         keys, values = self._pointers(cache)
@@ -149,7 +177,7 @@ class DecodeStep:
         if status != 0:
             raise MemoryError("decode step: out of memory for its scratch buffers")
         cache.advance(1)
-        return logits
+        return logits if self.dtype == torch.float32 else logits.to(self.dtype)  # (bfloat16-exact already)
 
 
 def enable(model: nn.Module) -> bool:

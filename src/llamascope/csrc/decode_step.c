@@ -107,3 +107,168 @@ int decode_step_f32(const stack_t *s, float *x, const float *cos, const float *s
     free(scratch);
     return 0;
 }
+
+/* ---- bfloat16 activations ---------------------------------------------------------------------
+ * The same step for a bfloat16 model, rounding to bfloat16 wherever the module path (PyTorch in
+ * bfloat16) rounds: after each product, norm, RoPE product and sum, residual sum and activation.
+ * Values are held in float registers and arrays, always bfloat16-exact; products run on
+ * AVX512-BF16 (exact products, float32 sums). All weights are bfloat16 (LIN_BF16), K % 32 == 0.
+ * Attention works in float32 on the bfloat16 queries, keys and values, and rounds its output. */
+#ifdef __AVX512BF16__
+void gemv_bf16_bf16(const uint16_t *w, int N, int K, const uint16_t *x, int T, float *y, int nthreads);
+
+static inline float bf(float v) {  /* round to the nearest bfloat16, ties to even */
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    if ((u & 0x7F800000u) == 0x7F800000u && (u & 0x007FFFFFu)) return v;  /* NaN */
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    u &= 0xFFFF0000u;
+    memcpy(&v, &u, 4);
+    return v;
+}
+
+static inline uint16_t bf_bits(float v) {  /* v is bfloat16-exact */
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float bf_value(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float v;
+    memcpy(&v, &u, 4);
+    return v;
+}
+
+/* y = bf(W x) (+ bias, rounded again); x is given as bfloat16 bits. */
+static void linear_bf16(const linear_t *l, const uint16_t *xb, float *y, int nthreads) {
+    gemv_bf16_bf16((const uint16_t *)l->w, l->N, l->K, xb, 1, y, nthreads);
+    for (int n = 0; n < l->N; n++) {
+        y[n] = bf(y[n]);
+        if (l->bias) y[n] = bf(y[n] + l->bias[n]);
+    }
+}
+
+/* PyTorch's RMSNorm in bfloat16: float statistics, normalised value rounded, times the weight, rounded. */
+static void rmsnorm_bf16(const float *x, const float *w, float *out, uint16_t *out_bits, int dim, float eps) {
+    float ss = 0.0f;
+    for (int k = 0; k < dim; k++) ss += x[k] * x[k];
+    const float scale = 1.0f / sqrtf(ss / (float)dim + eps);
+    for (int k = 0; k < dim; k++) {
+        out[k] = bf(w[k] * bf(x[k] * scale));
+        out_bits[k] = bf_bits(out[k]);
+    }
+}
+
+static void rope_heads_bf16(float *x, int n, int D, const float *cos, const float *sin) {
+    const int half = D / 2;
+    for (int h = 0; h < n; h++) {
+        float *v = x + (int64_t)h * D;
+        for (int i = 0; i < half; i++) {
+            const float a = v[i], b = v[i + half];
+            v[i] = bf(bf(a * cos[i]) + bf(-b * sin[i]));
+            v[i + half] = bf(bf(b * cos[i + half]) + bf(a * sin[i + half]));
+        }
+    }
+}
+
+static void attention_bf16(float *qkv, const float *cos, const float *sin, uint16_t *kcache, uint16_t *vcache,
+                           int col, int cap, int H, int KVH, int D, float scale, float *out, int nthreads) {
+    float *q = qkv, *k = qkv + (int64_t)H * D, *v = k + (int64_t)KVH * D;
+    rope_heads_bf16(q, H, D, cos, sin);
+    rope_heads_bf16(k, KVH, D, cos, sin);
+    for (int h = 0; h < KVH; h++)
+        for (int d = 0; d < D; d++) {
+            kcache[((int64_t)h * cap + col) * D + d] = bf_bits(k[(int64_t)h * D + d]);
+            vcache[((int64_t)h * cap + col) * D + d] = bf_bits(v[(int64_t)h * D + d]);
+        }
+    const int S = col + 1, group = H / KVH;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (S * H > 4096)
+    for (int h = 0; h < H; h++) {
+        const float *qh = q + (int64_t)h * D;
+        const uint16_t *kh = kcache + (int64_t)(h / group) * cap * D;
+        const uint16_t *vh = vcache + (int64_t)(h / group) * cap * D;
+        float *oh = out + (int64_t)h * D;
+        float *scores = (float *)malloc(sizeof(float) * S);
+        float top = -INFINITY;
+        for (int s = 0; s < S; s++) {
+            float dot = 0.0f;
+            for (int d = 0; d < D; d++) dot += qh[d] * bf_value(kh[(int64_t)s * D + d]);
+            scores[s] = dot * scale;
+            if (scores[s] > top) top = scores[s];
+        }
+        /* As PyTorch's CPU attention in bfloat16: the exponentials are summed in float32, and
+         * rounded to bfloat16 for the product with the values; the sum divides at the end. */
+        float total = 0.0f;
+        for (int s = 0; s < S; s++) {
+            const float e = expf(scores[s] - top);
+            total += e;
+            scores[s] = bf(e);
+        }
+        for (int d = 0; d < D; d++) oh[d] = 0.0f;
+        for (int s = 0; s < S; s++) {
+            const float p = scores[s];
+            for (int d = 0; d < D; d++) oh[d] += p * bf_value(vh[(int64_t)s * D + d]);
+        }
+        for (int d = 0; d < D; d++) oh[d] = bf(oh[d] / total);
+        free(scores);
+    }
+}
+
+/* x [hidden]: the embedding (bfloat16 bits), overwritten with the final residual stream; cos, sin
+ * [D] bfloat16 bits; caches [KVH, cap, D] bfloat16; logits [vocab] float32 (bfloat16-exact). */
+int decode_step_bf16(const stack_t *s, uint16_t *x_bits, const uint16_t *cos_bits, const uint16_t *sin_bits,
+                     uint16_t *const *kcache, uint16_t *const *vcache, int col, int cap, float *logits,
+                     int nthreads) {
+    const int hidden = s->hidden, HD = s->H * s->D, QKV = (s->H + 2 * s->KVH) * s->D, I = s->I, D = s->D;
+    const int64_t floats = 2 * (int64_t)hidden + QKV + HD + hidden + 3 * (int64_t)I + 2 * (int64_t)D;
+    const int64_t halves = (int64_t)hidden + HD + I + 64;
+    float *scratch = (float *)malloc(sizeof(float) * floats);
+    uint16_t *bits = (uint16_t *)aligned_alloc(64, (sizeof(uint16_t) * halves + 63) / 64 * 64);
+    if (!scratch || !bits) {
+        free(scratch);
+        free(bits);
+        return -1;
+    }
+    float *x = scratch, *h = x + hidden, *qkv = h + hidden, *a = qkv + QKV, *y = a + HD, *gu = y + hidden;
+    float *act = gu + 2 * I, *cos = act + I, *sin = cos + D;
+    uint16_t *hb = bits, *ab = hb + hidden, *actb = ab + HD;
+    for (int i = 0; i < hidden; i++) x[i] = bf_value(x_bits[i]);
+    for (int d = 0; d < D; d++) {
+        cos[d] = bf_value(cos_bits[d]);
+        sin[d] = bf_value(sin_bits[d]);
+    }
+    for (int l = 0; l < s->n_layers; l++) {
+        const layer_t *L = &s->layers[l];
+        rmsnorm_bf16(x, L->attn_norm, h, hb, hidden, s->eps);
+        float *out = qkv;
+        for (int i = 0; i < L->n_qkv; i++) {
+            linear_bf16(&L->qkv[i], hb, out, nthreads);
+            out += L->qkv[i].N;
+        }
+        attention_bf16(qkv, cos, sin, kcache[l], vcache[l], col, cap, s->H, s->KVH, D, s->scale, a, nthreads);
+        for (int i = 0; i < HD; i++) ab[i] = bf_bits(a[i]);
+        linear_bf16(&L->o, ab, y, nthreads);
+        for (int i = 0; i < hidden; i++) x[i] = bf(x[i] + y[i]);
+        rmsnorm_bf16(x, L->mlp_norm, h, hb, hidden, s->eps);
+        out = gu;
+        for (int i = 0; i < L->n_gate_up; i++) {
+            linear_bf16(&L->gate_up[i], hb, out, nthreads);
+            out += L->gate_up[i].N;
+        }
+        for (int i = 0; i < I; i++) {
+            const float g = gu[i];
+            act[i] = bf(bf(g / (1.0f + expf(-g))) * gu[I + i]);
+            actb[i] = bf_bits(act[i]);
+        }
+        linear_bf16(&L->down, actb, y, nthreads);
+        for (int i = 0; i < hidden; i++) x[i] = bf(x[i] + y[i]);
+    }
+    rmsnorm_bf16(x, s->final_norm, h, hb, hidden, s->eps);
+    linear_bf16(&s->head, hb, logits, nthreads);
+    for (int i = 0; i < hidden; i++) x_bits[i] = bf_bits(x[i]);
+    free(scratch);
+    free(bits);
+    return 0;
+}
+#endif
