@@ -80,7 +80,11 @@ def test_step_applies_only_where_the_module_path_would_use_the_kernels(tiny_mode
     assert step.applies(one, cache, None, None)
     assert not step.applies(one, cache, None, {})  # capturing activations (trace)
     assert not step.applies(torch.tensor([[5, 6]]), cache, None, None)  # prefill
-    assert not step.applies(torch.tensor([[5], [6]]), KVCache.for_model(model, 2, 16), None, None)  # batch
+    assert step.applies(torch.tensor([[5], [6]]), KVCache.for_model(model, 2, 16), None, None)  # batch
+    assert not step.applies(torch.tensor([[5], [6]]), KVCache.for_model(model, 2, 16), torch.ones(2, 1, 1, 3,
+                                                                                                  dtype=torch.bool),
+                            None)  # left padding: the rows' columns differ from their positions
+    assert not step.applies(torch.zeros(9, 1, dtype=torch.long), KVCache.for_model(model, 9, 16), None, None)
     assert not step.applies(one, None, None, None)  # no cache
     assert load_model(tiny_model, fast=False).model.decode_step is None
     bf16 = load_model(tiny_model, dtype="bfloat16").model  # its own step, for bfloat16 caches only
@@ -129,3 +133,63 @@ def test_replacing_layers_drops_the_stale_step(tiny_model):
     assert model.decode_step is not None
     quantize_model(model, "int8")
     assert model.decode_step is None  # it pointed at the float weights just replaced
+
+
+def _alone(model, prompt: list[int], steps: int) -> list[torch.Tensor]:
+    """Each step's logits [V] for one sequence over its own KVCache, feeding argmax tokens."""
+    cache = KVCache.for_model(model, 1, 64)
+    out = []
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt]), torch.arange(len(prompt))[None], cache, last_only=True)
+        for _ in range(steps):
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            logits = model(token, torch.tensor([[cache.length]]), cache)
+            out.append(logits[0, 0])
+    return out
+
+
+@pytest.mark.parametrize("quant", [None, "int4"])
+def test_server_slots_of_different_lengths_equal_each_sequence_alone(tiny_model, quant):
+    """The server's batched decode (a SlotBatch: each sequence at its own column) through the native
+    step gives each sequence bit for bit what it gets alone; the kernels work row by row."""
+    from llamascope.cache import SlotKVCache
+
+    model = load_model(tiny_model, quant=quant).model
+    prompts = [[1, 5, 9], [1, 17, 42, 99, 7, 3], [1, 8]]
+    steps = 6
+    expected = [_alone(model, p, steps) for p in prompts]
+    slots = SlotKVCache.for_model(model, num_slots=4, slot_capacity=64)
+    tokens = []
+    with torch.inference_mode():
+        for p in prompts:
+            prefill = KVCache.for_model(model, 1, 64)
+            logits = model(torch.tensor([p]), torch.arange(len(p))[None], prefill, last_only=True)
+            slot = slots.allocate()
+            slots.load(slot, prefill)
+            tokens.append(int(logits[0, -1].argmax()))
+        order = [2, 0, 1]  # rows in another order than the slots
+        for step in range(steps):
+            batch = slots.batch(order, 1)
+            assert model.decode_step.applies(torch.zeros(3, 1, dtype=torch.long), batch, batch.mask(1), None)
+            logits = model(torch.tensor([[tokens[s]] for s in order]), batch.positions(1), batch, batch.mask(1))
+            for row, s in enumerate(order):
+                assert torch.equal(logits[row, 0], expected[s][step]), f"slot {s}, step {step}"
+                tokens[s] = int(logits[row, 0].argmax())
+
+
+def test_batch_over_a_kv_cache_matches_each_row_alone_on_both_paths(tiny_model):
+    model = load_model(tiny_model).model
+    prompts = [[1, 5, 9, 11], [1, 17, 42, 99], [1, 8, 8, 2]]  # one length: no padding mask
+    expected = [_alone(model, p, 5) for p in prompts]
+    for native in (True, False):
+        saved = model.decode_step
+        model.decode_step = saved if native else None
+        cache = KVCache.for_model(model, 3, 64)
+        with torch.inference_mode():
+            logits = model(torch.tensor(prompts), torch.arange(4)[None].expand(3, 4), cache, last_only=True)
+            for step in range(5):
+                tokens = logits[:, -1].argmax(-1, keepdim=True)  # [3, 1]
+                logits = model(tokens, torch.full((3, 1), cache.length), cache)
+                for row in range(3):  # (the batch's prefill ran as one matrix product: float rounding)
+                    assert (logits[row, 0] - expected[row][step]).abs().max() < 1e-4
+        model.decode_step = saved

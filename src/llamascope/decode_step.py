@@ -1,4 +1,4 @@
-"""One batch-1 decode step through the whole decoder stack in a single native call.
+"""One decode step through the whole decoder stack in a single native call.
 
 The module-by-module path runs the native kernels one projection at a time; on a small model the
 Python between them (about 30 module calls per layer) costs more than the arithmetic. `DecodeStep`
@@ -7,13 +7,15 @@ and then each decode step is one call into csrc/decode_step.c, which runs the sa
 same order: RMSNorm, q/k/v, attention with the cache, o, RMSNorm, gate/up, SiLU, down, and at the
 end the final norm and the LM head.
 
-It applies where the module path would run those kernels anyway: one sequence, one new token, a
-plain `KVCache`, on the CPU, every projection a `FastLinear` or `QuantLinear` with its kernel, and
-nothing asked to be captured. Float32 activations give bit-identical results to the module path.
-A bfloat16 model gets its own step (bfloat16 weights on AVX512-BF16) that rounds to bfloat16 at
-every point where PyTorch does; only float summation order and attention internals differ.
-Anything else (prefill, batches, tracing, tensor parallelism) takes the module path, which stays
-the reference.
+It applies where the module path would run those kernels anyway: one new token for each of up to
+KERNEL_MAX_ROWS sequences (over a `KVCache` without padding, or the server's `SlotBatch`, where
+each sequence sits at its own column), on the CPU, every projection a `FastLinear` or
+`QuantLinear` with its kernel, and nothing asked to be captured. With float32 activations and
+one sequence it gives bit-identical results to the module path (which uses the same attention
+kernel there); for several sequences the module path's attention is PyTorch's, equal to float
+rounding. A bfloat16 model gets its own step (bfloat16 weights on AVX512-BF16) that rounds to
+bfloat16 at every point where PyTorch does; only float summation order differs. Anything else
+(prefill, tracing, tensor parallelism) takes the module path, which stays the reference.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import torch
 from torch import nn
 
 from . import kernels
-from .cache import KVCache
-from .quant import FastLinear, QuantLinear
+from .cache import KVCache, SlotBatch
+from .quant import KERNEL_MAX_ROWS, FastLinear, QuantLinear
 
 # Weight formats, as in csrc/decode_step.c
 LIN_F32, LIN_BF16, LIN_Q8_0, LIN_Q4_0, LIN_Q4_1, LIN_Q8_0_EXACT = range(6)
@@ -105,7 +107,7 @@ def _parts(parent: nn.Module, fused: str, names: tuple[str, ...]) -> list[nn.Mod
 
 
 class DecodeStep:
-    """`step(tokens [1, 1], positions [1, 1], cache) -> logits [1, 1, vocab]` in one native call."""
+    """`step(tokens [B, 1], positions [B, 1], cache) -> logits [B, 1, vocab]` in one native call."""
 
     def __init__(self, model: nn.Module):
         lib = kernels.load()
@@ -150,30 +152,42 @@ class DecodeStep:
                             self.head_dim, config.intermediate_size, config.rms_norm_eps, self.head_dim ** -0.5,
                             layers, norm(model.model.norm.weight, "final norm"), head)
         self._fn = lib.decode_step_bf16 if bf16 else lib.decode_step_f32
-        self._cache_pointers: tuple[KVCache, object, object] | None = None
 
     def applies(self, tokens: torch.Tensor, cache, mask, capture) -> bool:
-        return (capture is None and mask is None and type(cache) is KVCache and tokens.shape == (1, 1)
-                and cache.keys[0].dtype == self.dtype and cache.keys[0].shape[1] == self.kv_heads)
+        """True for one new token per sequence, at most KERNEL_MAX_ROWS sequences, over a plain
+        `KVCache` (no padding mask: all rows at one column) or a server `SlotBatch` (each row at
+        its own column; its mask says exactly that, so the step needs none), nothing captured."""
+        if capture is not None or tokens.dim() != 2 or tokens.shape[1] != 1 or tokens.shape[0] > KERNEL_MAX_ROWS:
+            return False
+        if type(cache) is KVCache:
+            store = cache.keys[0]
+            return mask is None and store.shape[0] == tokens.shape[0] and self._matches(store)
+        if type(cache) is SlotBatch:
+            return cache.batch_size == tokens.shape[0] and bool(cache.cache.keys) and self._matches(cache.cache.keys[0])
+        return False
 
-    def _pointers(self, cache: KVCache):
-        """Arrays of the cache's per-layer key and value addresses, made once per cache."""
-        if self._cache_pointers is None or self._cache_pointers[0] is not cache:
-            array = _p * len(cache.keys)
-            self._cache_pointers = (cache, array(*(k.data_ptr() for k in cache.keys)),
-                                    array(*(v.data_ptr() for v in cache.values)))
-        return self._cache_pointers[1], self._cache_pointers[2]
+    def _matches(self, store: torch.Tensor) -> bool:
+        return store.dtype == self.dtype and store.device.type == "cpu" and store.shape[1] == self.kv_heads
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | SlotBatch) -> torch.Tensor:
+        B = tokens.shape[0]
         stack = self.model.model
-        x = stack.embed_tokens(tokens).to(self.dtype).contiguous()  # [1, 1, hidden]: the residual stream
-        cos, sin = stack.rotary_emb(positions, self.dtype)  # [1, 1, D] each
+        x = stack.embed_tokens(tokens).to(self.dtype).contiguous()  # [B, 1, hidden]: the residual stream
+        cos, sin = stack.rotary_emb(positions, self.dtype)  # [B, 1, D] each
         cos, sin = cos.contiguous(), sin.contiguous()
-        cache.check_room(1)
-        keys, values = self._pointers(cache)
-        logits = torch.empty(1, 1, self.vocab)  # [1, 1, vocab]
-        status = self._fn(ctypes.byref(self.stack), x.data_ptr(), cos.data_ptr(), sin.data_ptr(), keys, values,
-                          cache.length, cache.capacity, logits.data_ptr(), torch.get_num_threads())
+        if type(cache) is KVCache:
+            cache.check_room(1)
+            store, slots, cols, capacity = cache, list(range(B)), [cache.length] * B, cache.capacity
+        else:  # SlotBatch: `batch()` has made room for one more column in each of its slots
+            store, slots, cols, capacity = cache.cache, cache.slots, cache.lengths, cache.cache.columns
+        # Addresses are taken afresh each step: a cache may replace its tensors (beam reordering,
+        # slot storage growing).
+        layers = len(store.keys)
+        keys = (_p * layers)(*(k.data_ptr() for k in store.keys))
+        values = (_p * layers)(*(v.data_ptr() for v in store.values))
+        logits = torch.empty(B, 1, self.vocab)  # [B, 1, vocab]
+        status = self._fn(ctypes.byref(self.stack), B, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), keys, values,
+                          (_i * B)(*slots), (_i * B)(*cols), capacity, logits.data_ptr(), torch.get_num_threads())
         if status != 0:
             raise MemoryError("decode step: out of memory for its scratch buffers")
         cache.advance(1)

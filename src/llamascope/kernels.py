@@ -110,9 +110,9 @@ def load() -> ctypes.CDLL | None:
     lib.dequant_q8_0.restype = f
     lib.dequant_q4_packed.argtypes = [i, p, i, i, p, i, i]
     lib.dequant_q4_packed.restype = f
-    lib.decode_step_f32.argtypes = [p, p, p, p, p, p, i, i, p, i]
+    lib.decode_step_f32.argtypes = [p, i, p, p, p, p, p, p, p, i, p, i]
     lib.decode_step_f32.restype = i
     if cpu_has("avx512_bf16"):
-        lib.decode_step_bf16.argtypes = [p, p, p, p, p, p, i, i, p, i]
+        lib.decode_step_bf16.argtypes = [p, i, p, p, p, p, p, p, p, i, p, i]
         lib.decode_step_bf16.restype = i
     return lib

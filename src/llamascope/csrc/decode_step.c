@@ -55,55 +55,72 @@ typedef struct {
     linear_t head;                       /* [vocab, hidden] */
 } stack_t;
 
-static void linear(const linear_t *l, const float *x, float *y, int nthreads) {
+/* y[T, N] = x[T, K] W^T (+ bias) for T rows. */
+static void linear(const linear_t *l, const float *x, int T, float *y, int nthreads) {
     switch (l->kind) {
-    case LIN_F32: gemv_f32((const float *)l->w, l->N, l->K, x, 1, y, nthreads); break;
-    case LIN_BF16: gemv_bf16((const uint16_t *)l->w, l->N, l->K, x, 1, y, nthreads); break;
-    case LIN_Q8_0: gemv_blocks_f32(0, (const uint8_t *)l->w, l->N, l->K, x, 1, y, nthreads); break;
-    case LIN_Q4_0: gemv_q4_packed_f32(1, (const uint8_t *)l->w, l->N, l->K, x, 1, y, nthreads); break;
-    case LIN_Q4_1: gemv_q4_packed_f32(2, (const uint8_t *)l->w, l->N, l->K, x, 1, y, nthreads); break;
-    case LIN_Q8_0_EXACT: gemv_q8_0_exact_f32((const uint8_t *)l->w, l->N, l->K, x, 1, y, nthreads); break;
+    case LIN_F32: gemv_f32((const float *)l->w, l->N, l->K, x, T, y, nthreads); break;
+    case LIN_BF16: gemv_bf16((const uint16_t *)l->w, l->N, l->K, x, T, y, nthreads); break;
+    case LIN_Q8_0: gemv_blocks_f32(0, (const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads); break;
+    case LIN_Q4_0: gemv_q4_packed_f32(1, (const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads); break;
+    case LIN_Q4_1: gemv_q4_packed_f32(2, (const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads); break;
+    case LIN_Q8_0_EXACT: gemv_q8_0_exact_f32((const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads); break;
     }
     if (l->bias)
-        for (int n = 0; n < l->N; n++) y[n] += l->bias[n];
+        for (int t = 0; t < T; t++)
+            for (int n = 0; n < l->N; n++) y[(int64_t)t * l->N + n] += l->bias[n];
 }
 
-/* Several layers reading the same input, outputs side by side. */
-static void linears(const linear_t *ls, int count, const float *x, float *y, int nthreads) {
+/* Several layers reading the same input, outputs side by side: y[T, sum of N]. */
+static void linears(const linear_t *ls, int count, const float *x, int T, float *y, int width, float *tmp,
+                    int nthreads) {
+    if (count == 1) {
+        linear(&ls[0], x, T, y, nthreads);
+        return;
+    }
+    int offset = 0;
     for (int i = 0; i < count; i++) {
-        linear(&ls[i], x, y, nthreads);
-        y += ls[i].N;
+        linear(&ls[i], x, T, tmp, nthreads);
+        for (int t = 0; t < T; t++)
+            memcpy(y + (int64_t)t * width + offset, tmp + (int64_t)t * ls[i].N, sizeof(float) * ls[i].N);
+        offset += ls[i].N;
     }
 }
 
 /*
- * x [hidden]: the token's embedding, overwritten with the final residual stream. cos, sin [D]:
- * the position's rotary tables. kcache[l], vcache[l]: layer l's cache; the new key and value go
- * to column `col`. logits [vocab] (the head's N). Returns 0, or -1 when scratch memory ran out.
+ * B sequences, one new token each. x [B, hidden]: the tokens' embeddings, overwritten with the
+ * final residual stream. cos, sin [B, D]: each position's rotary tables. Layer l's cache is one
+ * [rows, KVH, cap, D] tensor (kcache[l], vcache[l]); sequence b lives in row slots[b] and its new
+ * key and value go to column cols[b]. logits [B, vocab] (the head's N). Returns 0, or -1 when
+ * scratch memory ran out.
  */
-int decode_step_f32(const stack_t *s, float *x, const float *cos, const float *sin, float *const *kcache,
-                    float *const *vcache, int col, int cap, float *logits, int nthreads) {
-    const int hidden = s->hidden, HD = s->H * s->D, QKV = (s->H + 2 * s->KVH) * s->D, I = s->I;
-    const int64_t floats = (int64_t)hidden + QKV + HD + hidden + 3 * (int64_t)I;
+int decode_step_f32(const stack_t *s, int B, float *x, const float *cos, const float *sin, float *const *kcache,
+                    float *const *vcache, const int *slots, const int *cols, int cap, float *logits, int nthreads) {
+    const int hidden = s->hidden, HD = s->H * s->D, QKV = (s->H + 2 * s->KVH) * s->D, I = s->I, D = s->D;
+    const int64_t row_stride = (int64_t)s->KVH * cap * D;
+    const int64_t wide = QKV > 2 * I ? QKV : 2 * I;
+    const int64_t floats = (int64_t)B * (hidden + QKV + HD + hidden + 3 * (int64_t)I + wide);
     float *scratch = (float *)malloc(sizeof(float) * floats);
     if (!scratch) return -1;
-    float *h = scratch, *qkv = h + hidden, *a = qkv + QKV, *y = a + HD, *gu = y + hidden, *act = gu + 2 * I;
+    float *h = scratch, *qkv = h + (int64_t)B * hidden, *a = qkv + (int64_t)B * QKV, *y = a + (int64_t)B * HD;
+    float *gu = y + (int64_t)B * hidden, *act = gu + (int64_t)B * 2 * I, *tmp = act + (int64_t)B * I;
     for (int l = 0; l < s->n_layers; l++) {
         const layer_t *L = &s->layers[l];
-        rmsnorm_f32(x, L->attn_norm, h, 1, hidden, s->eps);
-        linears(L->qkv, L->n_qkv, h, qkv, nthreads);
-        decode_attention_f32(qkv, cos, sin, kcache[l], vcache[l], col, cap, s->H, s->KVH, s->D, s->scale, a,
-                             nthreads);
-        linear(&L->o, a, y, nthreads);
-        for (int i = 0; i < hidden; i++) x[i] += y[i];
-        rmsnorm_f32(x, L->mlp_norm, h, 1, hidden, s->eps);
-        linears(L->gate_up, L->n_gate_up, h, gu, nthreads);
-        silu_mul_f32(gu, 1, I, act);
-        linear(&L->down, act, y, nthreads);
-        for (int i = 0; i < hidden; i++) x[i] += y[i];
+        rmsnorm_f32(x, L->attn_norm, h, B, hidden, s->eps);
+        linears(L->qkv, L->n_qkv, h, B, qkv, QKV, tmp, nthreads);
+        for (int b = 0; b < B; b++)
+            decode_attention_f32(qkv + (int64_t)b * QKV, cos + (int64_t)b * D, sin + (int64_t)b * D,
+                                 kcache[l] + slots[b] * row_stride, vcache[l] + slots[b] * row_stride, cols[b], cap,
+                                 s->H, s->KVH, D, s->scale, a + (int64_t)b * HD, nthreads);
+        linear(&L->o, a, B, y, nthreads);
+        for (int64_t i = 0; i < (int64_t)B * hidden; i++) x[i] += y[i];
+        rmsnorm_f32(x, L->mlp_norm, h, B, hidden, s->eps);
+        linears(L->gate_up, L->n_gate_up, h, B, gu, 2 * I, tmp, nthreads);
+        silu_mul_f32(gu, B, I, act);
+        linear(&L->down, act, B, y, nthreads);
+        for (int64_t i = 0; i < (int64_t)B * hidden; i++) x[i] += y[i];
     }
-    rmsnorm_f32(x, s->final_norm, h, 1, hidden, s->eps);
-    linear(&s->head, h, logits, nthreads);
+    rmsnorm_f32(x, s->final_norm, h, B, hidden, s->eps);
+    linear(&s->head, h, B, logits, nthreads);
     free(scratch);
     return 0;
 }
@@ -140,23 +157,44 @@ static inline float bf_value(uint16_t h) {
     return v;
 }
 
-/* y = bf(W x) (+ bias, rounded again); x is given as bfloat16 bits. */
-static void linear_bf16(const linear_t *l, const uint16_t *xb, float *y, int nthreads) {
-    gemv_bf16_bf16((const uint16_t *)l->w, l->N, l->K, xb, 1, y, nthreads);
-    for (int n = 0; n < l->N; n++) {
-        y[n] = bf(y[n]);
-        if (l->bias) y[n] = bf(y[n] + l->bias[n]);
+/* y[T, N] = bf(x W^T) (+ bias, rounded again); x [T, K] is given as bfloat16 bits. */
+static void linear_bf16(const linear_t *l, const uint16_t *xb, int T, float *y, int nthreads) {
+    gemv_bf16_bf16((const uint16_t *)l->w, l->N, l->K, xb, T, y, nthreads);
+    for (int64_t i = 0; i < (int64_t)T * l->N; i++) {
+        y[i] = bf(y[i]);
+        if (l->bias) y[i] = bf(y[i] + l->bias[i % l->N]);
     }
 }
 
-/* PyTorch's RMSNorm in bfloat16: float statistics, normalised value rounded, times the weight, rounded. */
-static void rmsnorm_bf16(const float *x, const float *w, float *out, uint16_t *out_bits, int dim, float eps) {
-    float ss = 0.0f;
-    for (int k = 0; k < dim; k++) ss += x[k] * x[k];
-    const float scale = 1.0f / sqrtf(ss / (float)dim + eps);
-    for (int k = 0; k < dim; k++) {
-        out[k] = bf(w[k] * bf(x[k] * scale));
-        out_bits[k] = bf_bits(out[k]);
+static void linears_bf16(const linear_t *ls, int count, const uint16_t *xb, int T, float *y, int width,
+                         float *tmp, int nthreads) {
+    if (count == 1) {
+        linear_bf16(&ls[0], xb, T, y, nthreads);
+        return;
+    }
+    int offset = 0;
+    for (int i = 0; i < count; i++) {
+        linear_bf16(&ls[i], xb, T, tmp, nthreads);
+        for (int t = 0; t < T; t++)
+            memcpy(y + (int64_t)t * width + offset, tmp + (int64_t)t * ls[i].N, sizeof(float) * ls[i].N);
+        offset += ls[i].N;
+    }
+}
+
+/* PyTorch's RMSNorm in bfloat16, `rows` rows: float statistics, normalised value rounded, times
+ * the weight, rounded. */
+static void rmsnorm_bf16(const float *x, const float *w, float *out, uint16_t *out_bits, int rows, int dim,
+                         float eps) {
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (int64_t)r * dim;
+        float ss = 0.0f;
+        for (int k = 0; k < dim; k++) ss += xr[k] * xr[k];
+        const float scale = 1.0f / sqrtf(ss / (float)dim + eps);
+        for (int k = 0; k < dim; k++) {
+            const int64_t i = (int64_t)r * dim + k;
+            out[i] = bf(w[k] * bf(xr[k] * scale));
+            out_bits[i] = bf_bits(out[i]);
+        }
     }
 }
 
@@ -215,14 +253,17 @@ static void attention_bf16(float *qkv, const float *cos, const float *sin, uint1
     }
 }
 
-/* x [hidden]: the embedding (bfloat16 bits), overwritten with the final residual stream; cos, sin
- * [D] bfloat16 bits; caches [KVH, cap, D] bfloat16; logits [vocab] float32 (bfloat16-exact). */
-int decode_step_bf16(const stack_t *s, uint16_t *x_bits, const uint16_t *cos_bits, const uint16_t *sin_bits,
-                     uint16_t *const *kcache, uint16_t *const *vcache, int col, int cap, float *logits,
-                     int nthreads) {
+/* As decode_step_f32, with bfloat16 activations: x [B, hidden] the embeddings (bfloat16 bits),
+ * overwritten with the final residual stream; cos, sin [B, D] bfloat16 bits; caches bfloat16;
+ * logits [B, vocab] float32 (bfloat16-exact). */
+int decode_step_bf16(const stack_t *s, int B, uint16_t *x_bits, const uint16_t *cos_bits, const uint16_t *sin_bits,
+                     uint16_t *const *kcache, uint16_t *const *vcache, const int *slots, const int *cols, int cap,
+                     float *logits, int nthreads) {
     const int hidden = s->hidden, HD = s->H * s->D, QKV = (s->H + 2 * s->KVH) * s->D, I = s->I, D = s->D;
-    const int64_t floats = 2 * (int64_t)hidden + QKV + HD + hidden + 3 * (int64_t)I + 2 * (int64_t)D;
-    const int64_t halves = (int64_t)hidden + HD + I + 64;
+    const int64_t row_stride = (int64_t)s->KVH * cap * D;
+    const int64_t wide = QKV > 2 * I ? QKV : 2 * I;
+    const int64_t floats = (int64_t)B * (2 * (int64_t)hidden + QKV + HD + hidden + 3 * (int64_t)I + 2 * D + wide);
+    const int64_t halves = (int64_t)B * (hidden + HD + I) + 64;
     float *scratch = (float *)malloc(sizeof(float) * floats);
     uint16_t *bits = (uint16_t *)aligned_alloc(64, (sizeof(uint16_t) * halves + 63) / 64 * 64);
     if (!scratch || !bits) {
@@ -230,43 +271,42 @@ int decode_step_bf16(const stack_t *s, uint16_t *x_bits, const uint16_t *cos_bit
         free(bits);
         return -1;
     }
-    float *x = scratch, *h = x + hidden, *qkv = h + hidden, *a = qkv + QKV, *y = a + HD, *gu = y + hidden;
-    float *act = gu + 2 * I, *cos = act + I, *sin = cos + D;
-    uint16_t *hb = bits, *ab = hb + hidden, *actb = ab + HD;
-    for (int i = 0; i < hidden; i++) x[i] = bf_value(x_bits[i]);
-    for (int d = 0; d < D; d++) {
+    const int64_t BH = (int64_t)B * hidden;
+    float *x = scratch, *h = x + BH, *qkv = h + BH, *a = qkv + (int64_t)B * QKV, *y = a + (int64_t)B * HD;
+    float *gu = y + BH, *act = gu + (int64_t)B * 2 * I, *cos = act + (int64_t)B * I, *sin = cos + (int64_t)B * D;
+    float *tmp = sin + (int64_t)B * D;
+    uint16_t *hb = bits, *ab = hb + BH, *actb = ab + (int64_t)B * HD;
+    for (int64_t i = 0; i < BH; i++) x[i] = bf_value(x_bits[i]);
+    for (int64_t d = 0; d < (int64_t)B * D; d++) {
         cos[d] = bf_value(cos_bits[d]);
         sin[d] = bf_value(sin_bits[d]);
     }
     for (int l = 0; l < s->n_layers; l++) {
         const layer_t *L = &s->layers[l];
-        rmsnorm_bf16(x, L->attn_norm, h, hb, hidden, s->eps);
-        float *out = qkv;
-        for (int i = 0; i < L->n_qkv; i++) {
-            linear_bf16(&L->qkv[i], hb, out, nthreads);
-            out += L->qkv[i].N;
-        }
-        attention_bf16(qkv, cos, sin, kcache[l], vcache[l], col, cap, s->H, s->KVH, D, s->scale, a, nthreads);
-        for (int i = 0; i < HD; i++) ab[i] = bf_bits(a[i]);
-        linear_bf16(&L->o, ab, y, nthreads);
-        for (int i = 0; i < hidden; i++) x[i] = bf(x[i] + y[i]);
-        rmsnorm_bf16(x, L->mlp_norm, h, hb, hidden, s->eps);
-        out = gu;
-        for (int i = 0; i < L->n_gate_up; i++) {
-            linear_bf16(&L->gate_up[i], hb, out, nthreads);
-            out += L->gate_up[i].N;
-        }
-        for (int i = 0; i < I; i++) {
-            const float g = gu[i];
-            act[i] = bf(bf(g / (1.0f + expf(-g))) * gu[I + i]);
-            actb[i] = bf_bits(act[i]);
-        }
-        linear_bf16(&L->down, actb, y, nthreads);
-        for (int i = 0; i < hidden; i++) x[i] = bf(x[i] + y[i]);
+        rmsnorm_bf16(x, L->attn_norm, h, hb, B, hidden, s->eps);
+        linears_bf16(L->qkv, L->n_qkv, hb, B, qkv, QKV, tmp, nthreads);
+        for (int b = 0; b < B; b++)
+            attention_bf16(qkv + (int64_t)b * QKV, cos + (int64_t)b * D, sin + (int64_t)b * D,
+                           kcache[l] + slots[b] * row_stride, vcache[l] + slots[b] * row_stride, cols[b], cap, s->H,
+                           s->KVH, D, s->scale, a + (int64_t)b * HD, nthreads);
+        for (int64_t i = 0; i < (int64_t)B * HD; i++) ab[i] = bf_bits(a[i]);
+        linear_bf16(&L->o, ab, B, y, nthreads);
+        for (int64_t i = 0; i < BH; i++) x[i] = bf(x[i] + y[i]);
+        rmsnorm_bf16(x, L->mlp_norm, h, hb, B, hidden, s->eps);
+        linears_bf16(L->gate_up, L->n_gate_up, hb, B, gu, 2 * I, tmp, nthreads);
+        for (int b = 0; b < B; b++)
+            for (int i = 0; i < I; i++) {
+                const float g = gu[(int64_t)b * 2 * I + i], u = gu[(int64_t)b * 2 * I + I + i];
+                const int64_t j = (int64_t)b * I + i;
+                act[j] = bf(bf(g / (1.0f + expf(-g))) * u);
+                actb[j] = bf_bits(act[j]);
+            }
+        linear_bf16(&L->down, actb, B, y, nthreads);
+        for (int64_t i = 0; i < BH; i++) x[i] = bf(x[i] + y[i]);
     }
-    rmsnorm_bf16(x, s->final_norm, h, hb, hidden, s->eps);
-    linear_bf16(&s->head, hb, logits, nthreads);
-    for (int i = 0; i < hidden; i++) x_bits[i] = bf_bits(x[i]);
+    rmsnorm_bf16(x, s->final_norm, h, hb, B, hidden, s->eps);
+    linear_bf16(&s->head, hb, B, logits, nthreads);
+    for (int64_t i = 0; i < BH; i++) x_bits[i] = bf_bits(x[i]);
     free(scratch);
     free(bits);
     return 0;
