@@ -1,7 +1,7 @@
 """Aggregate decode throughput of `llamascope serve` with 1, 4 and 8 concurrent clients.
 
-Starts the real server (uvicorn in a thread, loopback only) on the default model (or --model),
-then for each client count runs that many streaming clients at once, each sending the same fixed
+Starts the real server (`llamascope serve` in its own process, loopback only) on the default model
+(or --model), then for each client count runs that many streaming clients at once, each sending the same fixed
 number of streamed chat requests (completions when the model has no chat template), and prints a markdown table. Every request generates exactly
 --max-tokens tokens (the eos ids get logit_bias -100), so rows are comparable.
 
@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import platform
 import socket
 import statistics
-import threading
+import subprocess
+import sys
 import time
 
-import torch
-import uvicorn
+import httpx
 
-from llamascope import Engine
-from llamascope.server import ServerSettings, create_app
+from llamascope.config import GenerationConfig
+from llamascope.loading import open_checkpoint
 
 PROMPTS = [
     "Write a short story about a robot who learns to paint.",
@@ -37,19 +38,35 @@ PROMPTS = [
 ]
 
 
-def start_server(app) -> tuple[uvicorn.Server, threading.Thread, str]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise SystemExit("the server did not start")
-        time.sleep(0.05)
-    return server, thread, f"http://127.0.0.1:{port}/v1"
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(args, max_batch: int) -> tuple[subprocess.Popen, str, float]:
+    """`llamascope serve` in its own process, as it is deployed: the clients here do not share its
+    interpreter. -> (process, base URL, seconds until /health answered)."""
+    port = free_port()
+    command = [sys.executable, "-m", "llamascope", "serve", "--port", str(port), "--dtype", args.dtype,
+               "--served-model-name", "bench", "--max-batch", str(max_batch), "--max-queue", str(4 * max_batch)]
+    if args.model:
+        command += ["--model", args.model]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while True:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited: {process.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return process, f"http://127.0.0.1:{port}/v1", time.perf_counter() - start
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            raise SystemExit("the server did not start within 120 s")
+        time.sleep(0.1)
 
 
 async def one_request(client, model: str, prompt: str, max_tokens: int, no_eos: dict,
@@ -103,27 +120,28 @@ def main() -> None:
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
 
-    t0 = time.perf_counter()
-    engine = Engine.load(args.model, dtype=args.dtype)
-    load_s = time.perf_counter() - t0
-    name = "bench"
-    settings = ServerSettings(model_name=name, max_batch=max(levels), max_queue=4 * max(levels))
-    app = create_app(engine, settings)
-    server, thread, base_url = start_server(app)
-    eos = set(engine.generation_config().eos_token_id or []) | {engine.tokenizer.eos_id}
+    checkpoint = open_checkpoint(args.model)  # metadata and tokenizer only: the weights load in the server
+    tokenizer = checkpoint.tokenizer_factory()
+    settings = GenerationConfig.resolve(checkpoint.config, checkpoint.generation_json)
+    eos = set(settings.eos_token_id or []) | {tokenizer.eos_id}
     no_eos = {str(t): -100 for t in eos if t is not None}
-    chat = bool(engine.tokenizer.chat_template)  # chat requests when the model has a template
+    chat = bool(tokenizer.chat_template)  # chat requests when the model has a template
+    process, base_url, start_s = start_server(args, max(levels))
+    name = "bench"
     try:
         asyncio.run(run_level(base_url, name, 1, 1, 8, no_eos, args.timeout, chat))  # warm-up
         rows = [asyncio.run(run_level(base_url, name, c, args.requests_per_client, args.max_tokens, no_eos,
                                       args.timeout, chat)) for c in levels]
     finally:
-        server.should_exit = True
-        thread.join(30)
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
     base = rows[0]["tokens_per_s"]
-    print(f"\nmodel: {args.model or 'SmolLM2-135M-Instruct (default)'} ({engine.model.dtype}, loaded in {load_s:.1f} s); "
-          f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}; "
+    print(f"\nmodel: {args.model or 'SmolLM2-135M-Instruct (default)'} (dtype {args.dtype}; server up in {start_s:.1f} s); "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs shared by server and clients; "
           f"{args.requests_per_client} {'chat' if chat else 'completion'} requests per client, {args.max_tokens} tokens each, greedy\n")
     print("| clients | requests | tokens | seconds | aggregate tokens/s | per-request tokens/s | mean TTFT (s) | vs 1 client |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -161,3 +161,23 @@ def test_long_inputs_match_plain_path(qtype):
         layer.long_inputs_in_bf16 = True
         error = ((layer(x) - plain).abs() / scale).max()
         assert 1e-6 < error < 2 ** -7  # it does run in bfloat16, and within its rounding
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1", "Q8_0-float-activations", "float32", "bfloat16"])
+def test_kernel_rows_are_independent(kind):
+    """A few rows at once (batched decode, the server's slots) give each row exactly what it gets
+    alone: the multi-row kernels share weight loads, not arithmetic."""
+    torch.manual_seed(7)
+    K = 576
+    w = torch.randn(45, K)
+    if kind in ("float32", "bfloat16"):
+        dtype = getattr(torch, kind)
+        layer, x = FastLinear(w.to(dtype)), torch.randn(8, K).to(dtype)
+    else:
+        layer, x = QuantLinear.from_float(w, kind[:4]), torch.randn(8, K)
+        if kind.endswith("float-activations"):
+            layer.use_float_activations()
+    alone = torch.cat([layer(x[i:i + 1]) for i in range(8)])
+    for rows in (2, 5, 8):
+        assert torch.equal(layer(x[:rows]), alone[:rows]), rows

@@ -397,13 +397,73 @@ static float dot_q4_packed(int is_q4_1, const uint8_t *row, int nbp, const int8_
     return is_q4_1 ? dot_q4_packed_impl(1, row, nbp, xp, xd, xs) : dot_q4_packed_impl(0, row, nbp, xp, xd, xs);
 }
 
+/* One weight row against `rows` activation rows (rows <= Q4_ROWS), each with the same operations in
+ * the same order as dot_q4_packed, so every result equals the one-row kernel's bit for bit. */
+#define Q4_ROWS 8
+static inline __attribute__((always_inline)) void dot_q4_packed_rows_impl(
+        const int is_q4_1, const uint8_t *row, int nbp, const int8_t *xp, int64_t act_bytes, const float *xd16,
+        const float *xs, const int rows, float *out) {
+    const int G = nbp / 4, group_bytes = is_q4_1 ? 80 : 72;
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    __m512 acc[Q4_ROWS];
+    __m128 extra[Q4_ROWS];
+    for (int t = 0; t < rows; t++) {
+        acc[t] = _mm512_setzero_ps();
+        extra[t] = _mm_setzero_ps();
+    }
+    for (int g = 0; g < G; g++) {
+        const uint8_t *grp = row + (int64_t)g * group_bytes;
+        const __m512i v = _mm512_loadu_si512((const void *)grp);
+        const __m512i lo = _mm512_and_si512(v, low);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        __m128 d4, e4;
+        if (is_q4_1) {
+            const __m256 dm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grp + 64)));
+            d4 = _mm256_castps256_ps128(dm);
+            e4 = _mm256_extractf128_ps(dm, 1);
+        } else {
+            d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(grp + 64)));
+            e4 = d4;
+        }
+        const __m512 d16 = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(d4));
+        for (int t = 0; t < rows; t++) {
+            const int8_t *x = xp + t * act_bytes + g * 128;
+            __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)x));
+            p = _mm512_dpbusd_epi32(p, hi, _mm512_loadu_si512((const void *)(x + 64)));
+            const __m512 s16 = _mm512_mul_ps(d16, _mm512_loadu_ps(xd16 + ((int64_t)t * G + g) * 16));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s16, acc[t]);
+            extra[t] = _mm_fmadd_ps(e4, _mm_loadu_ps(xs + (int64_t)t * nbp + g * 4), extra[t]);
+        }
+    }
+    for (int t = 0; t < rows; t++) {
+        __m128 h = _mm_hadd_ps(extra[t], extra[t]);
+        h = _mm_hadd_ps(h, h);
+        const float e = _mm_cvtss_f32(h);
+        out[t] = _mm512_reduce_add_ps(acc[t]) + (is_q4_1 ? e : -8.0f * e);
+    }
+}
+
+static void dot_q4_packed_rows(int is_q4_1, const uint8_t *row, int nbp, const int8_t *xp, int64_t act_bytes,
+                               const float *xd16, const float *xs, int rows, float *out) {
+#define Q4_CASE(R)                                                                                      \
+    case R:                                                                                             \
+        if (is_q4_1) dot_q4_packed_rows_impl(1, row, nbp, xp, act_bytes, xd16, xs, R, out);           \
+        else dot_q4_packed_rows_impl(0, row, nbp, xp, act_bytes, xd16, xs, R, out);                   \
+        break;
+    switch (rows) {
+        Q4_CASE(1) Q4_CASE(2) Q4_CASE(3) Q4_CASE(4) Q4_CASE(5) Q4_CASE(6) Q4_CASE(7) Q4_CASE(8)
+    }
+#undef Q4_CASE
+}
+
 /* y[T, N] = x[T, K] @ W^T, W in the repacked Q4 layout above (qtype 1: Q4_0, 2: Q4_1); x float32. */
 void gemv_q4_packed_f32(int qtype, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads) {
     const int nb = K / QK, nbp = (nb + 3) / 4 * 4;
     const int is_q4_1 = qtype == QTYPE_Q4_1;
     const int64_t row_bytes = (int64_t)nbp * (16 + (is_q4_1 ? 4 : 2));
     const int64_t act_bytes = (int64_t)nbp * QK;                   /* permuted int8 activations */
-    const int64_t need = T * (act_bytes + K + 2 * (int64_t)nbp * (int64_t)sizeof(float)) + 128;
+    const int64_t need = T * (act_bytes + K + 2 * (int64_t)nbp * (int64_t)sizeof(float) + nbp * 16) + 256;
     uint8_t stack[65536];
     uint8_t *scratch = need <= (int64_t)sizeof(stack) ? stack : (uint8_t *)aligned_alloc(64, (need + 63) / 64 * 64);
     int8_t *xp = (int8_t *)scratch;                                 /* [T, nbp * 32] */
@@ -416,12 +476,30 @@ void gemv_q4_packed_f32(int qtype, const uint8_t *w, int N, int K, const float *
         quantize_act_q8(x + (int64_t)t * K, 1, K, xq + (int64_t)t * K, xd + (int64_t)t * nbp, xs + (int64_t)t * nbp);
         permute_act_groups(xq + (int64_t)t * K, nb, nbp, xp + t * act_bytes);
     }
+    if (T == 1) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int n = 0; n < N; n++) {
-        const uint8_t *row = w + n * row_bytes;
+        for (int n = 0; n < N; n++)
+            y[n] = dot_q4_packed(is_q4_1, w + n * row_bytes, nbp, xp, xd, xs);
+    } else {
+        /* Several rows: each weight group is unpacked once for all of them. The activation scales
+         * are spread to one per lane once (xd16), so each row's product is the one above. */
+        const int G = nbp / 4;
+        float *xd16 = (float *)(((uintptr_t)(xs + (int64_t)T * nbp) + 63) / 64 * 64);  /* [T, G, 16] */
+        const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
         for (int t = 0; t < T; t++)
-            y[(int64_t)t * N + n] = dot_q4_packed(is_q4_1, row, nbp, xp + t * act_bytes, xd + (int64_t)t * nbp,
-                                                  xs + (int64_t)t * nbp);
+            for (int g = 0; g < G; g++)
+                _mm512_storeu_ps(xd16 + ((int64_t)t * G + g) * 16,
+                                 _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(xd + (int64_t)t * nbp + g * 4))));
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int n = 0; n < N; n++) {
+            float out[Q4_ROWS];
+            for (int t0 = 0; t0 < T; t0 += Q4_ROWS) {
+                const int rows = T - t0 < Q4_ROWS ? T - t0 : Q4_ROWS;
+                dot_q4_packed_rows(is_q4_1, w + n * row_bytes, nbp, xp + t0 * act_bytes, act_bytes,
+                                   xd16 + (int64_t)t0 * G * 16, xs + (int64_t)t0 * nbp, rows, out);
+                for (int r = 0; r < rows; r++) y[(int64_t)(t0 + r) * N + n] = out[r];
+            }
+        }
     }
     if (scratch != stack) free(scratch);
 }
@@ -444,12 +522,51 @@ static float dot_q8_0_exact(const uint8_t *row, int nb, const float *x) {
     return _mm512_reduce_add_ps(acc);
 }
 
+/* One weight row against `rows` activation rows (rows <= 8): each block is widened once for all of
+ * them; every row's sums are those of dot_q8_0_exact, in the same order. */
+static inline __attribute__((always_inline)) void dot_q8_0_exact_rows_impl(const uint8_t *row, int nb,
+                                                                           const float *x, int K, const int rows,
+                                                                           float *out) {
+    __m512 acc[8];
+    for (int t = 0; t < rows; t++) acc[t] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 34;
+        const __m512 d = _mm512_set1_ps(f16(blk));
+        const __m128i q0 = _mm_loadu_si128((const __m128i *)(blk + 2));
+        const __m128i q1 = _mm_loadu_si128((const __m128i *)(blk + 18));
+        const __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), d);
+        const __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), d);
+        for (int t = 0; t < rows; t++) {
+            acc[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + (int64_t)t * K + b * QK), acc[t]);
+            acc[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + (int64_t)t * K + b * QK + 16), acc[t]);
+        }
+    }
+    for (int t = 0; t < rows; t++) out[t] = _mm512_reduce_add_ps(acc[t]);
+}
+
+static void dot_q8_0_exact_rows(const uint8_t *row, int nb, const float *x, int K, int rows, float *out) {
+#define Q8_CASE(R) case R: dot_q8_0_exact_rows_impl(row, nb, x, K, R, out); break;
+    switch (rows) {
+        Q8_CASE(1) Q8_CASE(2) Q8_CASE(3) Q8_CASE(4) Q8_CASE(5) Q8_CASE(6) Q8_CASE(7) Q8_CASE(8)
+    }
+#undef Q8_CASE
+}
+
 void gemv_q8_0_exact_f32(const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads) {
     const int nb = K / QK;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int n = 0; n < N; n++) {
         const uint8_t *row = w + (int64_t)n * nb * 34;
-        for (int t = 0; t < T; t++) y[(int64_t)t * N + n] = dot_q8_0_exact(row, nb, x + (int64_t)t * K);
+        if (T == 1) {
+            y[n] = dot_q8_0_exact(row, nb, x);
+            continue;
+        }
+        float out[8];
+        for (int t0 = 0; t0 < T; t0 += 8) {
+            const int rows = T - t0 < 8 ? T - t0 : 8;
+            dot_q8_0_exact_rows(row, nb, x + (int64_t)t0 * K, K, rows, out);
+            for (int r = 0; r < rows; r++) y[(int64_t)(t0 + r) * N + n] = out[r];
+        }
     }
 }
 
