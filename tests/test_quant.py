@@ -165,11 +165,11 @@ def test_long_inputs_match_plain_path(qtype):
 
 @needs_kernels
 @pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1", "Q8_0-float-activations", "float32", "bfloat16"])
-def test_kernel_rows_are_independent(kind):
+@pytest.mark.parametrize("K", [96, 576])  # an odd and an even number of blocks
+def test_kernel_rows_are_independent(kind, K):
     """A few rows at once (batched decode, the server's slots) give each row exactly what it gets
     alone: the multi-row kernels share weight loads, not arithmetic."""
     torch.manual_seed(7)
-    K = 576
     w = torch.randn(45, K)
     if kind in ("float32", "bfloat16"):
         dtype = getattr(torch, kind)
