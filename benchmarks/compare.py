@@ -37,7 +37,8 @@ RANDOM_SHAPES = {  # llama2.c's 15M and 110M, and TinyLlama-1.1B
 }
 # (model, precision) -> which files each system runs; None: that system has no such precision.
 PLAN = {
-    "smollm2": [("fp32", "hf", "fp32", None), ("bf16", "hf", "bf16", None), ("Q4_1", "gguf", None, "Q4_1")],
+    "smollm2": [("fp32", "hf", "fp32", None), ("bf16", "hf", "bf16", None), ("Q4_1", "gguf", None, "Q4_1"),
+                ("int8", "hf", None, None), ("int4", "hf", None, None)],  # --quant from the float folder
     "random-15m": [("fp32", "hf", "fp32", "F32")],
     "random-110m": [("fp32", "hf", "fp32", "F32")],
     "random-1.1b": [("fp32", "hf", "fp32", "F32"), ("bf16", "hf", "bf16", "BF16"), ("Q8_0", "gguf", None, "Q8_0"),
@@ -148,17 +149,24 @@ def measure(system: str, path: str, precision: str, prompt_tokens: int, new_toke
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
+    quality: dict = {}
     if system == "llamascope":
         from llamascope import Engine
         from llamascope.bench import time_decode
 
         dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(precision, "float32")
-        engine = Engine.load(path, dtype=dtype)
+        engine = Engine.load(path, dtype=dtype, quant=precision if precision in ("int8", "int4") else None)
         load = time.perf_counter() - start
         vocab = engine.config.vocab_size
         time_decode(engine.model, token_ids(prompt_tokens, vocab, 1), 4)
         _, decode = time_decode(engine.model, token_ids(prompt_tokens, vocab, 2), new_tokens)
         prefill_seconds, _ = time_decode(engine.model, token_ids(prefill_tokens, vocab, 3), 1)
+        if engine.tokenizer is not None:  # a trained model: what this precision costs in quality
+            from llamascope.perplexity import perplexity
+
+            quality["peak_rss_mb"] = peak_rss_mb()  # before the perplexity run's full-vocabulary logits
+            ids = engine.tokenizer.encode((HERE / "sample.txt").read_text(), add_special_tokens=False)
+            quality = {"perplexity": perplexity(engine.model, ids, window=512, stride=256)[0]}
     elif system == "transformers":
         from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
@@ -211,7 +219,7 @@ def measure(system: str, path: str, precision: str, prompt_tokens: int, new_toke
     else:
         raise SystemExit(f"unknown system {system}")
     return {"load_s": load, "decode_tps": decode, "prefill_tps": prefill_tokens / prefill_seconds,
-            "peak_rss_mb": peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb(), **quality}  # (quality's RSS reading, when taken, wins)
 
 
 def peak_rss_mb() -> float:
@@ -281,8 +289,8 @@ def main() -> None:
 
 
 def print_table(rows, args) -> None:
-    def cell(med, system, key):
-        return f"{med[system][key]:.1f}" if system in med else "–"
+    def cell(med, system, key, digits=1):
+        return f"{med[system][key]:.{digits}f}" if system in med and key in med[system] else "–"
 
     def ratio(med, key, other):
         if "llamascope" in med and other in med:
@@ -290,17 +298,18 @@ def print_table(rows, args) -> None:
         return "–"
 
     print(f"Decode: {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, greedy, {args.threads} threads; "
-          f"prefill: {args.prefill_tokens}-token prompt. Medians of {args.repeats} runs, tokens/s.\n")
+          f"prefill: {args.prefill_tokens}-token prompt. Medians of {args.repeats} runs, tokens/s. Perplexity: "
+          f"llamascope on benchmarks/sample.txt (window 512, stride 256), trained models only.\n")
     print("| model | precision | llamascope decode | transformers | llama.cpp | vs transformers | vs llama.cpp "
-          "| llamascope prefill | transformers | llama.cpp | llamascope load s | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| llamascope prefill | transformers | llama.cpp | llamascope load s | peak RSS MB | perplexity |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model, precision, med in rows:
         print(f"| {model} | {precision} | {cell(med, 'llamascope', 'decode_tps')} | "
               f"{cell(med, 'transformers', 'decode_tps')} | {cell(med, 'llama.cpp', 'decode_tps')} | "
               f"{ratio(med, 'decode_tps', 'transformers')} | {ratio(med, 'decode_tps', 'llama.cpp')} | "
               f"{cell(med, 'llamascope', 'prefill_tps')} | {cell(med, 'transformers', 'prefill_tps')} | "
               f"{cell(med, 'llama.cpp', 'prefill_tps')} | {cell(med, 'llamascope', 'load_s')} | "
-              f"{cell(med, 'llamascope', 'peak_rss_mb')} |")
+              f"{cell(med, 'llamascope', 'peak_rss_mb')} | {cell(med, 'llamascope', 'perplexity', 2)} |")
 
 
 if __name__ == "__main__":
