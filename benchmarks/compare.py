@@ -166,7 +166,7 @@ def measure(system: str, path: str, precision: str, prompt_tokens: int, new_toke
 
             quality["peak_rss_mb"] = peak_rss_mb()  # before the perplexity run's full-vocabulary logits
             ids = engine.tokenizer.encode((HERE / "sample.txt").read_text(), add_special_tokens=False)
-            quality = {"perplexity": perplexity(engine.model, ids, window=512, stride=256)[0]}
+            quality["perplexity"] = perplexity(engine.model, ids, window=512, stride=256)[0]
     elif system == "transformers":
         from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
