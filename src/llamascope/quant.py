@@ -191,9 +191,10 @@ class QuantLinear(nn.Module):
     def forward_long(self, x: torch.Tensor) -> torch.Tensor:
         """Many rows (prefill): dequantise once natively, then PyTorch's matrix product. With
         `long_inputs_in_bf16` (the default where the CPU has AVX512-BF16) that product runs in
-        bfloat16 with float32 sums: the weight is already 4 or 8 bits, and rounding the activations
-        to 8 significant bits is no coarser than the decode kernels' 8-bit blocks (llama.cpp's
-        choice too); it runs the product about 2.5x faster. The plain path stays float32."""
+        bfloat16 (oneDNN: float32 sums, the result rounded to bfloat16): the weight is already 4 or 8
+        bits, and 8 significant bits for the activations and the result is no coarser than the
+        decode kernels' 8-bit activation blocks (llama.cpp runs prefill in 8 bits too); it runs the
+        product about 2.5x faster. The plain path stays float32."""
         if x.dtype == torch.float32 and self.long_inputs_in_bf16:
             y = F.linear(x.to(torch.bfloat16), self.dequantized_fast(torch.bfloat16)).float()  # [..., N]
             return y if self.bias is None else y + self.bias
