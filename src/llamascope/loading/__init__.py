@@ -42,12 +42,28 @@ class TensorSource:
     # For GGUF block formats (Q8_0, Q4_0, Q4_1): the stored blocks, rows in Hugging Face order,
     # as uint8 [rows, row bytes], so the model can keep the weight quantised (see quant.py).
     read_blocks: Callable[[], torch.Tensor] | None = None
+    # Part of those blocks: rows [start, stop) (dim 0) or weight columns [start, stop) on block
+    # boundaries (dim 1), reading only those bytes (tensor parallelism with kept blocks).
+    blocks_slice_reader: Callable[[int, int, int], torch.Tensor] | None = None
 
     def read_slice(self, dim: int, start: int, stop: int) -> torch.Tensor:
         """Indices [start, stop) along `dim`, as a tensor of its own (no view of a larger one)."""
         if self.slice_reader is not None:
             return self.slice_reader(dim, start, stop)
         return self.read().narrow(dim, start, stop - start).clone()
+
+    def read_blocks_slice(self, dim: int, start: int, stop: int) -> torch.Tensor:
+        """The blocks of weight rows [start, stop) (dim 0) or weight columns [start, stop) (dim 1,
+        multiples of the block size), uint8 [rows, bytes]."""
+        if self.blocks_slice_reader is not None:
+            return self.blocks_slice_reader(dim, start, stop)
+        from ..quant import BLOCK_BYTES, QK
+
+        blocks = self.read_blocks()
+        if dim == 0:
+            return blocks[start:stop].clone()
+        size = BLOCK_BYTES[self.stored_type]
+        return blocks[:, start // QK * size:stop // QK * size].contiguous()
 
 
 @dataclass
@@ -188,7 +204,7 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: str | torch.
     quant.QuantEmbedding) instead of being dequantised.
     """
     from ..model import ROPE_INIT, Transformer
-    from ..quant import BLOCK_BYTES, install_block_weights
+    from ..quant import install_block_weights
 
     check_tensors(checkpoint)
     config = checkpoint.config
@@ -211,15 +227,13 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: str | torch.
     for k, name in enumerate(expected):
         source = checkpoint.tensors[name]
         shard = plan.get(name)
-        if keep_blocks and not plan and source.read_blocks is not None and source.stored_type in BLOCK_BYTES \
-                and len(source.shape) == 2 and source.shape[1] % 32 == 0:
-            blocks[name] = (source.stored_type, source.read_blocks().to(device))
-            if progress is not None:
-                progress(k + 1, len(expected))
-            continue
-        tensor = source.read() if shard is None else source.read_slice(shard.dim, shard.start, shard.stop)
-        state[name] = tensor.to(device=device, dtype=dtype)
-        del tensor
+        kept = _kept_blocks(checkpoint, name, shard, parallel) if keep_blocks else None
+        if kept is not None:
+            blocks[name] = (source.stored_type, kept.to(device))
+        else:
+            tensor = source.read() if shard is None else source.read_slice(shard.dim, shard.start, shard.stop)
+            state[name] = tensor.to(device=device, dtype=dtype)
+            del tensor
         if progress is not None:
             progress(k + 1, len(expected))
     if config.tie_word_embeddings and "model.embed_tokens.weight" not in blocks:
@@ -233,7 +247,12 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: str | torch.
         raise LlamascopeError(f"{checkpoint.path}: internal error placing weights: missing {missing}, "
                               f"unexpected {unexpected}")
     if blocks:
+        # Under tensor parallelism a kept embedding is replicated but a tied head takes only this
+        # rank's vocabulary rows: both are placed here rather than by install_block_weights.
+        embedding = blocks.pop("model.embed_tokens.weight", None) if plan else None
         install_block_weights(model, blocks, dtype)
+        if embedding is not None:
+            _install_sharded_embedding(model, *embedding, dtype, plan["lm_head.weight"])
     elif config.tie_word_embeddings and not plan:
         model.lm_head.weight = model.model.embed_tokens.weight
     if plan:
@@ -243,6 +262,45 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: str | torch.
     rotary = model.model.rotary_emb
     rotary.inv_freq = ROPE_INIT[config.rope_type](config).to(device)
     return model.eval().requires_grad_(False)
+
+
+def _kept_blocks(checkpoint: Checkpoint, name: str, shard, parallel) -> torch.Tensor | None:
+    """The weight's stored blocks (uint8 [rows, bytes]; under tensor parallelism only this rank's
+    part, read on its own), or None where it is to be loaded as float.
+
+    Column-parallel weights (shard along dim 0) take whole rows of blocks. Row-parallel ones (dim 1:
+    o_proj, down_proj) take each row's blocks for this rank's input columns, which needs the columns
+    to start and stop on block boundaries; where they do not, the layer is held as float on this
+    rank (dequantised, same values) and a line says so.
+    """
+    from ..quant import BLOCK_BYTES, QK
+
+    source = checkpoint.tensors[name]
+    if source.read_blocks is None or source.stored_type not in BLOCK_BYTES or len(source.shape) != 2 \
+            or source.shape[1] % QK:
+        return None
+    if shard is None:
+        return source.read_blocks()
+    if shard.dim == 0:
+        return source.read_blocks_slice(0, shard.start, shard.stop)
+    if shard.start % QK == 0 and shard.stop % QK == 0:
+        return source.read_blocks_slice(1, shard.start, shard.stop)
+    log.info("%s: %s (%s) is held as float on %s: its share of the input, columns [%d, %d), does not fall "
+             "on %d-weight block boundaries", checkpoint.path, name, source.stored_type,
+             parallel.describe(), shard.start, shard.stop, QK)
+    return None
+
+
+def _install_sharded_embedding(model: torch.nn.Module, qtype: str, data: torch.Tensor, dtype: torch.dtype,
+                               head) -> None:
+    """A kept (replicated) token embedding, and a tied LM head holding this rank's vocabulary rows
+    of the same blocks (a view where the format allows)."""
+    from ..quant import QuantEmbedding, QuantLinear
+
+    config = model.config
+    model.model.embed_tokens = QuantEmbedding(data, qtype, config.hidden_size, dtype)
+    if config.tie_word_embeddings:
+        model.lm_head = QuantLinear(data[head.start:head.stop], qtype, config.hidden_size)
 
 
 def load_model(

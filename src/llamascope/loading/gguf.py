@@ -14,6 +14,7 @@ asked for). This module adds what the reader lacks:
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -257,8 +258,14 @@ class GGUFWeight:
         return torch.from_numpy(self._unpermute(raw))
 
     def read_slice(self, dim: int, start: int, stop: int) -> torch.Tensor:
-        """Indices [start, stop) along `dim` of `read()`, dequantising only those rows or blocks when
-        they line up (whole heads for Q/K rows, whole blocks for columns)."""
+        """Indices [start, stop) along `dim` of `read()`, dequantising only those rows or blocks:
+        whole heads for Q/K rows; for columns, the blocks that hold [start, stop) (widened to block
+        boundaries, then cut)."""
+        if dim == 1 and len(self.shape) == 2:
+            block = self._block_size()
+            lo, hi = start // block * block, min(-(-stop // block) * block, self.shape[1])
+            if (lo, hi) != (start, stop) and hi % block == 0:
+                return self.read_slice(1, lo, hi).narrow(1, start - lo, stop - start).clone()
         part = self._stored_part(dim, start, stop)
         if part is None:
             return self.read().narrow(dim, start, stop - start).clone()
@@ -268,6 +275,50 @@ class GGUFWeight:
         shape = list(self.shape)
         shape[dim] = stop - start
         return torch.from_numpy(self._unpermute(values.reshape(shape)))
+
+    def _block_size(self) -> int:
+        from gguf.constants import GGML_QUANT_SIZES
+
+        return GGML_QUANT_SIZES[self.tensor.tensor_type][0]
+
+    def read_blocks_slice(self, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) (dim 0) or weight columns [start, stop) (dim 1, on block boundaries)
+        of `read_blocks()`, as uint8 [rows, bytes], reading only those bytes of the file (tensor
+        parallelism: each rank keeps its own quantised blocks). Q/K row slices must hold whole heads."""
+        from gguf.constants import GGML_QUANT_SIZES
+
+        rows = self.shape[0]
+        row_bytes = int(self.tensor.n_bytes) // rows
+        block, type_size = GGML_QUANT_SIZES[self.tensor.tensor_type]
+        name = self.tensor.name
+        if dim == 0:
+            head_rows = rows // self.heads if self.heads else 1
+            if not 0 <= start <= stop <= rows or start % head_rows or stop % head_rows:
+                raise LlamascopeError(f"{self.path}: tensor {name!r}: rows [{start}, {stop}) are not whole heads "
+                                      f"of {head_rows} rows within its {rows} rows")
+            out = torch.empty((stop - start, row_bytes), dtype=torch.uint8)  # [rows, row bytes]
+            spans = [(int(self.tensor.data_offset) + start * row_bytes, out.numpy().reshape(-1))]
+        elif dim == 1 and len(self.shape) == 2:
+            if not 0 <= start <= stop <= self.shape[1] or start % block or stop % block:
+                raise LlamascopeError(f"{self.path}: tensor {name!r}: columns [{start}, {stop}) do not fall on "
+                                      f"its {block}-weight block boundaries")
+            first, last = start // block * type_size, stop // block * type_size
+            out = torch.empty((rows, last - first), dtype=torch.uint8)  # [rows, slice bytes]
+            view = out.numpy()
+            base = int(self.tensor.data_offset) + first
+            spans = [(base + r * row_bytes, view[r]) for r in range(rows)]
+        else:
+            raise LlamascopeError(f"{self.path}: tensor {name!r} has no dimension {dim} to slice blocks along")
+        # Plain reads of just these bytes (see read_blocks): one per row for a column slice.
+        with open(self.path, "rb", buffering=0) as f:
+            fd = f.fileno()
+            for offset, buffer in spans:
+                if buffer.size and os.preadv(fd, [memoryview(buffer)], offset) != buffer.size:
+                    raise LlamascopeError(f"{self.path}: file is truncated in tensor {name!r}")
+        if not self.heads:
+            return out
+        head_rows = rows // self.heads
+        return torch.from_numpy(np.ascontiguousarray(unpermute_rows(out.numpy(), out.shape[0] // head_rows)))
 
     def _stored_part(self, dim: int, start: int, stop: int) -> np.ndarray | None:
         from gguf.constants import GGML_QUANT_SIZES
@@ -556,9 +607,11 @@ def _tensor_sources(tensors: dict, config: ModelConfig, path: Path) -> dict[str,
             heads = config.num_key_value_heads
         weight = GGUFWeight(tensor, shape, heads, path)
         # Block formats quant.py computes with directly can stay quantised (load_model's default).
-        blocks = weight.read_blocks if weight.type_name in BLOCK_BYTES and len(shape) == 2 else None
+        has_blocks = weight.type_name in BLOCK_BYTES and len(shape) == 2
         sources[hf_name] = TensorSource(shape, weight.type_name, path, int(tensor.n_bytes), weight.read,
-                                        slice_reader=weight.read_slice, read_blocks=blocks)
+                                        slice_reader=weight.read_slice,
+                                        read_blocks=weight.read_blocks if has_blocks else None,
+                                        blocks_slice_reader=weight.read_blocks_slice if has_blocks else None)
     return sources
 
 
