@@ -87,7 +87,9 @@ def main(argv: list[str]) -> int:
             raise SystemExit(f"unknown mode {mode!r}")
     except LlamascopeError as e:
         print(f"llamascope: error: {e}", file=sys.stderr, flush=True)
-        return 1
+        # As llamascope's CLI does: leave without tearing down a process group whose collective failed
+        # (its threads may still wait, and destroying it under them aborts the process).
+        os._exit(1)
     finish(group)
     return 0
 

@@ -207,7 +207,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """An OpenAI-compatible HTTP server with continuous batching (needs fastapi and uvicorn)."""
+    """An OpenAI-compatible HTTP server with continuous batching (needs fastapi and uvicorn).
+
+    With --tp N under torchrun, rank 0 serves and the other ranks repeat its model calls
+    (server/lockstep.py)."""
     try:
         from .server import ServerSettings, serve
         from .server.app import default_model_name
@@ -218,9 +221,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.max_batch < 1 or args.max_queue < 0 or args.kv_budget_mb <= 0:
         raise LlamascopeError("--max-batch must be >= 1, --max-queue >= 0 and --kv-budget-mb > 0")
-    if args.verbose == 0 and args.log_level is None:
+    group = _start_parallel(args)
+    main_rank = group is None or group.is_main
+    if args.verbose == 0 and args.log_level is None and main_rank:
         log.setLevel(logging.INFO)  # one line per request
-    engine = Engine.load(args.model, dtype=args.dtype, progress=_progress(args))
+    engine = Engine.load(args.model, dtype=args.dtype, progress=_progress(args) if main_rank else None,
+                         parallel=group)
+    if not main_rank:
+        from .server.lockstep import follow
+
+        follow(engine.model, group)
+        return 0
     settings = ServerSettings(model_name=args.served_model_name or default_model_name(engine),
                               max_batch=args.max_batch, max_queue=args.max_queue,
                               kv_budget_bytes=int(args.kv_budget_mb * 2**20), api_key=args.api_key)
@@ -377,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most memory the KV cache may take; bounds each slot's positions (default 1024)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: file or folder name)")
+    _add_parallel_args(p)
     p.set_defaults(func=cmd_serve)
     _add_bench_commands(sub)
     _add_chat_and_convert_commands(sub)
@@ -442,6 +454,12 @@ def main(argv: list[str] | None = None) -> int:
         return status
     except LlamascopeError as e:
         print(f"llamascope: error: {_rank_tag()}{e}", file=sys.stderr)
+        if getattr(args, "parallel_group", None) is not None:
+            # Leave without tearing the process group down: after a failed collective its threads
+            # may still wait, and destroying it under them aborts the process.
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(1)
         return 1
     except KeyboardInterrupt:
         return 130

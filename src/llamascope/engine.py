@@ -86,8 +86,7 @@ class Engine:
 
     def generation_config(self, **call) -> GenerationConfig:
         """Settings in force: call arguments over generation_config.json over config.json."""
-        source = "GGUF metadata" if self.loaded.checkpoint.format == "gguf" else "generation_config.json"
-        config = GenerationConfig.resolve(self.config, self.generation_json, generation_source=source, **call)
+        config = self.local_generation_config(**call)
         if self.parallel is not None:
             # Ranks must choose the same tokens at the same steps.
             if config.max_time is not None:
@@ -97,6 +96,12 @@ class Engine:
                 config.seed = shared_seed(self.parallel)
                 config.sources["seed"] = "rank 0"
         return config
+
+    def local_generation_config(self, **call) -> GenerationConfig:
+        """`generation_config` for tokens chosen in this process alone (the tensor-parallel server
+        samples on rank 0 only): no seed is shared with the other ranks, no collective runs."""
+        source = "GGUF metadata" if self.loaded.checkpoint.format == "gguf" else "generation_config.json"
+        return GenerationConfig.resolve(self.config, self.generation_json, generation_source=source, **call)
 
     def encode(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
         tokenizer = self._need_tokenizer()

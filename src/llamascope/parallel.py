@@ -16,7 +16,12 @@ Embeddings and norms are replicated. Every rank runs the same generation loop on
 Each rank reads only its slices of the weights (`TensorSource.read_slice`), so no rank ever holds
 a whole matrix. The split works on the model's nn.Linear modules: a column-parallel layer is a
 plain, narrower nn.Linear; `RowParallelLinear` and `VocabParallelHead` wrap whatever module
-computes the local product, so a quantised layer put in its place keeps the collectives.
+computes the local product, so a quantised layer put in its place keeps the collectives. GGUF
+block weights (Q8_0, Q4_0, Q4_1) stay in their blocks: a rank reads whole rows of blocks for a
+column-parallel layer and, for a row-parallel one, each row's blocks over its input columns, which
+must start and stop on block boundaries (else that layer is float on that rank; see
+`loading._kept_blocks`). `llamascope serve --tp N` keeps the ranks in step through
+server/lockstep.py.
 
 The process group is gloo on CPU and nccl on GPU, with a timeout: a rank that dies or stops
 answering makes the others fail with a `ParallelError` instead of waiting forever (torchrun also
@@ -301,6 +306,14 @@ def all_reduce(tensor: torch.Tensor, group: ParallelGroup) -> None:
         dist.all_reduce(tensor, group=group.process_group)
     except RuntimeError as e:
         raise group.failure("all-reduce", e) from e
+
+
+def broadcast(tensor: torch.Tensor, group: ParallelGroup, what: str = "broadcast") -> None:
+    """Rank 0's `tensor` into every rank's `tensor` (same shape and dtype), in place."""
+    try:
+        dist.broadcast(tensor, src=0, group=group.process_group)
+    except RuntimeError as e:
+        raise group.failure(what, e) from e
 
 
 def shared_seed(group: ParallelGroup) -> int:

@@ -258,10 +258,15 @@ def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings(model_name=default_model_name(engine))
     if engine.tokenizer is None:
         raise LlamascopeError(f"{engine.loaded.checkpoint.path}: the server needs a tokenizer")
-    eos = engine.generation_config().eos_token_id or (
+    eos = engine.local_generation_config().eos_token_id or (
         [engine.tokenizer.eos_id] if engine.tokenizer.eos_id is not None else [])
+    extra = {}
+    if _parallel(engine):  # rank 0 of a tensor-parallel group: the other ranks repeat its model calls
+        from .lockstep import leader_runner
+
+        extra["runner"] = leader_runner(engine.parallel)
     scheduler = Scheduler(engine.model, engine.tokenizer, settings.max_batch, settings.max_queue,
-                          slot_capacity_for(engine, settings), default_eos=eos)
+                          slot_capacity_for(engine, settings), default_eos=eos, **extra)
     created = int(time.time())
 
     @asynccontextmanager
@@ -430,7 +435,7 @@ def _spec(engine, body: _Sampling, ids: list[int], max_tokens: int, choice: int,
         if body.seed is not None:
             call["seed"] = (body.seed + choice) % 2 ** 64
     try:
-        config = engine.generation_config(**call)
+        config = engine.local_generation_config(**call)  # tokens are chosen here (rank 0) alone
     except LlamascopeError as e:
         raise APIError(400, str(e)) from None
     bias = {int(t): b for t, b in (body.logit_bias or {}).items()}
@@ -618,10 +623,25 @@ def _chat_logprobs(entries: list[dict]) -> list[dict]:
 
 # ---- running it --------------------------------------------------------------------------------
 
+def _parallel(engine) -> bool:
+    group = getattr(engine, "parallel", None)
+    return group is not None and group.world_size > 1
+
+
 def serve(engine, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettings | None = None,
           log_level: str = "info") -> None:
-    """Run the server until interrupted (uvicorn, one process; the model runs on one worker thread)."""
+    """Run the server until interrupted (uvicorn, one process; the model runs on one worker thread).
+
+    Under tensor parallelism this is rank 0's part; the other ranks run `lockstep.follow`."""
     import uvicorn
 
+    if _parallel(engine) and not engine.parallel.is_main:
+        raise LlamascopeError(f"tensor parallel {engine.parallel.describe()}: only rank 0 serves; "
+                              f"the other ranks run llamascope.server.lockstep.follow")
     app = create_app(engine, settings)
+    if _parallel(engine):
+        from .lockstep import serve_leader
+
+        serve_leader(app, host, port, log_level)
+        return
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -1,6 +1,7 @@
 """Continuous batching: sequences join the running batch at the next step and leave when done.
 
-One worker thread owns the model and a `SlotKVCache`. Each loop it
+One worker thread owns the model and a `SlotKVCache`, through a `ModelRunner` (every call that
+runs the model or changes the cache). Each loop it
   1. drops the sequences of cancelled requests (their slots are free for the next admission),
   2. admits waiting sequences while slots are free: one prefill forward of the new prompts (not
      the running ones; once for the n choices of one prompt), each row's keys/values copied into
@@ -13,6 +14,11 @@ A finished sequence frees its slot at once; the highest used slot moves into the
 used slots stay packed [0, active) and the decode batch is a plain slice of the cache.
 
 The asyncio side only calls `submit` and `cancel` and reads events; it never touches the model.
+
+Tensor parallelism (`llamascope serve --tp N` under torchrun): rank 0 runs all of this with a
+runner that first sends each of its calls to the other ranks, which repeat them (lockstep.py).
+There a failed model call stops the server (the ranks may no longer agree), and an idle worker
+wakes every `runner.keepalive_s` seconds to tell the other ranks that rank 0 is alive.
 
 Seeds: choice i of a request with `seed` s draws from its own `torch.Generator` seeded s + i, so
 with the same settings it gets the tokens a lone `Engine.generate(..., do_sample=True, seed=s + i)`
@@ -28,6 +34,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -226,11 +233,92 @@ class _Sequence:
         return pending[:len(pending) - keep], False
 
 
+# ---- the model and its cache, as the scheduler uses them -----------------------------------------
+
+class ModelRunner:
+    """Every call of the scheduler that runs the model or changes the KV cache.
+
+    Each call's effect depends only on its arguments and on the cache's state, so a second runner
+    over another rank's shard of the model that makes the same calls in the same order stays in
+    step with this one (the tensor-parallel server, lockstep.py). Logits are float32 [B, V].
+    """
+
+    lockstep = False  # True where other processes repeat these calls: a failed call stops the server
+    keepalive_s: float | None = None  # while idle, call keepalive() at least this often (None: no need)
+
+    def __init__(self, model, max_batch: int, slot_capacity: int):
+        self.model = model
+        self.cache = SlotKVCache.for_model(model, max_batch, slot_capacity)
+
+    def open(self) -> None:
+        """The worker thread starts."""
+
+    def close(self, clean: bool = True) -> None:
+        """The worker thread ends (clean: not after a failed call)."""
+
+    def keepalive(self) -> None:
+        """Called while idle, at least every keepalive_s seconds."""
+
+    def prefill(self, prompts: list[list[int]], copies: list[int]) -> tuple[torch.Tensor, list[list[int]]]:
+        """One forward over the prompts (right-padded: padding sits after each prompt, where causal
+        attention never looks) into a `KVCache`; row b's keys and values are then loaded into
+        copies[b] free slots. Returns the logits [B, V] of each prompt's last position and the slots."""
+        lengths = [len(p) for p in prompts]
+        B, T = len(prompts), max(lengths)
+        device = self.model.device
+        tokens = torch.zeros((B, T), dtype=torch.long)  # [B, T], padding id 0
+        for row, prompt in enumerate(prompts):
+            tokens[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        tokens = tokens.to(device)
+        positions = torch.arange(T, device=device)[None, :].expand(B, T)  # [B, T]
+        cache = KVCache.for_model(self.model, B, T)
+        if len(set(lengths)) == 1:  # no padding: exactly generate()'s prefill
+            logits = self.model(tokens, positions, cache, None, last_only=True)[:, -1].float()  # [B, V]
+        else:
+            hidden = self.model.hidden_states(tokens, positions, cache, None)  # [B, T, hidden]
+            last = hidden[torch.arange(B, device=device), torch.tensor(lengths, device=device) - 1]  # [B, hidden]
+            logits = self.model.lm_head(last[:, None])[:, -1].float()  # [B, V]
+        slots: list[list[int]] = []
+        try:
+            for row, n in enumerate(copies):
+                slots.append([])
+                for _ in range(n):
+                    slot = self.cache.allocate()
+                    slots[-1].append(slot)
+                    self.cache.load(slot, cache, row, lengths[row])
+        except Exception:
+            for slot in (s for row_slots in slots for s in row_slots):
+                self.cache.free(slot)
+            raise
+        return logits, slots
+
+    def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        """One decode forward: row b feeds tokens[b] at the next position of slot slots[b] and sees
+        only that slot's columns. Returns the logits [B, V]."""
+        batch = self.cache.batch(slots, 1)
+        ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.model.device)  # [B, 1]
+        positions = batch.positions(1)  # [B, 1]
+        mask = batch.mask(1)  # [B, 1, 1, S] or None when all rows have one length
+        return self.model(ids, positions, batch, mask, last_only=True)[:, -1].float()  # [B, V]
+
+    def free(self, slot: int) -> None:
+        self.cache.free(slot)
+
+    def move(self, source: int, target: int) -> None:
+        self.cache.move(source, target)
+
+    def release(self) -> None:
+        """No slot is in use: give the cache storage back."""
+        self.cache.release()
+
+
 # ---- the scheduler -----------------------------------------------------------------------------
 
 class Scheduler:
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, slot_capacity: int | None = None,
-                 default_eos: list[int] | None = None):
+                 default_eos: list[int] | None = None,
+                 runner: Callable[[object, int, int], ModelRunner] = ModelRunner):
+        """`runner(model, max_batch, slot_capacity)` makes the ModelRunner the worker calls."""
         if max_batch < 1:
             raise LlamascopeError(f"max_batch must be >= 1, found {max_batch}")
         if max_queue < 0:
@@ -239,7 +327,8 @@ class Scheduler:
         self.max_batch, self.max_queue = max_batch, max_queue
         context = model.config.max_position_embeddings
         self.slot_capacity = min(context, slot_capacity or context)
-        self.cache = SlotKVCache.for_model(model, max_batch, self.slot_capacity)
+        self.runner = runner(model, max_batch, self.slot_capacity)
+        self.cache = self.runner.cache  # read-only here: changes go through the runner
         self.vocab_size = model.config.vocab_size
         self.default_eos = list(default_eos or [])
         self._cond = threading.Condition()
@@ -250,6 +339,10 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.completed = self.cancelled = self.failed = 0
         self.peak_batch = 0  # the most sequences one decode step has run
+        # A model call failed where the server cannot go on (tensor parallelism): the error, and
+        # who to tell (lockstep.serve_leader: it stops uvicorn).
+        self.error: LlamascopeError | None = None
+        self.on_fatal: Callable[[LlamascopeError], None] | None = None
 
     # ---- asyncio side ----------------------------------------------------------------------
     def start(self) -> None:
@@ -257,13 +350,18 @@ class Scheduler:
             self._thread = threading.Thread(target=self._run, name="llamascope-scheduler", daemon=True)
             self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop the worker; False when it is still busy after `timeout` seconds (a model call that
+        does not return, e.g. one waiting for another tensor-parallel rank)."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                return False
             self._thread = None
+        return True
 
     def submit(self, request: Request) -> None:
         """Queue a request's sequences; QueueFull when more would wait than max_queue."""
@@ -298,15 +396,17 @@ class Scheduler:
     # ---- worker ----------------------------------------------------------------------------
     def _run(self) -> None:
         with torch.inference_mode():
+            try:
+                self.runner.open()
+            except Exception as e:  # noqa: BLE001
+                self._fatal(e, [])
             while not self._stopping:
                 admit: list[_Sequence] = []
                 try:
+                    if self._idle():
+                        continue
                     with self._cond:
                         self._drop_cancelled_waiting()
-                        while not self._stopping and not self._waiting and not self._active:
-                            self.cache.release()
-                            self._cond.wait()
-                            self._drop_cancelled_waiting()
                         if self._stopping:
                             break
                         while self._waiting and self._admitted < self.max_batch:
@@ -319,10 +419,47 @@ class Scheduler:
                     if self._active:
                         self._decode_step()
                 except Exception as e:  # noqa: BLE001 - a bug here must not leave requests hanging
+                    if self.runner.lockstep:
+                        self._fatal(e, admit)
+                        break
                     log.exception("scheduler step failed")
                     for seq in list(self._active) + [s for s in admit if not s.done]:
                         self._fail(seq, f"generation failed: {e}")
             self._shutdown()
+            self.runner.close(clean=self.error is None)
+
+    def _idle(self) -> bool:
+        """With nothing waiting or running: give the cache storage back and sleep until a request
+        comes, waking every runner.keepalive_s seconds for runner.keepalive(). False when there is
+        work (or the scheduler stops)."""
+        with self._cond:
+            self._drop_cancelled_waiting()
+            if self._waiting or self._active or self._stopping:
+                return False
+        self.runner.release()  # outside the lock: under tensor parallelism this talks to the other ranks
+        with self._cond:
+            if not self._waiting and not self._stopping:
+                self._cond.wait(self.runner.keepalive_s)
+        self.runner.keepalive()
+        return True
+
+    def _fatal(self, error: Exception, admit: list[_Sequence]) -> None:
+        """A model call failed where the ranks may have parted ways: fail every request, stop."""
+        if isinstance(error, LlamascopeError):
+            self.error = error
+        else:
+            log.debug("model call failed", exc_info=True)  # the traceback with -vv; one line below
+            reason = (str(error).strip().splitlines() or [""])[0][:300]
+            self.error = LlamascopeError(f"the server stopped: a model call failed on this rank, so the tensor-"
+                                         f"parallel ranks may no longer agree ({type(error).__name__}: {reason})")
+        log.error("%s", self.error)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        for seq in list(self._active) + [s for s in admit if not s.done]:
+            self._fail(seq, f"generation failed: {self.error}")
+        if self.on_fatal is not None:
+            self.on_fatal(self.error)
 
     def _drop_cancelled_waiting(self) -> None:
         """Under _cond: cancelled requests' sequences leave the queue."""
@@ -357,32 +494,18 @@ class Scheduler:
             self._prefill(chunk)
 
     def _prefill(self, groups: list[list[_Sequence]]) -> None:
-        """One forward over the groups' prompts (right-padded: padding sits after each prompt, where
-        causal attention never looks) into a `KVCache`; each row is then copied into a slot per choice."""
-        prompts = [group[0].spec.prompt_ids for group in groups]
-        lengths = [len(p) for p in prompts]
-        B, T = len(prompts), max(lengths)
-        device = self.model.device
-        log.debug("prefill of %d prompts (%s tokens)", B, ", ".join(map(str, lengths)))
+        """One forward over the groups' prompts; each row is then copied into a slot per choice."""
+        prompts = [list(group[0].spec.prompt_ids) for group in groups]
+        log.debug("prefill of %d prompts (%s tokens)", len(prompts), ", ".join(str(len(p)) for p in prompts))
         try:
-            tokens = torch.zeros((B, T), dtype=torch.long)  # [B, T], padding id 0
-            for row, prompt in enumerate(prompts):
-                tokens[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-            tokens = tokens.to(device)
-            positions = torch.arange(T, device=device)[None, :].expand(B, T)  # [B, T]
-            cache = KVCache.for_model(self.model, B, T)
-            if len(set(lengths)) == 1:  # no padding: exactly generate()'s prefill
-                logits = self.model(tokens, positions, cache, None, last_only=True)[:, -1].float()  # [B, V]
-            else:
-                hidden = self.model.hidden_states(tokens, positions, cache, None)  # [B, T, hidden]
-                last = hidden[torch.arange(B, device=device), torch.tensor(lengths, device=device) - 1]  # [B, hidden]
-                logits = self.model.lm_head(last[:, None])[:, -1].float()  # [B, V]
-            for row, group in enumerate(groups):
-                for seq in group:
-                    seq.slot = self.cache.allocate()
+            logits, slots = self.runner.prefill(prompts, [len(group) for group in groups])  # [B, V]
+            for group, row_slots in zip(groups, slots):
+                for seq, slot in zip(group, row_slots):
+                    seq.slot = slot
                     self._active.append(seq)
-                    self.cache.load(seq.slot, cache, row, lengths[row])
         except Exception as e:  # noqa: BLE001 - one bad request must not stop the others
+            if self.runner.lockstep:
+                raise
             log.exception("prefill of %s failed", ", ".join(g[0].request.id for g in groups))
             for group in groups:
                 for seq in group:
@@ -396,13 +519,10 @@ class Scheduler:
         active = sorted(self._active, key=lambda s: s.slot)
         self.peak_batch = max(self.peak_batch, len(active))
         try:
-            batch = self.cache.batch([s.slot for s in active], 1)
-            tokens = torch.tensor([[s.last_token] for s in active], dtype=torch.long,
-                                  device=self.model.device)  # [B, 1]
-            positions = batch.positions(1)  # [B, 1]
-            mask = batch.mask(1)  # [B, 1, 1, S] or None when all rows have one length
-            logits = self.model(tokens, positions, batch, mask, last_only=True)[:, -1].float()  # [B, V]
+            logits = self.runner.decode([s.slot for s in active], [s.last_token for s in active])  # [B, V]
         except Exception as e:  # noqa: BLE001
+            if self.runner.lockstep:
+                raise
             log.exception("decode step failed")
             for seq in active:
                 self._fail(seq, f"generation failed: {e}")
@@ -437,10 +557,10 @@ class Scheduler:
         if seq in self._active:
             self._active.remove(seq)
             freed = seq.slot
-            self.cache.free(freed)
+            self.runner.free(freed)
             top = max((s for s in self._active if s.slot > freed), key=lambda s: s.slot, default=None)
             if top is not None:
-                self.cache.move(top.slot, freed)
+                self.runner.move(top.slot, freed)
                 top.slot = freed
         seq.slot = None
         self._release_admitted(seq)
