@@ -224,3 +224,33 @@ def test_peak_rss_after_load_near_weight_bytes(tmp_path_factory, dtype):
     before, peak, weights = map(int, out.stdout.split())
     assert weights > 100e6 if dtype == "float32" else weights > 50e6
     assert peak - before < 1.3 * weights, f"peak grew by {(peak - before) / 1e6:.0f} MB for {weights / 1e6:.0f} MB"
+
+
+GGUF_RSS_SCRIPT = """
+import resource, sys
+from llamascope.bench import tensor_bytes
+from llamascope.loading import load_model
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+loaded = load_model(sys.argv[1])
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(before, peak, tensor_bytes(loaded.model))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_gguf_blocks_load_without_a_second_copy(tmp_path, qtype):
+    """Kept blocks go into their layers as they are read, and the copies made while repacking and
+    fusing are given back: loading peaks near the model's own bytes, not twice them."""
+    from gguf_fixtures import GGUF_BLOCK, TinySpec, write_tiny_llama
+
+    spec = TinySpec(hidden=1024, intermediate=2816, layers=12, heads=8, kv_heads=4, context=256)
+    types = {f"blk.{n}.{short}.weight": qtype for n in range(spec.layers) for short in GGUF_BLOCK.values()}
+    types["output.weight"] = qtype
+    path = tmp_path / f"big-{qtype}.gguf"
+    write_tiny_llama(path, spec, types=types, reference=False)
+    out = subprocess.run([sys.executable, "-c", GGUF_RSS_SCRIPT, str(path)], capture_output=True, text=True,
+                         check=True)
+    before, peak, weights = map(int, out.stdout.split())
+    assert weights > 50e6
+    assert peak - before < 1.3 * weights, f"peak grew by {(peak - before) / 1e6:.0f} MB for {weights / 1e6:.0f} MB"
