@@ -332,8 +332,8 @@ def _freed_memory_returned():
     before fusing). glibc raises its mmap threshold after the first large free, so later copies
     come from the heap, whose freed pages stay resident: a 590 MB Q4_0 model peaked at 1.2 GB over
     the runtime instead of 0.76 GB. During loading every allocation of 1 MiB or more is mapped
-    and unmapped on its own; afterwards the threshold goes to glibc's own ceiling (32 MiB), which
-    is where its adaptive threshold ends up in a running process anyway.
+    and unmapped on its own; afterwards the thresholds go to glibc's own ceilings (mmap 32 MiB,
+    trim 64 MiB), where its adaptive thresholds end up in a running process anyway.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -341,14 +341,17 @@ def _freed_memory_returned():
     except (OSError, AttributeError):  # not glibc
         yield
         return
-    M_MMAP_THRESHOLD = -3
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     mallopt(M_MMAP_THRESHOLD, 1 << 20)
     try:
         yield
     finally:
-        mallopt(M_MMAP_THRESHOLD, 32 << 20)
         if hasattr(libc, "malloc_trim"):
             libc.malloc_trim(0)
+        # Setting one threshold fixes both: keep freed heap memory as the adaptive mode would
+        # (twice the mmap threshold), or every decode step faults its buffers back in.
+        mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        mallopt(M_TRIM_THRESHOLD, 64 << 20)
 
 
 def load_model(
