@@ -161,7 +161,7 @@ def measure(system: str, path: str, precision: str, prompt_tokens: int, new_toke
         time_decode(engine.model, token_ids(prompt_tokens, vocab, 1), 4)
         _, decode = time_decode(engine.model, token_ids(prompt_tokens, vocab, 2), new_tokens)
         prefill_seconds, _ = time_decode(engine.model, token_ids(prefill_tokens, vocab, 3), 1)
-        if engine.tokenizer is not None:  # a trained model: what this precision costs in quality
+        if "random-" not in str(path) and engine.tokenizer is not None:  # a trained model: its quality
             from llamascope.perplexity import perplexity
 
             quality["peak_rss_mb"] = peak_rss_mb()  # before the perplexity run's full-vocabulary logits

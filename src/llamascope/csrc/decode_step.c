@@ -12,6 +12,7 @@
  * Activations are float32 throughout; weights are in any of the kernels' formats. Shapes:
  * x [hidden], qkv [(H + 2 KVH) * D], a [H * D], gate and up [I] each, caches [KVH, cap, D] per layer.
  */
+#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -230,8 +231,16 @@ static void attention_bf16(float *qkv, const float *cos, const float *sin, uint1
         float *scores = (float *)malloc(sizeof(float) * S);
         float top = -INFINITY;
         for (int s = 0; s < S; s++) {
-            float dot = 0.0f;
-            for (int d = 0; d < D; d++) dot += qh[d] * bf_value(kh[(int64_t)s * D + d]);
+            const uint16_t *ks = kh + (int64_t)s * D;
+            __m512 acc = _mm512_setzero_ps();
+            int d = 0;
+            for (; d + 16 <= D; d += 16) {
+                const __m512 k16 = _mm512_castsi512_ps(
+                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(ks + d))), 16));
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), k16, acc);
+            }
+            float dot = _mm512_reduce_add_ps(acc);
+            for (; d < D; d++) dot += qh[d] * bf_value(ks[d]);
             scores[s] = dot * scale;
             if (scores[s] > top) top = scores[s];
         }

@@ -302,6 +302,16 @@ static void rope_heads(float *x, int n, int D, const float *cos, const float *si
     }
 }
 
+/* sum(a[i] * b[i]) over n floats: 16 lanes at a time, then the tail. */
+static inline float dot_f32(const float *a, const float *b, int n) {
+    __m512 acc = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    float sum = _mm512_reduce_add_ps(acc);
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
 /*
  * One token's attention for one sequence, given its fused projection qkv = [q (H*D) | k (KVH*D) |
  * v (KVH*D)]: RoPE on q and k, k and v written to cache column `col` (caches are [KVH, cap, D]),
@@ -327,9 +337,7 @@ void decode_attention_f32(float *qkv, const float *cos, const float *sin, float 
         float *scores = (float *)malloc(sizeof(float) * S);
         float top = -INFINITY;
         for (int s = 0; s < S; s++) {
-            float dot = 0.0f;
-            for (int d = 0; d < D; d++) dot += qh[d] * kh[(int64_t)s * D + d];
-            scores[s] = dot * scale;
+            scores[s] = dot_f32(qh, kh + (int64_t)s * D, D) * scale;
             if (scores[s] > top) top = scores[s];
         }
         float total = 0.0f;
