@@ -145,6 +145,23 @@ static inline float bf(float v) {  /* round to the nearest bfloat16, ties to eve
     return v;
 }
 
+/* bf() on 16 lanes, by the same integer rounding (so the same results, NaNs kept). */
+static inline __m512 bf_v(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
+    r = _mm512_and_si512(r, _mm512_set1_epi32((int)0xFFFF0000u));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_castsi512_ps(r), v);
+}
+
+/* x[i] = bf(x[i] + y[i]): a residual sum in bfloat16. */
+static void add_bf16(float *x, const float *y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(x + i, bf_v(_mm512_add_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i))));
+    for (; i < n; i++) x[i] = bf(x[i] + y[i]);
+}
+
 static inline uint16_t bf_bits(float v) {  /* v is bfloat16-exact */
     uint32_t u;
     memcpy(&u, &v, 4);
@@ -161,9 +178,18 @@ static inline float bf_value(uint16_t h) {
 /* y[T, N] = bf(x W^T) (+ bias, rounded again); x [T, K] is given as bfloat16 bits. */
 static void linear_bf16(const linear_t *l, const uint16_t *xb, int T, float *y, int nthreads) {
     gemv_bf16_bf16((const uint16_t *)l->w, l->N, l->K, xb, T, y, nthreads);
-    for (int64_t i = 0; i < (int64_t)T * l->N; i++) {
-        y[i] = bf(y[i]);
-        if (l->bias) y[i] = bf(y[i] + l->bias[i % l->N]);
+    for (int t = 0; t < T; t++) {
+        float *yt = y + (int64_t)t * l->N;
+        int n = 0;
+        for (; n + 16 <= l->N; n += 16) {
+            __m512 v = bf_v(_mm512_loadu_ps(yt + n));
+            if (l->bias) v = bf_v(_mm512_add_ps(v, _mm512_loadu_ps(l->bias + n)));
+            _mm512_storeu_ps(yt + n, v);
+        }
+        for (; n < l->N; n++) {
+            yt[n] = bf(yt[n]);
+            if (l->bias) yt[n] = bf(yt[n] + l->bias[n]);
+        }
     }
 }
 
@@ -255,7 +281,14 @@ static void attention_bf16(float *qkv, const float *cos, const float *sin, uint1
         for (int d = 0; d < D; d++) oh[d] = 0.0f;
         for (int s = 0; s < S; s++) {
             const float p = scores[s];
-            for (int d = 0; d < D; d++) oh[d] += p * bf_value(vh[(int64_t)s * D + d]);
+            const uint16_t *vs = vh + (int64_t)s * D;
+            int d = 0;
+            for (; d + 16 <= D; d += 16) {
+                const __m512 v16 = _mm512_castsi512_ps(
+                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(vs + d))), 16));
+                _mm512_storeu_ps(oh + d, _mm512_add_ps(_mm512_loadu_ps(oh + d), _mm512_mul_ps(_mm512_set1_ps(p), v16)));
+            }
+            for (; d < D; d++) oh[d] += p * bf_value(vs[d]);
         }
         for (int d = 0; d < D; d++) oh[d] = bf(oh[d] / total);
         free(scores);
@@ -300,7 +333,7 @@ int decode_step_bf16(const stack_t *s, int B, uint16_t *x_bits, const uint16_t *
                            s->KVH, D, s->scale, a + (int64_t)b * HD, nthreads);
         for (int64_t i = 0; i < (int64_t)B * HD; i++) ab[i] = bf_bits(a[i]);
         linear_bf16(&L->o, ab, B, y, nthreads);
-        for (int64_t i = 0; i < BH; i++) x[i] = bf(x[i] + y[i]);
+        add_bf16(x, y, BH);
         rmsnorm_bf16(x, L->mlp_norm, h, hb, B, hidden, s->eps);
         linears_bf16(L->gate_up, L->n_gate_up, hb, B, gu, 2 * I, tmp, nthreads);
         for (int b = 0; b < B; b++)
@@ -311,7 +344,7 @@ int decode_step_bf16(const stack_t *s, int B, uint16_t *x_bits, const uint16_t *
                 actb[j] = bf_bits(act[j]);
             }
         linear_bf16(&L->down, actb, B, y, nthreads);
-        for (int64_t i = 0; i < BH; i++) x[i] = bf(x[i] + y[i]);
+        add_bf16(x, y, BH);
     }
     rmsnorm_bf16(x, s->final_norm, h, hb, B, hidden, s->eps);
     linear_bf16(&s->head, hb, B, logits, nthreads);
