@@ -561,23 +561,8 @@ void gemv_q4_packed_f32(int qtype, const uint8_t *w, int N, int K, const float *
 /* ---- Q8_0 weights with float32 activations -----------------------------------------------------
  * For the LM head, where the next token is decided: 8-bit activations lose too much beside the
  * outlier channels of the final hidden state, so each block is widened to float in registers. */
-static float dot_q8_0_exact(const uint8_t *row, int nb, const float *x) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *blk = row + b * 34;
-        const __m512 d = _mm512_set1_ps(f16(blk));
-        const __m128i q0 = _mm_loadu_si128((const __m128i *)(blk + 2));
-        const __m128i q1 = _mm_loadu_si128((const __m128i *)(blk + 18));
-        const __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), d);
-        const __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), d);
-        acc = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + b * QK), acc);
-        acc = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + b * QK + 16), acc);
-    }
-    return _mm512_reduce_add_ps(acc);
-}
-
 /* One weight row against `rows` activation rows (rows <= 8): each block is widened once for all of
- * them; every row's sums are those of dot_q8_0_exact, in the same order. */
+ * them, and each row keeps its own sum (dot_q8_0_exact is the one-row case). */
 static inline __attribute__((always_inline)) void dot_q8_0_exact_rows_impl(const uint8_t *row, int nb,
                                                                            const float *x, int K, const int rows,
                                                                            float *out) {
@@ -596,6 +581,12 @@ static inline __attribute__((always_inline)) void dot_q8_0_exact_rows_impl(const
         }
     }
     for (int t = 0; t < rows; t++) out[t] = _mm512_reduce_add_ps(acc[t]);
+}
+
+static float dot_q8_0_exact(const uint8_t *row, int nb, const float *x) {
+    float out;
+    dot_q8_0_exact_rows_impl(row, nb, x, 0, 1, &out);
+    return out;
 }
 
 static void dot_q8_0_exact_rows(const uint8_t *row, int nb, const float *x, int K, int rows, float *out) {
