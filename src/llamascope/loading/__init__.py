@@ -225,38 +225,40 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: str | torch.
             narrow_linears(model, plan)
     expected = expected_shapes(config)
     state: dict[str, torch.Tensor] = {}
-    blocks: dict[str, tuple[str, torch.Tensor]] = {}
+    kept_names: set[str] = set()  # weights kept in their block format
+    blocks: dict[str, tuple[str, torch.Tensor]] = {}  # of those, the ones installed after the float tensors
     for k, name in enumerate(expected):
         source = checkpoint.tensors[name]
         shard = plan.get(name)
         kept = _kept_blocks(checkpoint, name, shard, parallel) if keep_blocks else None
         if kept is not None:
-            blocks[name] = (source.stored_type, kept.to(device))
+            kept_names.add(name)
+            entry = {name: (source.stored_type, kept.to(device))}
             if _install_now(model, name, plan):
                 # Into its layer at once: the raw blocks go as soon as the layer holds its own form
                 # of them, so loading never holds the whole model twice.
-                install_block_weights(model, {name: blocks[name]}, dtype)
-                blocks[name] = (source.stored_type, None)
+                install_block_weights(model, entry, dtype)
+            else:
+                blocks.update(entry)
         else:
             tensor = source.read() if shard is None else source.read_slice(shard.dim, shard.start, shard.stop)
             state[name] = tensor.to(device=device, dtype=dtype)
             del tensor
         if progress is not None:
             progress(k + 1, len(expected))
-    if config.tie_word_embeddings and "model.embed_tokens.weight" not in blocks:
+    if config.tie_word_embeddings and "model.embed_tokens.weight" not in kept_names:
         head = plan.get("lm_head.weight")
         embed = state["model.embed_tokens.weight"]
         # A vocabulary shard of a tied head is a view of the (replicated) embedding: no copy.
         state["lm_head.weight"] = embed if head is None else embed.narrow(0, head.start, head.stop - head.start)
     missing, unexpected = model.load_state_dict(state, assign=True, strict=False)
     # Kept weights are not in `state`: their layers (installed or still to come) own them.
-    owners = {name.removesuffix(".weight") for name in blocks}
-    if config.tie_word_embeddings and "model.embed_tokens.weight" in blocks:
+    owners = {name.removesuffix(".weight") for name in kept_names}
+    if config.tie_word_embeddings and "model.embed_tokens.weight" in kept_names:
         owners.add("lm_head")
     if unexpected or [key for key in missing if key.rpartition(".")[0] not in owners]:
         raise LlamascopeError(f"{checkpoint.path}: internal error placing weights: missing {missing}, "
                               f"unexpected {unexpected}")
-    blocks = {name: entry for name, entry in blocks.items() if entry[1] is not None}  # not installed yet
     if blocks:
         # Under tensor parallelism a kept embedding is replicated but a tied head takes only this
         # rank's vocabulary rows: both are placed here rather than by install_block_weights.
