@@ -23,6 +23,17 @@
 
 #define QK 32
 
+/* Software prefetch, PREFETCH_AHEAD bytes ahead of the weight stream being read. A thread reads its
+ * rows in order and rows are contiguous, so its weights are one stream; but a row is short (288
+ * floats on a small model, about a kilobyte of Q4 on a 2048-wide one), and the hardware prefetcher,
+ * which starts over on each short run of lines, then leaves the loads waiting on memory. Prefetching
+ * each line this far ahead raises the cold-memory throughput of a 288-wide float32 matrix from
+ * about 20 to 30 GB/s on the 2-core machine these kernels are tuned on. */
+#ifndef PREFETCH_AHEAD
+#define PREFETCH_AHEAD 8192
+#endif
+static inline void prefetch_ahead(const void *p) { _mm_prefetch((const char *)p + PREFETCH_AHEAD, _MM_HINT_T0); }
+
 static inline float f16(const uint8_t *p) {
     uint16_t h;
     memcpy(&h, p, 2);
@@ -65,6 +76,8 @@ static float dot_q8_0(const uint8_t *row, int nb, const int8_t *xq, const float 
     int b = 0;
     for (; b + 1 < nb; b += 2) {
         const uint8_t *b0 = row + b * 34, *b1 = b0 + 34;
+        prefetch_ahead(b0);
+        prefetch_ahead(b0 + 64);
         const __m256i wa = _mm256_loadu_si256((const __m256i *)(b0 + 2));
         const __m256i wb = _mm256_loadu_si256((const __m256i *)(b1 + 2));
         const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(wa), wb, 1);
@@ -102,6 +115,8 @@ static inline __attribute__((always_inline)) void dot_q8_0_rows_impl(const uint8
     int b = 0;
     for (; b + 1 < nb; b += 2) {
         const uint8_t *b0 = row + b * 34, *b1 = b0 + 34;
+        prefetch_ahead(b0);
+        prefetch_ahead(b0 + 64);
         const __m256i wa = _mm256_loadu_si256((const __m256i *)(b0 + 2));
         const __m256i wb = _mm256_loadu_si256((const __m256i *)(b1 + 2));
         const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(wa), wb, 1);
@@ -165,6 +180,12 @@ void gemv_f32(const float *w, int N, int K, const float *x, int T, float *y, int
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             int k = 0;
             for (; k + 16 <= K; k += 16) {
+                /* the 4 rows are one 16K-byte run: keep the prefetch 4 lines further per pass */
+                const char *ahead = (const char *)r0 + 16 * (int64_t)k;
+                prefetch_ahead(ahead);
+                prefetch_ahead(ahead + 64);
+                prefetch_ahead(ahead + 128);
+                prefetch_ahead(ahead + 192);
                 const __m512 xv = _mm512_loadu_ps(xt + k);
                 a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r0 + k), xv, a0);
                 a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r1 + k), xv, a1);
@@ -206,6 +227,8 @@ void gemv_bf16(const uint16_t *w, int N, int K, const float *x, int T, float *y,
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
             int k = 0;
             for (; k + 32 <= K; k += 32) {
+                prefetch_ahead((const char *)r0 + 4 * (int64_t)k);
+                prefetch_ahead((const char *)r0 + 4 * (int64_t)k + 64);
                 const __m512 x0 = _mm512_loadu_ps(xt + k), x1 = _mm512_loadu_ps(xt + k + 16);
                 a0 = _mm512_fmadd_ps(bf16x16_to_f32(r0 + k), x0, a0);
                 b0 = _mm512_fmadd_ps(bf16x16_to_f32(r0 + k + 16), x1, b0);
@@ -369,6 +392,11 @@ void gemv_bf16_bf16(const uint16_t *w, int N, int K, const uint16_t *x, int T, f
             const uint16_t *xt = x + (int64_t)t * K;
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             for (int k = 0; k < K; k += 32) {
+                const char *ahead = (const char *)r0 + 8 * (int64_t)k;
+                prefetch_ahead(ahead);
+                prefetch_ahead(ahead + 64);
+                prefetch_ahead(ahead + 128);
+                prefetch_ahead(ahead + 192);
                 const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(xt + k));
                 a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512((const void *)(r0 + k)), xv);
                 a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512((const void *)(r1 + k)), xv);
@@ -421,6 +449,8 @@ static inline __attribute__((always_inline)) float dot_q4_packed_impl(
     __m128 extra = _mm_setzero_ps();
     for (int g = 0; g < nbp / 4; g++) {
         const uint8_t *grp = row + (int64_t)g * group_bytes;
+        prefetch_ahead(grp);
+        prefetch_ahead(grp + 64);
         const __m512i v = _mm512_loadu_si512((const void *)grp);
         const __m512i lo = _mm512_and_si512(v, low);
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
@@ -468,6 +498,8 @@ static inline __attribute__((always_inline)) void dot_q4_packed_rows_impl(
     }
     for (int g = 0; g < G; g++) {
         const uint8_t *grp = row + (int64_t)g * group_bytes;
+        prefetch_ahead(grp);
+        prefetch_ahead(grp + 64);
         const __m512i v = _mm512_loadu_si512((const void *)grp);
         const __m512i lo = _mm512_and_si512(v, low);
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
@@ -570,6 +602,7 @@ static inline __attribute__((always_inline)) void dot_q8_0_exact_rows_impl(const
     for (int t = 0; t < rows; t++) acc[t] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * 34;
+        prefetch_ahead(blk);
         const __m512 d = _mm512_set1_ps(f16(blk));
         const __m128i q0 = _mm_loadu_si128((const __m128i *)(blk + 2));
         const __m128i q1 = _mm_loadu_si128((const __m128i *)(blk + 18));
