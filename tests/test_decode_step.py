@@ -193,3 +193,52 @@ def test_batch_over_a_kv_cache_matches_each_row_alone_on_both_paths(tiny_model):
                 for row in range(3):  # (the batch's prefill ran as one matrix product: float rounding)
                     assert (logits[row, 0] - expected[row][step]).abs().max() < 1e-4
         model.decode_step = saved
+
+
+def _attention_reference(q, keys, values, scale):
+    """softmax(q k^T * scale) v in float64, query head h reading KV head h // group.
+    q [H, D]; keys, values [KVH, S, D] -> [H, D]."""
+    group = q.shape[0] // keys.shape[0]
+    k = keys.double().repeat_interleave(group, dim=0)  # [H, S, D]
+    v = values.double().repeat_interleave(group, dim=0)
+    weights = torch.softmax((k @ q.double()[:, :, None])[:, :, 0] * scale, dim=-1)  # [H, S]
+    return (weights[:, None, :] @ v)[:, 0, :]  # [H, D]
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("H,KVH,D,S", [(4, 2, 24, 1), (6, 6, 48, 17), (9, 3, 64, 100), (2, 1, 128, 40),
+                                       (8, 2, 80, 5000)])
+def test_one_token_attention_kernel_matches_softmax_reference(H, KVH, D, S, bf16):
+    """The native one-token attention (RoPE, cache write, softmax over the cache, product with the
+    values) against the plain formulas in float64: head dims with a partial last vector (24, 80),
+    GQA groups, one column, and more columns than the kernel keeps on its stack. The result does
+    not depend on the thread count."""
+    from llamascope.model import apply_rope
+
+    if bf16 and not kernels.cpu_has("avx512_bf16"):
+        pytest.skip("needs AVX512-BF16")
+    lib = kernels.load()
+    fn = lib.decode_attention_bf16 if bf16 else lib.decode_attention_f32
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    gen = torch.Generator().manual_seed(H * 1000 + S)
+    cap, col, scale = S + 3, S - 1, D ** -0.5
+    qkv = (torch.randn((H + 2 * KVH) * D, generator=gen) * 2).to(dtype).float()  # bfloat16-exact for bf16
+    angle = torch.rand(D // 2, generator=gen) * 6
+    cos, sin = torch.cat([angle.cos()] * 2).to(dtype).float(), torch.cat([angle.sin()] * 2).to(dtype).float()
+    cache = torch.randn(2, KVH, cap, D, generator=gen).to(dtype)  # earlier columns: random keys and values
+    outputs = []
+    for threads in (1, 2):
+        x, kc, vc = qkv.clone(), cache[0].clone(), cache[1].clone()
+        out = torch.empty(H * D)
+        fn(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), kc.data_ptr(), vc.data_ptr(), col, cap, H, KVH, D, scale,
+           out.data_ptr(), threads)
+        outputs.append(out)
+    assert torch.equal(outputs[0], outputs[1])
+    q, k, v = qkv[:H * D].view(1, H, 1, D), qkv[H * D:(H + KVH) * D].view(1, KVH, 1, D), qkv[(H + KVH) * D:]
+    q_rot = apply_rope(q.to(dtype), cos.to(dtype)[None, None], sin.to(dtype)[None, None]).float()[0, :, 0]
+    k_rot = apply_rope(k.to(dtype), cos.to(dtype)[None, None], sin.to(dtype)[None, None]).float()[0, :, 0]
+    assert torch.equal(kc[:, col].float(), k_rot) and torch.equal(vc[:, col].float(), v.view(KVH, D))
+    assert torch.equal(kc[:, :col], cache[0, :, :col]) and torch.equal(kc[:, col + 1:], cache[0, :, col + 1:])
+    expected = _attention_reference(q_rot, kc[:, :S].float(), vc[:, :S].float(), scale).float().flatten()
+    tolerance = 2 ** -7 if bf16 else 2e-6  # bfloat16: rounded exponentials and output
+    assert (outputs[0] - expected).abs().max() <= tolerance * expected.abs().max()

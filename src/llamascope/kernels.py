@@ -1,5 +1,5 @@
-"""The native decode kernels (csrc/gemv.c, csrc/decode_step.c): built once with the system C
-compiler, called with ctypes.
+"""The native decode kernels (csrc/gemv.c, csrc/attention.c, csrc/decode_step.c): built once with the
+system C compiler, called with ctypes.
 
 The library is compiled on first use into ~/.cache/llamascope/kernels/ (keyed by the sources'
 hash), which takes about a second. It needs gcc or clang and a CPU with AVX-512 (F, BW, VL, VNNI)
@@ -22,7 +22,9 @@ from pathlib import Path
 
 log = logging.getLogger("llamascope")
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemv.c", "decode_step.c")]
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / name for name in ("gemv.c", "attention.c", "decode_step.c")]
+HEADERS = [CSRC / "simd.h"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma")
 CFLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
           "-mavx512vnni", "-mavx512bf16", "-mf16c", "-mfma"]
@@ -79,7 +81,7 @@ def load() -> ctypes.CDLL | None:
     if not cpu_supported():
         log.info("native kernels off: this CPU lacks one of %s", ", ".join(REQUIRED_CPU_FLAGS))
         return None
-    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS) + " ".join(CFLAGS).encode()).hexdigest()[:16]
     target = _cache_dir() / f"gemv-{digest}.so"
     try:
         if not target.exists():
@@ -113,6 +115,8 @@ def load() -> ctypes.CDLL | None:
     lib.decode_step_f32.argtypes = [p, i, p, p, p, p, p, p, p, i, p, i]
     lib.decode_step_f32.restype = i
     if cpu_has("avx512_bf16"):
+        lib.decode_attention_bf16.argtypes = [p, p, p, p, p, i, i, i, i, i, fl, p, i]
+        lib.decode_attention_bf16.restype = f
         lib.decode_step_bf16.argtypes = [p, i, p, p, p, p, p, p, p, i, p, i]
         lib.decode_step_bf16.restype = i
     return lib

@@ -18,6 +18,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "simd.h"
+
 /* The kernels of gemv.c (compiled into the same library). */
 void gemv_f32(const float *w, int N, int K, const float *x, int T, float *y, int nthreads);
 void gemv_bf16(const uint16_t *w, int N, int K, const float *x, int T, float *y, int nthreads);
@@ -134,25 +136,8 @@ int decode_step_f32(const stack_t *s, int B, float *x, const float *cos, const f
  * Attention works in float32 on the bfloat16 queries, keys and values, and rounds its output. */
 #ifdef __AVX512BF16__
 void gemv_bf16_bf16(const uint16_t *w, int N, int K, const uint16_t *x, int T, float *y, int nthreads);
-
-static inline float bf(float v) {  /* round to the nearest bfloat16, ties to even */
-    uint32_t u;
-    memcpy(&u, &v, 4);
-    if ((u & 0x7F800000u) == 0x7F800000u && (u & 0x007FFFFFu)) return v;  /* NaN */
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    u &= 0xFFFF0000u;
-    memcpy(&v, &u, 4);
-    return v;
-}
-
-/* bf() on 16 lanes, by the same integer rounding (so the same results, NaNs kept). */
-static inline __m512 bf_v(__m512 v) {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
-    r = _mm512_and_si512(r, _mm512_set1_epi32((int)0xFFFF0000u));
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_castsi512_ps(r), v);
-}
+void decode_attention_bf16(float *qkv, const float *cos, const float *sin, uint16_t *kcache, uint16_t *vcache,
+                           int col, int cap, int H, int KVH, int D, float scale, float *out, int nthreads);
 
 /* x[i] = bf(x[i] + y[i]): a residual sum in bfloat16. */
 static void add_bf16(float *x, const float *y, int64_t n) {
@@ -160,19 +145,6 @@ static void add_bf16(float *x, const float *y, int64_t n) {
     for (; i + 16 <= n; i += 16)
         _mm512_storeu_ps(x + i, bf_v(_mm512_add_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i))));
     for (; i < n; i++) x[i] = bf(x[i] + y[i]);
-}
-
-static inline uint16_t bf_bits(float v) {  /* v is bfloat16-exact */
-    uint32_t u;
-    memcpy(&u, &v, 4);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float bf_value(uint16_t h) {
-    const uint32_t u = (uint32_t)h << 16;
-    float v;
-    memcpy(&v, &u, 4);
-    return v;
 }
 
 /* y[T, N] = bf(x W^T) (+ bias, rounded again); x [T, K] is given as bfloat16 bits. */
@@ -225,76 +197,6 @@ static void rmsnorm_bf16(const float *x, const float *w, float *out, uint16_t *o
     }
 }
 
-static void rope_heads_bf16(float *x, int n, int D, const float *cos, const float *sin) {
-    const int half = D / 2;
-    for (int h = 0; h < n; h++) {
-        float *v = x + (int64_t)h * D;
-        for (int i = 0; i < half; i++) {
-            const float a = v[i], b = v[i + half];
-            v[i] = bf(bf(a * cos[i]) + bf(-b * sin[i]));
-            v[i + half] = bf(bf(b * cos[i + half]) + bf(a * sin[i + half]));
-        }
-    }
-}
-
-static void attention_bf16(float *qkv, const float *cos, const float *sin, uint16_t *kcache, uint16_t *vcache,
-                           int col, int cap, int H, int KVH, int D, float scale, float *out, int nthreads) {
-    float *q = qkv, *k = qkv + (int64_t)H * D, *v = k + (int64_t)KVH * D;
-    rope_heads_bf16(q, H, D, cos, sin);
-    rope_heads_bf16(k, KVH, D, cos, sin);
-    for (int h = 0; h < KVH; h++)
-        for (int d = 0; d < D; d++) {
-            kcache[((int64_t)h * cap + col) * D + d] = bf_bits(k[(int64_t)h * D + d]);
-            vcache[((int64_t)h * cap + col) * D + d] = bf_bits(v[(int64_t)h * D + d]);
-        }
-    const int S = col + 1, group = H / KVH;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (S * H > 4096)
-    for (int h = 0; h < H; h++) {
-        const float *qh = q + (int64_t)h * D;
-        const uint16_t *kh = kcache + (int64_t)(h / group) * cap * D;
-        const uint16_t *vh = vcache + (int64_t)(h / group) * cap * D;
-        float *oh = out + (int64_t)h * D;
-        float *scores = (float *)malloc(sizeof(float) * S);
-        float top = -INFINITY;
-        for (int s = 0; s < S; s++) {
-            const uint16_t *ks = kh + (int64_t)s * D;
-            __m512 acc = _mm512_setzero_ps();
-            int d = 0;
-            for (; d + 16 <= D; d += 16) {
-                const __m512 k16 = _mm512_castsi512_ps(
-                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(ks + d))), 16));
-                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), k16, acc);
-            }
-            float dot = _mm512_reduce_add_ps(acc);
-            for (; d < D; d++) dot += qh[d] * bf_value(ks[d]);
-            scores[s] = dot * scale;
-            if (scores[s] > top) top = scores[s];
-        }
-        /* As PyTorch's CPU attention in bfloat16: the exponentials are summed in float32, and
-         * rounded to bfloat16 for the product with the values; the sum divides at the end. */
-        float total = 0.0f;
-        for (int s = 0; s < S; s++) {
-            const float e = expf(scores[s] - top);
-            total += e;
-            scores[s] = bf(e);
-        }
-        for (int d = 0; d < D; d++) oh[d] = 0.0f;
-        for (int s = 0; s < S; s++) {
-            const float p = scores[s];
-            const uint16_t *vs = vh + (int64_t)s * D;
-            int d = 0;
-            for (; d + 16 <= D; d += 16) {
-                const __m512 v16 = _mm512_castsi512_ps(
-                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(vs + d))), 16));
-                _mm512_storeu_ps(oh + d, _mm512_add_ps(_mm512_loadu_ps(oh + d), _mm512_mul_ps(_mm512_set1_ps(p), v16)));
-            }
-            for (; d < D; d++) oh[d] += p * bf_value(vs[d]);
-        }
-        for (int d = 0; d < D; d++) oh[d] = bf(oh[d] / total);
-        free(scores);
-    }
-}
-
 /* As decode_step_f32, with bfloat16 activations: x [B, hidden] the embeddings (bfloat16 bits),
  * overwritten with the final residual stream; cos, sin [B, D] bfloat16 bits; caches bfloat16;
  * logits [B, vocab] float32 (bfloat16-exact). */
@@ -328,7 +230,7 @@ int decode_step_bf16(const stack_t *s, int B, uint16_t *x_bits, const uint16_t *
         rmsnorm_bf16(x, L->attn_norm, h, hb, B, hidden, s->eps);
         linears_bf16(L->qkv, L->n_qkv, hb, B, qkv, QKV, tmp, nthreads);
         for (int b = 0; b < B; b++)
-            attention_bf16(qkv + (int64_t)b * QKV, cos + (int64_t)b * D, sin + (int64_t)b * D,
+            decode_attention_bf16(qkv + (int64_t)b * QKV, cos + (int64_t)b * D, sin + (int64_t)b * D,
                            kcache[l] + slots[b] * row_stride, vcache[l] + slots[b] * row_stride, cols[b], cap, s->H,
                            s->KVH, D, s->scale, a + (int64_t)b * HD, nthreads);
         for (int64_t i = 0; i < (int64_t)B * HD; i++) ab[i] = bf_bits(a[i]);

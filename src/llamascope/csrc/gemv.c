@@ -21,6 +21,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "simd.h"
+
 #define QK 32
 
 /* Software prefetch, PREFETCH_AHEAD bytes ahead of the weight stream being read. A thread reads its
@@ -211,11 +213,6 @@ void gemv_f32(const float *w, int N, int K, const float *x, int T, float *y, int
     }
 }
 
-static inline __m512 bf16x16_to_f32(const uint16_t *p) {
-    const __m256i h = _mm256_loadu_si256((const __m256i *)p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
 /* y[T, N] = x[T, K] @ W[N, K]^T, W bfloat16 (raw uint16), x and y float32. */
 void gemv_bf16(const uint16_t *w, int N, int K, const float *x, int T, float *y, int nthreads) {
     const int N2 = N / 2 * 2;
@@ -309,71 +306,6 @@ void silu_mul_f32(const float *gu, int rows, int I, float *out) {
         const float *g = gu + (int64_t)r * 2 * I, *u = g + I;
         float *o = out + (int64_t)r * I;
         for (int i = 0; i < I; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-    }
-}
-
-/* Rotate-half RoPE in place on n heads of size D: x = x * cos + rotate_half(x) * sin. */
-static void rope_heads(float *x, int n, int D, const float *cos, const float *sin) {
-    const int half = D / 2;
-    for (int h = 0; h < n; h++) {
-        float *v = x + (int64_t)h * D;
-        for (int i = 0; i < half; i++) {
-            const float a = v[i], b = v[i + half];
-            v[i] = a * cos[i] - b * sin[i];
-            v[i + half] = b * cos[i + half] + a * sin[i + half];
-        }
-    }
-}
-
-/* sum(a[i] * b[i]) over n floats: 16 lanes at a time, then the tail. */
-static inline float dot_f32(const float *a, const float *b, int n) {
-    __m512 acc = _mm512_setzero_ps();
-    int i = 0;
-    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-    float sum = _mm512_reduce_add_ps(acc);
-    for (; i < n; i++) sum += a[i] * b[i];
-    return sum;
-}
-
-/*
- * One token's attention for one sequence, given its fused projection qkv = [q (H*D) | k (KVH*D) |
- * v (KVH*D)]: RoPE on q and k, k and v written to cache column `col` (caches are [KVH, cap, D]),
- * then softmax(q k^T * scale) v over columns 0..col, query head h reading KV head h / (H / KVH).
- * out: [H*D].
- */
-void decode_attention_f32(float *qkv, const float *cos, const float *sin, float *kcache, float *vcache,
-                          int col, int cap, int H, int KVH, int D, float scale, float *out, int nthreads) {
-    float *q = qkv, *k = qkv + (int64_t)H * D, *v = k + (int64_t)KVH * D;
-    rope_heads(q, H, D, cos, sin);
-    rope_heads(k, KVH, D, cos, sin);
-    for (int h = 0; h < KVH; h++) {
-        memcpy(kcache + ((int64_t)h * cap + col) * D, k + (int64_t)h * D, D * sizeof(float));
-        memcpy(vcache + ((int64_t)h * cap + col) * D, v + (int64_t)h * D, D * sizeof(float));
-    }
-    const int S = col + 1, group = H / KVH;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (S * H > 4096)
-    for (int h = 0; h < H; h++) {
-        const float *qh = q + (int64_t)h * D;
-        const float *kh = kcache + (int64_t)(h / group) * cap * D;
-        const float *vh = vcache + (int64_t)(h / group) * cap * D;
-        float *oh = out + (int64_t)h * D;
-        float *scores = (float *)malloc(sizeof(float) * S);
-        float top = -INFINITY;
-        for (int s = 0; s < S; s++) {
-            scores[s] = dot_f32(qh, kh + (int64_t)s * D, D) * scale;
-            if (scores[s] > top) top = scores[s];
-        }
-        float total = 0.0f;
-        for (int s = 0; s < S; s++) {
-            scores[s] = expf(scores[s] - top);
-            total += scores[s];
-        }
-        for (int d = 0; d < D; d++) oh[d] = 0.0f;
-        for (int s = 0; s < S; s++) {
-            const float p = scores[s] / total;
-            for (int d = 0; d < D; d++) oh[d] += p * vh[(int64_t)s * D + d];
-        }
-        free(scores);
     }
 }
 

@@ -1,0 +1,177 @@
+/*
+ * Attention of one new token over the KV cache (the decode case), for float32 and bfloat16 caches.
+ *
+ * Given the token's fused projection qkv = [q (H*D) | k (KVH*D) | v (KVH*D)]: RoPE on q and k
+ * (rotate-half layout), k and v written to cache column `col` (caches are [KVH, cap, D]), then
+ * for each query head h, reading KV head h / (H / KVH):
+ *     out[h] = softmax(q[h] . k[0..col] * scale) . v[0..col]
+ * Heads are shared between threads when there is enough work; each head's numbers do not depend
+ * on the thread count.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "simd.h"
+
+/* Below this much work (columns x heads x head_dim) one thread does all heads: waking the second
+ * costs more than it saves. */
+#ifndef ATTENTION_PARALLEL_WORK
+#define ATTENTION_PARALLEL_WORK 4096
+#endif
+/* Scores of up to this many columns live on the stack. */
+#define STACK_COLUMNS 4096
+
+/* 16 cache values from element i on (lanes outside `m` are 0), as float32. */
+static inline __attribute__((always_inline)) __m512 load16(const int bf16, const void *base, int64_t i,
+                                                           __mmask16 m) {
+    if (bf16) {
+        const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)base + i);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_maskz_loadu_ps(m, (const float *)base + i);
+}
+
+static inline __mmask16 lanes(int d, int D) { return D - d >= 16 ? 0xFFFF : (__mmask16)((1u << (D - d)) - 1); }
+
+/*
+ * One query head: out[D] = softmax(q . keys[s] * scale over s < S) . values. scores: scratch [S].
+ * float32 (bf16 = 0): each exponential is divided by their sum, then weights the values, as
+ * softmax followed by a product does. bfloat16 (bf16 = 1), as PyTorch's CPU kernel: the
+ * exponentials are summed in float32 and rounded to bfloat16 for the product with the values,
+ * the sum divides at the end, and the output is rounded to bfloat16.
+ */
+static inline __attribute__((always_inline)) void attend_head(const int bf16, const float *q, const void *keys,
+                                                              const void *values, int S, int D, float scale,
+                                                              float *scores, float *out) {
+    float top = -INFINITY;
+    for (int s = 0; s < S; s++) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int d = 0; d < D; d += 16) {
+            const __mmask16 m = lanes(d, D);
+            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + d), load16(bf16, keys, (int64_t)s * D + d, m), acc);
+        }
+        scores[s] = _mm512_reduce_add_ps(acc) * scale;
+        if (scores[s] > top) top = scores[s];
+    }
+    const __m512 top16 = _mm512_set1_ps(top);
+    __m512 sum = _mm512_setzero_ps();
+    for (int s = 0; s < S; s += 16) {
+        const __mmask16 m = lanes(s, S);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + s), top16));
+        sum = _mm512_mask_add_ps(sum, m, sum, e);
+        _mm512_mask_storeu_ps(scores + s, m, bf16 ? bf_v(e) : e);
+    }
+    const float total = _mm512_reduce_add_ps(sum);
+    if (!bf16) {
+        const __m512 total16 = _mm512_set1_ps(total);
+        for (int s = 0; s < S; s += 16) {
+            const __mmask16 m = lanes(s, S);
+            _mm512_mask_storeu_ps(scores + s, m, _mm512_div_ps(_mm512_maskz_loadu_ps(m, scores + s), total16));
+        }
+    }
+    /* 64 output values at a time, summed in registers over the columns. */
+    for (int d0 = 0; d0 < D; d0 += 64) {
+        const __mmask16 m0 = d0 < D ? lanes(d0, D) : 0, m1 = d0 + 16 < D ? lanes(d0 + 16, D) : 0;
+        const __mmask16 m2 = d0 + 32 < D ? lanes(d0 + 32, D) : 0, m3 = d0 + 48 < D ? lanes(d0 + 48, D) : 0;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int s = 0; s < S; s++) {
+            const __m512 p = _mm512_set1_ps(scores[s]);
+            const int64_t row = (int64_t)s * D + d0;
+            a0 = _mm512_fmadd_ps(p, load16(bf16, values, row, m0), a0);
+            a1 = _mm512_fmadd_ps(p, load16(bf16, values, row + 16, m1), a1);
+            a2 = _mm512_fmadd_ps(p, load16(bf16, values, row + 32, m2), a2);
+            a3 = _mm512_fmadd_ps(p, load16(bf16, values, row + 48, m3), a3);
+        }
+        if (bf16) {
+            const __m512 total16 = _mm512_set1_ps(total);
+            a0 = bf_v(_mm512_div_ps(a0, total16));
+            a1 = bf_v(_mm512_div_ps(a1, total16));
+            a2 = bf_v(_mm512_div_ps(a2, total16));
+            a3 = bf_v(_mm512_div_ps(a3, total16));
+        }
+        _mm512_mask_storeu_ps(out + d0, m0, a0);
+        _mm512_mask_storeu_ps(out + d0 + 16, m1, a1);
+        _mm512_mask_storeu_ps(out + d0 + 32, m2, a2);
+        _mm512_mask_storeu_ps(out + d0 + 48, m3, a3);
+    }
+}
+
+/* Every query head over S columns; out [H * D]. */
+static inline __attribute__((always_inline)) void attend_heads(const int bf16, const float *q, const void *kcache,
+                                                               const void *vcache, int S, int cap, int H, int KVH,
+                                                               int D, float scale, float *out, int nthreads) {
+    const int group = H / KVH;
+    const int64_t elem = bf16 ? 2 : 4, head_bytes = (int64_t)cap * D * elem;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && (int64_t)S * H * D >= ATTENTION_PARALLEL_WORK)
+    {
+        float stack[STACK_COLUMNS];
+        float *scores = S <= STACK_COLUMNS ? stack : (float *)malloc(sizeof(float) * S);
+#pragma omp for schedule(static)
+        for (int h = 0; h < H; h++) {
+            const int64_t offset = (int64_t)(h / group) * head_bytes;
+            if (scores)
+                attend_head(bf16, q + (int64_t)h * D, (const char *)kcache + offset, (const char *)vcache + offset, S,
+                            D, scale, scores, out + (int64_t)h * D);
+            else
+                for (int d = 0; d < D; d++) out[(int64_t)h * D + d] = NAN;  /* out of memory: visible, not wrong */
+        }
+        if (scores != stack) free(scores);
+    }
+}
+
+/* Rotate-half RoPE in place on n heads of size D: x = x * cos + rotate_half(x) * sin. */
+static void rope_heads(float *x, int n, int D, const float *cos, const float *sin) {
+    const int half = D / 2;
+    for (int h = 0; h < n; h++) {
+        float *v = x + (int64_t)h * D;
+        for (int i = 0; i < half; i++) {
+            const float a = v[i], b = v[i + half];
+            v[i] = a * cos[i] - b * sin[i];
+            v[i + half] = b * cos[i + half] + a * sin[i + half];
+        }
+    }
+}
+
+void decode_attention_f32(float *qkv, const float *cos, const float *sin, float *kcache, float *vcache,
+                          int col, int cap, int H, int KVH, int D, float scale, float *out, int nthreads) {
+    float *q = qkv, *k = qkv + (int64_t)H * D, *v = k + (int64_t)KVH * D;
+    rope_heads(q, H, D, cos, sin);
+    rope_heads(k, KVH, D, cos, sin);
+    for (int h = 0; h < KVH; h++) {
+        memcpy(kcache + ((int64_t)h * cap + col) * D, k + (int64_t)h * D, D * sizeof(float));
+        memcpy(vcache + ((int64_t)h * cap + col) * D, v + (int64_t)h * D, D * sizeof(float));
+    }
+    attend_heads(0, q, kcache, vcache, col + 1, cap, H, KVH, D, scale, out, nthreads);
+}
+
+#ifdef __AVX512BF16__
+/* RoPE as PyTorch computes it in bfloat16: each product and the sum rounded. */
+static void rope_heads_bf16(float *x, int n, int D, const float *cos, const float *sin) {
+    const int half = D / 2;
+    for (int h = 0; h < n; h++) {
+        float *v = x + (int64_t)h * D;
+        for (int i = 0; i < half; i++) {
+            const float a = v[i], b = v[i + half];
+            v[i] = bf(bf(a * cos[i]) + bf(-b * sin[i]));
+            v[i + half] = bf(bf(b * cos[i + half]) + bf(a * sin[i + half]));
+        }
+    }
+}
+
+/* decode_attention_f32 for a bfloat16 model: qkv, cos, sin hold bfloat16-exact floats, the caches
+ * bfloat16 bits; the output is bfloat16-exact. */
+void decode_attention_bf16(float *qkv, const float *cos, const float *sin, uint16_t *kcache, uint16_t *vcache,
+                           int col, int cap, int H, int KVH, int D, float scale, float *out, int nthreads) {
+    float *q = qkv, *k = qkv + (int64_t)H * D, *v = k + (int64_t)KVH * D;
+    rope_heads_bf16(q, H, D, cos, sin);
+    rope_heads_bf16(k, KVH, D, cos, sin);
+    for (int h = 0; h < KVH; h++)
+        for (int d = 0; d < D; d++) {
+            kcache[((int64_t)h * cap + col) * D + d] = bf_bits(k[(int64_t)h * D + d]);
+            vcache[((int64_t)h * cap + col) * D + d] = bf_bits(v[(int64_t)h * D + d]);
+        }
+    attend_heads(1, q, kcache, vcache, col + 1, cap, H, KVH, D, scale, out, nthreads);
+}
+#endif
