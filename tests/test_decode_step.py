@@ -242,3 +242,18 @@ def test_one_token_attention_kernel_matches_softmax_reference(H, KVH, D, S, bf16
     expected = _attention_reference(q_rot, kc[:, :S].float(), vc[:, :S].float(), scale).float().flatten()
     tolerance = 2 ** -7 if bf16 else 2e-6  # bfloat16: rounded exponentials and output
     assert (outputs[0] - expected).abs().max() <= tolerance * expected.abs().max()
+
+
+@pytest.mark.parametrize("I", [7, 16, 40, 768])
+def test_silu_mul_kernel_matches_float64(I):
+    """The native SiLU(gate) * up (vector exponential) against float64, with gates far out in
+    both tails (where e^-g overflows or vanishes) and a width with a partial last vector."""
+    lib = kernels.load()
+    gen = torch.Generator().manual_seed(I)
+    gu = torch.randn(2, 2 * I, generator=gen) * 4
+    gu[0, :4] = torch.tensor([-1000.0, -90.0, 90.0, 1000.0])[: min(4, I)]
+    out = torch.full((2, I), float("nan"))
+    lib.silu_mul_f32(gu.data_ptr(), 2, I, out.data_ptr())
+    g, u = gu[:, :I].double(), gu[:, I:].double()
+    expected = g * torch.sigmoid(g) * u
+    assert torch.allclose(out.double(), expected, rtol=4e-7, atol=1e-30)

@@ -197,6 +197,25 @@ static void rmsnorm_bf16(const float *x, const float *w, float *out, uint16_t *o
     }
 }
 
+/* act = bf(bf(silu(g)) * u) for `rows` rows of [gate (I) | up (I)], as PyTorch's SiLU and product in
+ * bfloat16 (SiLU in float, rounded), also as bfloat16 bits. */
+static void silu_bf16(const float *gu, int rows, int I, float *act, uint16_t *act_bits) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int r = 0; r < rows; r++) {
+        const float *g = gu + (int64_t)r * 2 * I, *u = g + I;
+        float *o = act + (int64_t)r * I;
+        uint16_t *ob = act_bits + (int64_t)r * I;
+        for (int i = 0; i < I; i += 16) {
+            const __mmask16 m = I - i >= 16 ? 0xFFFF : (__mmask16)((1u << (I - i)) - 1);
+            const __m512 gv = _mm512_maskz_loadu_ps(m, g + i);
+            const __m512 silu = bf_v(_mm512_div_ps(gv, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)))));
+            const __m512 v = bf_v(_mm512_mul_ps(silu, _mm512_maskz_loadu_ps(m, u + i)));
+            _mm512_mask_storeu_ps(o + i, m, v);
+            _mm256_mask_storeu_epi16(ob + i, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+        }
+    }
+}
+
 /* As decode_step_f32, with bfloat16 activations: x [B, hidden] the embeddings (bfloat16 bits),
  * overwritten with the final residual stream; cos, sin [B, D] bfloat16 bits; caches bfloat16;
  * logits [B, vocab] float32 (bfloat16-exact). */
@@ -238,13 +257,7 @@ int decode_step_bf16(const stack_t *s, int B, uint16_t *x_bits, const uint16_t *
         add_bf16(x, y, BH);
         rmsnorm_bf16(x, L->mlp_norm, h, hb, B, hidden, s->eps);
         linears_bf16(L->gate_up, L->n_gate_up, hb, B, gu, 2 * I, tmp, nthreads);
-        for (int b = 0; b < B; b++)
-            for (int i = 0; i < I; i++) {
-                const float g = gu[(int64_t)b * 2 * I + i], u = gu[(int64_t)b * 2 * I + I + i];
-                const int64_t j = (int64_t)b * I + i;
-                act[j] = bf(bf(g / (1.0f + expf(-g))) * u);
-                actb[j] = bf_bits(act[j]);
-            }
+        silu_bf16(gu, B, I, act, actb);
         linear_bf16(&L->down, actb, B, y, nthreads);
         add_bf16(x, y, BH);
     }
