@@ -546,11 +546,12 @@ static inline __attribute__((always_inline)) void dot_q8_0_exact_rows_impl(const
         const __m512 d = _mm512_set1_ps(f16(blk));
         const __m128i q0 = _mm_loadu_si128((const __m128i *)(blk + 2));
         const __m128i q1 = _mm_loadu_si128((const __m128i *)(blk + 18));
-        const __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), d);
-        const __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), d);
-        for (int t = 0; t < rows; t++) {
-            acc[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + (int64_t)t * K + b * QK), acc[t]);
-            acc[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + (int64_t)t * K + b * QK + 16), acc[t]);
+        const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0));
+        const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1));
+        for (int t = 0; t < rows; t++) {  /* the block's integer weights times x, then times d */
+            const __m512 p = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + (int64_t)t * K + b * QK + 16),
+                                             _mm512_mul_ps(w0, _mm512_loadu_ps(x + (int64_t)t * K + b * QK)));
+            acc[t] = _mm512_fmadd_ps(p, d, acc[t]);
         }
     }
     for (int t = 0; t < rows; t++) out[t] = _mm512_reduce_add_ps(acc[t]);
