@@ -201,12 +201,14 @@ def test_bin_loads_like_safetensors(model_factory):
         assert torch.equal(a, b), name
 
 
+# Peaks are VmHWM (bench.peak_rss_bytes): ru_maxrss would start at pytest's own peak, carried over exec.
 RSS_SCRIPT = """
-import resource, sys
+import sys
+from llamascope.bench import peak_rss_bytes
 from llamascope.loading import load_model
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+before = peak_rss_bytes()
 loaded = load_model(sys.argv[1], dtype=sys.argv[2])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = peak_rss_bytes()
 weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
 print(before, peak, weights)
 """
@@ -215,7 +217,7 @@ print(before, peak, weights)
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_peak_rss_after_load_near_weight_bytes(tmp_path_factory, dtype):
-    """A few hundred MB of weights: loading keeps at most one extra tensor beside them."""
+    """A few hundred MB of weights: loading holds little beside them."""
     folder = tmp_path_factory.mktemp("big")
     make_model(folder, hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=8,
                num_key_value_heads=8, vocab_size=32000, shard_size="100MB")
@@ -223,16 +225,19 @@ def test_peak_rss_after_load_near_weight_bytes(tmp_path_factory, dtype):
                          check=True)
     before, peak, weights = map(int, out.stdout.split())
     assert weights > 100e6 if dtype == "float32" else weights > 50e6
-    assert peak - before < 1.3 * weights, f"peak grew by {(peak - before) / 1e6:.0f} MB for {weights / 1e6:.0f} MB"
+    # bfloat16 from float32 files: one 32 MB conversion slice (CONVERT_CHUNK_BYTES) is 0.22x of these
+    # weights; converting whole tensors took the embedding at both widths, 1.5x in all.
+    bound = 1.15 if dtype == "float32" else 1.35
+    assert peak - before < bound * weights, f"peak grew by {(peak - before) / 1e6:.0f} MB for {weights / 1e6:.0f} MB"
 
 
 GGUF_RSS_SCRIPT = """
-import resource, sys
-from llamascope.bench import tensor_bytes
+import sys
+from llamascope.bench import peak_rss_bytes, tensor_bytes
 from llamascope.loading import load_model
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+before = peak_rss_bytes()
 loaded = load_model(sys.argv[1])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = peak_rss_bytes()
 print(before, peak, tensor_bytes(loaded.model))
 """
 
@@ -254,3 +259,32 @@ def test_gguf_blocks_load_without_a_second_copy(tmp_path, qtype):
     before, peak, weights = map(int, out.stdout.split())
     assert weights > 50e6
     assert peak - before < 1.3 * weights, f"peak grew by {(peak - before) / 1e6:.0f} MB for {weights / 1e6:.0f} MB"
+
+
+@pytest.mark.parametrize("source", ["safetensors", "bin", "gguf"])
+def test_converting_a_large_tensor_slice_by_slice_gives_the_same_weights(model_factory, tmp_path, monkeypatch,
+                                                                         source):
+    """A tensor that changes type on loading and is larger than CONVERT_CHUNK_BYTES is read in
+    slices of rows straight into the result; with a tiny chunk size every weight goes that way
+    (rows not dividing evenly included), and the model equals one loaded whole-tensor."""
+    import llamascope.loading as loading
+
+    if source == "gguf":
+        from gguf_fixtures import write_tiny_llama
+
+        path = tmp_path / "tiny.gguf"
+        write_tiny_llama(path)  # its F32/F16/BF16 tensors take the route; block-format ones stay blocks
+    else:
+        path = model_factory("gqa") if source == "safetensors" else model_factory("bin", safe=False)
+    whole = load_model(path, dtype="bfloat16").model.state_dict()
+    reads = []
+    monkeypatch.setattr(loading, "CONVERT_CHUNK_BYTES", 1000)
+    original = loading.TensorSource.read_slice
+    monkeypatch.setattr(loading.TensorSource, "read_slice",
+                        lambda self, *a: reads.append(a) or original(self, *a))
+    sliced = load_model(path, dtype="bfloat16").model.state_dict()
+    assert len(reads) > 2 * len(whole)  # the slice route was taken, several slices per tensor
+    assert whole.keys() == sliced.keys()
+    for name in whole:
+        assert whole[name].dtype == sliced[name].dtype
+        assert torch.equal(whole[name], sliced[name]), name

@@ -120,7 +120,10 @@ def unpack_q4(packed: torch.Tensor, qtype: str, K: int) -> torch.Tensor:
 class QuantLinear(nn.Module):
     """y = x @ W^T (+ b) with W kept in a block format."""
 
-    def __init__(self, blocks: torch.Tensor, qtype: str, in_features: int, bias: torch.Tensor | None = None):
+    def __init__(self, blocks: torch.Tensor, qtype: str, in_features: int, bias: torch.Tensor | None = None,
+                 *, packed: bool = False):
+        """`blocks`: uint8 [N, row bytes] in ggml's block format, or with `packed` (Q4 with the native
+        kernels only) already in the kernel's layout, as another layer's `packed` rows."""
         super().__init__()
         if qtype not in BLOCK_BYTES:
             raise LlamascopeError(f"unsupported block format {qtype!r}")
@@ -130,8 +133,10 @@ class QuantLinear(nn.Module):
         self._code = QTYPE_CODES[qtype]
         if lib is not None and qtype in ("Q4_0", "Q4_1"):
             # Kept only in the kernel's layout (same numbers, see csrc/gemv.c); `blocks` rebuilds ggml's.
-            self.register_buffer("packed", pack_q4(blocks, qtype, in_features))  # [N, packed row bytes]
+            self.register_buffer("packed", blocks if packed else pack_q4(blocks, qtype, in_features))  # [N, row bytes]
             self._kernel = lib.gemv_q4_packed_f32
+        elif packed:
+            raise LlamascopeError("packed Q4 rows need the native kernels")
         else:
             self.register_buffer("stored", blocks.contiguous())  # [N, K/32 * bytes] uint8
             self._kernel = lib.gemv_blocks_f32 if lib is not None else None
@@ -372,7 +377,10 @@ def _fused(modules: list[nn.Module]) -> nn.Module | None:
         return None
     bias = None if biases[0] is None else torch.cat([b.detach().float() for b in biases])
     if all(isinstance(m, QuantLinear) for m in modules) and len({m.qtype for m in modules}) == 1:
-        return QuantLinear(torch.cat([m.blocks for m in modules]), modules[0].qtype, modules[0].in_features, bias)
+        qtype, K = modules[0].qtype, modules[0].in_features
+        if all(hasattr(m, "packed") for m in modules):  # rows are independent in the kernel's layout too
+            return QuantLinear(torch.cat([m.packed for m in modules]), qtype, K, bias, packed=True)
+        return QuantLinear(torch.cat([m.blocks for m in modules]), qtype, K, bias)
     if all(isinstance(m, (nn.Linear, FastLinear)) for m in modules) and len({m.weight.dtype for m in modules}) == 1:
         weight = torch.cat([m.weight.detach() for m in modules])
         bias = None if bias is None else bias.to(weight.dtype)

@@ -241,9 +241,7 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: str | torch.
             else:
                 blocks.update(entry)
         else:
-            tensor = source.read() if shard is None else source.read_slice(shard.dim, shard.start, shard.stop)
-            state[name] = tensor.to(device=device, dtype=dtype)
-            del tensor
+            state[name] = _read_at(source, dtype, device, shard)
         if progress is not None:
             progress(k + 1, len(expected))
     if config.tie_word_embeddings and "model.embed_tokens.weight" not in kept_names:
@@ -275,6 +273,33 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: str | torch.
     rotary = model.model.rotary_emb
     rotary.inv_freq = ROPE_INIT[config.rope_type](config).to(device)
     return model.eval().requires_grad_(False)
+
+
+# Tensors larger than this that change element type on loading are converted a slice at a time.
+CONVERT_CHUNK_BYTES = 32 * 2**20
+
+
+def _read_at(source: TensorSource, dtype: torch.dtype, device, shard) -> torch.Tensor:
+    """The weight (or this rank's shard of it) at `dtype` on `device`.
+
+    Converting a whole tensor would hold it at both widths at once: a 1.1B model's float32
+    embedding read as bfloat16 is 262 MB read plus 131 MB kept. A large tensor that changes type,
+    read whole or in row shards, is instead read in slices of rows into the result."""
+    start, stop = (0, source.shape[0]) if shard is None else (shard.start, shard.stop)
+    chunked = (source.slice_reader is not None and len(source.shape) >= 1 and source.shape[0] > 1
+               and source.nbytes > CONVERT_CHUNK_BYTES and (shard is None or shard.dim == 0))
+    if chunked:
+        first = source.read_slice(0, start, start + 1)  # [1, ...] as stored
+        chunked = first.dtype != dtype or torch.device(device).type != "cpu"
+    if not chunked:
+        tensor = source.read() if shard is None else source.read_slice(shard.dim, shard.start, shard.stop)
+        return tensor.to(device=device, dtype=dtype)
+    rows = max(1, CONVERT_CHUNK_BYTES // max(1, source.nbytes // source.shape[0]))
+    out = torch.empty((stop - start, *source.shape[1:]), dtype=dtype, device=device)
+    for begin in range(start, stop, rows):
+        end = min(stop, begin + rows)
+        out[begin - start:end - start].copy_(source.read_slice(0, begin, end))
+    return out
 
 
 def _install_now(model: torch.nn.Module, name: str, plan: dict) -> bool:
@@ -333,8 +358,9 @@ def _freed_memory_returned():
     Loading makes many short-lived copies of a few MB (raw blocks before repacking, projections
     before fusing). glibc raises its mmap threshold after the first large free, so later copies
     come from the heap, whose freed pages stay resident: a 590 MB Q4_0 model peaked at 1.2 GB over
-    the runtime instead of 0.76 GB. During loading every allocation of 1 MiB or more is mapped
-    and unmapped on its own; afterwards the thresholds go to glibc's own ceilings (mmap 32 MiB,
+    the runtime instead of 0.76 GB. During loading every allocation of 64 KiB or more is mapped
+    and unmapped on its own (with 1 MiB, the k and v projections of a small model, freed when
+    fused, still piled up in the heap); afterwards the thresholds go to glibc's own ceilings (mmap 32 MiB,
     trim 64 MiB), where its adaptive thresholds end up in a running process anyway.
     """
     try:
@@ -344,7 +370,7 @@ def _freed_memory_returned():
         yield
         return
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    mallopt(M_MMAP_THRESHOLD, 64 << 10)
     try:
         yield
     finally:
