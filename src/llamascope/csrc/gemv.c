@@ -171,44 +171,32 @@ static void gemv_q8_0(const uint8_t *w, int N, int K, const int8_t *xq, const fl
 
 /* ---- float weights ------------------------------------------------------------------------ */
 
-/* y[T, N] = x[T, K] @ W[N, K]^T, W float32. Four rows at a time share each load of x. */
+/* y[T, N] = x[T, K] @ W[N, K]^T, W float32. One weight row at a time, read as one stream (a thread's
+ * rows are contiguous) with four sums in flight; several rows of x reuse the row from L1. Reading
+ * four rows side by side, as before, was 4-10% slower from memory. */
 void gemv_f32(const float *w, int N, int K, const float *x, int T, float *y, int nthreads) {
-    const int N4 = N / 4 * 4;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int n = 0; n < N4; n += 4) {
-        const float *r0 = w + (int64_t)n * K, *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
+    for (int n = 0; n < N; n++) {
+        const float *r = w + (int64_t)n * K;
         for (int t = 0; t < T; t++) {
             const float *xt = x + (int64_t)t * K;
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             int k = 0;
-            for (; k + 16 <= K; k += 16) {
-                /* the 4 rows are one 16K-byte run: keep the prefetch 4 lines further per pass */
-                const char *ahead = (const char *)r0 + 16 * (int64_t)k;
-                prefetch_ahead(ahead);
-                prefetch_ahead(ahead + 64);
-                prefetch_ahead(ahead + 128);
-                prefetch_ahead(ahead + 192);
-                const __m512 xv = _mm512_loadu_ps(xt + k);
-                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r0 + k), xv, a0);
-                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r1 + k), xv, a1);
-                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(r2 + k), xv, a2);
-                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(r3 + k), xv, a3);
+            for (; k + 64 <= K; k += 64) {
+                const char *line = (const char *)(r + k);
+                prefetch_ahead(line);
+                prefetch_ahead(line + 64);
+                prefetch_ahead(line + 128);
+                prefetch_ahead(line + 192);
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k), _mm512_loadu_ps(xt + k), a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k + 16), _mm512_loadu_ps(xt + k + 16), a1);
+                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k + 32), _mm512_loadu_ps(xt + k + 32), a2);
+                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k + 48), _mm512_loadu_ps(xt + k + 48), a3);
             }
-            float s0 = _mm512_reduce_add_ps(a0), s1 = _mm512_reduce_add_ps(a1);
-            float s2 = _mm512_reduce_add_ps(a2), s3 = _mm512_reduce_add_ps(a3);
-            for (; k < K; k++) {
-                s0 += r0[k] * xt[k]; s1 += r1[k] * xt[k]; s2 += r2[k] * xt[k]; s3 += r3[k] * xt[k];
-            }
-            float *yt = y + (int64_t)t * N + n;
-            yt[0] = s0; yt[1] = s1; yt[2] = s2; yt[3] = s3;
-        }
-    }
-    for (int n = N4; n < N; n++) {
-        const float *r = w + (int64_t)n * K;
-        for (int t = 0; t < T; t++) {
-            float s = 0.0f;
-            for (int k = 0; k < K; k++) s += r[k] * x[(int64_t)t * K + k];
-            y[(int64_t)t * N + n] = s;
+            for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k), _mm512_loadu_ps(xt + k), a0);
+            float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+            for (; k < K; k++) sum += r[k] * xt[k];
+            y[(int64_t)t * N + n] = sum;
         }
     }
 }
@@ -321,43 +309,32 @@ void silu_mul_f32(const float *gu, int rows, int I, float *out) {
 
 #ifdef __AVX512BF16__
 /* y[T, N] = x[T, K] @ W[N, K]^T with W and x bfloat16 (raw uint16), y float32. Each
- * vdpbf16ps multiplies 32 pairs exactly and accumulates in float32. K % 32 == 0. */
+ * vdpbf16ps multiplies 32 pairs exactly and accumulates in float32. K % 32 == 0. One weight row at a
+ * time with four sums in flight, as gemv_f32 (8% faster from memory than four rows side by side). */
 void gemv_bf16_bf16(const uint16_t *w, int N, int K, const uint16_t *x, int T, float *y, int nthreads) {
-    const int N4 = N / 4 * 4;
-    /* Four rows per pass: four weight streams in flight per core, each load of x used four times. */
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int n = 0; n < N4; n += 4) {
-        const uint16_t *r0 = w + (int64_t)n * K, *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
+    for (int n = 0; n < N; n++) {
+        const uint16_t *r = w + (int64_t)n * K;
         for (int t = 0; t < T; t++) {
             const uint16_t *xt = x + (int64_t)t * K;
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int k = 0; k < K; k += 32) {
-                const char *ahead = (const char *)r0 + 8 * (int64_t)k;
-                prefetch_ahead(ahead);
-                prefetch_ahead(ahead + 64);
-                prefetch_ahead(ahead + 128);
-                prefetch_ahead(ahead + 192);
-                const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(xt + k));
-                a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512((const void *)(r0 + k)), xv);
-                a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512((const void *)(r1 + k)), xv);
-                a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512((const void *)(r2 + k)), xv);
-                a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512((const void *)(r3 + k)), xv);
+            int k = 0;
+            for (; k + 128 <= K; k += 128) {
+                const char *line = (const char *)(r + k);
+                prefetch_ahead(line);
+                prefetch_ahead(line + 64);
+                prefetch_ahead(line + 128);
+                prefetch_ahead(line + 192);
+#define BF16_DOT(acc, at) acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const void *)(r + (at))), \
+                                                 (__m512bh)_mm512_loadu_si512((const void *)(xt + (at))))
+                BF16_DOT(a0, k);
+                BF16_DOT(a1, k + 32);
+                BF16_DOT(a2, k + 64);
+                BF16_DOT(a3, k + 96);
             }
-            float *yt = y + (int64_t)t * N + n;
-            yt[0] = _mm512_reduce_add_ps(a0);
-            yt[1] = _mm512_reduce_add_ps(a1);
-            yt[2] = _mm512_reduce_add_ps(a2);
-            yt[3] = _mm512_reduce_add_ps(a3);
-        }
-    }
-    for (int n = N4; n < N; n++) {
-        const uint16_t *r = w + (int64_t)n * K;
-        for (int t = 0; t < T; t++) {
-            __m512 a = _mm512_setzero_ps();
-            for (int k = 0; k < K; k += 32)
-                a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512((const void *)(r + k)),
-                                     (__m512bh)_mm512_loadu_si512((const void *)(x + (int64_t)t * K + k)));
-            y[(int64_t)t * N + n] = _mm512_reduce_add_ps(a);
+            for (; k < K; k += 32) BF16_DOT(a0, k);
+#undef BF16_DOT
+            y[(int64_t)t * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
         }
     }
 }
