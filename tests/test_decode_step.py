@@ -257,3 +257,16 @@ def test_silu_mul_kernel_matches_float64(I):
     g, u = gu[:, :I].double(), gu[:, I:].double()
     expected = g * torch.sigmoid(g) * u
     assert torch.allclose(out.double(), expected, rtol=4e-7, atol=1e-30)
+
+
+def test_rope_table_gives_the_rotary_modules_numbers_as_it_grows(tiny_model):
+    """The step looks RoPE up in a table by position, grown by doubling; every lookup equals what
+    the model's rotary module computes for those positions, bit for bit, before and after growing."""
+    model = load_model(tiny_model).model
+    step = model.decode_step
+    for positions in ([[3], [0], [255]], [[256], [7]], [[1000], [513], [2]]):
+        positions = torch.tensor(positions)
+        cos, sin = step._rope(positions)
+        expected_cos, expected_sin = model.model.rotary_emb(positions, step.dtype)
+        assert torch.equal(cos, expected_cos) and torch.equal(sin, expected_sin)
+    assert step._rope_table[0].shape[0] >= 1001

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
@@ -152,6 +153,11 @@ class DecodeStep:
                             self.head_dim, config.intermediate_size, config.rms_norm_eps, self.head_dim ** -0.5,
                             layers, norm(model.model.norm.weight, "final norm"), head)
         self._fn = lib.decode_step_bf16 if bf16 else lib.decode_step_f32
+        # RoPE tables by position, computed by the model's own rotary module (so the same numbers
+        # as the module path) for every position up to the longest asked for; "dynamic" scaling
+        # depends on the sequence length and computes them each step instead.
+        self._rope_table = None if config.rope_type == "dynamic" else (torch.empty(0), torch.empty(0))
+        self._cache_arrays: tuple = ((), None, None)  # (cache tensor addresses, keys array, values array)
 
     def applies(self, tokens: torch.Tensor, cache, mask, capture) -> bool:
         """True for one new token per sequence, at most KERNEL_MAX_ROWS sequences, over a plain
@@ -169,22 +175,45 @@ class DecodeStep:
     def _matches(self, store: torch.Tensor) -> bool:
         return store.dtype == self.dtype and store.device.type == "cpu" and store.shape[1] == self.kv_heads
 
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, 1, D] for positions [B, 1]."""
+        rotary = self.model.model.rotary_emb
+        if self._rope_table is None:
+            cos, sin = rotary(positions, self.dtype)
+            return cos.contiguous(), sin.contiguous()
+        cos, sin = self._rope_table
+        last = int(positions.max())
+        if last >= cos.shape[0]:  # grow by doubling: a few recomputations over a whole context
+            n = max(2 * cos.shape[0], last + 1, 256)
+            cos, sin = rotary(torch.arange(n)[None], self.dtype)  # [1, n, D] each
+            cos, sin = cos[0], sin[0]  # [n, D]
+            self._rope_table = (cos, sin)
+        return cos[positions], sin[positions]  # [B, 1, D] each
+
+    def _cache_pointers(self, store) -> tuple:
+        """ctypes arrays of each layer's key and value tensor address, rebuilt when they change (a
+        cache may replace its tensors: beam reordering, slot storage growing)."""
+        addresses = tuple(k.data_ptr() for k in store.keys) + tuple(v.data_ptr() for v in store.values)
+        if addresses != self._cache_arrays[0]:
+            layers = len(store.keys)
+            self._cache_arrays = (addresses, (_p * layers)(*addresses[:layers]), (_p * layers)(*addresses[layers:]))
+        return self._cache_arrays[1], self._cache_arrays[2]
+
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | SlotBatch) -> torch.Tensor:
         B = tokens.shape[0]
-        stack = self.model.model
-        x = stack.embed_tokens(tokens).to(self.dtype).contiguous()  # [B, 1, hidden]: the residual stream
-        cos, sin = stack.rotary_emb(positions, self.dtype)  # [B, 1, D] each
-        cos, sin = cos.contiguous(), sin.contiguous()
+        embed = self.model.model.embed_tokens
+        if type(embed) is nn.Embedding:
+            x = F.embedding(tokens, embed.weight)  # [B, 1, hidden]: the residual stream
+        else:
+            x = embed(tokens)
+        x = x.to(self.dtype).contiguous()
+        cos, sin = self._rope(positions)  # [B, 1, D] each
         if type(cache) is KVCache:
             cache.check_room(1)
             store, slots, cols, capacity = cache, list(range(B)), [cache.length] * B, cache.capacity
         else:  # SlotBatch: `batch()` has made room for one more column in each of its slots
             store, slots, cols, capacity = cache.cache, cache.slots, cache.lengths, cache.cache.columns
-        # Addresses are taken afresh each step: a cache may replace its tensors (beam reordering,
-        # slot storage growing).
-        layers = len(store.keys)
-        keys = (_p * layers)(*(k.data_ptr() for k in store.keys))
-        values = (_p * layers)(*(v.data_ptr() for v in store.values))
+        keys, values = self._cache_pointers(store)
         logits = torch.empty(B, 1, self.vocab)  # [B, 1, vocab]
         status = self._fn(ctypes.byref(self.stack), B, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), keys, values,
                           (_i * B)(*slots), (_i * B)(*cols), capacity, logits.data_ptr(), torch.get_num_threads())
