@@ -28,8 +28,9 @@ void gemv_q4_packed_f32(int qtype, const uint8_t *w, int N, int K, const float *
 void gemv_q8_0_exact_f32(const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads);
 void rmsnorm_f32(const float *x, const float *w, float *out, int rows, int dim, float eps);
 void silu_mul_f32(const float *gu, int rows, int I, float *out);
-void decode_attention_f32(float *qkv, const float *cos, const float *sin, float *kcache, float *vcache,
-                          int col, int cap, int H, int KVH, int D, float scale, float *out, int nthreads);
+void decode_attention_rows_f32(int B, float *qkv, const float *cos, const float *sin, float *kcache, float *vcache,
+                               int64_t row_elems, const int *slots, const int *cols, int cap, int H, int KVH, int D,
+                               float scale, float *out, int nthreads);
 
 /* Weight formats (decode_step.py's LINEAR_KINDS). */
 enum { LIN_F32 = 0, LIN_BF16 = 1, LIN_Q8_0 = 2, LIN_Q4_0 = 3, LIN_Q4_1 = 4, LIN_Q8_0_EXACT = 5 };
@@ -110,10 +111,8 @@ int decode_step_f32(const stack_t *s, int B, float *x, const float *cos, const f
         const layer_t *L = &s->layers[l];
         rmsnorm_f32(x, L->attn_norm, h, B, hidden, s->eps);
         linears(L->qkv, L->n_qkv, h, B, qkv, QKV, tmp, nthreads);
-        for (int b = 0; b < B; b++)
-            decode_attention_f32(qkv + (int64_t)b * QKV, cos + (int64_t)b * D, sin + (int64_t)b * D,
-                                 kcache[l] + slots[b] * row_stride, vcache[l] + slots[b] * row_stride, cols[b], cap,
-                                 s->H, s->KVH, D, s->scale, a + (int64_t)b * HD, nthreads);
+        decode_attention_rows_f32(B, qkv, cos, sin, kcache[l], vcache[l], row_stride, slots, cols, cap, s->H, s->KVH,
+                                  D, s->scale, a, nthreads);
         linear(&L->o, a, B, y, nthreads);
         for (int64_t i = 0; i < (int64_t)B * hidden; i++) x[i] += y[i];
         rmsnorm_f32(x, L->mlp_norm, h, B, hidden, s->eps);
@@ -136,8 +135,9 @@ int decode_step_f32(const stack_t *s, int B, float *x, const float *cos, const f
  * Attention works in float32 on the bfloat16 queries, keys and values, and rounds its output. */
 #ifdef __AVX512BF16__
 void gemv_bf16_bf16(const uint16_t *w, int N, int K, const uint16_t *x, int T, float *y, int nthreads);
-void decode_attention_bf16(float *qkv, const float *cos, const float *sin, uint16_t *kcache, uint16_t *vcache,
-                           int col, int cap, int H, int KVH, int D, float scale, float *out, int nthreads);
+void decode_attention_rows_bf16(int B, float *qkv, const float *cos, const float *sin, uint16_t *kcache,
+                                uint16_t *vcache, int64_t row_elems, const int *slots, const int *cols, int cap, int H,
+                                int KVH, int D, float scale, float *out, int nthreads);
 
 /* x[i] = bf(x[i] + y[i]): a residual sum in bfloat16. */
 static void add_bf16(float *x, const float *y, int64_t n) {
@@ -248,10 +248,8 @@ int decode_step_bf16(const stack_t *s, int B, uint16_t *x_bits, const uint16_t *
         const layer_t *L = &s->layers[l];
         rmsnorm_bf16(x, L->attn_norm, h, hb, B, hidden, s->eps);
         linears_bf16(L->qkv, L->n_qkv, hb, B, qkv, QKV, tmp, nthreads);
-        for (int b = 0; b < B; b++)
-            decode_attention_bf16(qkv + (int64_t)b * QKV, cos + (int64_t)b * D, sin + (int64_t)b * D,
-                           kcache[l] + slots[b] * row_stride, vcache[l] + slots[b] * row_stride, cols[b], cap, s->H,
-                           s->KVH, D, s->scale, a + (int64_t)b * HD, nthreads);
+        decode_attention_rows_bf16(B, qkv, cos, sin, kcache[l], vcache[l], row_stride, slots, cols, cap, s->H, s->KVH,
+                                   D, s->scale, a, nthreads);
         for (int64_t i = 0; i < (int64_t)B * HD; i++) ab[i] = bf_bits(a[i]);
         linear_bf16(&L->o, ab, B, y, nthreads);
         add_bf16(x, y, BH);
