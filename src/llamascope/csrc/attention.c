@@ -136,18 +136,28 @@ static inline __attribute__((always_inline)) void attend_rows(const int bf16, in
     }
 }
 
-/* Rotate-half RoPE in place on n heads of size D: x = x * cos + rotate_half(x) * sin. */
-static void rope_heads(float *x, int n, int D, const float *cos, const float *sin) {
+/* Rotate-half RoPE in place on n heads of size D: x = x * cos + rotate_half(x) * sin. With `bf16`,
+ * as PyTorch computes it in bfloat16: each product and the sum rounded (without, a * c + (-b * s)
+ * is exactly a * c - b * s). */
+static inline __attribute__((always_inline)) void rope_impl(const int bf16, float *x, int n, int D, const float *cos,
+                                                            const float *sin) {
     const int half = D / 2;
     for (int h = 0; h < n; h++) {
         float *v = x + (int64_t)h * D;
         for (int i = 0; i < half; i++) {
             const float a = v[i], b = v[i + half];
-            v[i] = a * cos[i] - b * sin[i];
-            v[i + half] = b * cos[i + half] + a * sin[i + half];
+            if (bf16) {
+                v[i] = bf(bf(a * cos[i]) + bf(-b * sin[i]));
+                v[i + half] = bf(bf(b * cos[i + half]) + bf(a * sin[i + half]));
+            } else {
+                v[i] = a * cos[i] + -b * sin[i];
+                v[i + half] = b * cos[i + half] + a * sin[i + half];
+            }
         }
     }
 }
+
+static void rope_heads(float *x, int n, int D, const float *cos, const float *sin) { rope_impl(0, x, n, D, cos, sin); }
 
 /* RoPE on the token's q and k, then k and v into cache column `col` ([KVH, cap, D] caches). */
 static void rope_and_store_f32(float *qkv, const float *cos, const float *sin, float *kcache, float *vcache, int col,
@@ -182,17 +192,8 @@ void decode_attention_f32(float *qkv, const float *cos, const float *sin, float 
 }
 
 #ifdef __AVX512BF16__
-/* RoPE as PyTorch computes it in bfloat16: each product and the sum rounded. */
 static void rope_heads_bf16(float *x, int n, int D, const float *cos, const float *sin) {
-    const int half = D / 2;
-    for (int h = 0; h < n; h++) {
-        float *v = x + (int64_t)h * D;
-        for (int i = 0; i < half; i++) {
-            const float a = v[i], b = v[i + half];
-            v[i] = bf(bf(a * cos[i]) + bf(-b * sin[i]));
-            v[i + half] = bf(bf(b * cos[i + half]) + bf(a * sin[i + half]));
-        }
-    }
+    rope_impl(1, x, n, D, cos, sin);
 }
 
 /* decode_attention_rows_f32 for a bfloat16 model: qkv, cos, sin hold bfloat16-exact floats, the

@@ -35,6 +35,9 @@
 #define PREFETCH_AHEAD 8192
 #endif
 static inline void prefetch_ahead(const void *p) { _mm_prefetch((const char *)p + PREFETCH_AHEAD, _MM_HINT_T0); }
+static inline void prefetch_ahead_256(const char *p) {  /* the four lines of a 256-byte run */
+    for (int i = 0; i < 256; i += 64) prefetch_ahead(p + i);
+}
 
 static inline float f16(const uint8_t *p) {
     uint16_t h;
@@ -184,10 +187,7 @@ void gemv_f32(const float *w, int N, int K, const float *x, int T, float *y, int
             int k = 0;
             for (; k + 64 <= K; k += 64) {
                 const char *line = (const char *)(r + k);
-                prefetch_ahead(line);
-                prefetch_ahead(line + 64);
-                prefetch_ahead(line + 128);
-                prefetch_ahead(line + 192);
+                prefetch_ahead_256(line);
                 a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k), _mm512_loadu_ps(xt + k), a0);
                 a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k + 16), _mm512_loadu_ps(xt + k + 16), a1);
                 a2 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k + 32), _mm512_loadu_ps(xt + k + 32), a2);
@@ -321,10 +321,7 @@ void gemv_bf16_bf16(const uint16_t *w, int N, int K, const uint16_t *x, int T, f
             int k = 0;
             for (; k + 128 <= K; k += 128) {
                 const char *line = (const char *)(r + k);
-                prefetch_ahead(line);
-                prefetch_ahead(line + 64);
-                prefetch_ahead(line + 128);
-                prefetch_ahead(line + 192);
+                prefetch_ahead_256(line);
 #define BF16_DOT(acc, at) acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const void *)(r + (at))), \
                                                  (__m512bh)_mm512_loadu_si512((const void *)(xt + (at))))
                 BF16_DOT(a0, k);
