@@ -36,8 +36,6 @@ static inline __attribute__((always_inline)) __m512 load16(const int bf16, const
     return _mm512_maskz_loadu_ps(m, (const float *)base + i);
 }
 
-static inline __mmask16 lanes(int d, int D) { return D - d >= 16 ? 0xFFFF : (__mmask16)((1u << (D - d)) - 1); }
-
 /*
  * One query head: out[D] = softmax(q . keys[s] * scale over s < S) . values. scores: scratch [S].
  * float32 (bf16 = 0): each exponential is divided by their sum, then weights the values, as
@@ -52,7 +50,7 @@ static inline __attribute__((always_inline)) void attend_head(const int bf16, co
     for (int s = 0; s < S; s++) {
         __m512 acc = _mm512_setzero_ps();
         for (int d = 0; d < D; d += 16) {
-            const __mmask16 m = lanes(d, D);
+            const __mmask16 m = tail_mask(d, D);
             acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + d), load16(bf16, keys, (int64_t)s * D + d, m), acc);
         }
         scores[s] = _mm512_reduce_add_ps(acc) * scale;
@@ -61,7 +59,7 @@ static inline __attribute__((always_inline)) void attend_head(const int bf16, co
     const __m512 top16 = _mm512_set1_ps(top);
     __m512 sum = _mm512_setzero_ps();
     for (int s = 0; s < S; s += 16) {
-        const __mmask16 m = lanes(s, S);
+        const __mmask16 m = tail_mask(s, S);
         const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + s), top16));
         sum = _mm512_mask_add_ps(sum, m, sum, e);
         _mm512_mask_storeu_ps(scores + s, m, bf16 ? bf_v(e) : e);
@@ -70,14 +68,14 @@ static inline __attribute__((always_inline)) void attend_head(const int bf16, co
     if (!bf16) {
         const __m512 total16 = _mm512_set1_ps(total);
         for (int s = 0; s < S; s += 16) {
-            const __mmask16 m = lanes(s, S);
+            const __mmask16 m = tail_mask(s, S);
             _mm512_mask_storeu_ps(scores + s, m, _mm512_div_ps(_mm512_maskz_loadu_ps(m, scores + s), total16));
         }
     }
     /* 64 output values at a time, summed in registers over the columns. */
     for (int d0 = 0; d0 < D; d0 += 64) {
-        const __mmask16 m0 = d0 < D ? lanes(d0, D) : 0, m1 = d0 + 16 < D ? lanes(d0 + 16, D) : 0;
-        const __mmask16 m2 = d0 + 32 < D ? lanes(d0 + 32, D) : 0, m3 = d0 + 48 < D ? lanes(d0 + 48, D) : 0;
+        const __mmask16 m0 = tail_mask(d0, D), m1 = tail_mask(d0 + 16, D);
+        const __mmask16 m2 = tail_mask(d0 + 32, D), m3 = tail_mask(d0 + 48, D);
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int s = 0; s < S; s++) {
             const __m512 p = _mm512_set1_ps(scores[s]);
@@ -139,8 +137,8 @@ static inline __attribute__((always_inline)) void attend_rows(const int bf16, in
 /* Rotate-half RoPE in place on n heads of size D: x = x * cos + rotate_half(x) * sin. With `bf16`,
  * as PyTorch computes it in bfloat16: each product and the sum rounded (without, a * c + (-b * s)
  * is exactly a * c - b * s). */
-static inline __attribute__((always_inline)) void rope_impl(const int bf16, float *x, int n, int D, const float *cos,
-                                                            const float *sin) {
+static inline __attribute__((always_inline)) void rope_heads(const int bf16, float *x, int n, int D,
+                                                             const float *cos, const float *sin) {
     const int half = D / 2;
     for (int h = 0; h < n; h++) {
         float *v = x + (int64_t)h * D;
@@ -157,69 +155,69 @@ static inline __attribute__((always_inline)) void rope_impl(const int bf16, floa
     }
 }
 
-static void rope_heads(float *x, int n, int D, const float *cos, const float *sin) { rope_impl(0, x, n, D, cos, sin); }
-
-/* RoPE on the token's q and k, then k and v into cache column `col` ([KVH, cap, D] caches). */
-static void rope_and_store_f32(float *qkv, const float *cos, const float *sin, float *kcache, float *vcache, int col,
-                               int cap, int H, int KVH, int D) {
+/* RoPE on one token's q and k (of its fused projection qkv), then k and v into cache column `col`
+ * ([KVH, cap, D] caches, float32 or bfloat16 bits). */
+static inline __attribute__((always_inline)) void rope_and_store(const int bf16, float *qkv, const float *cos,
+                                                                 const float *sin, void *kcache, void *vcache, int col,
+                                                                 int cap, int H, int KVH, int D) {
     float *q = qkv, *k = qkv + (int64_t)H * D, *v = k + (int64_t)KVH * D;
-    rope_heads(q, H, D, cos, sin);
-    rope_heads(k, KVH, D, cos, sin);
+    rope_heads(bf16, q, H, D, cos, sin);
+    rope_heads(bf16, k, KVH, D, cos, sin);
     for (int h = 0; h < KVH; h++) {
-        memcpy(kcache + ((int64_t)h * cap + col) * D, k + (int64_t)h * D, D * sizeof(float));
-        memcpy(vcache + ((int64_t)h * cap + col) * D, v + (int64_t)h * D, D * sizeof(float));
+        const int64_t at = ((int64_t)h * cap + col) * D;
+        if (bf16)
+            for (int d = 0; d < D; d++) {
+                ((uint16_t *)kcache)[at + d] = bf_bits(k[(int64_t)h * D + d]);
+                ((uint16_t *)vcache)[at + d] = bf_bits(v[(int64_t)h * D + d]);
+            }
+        else {
+            memcpy((float *)kcache + at, k + (int64_t)h * D, D * sizeof(float));
+            memcpy((float *)vcache + at, v + (int64_t)h * D, D * sizeof(float));
+        }
     }
 }
 
 /* B sequences, one new token each: row b's fused projection at qkv + b * (H + 2 KVH) * D, its
  * rotary tables at cos / sin + b * D, its caches at element slots[b] * row_elems, new column
  * cols[b]; out [B, H * D]. All heads of all rows share one parallel region. */
+static inline __attribute__((always_inline)) void attention_rows(const int bf16, int B, float *qkv, const float *cos,
+                                                                 const float *sin, void *kcache, void *vcache,
+                                                                 int64_t row_elems, const int *slots, const int *cols,
+                                                                 int cap, int H, int KVH, int D, float scale,
+                                                                 float *out, int nthreads) {
+    const int64_t QKV = (int64_t)(H + 2 * KVH) * D, elem = bf16 ? 2 : 4;
+    for (int b = 0; b < B; b++)
+        rope_and_store(bf16, qkv + b * QKV, cos + (int64_t)b * D, sin + (int64_t)b * D,
+                       (char *)kcache + slots[b] * row_elems * elem, (char *)vcache + slots[b] * row_elems * elem,
+                       cols[b], cap, H, KVH, D);
+    attend_rows(bf16, B, qkv, QKV, kcache, vcache, row_elems, slots, cols, cap, H, KVH, D, scale, out, nthreads);
+}
+
 void decode_attention_rows_f32(int B, float *qkv, const float *cos, const float *sin, float *kcache, float *vcache,
                                int64_t row_elems, const int *slots, const int *cols, int cap, int H, int KVH, int D,
                                float scale, float *out, int nthreads) {
-    const int64_t QKV = (int64_t)(H + 2 * KVH) * D;
-    for (int b = 0; b < B; b++)
-        rope_and_store_f32(qkv + b * QKV, cos + (int64_t)b * D, sin + (int64_t)b * D, kcache + slots[b] * row_elems,
-                           vcache + slots[b] * row_elems, cols[b], cap, H, KVH, D);
-    attend_rows(0, B, qkv, QKV, kcache, vcache, row_elems, slots, cols, cap, H, KVH, D, scale, out, nthreads);
+    attention_rows(0, B, qkv, cos, sin, kcache, vcache, row_elems, slots, cols, cap, H, KVH, D, scale, out, nthreads);
 }
 
 /* One sequence (the module path's batch-1 attention). */
 void decode_attention_f32(float *qkv, const float *cos, const float *sin, float *kcache, float *vcache,
                           int col, int cap, int H, int KVH, int D, float scale, float *out, int nthreads) {
     const int slot = 0;
-    decode_attention_rows_f32(1, qkv, cos, sin, kcache, vcache, 0, &slot, &col, cap, H, KVH, D, scale, out, nthreads);
+    attention_rows(0, 1, qkv, cos, sin, kcache, vcache, 0, &slot, &col, cap, H, KVH, D, scale, out, nthreads);
 }
 
 #ifdef __AVX512BF16__
-static void rope_heads_bf16(float *x, int n, int D, const float *cos, const float *sin) {
-    rope_impl(1, x, n, D, cos, sin);
-}
-
-/* decode_attention_rows_f32 for a bfloat16 model: qkv, cos, sin hold bfloat16-exact floats, the
- * caches bfloat16 bits; the output is bfloat16-exact. */
+/* The same for a bfloat16 model: qkv, cos, sin hold bfloat16-exact floats, the caches bfloat16
+ * bits; the output is bfloat16-exact. */
 void decode_attention_rows_bf16(int B, float *qkv, const float *cos, const float *sin, uint16_t *kcache,
                                 uint16_t *vcache, int64_t row_elems, const int *slots, const int *cols, int cap, int H,
                                 int KVH, int D, float scale, float *out, int nthreads) {
-    const int64_t QKV = (int64_t)(H + 2 * KVH) * D;
-    for (int b = 0; b < B; b++) {
-        float *q = qkv + b * QKV, *k = q + (int64_t)H * D, *v = k + (int64_t)KVH * D;
-        uint16_t *kc = kcache + slots[b] * row_elems, *vc = vcache + slots[b] * row_elems;
-        rope_heads_bf16(q, H, D, cos + (int64_t)b * D, sin + (int64_t)b * D);
-        rope_heads_bf16(k, KVH, D, cos + (int64_t)b * D, sin + (int64_t)b * D);
-        for (int h = 0; h < KVH; h++)
-            for (int d = 0; d < D; d++) {
-                kc[((int64_t)h * cap + cols[b]) * D + d] = bf_bits(k[(int64_t)h * D + d]);
-                vc[((int64_t)h * cap + cols[b]) * D + d] = bf_bits(v[(int64_t)h * D + d]);
-            }
-    }
-    attend_rows(1, B, qkv, QKV, kcache, vcache, row_elems, slots, cols, cap, H, KVH, D, scale, out, nthreads);
+    attention_rows(1, B, qkv, cos, sin, kcache, vcache, row_elems, slots, cols, cap, H, KVH, D, scale, out, nthreads);
 }
 
-/* One sequence. */
 void decode_attention_bf16(float *qkv, const float *cos, const float *sin, uint16_t *kcache, uint16_t *vcache,
                            int col, int cap, int H, int KVH, int D, float scale, float *out, int nthreads) {
     const int slot = 0;
-    decode_attention_rows_bf16(1, qkv, cos, sin, kcache, vcache, 0, &slot, &col, cap, H, KVH, D, scale, out, nthreads);
+    attention_rows(1, 1, qkv, cos, sin, kcache, vcache, 0, &slot, &col, cap, H, KVH, D, scale, out, nthreads);
 }
 #endif

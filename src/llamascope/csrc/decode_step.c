@@ -200,15 +200,13 @@ static void rmsnorm_bf16(const float *x, const float *w, float *out, uint16_t *o
 /* act = bf(bf(silu(g)) * u) for `rows` rows of [gate (I) | up (I)], as PyTorch's SiLU and product in
  * bfloat16 (SiLU in float, rounded), also as bfloat16 bits. */
 static void silu_bf16(const float *gu, int rows, int I, float *act, uint16_t *act_bits) {
-    const __m512 one = _mm512_set1_ps(1.0f);
     for (int r = 0; r < rows; r++) {
         const float *g = gu + (int64_t)r * 2 * I, *u = g + I;
         float *o = act + (int64_t)r * I;
         uint16_t *ob = act_bits + (int64_t)r * I;
         for (int i = 0; i < I; i += 16) {
-            const __mmask16 m = I - i >= 16 ? 0xFFFF : (__mmask16)((1u << (I - i)) - 1);
-            const __m512 gv = _mm512_maskz_loadu_ps(m, g + i);
-            const __m512 silu = bf_v(_mm512_div_ps(gv, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)))));
+            const __mmask16 m = tail_mask(i, I);
+            const __m512 silu = bf_v(silu16(_mm512_maskz_loadu_ps(m, g + i)));
             const __m512 v = bf_v(_mm512_mul_ps(silu, _mm512_maskz_loadu_ps(m, u + i)));
             _mm512_mask_storeu_ps(o + i, m, v);
             _mm256_mask_storeu_epi16(ob + i, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));

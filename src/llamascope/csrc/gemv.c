@@ -291,15 +291,12 @@ void rmsnorm_f32(const float *x, const float *w, float *out, int rows, int dim, 
 /* out[r, i] = silu(gu[r, i]) * gu[r, I + i] for `rows` rows of [gate (I) | up (I)]: the MLP's activation,
  * silu(g) = g / (1 + e^-g), 16 lanes at a time. */
 void silu_mul_f32(const float *gu, int rows, int I, float *out) {
-    const __m512 one = _mm512_set1_ps(1.0f);
     for (int r = 0; r < rows; r++) {
         const float *g = gu + (int64_t)r * 2 * I, *u = g + I;
         float *o = out + (int64_t)r * I;
         for (int i = 0; i < I; i += 16) {
-            const __mmask16 m = I - i >= 16 ? 0xFFFF : (__mmask16)((1u << (I - i)) - 1);
-            const __m512 gv = _mm512_maskz_loadu_ps(m, g + i);
-            const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-            const __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(one, e));
+            const __mmask16 m = tail_mask(i, I);
+            const __m512 silu = silu16(_mm512_maskz_loadu_ps(m, g + i));
             _mm512_mask_storeu_ps(o + i, m, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(m, u + i)));
         }
     }

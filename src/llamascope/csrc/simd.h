@@ -70,4 +70,14 @@ static inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* Lanes i..n-1 of a 16-lane step starting at i: all 16 inside the array, fewer at its end, none past it. */
+static inline __mmask16 tail_mask(int i, int n) {
+    return n - i >= 16 ? (__mmask16)0xFFFF : n <= i ? (__mmask16)0 : (__mmask16)((1u << (n - i)) - 1);
+}
+
+/* silu(g) = g / (1 + e^-g) on 16 lanes. */
+static inline __m512 silu16(__m512 g) {
+    return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+}
+
 #endif
