@@ -433,3 +433,26 @@ def test_default_length_is_twenty_new_tokens_capped_at_context(models):
     assert len(found.output_ids[0]) == 20 and found.output_ids[0] == expected[0, len(ids):].tolist()
     assert GenerationConfig().max_length_for(250, context=256) == 256
     assert GenerationConfig(max_length=30).max_length_for(10, context=256) == 30
+
+
+@pytest.mark.parametrize("cols", [1, 5, 16, 17, 300, 49152])
+def test_native_argmax_follows_torch_rules(cols):
+    """The greedy pick's native kernel against torch.argmax: random rows, ties (the first index
+    wins, also across vector lanes), NaN (the first NaN wins), rows of -inf, partial vectors."""
+    from llamascope import kernels
+    from llamascope.sampling import argmax
+
+    if kernels.load() is None:
+        pytest.skip("native kernels unavailable on this machine")
+    gen = torch.Generator().manual_seed(cols)
+    rows = torch.randn(8, cols, generator=gen)
+    rows[1] = torch.randint(0, 3, (cols,), generator=gen).float()  # many ties
+    rows[2] = float("-inf")
+    rows[3, cols // 2:] = float("nan")
+    rows[4] = 7.0  # all equal: column 0
+    rows[5, -1] = 100.0  # the last column, in the partial vector
+    rows[6] = float("-inf")
+    rows[6, cols - 1] = -1e30
+    rows[7, ::3] = float("inf")
+    got = argmax(rows)
+    assert got.dtype == torch.long and torch.equal(got, rows.argmax(-1))

@@ -1,5 +1,5 @@
-"""The native decode kernels (csrc/gemv.c, csrc/attention.c, csrc/decode_step.c): built once with the
-system C compiler, called with ctypes.
+"""The native kernels (csrc/gemv.c, csrc/attention.c, csrc/decode_step.c, csrc/argmax.c): built once with
+the system C compiler, called with ctypes.
 
 The library is compiled on first use into ~/.cache/llamascope/kernels/ (keyed by the sources'
 hash), which takes about a second. It needs gcc or clang and a CPU with AVX-512 (F, BW, VL, VNNI)
@@ -23,7 +23,7 @@ from pathlib import Path
 log = logging.getLogger("llamascope")
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / name for name in ("gemv.c", "attention.c", "decode_step.c")]
+SOURCES = [CSRC / name for name in ("gemv.c", "attention.c", "decode_step.c", "argmax.c")]
 HEADERS = [CSRC / "simd.h"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma")
 CFLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
@@ -112,6 +112,8 @@ def load() -> ctypes.CDLL | None:
     lib.dequant_q8_0.restype = f
     lib.dequant_q4_packed.argtypes = [i, p, i, i, p, i, i]
     lib.dequant_q4_packed.restype = f
+    lib.argmax_rows_f32.argtypes = [p, i, i, p]
+    lib.argmax_rows_f32.restype = f
     lib.decode_step_f32.argtypes = [p, i, p, p, p, p, p, p, p, i, p, i]
     lib.decode_step_f32.restype = i
     if cpu_has("avx512_bf16"):

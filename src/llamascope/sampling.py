@@ -33,6 +33,7 @@ import math
 
 import torch
 
+from . import kernels
 from .config import GenerationConfig
 from .errors import LlamascopeError
 
@@ -303,7 +304,19 @@ def select_next(scores: torch.Tensor, config: GenerationConfig, generator: torch
     if config.do_sample:
         probs = scores.softmax(-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    return scores.argmax(-1)
+    return argmax(scores)
+
+
+def argmax(scores: torch.Tensor) -> torch.Tensor:
+    """scores [B, V] -> [B] int64, as `scores.argmax(-1)` (first index on ties, NaN wins); float32
+    rows on the CPU go through the native kernel, many times faster than torch's at batch 1."""
+    lib = kernels.load()
+    if (lib is None or scores.dim() != 2 or scores.dtype != torch.float32 or scores.device.type != "cpu"
+            or not scores.is_contiguous() or scores.shape[1] == 0):
+        return scores.argmax(-1)
+    out = torch.empty(scores.shape[0], dtype=torch.long)
+    lib.argmax_rows_f32(scores.data_ptr(), scores.shape[0], scores.shape[1], out.data_ptr())
+    return out
 
 
 # ---- log-probabilities -------------------------------------------------------------------------
