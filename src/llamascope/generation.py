@@ -168,29 +168,47 @@ def generate_steps(
     capture: Callable[[int], dict | None] | None = None,
 ) -> Iterator[Step]:
     """Run the loop, yielding each step. The caller decides when to stop by its own rules too;
-    the loop itself stops at max_length and when every sequence has hit an eos id."""
+    the loop itself stops at max_length and when every sequence has hit an eos id.
+
+    The ids, positions and mask of every column up to max_length live in buffers made once (on
+    the model's device); each step sees views of the columns so far, which later steps never
+    write, so a yielded Step stays valid. A decode step then costs a handful of tensor ops
+    around the forward pass.
+    """
     if config.num_beams > 1:
         raise LlamascopeError("beam search goes through llamascope.beam, not generate_steps")
+    device = model.device
     pad_id, input_ids, attention_mask, max_length = prepare_batch(model, prompts, config)
     B, T0 = input_ids.shape
     padding_lengths = (attention_mask == 0).sum(dim=1)  # [B] left padding of each row
-    processors = build_processors(config, T0, padding_lengths, vocab_size=model.config.vocab_size)
-    generator = make_generator(config, model.device) if config.do_sample else None
-    eos = torch.tensor(config.eos_token_id or [-1], dtype=torch.long)
-    unfinished = torch.ones(B, dtype=torch.bool)
+    processors = build_processors(config, T0, padding_lengths.to(device), vocab_size=model.config.vocab_size)
+    generator = make_generator(config, device) if config.do_sample else None
+    eos = set(config.eos_token_id or [])
+    unfinished = [True] * B
+    padded = bool(padding_lengths.any())
     cache = KVCache.for_model(model, B, max_length) if config.use_cache else None
 
-    sequences = input_ids  # [B, S] all tokens so far, padding included
-    positions = positions_from_mask(attention_mask)  # [B, S]
-    step = 0
+    columns = max(max_length, T0)
+    ids_buffer = torch.full((B, columns), pad_id, dtype=torch.long, device=device)  # [B, columns]
+    ids_buffer[:, :T0] = input_ids
+    mask_buffer = torch.ones((B, columns), dtype=torch.long, device=device)  # [B, columns]
+    mask_buffer[:, :T0] = attention_mask
+    prompt_positions = positions_from_mask(attention_mask)  # [B, T0]
+    positions_buffer = torch.empty((B, columns), dtype=torch.long, device=device)  # [B, columns]
+    positions_buffer[:, :T0] = prompt_positions
+    # each new token's position is one more than its row's last
+    positions_buffer[:, T0:] = prompt_positions[:, -1:] + torch.arange(1, columns - T0 + 1)[None, :]
+
+    S, step = T0, 0  # columns so far, steps so far
     with torch.inference_mode():
-        while sequences.shape[1] < max_length:
+        while S < max_length:
             if cache is None or step == 0:
-                tokens, step_positions = sequences, positions  # [B, S]
+                tokens, step_positions = ids_buffer[:, :S], positions_buffer[:, :S]  # [B, S]
             else:
-                tokens, step_positions = sequences[:, -1:], positions[:, -1:]  # [B, 1]
+                tokens, step_positions = ids_buffer[:, S - 1:S], positions_buffer[:, S - 1:S]  # [B, 1]
+            attention_mask = mask_buffer[:, :S]  # [B, S]
             cache_length = cache.length if cache is not None else None
-            mask = attention_mask_4d(attention_mask, tokens.shape[1])
+            mask = attention_mask_4d(attention_mask, tokens.shape[1]) if padded else None
             debug = log.isEnabledFor(logging.DEBUG)
             if debug:
                 _log_stage("inputs", step, "input_ids %s position_ids %s attention_mask %s, cache %s, use_cache=%s",
@@ -201,19 +219,20 @@ def generate_steps(
             logits = logits[:, -1].float()  # [B, V]
             if debug:
                 _log_stage("forward", step, "next-token logits %s", list(logits.shape))
-            scores = apply_processors(processors, sequences, logits)
+            scores = apply_processors(processors, ids_buffer[:, :S], logits) if processors else logits
             next_tokens = select_next(scores, config, generator)  # [B]
-            next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_id))
+            chosen = next_tokens.tolist()
+            if not all(unfinished):  # finished rows get padding
+                chosen = [token if going else pad_id for token, going in zip(chosen, unfinished)]
+                next_tokens = torch.tensor(chosen, dtype=torch.long, device=next_tokens.device)
             if debug:
-                _log_stage("choice", step, "%s chose %s", "sampling" if config.do_sample else "argmax",
-                           next_tokens.tolist())
+                _log_stage("choice", step, "%s chose %s", "sampling" if config.do_sample else "argmax", chosen)
             yield Step(step, tokens, step_positions, attention_mask, cache_length, logits, scores, next_tokens, acts)
-            sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
-            attention_mask = torch.cat([attention_mask, torch.ones(B, 1, dtype=attention_mask.dtype)], dim=1)
-            positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
-            unfinished &= ~torch.isin(next_tokens, eos)
+            ids_buffer[:, S] = next_tokens
+            S += 1
             step += 1
-            if not bool(unfinished.any()):
+            unfinished = [going and token not in eos for token, going in zip(chosen, unfinished)]
+            if not any(unfinished):
                 break
 
 
