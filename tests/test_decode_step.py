@@ -261,12 +261,80 @@ def test_silu_mul_kernel_matches_float64(I):
 
 def test_rope_table_gives_the_rotary_modules_numbers_as_it_grows(tiny_model):
     """The step looks RoPE up in a table by position, grown by doubling; every lookup equals what
-    the model's rotary module computes for those positions, bit for bit, before and after growing."""
+    the model's rotary module computes for those positions, bit for bit, before and after growing.
+    One sequence gets the table row's own address, several a gathered copy."""
     model = load_model(tiny_model).model
     step = model.decode_step
-    for positions in ([[3], [0], [255]], [[256], [7]], [[1000], [513], [2]]):
+    for positions in ([[3], [0], [255]], [[256], [7]], [[40]], [[1000], [513], [2]], [[700]]):
         positions = torch.tensor(positions)
-        cos, sin = step._rope(positions)
+        cos_at, sin_at, alive = step._rope(positions, positions.view(-1).tolist())
+        if len(positions) == 1:
+            table_cos, table_sin = step._rope_table
+            row_bytes = table_cos.shape[1] * table_cos.element_size()
+            row = (cos_at - table_cos.data_ptr()) // row_bytes
+            assert sin_at - table_sin.data_ptr() == row * row_bytes
+            cos, sin = table_cos[row][None, None], table_sin[row][None, None]
+        else:
+            cos, sin = alive
+            assert (cos.data_ptr(), sin.data_ptr()) == (cos_at, sin_at) and cos.is_contiguous()
         expected_cos, expected_sin = model.model.rotary_emb(positions, step.dtype)
         assert torch.equal(cos, expected_cos) and torch.equal(sin, expected_sin)
     assert step._rope_table[0].shape[0] >= 1001
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_q8_0_embedding_rows_equal_the_modules_and_the_step_is_unchanged(tmp_path, dtype):
+    """A GGUF token_embd in Q8_0 stays in blocks; the step dequantises the looked-up rows itself.
+    They equal the QuantEmbedding module's rows bit for bit, and (float32) the whole step's logits
+    equal the module path's. (The layers are stored F32 so that q/k/v and gate/up fuse: unfused
+    mixed parts send the module path through PyTorch's attention, equal only to rounding.)"""
+    from gguf_fixtures import GGUF_BLOCK, TinySpec, write_tiny_llama
+
+    if dtype == "bfloat16" and not kernels.cpu_has("avx512_bf16"):
+        pytest.skip("needs AVX512-BF16")
+    from llamascope.quant import QuantEmbedding
+
+    float_layers = {f"blk.{n}.{block}.weight": "F32" for n in range(2) for block in GGUF_BLOCK.values()}
+    model = load_model(write_tiny_llama(tmp_path / "tiny.gguf", TinySpec(), types=float_layers).path,
+                       dtype=dtype).model
+    step = model.decode_step
+    assert isinstance(model.model.embed_tokens, QuantEmbedding) and step is not None and step._q8_embedding
+    tokens = torch.tensor([[0], [319], [77]])
+    with torch.inference_mode():
+        rows = step._embed(tokens, tokens.view(-1).tolist())
+        expected = model.model.embed_tokens(tokens).to(step.dtype)
+    assert rows.dtype == expected.dtype and torch.equal(rows, expected)
+    if dtype == "float32":
+        assert torch.equal(_step_logits(model, True), _step_logits(model, False))
+
+
+def test_a_token_outside_the_vocabulary_is_refused_by_name(tmp_path):
+    from gguf_fixtures import write_tiny_llama
+    from llamascope.errors import LlamascopeError
+
+    model = load_model(write_tiny_llama(tmp_path / "tiny.gguf").path).model
+    cache = KVCache.for_model(model, 1, 8)
+    with torch.inference_mode(), pytest.raises(LlamascopeError, match="token id 320 is outside the vocabulary"):
+        model(torch.tensor([[320]]), torch.tensor([[0]]), cache)
+
+
+def test_cache_addresses_are_rebuilt_when_the_cache_replaces_its_tensors(tiny_model):
+    """The step keeps ctypes arrays of the cache's tensor addresses between steps; beam search's
+    reorder replaces every tensor, and the next step must read the new ones (equal to the module
+    path's to float rounding: at batch 2 it attends with PyTorch), not the freed ones."""
+    model = load_model(tiny_model).model
+    outputs = {}
+    for native in (True, False):
+        saved = model.decode_step
+        model.decode_step = saved if native else None
+        cache = KVCache.for_model(model, 2, 16)
+        with torch.inference_mode():
+            model(torch.tensor([PROMPT, PROMPT[::-1]]), torch.arange(len(PROMPT)).expand(2, -1), cache)
+            model(torch.tensor([[3], [4]]), torch.full((2, 1), len(PROMPT)), cache)
+            cache.reorder(torch.tensor([1, 1]))
+            outputs[native] = model(torch.tensor([[5], [6]]), torch.full((2, 1), len(PROMPT) + 1), cache)
+        model.decode_step = saved
+        if native:
+            keys, _ = saved._cache_pointers(cache)
+            assert list(keys) == [k.data_ptr() for k in cache.keys]
+    assert (outputs[True] - outputs[False]).abs().max() < 1e-4

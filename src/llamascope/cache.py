@@ -25,6 +25,7 @@ class KVCache:
     ):
         self.capacity = capacity
         self.length = 0
+        self.storage_version = 0  # bumped whenever the key/value tensors are replaced (not written)
         shape = (batch_size, kv_heads, capacity, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -63,6 +64,7 @@ class KVCache:
         for i in range(len(self.keys)):
             self.keys[i] = self.keys[i].index_select(0, rows)
             self.values[i] = self.values[i].index_select(0, rows)
+        self.storage_version += 1
 
 
 class SlotKVCache:
@@ -98,6 +100,7 @@ class SlotKVCache:
         self.keys: list[torch.Tensor] = []  # per layer [rows, KVH, columns, D]
         self.values: list[torch.Tensor] = []
         self.rows = self.columns = 0  # allocated storage
+        self.storage_version = 0  # bumped whenever the key/value tensors are replaced (not written)
 
     @classmethod
     def for_model(cls, model, num_slots: int, slot_capacity: int) -> "SlotKVCache":
@@ -140,12 +143,14 @@ class SlotKVCache:
                 else:
                     store.append(grown)
         self.rows, self.columns = new_rows, new_columns
+        self.storage_version += 1
 
     def release(self) -> None:
         """Give the storage back when no slot is in use (the next reserve allocates afresh)."""
         if not any(self.in_use):
             self.keys, self.values = [], []
             self.rows = self.columns = 0
+            self.storage_version += 1
 
     # ---- slots -----------------------------------------------------------------------------
     def allocate(self) -> int:

@@ -21,6 +21,7 @@ bfloat16 at every point where PyTorch does; only float summation order differs. 
 from __future__ import annotations
 
 import ctypes
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,8 @@ from torch import nn
 
 from . import kernels
 from .cache import KVCache, SlotBatch
-from .quant import KERNEL_MAX_ROWS, FastLinear, QuantLinear
+from .errors import LlamascopeError
+from .quant import KERNEL_MAX_ROWS, FastLinear, QuantEmbedding, QuantLinear
 
 # Weight formats, as in csrc/decode_step.c
 LIN_F32, LIN_BF16, LIN_Q8_0, LIN_Q4_0, LIN_Q4_1, LIN_Q8_0_EXACT = range(6)
@@ -157,7 +159,11 @@ class DecodeStep:
         # as the module path) for every position up to the longest asked for; "dynamic" scaling
         # depends on the sequence length and computes them each step instead.
         self._rope_table = None if config.rope_type == "dynamic" else (torch.empty(0), torch.empty(0))
-        self._cache_arrays: tuple = ((), None, None)  # (cache tensor addresses, keys array, values array)
+        # (the cache, its storage_version, keys array, values array) of the last step
+        self._cache_arrays: tuple = (lambda: None, -1, None, None)
+        embed = model.model.embed_tokens
+        self._q8_embedding = isinstance(embed, QuantEmbedding) and embed.qtype == "Q8_0" and embed.out_dtype == self.dtype
+        self._lib = lib
 
     def applies(self, tokens: torch.Tensor, cache, mask, capture) -> bool:
         """True for one new token per sequence, at most KERNEL_MAX_ROWS sequences, over a plain
@@ -175,39 +181,63 @@ class DecodeStep:
     def _matches(self, store: torch.Tensor) -> bool:
         return store.dtype == self.dtype and store.device.type == "cpu" and store.shape[1] == self.kv_heads
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [B, 1, D] for positions [B, 1]."""
+    def _rope(self, positions: torch.Tensor, at: list[int]) -> tuple[int, int, tuple]:
+        """Addresses of cos, sin [B, D] for positions [B, 1] (`at`: the same as ints), and what
+        must stay alive while they are used."""
         rotary = self.model.model.rotary_emb
         if self._rope_table is None:
             cos, sin = rotary(positions, self.dtype)
-            return cos.contiguous(), sin.contiguous()
+            cos, sin = cos.contiguous(), sin.contiguous()
+            return cos.data_ptr(), sin.data_ptr(), (cos, sin)
         cos, sin = self._rope_table
-        last = int(positions.max())
+        last = max(at)
         if last >= cos.shape[0]:  # grow by doubling: a few recomputations over a whole context
             n = max(2 * cos.shape[0], last + 1, 256)
             cos, sin = rotary(torch.arange(n)[None], self.dtype)  # [1, n, D] each
-            cos, sin = cos[0], sin[0]  # [n, D]
+            cos, sin = cos[0].contiguous(), sin[0].contiguous()  # [n, D]
             self._rope_table = (cos, sin)
-        return cos[positions], sin[positions]  # [B, 1, D] each
+        if len(at) == 1:  # the table's own row
+            row = at[0] * cos.shape[1] * cos.element_size()
+            return cos.data_ptr() + row, sin.data_ptr() + row, (cos, sin)
+        cos, sin = cos[positions], sin[positions]  # [B, 1, D] each
+        return cos.data_ptr(), sin.data_ptr(), (cos, sin)
+
+    def _embed(self, tokens: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        """The residual stream [B, 1, hidden] for tokens [B, 1] (`ids`: the same as ints)."""
+        embed = self.model.model.embed_tokens
+        if type(embed) is nn.Embedding:
+            return F.embedding(tokens, embed.weight).to(self.dtype).contiguous()
+        if not self._q8_embedding:
+            return embed(tokens).to(self.dtype).contiguous()
+        vocab = embed.blocks.shape[0]
+        if min(ids) < 0 or max(ids) >= vocab:
+            bad = next(t for t in ids if not 0 <= t < vocab)
+            raise LlamascopeError(f"token id {bad} is outside the vocabulary ({vocab} ids)")
+        # Q8_0 rows dequantised straight into x: the same products as quant.dequantize
+        K, row_bytes = embed.embedding_dim, embed.blocks.shape[1]
+        x = torch.empty(len(ids), 1, K, dtype=self.dtype)  # [B, 1, hidden]
+        step, base = K * x.element_size(), embed.blocks.data_ptr()
+        for b, token in enumerate(ids):
+            self._lib.dequant_q8_0(base + token * row_bytes, 1, K, x.data_ptr() + b * step,
+                                   int(self.dtype == torch.bfloat16), 1)
+        return x
 
     def _cache_pointers(self, store) -> tuple:
-        """ctypes arrays of each layer's key and value tensor address, rebuilt when they change (a
-        cache may replace its tensors: beam reordering, slot storage growing)."""
-        addresses = tuple(k.data_ptr() for k in store.keys) + tuple(v.data_ptr() for v in store.values)
-        if addresses != self._cache_arrays[0]:
+        """ctypes arrays of each layer's key and value tensor address, rebuilt when the cache
+        replaces its tensors (beam reordering, slot storage growing: its storage_version)."""
+        cached, version, keys, values = self._cache_arrays
+        if cached() is not store or version != store.storage_version:
             layers = len(store.keys)
-            self._cache_arrays = (addresses, (_p * layers)(*addresses[:layers]), (_p * layers)(*addresses[layers:]))
-        return self._cache_arrays[1], self._cache_arrays[2]
+            keys = (_p * layers)(*(k.data_ptr() for k in store.keys))
+            values = (_p * layers)(*(v.data_ptr() for v in store.values))
+            self._cache_arrays = (weakref.ref(store), store.storage_version, keys, values)
+        return keys, values
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | SlotBatch) -> torch.Tensor:
         B = tokens.shape[0]
-        embed = self.model.model.embed_tokens
-        if type(embed) is nn.Embedding:
-            x = F.embedding(tokens, embed.weight)  # [B, 1, hidden]: the residual stream
-        else:
-            x = embed(tokens)
-        x = x.to(self.dtype).contiguous()
-        cos, sin = self._rope(positions)  # [B, 1, D] each
+        ids, at = tokens.view(-1).tolist(), positions.reshape(-1).tolist()
+        x = self._embed(tokens, ids)  # [B, 1, hidden]: the residual stream
+        cos, sin, _alive = self._rope(positions, at)  # addresses of [B, D] each
         if type(cache) is KVCache:
             cache.check_room(1)
             store, slots, cols, capacity = cache, list(range(B)), [cache.length] * B, cache.capacity
@@ -215,7 +245,7 @@ class DecodeStep:
             store, slots, cols, capacity = cache.cache, cache.slots, cache.lengths, cache.cache.columns
         keys, values = self._cache_pointers(store)
         logits = torch.empty(B, 1, self.vocab)  # [B, 1, vocab]
-        status = self._fn(ctypes.byref(self.stack), B, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), keys, values,
+        status = self._fn(ctypes.byref(self.stack), B, x.data_ptr(), cos, sin, keys, values,
                           (_i * B)(*slots), (_i * B)(*cols), capacity, logits.data_ptr(), torch.get_num_threads())
         if status != 0:
             raise MemoryError("decode step: out of memory for its scratch buffers")
