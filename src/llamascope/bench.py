@@ -34,6 +34,7 @@ class BenchResult:
     decode_tokens_per_s: float
     bandwidth_bytes_per_s: float
     threads: int
+    device: str = "cpu"
 
     @property
     def bandwidth_limit_tokens_per_s(self) -> float:
@@ -87,15 +88,24 @@ def bytes_read_per_token(model: nn.Module) -> int:
     return total
 
 
-def measure_read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
-    """Bytes/s of a threaded sum over a buffer much larger than the caches (best of a few runs)."""
-    buffer = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
+def measure_read_bandwidth(megabytes: int = 512, repeats: int = 5, device: torch.device | str = "cpu") -> float:
+    """Bytes/s of a threaded sum over a buffer much larger than the caches (best of a few runs),
+    in the memory the model's weights live in (a GPU's own, for a model on a GPU)."""
+    device = torch.device(device)
+    buffer = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
     best = float("inf")
     for _ in range(repeats):
+        _synchronize(device)
         start = time.perf_counter()
         buffer.sum()
+        _synchronize(device)
         best = min(best, time.perf_counter() - start)
     return buffer.numel() * 4 / best
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def prompt_ids(tokenizer, n: int, vocab_size: int = 32000) -> list[int]:
@@ -138,7 +148,7 @@ def run(engine, prompt_tokens: int = 10, new_tokens: int = 128, prefill_tokens: 
     long_ids = prompt_ids(tokenizer, min(prefill_tokens, engine.config.max_position_embeddings - 2), vocab)
     time_decode(model, decode_ids, 4)  # warm-up: kernel build, allocator, caches
     tick("warm-up")
-    bandwidth = measure_read_bandwidth()
+    bandwidth = measure_read_bandwidth(device=model.device)
     tick("bandwidth")
     decode_rates, prefill_rates = [], []
     for _ in range(repeats):
@@ -152,5 +162,5 @@ def run(engine, prompt_tokens: int = 10, new_tokens: int = 128, prefill_tokens: 
         weight_bytes=tensor_bytes(model), bytes_per_token=bytes_read_per_token(model),
         prefill_tokens=len(long_ids), prefill_tokens_per_s=statistics.median(prefill_rates),
         decode_tokens=new_tokens, decode_tokens_per_s=statistics.median(decode_rates),
-        bandwidth_bytes_per_s=bandwidth, threads=torch.get_num_threads(),
+        bandwidth_bytes_per_s=bandwidth, threads=torch.get_num_threads(), device=str(model.device),
     )

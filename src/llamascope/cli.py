@@ -26,6 +26,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weight format: as stored when omitted (GGUF blocks stay quantised); none: all float "
                         "at --dtype; int8 / int4: group-wise weight-only quantisation")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda or cuda:N (default auto: CUDA when PyTorch sees a GPU, else the CPU)")
     p.add_argument("--plain", action="store_true", help="plain PyTorch layers only (no native kernels)")
     _add_parallel_args(p)
 
@@ -47,7 +49,8 @@ def _start_parallel(args: argparse.Namespace):
     from . import parallel
 
     timeout = args.tp_timeout if args.tp_timeout is not None else parallel.DEFAULT_TIMEOUT_S
-    group = parallel.init_from_env(args.tp, timeout_s=timeout)
+    device = getattr(args, "device", "auto")
+    group = parallel.init_from_env(args.tp, device=None if device == "auto" else device, timeout_s=timeout)
     args.parallel_group = group
     if group is not None and not group.is_main:
         sys.stdout = open(os.devnull, "w")
@@ -103,8 +106,8 @@ def _load_engine(args: argparse.Namespace):
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     progress = _progress(args) if group is None or group.is_main else None
-    return Engine.load(args.model, dtype=args.dtype, progress=progress, parallel=group,
-                       quant=getattr(args, "quant", None), fast=not getattr(args, "plain", False))
+    return Engine.load(args.model, dtype=args.dtype, device=getattr(args, "device", "auto"), progress=progress,
+                       parallel=group, quant=getattr(args, "quant", None), fast=not getattr(args, "plain", False))
 
 
 def _progress(args: argparse.Namespace):
@@ -225,8 +228,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     main_rank = group is None or group.is_main
     if args.verbose == 0 and args.log_level is None and main_rank:
         log.setLevel(logging.INFO)  # one line per request
-    engine = Engine.load(args.model, dtype=args.dtype, progress=_progress(args) if main_rank else None,
-                         parallel=group)
+    engine = Engine.load(args.model, dtype=args.dtype, device=args.device,
+                         progress=_progress(args) if main_rank else None, parallel=group)
     if not main_rank:
         from .server.lockstep import follow
 
@@ -309,6 +312,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ("decode vs bandwidth limit", f"{100 * result.decode_share_of_limit:.0f}% of "
                                       f"{result.bandwidth_limit_tokens_per_s:.0f} tokens/s"),
         ("threads", str(result.threads)),
+        ("device", result.device),
     ]
     for key, value in rows:
         table.add_row(key, value)
@@ -379,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and activations dtype (auto: the checkpoint's)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda or cuda:N (default auto: CUDA when PyTorch sees a GPU, else the CPU)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--max-batch", type=int, default=8, metavar="N", help="sequences decoded together (default 8)")

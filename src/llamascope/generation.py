@@ -131,8 +131,8 @@ def attention_mask_4d(attention_mask: torch.Tensor, T: int) -> torch.Tensor | No
     if bool(attention_mask.all()):
         return None
     B, S = attention_mask.shape
-    q_cols = torch.arange(S - T, S)[:, None]  # [T, 1]
-    k_cols = torch.arange(S)[None, :]  # [1, S]
+    q_cols = torch.arange(S - T, S, device=attention_mask.device)[:, None]  # [T, 1]
+    k_cols = torch.arange(S, device=attention_mask.device)[None, :]  # [1, S]
     causal = k_cols <= q_cols  # [T, S]
     mask = causal[None, None] & attention_mask.bool()[:, None, None, :]  # [B, 1, T, S]
     return mask | (k_cols == q_cols)[None, None]

@@ -121,7 +121,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None and x.dtype == torch.float32 and x.numel() <= 8 * x.shape[-1] \
-                and x.is_contiguous() and not x.requires_grad:
+                and x.is_contiguous() and not x.requires_grad and x.device.type == "cpu":
             out = torch.empty_like(x)
             self.kernel(x.data_ptr(), self.weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1],
                         x.shape[-1], self.eps)
@@ -176,7 +176,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         if (self.decode_kernel is not None and B == 1 and T == 1 and mask is None and capture is None
-                and self.qkv_proj is not None and x.dtype == torch.float32 and type(cache) is KVCache):
+                and self.qkv_proj is not None and x.dtype == torch.float32 and type(cache) is KVCache
+                and x.device.type == "cpu"):
             return self.o_proj(self._decode_one(x, cos, sin, cache))
         # H, KVH: the heads this module holds (this rank's share under tensor parallelism)
         if self.qkv_proj is not None:
@@ -255,7 +256,8 @@ class MLP(nn.Module):
         if self.gate_up_proj is not None:
             gate_up = self.gate_up_proj(x)  # [B, T, 2I]
             if self.act_kernel is not None and gate_up.dtype == torch.float32 and gate_up.numel() <= 16 * \
-                    gate_up.shape[-1] and gate_up.is_contiguous() and not gate_up.requires_grad:
+                    gate_up.shape[-1] and gate_up.is_contiguous() and not gate_up.requires_grad \
+                    and gate_up.device.type == "cpu":
                 rows, width = gate_up.numel() // gate_up.shape[-1], gate_up.shape[-1] // 2
                 act = gate_up.new_empty(*gate_up.shape[:-1], width)  # [B, T, I]
                 self.act_kernel(gate_up.data_ptr(), rows, width, act.data_ptr())

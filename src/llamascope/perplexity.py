@@ -23,14 +23,14 @@ def perplexity(model: torch.nn.Module, ids: list[int], window: int = 512, stride
         raise LlamascopeError("perplexity needs a text of at least 2 tokens")
     window = min(window, model.config.max_position_embeddings)
     stride = min(stride, window)
-    tokens = torch.tensor(ids, dtype=torch.long)
+    tokens = torch.tensor(ids, dtype=torch.long, device=model.device)
     nll, scored, previous_end = 0.0, 0, 0
     starts = list(range(0, max(len(ids) - 1, 1), stride))
     with torch.inference_mode():
         for k, start in enumerate(starts):
             end = min(start + window, len(ids))
             chunk = tokens[start:end][None]  # [1, T]
-            positions = torch.arange(end - start)[None]  # [1, T]
+            positions = torch.arange(end - start, device=model.device)[None]  # [1, T]
             logits = model(chunk, positions).float()  # [1, T, V]
             first_new = max(previous_end, start + 1)  # index of the first token not yet scored
             targets = tokens[first_new:end]  # predicted by positions first_new-1 .. end-2

@@ -129,7 +129,7 @@ class QuantLinear(nn.Module):
             raise LlamascopeError(f"unsupported block format {qtype!r}")
         self.qtype, self.in_features, self.out_features = qtype, in_features, blocks.shape[0]
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        lib = kernels.load()
+        lib = kernels.load() if blocks.device.type == "cpu" else None  # native kernels are the CPU's
         self._code = QTYPE_CODES[qtype]
         if lib is not None and qtype in ("Q4_0", "Q4_1"):
             # Kept only in the kernel's layout (same numbers, see csrc/gemv.c); `blocks` rebuilds ggml's.

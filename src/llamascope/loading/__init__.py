@@ -146,6 +146,29 @@ def resolve_dtype(name: str | torch.dtype, config: ModelConfig, checkpoint: Chec
     return DTYPES[name]
 
 
+def resolve_device(name: str | torch.device) -> torch.device:
+    """"auto": the first CUDA device when PyTorch sees one, else the CPU; or "cpu", "cuda", "cuda:N"."""
+    if isinstance(name, str) and name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise LlamascopeError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise LlamascopeError(f"--device {name!r}: llamascope runs on cpu or cuda")
+    if not torch.cuda.is_available():
+        raise LlamascopeError(f"--device {name}: PyTorch sees no CUDA device here (torch {torch.__version__}, "
+                              f"built {'with CUDA ' + torch.version.cuda if torch.version.cuda else 'for the CPU only'})")
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index >= count:
+        raise LlamascopeError(f"--device {name}: there {'is' if count == 1 else 'are'} {count} CUDA device(s), "
+                              f"numbered from 0")
+    return torch.device("cuda", index)
+
+
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every weight a LLaMA checkpoint must hold, with Hugging Face names and shapes."""
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
@@ -393,6 +416,10 @@ def load_model(
 ) -> LoadedModel:
     """Load a model, its tokenizer and generation settings from a folder or GGUF file.
 
+    `device`: "cpu", "cuda", "cuda:N" or "auto" (CUDA when PyTorch sees a GPU). The native
+    kernels are the CPU's; on a GPU every layer runs PyTorch's operations (block formats are
+    dequantised per product, so GGUF blocks still take their size in GPU memory).
+
     With `parallel` (from `parallel.init_from_env`), this rank loads only its shard of the model.
     `quant`: None keeps weights as stored (GGUF block formats stay quantised), "none" turns
     them all into float at `dtype`, "int8" / "int4" quantise the projections after loading.
@@ -402,6 +429,7 @@ def load_model(
     from ..quant import accelerate_model, fuse_projections, quantize_model
 
     start = time.perf_counter()
+    device = resolve_device(device)
     checkpoint = open_checkpoint(path)
     for file, size in checkpoint.files:
         log.info("reading %s (%d bytes)", file, size)
@@ -415,7 +443,8 @@ def load_model(
         if quant and quant != "none":
             quantize_model(model, quant)
         if fast:
-            accelerate_model(model)
+            if device.type == "cpu":
+                accelerate_model(model)
             if parallel is None or parallel.world_size == 1:
                 fuse_projections(model)
                 decode_step.enable(model)
