@@ -338,3 +338,18 @@ def test_block_types_table_matches_gguf():
 
     for name, (per_block, size, *_rest) in BLOCK_TYPES.items():
         assert GGML_QUANT_SIZES[GGMLQuantizationType[name]] == (per_block, size)
+
+
+def test_parsed_metadata_is_let_go_once_the_tokenizer_is_built(tiny):
+    """The reader's parsed metadata (tens of MB for a real vocabulary) is not kept while the
+    weights load or after: no GGUFReader stays alive, and asking for the tokenizer again parses
+    the file anew and gives the same ids."""
+    import gc
+
+    from gguf import GGUFReader
+
+    loaded = load_model(tiny.path)
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, GGUFReader)]
+    again = loaded.checkpoint.tokenizer_factory()
+    assert again.encode("the rain in spain") == loaded.tokenizer.encode("the rain in spain")

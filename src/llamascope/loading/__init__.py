@@ -438,6 +438,8 @@ def load_model(
              len(checkpoint.tensors), str(torch_dtype).removeprefix("torch."),
              f", tensor parallel {parallel.describe()}" if parallel is not None else "")
     keep_blocks = quant is None and checkpoint.format == "gguf"
+    # before the weights: a GGUF tokenizer's parsed metadata is then freed before they take memory
+    tokenizer = checkpoint.tokenizer_factory() if checkpoint.tokenizer_factory else None
     with _freed_memory_returned():
         model = build_model(checkpoint, torch_dtype, device, progress, parallel, keep_blocks=keep_blocks)
         if quant and quant != "none":
@@ -448,7 +450,6 @@ def load_model(
             if parallel is None or parallel.world_size == 1:
                 fuse_projections(model)
                 decode_step.enable(model)
-    tokenizer = checkpoint.tokenizer_factory() if checkpoint.tokenizer_factory else None
     seconds = time.perf_counter() - start
     log.info("loaded in %.2f s", seconds)
     return LoadedModel(model, checkpoint.config, tokenizer, checkpoint.generation_json, checkpoint, seconds)

@@ -628,10 +628,15 @@ def open_gguf(path: Path) -> Checkpoint:
     config = ModelConfig.from_dict(config_dict, source=str(path))
     _check_shapes(tensors, config, meta.string("general.architecture"), path)
 
+    # The parsed metadata (~60 MB of Python objects for a 49k vocabulary) is only needed for the
+    # tokenizer: the first call uses it and lets it go, later calls parse the file again.
+    held = [reader]
+
     def tokenizer_factory():
         from .gguf_tokenizer import tokenizer_from_gguf
 
-        return tokenizer_from_gguf(reader)
+        source = held.pop() if held else path
+        return tokenizer_from_gguf(source)
 
     return Checkpoint(
         path=path, format="gguf", config=config, config_dict=config_dict,
