@@ -350,6 +350,27 @@ def test_parsed_metadata_is_let_go_once_the_tokenizer_is_built(tiny):
 
     loaded = load_model(tiny.path)
     gc.collect()
-    assert not [o for o in gc.get_objects() if isinstance(o, GGUFReader)]
+    assert not [o for o in gc.get_objects() if issubclass(type(o), GGUFReader)]  # (type: no __class__ lookups)
     again = loaded.checkpoint.tokenizer_factory()
     assert again.encode("the rain in spain") == loaded.tokenizer.encode("the rain in spain")
+
+
+def test_without_native_kernels_blocks_are_dequantised_once_at_load(tiny, monkeypatch, caplog):
+    """Where no native kernel reads block formats (a CPU without AVX-512, a GPU), a GGUF's blocks
+    become float weights at load instead of being dequantised whole for every product; the
+    logits are transformers' on the independently dequantised weights."""
+    import logging
+
+    from llamascope import kernels
+    from llamascope.quant import QuantEmbedding, QuantLinear
+
+    monkeypatch.setattr(kernels, "load", lambda: None)
+    with caplog.at_level(logging.INFO, logger="llamascope"):
+        loaded = load_model(tiny.path)
+    assert "weights dequantised to float32 at load" in caplog.text
+    assert not [m for m in loaded.model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
+    reference = hf_llama(tiny.expected, loaded.checkpoint.config_dict)
+    tokens, positions = torch.tensor([[1, 17, 42, 99, 7]]), torch.arange(5)[None]
+    with torch.inference_mode():
+        got, expected = loaded.model(tokens, positions), hf_logits(reference)(tokens, positions)
+    assert (got - expected).abs().max() < 1e-4 * expected.abs().max()

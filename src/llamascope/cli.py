@@ -23,7 +23,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and activations dtype (auto: the checkpoint's)")
     p.add_argument("--quant", default=None, choices=["none", "int8", "int4", "q8_0", "q4_0", "q4_1"],
-                   help="weight format: as stored when omitted (GGUF blocks stay quantised); none: all float "
+                   help="weight format: as stored when omitted (GGUF blocks stay quantised where the native "
+                        "kernels read them); none: all float "
                         "at --dtype; int8 / int4: group-wise weight-only quantisation")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--device", default="auto",

@@ -417,15 +417,17 @@ def load_model(
     """Load a model, its tokenizer and generation settings from a folder or GGUF file.
 
     `device`: "cpu", "cuda", "cuda:N" or "auto" (CUDA when PyTorch sees a GPU). The native
-    kernels are the CPU's; on a GPU every layer runs PyTorch's operations (block formats are
-    dequantised per product, so GGUF blocks still take their size in GPU memory).
+    kernels are the CPU's; on a GPU every layer runs PyTorch's operations.
+    GGUF block formats stay quantised only where a native kernel reads them (a CPU with the
+    kernels); elsewhere (a GPU, a CPU without AVX-512) they are dequantised to `dtype` once at
+    load, since dequantising a whole matrix for every product would be several times slower.
 
     With `parallel` (from `parallel.init_from_env`), this rank loads only its shard of the model.
     `quant`: None keeps weights as stored (GGUF block formats stay quantised), "none" turns
     them all into float at `dtype`, "int8" / "int4" quantise the projections after loading.
     `fast` gives float projections the two-core batch-1 kernels (False: plain `nn.Linear`).
     """
-    from .. import decode_step
+    from .. import decode_step, kernels
     from ..quant import accelerate_model, fuse_projections, quantize_model
 
     start = time.perf_counter()
@@ -438,6 +440,10 @@ def load_model(
              len(checkpoint.tensors), str(torch_dtype).removeprefix("torch."),
              f", tensor parallel {parallel.describe()}" if parallel is not None else "")
     keep_blocks = quant is None and checkpoint.format == "gguf"
+    if keep_blocks and (device.type != "cpu" or kernels.load() is None):
+        log.info("no native kernel reads GGUF block formats on %s here: weights dequantised to %s at load",
+                 device, str(torch_dtype).removeprefix("torch."))
+        keep_blocks = False
     # before the weights: a GGUF tokenizer's parsed metadata is then freed before they take memory
     tokenizer = checkpoint.tokenizer_factory() if checkpoint.tokenizer_factory else None
     with _freed_memory_returned():
