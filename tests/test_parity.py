@@ -154,3 +154,18 @@ def test_eos_stops_generation(tiny_model):
         expected = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                max_new_tokens=12, do_sample=False, eos_token_id=stop_at, pad_token_id=0)
     assert result.output_ids[0] == expected[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("prompts,message", [
+    ([[1, 5, 999999]], "prompt 0: token id 999999 is outside the vocabulary"),
+    ([[1, 2], [3, -4]], "prompt 1: token id -4 is outside the vocabulary"),
+    ([[1, 2], []], "every prompt needs at least one token"),
+])
+def test_bad_prompt_ids_are_refused_by_name(tiny_model, prompts, message):
+    """Before any compute, not as an IndexError from inside torch's embedding lookup."""
+    from llamascope.errors import LlamascopeError
+
+    model = load_model(tiny_model).model
+    for beams in (1, 2):
+        with pytest.raises(LlamascopeError, match=message):
+            generate(model, prompts, max_new_tokens=2, num_beams=beams)

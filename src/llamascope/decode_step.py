@@ -163,6 +163,7 @@ class DecodeStep:
         self._cache_arrays: tuple = (lambda: None, -1, None, None)
         embed = model.model.embed_tokens
         self._q8_embedding = isinstance(embed, QuantEmbedding) and embed.qtype == "Q8_0" and embed.out_dtype == self.dtype
+        self._vocab_rows = embed.blocks.shape[0] if isinstance(embed, QuantEmbedding) else embed.weight.shape[0]
         self._lib = lib
 
     def applies(self, tokens: torch.Tensor, cache, mask, capture) -> bool:
@@ -197,6 +198,8 @@ class DecodeStep:
             cos, sin = cos[0].contiguous(), sin[0].contiguous()  # [n, D]
             self._rope_table = (cos, sin)
         if len(at) == 1:  # the table's own row
+            if at[0] < 0:
+                raise LlamascopeError(f"position id {at[0]} is negative")
             row = at[0] * cos.shape[1] * cos.element_size()
             return cos.data_ptr() + row, sin.data_ptr() + row, (cos, sin)
         cos, sin = cos[positions], sin[positions]  # [B, 1, D] each
@@ -204,15 +207,14 @@ class DecodeStep:
 
     def _embed(self, tokens: torch.Tensor, ids: list[int]) -> torch.Tensor:
         """The residual stream [B, 1, hidden] for tokens [B, 1] (`ids`: the same as ints)."""
-        embed = self.model.model.embed_tokens
+        embed, vocab = self.model.model.embed_tokens, self._vocab_rows
+        if min(ids) < 0 or max(ids) >= vocab:  # (the native lookup below would read outside the table)
+            bad = next(t for t in ids if not 0 <= t < vocab)
+            raise LlamascopeError(f"token id {bad} is outside the vocabulary ({vocab} ids)")
         if type(embed) is nn.Embedding:
             return F.embedding(tokens, embed.weight).to(self.dtype).contiguous()
         if not self._q8_embedding:
             return embed(tokens).to(self.dtype).contiguous()
-        vocab = embed.blocks.shape[0]
-        if min(ids) < 0 or max(ids) >= vocab:
-            bad = next(t for t in ids if not 0 <= t < vocab)
-            raise LlamascopeError(f"token id {bad} is outside the vocabulary ({vocab} ids)")
         # Q8_0 rows dequantised straight into x: the same products as quant.dequantize
         K, row_bytes = embed.embedding_dim, embed.blocks.shape[1]
         x = torch.empty(len(ids), 1, K, dtype=self.dtype)  # [B, 1, hidden]
