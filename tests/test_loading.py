@@ -289,3 +289,41 @@ def test_converting_a_large_tensor_slice_by_slice_gives_the_same_weights(model_f
     for name in whole:
         assert whole[name].dtype == sliced[name].dtype
         assert torch.equal(whole[name], sliced[name]), name
+
+
+def _thp_eligible(address: int) -> bool:
+    """Whether the mapping holding `address` may be backed by transparent huge pages (smaps)."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(lines):
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            start, end = (int(x, 16) for x in head.split("-"))
+            if start <= address < end:
+                for entry in lines[i + 1:]:
+                    if entry.startswith("THPeligible:"):
+                        return entry.split()[1] == "1"
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_huge_pages_move_large_weights_and_keep_every_number(model_factory):
+    """--huge-pages: each weight of 4 MB or more is copied into memory advised MADV_HUGEPAGE
+    (its mapping becomes THP-eligible), smaller ones stay; the model generates the same tokens."""
+    from llamascope.generation import generate
+    from llamascope.loading import load_model
+    from llamascope.loading.hugepages import HUGE_PAGE, thp_mode
+
+    if thp_mode() != "madvise" or not Path("/proc/self/smaps").exists():
+        pytest.skip("transparent huge pages are not in madvise mode here")
+    folder = model_factory("wide-vocab", vocab_size=20000)  # a 5 MB embedding, every other weight small
+    plain = load_model(folder).model
+    moved = load_model(folder, huge_pages=True).model
+    big, small = moved.model.embed_tokens.weight, moved.model.norm.weight
+    assert big.numel() * big.element_size() >= 2 * HUGE_PAGE
+    inside = (big.data_ptr() + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE  # a whole 2 MB page of it
+    assert _thp_eligible(inside) and not _thp_eligible(plain.model.embed_tokens.weight.data_ptr() + HUGE_PAGE)
+    assert moved.lm_head.weight is big or not moved.config.tie_word_embeddings
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(tensor, moved.state_dict()[name]), name
+    prompt = [1, 17, 42, 99, 7]
+    assert generate(moved, prompt, max_new_tokens=16, eos_token_id=[]).output_ids == \
+        generate(plain, prompt, max_new_tokens=16, eos_token_id=[]).output_ids

@@ -30,7 +30,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto",
                    help="cpu, cuda or cuda:N (default auto: CUDA when PyTorch sees a GPU, else the CPU)")
     p.add_argument("--plain", action="store_true", help="plain PyTorch layers only (no native kernels)")
+    _add_huge_pages_arg(p)
     _add_parallel_args(p)
+
+
+def _add_huge_pages_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--huge-pages", action="store_true",
+                   help="move large weights into 2 MB pages after loading: faster decode of large float models "
+                        "(about 10%% on a 1.1B float32 model here), slower load")
 
 
 def _add_parallel_args(p: argparse.ArgumentParser) -> None:
@@ -108,7 +115,8 @@ def _load_engine(args: argparse.Namespace):
         torch.set_num_threads(args.threads)
     progress = _progress(args) if group is None or group.is_main else None
     return Engine.load(args.model, dtype=args.dtype, device=getattr(args, "device", "auto"), progress=progress,
-                       parallel=group, quant=getattr(args, "quant", None), fast=not getattr(args, "plain", False))
+                       parallel=group, quant=getattr(args, "quant", None), fast=not getattr(args, "plain", False),
+                       huge_pages=getattr(args, "huge_pages", False))
 
 
 def _progress(args: argparse.Namespace):
@@ -230,7 +238,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.verbose == 0 and args.log_level is None and main_rank:
         log.setLevel(logging.INFO)  # one line per request
     engine = Engine.load(args.model, dtype=args.dtype, device=args.device,
-                         progress=_progress(args) if main_rank else None, parallel=group)
+                         progress=_progress(args) if main_rank else None, parallel=group, huge_pages=args.huge_pages)
     if not main_rank:
         from .server.lockstep import follow
 
@@ -386,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights and activations dtype (auto: the checkpoint's)")
     p.add_argument("--device", default="auto",
                    help="cpu, cuda or cuda:N (default auto: CUDA when PyTorch sees a GPU, else the CPU)")
+    _add_huge_pages_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--max-batch", type=int, default=8, metavar="N", help="sequences decoded together (default 8)")

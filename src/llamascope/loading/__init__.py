@@ -413,6 +413,7 @@ def load_model(
     parallel: "ParallelGroup | None" = None,
     quant: str | None = None,
     fast: bool = True,
+    huge_pages: bool = False,
 ) -> LoadedModel:
     """Load a model, its tokenizer and generation settings from a folder or GGUF file.
 
@@ -426,8 +427,11 @@ def load_model(
     `quant`: None keeps weights as stored (GGUF block formats stay quantised), "none" turns
     them all into float at `dtype`, "int8" / "int4" quantise the projections after loading.
     `fast` gives float projections the two-core batch-1 kernels (False: plain `nn.Linear`).
+    `huge_pages` moves the large weights into 2 MB pages (see `hugepages`): faster decode of a large
+    float model, slower load.
     """
     from .. import decode_step, kernels
+    from .hugepages import move_to_huge_pages
     from ..quant import accelerate_model, fuse_projections, quantize_model
 
     start = time.perf_counter()
@@ -450,12 +454,15 @@ def load_model(
         model = build_model(checkpoint, torch_dtype, device, progress, parallel, keep_blocks=keep_blocks)
         if quant and quant != "none":
             quantize_model(model, quant)
-        if fast:
-            if device.type == "cpu":
-                accelerate_model(model)
-            if parallel is None or parallel.world_size == 1:
-                fuse_projections(model)
-                decode_step.enable(model)
+        single = parallel is None or parallel.world_size == 1
+        if fast and device.type == "cpu":
+            accelerate_model(model)
+        if fast and single:
+            fuse_projections(model)
+        if huge_pages and device.type == "cpu":
+            move_to_huge_pages(model)  # (before the decode step records the weights' addresses)
+        if fast and single:
+            decode_step.enable(model)
     seconds = time.perf_counter() - start
     log.info("loaded in %.2f s", seconds)
     return LoadedModel(model, checkpoint.config, tokenizer, checkpoint.generation_json, checkpoint, seconds)
