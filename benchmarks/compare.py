@@ -257,7 +257,13 @@ def main() -> None:
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--systems", nargs="+", default=["llamascope", "transformers", "llama.cpp"])
     parser.add_argument("--json", type=Path, help="also write all measurements here")
+    parser.add_argument("--from-json", nargs="+", type=Path, metavar="FILE",
+                        help="measure nothing: print the table of the measurements in these --json files, pooled "
+                             "(medians over all their repeats)")
     args = parser.parse_args()
+    if args.from_json:
+        print_table(pooled_rows(args.from_json), args, repeats="all")
+        return
     from rich.progress import Progress
 
     WORK.mkdir(exist_ok=True)
@@ -288,7 +294,18 @@ def main() -> None:
         args.json.write_text(json.dumps(raw, indent=1))
 
 
-def print_table(rows, args) -> None:
+def pooled_rows(files: list[Path]) -> list:
+    """(model, precision, {system: {key: median}}) over every measurement in compare.py --json files."""
+    results: dict[tuple[str, str], dict[str, list[dict]]] = {}
+    for file in files:
+        for row in json.loads(file.read_text()):
+            measured = {k: v for k, v in row.items() if k not in ("model", "precision", "system")}
+            results.setdefault((row["model"], row["precision"]), {}).setdefault(row["system"], []).append(measured)
+    return [(model, precision, {s: {k: statistics.median(x[k] for x in v) for k in v[0]} for s, v in by.items()})
+            for (model, precision), by in results.items()]
+
+
+def print_table(rows, args, repeats=None) -> None:
     def cell(med, system, key, digits=1):
         return f"{med[system][key]:.{digits}f}" if system in med and key in med[system] else "–"
 
@@ -298,7 +315,7 @@ def print_table(rows, args) -> None:
         return "–"
 
     print(f"Decode: {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, greedy, {args.threads} threads; "
-          f"prefill: {args.prefill_tokens}-token prompt. Medians of {args.repeats} runs, tokens/s. Perplexity: "
+          f"prefill: {args.prefill_tokens}-token prompt. Medians of {repeats or args.repeats} runs, tokens/s. Perplexity: "
           f"llamascope on benchmarks/sample.txt (window 512, stride 256), trained models only.\n")
     print("| model | precision | llamascope decode | transformers | llama.cpp | vs transformers | vs llama.cpp "
           "| llamascope prefill | transformers | llama.cpp | llamascope load s | peak RSS MB | perplexity |")
