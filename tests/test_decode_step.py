@@ -271,7 +271,8 @@ def test_rope_table_gives_the_rotary_modules_numbers_as_it_grows(tiny_model):
         if len(positions) == 1:
             table_cos, table_sin = step._rope_table
             row_bytes = table_cos.shape[1] * table_cos.element_size()
-            row = (cos_at - table_cos.data_ptr()) // row_bytes
+            row, offset = divmod(cos_at - table_cos.data_ptr(), row_bytes)
+            assert offset == 0 and 0 <= row < table_cos.shape[0]
             assert sin_at - table_sin.data_ptr() == row * row_bytes
             cos, sin = table_cos[row][None, None], table_sin[row][None, None]
         else:
@@ -338,3 +339,46 @@ def test_cache_addresses_are_rebuilt_when_the_cache_replaces_its_tensors(tiny_mo
             keys, _ = saved._cache_pointers(cache)
             assert list(keys) == [k.data_ptr() for k in cache.keys]
     assert (outputs[True] - outputs[False]).abs().max() < 1e-4
+
+
+def test_negative_positions_are_refused_for_any_batch(tiny_model):
+    """A negative position would index the RoPE table from its end (several rows) or address memory
+    before it (one row)."""
+    from llamascope.errors import LlamascopeError
+
+    model = load_model(tiny_model).model
+    for positions in ([[-1]], [[3], [-2]]):
+        cache = KVCache.for_model(model, len(positions), 8)
+        with torch.inference_mode(), pytest.raises(LlamascopeError, match="position id -. is negative"):
+            model(torch.tensor([[5]] * len(positions)), torch.tensor(positions), cache)
+
+
+def test_slot_storage_version_changes_whenever_tensors_may_have_been_replaced(tiny_model, monkeypatch):
+    """Growing, releasing and a growth that fails halfway all change storage_version, so the step
+    never reuses addresses of tensors the cache has let go."""
+    from llamascope.cache import SlotKVCache
+
+    model = load_model(tiny_model).model
+    cache = SlotKVCache.for_model(model, 4, 64)
+    versions = [cache.storage_version]
+    cache.reserve(1, 8)
+    versions.append(cache.storage_version)
+    cache.reserve(1, 8)  # fits: nothing replaced
+    assert cache.storage_version == versions[-1]
+    cache.release()
+    versions.append(cache.storage_version)
+    cache.reserve(2, 16)
+    versions.append(cache.storage_version)
+    real_zeros, calls = torch.zeros, []
+
+    def failing_zeros(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("no room")
+        return real_zeros(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "zeros", failing_zeros)
+    with pytest.raises(MemoryError):
+        cache.reserve(4, 64)
+    versions.append(cache.storage_version)
+    assert len(set(versions)) == len(versions), versions

@@ -61,10 +61,10 @@ class KVCache:
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep batch rows `rows` (beam search: each beam continues from a parent)."""
+        self.storage_version += 1  # first: should a layer fail, the ones before it are replaced already
         for i in range(len(self.keys)):
             self.keys[i] = self.keys[i].index_select(0, rows)
             self.values[i] = self.values[i].index_select(0, rows)
-        self.storage_version += 1
 
 
 class SlotKVCache:
@@ -134,6 +134,7 @@ class SlotKVCache:
         new_columns = self.columns if columns <= self.columns else \
             min(self.slot_capacity, max(columns, 2 * self.columns, 16))
         shape = (new_rows, self.kv_heads, new_columns, self.head_dim)
+        self.storage_version += 1  # first: should an allocation fail, the layers before it are replaced already
         for store in (self.keys, self.values):
             for layer in range(self.num_layers):
                 grown = torch.zeros(shape, dtype=self.dtype, device=self.device)  # [rows, KVH, columns, D]
@@ -143,7 +144,6 @@ class SlotKVCache:
                 else:
                     store.append(grown)
         self.rows, self.columns = new_rows, new_columns
-        self.storage_version += 1
 
     def release(self) -> None:
         """Give the storage back when no slot is in use (the next reserve allocates afresh)."""

@@ -29,7 +29,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--device", default="auto",
                    help="cpu, cuda or cuda:N (default auto: CUDA when PyTorch sees a GPU, else the CPU)")
-    p.add_argument("--plain", action="store_true", help="plain PyTorch layers only (no native kernels)")
+    p.add_argument("--plain", action="store_true",
+                   help="plain PyTorch layers only (no native kernels in the model; the greedy pick's native "
+                        "argmax, exact to torch.argmax, still runs)")
     _add_huge_pages_arg(p)
     _add_parallel_args(p)
 

@@ -191,6 +191,8 @@ class DecodeStep:
             cos, sin = cos.contiguous(), sin.contiguous()
             return cos.data_ptr(), sin.data_ptr(), (cos, sin)
         cos, sin = self._rope_table
+        if min(at) < 0:
+            raise LlamascopeError(f"position id {min(at)} is negative")
         last = max(at)
         if last >= cos.shape[0]:  # grow by doubling: a few recomputations over a whole context
             n = max(2 * cos.shape[0], last + 1, 256)
@@ -198,8 +200,6 @@ class DecodeStep:
             cos, sin = cos[0].contiguous(), sin[0].contiguous()  # [n, D]
             self._rope_table = (cos, sin)
         if len(at) == 1:  # the table's own row
-            if at[0] < 0:
-                raise LlamascopeError(f"position id {at[0]} is negative")
             row = at[0] * cos.shape[1] * cos.element_size()
             return cos.data_ptr() + row, sin.data_ptr() + row, (cos, sin)
         cos, sin = cos[positions], sin[positions]  # [B, 1, D] each

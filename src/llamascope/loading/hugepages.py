@@ -52,11 +52,23 @@ def _advise(libc, address: int, nbytes: int) -> bool:
 def move_to_huge_pages(model: nn.Module, min_bytes: int = 2 * HUGE_PAGE) -> int:
     """Copy each CPU weight of at least `min_bytes` into memory advised MADV_HUGEPAGE; the
     numbers are unchanged. Returns the bytes moved (0 where THP is off or already "always").
-    Call it before anything records the weights' addresses (the native decode step)."""
+    A native decode step records the weights' addresses, so the model's is rebuilt afterwards."""
+    from .. import decode_step
+
     mode = thp_mode()
     if mode != "madvise":
         log.info("huge pages: transparent huge pages are %r here, nothing to ask for", mode or "absent")
         return 0
+    had_step = getattr(model, "decode_step", None) is not None
+    model.decode_step = None  # it points at the storage about to be replaced
+    try:
+        return _move(model, min_bytes)
+    finally:
+        if had_step:
+            decode_step.enable(model)
+
+
+def _move(model: nn.Module, min_bytes: int) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     moved, seen, start = 0, set(), time.perf_counter()
