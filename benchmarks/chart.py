@@ -11,27 +11,12 @@ Needs matplotlib (`pip install -e '.[bench]'`).
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 from pathlib import Path
+
+from compare import pooled_rows  # (benchmarks/ is on sys.path when this runs as a script)
 
 SYSTEMS = {"llamascope": "#2b6cb0", "transformers": "#dd8452", "llama.cpp": "#55a868"}
 PANELS = (("decode_tps", "decode tokens/s (batch 1)"), ("prefill_tps", "prefill tokens/s (512-token prompt)"))
-
-
-def medians(files: list[Path]) -> tuple[list[tuple[str, str]], dict]:
-    """-> the (model, precision) groups in first-seen order, and {(model, precision, system, key): median}."""
-    values: dict[tuple, list[float]] = {}
-    groups: list[tuple[str, str]] = []
-    for file in files:
-        for row in json.loads(file.read_text()):
-            group = (row["model"], row["precision"])
-            if group not in groups:
-                groups.append(group)
-            for key, _ in PANELS:
-                if row.get(key):
-                    values.setdefault((*group, row["system"], key), []).append(row[key])
-    return groups, {k: statistics.median(v) for k, v in values.items()}
 
 
 def draw(files: list[Path], out: Path) -> None:
@@ -40,7 +25,10 @@ def draw(files: list[Path], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups, med = medians(files)
+    rows = pooled_rows(files)  # [(model, precision, {system: {key: median}})] in first-seen order
+    groups = [(model, precision) for model, precision, _ in rows]
+    med = {(model, precision, system, key): value for model, precision, by in rows
+           for system, values in by.items() for key, value in values.items() if value}
     fig, axes = plt.subplots(len(PANELS), 1, figsize=(max(8.0, 1.1 * len(groups) + 2), 7.5))
     width = 0.8 / len(SYSTEMS)
     for ax, (key, title) in zip(axes, PANELS):

@@ -287,8 +287,7 @@ def main() -> None:
                         results[system].append(result)
                         raw.append({"model": model, "precision": precision, "system": system, **result})
                 bar.advance(task)
-            med = {s: {k: statistics.median(x[k] for x in v) for k in v[0]} for s, v in results.items() if v}
-            rows.append((model, precision, med))
+            rows.append((model, precision, medians(results)))
     print_table(rows, args)
     if args.json:
         args.json.write_text(json.dumps(raw, indent=1))
@@ -301,8 +300,12 @@ def pooled_rows(files: list[Path]) -> list:
         for row in json.loads(file.read_text()):
             measured = {k: v for k, v in row.items() if k not in ("model", "precision", "system")}
             results.setdefault((row["model"], row["precision"]), {}).setdefault(row["system"], []).append(measured)
-    return [(model, precision, {s: {k: statistics.median(x[k] for x in v) for k in v[0]} for s, v in by.items()})
-            for (model, precision), by in results.items()]
+    return [(model, precision, medians(by)) for (model, precision), by in results.items()]
+
+
+def medians(results: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+    """{system: [measurement, ...]} -> {system: {key: median}}, for systems measured at least once."""
+    return {s: {k: statistics.median(x[k] for x in v) for k in v[0]} for s, v in results.items() if v}
 
 
 def print_table(rows, args, repeats=None) -> None:

@@ -454,15 +454,14 @@ def load_model(
         model = build_model(checkpoint, torch_dtype, device, progress, parallel, keep_blocks=keep_blocks)
         if quant and quant != "none":
             quantize_model(model, quant)
-        single = parallel is None or parallel.world_size == 1
-        if fast and device.type == "cpu":
-            accelerate_model(model)
-        if fast and single:
-            fuse_projections(model)
+        if fast:
+            if device.type == "cpu":
+                accelerate_model(model)
+            if parallel is None or parallel.world_size == 1:
+                fuse_projections(model)
+                decode_step.enable(model)
         if huge_pages and device.type == "cpu":
-            move_to_huge_pages(model)  # (before the decode step records the weights' addresses)
-        if fast and single:
-            decode_step.enable(model)
+            move_to_huge_pages(model)  # (it rebuilds the decode step on the moved weights)
     seconds = time.perf_counter() - start
     log.info("loaded in %.2f s", seconds)
     return LoadedModel(model, checkpoint.config, tokenizer, checkpoint.generation_json, checkpoint, seconds)
