@@ -356,7 +356,7 @@ def test_parsed_metadata_is_let_go_once_the_tokenizer_is_built(tiny):
 
 
 def test_without_native_kernels_blocks_are_dequantised_once_at_load(tiny, monkeypatch, caplog):
-    """Where no native kernel reads block formats (a CPU without AVX-512, a GPU), a GGUF's blocks
+    """Where no native kernel reads block formats (a CPU without AVX2, a GPU), a GGUF's blocks
     become float weights at load instead of being dequantised whole for every product; the
     logits are transformers' on the independently dequantised weights."""
     import logging

@@ -8,6 +8,7 @@ import math
 import torch
 from transformers import LlamaForCausalLM
 
+from llamascope import kernels
 from llamascope.cli import main
 from llamascope.loading import load_model
 from llamascope.perplexity import perplexity
@@ -76,6 +77,11 @@ def test_bench_json_report(tiny_model, capsys):
     assert report["weight_bytes"] == weights + buffers
     assert 0 < report["decode_share_of_limit"]
     assert report["peak_rss_bytes"] > weights
+    lib = kernels.load()
+    assert report["kernels"] == (lib.build if lib is not None else "none")
+    assert main(["bench", "--model", str(tiny_model), "--new-tokens", "2", "--prefill-tokens", "8",
+                 "--repeats", "1", "--json", "--plain"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["kernels"] == "none"
 
 
 def test_bench_runs_on_weights_without_a_tokenizer(tiny_model, tmp_path, capsys):

@@ -35,6 +35,7 @@ class BenchResult:
     bandwidth_bytes_per_s: float
     threads: int
     device: str = "cpu"
+    kernels: str = "none"  # the native kernel build the model runs ("avx512", "avx2"), or "none"
 
     @property
     def bandwidth_limit_tokens_per_s(self) -> float:
@@ -49,6 +50,17 @@ class BenchResult:
         out["bandwidth_limit_tokens_per_s"] = self.bandwidth_limit_tokens_per_s
         out["decode_share_of_limit"] = self.decode_share_of_limit
         return out
+
+
+def kernel_build(model: nn.Module) -> str:
+    """The native kernel build this model's layers call, or "none" (plain PyTorch throughout)."""
+    from . import kernels
+
+    lib = kernels.load()
+    uses = getattr(model, "decode_step", None) is not None or any(
+        getattr(m, name, None) is not None for m in model.modules()
+        for name in ("_kernel", "kernel", "decode_kernel", "act_kernel"))
+    return lib.build if lib is not None and uses else "none"
 
 
 def peak_rss_bytes() -> int:
@@ -163,4 +175,5 @@ def run(engine, prompt_tokens: int = 10, new_tokens: int = 128, prefill_tokens: 
         prefill_tokens=len(long_ids), prefill_tokens_per_s=statistics.median(prefill_rates),
         decode_tokens=new_tokens, decode_tokens_per_s=statistics.median(decode_rates),
         bandwidth_bytes_per_s=bandwidth, threads=torch.get_num_threads(), device=str(model.device),
+        kernels=kernel_build(model),
     )

@@ -324,6 +324,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                       f"{result.bandwidth_limit_tokens_per_s:.0f} tokens/s"),
         ("threads", str(result.threads)),
         ("device", result.device),
+        ("native kernels", result.kernels),
     ]
     for key, value in rows:
         table.add_row(key, value)

@@ -121,8 +121,8 @@ class DecodeStep:
         if model.device.type != "cpu":
             raise NotApplicable(f"the model is on {model.device}")
         if self.dtype == torch.bfloat16:
-            if not (kernels.cpu_has("avx512_bf16") and hasattr(lib, "decode_step_bf16")):
-                raise NotApplicable("bfloat16 activations need AVX512-BF16")
+            if not kernels.has_bf16(lib):
+                raise NotApplicable("bfloat16 activations need AVX512-BF16 and the avx512 kernel build")
         elif self.dtype != torch.float32:
             raise NotApplicable(f"activations are {self.dtype}")
         bf16 = self.dtype == torch.bfloat16

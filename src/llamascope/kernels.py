@@ -2,8 +2,15 @@
 the system C compiler, called with ctypes.
 
 The library is compiled on first use into ~/.cache/llamascope/kernels/ (keyed by the sources'
-hash), which takes about a second. It needs gcc or clang and a CPU with AVX-512 (F, BW, VL, VNNI)
-and F16C; without them `load()` returns None and callers use the plain PyTorch path.
+hash and the build), which takes a few seconds. It needs gcc or clang, and one of two builds
+fits the CPU:
+- "avx512": AVX-512 (F, BW, VL, DQ, VNNI), F16C and FMA; where the CPU also has AVX512-BF16, the
+  bfloat16 kernels (bfloat16 weights and activations, the bfloat16 decode step) come with it;
+- "avx2": AVX2, FMA and F16C (most laptops and desktops): the same sources, with csrc/avx2.h
+  giving each 16-lane operation as two 8-lane halves; everything but the bfloat16 kernels.
+The best build the CPU runs is used. LLAMASCOPE_KERNELS=avx512|avx2|off picks one (off, or the
+older LLAMASCOPE_NO_KERNELS=1: none); without a build, `load()` returns None and callers use the
+plain PyTorch path.
 The library links OpenMP; torch's own libgomp (same soname) is already loaded, so both share one
 thread pool.
 """
@@ -20,14 +27,21 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from .errors import LlamascopeError
+
 log = logging.getLogger("llamascope")
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("gemv.c", "attention.c", "decode_step.c", "argmax.c")]
-HEADERS = [CSRC / "simd.h"]
-REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma")
-CFLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-          "-mavx512vnni", "-mavx512bf16", "-mf16c", "-mfma"]
+HEADERS = [CSRC / "simd.h", CSRC / "avx2.h"]
+_BASE_CFLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp"]
+# build -> (CPU flags it needs, compiler flags)
+BUILDS = {
+    "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma"),
+               _BASE_CFLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni",
+                               "-mavx512bf16", "-mf16c", "-mfma"]),
+    "avx2": (("avx2", "f16c", "fma"), _BASE_CFLAGS + ["-mavx2", "-mf16c", "-mfma", "-DLLAMASCOPE_AVX2"]),
+}
 
 
 @lru_cache(maxsize=1)
@@ -46,8 +60,25 @@ def cpu_has(flag: str) -> bool:
     return flag in cpu_flags()
 
 
-def cpu_supported() -> bool:
-    return all(cpu_has(flag) for flag in REQUIRED_CPU_FLAGS)
+def cpu_supported(build: str = "avx512") -> bool:
+    return all(cpu_has(flag) for flag in BUILDS[build][0])
+
+
+def chosen_build() -> str | None:
+    """The build `load()` uses here: LLAMASCOPE_KERNELS's, else the best one this CPU runs; None
+    for none."""
+    asked = os.environ.get("LLAMASCOPE_KERNELS", "").strip().lower()
+    if os.environ.get("LLAMASCOPE_NO_KERNELS") or asked == "off":
+        return None
+    if asked:
+        if asked not in BUILDS:
+            raise LlamascopeError(f"LLAMASCOPE_KERNELS={asked!r}: expected one of {', '.join(BUILDS)} or off")
+        if not cpu_supported(asked):
+            missing = [flag for flag in BUILDS[asked][0] if not cpu_has(flag)]
+            log.warning("LLAMASCOPE_KERNELS=%s: this CPU lacks %s; native kernels off", asked, ", ".join(missing))
+            return None
+        return asked
+    return next((build for build in BUILDS if cpu_supported(build)), None)
 
 
 def _cache_dir() -> Path:
@@ -55,7 +86,7 @@ def _cache_dir() -> Path:
     return Path(base) / "llamascope" / "kernels"
 
 
-def _build(target: Path) -> None:
+def _build(target: Path, cflags: list[str]) -> None:
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
     if compiler is None:
         raise RuntimeError("no C compiler found (gcc, cc or clang)")
@@ -63,7 +94,7 @@ def _build(target: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
     os.close(fd)
     try:
-        subprocess.run([compiler, *CFLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], check=True, capture_output=True,
+        subprocess.run([compiler, *cflags, *map(str, SOURCES), "-o", tmp, "-lm"], check=True, capture_output=True,
                        text=True)
         os.replace(tmp, target)  # atomic: concurrent builders (tensor-parallel ranks) never see half a file
     except subprocess.CalledProcessError as e:
@@ -76,17 +107,18 @@ def _build(target: Path) -> None:
 @lru_cache(maxsize=1)
 def load() -> ctypes.CDLL | None:
     """The kernel library, or None where this machine cannot run it."""
-    if os.environ.get("LLAMASCOPE_NO_KERNELS"):
+    build = chosen_build()
+    if build is None:
+        if cpu_flags() and not any(cpu_supported(b) for b in BUILDS):
+            log.info("native kernels off: this CPU has neither AVX-512 (with VNNI) nor AVX2 with FMA and F16C")
         return None
-    if not cpu_supported():
-        log.info("native kernels off: this CPU lacks one of %s", ", ".join(REQUIRED_CPU_FLAGS))
-        return None
-    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS) + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"gemv-{digest}.so"
+    cflags = BUILDS[build][1]
+    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS) + " ".join(cflags).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"kernels-{build}-{digest}.so"
     try:
         if not target.exists():
-            log.info("compiling native kernels into %s", target)
-            _build(target)
+            log.info("compiling native kernels (%s) into %s", build, target)
+            _build(target, cflags)
         lib = ctypes.CDLL(str(target))
     except (OSError, RuntimeError) as e:
         log.warning("native kernels off: %s", e)
@@ -102,7 +134,8 @@ def load() -> ctypes.CDLL | None:
     lib.silu_mul_f32.restype = f
     lib.decode_attention_f32.argtypes = [p, p, p, p, p, i, i, i, i, i, fl, p, i]
     lib.decode_attention_f32.restype = f
-    if cpu_has("avx512_bf16") and hasattr(lib, "gemv_bf16_bf16"):
+    lib.build = build
+    if has_bf16(lib):
         lib.gemv_bf16_bf16.argtypes = [p, i, i, p, i, p, i]
         lib.gemv_bf16_bf16.restype = f
     for name in ("gemv_f32", "gemv_bf16", "gemv_q8_0_exact_f32"):
@@ -116,9 +149,25 @@ def load() -> ctypes.CDLL | None:
     lib.argmax_rows_f32.restype = f
     lib.decode_step_f32.argtypes = [p, i, p, p, p, p, p, p, p, i, p, i]
     lib.decode_step_f32.restype = i
-    if cpu_has("avx512_bf16"):
+    if has_bf16(lib):
         lib.decode_attention_bf16.argtypes = [p, p, p, p, p, i, i, i, i, i, fl, p, i]
         lib.decode_attention_bf16.restype = f
         lib.decode_step_bf16.argtypes = [p, i, p, p, p, p, p, p, p, i, p, i]
         lib.decode_step_bf16.restype = i
     return lib
+
+
+def has_bf16(lib: ctypes.CDLL | None) -> bool:
+    """Whether `lib` has the bfloat16 kernels (the avx512 build) and this CPU runs them (AVX512-BF16)."""
+    return lib is not None and hasattr(lib, "gemv_bf16_bf16") and cpu_has("avx512_bf16")
+
+
+def bf16_kernels() -> bool:
+    """`has_bf16` of the library `load()` gives."""
+    return has_bf16(load())
+
+
+def writes_bf16(lib: ctypes.CDLL | None) -> bool:
+    """Whether `lib` dequantises into bfloat16 here: the avx2 build rounds with integer operations
+    anywhere, the avx512 build converts with AVX512-BF16's instruction."""
+    return lib is not None and (lib.build == "avx2" or cpu_has("avx512_bf16"))

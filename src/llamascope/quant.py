@@ -181,7 +181,7 @@ class QuantLinear(nn.Module):
     def dequantized_fast(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """`dequantized(dtype)` by the native kernel: the same numbers, on both cores."""
         lib = kernels.load()
-        native_bf16 = dtype == torch.bfloat16 and kernels.cpu_has("avx512_bf16")
+        native_bf16 = dtype == torch.bfloat16 and kernels.writes_bf16(lib)
         if lib is None or (dtype != torch.float32 and not native_bf16):
             return self.dequantized(dtype)
         out = torch.empty(self.out_features, self.in_features, dtype=dtype)  # [N, K]
@@ -242,8 +242,7 @@ class FastLinear(nn.Module):
         self._kernel = getattr(lib, name) if lib is not None and name else None
         # bfloat16 activations with bfloat16 weights: exact products, float32 sums (AVX512-BF16)
         self._bf16_kernel = None
-        if lib is not None and weight.dtype == torch.bfloat16 and weight.shape[1] % 32 == 0 \
-                and kernels.cpu_has("avx512_bf16"):
+        if weight.dtype == torch.bfloat16 and weight.shape[1] % 32 == 0 and kernels.has_bf16(lib):
             self._bf16_kernel = lib.gemv_bf16_bf16
 
     def forward_plain(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@
  * GGUF block formats Q8_0 / Q4_0 / Q4_1, 32 weights per block) and use both cores (OpenMP over
  * output rows). For the block formats the activations are first quantised to 8 bits per
  * 32-wide block (scale d_x = max|x| / 127), and each block's dot product runs on AVX-512 VNNI
- * (u8 x s8 -> s32), then is scaled in float:
+ * (u8 x s8 -> s32; on AVX2 the same through avx2.h), then is scaled in float:
  *   Q8_0: w = d * q            block dot = d * d_x * sum(q * q_x)
  *   Q4_0: w = d * (q - 8)      block dot = d * (d_x * sum(q * q_x) - 8 * s_x)
  *   Q4_1: w = d * q + m        block dot = d * d_x * sum(q * q_x) + m * s_x
@@ -87,10 +87,7 @@ static float dot_q8_0(const uint8_t *row, int nb, const int8_t *xq, const float 
         const __m256i wb = _mm256_loadu_si256((const __m256i *)(b1 + 2));
         const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(wa), wb, 1);
         const __m512i x = _mm512_loadu_si512((const void *)(xq + b * QK));
-        /* u8 x s8 only: move the weight's sign onto the activation. */
-        const __mmask64 neg = _mm512_movepi8_mask(w);
-        const __m512i sx = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
-        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), sx);
+        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), sign_onto(x, w));
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), pair_scale(f16(b0) * xd[b], f16(b1) * xd[b + 1]), acc);
     }
     float sum = _mm512_reduce_add_ps(acc);
@@ -99,8 +96,7 @@ static float dot_q8_0(const uint8_t *row, int nb, const int8_t *xq, const float 
         const uint8_t *b0 = row + b * 34;
         const __m256i w = _mm256_loadu_si256((const __m256i *)(b0 + 2));
         const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
-        const __m256i sx = _mm256_mask_sub_epi8(x, _mm256_movepi8_mask(w), _mm256_setzero_si256(), x);
-        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w), sx);
+        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w), sign_onto_256(x, w));
         const __m256 pf = _mm256_cvtepi32_ps(p);
         __m128 h = _mm_add_ps(_mm256_castps256_ps128(pf), _mm256_extractf128_ps(pf, 1));
         h = _mm_hadd_ps(h, h);
@@ -125,13 +121,11 @@ static inline __attribute__((always_inline)) void dot_q8_0_rows_impl(const uint8
         const __m256i wa = _mm256_loadu_si256((const __m256i *)(b0 + 2));
         const __m256i wb = _mm256_loadu_si256((const __m256i *)(b1 + 2));
         const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(wa), wb, 1);
-        const __mmask64 neg = _mm512_movepi8_mask(w);
         const __m512i aw = _mm512_abs_epi8(w);
         const float d0 = f16(b0), d1 = f16(b1);
         for (int t = 0; t < rows; t++) {
             const __m512i x = _mm512_loadu_si512((const void *)(xq + (int64_t)t * K + b * QK));
-            const __m512i sx = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
-            const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sx);
+            const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sign_onto(x, w));
             const float *xdt = xd + (int64_t)t * nb;
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), pair_scale(d0 * xdt[b], d1 * xdt[b + 1]), acc[t]);
         }

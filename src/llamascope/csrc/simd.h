@@ -1,6 +1,7 @@
 /*
- * Small AVX-512 helpers shared by the kernel sources: bfloat16 conversions and rounding, and a
- * vector exponential.
+ * Small AVX-512 helpers shared by the kernel sources: bfloat16 conversions and rounding, a vector
+ * exponential, and moving signs for 8-bit products. Built with -DLLAMASCOPE_AVX2, the AVX-512
+ * operations come from avx2.h instead, as pairs of AVX2 halves.
  */
 #ifndef LLAMASCOPE_SIMD_H
 #define LLAMASCOPE_SIMD_H
@@ -8,6 +9,24 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
+
+#ifdef LLAMASCOPE_AVX2
+#include "avx2.h"
+#endif
+
+/* x with the sign of w moved onto it (x negated where w < 0): VNNI multiplies u8 by s8 only, so
+ * a signed product w * x runs as |w| * sign_onto(x, w). */
+#ifdef LLAMASCOPE_AVX2
+#define sign_onto avx2_sign_onto
+#define sign_onto_256 avx2_sign_onto_256
+#else
+static inline __m512i sign_onto(__m512i x, __m512i w) {
+    return _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+}
+static inline __m256i sign_onto_256(__m256i x, __m256i w) {
+    return _mm256_mask_sub_epi8(x, _mm256_movepi8_mask(w), _mm256_setzero_si256(), x);
+}
+#endif
 
 /* 16 bfloat16 values (raw uint16) widened to float32: exact. */
 static inline __m512 bf16x16_to_f32(const uint16_t *p) {

@@ -420,7 +420,7 @@ def load_model(
     `device`: "cpu", "cuda", "cuda:N" or "auto" (CUDA when PyTorch sees a GPU). The native
     kernels are the CPU's; on a GPU every layer runs PyTorch's operations.
     GGUF block formats stay quantised only where a native kernel reads them (a CPU with the
-    kernels); elsewhere (a GPU, a CPU without AVX-512) they are dequantised to `dtype` once at
+    kernels); elsewhere (a GPU, a CPU without AVX2) they are dequantised to `dtype` once at
     load, since dequantising a whole matrix for every product would be several times slower.
 
     With `parallel` (from `parallel.init_from_env`), this rank loads only its shard of the model.
