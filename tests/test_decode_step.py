@@ -88,7 +88,7 @@ def test_step_applies_only_where_the_module_path_would_use_the_kernels(tiny_mode
     assert not step.applies(one, None, None, None)  # no cache
     assert load_model(tiny_model, fast=False).model.decode_step is None
     bf16 = load_model(tiny_model, dtype="bfloat16").model  # its own step, for bfloat16 caches only
-    if not kernels.bf16_kernels():  # (the avx2 build has no bfloat16 step)
+    if not kernels.bf16_kernels():  # (an AVX-512 CPU without AVX512-BF16 has no bfloat16 step)
         assert bf16.decode_step is None
         return
     assert bf16.decode_step is not None and not bf16.decode_step.applies(one, cache, None, None)

@@ -4,10 +4,10 @@ the system C compiler, called with ctypes.
 The library is compiled on first use into ~/.cache/llamascope/kernels/ (keyed by the sources'
 hash and the build), which takes a few seconds. It needs gcc or clang, and one of two builds
 fits the CPU:
-- "avx512": AVX-512 (F, BW, VL, DQ, VNNI), F16C and FMA; where the CPU also has AVX512-BF16, the
-  bfloat16 kernels (bfloat16 weights and activations, the bfloat16 decode step) come with it;
+- "avx512": AVX-512 (F, BW, VL, DQ, VNNI), F16C and FMA; its bfloat16 kernels (bfloat16 weights
+  and activations, the bfloat16 decode step) run where the CPU also has AVX512-BF16;
 - "avx2": AVX2, FMA and F16C (most laptops and desktops): the same sources, with csrc/avx2.h
-  giving each 16-lane operation as two 8-lane halves; everything but the bfloat16 kernels.
+  giving each 16-lane operation as two 8-lane halves, the bfloat16 kernels included.
 The best build the CPU runs is used. LLAMASCOPE_KERNELS=avx512|avx2|off picks one (off, or the
 older LLAMASCOPE_NO_KERNELS=1: none); without a build, `load()` returns None and callers use the
 plain PyTorch path.
@@ -158,8 +158,9 @@ def load() -> ctypes.CDLL | None:
 
 
 def has_bf16(lib: ctypes.CDLL | None) -> bool:
-    """Whether `lib` has the bfloat16 kernels (the avx512 build) and this CPU runs them (AVX512-BF16)."""
-    return lib is not None and hasattr(lib, "gemv_bf16_bf16") and cpu_has("avx512_bf16")
+    """Whether `lib` runs the bfloat16 kernels here: the avx2 build on any CPU (each bfloat16 product
+    widened to float32), the avx512 build where the CPU has AVX512-BF16."""
+    return lib is not None and (lib.build == "avx2" or cpu_has("avx512_bf16"))
 
 
 def bf16_kernels() -> bool:

@@ -296,9 +296,9 @@ void silu_mul_f32(const float *gu, int rows, int I, float *out) {
     }
 }
 
-/* ---- bfloat16 weights and activations (AVX512-BF16) ------------------------------------------ */
+/* ---- bfloat16 weights and activations (AVX512-BF16, or its products on AVX2) ------------------- */
 
-#ifdef __AVX512BF16__
+#if HAVE_BF16_PAIRS
 /* y[T, N] = x[T, K] @ W[N, K]^T with W and x bfloat16 (raw uint16), y float32. Each
  * vdpbf16ps multiplies 32 pairs exactly and accumulates in float32. K % 32 == 0. One weight row at a
  * time with four sums in flight, as gemv_f32 (8% faster from memory than four rows side by side). */
@@ -313,8 +313,7 @@ void gemv_bf16_bf16(const uint16_t *w, int N, int K, const uint16_t *x, int T, f
             for (; k + 128 <= K; k += 128) {
                 const char *line = (const char *)(r + k);
                 prefetch_ahead_256(line);
-#define BF16_DOT(acc, at) acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const void *)(r + (at))), \
-                                                 (__m512bh)_mm512_loadu_si512((const void *)(xt + (at))))
+#define BF16_DOT(acc, at) acc = dot_bf16_pairs(acc, r + (at), xt + (at))
                 BF16_DOT(a0, k);
                 BF16_DOT(a1, k + 32);
                 BF16_DOT(a2, k + 64);

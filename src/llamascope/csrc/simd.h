@@ -14,6 +14,30 @@
 #include "avx2.h"
 #endif
 
+/* acc + the products of 32 bfloat16 pairs (raw uint16 at w and x), pair 2i and 2i + 1 into lane i:
+ * vdpbf16ps. Built for AVX2, each product of two bfloat16 values is exact in float32, so a fused
+ * multiply-add of the widened values adds it as vdpbf16ps does (odd element first, then even). */
+#if defined(__AVX512BF16__) || defined(LLAMASCOPE_AVX2)
+#define HAVE_BF16_PAIRS 1
+#else
+#define HAVE_BF16_PAIRS 0
+#endif
+#if defined(__AVX512BF16__)
+static inline __m512 dot_bf16_pairs(__m512 acc, const uint16_t *w, const uint16_t *x) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const void *)w), (__m512bh)_mm512_loadu_si512((const void *)x));
+}
+#elif defined(LLAMASCOPE_AVX2)
+static inline __m256 dot_bf16_pairs8(__m256 acc, __m256i w, __m256i x) {
+    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
+    acc = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(w, high)), _mm256_castsi256_ps(_mm256_and_si256(x, high)), acc);
+    return _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)), acc);
+}
+static inline __m512 dot_bf16_pairs(__m512 acc, const uint16_t *w, const uint16_t *x) {
+    const __m512i wv = _mm512_loadu_si512((const void *)w), xv = _mm512_loadu_si512((const void *)x);
+    return f16x_make(dot_bf16_pairs8(acc.lo, wv.lo, xv.lo), dot_bf16_pairs8(acc.hi, wv.hi, xv.hi));
+}
+#endif
+
 /* x with the sign of w moved onto it (x negated where w < 0): VNNI multiplies u8 by s8 only, so
  * a signed product w * x runs as |w| * sign_onto(x, w). */
 #ifdef LLAMASCOPE_AVX2
