@@ -106,7 +106,8 @@ def _build(target: Path, cflags: list[str]) -> None:
 
 @lru_cache(maxsize=1)
 def load() -> ctypes.CDLL | None:
-    """The kernel library, or None where this machine cannot run it."""
+    """The kernel library (its `build` attribute names it), or None where this machine runs none.
+    An unknown LLAMASCOPE_KERNELS value raises LlamascopeError."""
     build = chosen_build()
     if build is None:
         if cpu_flags() and not any(cpu_supported(b) for b in BUILDS):
@@ -167,8 +168,3 @@ def bf16_kernels() -> bool:
     """`has_bf16` of the library `load()` gives."""
     return has_bf16(load())
 
-
-def writes_bf16(lib: ctypes.CDLL | None) -> bool:
-    """Whether `lib` dequantises into bfloat16 here: the avx2 build rounds with integer operations
-    anywhere, the avx512 build converts with AVX512-BF16's instruction."""
-    return lib is not None and (lib.build == "avx2" or cpu_has("avx512_bf16"))

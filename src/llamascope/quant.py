@@ -141,6 +141,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("stored", blocks.contiguous())  # [N, K/32 * bytes] uint8
             self._kernel = lib.gemv_blocks_f32 if lib is not None else None
         self._exact_kernel = None
+        # (oneDNN's bfloat16 product is fast where the CPU has AVX512-BF16, whichever kernel build runs)
         self.long_inputs_in_bf16 = lib is not None and kernels.cpu_has("avx512_bf16")
 
     def use_float_activations(self) -> None:
@@ -181,7 +182,7 @@ class QuantLinear(nn.Module):
     def dequantized_fast(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """`dequantized(dtype)` by the native kernel: the same numbers, on both cores."""
         lib = kernels.load()
-        native_bf16 = dtype == torch.bfloat16 and kernels.writes_bf16(lib)
+        native_bf16 = dtype == torch.bfloat16 and kernels.has_bf16(lib)
         if lib is None or (dtype != torch.float32 and not native_bf16):
             return self.dequantized(dtype)
         out = torch.empty(self.out_features, self.in_features, dtype=dtype)  # [N, K]

@@ -6,8 +6,9 @@
  * 16-lane float or integer vector becomes a pair of 8-lane AVX2 halves (lanes 0-7, lanes 8-15), and
  * each AVX-512 name the kernels call is a macro for the same operation on both halves, so the
  * kernel sources read and compute the same in both builds. Per lane every float operation is the
- * same IEEE operation, so results equal the AVX-512 build's except where a horizontal sum
- * (reduce_add) adds lanes in another order.
+ * same IEEE operation and the horizontal sums pair lanes as GCC's AVX-512 ones do, so the two
+ * builds give the same numbers (compared bit for bit, kernel by kernel, NaN and infinities
+ * included); only denormals differ where AVX512-BF16 flushes them to zero.
  *
  * Only the forms the kernels use are given. Two are exact only within the kernels' ranges, noted
  * where they are defined: dpbusd (no 16-bit overflow) and scalef (an integral exponent).
@@ -162,8 +163,10 @@ AVX2_INLINE float hsum8(__m256 v) {
 }
 AVX2_INLINE float avx2_reduce_add_ps(f32x16 v) { return hsum8(_mm256_add_ps(v.lo, v.hi)); }
 AVX2_INLINE float avx2_reduce_max_ps(f32x16 v) {
-    __m256 m = _mm256_max_ps(v.lo, v.hi);
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    /* upper half first, as GCC's _mm512_reduce_max_ps: vmaxps returns its second operand when
+     * either is NaN, so the order decides which NaN (or number) survives */
+    __m256 m = _mm256_max_ps(v.hi, v.lo);
+    __m128 s = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
     s = _mm_max_ps(s, _mm_movehl_ps(s, s));
     s = _mm_max_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
@@ -173,10 +176,10 @@ AVX2_INLINE float avx2_reduce_max_ps(f32x16 v) {
 #undef _mm512_reduce_max_ps
 #define _mm512_reduce_max_ps avx2_reduce_max_ps
 
-/* Lanes 0-7 from a, lanes 8-15 from b. */
+/* Lanes 0-7 from a, lanes 8-15 from b (the kernels insert at position 1 only). */
 AVX2_INLINE f32x16 avx2_insertf32x8(f32x16 a, __m256 b) { return f16x_make(a.lo, b); }
 #undef _mm512_insertf32x8
-#define _mm512_insertf32x8(a, b, imm) avx2_insertf32x8(a, b)
+#define _mm512_insertf32x8(a, b, imm) ((void)sizeof(char[(imm) == 1 ? 1 : -1]), avx2_insertf32x8(a, b))  /* position 1 only */
 /* Lanes 0-3 from x, the rest 0 (AVX-512 leaves them undefined). */
 AVX2_INLINE f32x16 avx2_castps128_ps512(__m128 x) {
     return f16x_make(_mm256_insertf128_ps(_mm256_setzero_ps(), x, 0), _mm256_setzero_ps());
@@ -254,7 +257,8 @@ AVX2_INLINE int avx2_reduce_add_epi32(i32x16 v) {
 AVX2_INLINE f32x16 avx2_castsi512_ps(i32x16 v) { return f16x_make(_mm256_castsi256_ps(v.lo), _mm256_castsi256_ps(v.hi)); }
 AVX2_INLINE i32x16 avx2_castps_si512(f32x16 v) { return i16x_make(_mm256_castps_si256(v.lo), _mm256_castps_si256(v.hi)); }
 AVX2_INLINE f32x16 avx2_cvtepi32_ps(i32x16 v) { return f16x_make(_mm256_cvtepi32_ps(v.lo), _mm256_cvtepi32_ps(v.hi)); }
-/* to the nearest integer, ties to even (the rounding mode the kernels run in) */
+/* to the nearest integer, ties to even: the MXCSR mode the kernels run in, which is the only rounding
+ * they ask cvt_roundps_epi32 for */
 AVX2_INLINE i32x16 avx2_cvtps_epi32(f32x16 v) { return i16x_make(_mm256_cvtps_epi32(v.lo), _mm256_cvtps_epi32(v.hi)); }
 #undef _mm512_castsi512_ps
 #define _mm512_castsi512_ps avx2_castsi512_ps
@@ -299,7 +303,7 @@ AVX2_INLINE i32x16 avx2_inserti64x4(i32x16 a, __m256i b) { return i16x_make(a.lo
 #undef _mm512_castsi256_si512
 #define _mm512_castsi256_si512 avx2_castsi256_si512
 #undef _mm512_inserti64x4
-#define _mm512_inserti64x4(a, b, imm) avx2_inserti64x4(a, b)
+#define _mm512_inserti64x4(a, b, imm) ((void)sizeof(char[(imm) == 1 ? 1 : -1]), avx2_inserti64x4(a, b))  /* position 1 only */
 
 /* Lane i takes v's lane idx[i] (0..15). */
 AVX2_INLINE __m256 permute_half(__m256i idx, f32x16 v) {
@@ -349,6 +353,10 @@ AVX2_INLINE __m256i avx2_maskz_loadu_epi16(__mmask16 m, const void *p) {
     return _mm256_loadu_si256((const __m256i *)tmp);
 }
 AVX2_INLINE void avx2_mask_storeu_epi16(void *p, __mmask16 m, __m256i v) {
+    if (m == 0xFFFF) {
+        _mm256_storeu_si256((__m256i *)p, v);
+        return;
+    }
     uint16_t tmp[16];
     _mm256_storeu_si256((__m256i *)tmp, v);
     for (int i = 0; i < 16; i++)

@@ -54,6 +54,9 @@ void quantize_act_q8(const float *x, int T, int K, int8_t *q, float *d, float *s
             __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
             __m512 a = _mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1));
             float amax = _mm512_reduce_max_ps(a);
+            /* vmaxps may drop a NaN: a block holding one gets a NaN scale, so every product with
+             * it is NaN, as in float arithmetic */
+            if (_mm512_cmp_ps_mask(v0, v1, _CMP_UNORD_Q)) amax = NAN;
             float db = amax / 127.0f;
             float id = db != 0.0f ? 1.0f / db : 0.0f;
             __m512 sc = _mm512_set1_ps(id);
@@ -107,7 +110,7 @@ static float dot_q8_0(const uint8_t *row, int nb, const int8_t *xq, const float 
 }
 
 /* One Q8_0 row against `rows` activation rows (rows <= 8): each pair of blocks is loaded and its
- * signs split off once; every row's sums are dot_q8_0's, in the same order. */
+ * magnitudes taken once; every row's sums are dot_q8_0's, in the same order. */
 static inline __attribute__((always_inline)) void dot_q8_0_rows_impl(const uint8_t *row, int nb, const int8_t *xq,
                                                                      int K, const float *xd, const int rows,
                                                                      float *out) {

@@ -16,7 +16,8 @@
 
 /* acc + the products of 32 bfloat16 pairs (raw uint16 at w and x), pair 2i and 2i + 1 into lane i:
  * vdpbf16ps. Built for AVX2, each product of two bfloat16 values is exact in float32, so a fused
- * multiply-add of the widened values adds it as vdpbf16ps does (odd element first, then even). */
+ * multiply-add of the widened values adds it as vdpbf16ps does (odd element first, then even),
+ * except that vdpbf16ps flushes denormal inputs and results to zero and this keeps them. */
 #if defined(__AVX512BF16__) || defined(LLAMASCOPE_AVX2)
 #define HAVE_BF16_PAIRS 1
 #else
