@@ -102,3 +102,20 @@ def test_bench_on_cuda(tiny_model, capsys):
     assert main(["bench", "--model", str(tiny_model), "--device", "cuda", "--new-tokens", "4", "--prompt-tokens", "4",
                  "--prefill-tokens", "16", "--repeats", "1", "--json"]) == 0
     assert '"device": "cuda:' in capsys.readouterr().out
+
+
+@needs_cuda
+def test_compiled_decode_on_cuda_equals_transformers(tiny_model):
+    """`--compile` on the GPU: the decode step runs as one compiled graph; tokens as transformers'."""
+    from transformers import LlamaForCausalLM
+
+    from llamascope.compiled import CompiledDecode
+
+    model = load_model(tiny_model, device="cuda", compile=True).model
+    assert type(model.decode_step) is CompiledDecode
+    reference = LlamaForCausalLM.from_pretrained(tiny_model).eval()
+    for prompt in (PROMPT, PROMPT[:3]):
+        ours = generate(model, prompt, max_new_tokens=24, eos_token_id=[]).output_ids[0]
+        theirs = reference.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                                    pad_token_id=0)[0, len(prompt):].tolist()
+        assert ours == theirs

@@ -55,9 +55,10 @@ class BenchResult:
 def kernel_build(model: nn.Module) -> str:
     """The native kernel build this model's layers call, or "none" (plain PyTorch throughout)."""
     from . import kernels
+    from .decode_step import DecodeStep
 
     lib = kernels.load()
-    uses = getattr(model, "decode_step", None) is not None or any(
+    uses = type(getattr(model, "decode_step", None)) is DecodeStep or any(
         getattr(m, name, None) is not None for m in model.modules()
         for name in ("_kernel", "kernel", "decode_kernel", "act_kernel"))
     return lib.build if lib is not None and uses else "none"

@@ -32,6 +32,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plain", action="store_true",
                    help="plain PyTorch layers only (no native kernels in the model; the greedy pick's native "
                         "argmax, exact to torch.argmax, still runs)")
+    p.add_argument("--compile", action="store_true",
+                   help="plain PyTorch layers with the decode step compiled by torch.compile (for a GPU, or a CPU "
+                        "the native kernels do not run on; the first step compiles, which takes a minute or so)")
     _add_huge_pages_arg(p)
     _add_parallel_args(p)
 
@@ -118,7 +121,7 @@ def _load_engine(args: argparse.Namespace):
     progress = _progress(args) if group is None or group.is_main else None
     return Engine.load(args.model, dtype=args.dtype, device=getattr(args, "device", "auto"), progress=progress,
                        parallel=group, quant=getattr(args, "quant", None), fast=not getattr(args, "plain", False),
-                       huge_pages=getattr(args, "huge_pages", False))
+                       huge_pages=getattr(args, "huge_pages", False), compile=getattr(args, "compile", False))
 
 
 def _progress(args: argparse.Namespace):

@@ -235,7 +235,9 @@ class DecodeStep:
             self._cache_arrays = (weakref.ref(store), store.storage_version, keys, values)
         return keys, values
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | SlotBatch) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | SlotBatch,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        # (`mask` is None for a KVCache, see `applies`; a SlotBatch's says what its columns say)
         B = tokens.shape[0]
         ids, at = tokens.view(-1).tolist(), positions.reshape(-1).tolist()
         x = self._embed(tokens, ids)  # [B, 1, hidden]: the residual stream

@@ -72,13 +72,14 @@ class Engine:
     def load(cls, path: str | Path | None = None, dtype: str | torch.dtype = "auto", device: str = "cpu",
              progress: Callable[[int, int], None] | None = None,
              parallel: ParallelGroup | None = None, quant: str | None = None, fast: bool = True,
-             huge_pages: bool = False) -> "Engine":
+             huge_pages: bool = False, compile: bool = False) -> "Engine":
         """`parallel` (from `parallel.init_from_env`): load this rank's shard; the device is the group's.
-        `quant`: "int8" or "int4" weight-only quantisation; `fast=False`: plain PyTorch layers only."""
+        `quant`: "int8" or "int4" weight-only quantisation; `fast=False`: plain PyTorch layers only;
+        `compile`: plain layers with a decode step compiled by torch.compile (for a GPU)."""
         if parallel is not None:
             device = parallel.device
         return cls(load_model(path, dtype=dtype, device=device, progress=progress, parallel=parallel,
-                              quant=quant, fast=fast, huge_pages=huge_pages), parallel)
+                              quant=quant, fast=fast, huge_pages=huge_pages, compile=compile), parallel)
 
     def _need_tokenizer(self):
         if self.tokenizer is None:

@@ -309,7 +309,8 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         # One native call per batch-1 decode step (decode_step.enable sets it once the model's
-        # layers have their kernels); forward falls back to the modules wherever it does not apply.
+        # layers have their kernels), or the compiled one (compiled.enable); forward falls back to
+        # the modules wherever it does not apply.
         self.decode_step = None
 
     @property
@@ -363,7 +364,7 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """logits [B, T, vocab] (or [B, 1, vocab] with last_only) in the model's dtype."""
         if self.decode_step is not None and self.decode_step.applies(tokens, cache, mask, capture):
-            return self.decode_step(tokens, positions, cache)  # [1, 1, vocab]
+            return self.decode_step(tokens, positions, cache, mask)  # [B, 1, vocab]
         h = self.hidden_states(tokens, positions, cache, mask, capture)
         if capture is not None and capture.get("_all_logits"):
             capture["logits"] = self.lm_head(h)  # [B, T, vocab]

@@ -414,6 +414,7 @@ def load_model(
     quant: str | None = None,
     fast: bool = True,
     huge_pages: bool = False,
+    compile: bool = False,
 ) -> LoadedModel:
     """Load a model, its tokenizer and generation settings from a folder or GGUF file.
 
@@ -429,8 +430,10 @@ def load_model(
     `fast` gives float projections the two-core batch-1 kernels (False: plain `nn.Linear`).
     `huge_pages` moves the large weights into 2 MB pages (see `hugepages`): faster decode of a large
     float model, slower load.
+    `compile` runs the plain PyTorch layers, with their decode step compiled by `torch.compile`
+    (see `compiled`), in place of the native kernels: for a GPU, or a CPU they do not run on.
     """
-    from .. import decode_step, kernels
+    from .. import compiled, decode_step, kernels
     from .hugepages import move_to_huge_pages
     from ..quant import accelerate_model, fuse_projections, quantize_model
 
@@ -443,10 +446,14 @@ def load_model(
     log.info("loading %s (%s, %d tensors) as %s%s", checkpoint.path, checkpoint.format,
              len(checkpoint.tensors), str(torch_dtype).removeprefix("torch."),
              f", tensor parallel {parallel.describe()}" if parallel is not None else "")
+    if compile and quant not in (None, "none"):
+        raise LlamascopeError(f"--compile runs float weights; --quant {quant} runs on the native kernels")
+    if compile and parallel is not None and parallel.world_size > 1:
+        raise LlamascopeError("--compile does not run under tensor parallelism (--tp)")
     keep_blocks = quant is None and checkpoint.format == "gguf"
-    if keep_blocks and (device.type != "cpu" or kernels.load() is None):
-        log.info("no native kernel reads GGUF block formats on %s here: weights dequantised to %s at load",
-                 device, str(torch_dtype).removeprefix("torch."))
+    if keep_blocks and (device.type != "cpu" or kernels.load() is None or compile):
+        log.info("no native kernel reads GGUF block formats %s: weights dequantised to %s at load",
+                 "under --compile" if compile else f"on {device} here", str(torch_dtype).removeprefix("torch."))
         keep_blocks = False
     # before the weights: a GGUF tokenizer's parsed metadata is then freed before they take memory
     tokenizer = checkpoint.tokenizer_factory() if checkpoint.tokenizer_factory else None
@@ -454,7 +461,9 @@ def load_model(
         model = build_model(checkpoint, torch_dtype, device, progress, parallel, keep_blocks=keep_blocks)
         if quant and quant != "none":
             quantize_model(model, quant)
-        if fast:
+        if compile:
+            compiled.enable(model)
+        elif fast:
             if device.type == "cpu":
                 accelerate_model(model)
             if parallel is None or parallel.world_size == 1:

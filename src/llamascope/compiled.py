@@ -1,0 +1,126 @@
+"""A decode step compiled by `torch.compile` (`--compile`): for where the native kernels do not run.
+
+On a GPU (or a CPU without AVX2) every layer runs PyTorch's operations, and a decode step is some
+thirty small operations per layer, each dispatched from Python. `CompiledDecode` hands the plain
+modules' decode step to `torch.compile` once, so each step is one call of generated code with the
+elementwise work fused (RMSNorm, RoPE, SiLU, residual sums).
+
+Compiled code wants fixed shapes, so the step is written the way a static cache allows (as
+gpt-fast does): the new token's keys and values go to cache column `column` (a tensor, not a
+Python int) with `index_copy_`, and attention reads the cache's whole capacity with a mask of the
+columns filled so far (and the batch's padding). One graph then serves every step of a
+generation; caches are made in capacities rounded up to CAPACITY_STEP columns (`capacity_for`),
+so generations of different lengths share it too. It recompiles for another batch size, dtype
+or device.
+
+It applies where the native step would: one new token per sequence over a `KVCache`, nothing
+captured. Prefill, tracing and the server's slot caches take the modules as they are. The
+modules are the plain path's, so the tokens are the plain path's (compiled arithmetic may fuse
+and reorder float operations: equal to float rounding, not bit for bit).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .cache import KVCache
+from .errors import LlamascopeError
+
+CAPACITY_STEP = 256
+
+
+class NotApplicable(Exception):
+    """The model has a part the compiled step cannot run."""
+
+
+class _StaticColumns:
+    """The cache as the compiled graph sees it: `update` writes column `column` in place and
+    returns every column (the mask hides those not filled)."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], column: torch.Tensor):
+        self.keys, self.values, self.column = keys, values, column
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v: [B, KVH, 1, D] into column `column` of [B, KVH, capacity, D]
+        self.keys[layer].index_copy_(2, self.column, k)
+        self.values[layer].index_copy_(2, self.column, v)
+        return self.keys[layer], self.values[layer]
+
+    def advance(self, T: int) -> None:  # (the caller advances the real cache)
+        pass
+
+
+class CompiledDecode:
+    """`step(tokens [B, 1], positions [B, 1], cache, mask) -> logits [B, 1, vocab]`, compiled."""
+
+    def __init__(self, model: nn.Module):
+        if model.config.rope_type == "dynamic":
+            raise NotApplicable("dynamic RoPE scaling recomputes its frequencies from each step's positions")
+        for name, module in model.named_modules():
+            if any(getattr(module, attr, None) is not None for attr in ("_kernel", "kernel", "decode_kernel",
+                                                                         "act_kernel")):
+                raise NotApplicable(f"{name or 'the model'} calls a native kernel (load it with fast=False)")
+        self.model = model
+        self.dtype = model.dtype
+        self.device = model.device
+        self._graph = torch.compile(self._forward, fullgraph=True, dynamic=False)
+        self._buffers: dict[tuple, tuple] = {}  # (B, capacity) -> (ids, column, pad)
+
+    @staticmethod
+    def capacity_for(capacity: int) -> int:
+        """The cache capacity to allocate for `capacity` columns: rounded up, so generations of
+        different lengths reuse one compiled graph."""
+        return -(-capacity // CAPACITY_STEP) * CAPACITY_STEP
+
+    def applies(self, tokens: torch.Tensor, cache, mask, capture) -> bool:
+        if capture is not None or tokens.dim() != 2 or tokens.shape[1] != 1 or type(cache) is not KVCache:
+            return False
+        store = cache.keys[0]
+        return (store.shape[0] == tokens.shape[0] and store.dtype == self.dtype and store.device == self.device
+                and (mask is None or mask.shape[-1] == cache.length + 1))
+
+    def _forward(self, tokens, positions, keys, values, column, pad):
+        capacity = keys[0].shape[2]
+        # [B, 1, 1, capacity]: filled columns (this token's included) that the padding does not hide
+        allowed = pad & (torch.arange(capacity, device=tokens.device) <= column)
+        h = self.model.hidden_states(tokens, positions, _StaticColumns(keys, values, column), allowed)  # [B, 1, hidden]
+        return self.model.lm_head(h)  # [B, 1, vocab]
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, capacity = tokens.shape[0], cache.capacity
+        cache.check_room(1)
+        vocab = self.model.config.vocab_size
+        if bool(((tokens < 0) | (tokens >= vocab)).any()):  # (an embedding read outside the table)
+            bad = next(t for t in tokens.view(-1).tolist() if not 0 <= t < vocab)
+            raise LlamascopeError(f"token id {bad} is outside the vocabulary ({vocab} ids)")
+        key = (B, capacity)
+        if key not in self._buffers:  # the graph's inputs, in buffers of fixed shape and strides
+            ids = torch.zeros(2, B, 1, dtype=torch.long, device=self.device)  # [2, B, 1]: tokens, positions
+            column = torch.zeros(1, dtype=torch.long, device=self.device)  # [1]
+            pad = torch.ones(B, 1, 1, capacity, dtype=torch.bool, device=self.device)  # [B, 1, 1, capacity]
+            self._buffers = {key: (ids, column, pad)}  # (one generation at a time: keep only the latest)
+        ids, column, pad = self._buffers[key]
+        ids[0].copy_(tokens)
+        ids[1].copy_(positions)
+        column.fill_(cache.length)
+        if mask is not None:  # left padding: [B, 1, 1, length + 1]
+            pad[..., :cache.length + 1].copy_(mask)
+        else:
+            pad.fill_(True)
+        logits = self._graph(ids[0], ids[1], cache.keys, cache.values, column, pad)  # [B, 1, vocab]
+        cache.advance(1)
+        return logits
+
+
+def enable(model: nn.Module) -> bool:
+    """Give the model the compiled decode step; False (and a warning) where it cannot run."""
+    import logging
+
+    try:
+        model.decode_step = CompiledDecode(model)
+    except NotApplicable as e:
+        logging.getLogger("llamascope").warning("--compile: not used: %s", e)
+        model.decode_step = None
+    return model.decode_step is not None

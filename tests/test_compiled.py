@@ -1,0 +1,127 @@
+"""`--compile`: the plain layers' decode step compiled by torch.compile, against transformers and the
+plain (uncompiled) path. Compiling takes seconds per model, so one compiled model serves the file."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from llamascope.cache import KVCache
+from llamascope.cli import main
+from llamascope import kernels
+from llamascope.compiled import CAPACITY_STEP, CompiledDecode, NotApplicable
+from llamascope.errors import LlamascopeError
+from llamascope.generation import generate
+from llamascope.loading import load_model
+
+PROMPTS = ["My name is Mariama, my favorite", "Once upon a time", "def forward(self, x): return 42"]
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_model):
+    loaded = load_model(tiny_model, compile=True)
+    assert type(loaded.model.decode_step) is CompiledDecode
+    return loaded
+
+
+def _frames_compiled() -> int:
+    """Graphs dynamo has captured in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def test_greedy_tokens_match_transformers_and_one_graph_serves_all_lengths(compiled, tiny_model):
+    hf = LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    steps = []
+    for new_tokens, prompt in ((24, PROMPTS[0]), (9, PROMPTS[1])):
+        ids = compiled.tokenizer.encode(prompt)
+        with torch.no_grad():
+            expected = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                   max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        before = _frames_compiled()
+        result = generate(compiled.model, ids, max_new_tokens=new_tokens, eos_token_id=[])
+        steps.append(_frames_compiled() - before)
+        assert result.output_ids[0] == expected[0, len(ids):].tolist(), prompt
+    assert steps == [1, 0]  # one graph, then another prompt and length run it again
+
+
+def test_left_padded_batch_matches_transformers(compiled, tiny_model):
+    ref = AutoTokenizer.from_pretrained(tiny_model)
+    ref.pad_token, ref.padding_side = "</s>", "left"
+    enc = ref(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval().generate(
+            **enc, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=2)
+    prompts = [compiled.tokenizer.encode(p) for p in PROMPTS]
+    batch = generate(compiled.model, prompts, max_new_tokens=12, eos_token_id=[], pad_token_id=2)
+    assert batch.output_ids == expected[:, enc.input_ids.shape[1]:].tolist()
+
+
+def test_step_logits_equal_the_plain_modules(compiled):
+    """The compiled step against the same modules run eagerly, step by step, with the cache it wrote."""
+    model, step = compiled.model, compiled.model.decode_step
+    torch.manual_seed(0)
+    with torch.no_grad():
+        cache = KVCache.for_model(model, 1, 20)
+        assert cache.capacity == CAPACITY_STEP  # rounded up for the compiled graph
+        prompt = torch.randint(0, model.config.vocab_size, (1, 6))
+        model(prompt, torch.arange(6)[None], cache)
+        plain_cache = KVCache.for_model(model, 1, 20)
+        model(prompt, torch.arange(6)[None], plain_cache)
+        for token in torch.randint(0, model.config.vocab_size, (8,)).tolist():
+            tokens, positions = torch.tensor([[token]]), torch.tensor([[cache.length]])
+            assert step.applies(tokens, cache, None, None)
+            found = model(tokens, positions, cache)  # [1, 1, vocab]
+            model.decode_step = None
+            try:
+                expected = model(tokens, positions, plain_cache)
+            finally:
+                model.decode_step = step
+            assert cache.length == plain_cache.length
+            assert torch.allclose(found, expected, atol=1e-5, rtol=1e-5)
+        with pytest.raises(LlamascopeError, match="token id 100000 is outside the vocabulary"):
+            model(torch.tensor([[100000]]), torch.tensor([[cache.length]]), cache)
+
+
+def test_bench_reports_no_native_kernels(compiled):
+    from llamascope.bench import kernel_build
+
+    assert kernel_build(compiled.model) == "none"
+
+
+def test_applies_only_to_one_token_per_row_over_a_plain_cache(compiled):
+    model, step = compiled.model, compiled.model.decode_step
+    cache = KVCache.for_model(model, 1, 8)
+    one = torch.tensor([[5]])
+    assert step.applies(one, cache, None, None)
+    assert not step.applies(torch.tensor([[5, 6]]), cache, None, None)  # prefill
+    assert not step.applies(one, cache, None, {})  # tracing
+    assert not step.applies(one, None, None, None)  # no cache
+    assert not step.applies(torch.tensor([[5], [6]]), cache, None, None)  # batch size of another cache
+
+
+def test_refusals_and_fallbacks(tiny_model, model_factory, caplog):
+    with pytest.raises(LlamascopeError, match="--compile runs float weights; --quant int8"):
+        load_model(tiny_model, compile=True, quant="int8")
+    folder = model_factory("rope_dynamic", max_position_embeddings=24,
+                           rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    with caplog.at_level(logging.WARNING, logger="llamascope"):
+        loaded = load_model(folder, compile=True)
+    assert loaded.model.decode_step is None and "dynamic RoPE" in caplog.text
+    if kernels.load() is not None:  # modules holding native kernels are not what the graph can trace
+        with pytest.raises(NotApplicable, match="calls a native kernel"):
+            CompiledDecode(load_model(tiny_model).model)
+
+
+def test_cli_generate_with_compile(tiny_model, capsys):
+    assert main(["generate", "--model", str(tiny_model), "--compile", "--max-new-tokens", "4", "--json",
+                 PROMPTS[1]]) == 0
+    found = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    plain = load_model(tiny_model, fast=False)
+    expected = generate(plain.model, plain.tokenizer.encode(PROMPTS[1]), max_new_tokens=4).output_ids[0]
+    assert found["output_ids"] == expected
