@@ -13,13 +13,22 @@ generation; caches are made in capacities rounded up to CAPACITY_STEP columns (`
 so generations of different lengths share it too. It recompiles for another batch size, dtype
 or device.
 
-It applies where the native step would: one new token per sequence over a `KVCache`, nothing
-captured. Prefill, tracing and the server's slot caches take the modules as they are. The
-modules are the plain path's, so the tokens are the plain path's (compiled arithmetic may fuse
-and reorder float operations: equal to float rounding, not bit for bit).
+It applies where the native step would: one new token per sequence over a `KVCache` (a
+generation's, beam search's, the server's one-token prefills), nothing captured. Prefill,
+tracing and the server's slot caches take the modules as they are. The modules are the plain
+path's, so the tokens are the plain path's: in bfloat16 the compiled code rounds wherever eager
+PyTorch rounds (inductor's `emulate_precision_casts`); float summation order may still differ.
+
+PyTorch compiles at most a few graphs per function (8 by default); each new batch size, capacity
+bucket or kind of cache tensor is one. Past that, shapes that would need another graph run the
+same step uncompiled instead of failing. One generation at a time per model: the step keeps its
+inputs in buffers of the model's.
 """
 
 from __future__ import annotations
+
+import logging
+import shutil
 
 import torch
 from torch import nn
@@ -28,6 +37,7 @@ from .cache import KVCache
 from .errors import LlamascopeError
 
 CAPACITY_STEP = 256
+log = logging.getLogger("llamascope")
 
 
 class NotApplicable(Exception):
@@ -61,10 +71,14 @@ class CompiledDecode:
             if any(getattr(module, attr, None) is not None for attr in ("_kernel", "kernel", "decode_kernel",
                                                                          "act_kernel")):
                 raise NotApplicable(f"{name or 'the model'} calls a native kernel (load it with fast=False)")
+        if model.device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+            raise NotApplicable("compiling for the CPU needs a C++ compiler (g++ or clang++)")
         self.model = model
         self.dtype = model.dtype
         self.device = model.device
-        self._graph = torch.compile(self._forward, fullgraph=True, dynamic=False)
+        self._graph = torch.compile(self._forward, fullgraph=True, dynamic=False,
+                                    options={"emulate_precision_casts": True})
+        self._uncompiled: set[tuple] = set()  # graph keys past PyTorch's recompile limit
         self._buffers: dict[tuple, tuple] = {}  # (B, capacity) -> (ids, column, pad)
 
     @staticmethod
@@ -78,7 +92,7 @@ class CompiledDecode:
             return False
         store = cache.keys[0]
         return (store.shape[0] == tokens.shape[0] and store.dtype == self.dtype and store.device == self.device
-                and (mask is None or mask.shape[-1] == cache.length + 1))
+                and (mask is None or (mask.dtype == torch.bool and mask.shape[-1] == cache.length + 1)))
 
     def _forward(self, tokens, positions, keys, values, column, pad):
         capacity = keys[0].shape[2]
@@ -109,18 +123,26 @@ class CompiledDecode:
             pad[..., :cache.length + 1].copy_(mask)
         else:
             pad.fill_(True)
-        logits = self._graph(ids[0], ids[1], cache.keys, cache.values, column, pad)  # [B, 1, vocab]
+        graph_key = (B, capacity, cache.keys[0].is_inference())
+        if graph_key in self._uncompiled:
+            logits = self._forward(ids[0], ids[1], cache.keys, cache.values, column, pad)  # [B, 1, vocab]
+        else:
+            try:
+                logits = self._graph(ids[0], ids[1], cache.keys, cache.values, column, pad)  # [B, 1, vocab]
+            except torch._dynamo.exc.FailOnRecompileLimitHit:  # (raised before anything runs)
+                log.warning("--compile: PyTorch's limit of compiled graphs is reached; batch %d with a %d-column "
+                            "cache runs uncompiled", B, capacity)
+                self._uncompiled.add(graph_key)
+                logits = self._forward(ids[0], ids[1], cache.keys, cache.values, column, pad)
         cache.advance(1)
         return logits
 
 
 def enable(model: nn.Module) -> bool:
     """Give the model the compiled decode step; False (and a warning) where it cannot run."""
-    import logging
-
     try:
         model.decode_step = CompiledDecode(model)
     except NotApplicable as e:
-        logging.getLogger("llamascope").warning("--compile: not used: %s", e)
+        log.warning("--compile: not used: %s", e)
         model.decode_step = None
     return model.decode_step is not None
