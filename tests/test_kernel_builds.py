@@ -49,7 +49,7 @@ def test_build_choice_follows_the_cpu_and_the_environment(monkeypatch):
 def test_avx2_library_has_no_avx512_instructions(tmp_path):
     """What an AVX2-only CPU would fault on: zmm registers, mask registers, EVEX-only operations."""
     library = tmp_path / "kernels-avx2.so"
-    kernels._build(library, kernels.BUILDS["avx2"][1])
+    kernels._build(library, kernels.build_flags("avx2"))
     listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(library)], capture_output=True, text=True,
                              check=True).stdout
     assert "vfmadd" in listing and "vpmaddubsw" in listing  # (it is the kernels' code)
@@ -58,8 +58,51 @@ def test_avx2_library_has_no_avx512_instructions(tmp_path):
     found = sorted({m.group(0) for m in avx512.finditer(listing)})
     assert not found, f"AVX-512 in the avx2 build: {found}"
     default = tmp_path / "kernels-avx512.so"
-    kernels._build(default, kernels.BUILDS["avx512"][1])  # and the pattern does see AVX-512 code
+    kernels._build(default, kernels.build_flags("avx512") + ["-mavx512bf16"])  # and the pattern does see AVX-512 code
     assert avx512.search(subprocess.run(["objdump", "-d", str(default)], capture_output=True, text=True).stdout)
+
+
+@pytest.mark.skipif(not kernels.cpu_has("avx512_bf16") or not kernels.cpu_supported("avx512"),
+                    reason="compares against AVX512-BF16's instructions")
+def test_avx512_without_bf16_gives_the_bf16_instructions_numbers(tmp_path):
+    """An AVX-512 CPU without AVX512-BF16 (Ice Lake, Cascade Lake) gets an avx512 build without
+    -mavx512bf16: its bfloat16 products as float32 FMAs and its bfloat16 rounding by integer
+    operations, the numbers of vdpbf16ps and vcvtneps2bf16 for normal values, bit for bit."""
+    import ctypes
+
+    import gguf
+    import numpy as np
+    import torch
+
+    libraries = {}
+    for name, extra in (("native", ["-mavx512bf16"]), ("emulated", [])):
+        path = tmp_path / f"{name}.so"
+        kernels._build(path, kernels.BUILDS["avx512"][1] + extra)
+        libraries[name] = ctypes.CDLL(str(path))
+    if shutil.which("objdump"):
+        listing = subprocess.run(["objdump", "-d", str(tmp_path / "emulated.so")], capture_output=True, text=True).stdout
+        assert "vdpbf16ps" not in listing and "vcvtneps2bf16" not in listing
+    torch.manual_seed(0)
+    N, K, T = 37, 320, 3
+    w = torch.randn(N, K).to(torch.bfloat16)
+    x = torch.randn(T, K).to(torch.bfloat16)
+    f = torch.randn(N, K) * 3
+    f[0, :5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0])
+    out = {}
+    for name, lib in libraries.items():
+        p, i = ctypes.c_void_p, ctypes.c_int
+        lib.gemv_bf16_bf16.argtypes = [p, i, i, p, i, p, i]
+        lib.dequant_q8_0.argtypes = [p, i, i, p, i, i]
+        y = torch.empty(T, N)
+        lib.gemv_bf16_bf16(w.data_ptr(), N, K, x.data_ptr(), T, y.data_ptr(), 2)
+        with np.errstate(invalid="ignore"):  # (the NaN and infinities make NaN blocks)
+            blocks = torch.from_numpy(gguf.quantize(f.numpy(), gguf.GGMLQuantizationType.Q8_0))
+        d = torch.empty(N, K, dtype=torch.bfloat16)
+        lib.dequant_q8_0(blocks.data_ptr(), N, K, d.data_ptr(), 1, 2)
+        out[name] = (y, d)
+    assert torch.equal(out["native"][0], out["emulated"][0])
+    assert torch.equal(out["native"][1].view(torch.int16), out["emulated"][1].view(torch.int16))
+    assert torch.allclose(out["native"][0], x.float() @ w.float().t(), rtol=1e-5, atol=1e-4)
 
 
 @needs_avx2

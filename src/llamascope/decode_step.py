@@ -122,7 +122,7 @@ class DecodeStep:
             raise NotApplicable(f"the model is on {model.device}")
         if self.dtype == torch.bfloat16:
             if not kernels.has_bf16(lib):
-                raise NotApplicable("bfloat16 activations need AVX512-BF16 or the avx2 kernel build")
+                raise NotApplicable("the kernel library has no bfloat16 functions")
         elif self.dtype != torch.float32:
             raise NotApplicable(f"activations are {self.dtype}")
         bf16 = self.dtype == torch.bfloat16

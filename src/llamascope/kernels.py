@@ -4,10 +4,12 @@ the system C compiler, called with ctypes.
 The library is compiled on first use into ~/.cache/llamascope/kernels/ (keyed by the sources'
 hash and the build), which takes a few seconds. It needs gcc or clang, and one of two builds
 fits the CPU:
-- "avx512": AVX-512 (F, BW, VL, DQ, VNNI), F16C and FMA; its bfloat16 kernels (bfloat16 weights
-  and activations, the bfloat16 decode step) run where the CPU also has AVX512-BF16;
+- "avx512": AVX-512 (F, BW, VL, DQ, VNNI), F16C and FMA; with -mavx512bf16 where the CPU also has
+  AVX512-BF16 (its bfloat16 products then run on vdpbf16ps, elsewhere as exact float32 FMAs);
 - "avx2": AVX2, FMA and F16C (most laptops and desktops): the same sources, with csrc/avx2.h
-  giving each 16-lane operation as two 8-lane halves, the bfloat16 kernels included.
+  giving each 16-lane operation as two 8-lane halves.
+Both have every kernel, the bfloat16 ones (bfloat16 weights and activations, the bfloat16 decode
+step) included.
 The best build the CPU runs is used. LLAMASCOPE_KERNELS=avx512|avx2|off picks one (off, or the
 older LLAMASCOPE_NO_KERNELS=1: none); without a build, `load()` returns None and callers use the
 plain PyTorch path.
@@ -39,9 +41,17 @@ _BASE_CFLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp"]
 BUILDS = {
     "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma"),
                _BASE_CFLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni",
-                               "-mavx512bf16", "-mf16c", "-mfma"]),
+                               "-mf16c", "-mfma"]),
     "avx2": (("avx2", "f16c", "fma"), _BASE_CFLAGS + ["-mavx2", "-mf16c", "-mfma", "-DLLAMASCOPE_AVX2"]),
 }
+
+
+def build_flags(build: str) -> list[str]:
+    """The compiler flags of `build` on this CPU (AVX512-BF16's instructions only where it has them)."""
+    flags = list(BUILDS[build][1])
+    if build == "avx512" and cpu_has("avx512_bf16"):
+        flags.append("-mavx512bf16")
+    return flags
 
 
 @lru_cache(maxsize=1)
@@ -113,7 +123,7 @@ def load() -> ctypes.CDLL | None:
         if cpu_flags() and not any(cpu_supported(b) for b in BUILDS):
             log.info("native kernels off: this CPU has neither AVX-512 (with VNNI) nor AVX2 with FMA and F16C")
         return None
-    cflags = BUILDS[build][1]
+    cflags = build_flags(build)
     digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS) + " ".join(cflags).encode()).hexdigest()[:16]
     target = _cache_dir() / f"kernels-{build}-{digest}.so"
     try:
@@ -159,9 +169,8 @@ def load() -> ctypes.CDLL | None:
 
 
 def has_bf16(lib: ctypes.CDLL | None) -> bool:
-    """Whether `lib` runs the bfloat16 kernels here: the avx2 build on any CPU (each bfloat16 product
-    widened to float32), the avx512 build where the CPU has AVX512-BF16."""
-    return lib is not None and (lib.build == "avx2" or cpu_has("avx512_bf16"))
+    """Whether `lib` has the bfloat16 kernels: every build does (this stays for callers' clarity)."""
+    return lib is not None and hasattr(lib, "gemv_bf16_bf16")
 
 
 def bf16_kernels() -> bool:

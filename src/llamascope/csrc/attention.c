@@ -206,7 +206,6 @@ void decode_attention_f32(float *qkv, const float *cos, const float *sin, float 
     attention_rows(0, 1, qkv, cos, sin, kcache, vcache, 0, &slot, &col, cap, H, KVH, D, scale, out, nthreads);
 }
 
-#if HAVE_BF16_PAIRS
 /* The same for a bfloat16 model: qkv, cos, sin hold bfloat16-exact floats, the caches bfloat16
  * bits; the output is bfloat16-exact. */
 void decode_attention_rows_bf16(int B, float *qkv, const float *cos, const float *sin, uint16_t *kcache,
@@ -220,4 +219,3 @@ void decode_attention_bf16(float *qkv, const float *cos, const float *sin, uint1
     const int slot = 0;
     attention_rows(1, 1, qkv, cos, sin, kcache, vcache, 0, &slot, &col, cap, H, KVH, D, scale, out, nthreads);
 }
-#endif

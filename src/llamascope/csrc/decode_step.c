@@ -133,7 +133,6 @@ int decode_step_f32(const stack_t *s, int B, float *x, const float *cos, const f
  * Values are held in float registers and arrays, always bfloat16-exact; products run on
  * AVX512-BF16 (exact products, float32 sums). All weights are bfloat16 (LIN_BF16), K % 32 == 0.
  * Attention works in float32 on the bfloat16 queries, keys and values, and rounds its output. */
-#if HAVE_BF16_PAIRS
 void gemv_bf16_bf16(const uint16_t *w, int N, int K, const uint16_t *x, int T, float *y, int nthreads);
 void decode_attention_rows_bf16(int B, float *qkv, const float *cos, const float *sin, uint16_t *kcache,
                                 uint16_t *vcache, int64_t row_elems, const int *slots, const int *cols, int cap, int H,
@@ -264,4 +263,3 @@ int decode_step_bf16(const stack_t *s, int B, uint16_t *x_bits, const uint16_t *
     free(bits);
     return 0;
 }
-#endif

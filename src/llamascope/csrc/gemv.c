@@ -301,7 +301,6 @@ void silu_mul_f32(const float *gu, int rows, int I, float *out) {
 
 /* ---- bfloat16 weights and activations (AVX512-BF16, or its products on AVX2) ------------------- */
 
-#if HAVE_BF16_PAIRS
 /* y[T, N] = x[T, K] @ W[N, K]^T with W and x bfloat16 (raw uint16), y float32. Each
  * vdpbf16ps multiplies 32 pairs exactly and accumulates in float32. K % 32 == 0. One weight row at a
  * time with four sums in flight, as gemv_f32 (8% faster from memory than four rows side by side). */
@@ -328,7 +327,6 @@ void gemv_bf16_bf16(const uint16_t *w, int N, int K, const uint16_t *x, int T, f
         }
     }
 }
-#endif
 
 /* ---- Q4 rows repacked for the kernel ---------------------------------------------------------
  * The same numbers as Q4_0 / Q4_1 blocks, laid out so that four blocks go through two VNNI
@@ -563,7 +561,7 @@ void gemv_q8_0_exact_f32(const uint8_t *w, int N, int K, const float *x, int T, 
 
 static inline void store16(void *out, int64_t index, int bf16, __m512 v) {
     if (bf16)
-        _mm256_storeu_si256((__m256i *)((uint16_t *)out + index), (__m256i)_mm512_cvtneps_pbh(v));
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + index), bf16_bits16(v));
     else
         _mm512_storeu_ps((float *)out + index, v);
 }

@@ -15,29 +15,20 @@
 #endif
 
 /* acc + the products of 32 bfloat16 pairs (raw uint16 at w and x), pair 2i and 2i + 1 into lane i:
- * vdpbf16ps. Built for AVX2, each product of two bfloat16 values is exact in float32, so a fused
- * multiply-add of the widened values adds it as vdpbf16ps does (odd element first, then even),
- * except that vdpbf16ps flushes denormal inputs and results to zero and this keeps them. */
-#if defined(__AVX512BF16__) || defined(LLAMASCOPE_AVX2)
-#define HAVE_BF16_PAIRS 1
-#else
-#define HAVE_BF16_PAIRS 0
-#endif
+ * vdpbf16ps where the build has AVX512-BF16. Elsewhere (AVX2, or AVX-512 without BF16) the same
+ * sums: a product of two bfloat16 values is exact in float32, so a fused multiply-add of the
+ * widened values adds it as vdpbf16ps does (odd element first, then even), except that
+ * vdpbf16ps flushes denormal inputs and results to zero and this keeps them. */
+static inline __m512 dot_bf16_pairs(__m512 acc, const uint16_t *w, const uint16_t *x) {
 #if defined(__AVX512BF16__)
-static inline __m512 dot_bf16_pairs(__m512 acc, const uint16_t *w, const uint16_t *x) {
     return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const void *)w), (__m512bh)_mm512_loadu_si512((const void *)x));
-}
-#elif defined(LLAMASCOPE_AVX2)
-static inline __m256 dot_bf16_pairs8(__m256 acc, __m256i w, __m256i x) {
-    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
-    acc = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(w, high)), _mm256_castsi256_ps(_mm256_and_si256(x, high)), acc);
-    return _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)), acc);
-}
-static inline __m512 dot_bf16_pairs(__m512 acc, const uint16_t *w, const uint16_t *x) {
+#else
     const __m512i wv = _mm512_loadu_si512((const void *)w), xv = _mm512_loadu_si512((const void *)x);
-    return f16x_make(dot_bf16_pairs8(acc.lo, wv.lo, xv.lo), dot_bf16_pairs8(acc.hi, wv.hi, xv.hi));
-}
+    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
+    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(wv, high)), _mm512_castsi512_ps(_mm512_and_si512(xv, high)), acc);
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wv, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(xv, 16)), acc);
 #endif
+}
 
 /* x with the sign of w moved onto it (x negated where w < 0): VNNI multiplies u8 by s8 only, so
  * a signed product w * x runs as |w| * sign_onto(x, w). */
@@ -76,6 +67,18 @@ static inline __m512 bf_v(__m512 v) {
     __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
     r = _mm512_and_si512(r, _mm512_set1_epi32((int)0xFFFF0000u));
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_castsi512_ps(r), v);
+}
+
+/* 16 floats to bfloat16 bits, to nearest even, NaNs kept quiet NaNs (vcvtneps2bf16's rounding for
+ * normal numbers). */
+static inline __m256i bf16_bits16(__m512 v) {
+#if defined(__AVX512BF16__) || defined(LLAMASCOPE_AVX2)
+    return (__m256i)_mm512_cvtneps_pbh(v);
+#else
+    const __m512i u = _mm512_srli_epi32(_mm512_castps_si512(bf_v(v)), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    return _mm512_cvtepi32_epi16(_mm512_mask_or_epi32(u, nan, u, _mm512_set1_epi32(0x40)));
+#endif
 }
 
 static inline uint16_t bf_bits(float v) {  /* v is bfloat16-exact */
