@@ -92,7 +92,6 @@ def test_step_applies_only_where_the_module_path_would_use_the_kernels(tiny_mode
     assert bf16.decode_step.applies(one, KVCache.for_model(bf16, 1, 16), None, None)
 
 
-@pytest.mark.skipif(not kernels.bf16_kernels(), reason="needs the native kernels")
 @pytest.mark.parametrize("name,overrides", [("gqa", {}), ("mha-bias", dict(num_key_value_heads=4,
                                                                             attention_bias=True, mlp_bias=True))])
 def test_bfloat16_step_rounds_where_pytorch_rounds(model_factory, name, overrides):
@@ -215,8 +214,6 @@ def test_one_token_attention_kernel_matches_softmax_reference(H, KVH, D, S, bf16
     not depend on the thread count."""
     from llamascope.model import apply_rope
 
-    if bf16 and not kernels.bf16_kernels():
-        pytest.skip("needs the native kernels")
     lib = kernels.load()
     fn = lib.decode_attention_bf16 if bf16 else lib.decode_attention_f32
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -291,8 +288,6 @@ def test_q8_0_embedding_rows_equal_the_modules_and_the_step_is_unchanged(tmp_pat
     mixed parts send the module path through PyTorch's attention, equal only to rounding.)"""
     from gguf_fixtures import GGUF_BLOCK, TinySpec, write_tiny_llama
 
-    if dtype == "bfloat16" and not kernels.bf16_kernels():
-        pytest.skip("needs the native kernels")
     from llamascope.quant import QuantEmbedding
 
     float_layers = {f"blk.{n}.{block}.weight": "F32" for n in range(2) for block in GGUF_BLOCK.values()}

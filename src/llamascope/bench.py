@@ -56,11 +56,10 @@ def kernel_build(model: nn.Module) -> str:
     """The native kernel build this model's layers call, or "none" (plain PyTorch throughout)."""
     from . import kernels
     from .decode_step import DecodeStep
+    from .quant import native_kernel_modules
 
     lib = kernels.load()
-    uses = type(getattr(model, "decode_step", None)) is DecodeStep or any(
-        getattr(m, name, None) is not None for m in model.modules()
-        for name in ("_kernel", "kernel", "decode_kernel", "act_kernel"))
+    uses = type(getattr(model, "decode_step", None)) is DecodeStep or next(native_kernel_modules(model), None) is not None
     return lib.build if lib is not None and uses else "none"
 
 

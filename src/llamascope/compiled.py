@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from .cache import KVCache
-from .errors import LlamascopeError
+from .model import check_token_ids
+from .quant import native_kernel_modules
 
 CAPACITY_STEP = 256
 log = logging.getLogger("llamascope")
@@ -67,10 +68,9 @@ class CompiledDecode:
     def __init__(self, model: nn.Module):
         if model.config.rope_type == "dynamic":
             raise NotApplicable("dynamic RoPE scaling recomputes its frequencies from each step's positions")
-        for name, module in model.named_modules():
-            if any(getattr(module, attr, None) is not None for attr in ("_kernel", "kernel", "decode_kernel",
-                                                                         "act_kernel")):
-                raise NotApplicable(f"{name or 'the model'} calls a native kernel (load it with fast=False)")
+        name = next(native_kernel_modules(model), None)
+        if name is not None:
+            raise NotApplicable(f"{name or 'the model'} calls a native kernel (load it with fast=False)")
         if model.device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
             raise NotApplicable("compiling for the CPU needs a C++ compiler (g++ or clang++)")
         self.model = model
@@ -79,7 +79,7 @@ class CompiledDecode:
         self._graph = torch.compile(self._forward, fullgraph=True, dynamic=False,
                                     options={"emulate_precision_casts": True})
         self._uncompiled: set[tuple] = set()  # graph keys past PyTorch's recompile limit
-        self._buffers: dict[tuple, tuple] = {}  # (B, capacity) -> (ids, column, pad)
+        self._inputs: tuple | None = None  # ((B, capacity), ids, column, pad) of the latest generation
 
     @staticmethod
     def capacity_for(capacity: int) -> int:
@@ -105,17 +105,13 @@ class CompiledDecode:
                  mask: torch.Tensor | None = None) -> torch.Tensor:
         B, capacity = tokens.shape[0], cache.capacity
         cache.check_room(1)
-        vocab = self.model.config.vocab_size
-        if bool(((tokens < 0) | (tokens >= vocab)).any()):  # (an embedding read outside the table)
-            bad = next(t for t in tokens.view(-1).tolist() if not 0 <= t < vocab)
-            raise LlamascopeError(f"token id {bad} is outside the vocabulary ({vocab} ids)")
-        key = (B, capacity)
-        if key not in self._buffers:  # the graph's inputs, in buffers of fixed shape and strides
+        check_token_ids(tokens.view(-1).tolist(), self.model.config.vocab_size)
+        if self._inputs is None or self._inputs[0] != (B, capacity):  # the graph's inputs: fixed shapes and strides
             ids = torch.zeros(2, B, 1, dtype=torch.long, device=self.device)  # [2, B, 1]: tokens, positions
             column = torch.zeros(1, dtype=torch.long, device=self.device)  # [1]
             pad = torch.ones(B, 1, 1, capacity, dtype=torch.bool, device=self.device)  # [B, 1, 1, capacity]
-            self._buffers = {key: (ids, column, pad)}  # (one generation at a time: keep only the latest)
-        ids, column, pad = self._buffers[key]
+            self._inputs = ((B, capacity), ids, column, pad)
+        _, ids, column, pad = self._inputs
         ids[0].copy_(tokens)
         ids[1].copy_(positions)
         column.fill_(cache.length)

@@ -30,6 +30,7 @@ from torch import nn
 from . import kernels
 from .cache import KVCache, SlotBatch
 from .errors import LlamascopeError
+from .model import check_token_ids
 from .quant import KERNEL_MAX_ROWS, FastLinear, QuantEmbedding, QuantLinear
 
 # Weight formats, as in csrc/decode_step.c
@@ -120,10 +121,7 @@ class DecodeStep:
         self.dtype = model.dtype
         if model.device.type != "cpu":
             raise NotApplicable(f"the model is on {model.device}")
-        if self.dtype == torch.bfloat16:
-            if not kernels.has_bf16(lib):
-                raise NotApplicable("the kernel library has no bfloat16 functions")
-        elif self.dtype != torch.float32:
+        if self.dtype not in (torch.float32, torch.bfloat16):
             raise NotApplicable(f"activations are {self.dtype}")
         bf16 = self.dtype == torch.bfloat16
         self.model = model
@@ -207,10 +205,8 @@ class DecodeStep:
 
     def _embed(self, tokens: torch.Tensor, ids: list[int]) -> torch.Tensor:
         """The residual stream [B, 1, hidden] for tokens [B, 1] (`ids`: the same as ints)."""
-        embed, vocab = self.model.model.embed_tokens, self._vocab_rows
-        if min(ids) < 0 or max(ids) >= vocab:  # (the native lookup below would read outside the table)
-            bad = next(t for t in ids if not 0 <= t < vocab)
-            raise LlamascopeError(f"token id {bad} is outside the vocabulary ({vocab} ids)")
+        embed = self.model.model.embed_tokens
+        check_token_ids(ids, self._vocab_rows)  # (the native lookup below would read outside the table)
         if type(embed) is nn.Embedding:
             return F.embedding(tokens, embed.weight).to(self.dtype).contiguous()
         if not self._q8_embedding:

@@ -20,6 +20,7 @@ import torch
 from .cache import KVCache
 from .config import GenerationConfig
 from .errors import LlamascopeError
+from .model import check_token_ids
 from .sampling import apply_processors, build_processors, make_generator, select_next, token_logprobs
 
 log = logging.getLogger("llamascope")
@@ -152,11 +153,8 @@ def _log_stage(stage: str, step: int, message: str, *args) -> None:
 def prepare_batch(model: torch.nn.Module, prompts: list[list[int]], config: GenerationConfig):
     """-> (pad id, input_ids [B, T0], attention_mask [B, T0], max_length), prompts left-padded;
     refuses a prompt longer than the context."""
-    vocab = model.config.vocab_size
     for row, prompt in enumerate(prompts):
-        if min(prompt, default=0) < 0 or max(prompt, default=0) >= vocab:
-            bad = next(t for t in prompt if not 0 <= t < vocab)
-            raise LlamascopeError(f"prompt {row}: token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        check_token_ids(prompt, model.config.vocab_size, f"prompt {row}: ")
     pad_id = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_id or [0])[0]
     input_ids, attention_mask = left_pad(prompts, pad_id)  # [B, T0]
     T0 = input_ids.shape[1]

@@ -146,9 +146,8 @@ def load() -> ctypes.CDLL | None:
     lib.decode_attention_f32.argtypes = [p, p, p, p, p, i, i, i, i, i, fl, p, i]
     lib.decode_attention_f32.restype = f
     lib.build = build
-    if has_bf16(lib):
-        lib.gemv_bf16_bf16.argtypes = [p, i, i, p, i, p, i]
-        lib.gemv_bf16_bf16.restype = f
+    lib.gemv_bf16_bf16.argtypes = [p, i, i, p, i, p, i]
+    lib.gemv_bf16_bf16.restype = f
     for name in ("gemv_f32", "gemv_bf16", "gemv_q8_0_exact_f32"):
         getattr(lib, name).argtypes = [p, i, i, p, i, p, i]
         getattr(lib, name).restype = f
@@ -160,20 +159,9 @@ def load() -> ctypes.CDLL | None:
     lib.argmax_rows_f32.restype = f
     lib.decode_step_f32.argtypes = [p, i, p, p, p, p, p, p, p, i, p, i]
     lib.decode_step_f32.restype = i
-    if has_bf16(lib):
-        lib.decode_attention_bf16.argtypes = [p, p, p, p, p, i, i, i, i, i, fl, p, i]
-        lib.decode_attention_bf16.restype = f
-        lib.decode_step_bf16.argtypes = [p, i, p, p, p, p, p, p, p, i, p, i]
-        lib.decode_step_bf16.restype = i
+    lib.decode_attention_bf16.argtypes = [p, p, p, p, p, i, i, i, i, i, fl, p, i]
+    lib.decode_attention_bf16.restype = f
+    lib.decode_step_bf16.argtypes = [p, i, p, p, p, p, p, p, p, i, p, i]
+    lib.decode_step_bf16.restype = i
     return lib
-
-
-def has_bf16(lib: ctypes.CDLL | None) -> bool:
-    """Whether `lib` has the bfloat16 kernels: every build does (this stays for callers' clarity)."""
-    return lib is not None and hasattr(lib, "gemv_bf16_bf16")
-
-
-def bf16_kernels() -> bool:
-    """`has_bf16` of the library `load()` gives."""
-    return has_bf16(load())
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import ModelConfig
+from .errors import LlamascopeError
 
 
 # ---- rotary embeddings: one function per rope_type ---------------------------------------------
@@ -100,6 +101,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x: [B, H, T, D]; cos, sin: [B, T, D]."""
     cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, D]
     return (x * cos) + (rotate_half(x) * sin)
+
+
+def check_token_ids(ids: list[int], vocab_size: int, where: str = "") -> None:
+    """Refuse, by name, an id outside the embedding table (PyTorch would fail deep inside its
+    embedding; a native lookup would read outside the table). `where` prefixes the message."""
+    if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+        bad = next(t for t in ids if not 0 <= t < vocab_size)
+        raise LlamascopeError(f"{where}token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
 
 
 # ---- blocks ------------------------------------------------------------------------------------

@@ -182,16 +182,16 @@ class QuantLinear(nn.Module):
     def dequantized_fast(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """`dequantized(dtype)` by the native kernel: the same numbers, on both cores."""
         lib = kernels.load()
-        native_bf16 = dtype == torch.bfloat16 and kernels.has_bf16(lib)
-        if lib is None or (dtype != torch.float32 and not native_bf16):
+        if lib is None or dtype not in (torch.float32, torch.bfloat16):
             return self.dequantized(dtype)
+        bf16 = int(dtype == torch.bfloat16)
         out = torch.empty(self.out_features, self.in_features, dtype=dtype)  # [N, K]
         if hasattr(self, "packed"):
             lib.dequant_q4_packed(self._code, self.packed.data_ptr(), self.out_features, self.in_features,
-                                  out.data_ptr(), int(native_bf16), torch.get_num_threads())
+                                  out.data_ptr(), bf16, torch.get_num_threads())
         else:
             lib.dequant_q8_0(self.stored.data_ptr(), self.out_features, self.in_features, out.data_ptr(),
-                             int(native_bf16), torch.get_num_threads())
+                             bf16, torch.get_num_threads())
         return out
 
     def forward_long(self, x: torch.Tensor) -> torch.Tensor:
@@ -241,9 +241,9 @@ class FastLinear(nn.Module):
         lib = kernels.load()
         name = {torch.float32: "gemv_f32", torch.bfloat16: "gemv_bf16"}.get(weight.dtype)
         self._kernel = getattr(lib, name) if lib is not None and name else None
-        # bfloat16 activations with bfloat16 weights: exact products, float32 sums (AVX512-BF16)
+        # bfloat16 activations with bfloat16 weights: exact products, float32 sums
         self._bf16_kernel = None
-        if weight.dtype == torch.bfloat16 and weight.shape[1] % 32 == 0 and kernels.has_bf16(lib):
+        if lib is not None and weight.dtype == torch.bfloat16 and weight.shape[1] % 32 == 0:
             self._bf16_kernel = lib.gemv_bf16_bf16
 
     def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
@@ -325,6 +325,14 @@ def quantize_model(model: nn.Module, quant: str) -> nn.Module:
             setattr(parent, name, QuantLinear(quantize(module.weight.detach(), layer_qtype), layer_qtype,
                                               module.in_features, bias))
     return model
+
+
+def native_kernel_modules(model: nn.Module):
+    """The names of the model's modules that call a native kernel: FastLinear / QuantLinear with one,
+    and the RMSNorm, attention and MLP modules `accelerate_model` gave theirs ("" is the model)."""
+    for name, module in model.named_modules():
+        if any(getattr(module, attr, None) is not None for attr in ("_kernel", "kernel", "decode_kernel", "act_kernel")):
+            yield name
 
 
 def accelerate_model(model: nn.Module) -> nn.Module:

@@ -65,12 +65,11 @@ AVX2_F2(avx2_min_ps, _mm256_min_ps)
 #undef _mm512_min_ps
 #define _mm512_min_ps avx2_min_ps
 
-AVX2_INLINE f32x16 avx2_fmadd_ps(f32x16 a, f32x16 b, f32x16 c) {
-    return f16x_make(_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi));
-}
-AVX2_INLINE f32x16 avx2_fnmadd_ps(f32x16 a, f32x16 b, f32x16 c) {
-    return f16x_make(_mm256_fnmadd_ps(a.lo, b.lo, c.lo), _mm256_fnmadd_ps(a.hi, b.hi, c.hi));
-}
+#define AVX2_F3(name, op) \
+    AVX2_INLINE f32x16 name(f32x16 a, f32x16 b, f32x16 c) { return f16x_make(op(a.lo, b.lo, c.lo), op(a.hi, b.hi, c.hi)); }
+AVX2_F3(avx2_fmadd_ps, _mm256_fmadd_ps)
+AVX2_F3(avx2_fnmadd_ps, _mm256_fnmadd_ps)
+#undef AVX2_F3
 #undef _mm512_fmadd_ps
 #define _mm512_fmadd_ps avx2_fmadd_ps
 #undef _mm512_fnmadd_ps
