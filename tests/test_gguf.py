@@ -124,6 +124,65 @@ def test_slices_and_blocks_agree_with_full_reads(tiny):
             assert torch.equal(quant.dequantize(blocks, source.stored_type, full.shape[1]), full)
 
 
+@pytest.mark.parametrize("stored", ["F32", "F16", "BF16"])
+def test_float_tensors_read_from_the_file_not_the_map(tmp_path, stored):
+    """Float-typed matrices (Q/K rows included, so un-permuted) come back exactly, whole and in
+    slices, through plain file reads: no page of the memory-mapped file is touched."""
+    from gguf_fixtures import GGUF_BLOCK
+
+    spec = TinySpec(layers=1)
+    types = {f"blk.0.{short}.weight": stored for short in GGUF_BLOCK.values()}
+    tiny = write_tiny_llama(tmp_path / f"{stored}.gguf", spec, types=types)
+    checkpoint = open_checkpoint(tiny.path)
+    for name, expected in tiny.expected.items():
+        source = checkpoint.tensors[name]
+        if source.stored_type != stored:
+            continue
+        got = source.read()
+        assert got.dtype == torch.float32
+        np.testing.assert_array_equal(got.numpy(), expected, err_msg=name)
+        if expected.ndim == 1:
+            continue
+        heads = 4 if "q_proj" in name else 2 if "k_proj" in name else 1
+        head_rows = expected.shape[0] // heads
+        for dim, start, stop in ((0, head_rows, expected.shape[0]), (1, 5, 77), (1, 0, expected.shape[1])):
+            np.testing.assert_array_equal(source.read_slice(dim, start, stop).numpy(),
+                                          expected.take(range(start, stop), axis=dim), err_msg=f"{name} {dim}")
+    import gguf.quants
+
+    def no_dequantising(*args):
+        raise AssertionError("a float tensor went through gguf's dequantize (a read of the mapped file)")
+
+    original = gguf.quants.dequantize
+    gguf.quants.dequantize = no_dequantising
+    try:
+        for name in tiny.expected:
+            if checkpoint.tensors[name].stored_type == stored:
+                checkpoint.tensors[name].read()
+    finally:
+        gguf.quants.dequantize = original
+
+
+def test_auto_dtype_of_a_gguf_is_bfloat16_only_for_bfloat16_matrices(tmp_path):
+    """`--dtype auto` keeps a BF16 GGUF in bfloat16 (norms stored F32 do not count); any other
+    GGUF (block formats, F16, F32, or a mix with BF16) computes in float32."""
+    from gguf_fixtures import GGUF_BLOCK
+
+    from llamascope.loading import resolve_dtype
+
+    spec = TinySpec(layers=1)
+    every = {f"blk.0.{short}.weight": "BF16" for short in GGUF_BLOCK.values()}
+    every.update({"token_embd.weight": "BF16", "output.weight": "BF16"})
+    cases = [(every, torch.bfloat16), ({**every, "output.weight": "Q8_0"}, torch.float32),
+             ({name: "F16" for name in every}, torch.float32), ({}, torch.float32)]
+    for n, (types, dtype) in enumerate(cases):
+        checkpoint = open_checkpoint(write_tiny_llama(tmp_path / f"{n}.gguf", spec, types=types).path)
+        assert resolve_dtype("auto", checkpoint.config, checkpoint) == dtype, types
+    loaded = load_model(tmp_path / "0.gguf")
+    assert loaded.model.lm_head.weight.dtype == torch.bfloat16
+    assert loaded.model.model.norm.weight.dtype == torch.bfloat16
+
+
 def test_tiny_model_matches_transformers(tiny):
     """Same logits and greedy tokens as transformers holding the expected (HF-order) weights."""
     loaded = load_model(tiny.path, dtype="float32", quant="none")

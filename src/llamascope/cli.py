@@ -21,7 +21,8 @@ log = logging.getLogger("llamascope")
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights and activations dtype (auto: the checkpoint's)")
+                   help="weights and activations dtype (auto: the checkpoint's; for a GGUF, bfloat16 where "
+                        "its matrices are BF16, else float32)")
     p.add_argument("--quant", default=None, choices=["none", "int8", "int4", "q8_0", "q4_0", "q4_1"],
                    help="weight format: as stored when omitted (GGUF blocks stay quantised where the native "
                         "kernels read them); none: all float "
@@ -397,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat) with continuous batching")
     p.add_argument("--model", default=None, help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights and activations dtype (auto: the checkpoint's)")
+                   help="weights and activations dtype (auto: the checkpoint's; for a GGUF, bfloat16 where "
+                        "its matrices are BF16, else float32)")
     p.add_argument("--device", default="auto",
                    help="cpu, cuda or cuda:N (default auto: CUDA when PyTorch sees a GPU, else the CPU)")
     _add_huge_pages_arg(p)

@@ -136,7 +136,10 @@ def resolve_dtype(name: str | torch.dtype, config: ModelConfig, checkpoint: Chec
         if config.torch_dtype in DTYPES:
             return DTYPES[config.torch_dtype]
         if checkpoint.format == "gguf":
-            return torch.float32
+            # A GGUF converted at bfloat16 keeps its matrices in it (norms stay F32); any other
+            # GGUF computes in float32 around the block formats and F16/F32 matrices it stores.
+            matrices = [source.stored_type for source in checkpoint.tensors.values() if len(source.shape) == 2]
+            return torch.bfloat16 if matrices and all(t == "BF16" for t in matrices) else torch.float32
         first = next(iter(checkpoint.tensors.values()), None)
         if first is not None and first.stored_type in ("bfloat16", "float16", "float32"):
             return DTYPES[first.stored_type]

@@ -26,10 +26,12 @@ from ..config import ModelConfig
 from ..errors import LlamascopeError
 from ..quant import BLOCK_BYTES
 from . import Checkpoint, TensorSource, expected_shapes
+from .tensorfiles import read_array, read_array_slice
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 # Stored types that dequantise to float32 (gguf.quants implements each; see tests/test_gguf.py).
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 TOP_LEVEL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -208,7 +210,7 @@ def unpermute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     rows = weight.shape[0]
     head_dim = rows // heads
     pairs = weight.reshape(heads, head_dim // 2, 2, *weight.shape[1:])  # [H, D/2, 2, ...]
-    return pairs.swapaxes(1, 2).reshape(weight.shape)  # [H*D, ...] in halves order
+    return pairs.swapaxes(1, 2).reshape(tuple(weight.shape))  # [H*D, ...] in halves order
 
 
 def dequantize_tensor(tensor, path: Path) -> np.ndarray:
@@ -241,8 +243,24 @@ class GGUFWeight:
 
     def read(self) -> torch.Tensor:
         """float32 [out, in] (or [n])."""
+        if self.type_name in FLOAT_TYPES:
+            return self._read_floats(None)
         values = dequantize_tensor(self.tensor, self.path).reshape(self.shape)
         return torch.from_numpy(self._unpermute(values))
+
+    def _read_floats(self, part: tuple[int, int, int] | None) -> torch.Tensor:
+        """A float-typed tensor (F32, F16, BF16), or indices [start, stop) along `dim` of it
+        (`part`, whole heads for Q/K rows), as float32 through plain file reads: dequantising the
+        mapped file would leave every page of it resident beside the result, and costs more."""
+        dtype, offset, name = FLOAT_TYPES[self.type_name], int(self.tensor.data_offset), self.tensor.name
+        if part is None:
+            values = read_array(self.path, offset, dtype, self.shape, name)
+        else:
+            values = read_array_slice(self.path, offset, dtype, self.shape, *part, name)
+        if self.heads:
+            head_rows = self.shape[0] // self.heads
+            values = unpermute_rows(values, values.shape[0] // head_rows).contiguous()
+        return values.float()
 
     def read_blocks(self) -> torch.Tensor:
         """The stored blocks as uint8 [rows, row bytes], rows in Hugging Face order (each row's
@@ -269,6 +287,8 @@ class GGUFWeight:
         part = self._stored_part(dim, start, stop)
         if part is None:
             return self.read().narrow(dim, start, stop - start).clone()
+        if self.type_name in FLOAT_TYPES:
+            return self._read_floats((dim, start, stop))
         from gguf.quants import dequantize
 
         values = np.array(dequantize(part, self.tensor.tensor_type), dtype=np.float32)

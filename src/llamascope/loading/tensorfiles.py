@@ -1,8 +1,8 @@
 """Read tensors from safetensors and PyTorch .bin files one at a time, with clear errors.
 
-safetensors files are read with plain file reads into freshly allocated tensors: a memory-mapped
-read would keep every touched page of the file resident beside the converted weights (two copies
-at peak). The header is validated first, so a truncated or foreign file fails with its name.
+safetensors files (and GGUF's float tensors, through `read_array`) are read with plain file
+reads into freshly allocated tensors: a memory-mapped read would keep every touched page of the
+file resident beside the converted weights (two copies at peak). The header is validated first, so a truncated or foreign file fails with its name.
 .bin files go through `torch.load(weights_only=True, mmap=True)`: no code in a pickle ever runs.
 """
 
@@ -87,61 +87,72 @@ class SafetensorsFile:
         return end - begin
 
     def read(self, name: str) -> torch.Tensor:
-        dtype, shape, begin, end = self.entries[name]
-        out = torch.empty(shape, dtype=dtype)
-        if end > begin:
-            buf = out.view(-1).view(torch.uint8).numpy() if out.dim() else out.view(1).view(torch.uint8).numpy()
-            with open(self.path, "rb") as f:
-                f.seek(self.data_start + begin)
-                if f.readinto(buf) != end - begin:
-                    raise LlamascopeError(f"{self.path}: file is truncated while reading tensor {name!r}")
-        return out
+        dtype, shape, begin, _ = self.entries[name]
+        return read_array(self.path, self.data_start + begin, dtype, shape, name)
 
     def read_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
-        """Indices [start, stop) of tensor `name` along `dim`, reading only those bytes.
-
-        Along dim 0 the slice is one contiguous byte range. Along a later dim it is one range per
-        index of the dims before it (a column block of each row of a matrix): each is read
-        straight into place when it is at least a page long, else blocks of whole rows go
-        through a buffer of at most `SLICE_BUFFER_BYTES`.
-        """
+        """Indices [start, stop) of tensor `name` along `dim`, reading only those bytes."""
         dtype, shape, begin, _ = self.entries[name]
-        if not 0 <= dim < len(shape) or not 0 <= start <= stop <= shape[dim]:
-            raise LlamascopeError(f"{self.path}: tensor {name!r} of shape {list(shape)} has no slice "
-                                  f"[{start}:{stop}] along dim {dim}")
-        item = torch.empty((), dtype=dtype).element_size()
-        outer = int(np.prod(shape[:dim], dtype=np.int64))  # independent ranges
-        inner = int(np.prod(shape[dim + 1:], dtype=np.int64)) * item  # bytes per index along dim
-        row = shape[dim] * inner  # bytes per outer index
-        piece = (stop - start) * inner  # bytes wanted per outer index
-        out = torch.empty(shape[:dim] + (stop - start,) + shape[dim + 1:], dtype=dtype)
-        if out.numel() == 0:
-            return out
-        dst = out.view(-1).view(torch.uint8).numpy().reshape(outer, piece)  # [outer, piece] bytes of out
-        first = self.data_start + begin + start * inner  # file offset of the first wanted byte
-        with open(self.path, "rb") as f:
-            fd = f.fileno()
-            if outer == 1 or piece == row:
-                self._pread(fd, dst.reshape(-1), first, name)
-            elif piece >= 4096:
-                for o in range(outer):
-                    self._pread(fd, dst[o], first + o * row, name)
-            else:
-                block = max(1, SLICE_BUFFER_BYTES // row)
-                buffer = np.empty((min(block, outer), row), dtype=np.uint8)
-                for o in range(0, outer, block):
-                    n = min(block, outer - o)
-                    self._pread(fd, buffer[:n].reshape(-1), self.data_start + begin + o * row, name)
-                    dst[o:o + n] = buffer[:n, start * inner:stop * inner]
-        return out
+        return read_array_slice(self.path, self.data_start + begin, dtype, shape, dim, start, stop, name)
 
-    def _pread(self, fd: int, into: np.ndarray, offset: int, name: str) -> None:
-        view = memoryview(into).cast("B")
-        while len(view):
-            n = os.preadv(fd, [view], offset)
-            if n <= 0:
-                raise LlamascopeError(f"{self.path}: file is truncated while reading tensor {name!r}")
-            view, offset = view[n:], offset + n
+
+def read_array(path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    """The row-major array of `shape` and `dtype` stored at byte `offset` of `path`, read into a
+    fresh tensor (plain reads: no page of the file stays mapped)."""
+    out = torch.empty(shape, dtype=dtype)
+    if out.numel():
+        with open(path, "rb", buffering=0) as f:
+            _pread(f.fileno(), out.view(-1).view(torch.uint8).numpy(), offset, path, name)
+    return out
+
+
+def read_array_slice(path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...], dim: int, start: int,
+                     stop: int, name: str) -> torch.Tensor:
+    """Indices [start, stop) along `dim` of the array `read_array` would give, reading only
+    those bytes.
+
+    Along dim 0 the slice is one contiguous byte range. Along a later dim it is one range per
+    index of the dims before it (a column block of each row of a matrix): each is read
+    straight into place when it is at least a page long, else blocks of whole rows go
+    through a buffer of at most `SLICE_BUFFER_BYTES`.
+    """
+    if not 0 <= dim < len(shape) or not 0 <= start <= stop <= shape[dim]:
+        raise LlamascopeError(f"{path}: tensor {name!r} of shape {list(shape)} has no slice "
+                              f"[{start}:{stop}] along dim {dim}")
+    item = torch.empty((), dtype=dtype).element_size()
+    outer = int(np.prod(shape[:dim], dtype=np.int64))  # independent ranges
+    inner = int(np.prod(shape[dim + 1:], dtype=np.int64)) * item  # bytes per index along dim
+    row = shape[dim] * inner  # bytes per outer index
+    piece = (stop - start) * inner  # bytes wanted per outer index
+    out = torch.empty(shape[:dim] + (stop - start,) + shape[dim + 1:], dtype=dtype)
+    if out.numel() == 0:
+        return out
+    dst = out.view(-1).view(torch.uint8).numpy().reshape(outer, piece)  # [outer, piece] bytes of out
+    first = offset + start * inner  # file offset of the first wanted byte
+    with open(path, "rb", buffering=0) as f:
+        fd = f.fileno()
+        if outer == 1 or piece == row:
+            _pread(fd, dst.reshape(-1), first, path, name)
+        elif piece >= 4096:
+            for o in range(outer):
+                _pread(fd, dst[o], first + o * row, path, name)
+        else:
+            block = max(1, SLICE_BUFFER_BYTES // row)
+            buffer = np.empty((min(block, outer), row), dtype=np.uint8)
+            for o in range(0, outer, block):
+                n = min(block, outer - o)
+                _pread(fd, buffer[:n].reshape(-1), offset + o * row, path, name)
+                dst[o:o + n] = buffer[:n, start * inner:stop * inner]
+    return out
+
+
+def _pread(fd: int, into: np.ndarray, offset: int, path: Path, name: str) -> None:
+    view = memoryview(into).cast("B")
+    while len(view):
+        n = os.preadv(fd, [view], offset)
+        if n <= 0:
+            raise LlamascopeError(f"{path}: file is truncated while reading tensor {name!r}")
+        view, offset = view[n:], offset + n
 
 
 def load_bin(path: Path) -> dict[str, torch.Tensor]:
