@@ -291,6 +291,7 @@ def test_q8_0_embedding_rows_equal_the_modules_and_the_step_is_unchanged(tmp_pat
     from llamascope.quant import QuantEmbedding
 
     float_layers = {f"blk.{n}.{block}.weight": "F32" for n in range(2) for block in GGUF_BLOCK.values()}
+    float_layers["output.weight"] = "F32"  # (a kept Q6_K head has no bfloat16 step)
     model = load_model(write_tiny_llama(tmp_path / "tiny.gguf", TinySpec(), types=float_layers).path,
                        dtype=dtype).model
     step = model.decode_step
@@ -377,3 +378,24 @@ def test_slot_storage_version_changes_whenever_tensors_may_have_been_replaced(ti
         cache.reserve(4, 64)
     versions.append(cache.storage_version)
     assert len(set(versions)) == len(versions), versions
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
+def test_k_quant_gguf_stays_quantised_and_the_step_equals_the_modules(tmp_path, qtype):
+    """A GGUF whose projections and head are K-quants keeps them as stored (no float copy), the
+    native step runs them and equals the module path bit for bit, and the greedy tokens are those
+    of the same file dequantised to float32 (quant="none")."""
+    from gguf_fixtures import GGUF_BLOCK, TinySpec, write_tiny_llama
+
+    from llamascope.quant import QuantLinear
+
+    types = {f"blk.{n}.{block}.weight": qtype for n in range(2) for block in GGUF_BLOCK.values()}
+    path = write_tiny_llama(tmp_path / f"{qtype}.gguf", TinySpec(), types={**types, "output.weight": qtype}).path
+    model = load_model(path).model
+    assert type(model.decode_step) is decode_step.DecodeStep
+    assert {m.qtype for m in model.modules() if isinstance(m, QuantLinear)} == {qtype}
+    assert not any(p.dtype.is_floating_point and p.dim() == 2 for p in model.parameters())  # no float matrix
+    assert torch.equal(_step_logits(model, True), _step_logits(model, False))
+    plain = load_model(path, quant="none").model
+    assert generate(model, PROMPT, max_new_tokens=12, eos_token_id=[]).output_ids == \
+        generate(plain, PROMPT, max_new_tokens=12, eos_token_id=[]).output_ids

@@ -194,3 +194,79 @@ def test_kernel_rows_are_independent(kind, K):
     alone = torch.cat([layer(x[i:i + 1]) for i in range(8)])
     for rows in (2, 5, 8):
         assert torch.equal(layer(x[:rows]), alone[:rows]), rows
+
+
+# ---- K-quants (GGUF Q4_K, Q5_K, Q6_K): kept as stored, read by csrc/kquant.c -------------------
+
+K_QTYPES = ["Q4_K", "Q5_K", "Q6_K"]
+
+
+def _k_layer(qtype: str, N: int, K: int, seed: int) -> QuantLinear:
+    """A layer of random super-blocks: every bit of the packed scales, minimums and high bits varies."""
+    from gguf_fixtures import random_blocks
+
+    raw = random_blocks(np.random.default_rng(seed), N, K, qtype)  # [N, K/256 * bytes]
+    return QuantLinear(torch.from_numpy(raw), qtype, K)
+
+
+def _eight_bit(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels quantise it (per 32 values: d = max|x| / 127, q = round-half-even(x / d)),
+    in float64: the activations every block product of the kernels sees."""
+    blocks = x.reshape(-1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.round(blocks * torch.where(d > 0, 1.0 / d, torch.zeros_like(d)))
+    return (q.double() * d.double()).reshape(x.shape)
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", K_QTYPES)
+@pytest.mark.parametrize("K", [256, 768, 2048])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_k_quant_kernel_is_the_exact_product_of_its_8_bit_activations(qtype, K, rows):
+    """Against the reference dequantiser's weights (gguf-py) and the 8-bit activations, the kernel
+    is exact up to float32 summation (any misplaced scale, minimum, nibble or high bit would show
+    as an error of the weights' own size), and within ~1% of the plain float path."""
+    layer = _k_layer(qtype, 45, K, seed=K + rows)
+    torch.manual_seed(K + rows)
+    x = torch.randn(rows, K)
+    w = layer.dequantized().double()  # [45, K]
+    fast = layer(x).double()
+    scale = x.abs().double() @ w.abs().t()  # [rows, 45] the size of each dot product's terms
+    assert ((fast - _eight_bit(x) @ w.t()).abs() / scale).max() < 1e-5
+    assert ((fast - layer.forward_plain(x).double()).abs() / scale).max() < 0.01
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", K_QTYPES)
+def test_k_quant_rows_are_independent_and_nan_propagates(qtype):
+    layer = _k_layer(qtype, 33, 512, seed=5)
+    torch.manual_seed(5)
+    x = torch.randn(8, 512)
+    alone = torch.cat([layer(x[i:i + 1]) for i in range(8)])
+    for rows in (2, 5, 8):
+        assert torch.equal(layer(x[:rows]), alone[:rows]), rows
+    x[1, 300] = float("nan")
+    out = layer(x[:3])
+    assert out[1].isnan().all() and not out[0].isnan().any() and not out[2].isnan().any()
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", K_QTYPES)
+def test_k_quant_native_dequantisation_is_exact(qtype):
+    """The prefill path's native dequantisation gives gguf-py's numbers bit for bit (and their
+    bfloat16 rounding), and long inputs agree with the plain path to float rounding."""
+    layer = _k_layer(qtype, 37, 768, seed=9)
+    reference = layer.dequantized(torch.float32)
+    assert torch.equal(layer.dequantized_fast(torch.float32), reference)
+    assert torch.equal(layer.dequantized_fast(torch.bfloat16), reference.bfloat16())
+    x = torch.randn(40, 768)
+    layer.long_inputs_in_bf16 = False
+    scale = x.abs() @ reference.abs().t()
+    assert ((layer(x) - layer.forward_plain(x)).abs() / scale).max() < 1e-5
+
+
+def test_k_quant_needs_whole_super_blocks():
+    from llamascope.errors import LlamascopeError
+
+    with pytest.raises(LlamascopeError, match="Q4_K weights need an input size that is a multiple of 256, not 320"):
+        QuantLinear(torch.zeros(4, 180, dtype=torch.uint8), "Q4_K", 320)

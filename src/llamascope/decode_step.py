@@ -34,8 +34,9 @@ from .model import check_token_ids
 from .quant import KERNEL_MAX_ROWS, FastLinear, QuantEmbedding, QuantLinear
 
 # Weight formats, as in csrc/decode_step.c
-LIN_F32, LIN_BF16, LIN_Q8_0, LIN_Q4_0, LIN_Q4_1, LIN_Q8_0_EXACT = range(6)
+LIN_F32, LIN_BF16, LIN_Q8_0, LIN_Q4_0, LIN_Q4_1, LIN_Q8_0_EXACT, LIN_Q4_K, LIN_Q5_K, LIN_Q6_K = range(9)
 _Q4_KINDS = {"Q4_0": LIN_Q4_0, "Q4_1": LIN_Q4_1}
+_STORED_KINDS = {"Q8_0": LIN_Q8_0, "Q4_K": LIN_Q4_K, "Q5_K": LIN_Q5_K, "Q6_K": LIN_Q6_K}
 
 _p, _i, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 
@@ -93,8 +94,8 @@ def _describe(module: nn.Module, keep: list, what: str, bf16: bool = False) -> _
             kind, weight = LIN_Q8_0_EXACT, module.stored
         elif hasattr(module, "packed"):
             kind, weight = _Q4_KINDS[module.qtype], module.packed
-        elif module.qtype == "Q8_0":
-            kind, weight = LIN_Q8_0, module.stored
+        elif module.qtype in _STORED_KINDS:
+            kind, weight = _STORED_KINDS[module.qtype], module.stored
         else:
             raise NotApplicable(f"{what}: block format {module.qtype}")
     else:

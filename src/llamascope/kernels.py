@@ -34,7 +34,7 @@ from .errors import LlamascopeError
 log = logging.getLogger("llamascope")
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / name for name in ("gemv.c", "attention.c", "decode_step.c", "argmax.c")]
+SOURCES = [CSRC / name for name in ("gemv.c", "kquant.c", "attention.c", "decode_step.c", "argmax.c")]
 HEADERS = [CSRC / "simd.h", CSRC / "avx2.h"]
 _BASE_CFLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp"]
 # build -> (CPU flags it needs, compiler flags)
@@ -155,6 +155,10 @@ def load() -> ctypes.CDLL | None:
     lib.dequant_q8_0.restype = f
     lib.dequant_q4_packed.argtypes = [i, p, i, i, p, i, i]
     lib.dequant_q4_packed.restype = f
+    lib.gemv_kquant_f32.argtypes = [i, p, i, i, p, i, p, i]
+    lib.gemv_kquant_f32.restype = i
+    lib.dequant_kquant.argtypes = [i, p, i, i, p, i, i]
+    lib.dequant_kquant.restype = None
     lib.argmax_rows_f32.argtypes = [p, i, i, p]
     lib.argmax_rows_f32.restype = f
     lib.decode_step_f32.argtypes = [p, i, p, p, p, p, p, p, p, i, p, i]

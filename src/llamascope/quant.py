@@ -7,6 +7,13 @@ and `--quant int8|int4` quantises float weights into the same formats:
     Q4_0  4-bit, one scale per block, offset 8   (4.5 bits per weight)
     Q4_1  4-bit, scale and minimum per block     (5 bits per weight)     -- our `int4`
 
+GGUF files also bring ggml's K-quants, kept as stored and read by csrc/kquant.c (super-blocks of
+256 weights with 6- or 8-bit sub-block scales; not produced by `--quant`):
+
+    Q4_K  4-bit, scale and minimum per 32        (4.5 bits per weight)
+    Q5_K  5-bit, scale and minimum per 32        (5.5 bits per weight)
+    Q6_K  6-bit, scale per 16                    (6.5625 bits per weight)
+
 Every layer has a plain path (dequantise, then `F.linear`) that is the reference for its fast path.
 Decoding (a few rows of activations) goes through the native kernels in csrc/gemv.c; longer inputs
 (prefill) dequantise the weight once per call and use PyTorch's matrix multiply.
@@ -24,13 +31,24 @@ from .errors import LlamascopeError
 
 QK = 32
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
-QTYPE_CODES = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2}  # as in csrc/gemv.c
+QK_K = 256
+K_QUANT_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}  # per 256-weight super-block
+QTYPE_CODES = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5}  # as in csrc/gemv.c, kquant.c
 QUANT_CHOICES = {"int8": "Q8_0", "int4": "Q4_1", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1"}
 # Up to this many activation rows per call, the batch-1 kernels beat dequantise + matmul.
 KERNEL_MAX_ROWS = 8
 
 
 # ---- block formats: quantise and dequantise (the plain path) -------------------------------
+
+def block_layout(qtype: str) -> tuple[int, int]:
+    """(weights, bytes) of one block of a kept format (a K-quant's super-block)."""
+    if qtype in BLOCK_BYTES:
+        return QK, BLOCK_BYTES[qtype]
+    if qtype in K_QUANT_BYTES:
+        return QK_K, K_QUANT_BYTES[qtype]
+    raise LlamascopeError(f"unsupported block format {qtype!r}")
+
 
 def _fp16_bytes(x: torch.Tensor) -> torch.Tensor:
     """[N, nb] float -> [N, nb, 2] uint8 (little-endian fp16)."""
@@ -76,8 +94,15 @@ def quantize(w: torch.Tensor, qtype: str) -> torch.Tensor:
 
 
 def dequantize(blocks: torch.Tensor, qtype: str, K: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """blocks [N, K/32 * bytes] uint8 -> w [N, K] at `dtype`."""
+    """blocks [N, K/32 * bytes] uint8 -> w [N, K] at `dtype`. K-quants go through gguf-py's
+    reference dequantiser (ggml's arithmetic, in numpy)."""
     N = blocks.shape[0]
+    if qtype in K_QUANT_BYTES:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize as gguf_dequantize
+
+        values = gguf_dequantize(blocks.cpu().numpy(), GGMLQuantizationType[qtype])  # [N, K] float32
+        return torch.from_numpy(values.reshape(N, K)).to(device=blocks.device, dtype=dtype)
     b = blocks.reshape(N, K // QK, BLOCK_BYTES[qtype])  # [N, nb, bytes]
     d = _fp16_from(b[..., 0:2])[..., None]  # [N, nb, 1]
     if qtype == "Q8_0":
@@ -125,8 +150,9 @@ class QuantLinear(nn.Module):
         """`blocks`: uint8 [N, row bytes] in ggml's block format, or with `packed` (Q4 with the native
         kernels only) already in the kernel's layout, as another layer's `packed` rows."""
         super().__init__()
-        if qtype not in BLOCK_BYTES:
-            raise LlamascopeError(f"unsupported block format {qtype!r}")
+        size, _ = block_layout(qtype)
+        if in_features % size:
+            raise LlamascopeError(f"{qtype} weights need an input size that is a multiple of {size}, not {in_features}")
         self.qtype, self.in_features, self.out_features = qtype, in_features, blocks.shape[0]
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         lib = kernels.load() if blocks.device.type == "cpu" else None  # native kernels are the CPU's
@@ -139,7 +165,10 @@ class QuantLinear(nn.Module):
             raise LlamascopeError("packed Q4 rows need the native kernels")
         else:
             self.register_buffer("stored", blocks.contiguous())  # [N, K/32 * bytes] uint8
-            self._kernel = lib.gemv_blocks_f32 if lib is not None else None
+            if lib is None:
+                self._kernel = None
+            else:
+                self._kernel = lib.gemv_kquant_f32 if qtype in K_QUANT_BYTES else lib.gemv_blocks_f32
         self._exact_kernel = None
         # (oneDNN's bfloat16 product is fast where the CPU has AVX512-BF16, whichever kernel build runs)
         self.long_inputs_in_bf16 = lib is not None and kernels.cpu_has("avx512_bf16")
@@ -189,6 +218,9 @@ class QuantLinear(nn.Module):
         if hasattr(self, "packed"):
             lib.dequant_q4_packed(self._code, self.packed.data_ptr(), self.out_features, self.in_features,
                                   out.data_ptr(), bf16, torch.get_num_threads())
+        elif self.qtype in K_QUANT_BYTES:
+            lib.dequant_kquant(self._code, self.stored.data_ptr(), self.out_features, self.in_features,
+                               out.data_ptr(), bf16, torch.get_num_threads())
         else:
             lib.dequant_q8_0(self.stored.data_ptr(), self.out_features, self.in_features, out.data_ptr(),
                              bf16, torch.get_num_threads())
@@ -219,9 +251,9 @@ class QuantLinear(nn.Module):
         if self._exact_kernel is not None:
             self._exact_kernel(self.stored.data_ptr(), N, self.in_features, xf.data_ptr(), rows, y.data_ptr(),
                                torch.get_num_threads())
-        else:
-            self._kernel(self._code, self._weight_ptr(), N, self.in_features, xf.data_ptr(), rows, y.data_ptr(),
-                         torch.get_num_threads())
+        elif self._kernel(self._code, self._weight_ptr(), N, self.in_features, xf.data_ptr(), rows, y.data_ptr(),
+                          torch.get_num_threads()):
+            raise MemoryError(f"{self.qtype} product: out of memory for the kernel's scratch buffers")
         if self.bias is not None:
             y += self.bias
         return y if x.dtype == torch.float32 else y.to(x.dtype)

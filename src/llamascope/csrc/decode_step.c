@@ -26,6 +26,7 @@ void gemv_bf16(const uint16_t *w, int N, int K, const float *x, int T, float *y,
 void gemv_blocks_f32(int qtype, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads);
 void gemv_q4_packed_f32(int qtype, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads);
 void gemv_q8_0_exact_f32(const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads);
+int gemv_kquant_f32(int qtype, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads);
 void rmsnorm_f32(const float *x, const float *w, float *out, int rows, int dim, float eps);
 void silu_mul_f32(const float *gu, int rows, int I, float *out);
 void decode_attention_rows_f32(int B, float *qkv, const float *cos, const float *sin, float *kcache, float *vcache,
@@ -33,7 +34,8 @@ void decode_attention_rows_f32(int B, float *qkv, const float *cos, const float 
                                float scale, float *out, int nthreads);
 
 /* Weight formats (decode_step.py's LINEAR_KINDS). */
-enum { LIN_F32 = 0, LIN_BF16 = 1, LIN_Q8_0 = 2, LIN_Q4_0 = 3, LIN_Q4_1 = 4, LIN_Q8_0_EXACT = 5 };
+enum { LIN_F32 = 0, LIN_BF16 = 1, LIN_Q8_0 = 2, LIN_Q4_0 = 3, LIN_Q4_1 = 4, LIN_Q8_0_EXACT = 5, LIN_Q4_K = 6,
+       LIN_Q5_K = 7, LIN_Q6_K = 8 };
 
 typedef struct {
     int kind, N, K;          /* y[N] = W[N, K] x[K] (+ bias) */
@@ -59,8 +61,9 @@ typedef struct {
     linear_t head;                       /* [vocab, hidden] */
 } stack_t;
 
-/* y[T, N] = x[T, K] W^T (+ bias) for T rows. */
-static void linear(const linear_t *l, const float *x, int T, float *y, int nthreads) {
+/* y[T, N] = x[T, K] W^T (+ bias) for T rows. Returns 0, or -1 when a kernel's scratch memory ran out. */
+static int linear(const linear_t *l, const float *x, int T, float *y, int nthreads) {
+    int status = 0;
     switch (l->kind) {
     case LIN_F32: gemv_f32((const float *)l->w, l->N, l->K, x, T, y, nthreads); break;
     case LIN_BF16: gemv_bf16((const uint16_t *)l->w, l->N, l->K, x, T, y, nthreads); break;
@@ -68,26 +71,28 @@ static void linear(const linear_t *l, const float *x, int T, float *y, int nthre
     case LIN_Q4_0: gemv_q4_packed_f32(1, (const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads); break;
     case LIN_Q4_1: gemv_q4_packed_f32(2, (const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads); break;
     case LIN_Q8_0_EXACT: gemv_q8_0_exact_f32((const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads); break;
+    case LIN_Q4_K: case LIN_Q5_K: case LIN_Q6_K:  /* K-quant codes 3, 4, 5 (kquant.c) */
+        status = gemv_kquant_f32(l->kind - LIN_Q4_K + 3, (const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads);
+        break;
     }
     if (l->bias)
         for (int t = 0; t < T; t++)
             for (int n = 0; n < l->N; n++) y[(int64_t)t * l->N + n] += l->bias[n];
+    return status;
 }
 
 /* Several layers reading the same input, outputs side by side: y[T, sum of N]. */
-static void linears(const linear_t *ls, int count, const float *x, int T, float *y, int width, float *tmp,
-                    int nthreads) {
-    if (count == 1) {
-        linear(&ls[0], x, T, y, nthreads);
-        return;
-    }
-    int offset = 0;
+static int linears(const linear_t *ls, int count, const float *x, int T, float *y, int width, float *tmp,
+                   int nthreads) {
+    if (count == 1) return linear(&ls[0], x, T, y, nthreads);
+    int offset = 0, status = 0;
     for (int i = 0; i < count; i++) {
-        linear(&ls[i], x, T, tmp, nthreads);
+        status |= linear(&ls[i], x, T, tmp, nthreads);
         for (int t = 0; t < T; t++)
             memcpy(y + (int64_t)t * width + offset, tmp + (int64_t)t * ls[i].N, sizeof(float) * ls[i].N);
         offset += ls[i].N;
     }
+    return status;
 }
 
 /*
@@ -107,24 +112,27 @@ int decode_step_f32(const stack_t *s, int B, float *x, const float *cos, const f
     if (!scratch) return -1;
     float *h = scratch, *qkv = h + (int64_t)B * hidden, *a = qkv + (int64_t)B * QKV, *y = a + (int64_t)B * HD;
     float *gu = y + (int64_t)B * hidden, *act = gu + (int64_t)B * 2 * I, *tmp = act + (int64_t)B * I;
-    for (int l = 0; l < s->n_layers; l++) {
+    int status = 0;
+    for (int l = 0; l < s->n_layers && status == 0; l++) {
         const layer_t *L = &s->layers[l];
         rmsnorm_f32(x, L->attn_norm, h, B, hidden, s->eps);
-        linears(L->qkv, L->n_qkv, h, B, qkv, QKV, tmp, nthreads);
+        status |= linears(L->qkv, L->n_qkv, h, B, qkv, QKV, tmp, nthreads);
         decode_attention_rows_f32(B, qkv, cos, sin, kcache[l], vcache[l], row_stride, slots, cols, cap, s->H, s->KVH,
                                   D, s->scale, a, nthreads);
-        linear(&L->o, a, B, y, nthreads);
+        status |= linear(&L->o, a, B, y, nthreads);
         for (int64_t i = 0; i < (int64_t)B * hidden; i++) x[i] += y[i];
         rmsnorm_f32(x, L->mlp_norm, h, B, hidden, s->eps);
-        linears(L->gate_up, L->n_gate_up, h, B, gu, 2 * I, tmp, nthreads);
+        status |= linears(L->gate_up, L->n_gate_up, h, B, gu, 2 * I, tmp, nthreads);
         silu_mul_f32(gu, B, I, act);
-        linear(&L->down, act, B, y, nthreads);
+        status |= linear(&L->down, act, B, y, nthreads);
         for (int64_t i = 0; i < (int64_t)B * hidden; i++) x[i] += y[i];
     }
-    rmsnorm_f32(x, s->final_norm, h, B, hidden, s->eps);
-    linear(&s->head, h, B, logits, nthreads);
+    if (status == 0) {
+        rmsnorm_f32(x, s->final_norm, h, B, hidden, s->eps);
+        status = linear(&s->head, h, B, logits, nthreads);
+    }
     free(scratch);
-    return 0;
+    return status;
 }
 
 /* ---- bfloat16 activations ---------------------------------------------------------------------

@@ -25,26 +25,6 @@
 
 #define QK 32
 
-/* Software prefetch, PREFETCH_AHEAD bytes ahead of the weight stream being read. A thread reads its
- * rows in order and rows are contiguous, so its weights are one stream; but a row is short (288
- * floats on a small model, about a kilobyte of Q4 on a 2048-wide one), and the hardware prefetcher,
- * which starts over on each short run of lines, then leaves the loads waiting on memory. Prefetching
- * each line this far ahead raises the cold-memory throughput of a 288-wide float32 matrix from
- * about 20 to 30 GB/s on the 2-core machine these kernels are tuned on. */
-#ifndef PREFETCH_AHEAD
-#define PREFETCH_AHEAD 8192
-#endif
-static inline void prefetch_ahead(const void *p) { _mm_prefetch((const char *)p + PREFETCH_AHEAD, _MM_HINT_T0); }
-static inline void prefetch_ahead_256(const char *p) {  /* the four lines of a 256-byte run */
-    for (int i = 0; i < 256; i += 64) prefetch_ahead(p + i);
-}
-
-static inline float f16(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-    return _cvtsh_ss(h);
-}
-
 /* x[T, K] float -> q[T, K] int8, d[T, K/32], s[T, K/32] (s = d * sum(q)). K % 32 == 0. */
 void quantize_act_q8(const float *x, int T, int K, int8_t *q, float *d, float *s) {
     const int nb = K / QK;

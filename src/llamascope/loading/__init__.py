@@ -59,13 +59,13 @@ class TensorSource:
         multiples of the block size), uint8 [rows, bytes]."""
         if self.blocks_slice_reader is not None:
             return self.blocks_slice_reader(dim, start, stop)
-        from ..quant import BLOCK_BYTES, QK
+        from ..quant import block_layout
 
         blocks = self.read_blocks()
         if dim == 0:
             return blocks[start:stop].clone()
-        size = BLOCK_BYTES[self.stored_type]
-        return blocks[:, start // QK * size:stop // QK * size].contiguous()
+        weights, size = block_layout(self.stored_type)
+        return blocks[:, start // weights * size:stop // weights * size].contiguous()
 
 
 @dataclass
@@ -347,11 +347,14 @@ def _kept_blocks(checkpoint: Checkpoint, name: str, shard, parallel) -> torch.Te
     to start and stop on block boundaries; where they do not, the layer is held as float on this
     rank (dequantised, same values) and a line says so.
     """
-    from ..quant import BLOCK_BYTES, QK
+    from ..quant import BLOCK_BYTES, K_QUANT_BYTES, block_layout
 
     source = checkpoint.tensors[name]
-    if source.read_blocks is None or source.stored_type not in BLOCK_BYTES or len(source.shape) != 2 \
-            or source.shape[1] % QK:
+    if source.read_blocks is None or source.stored_type not in {**BLOCK_BYTES, **K_QUANT_BYTES} \
+            or len(source.shape) != 2:
+        return None
+    QK, _ = block_layout(source.stored_type)  # weights per block (256 for a K-quant's super-block)
+    if source.shape[1] % QK:
         return None
     if shard is None:
         return source.read_blocks()

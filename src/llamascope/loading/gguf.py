@@ -24,7 +24,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import LlamascopeError
-from ..quant import BLOCK_BYTES
+from ..quant import BLOCK_BYTES, K_QUANT_BYTES
 from . import Checkpoint, TensorSource, expected_shapes
 from .tensorfiles import read_array, read_array_slice
 
@@ -627,7 +627,7 @@ def _tensor_sources(tensors: dict, config: ModelConfig, path: Path) -> dict[str,
             heads = config.num_key_value_heads
         weight = GGUFWeight(tensor, shape, heads, path)
         # Block formats quant.py computes with directly can stay quantised (load_model's default).
-        has_blocks = weight.type_name in BLOCK_BYTES and len(shape) == 2
+        has_blocks = (weight.type_name in BLOCK_BYTES or weight.type_name in K_QUANT_BYTES) and len(shape) == 2
         sources[hf_name] = TensorSource(shape, weight.type_name, path, int(tensor.n_bytes), weight.read,
                                         slice_reader=weight.read_slice,
                                         read_blocks=weight.read_blocks if has_blocks else None,

@@ -1,0 +1,289 @@
+/*
+ * Batch-1 products with ggml's K-quant weights (Q4_K, Q5_K, Q6_K), read as the GGUF file stores
+ * them: super-blocks of 256 weights, each with its own scales. y[t, n] = sum_k x[t, k] * W[n, k].
+ *
+ *   Q4_K (144 bytes): d:f16, dmin:f16, scales[12], qs[128]           w = d*sc_j * q - dmin*m_j
+ *   Q5_K (176 bytes): d:f16, dmin:f16, scales[12], qh[32], qs[128]   the same with a fifth bit
+ *   Q6_K (210 bytes): ql[128], qh[64], scales:int8[16], d:f16        w = d*sc_i * (q - 32)
+ *
+ * Q4_K and Q5_K have eight sub-blocks of 32 weights, each with a 6-bit scale sc_j and minimum m_j
+ * packed into `scales`. In qs, 32-byte chunk c holds sub-block 2c in its low nibbles and 2c + 1 in
+ * its high nibbles; Q5_K's fifth bit of weight l of sub-block j is bit j of qh[l]. Q6_K has sixteen
+ * sub-blocks of 16 weights with int8 scales; each half h (128 weights) takes ql[64h .. 64h + 63]
+ * (low nibbles: weights 0-63 of the half, high nibbles: 64-127) and qh[32h .. 32h + 31], whose bit
+ * pairs 0, 2, 4, 6 of byte l are the top bits of the half's weights l, l + 32, l + 64, l + 96.
+ *
+ * As for the 32-weight formats (gemv.c) the activations are quantised to 8 bits per 32-wide block
+ * (scale d_x, sum s_x = d_x * sum q_x), and VNNI multiplies 64 unsigned weight values by 64
+ * activations at a time into 16 int32 lanes of four products each. Each lane is then scaled in
+ * float by its weight scale and its activation scale. The activations are laid out once per call
+ * so that each 64-byte weight vector meets its own 64 activations (a "slot"):
+ *   Q4_K, Q5_K: the four slots of a super-block are sub-blocks (0, 2), (1, 3), (4, 6), (5, 7): the
+ *               low then the high nibbles of qs bytes 0-63, then of bytes 64-127;
+ *   Q6_K:       the natural order (the low then the high nibbles of each half's ql).
+ * Minimums (Q4_K, Q5_K) add -dmin*m_j * s_x per sub-block; Q6_K's offset -32 is taken off each
+ * lane's integer sum as 32 times the sum of its four activations.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "simd.h"
+
+#define QK 32
+#define QK_K 256
+#define SLOTS 4          /* 64-weight vectors per super-block */
+#define KQ_ROWS 8        /* activation rows a weight row is unpacked once for */
+
+enum { QTYPE_Q4_K = 3, QTYPE_Q5_K = 4, QTYPE_Q6_K = 5 };  /* as quant.py's QTYPE_CODES */
+
+void quantize_act_q8(const float *x, int T, int K, int8_t *q, float *d, float *s);
+
+static int kquant_bytes(int qtype) { return qtype == QTYPE_Q4_K ? 144 : qtype == QTYPE_Q5_K ? 176 : 210; }
+
+/* The two 32-weight blocks of a super-block that slot k's 64 activations come from. */
+static void slot_blocks(int qtype, int k, int *a, int *b) {
+    static const int pairs[SLOTS][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}};
+    if (qtype == QTYPE_Q6_K) {
+        *a = 2 * k;
+        *b = 2 * k + 1;
+    } else {
+        *a = pairs[k][0];
+        *b = pairs[k][1];
+    }
+}
+
+/* Q4_K / Q5_K: the 12 packed bytes -> sc[0..7] in bytes 0-7, m[0..7] in bytes 8-15. Bytes 0-3 hold
+ * sc[0..3] (low 6 bits) and the top bits of sc[4..7]; bytes 4-7 hold m[0..3] and the top bits of
+ * m[4..7]; bytes 8-11 hold the low 4 bits of sc[4..7] (low nibbles) and of m[4..7] (high nibbles). */
+static inline __m128i k4_scales_mins(const uint8_t *s) {
+    uint32_t a, b, c;
+    memcpy(&a, s, 4);
+    memcpy(&b, s + 4, 4);
+    memcpy(&c, s + 8, 4);
+    const uint32_t sc_lo = a & 0x3F3F3F3Fu, m_lo = b & 0x3F3F3F3Fu;
+    const uint32_t sc_hi = (c & 0x0F0F0F0Fu) | (((a >> 6) & 0x03030303u) << 4);
+    const uint32_t m_hi = ((c >> 4) & 0x0F0F0F0Fu) | (((b >> 6) & 0x03030303u) << 4);
+    return _mm_setr_epi32((int)sc_lo, (int)sc_hi, (int)m_lo, (int)m_hi);
+}
+
+/* 32 bytes v -> 64: [v, v >> 2] (per 16-bit lane; only bits that stay within their byte are used). */
+static inline __m512i twice_shifted(const uint8_t *p) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 2), 1);
+}
+
+/* One weight row against `rows` activation rows (rows <= KQ_ROWS), prepared by gemv_kquant_f32:
+ * xp [rows][K] int8 in slot order, xd16 [rows][K/64][16] each lane's activation scale, xs16
+ * [rows][K/256][16] (Q4_K, Q5_K: zeros, then the eight blocks' s_x), xl [rows][K/64][16] (Q6_K: each
+ * lane's activation sum). Every row goes through the same operations in the same order, so a
+ * result does not depend on how many rows were computed with it. */
+static inline __attribute__((always_inline)) void kquant_rows_impl(
+        const int qtype, const uint8_t *row, const int nsb, const int8_t *xp, const float *xd16, const float *xs16,
+        const int32_t *xl, const int64_t K, const int rows, float *out) {
+    const int bytes = kquant_bytes(qtype);
+    const __m512i low4 = _mm512_set1_epi8(0x0F), one = _mm512_set1_epi8(1), three = _mm512_set1_epi8(3);
+    /* which of the 16 scales each lane of a slot takes: Q4_K/Q5_K sub-blocks (lanes 0-7, 8-15 of
+     * the scale vector); Q6_K 16-weight sub-blocks (four lanes each) */
+    const __m512i pick4[SLOTS] = {
+        _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2),
+        _mm512_setr_epi32(1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3),
+        _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6),
+        _mm512_setr_epi32(5, 5, 5, 5, 5, 5, 5, 5, 7, 7, 7, 7, 7, 7, 7, 7)};
+    const __m512i pick6[SLOTS] = {
+        _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+        _mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7),
+        _mm512_setr_epi32(8, 8, 8, 8, 9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 11),
+        _mm512_setr_epi32(12, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 14, 15, 15, 15, 15)};
+    __m512 acc[KQ_ROWS], extra[KQ_ROWS];
+    for (int t = 0; t < rows; t++) {
+        acc[t] = _mm512_setzero_ps();
+        extra[t] = _mm512_setzero_ps();
+    }
+    for (int sb = 0; sb < nsb; sb++) {
+        const uint8_t *blk = row + (int64_t)sb * bytes;
+        for (int i = 0; i < bytes; i += 64) prefetch_ahead(blk + i);
+        __m512i q[SLOTS];  /* the super-block's weights as unsigned bytes, slot by slot */
+        __m512 scale;      /* per-sub-block weight scales d*sc (Q4_K/Q5_K: lanes 0-7; minimums dmin*m in 8-15) */
+        if (qtype == QTYPE_Q6_K) {
+            const float d = f16(blk + 208);
+            scale = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 192)))),
+                                  _mm512_set1_ps(d));
+            for (int h = 0; h < 2; h++) {
+                const __m512i v = _mm512_loadu_si512((const void *)(blk + 64 * h));
+                const __m512i top = twice_shifted(blk + 128 + 32 * h);  /* bit pairs (0, 2) | (4, 6) */
+                q[2 * h] = _mm512_or_si512(_mm512_and_si512(v, low4), _mm512_slli_epi16(_mm512_and_si512(top, three), 4));
+                q[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4),
+                                               _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(top, 4), three), 4));
+            }
+        } else {
+            const __m512 dd = _mm512_insertf32x8(_mm512_set1_ps(f16(blk)), _mm256_set1_ps(f16(blk + 2)), 1);
+            scale = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(k4_scales_mins(blk + 4))), dd);
+            const uint8_t *qs = blk + (qtype == QTYPE_Q5_K ? 48 : 16);
+            for (int h = 0; h < 2; h++) {
+                const __m512i v = _mm512_loadu_si512((const void *)(qs + 64 * h));
+                q[2 * h] = _mm512_and_si512(v, low4);
+                q[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+            }
+            if (qtype == QTYPE_Q5_K) {  /* slot k's two sub-blocks take qh bits (0, 2), (1, 3), (4, 6), (5, 7) */
+                const __m512i top = twice_shifted(blk + 16);
+                q[0] = _mm512_or_si512(q[0], _mm512_slli_epi16(_mm512_and_si512(top, one), 4));
+                q[1] = _mm512_or_si512(q[1], _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(top, 1), one), 4));
+                q[2] = _mm512_or_si512(q[2], _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(top, 4), one), 4));
+                q[3] = _mm512_or_si512(q[3], _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(top, 5), one), 4));
+            }
+        }
+        for (int k = 0; k < SLOTS; k++) {
+            const __m512 w16 = _mm512_permutexvar_ps(qtype == QTYPE_Q6_K ? pick6[k] : pick4[k], scale);
+            const int64_t slot = (int64_t)sb * SLOTS + k;
+            for (int t = 0; t < rows; t++) {
+                __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[k],
+                                                _mm512_loadu_si512((const void *)(xp + t * K + slot * 64)));
+                if (qtype == QTYPE_Q6_K)
+                    p = _mm512_sub_epi32(p, _mm512_slli_epi32(_mm512_loadu_si512((const void *)(xl + (t * K / 64 + slot) * 16)), 5));
+                const __m512 s16 = _mm512_mul_ps(w16, _mm512_loadu_ps(xd16 + (t * K / 64 + slot) * 16));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s16, acc[t]);
+            }
+        }
+        if (qtype != QTYPE_Q6_K)
+            for (int t = 0; t < rows; t++)
+                extra[t] = _mm512_fmadd_ps(scale, _mm512_loadu_ps(xs16 + ((int64_t)t * nsb + sb) * 16), extra[t]);
+    }
+    for (int t = 0; t < rows; t++) out[t] = _mm512_reduce_add_ps(acc[t]) - _mm512_reduce_add_ps(extra[t]);
+}
+
+static void kquant_rows(int qtype, const uint8_t *row, int nsb, const int8_t *xp, const float *xd16, const float *xs16,
+                        const int32_t *xl, int64_t K, int rows, float *out) {
+#define KQ_CASE(R)                                                                                     \
+    case R:                                                                                            \
+        if (qtype == QTYPE_Q4_K) kquant_rows_impl(QTYPE_Q4_K, row, nsb, xp, xd16, xs16, xl, K, R, out);  \
+        else if (qtype == QTYPE_Q5_K) kquant_rows_impl(QTYPE_Q5_K, row, nsb, xp, xd16, xs16, xl, K, R, out); \
+        else kquant_rows_impl(QTYPE_Q6_K, row, nsb, xp, xd16, xs16, xl, K, R, out);                    \
+        break;
+    switch (rows) {
+        KQ_CASE(1) KQ_CASE(2) KQ_CASE(3) KQ_CASE(4) KQ_CASE(5) KQ_CASE(6) KQ_CASE(7) KQ_CASE(8)
+    }
+#undef KQ_CASE
+}
+
+/* y[T, N] = x[T, K] @ W^T, W [N, K/256 super-blocks] in qtype 3 (Q4_K), 4 (Q5_K) or 5 (Q6_K); x float32,
+ * K % 256 == 0. Returns 0, or -1 when scratch memory ran out. */
+int gemv_kquant_f32(int qtype, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads) {
+    const int nb = K / QK, nsb = K / QK_K;
+    const int64_t row_bytes = (int64_t)nsb * kquant_bytes(qtype);
+    /* per activation row: xq, xp [K] int8; xd, xs [nb]; xd16, xl [K/4]; xs16 [nsb * 16] */
+    const int64_t per_row = 2 * (int64_t)K + 2 * (int64_t)nb * 4 + 2 * (int64_t)K + (int64_t)nsb * 64;
+    uint8_t *scratch = (uint8_t *)aligned_alloc(64, ((int64_t)T * per_row + 64 + 63) / 64 * 64);
+    if (!scratch) return -1;
+    float *xd16 = (float *)scratch;                       /* [T, K/64, 16] */
+    int32_t *xl = (int32_t *)(xd16 + (int64_t)T * K / 4); /* [T, K/64, 16] */
+    float *xs16 = (float *)(xl + (int64_t)T * K / 4);     /* [T, nsb, 16] */
+    float *xd = xs16 + (int64_t)T * nsb * 16, *xs = xd + (int64_t)T * nb;
+    int8_t *xq = (int8_t *)(xs + (int64_t)T * nb), *xp = xq + (int64_t)T * K;
+    quantize_act_q8(x, T, K, xq, xd, xs);
+    for (int t = 0; t < T; t++) {
+        for (int sb = 0; sb < nsb; sb++) {
+            const int64_t first = (int64_t)t * nb + sb * 8;  /* the super-block's first activation block */
+            for (int k = 0; k < SLOTS; k++) {
+                int a, b;
+                slot_blocks(qtype, k, &a, &b);
+                const int64_t slot = (int64_t)t * K / 64 + sb * SLOTS + k;
+                int8_t *dst = xp + slot * 64;
+                memcpy(dst, xq + (first + a) * QK, QK);
+                memcpy(dst + QK, xq + (first + b) * QK, QK);
+                for (int i = 0; i < 16; i++) {
+                    xd16[slot * 16 + i] = xd[first + (i < 8 ? a : b)];
+                    xl[slot * 16 + i] = dst[4 * i] + dst[4 * i + 1] + dst[4 * i + 2] + dst[4 * i + 3];
+                }
+            }
+            float *e = xs16 + ((int64_t)t * nsb + sb) * 16;
+            for (int i = 0; i < 8; i++) {
+                e[i] = 0.0f;
+                e[8 + i] = xs[first + i];
+            }
+        }
+    }
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        float out[KQ_ROWS];
+        for (int t0 = 0; t0 < T; t0 += KQ_ROWS) {
+            const int rows = T - t0 < KQ_ROWS ? T - t0 : KQ_ROWS;
+            kquant_rows(qtype, w + n * row_bytes, nsb, xp + (int64_t)t0 * K, xd16 + (int64_t)t0 * K / 4,
+                        xs16 + (int64_t)t0 * nsb * 16, xl + (int64_t)t0 * K / 4, K, rows, out);
+            for (int r = 0; r < rows; r++) y[(int64_t)(t0 + r) * N + n] = out[r];
+        }
+    }
+    free(scratch);
+    return 0;
+}
+
+/* ---- dequantisation for long inputs (prefill) ----------------------------------------------------
+ * W as float32 (or bfloat16, rounded to nearest even), with the arithmetic of ggml's reference
+ * (and gguf-py's): Q4_K / Q5_K (d*sc) * q - (dmin*m), Q6_K (d*sc) * (q - 32), each product and
+ * difference rounded on its own (the library is built without floating-point contraction). */
+
+static inline void put16(void *out, int64_t index, int bf16, __m512 v) {
+    if (bf16)
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + index), bf16_bits16(v));
+    else
+        _mm512_storeu_ps((float *)out + index, v);
+}
+
+/* 16 weight values (bytes at p, plus `add` from the top bits) as floats */
+static inline __m512 values16(const uint8_t *p, int shift, __m128i mask, __m128i top) {
+    __m128i v = _mm_loadu_si128((const __m128i *)p);
+    v = _mm_and_si128(shift ? _mm_srli_epi16(v, 4) : v, mask);
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_or_si128(v, top)));
+}
+
+void dequant_kquant(int qtype, const uint8_t *w, int N, int K, void *out, int bf16, int nthreads) {
+    const int nsb = K / QK_K, bytes = kquant_bytes(qtype);
+    const __m128i low4 = _mm_set1_epi8(0x0F), zero = _mm_setzero_si128();
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        for (int sb = 0; sb < nsb; sb++) {
+            const uint8_t *blk = w + ((int64_t)n * nsb + sb) * bytes;
+            const int64_t base = (int64_t)n * K + (int64_t)sb * QK_K;
+            if (qtype == QTYPE_Q6_K) {
+                const float d = f16(blk + 208);
+                const int8_t *sc = (const int8_t *)(blk + 192);
+                for (int h = 0; h < 2; h++) {
+                    const uint8_t *ql = blk + 64 * h, *qh = blk + 128 + 32 * h;
+                    for (int part = 0; part < 4; part++) {  /* weights 32 * part .. + 31 of the half */
+                        for (int c = 0; c < 2; c++) {        /* 16 at a time */
+                            const int l = 16 * c;
+                            __m128i top = _mm_loadu_si128((const __m128i *)(qh + l));
+                            top = _mm_and_si128(_mm_srli_epi16(top, 2 * part), _mm_set1_epi8(3));
+                            top = _mm_slli_epi16(top, 4);
+                            const __m512 q = values16(ql + (part & 1) * 32 + l, part >> 1, low4, top);
+                            const int idx = 8 * h + (32 * part + l) / 16;
+                            const __m512 s = _mm512_set1_ps(d * (float)sc[idx]);
+                            put16(out, base + 128 * h + 32 * part + l, bf16,
+                                  _mm512_mul_ps(s, _mm512_sub_ps(q, _mm512_set1_ps(32.0f))));
+                        }
+                    }
+                }
+            } else {
+                const float d = f16(blk), dmin = f16(blk + 2);
+                uint8_t sm[16];
+                _mm_storeu_si128((__m128i *)sm, k4_scales_mins(blk + 4));
+                const uint8_t *qs = blk + (qtype == QTYPE_Q5_K ? 48 : 16), *qh = blk + 16;
+                for (int j = 0; j < 8; j++) {  /* sub-block j: chunk j / 2, low (even j) or high nibbles */
+                    const __m512 s = _mm512_set1_ps(d * (float)sm[j]), m = _mm512_set1_ps(dmin * (float)sm[8 + j]);
+                    for (int c = 0; c < 2; c++) {
+                        const int l = 16 * c;
+                        __m128i top = zero;
+                        if (qtype == QTYPE_Q5_K) {
+                            top = _mm_loadu_si128((const __m128i *)(qh + l));
+                            top = _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(top, j), _mm_set1_epi8(1)), 4);
+                        }
+                        const __m512 q = values16(qs + 32 * (j / 2) + l, j & 1, low4, top);
+                        put16(out, base + 32 * j + l, bf16, _mm512_sub_ps(_mm512_mul_ps(s, q), m));
+                    }
+                }
+            }
+        }
+    }
+}
