@@ -8,7 +8,8 @@ alternate within each repeat, and the table shows medians. Decode: a 10-token pr
 tokens, greedy, tokens/s over the steps after the first. Prefill: tokens/s of one forward pass over
 a 512-token prompt. Models are made under benchmarks/.work/ (not in git): the SmolLM2 GGUF is
 converted to a Hugging Face folder; random LLaMA shapes are written by transformers and turned
-into GGUF files (F32, BF16, Q8_0, Q4_0) carrying the LLaMA-2 vocabulary that llama.cpp needs.
+into GGUF files (F32, BF16, Q8_0, Q4_0, and Q4_K_M by llama.cpp's own quantiser) carrying the
+LLaMA-2 vocabulary that llama.cpp needs.
 Run it on a quiet machine: any background load wrecks thread-pool timings on 2 cores.
 """
 
@@ -42,7 +43,7 @@ PLAN = {
     "random-15m": [("fp32", "hf", "fp32", "F32")],
     "random-110m": [("fp32", "hf", "fp32", "F32")],
     "random-1.1b": [("fp32", "hf", "fp32", "F32"), ("bf16", "hf", "bf16", "BF16"), ("Q8_0", "gguf", None, "Q8_0"),
-                    ("Q4_0", "gguf", None, "Q4_0")],
+                    ("Q4_0", "gguf", None, "Q4_0"), ("Q4_K_M", "gguf", None, "Q4_K_M")],
 }
 
 
@@ -72,7 +73,27 @@ def prepare_random(name: str) -> dict:
     for qtype in ("F32", "BF16", "Q8_0", "Q4_0"):
         if any(p[3] == qtype for p in PLAN[name]):
             files[qtype] = write_gguf(folder, WORK / f"{name}-{qtype}.gguf", qtype)
+    if any(p[3] == "Q4_K_M" for p in PLAN[name]):
+        files["Q4_K_M"] = quantize_k_m(write_gguf(folder, WORK / f"{name}-F32.gguf", "F32"),
+                                       WORK / f"{name}-Q4_K_M.gguf")
     return files
+
+
+def quantize_k_m(source: Path, out: Path) -> Path:
+    """llama.cpp's own Q4_K_M mix (Q4_K, with Q6_K for the output and some attn_v / ffn_down), made by
+    llama-cpp-python's llama_model_quantize from the F32 file: gguf-py writes no K-quants."""
+    if out.exists():
+        return out
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.nthread = 2
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+        sys.exit(f"llama.cpp could not quantise {source} to Q4_K_M")
+    return out
 
 
 def write_gguf(folder: Path, out: Path, qtype: str) -> Path:
@@ -255,6 +276,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=10)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--precisions", nargs="+", metavar="P",
+                        help="only these precisions of the chosen models (e.g. fp32 Q4_K_M; default: all)")
     parser.add_argument("--systems", nargs="+", default=["llamascope", "transformers", "llama.cpp"])
     parser.add_argument("--json", type=Path, help="also write all measurements here")
     parser.add_argument("--from-json", nargs="+", type=Path, metavar="FILE",
@@ -268,7 +291,9 @@ def main() -> None:
 
     WORK.mkdir(exist_ok=True)
     rows, raw = [], []
-    jobs = [(m, p) for m in args.models for p in PLAN[m]]
+    jobs = [(m, p) for m in args.models for p in PLAN[m] if not args.precisions or p[0] in args.precisions]
+    if not jobs:
+        sys.exit(f"no precision {args.precisions} among {', '.join(args.models)}'s")
     with Progress(transient=True) as bar:
         task = bar.add_task("preparing weights", total=len(jobs) * args.repeats)
         files = {m: prepare_smollm2() if m == "smollm2" else prepare_random(m) for m in args.models}

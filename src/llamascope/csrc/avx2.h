@@ -185,6 +185,10 @@ AVX2_INLINE f32x16 avx2_castps128_ps512(__m128 x) {
 }
 #undef _mm512_castps128_ps512
 #define _mm512_castps128_ps512 avx2_castps128_ps512
+/* Lanes 0-7 from x, the rest 0 (AVX-512 leaves them undefined). */
+AVX2_INLINE f32x16 avx2_castps256_ps512(__m256 x) { return f16x_make(x, _mm256_setzero_ps()); }
+#undef _mm512_castps256_ps512
+#define _mm512_castps256_ps512 avx2_castps256_ps512
 
 /* ---- integer lanes ------------------------------------------------------------------------ */
 

@@ -21,8 +21,8 @@
  *   Q4_K, Q5_K: the four slots of a super-block are sub-blocks (0, 2), (1, 3), (4, 6), (5, 7): the
  *               low then the high nibbles of qs bytes 0-63, then of bytes 64-127;
  *   Q6_K:       the natural order (the low then the high nibbles of each half's ql).
- * Minimums (Q4_K, Q5_K) add -dmin*m_j * s_x per sub-block; Q6_K's offset -32 is taken off each
- * lane's integer sum as 32 times the sum of its four activations.
+ * Minimums (Q4_K, Q5_K) add -dmin*m_j * s_x per sub-block; Q6_K's offset -32 adds -32 d*sc_i times
+ * d_x times the sum of sub-block i's activations.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -69,6 +69,12 @@ static inline __m128i k4_scales_mins(const uint8_t *s) {
     return _mm_setr_epi32((int)sc_lo, (int)sc_hi, (int)m_lo, (int)m_hi);
 }
 
+static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
 /* 32 bytes v -> 64: [v, v >> 2] (per 16-bit lane; only bits that stay within their byte are used). */
 static inline __m512i twice_shifted(const uint8_t *p) {
     const __m256i v = _mm256_loadu_si256((const __m256i *)p);
@@ -76,17 +82,17 @@ static inline __m512i twice_shifted(const uint8_t *p) {
 }
 
 /* One weight row against `rows` activation rows (rows <= KQ_ROWS), prepared by gemv_kquant_f32:
- * xp [rows][K] int8 in slot order, xd16 [rows][K/64][16] each lane's activation scale, xs16
- * [rows][K/256][16] (Q4_K, Q5_K: zeros, then the eight blocks' s_x), xl [rows][K/64][16] (Q6_K: each
- * lane's activation sum). Every row goes through the same operations in the same order, so a
- * result does not depend on how many rows were computed with it. */
+ * xp [rows][K] int8 in slot order; xd, xs [rows][K/32] each block's d_x and s_x (natural order);
+ * xs16 [rows][K/16] (Q6_K) d_x * the sum of each 16 activations. Every row goes through the same
+ * operations in the same order, so a result does not depend on how many rows were computed with it. */
 static inline __attribute__((always_inline)) void kquant_rows_impl(
-        const int qtype, const uint8_t *row, const int nsb, const int8_t *xp, const float *xd16, const float *xs16,
-        const int32_t *xl, const int64_t K, const int rows, float *out) {
+        const int qtype, const uint8_t *row, const int nsb, const int8_t *xp, const float *xd, const float *xs,
+        const float *xs16, const int64_t K, const int rows, float *out) {
     const int bytes = kquant_bytes(qtype);
+    const int64_t nb = K / QK;
     const __m512i low4 = _mm512_set1_epi8(0x0F), one = _mm512_set1_epi8(1), three = _mm512_set1_epi8(3);
-    /* which of the 16 scales each lane of a slot takes: Q4_K/Q5_K sub-blocks (lanes 0-7, 8-15 of
-     * the scale vector); Q6_K 16-weight sub-blocks (four lanes each) */
+    /* which of the 16 scale lanes each lane of a slot takes: Q4_K/Q5_K sub-blocks (lanes 0-7 of the
+     * scale vector); Q6_K 16-weight sub-blocks (four lanes each) */
     const __m512i pick4[SLOTS] = {
         _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2),
         _mm512_setr_epi32(1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3),
@@ -97,16 +103,22 @@ static inline __attribute__((always_inline)) void kquant_rows_impl(
         _mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7),
         _mm512_setr_epi32(8, 8, 8, 8, 9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 11),
         _mm512_setr_epi32(12, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 14, 15, 15, 15, 15)};
-    __m512 acc[KQ_ROWS], extra[KQ_ROWS];
+    const __m512i pairs = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    /* two sums per row (even and odd slots), so that a super-block's four products are two chains
+     * of two dependent fused multiply-adds, not one of four */
+    __m512 acc[KQ_ROWS][2], extra[KQ_ROWS];  /* extra: Q6_K's offset terms */
+    __m256 minsum[KQ_ROWS];                  /* Q4_K/Q5_K's minimum terms */
     for (int t = 0; t < rows; t++) {
-        acc[t] = _mm512_setzero_ps();
+        acc[t][0] = acc[t][1] = _mm512_setzero_ps();
         extra[t] = _mm512_setzero_ps();
+        minsum[t] = _mm256_setzero_ps();
     }
     for (int sb = 0; sb < nsb; sb++) {
         const uint8_t *blk = row + (int64_t)sb * bytes;
         for (int i = 0; i < bytes; i += 64) prefetch_ahead(blk + i);
         __m512i q[SLOTS];  /* the super-block's weights as unsigned bytes, slot by slot */
-        __m512 scale;      /* per-sub-block weight scales d*sc (Q4_K/Q5_K: lanes 0-7; minimums dmin*m in 8-15) */
+        __m512 scale;      /* Q6_K: d*sc per 16 weights; Q4_K/Q5_K: d*sc per 32 (lanes 0-7) */
+        __m256 mins = _mm256_setzero_ps();  /* Q4_K/Q5_K: dmin*m per 32 */
         if (qtype == QTYPE_Q6_K) {
             const float d = f16(blk + 208);
             scale = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 192)))),
@@ -119,8 +131,11 @@ static inline __attribute__((always_inline)) void kquant_rows_impl(
                                                _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(top, 4), three), 4));
             }
         } else {
-            const __m512 dd = _mm512_insertf32x8(_mm512_set1_ps(f16(blk)), _mm256_set1_ps(f16(blk + 2)), 1);
-            scale = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(k4_scales_mins(blk + 4))), dd);
+            const __m128i sm = k4_scales_mins(blk + 4);
+            scale = _mm512_castps256_ps512(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sm)),
+                                                         _mm256_set1_ps(f16(blk))));
+            mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))),
+                                 _mm256_set1_ps(f16(blk + 2)));
             const uint8_t *qs = blk + (qtype == QTYPE_Q5_K ? 48 : 16);
             for (int h = 0; h < 2; h++) {
                 const __m512i v = _mm512_loadu_si512((const void *)(qs + 64 * h));
@@ -135,32 +150,38 @@ static inline __attribute__((always_inline)) void kquant_rows_impl(
                 q[3] = _mm512_or_si512(q[3], _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(top, 5), one), 4));
             }
         }
-        for (int k = 0; k < SLOTS; k++) {
-            const __m512 w16 = _mm512_permutexvar_ps(qtype == QTYPE_Q6_K ? pick6[k] : pick4[k], scale);
-            const int64_t slot = (int64_t)sb * SLOTS + k;
-            for (int t = 0; t < rows; t++) {
-                __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[k],
-                                                _mm512_loadu_si512((const void *)(xp + t * K + slot * 64)));
-                if (qtype == QTYPE_Q6_K)
-                    p = _mm512_sub_epi32(p, _mm512_slli_epi32(_mm512_loadu_si512((const void *)(xl + (t * K / 64 + slot) * 16)), 5));
-                const __m512 s16 = _mm512_mul_ps(w16, _mm512_loadu_ps(xd16 + (t * K / 64 + slot) * 16));
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s16, acc[t]);
+        for (int t = 0; t < rows; t++) {
+            const float *d8 = xd + t * nb + sb * 8;  /* the super-block's eight activation scales */
+            __m512 s;  /* weight scale times activation scale, per scale lane */
+            if (qtype == QTYPE_Q6_K) {
+                s = _mm512_mul_ps(scale, _mm512_permutexvar_ps(pairs, _mm512_castps256_ps512(_mm256_loadu_ps(d8))));
+                extra[t] = _mm512_fmadd_ps(scale, _mm512_loadu_ps(xs16 + t * (K / 16) + sb * 16), extra[t]);
+            } else {
+                s = _mm512_mul_ps(scale, _mm512_castps256_ps512(_mm256_loadu_ps(d8)));
+                minsum[t] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(xs + t * nb + sb * 8), minsum[t]);
+            }
+            const int8_t *x = xp + t * K + (int64_t)sb * QK_K;
+            for (int k = 0; k < SLOTS; k++) {
+                const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[k], _mm512_loadu_si512((const void *)(x + 64 * k)));
+                acc[t][k & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p),
+                                                _mm512_permutexvar_ps(qtype == QTYPE_Q6_K ? pick6[k] : pick4[k], s),
+                                                acc[t][k & 1]);
             }
         }
-        if (qtype != QTYPE_Q6_K)
-            for (int t = 0; t < rows; t++)
-                extra[t] = _mm512_fmadd_ps(scale, _mm512_loadu_ps(xs16 + ((int64_t)t * nsb + sb) * 16), extra[t]);
     }
-    for (int t = 0; t < rows; t++) out[t] = _mm512_reduce_add_ps(acc[t]) - _mm512_reduce_add_ps(extra[t]);
+    /* Q6_K's values are q - 32: 32 times each 16 weights' scale times their activations' sum */
+    for (int t = 0; t < rows; t++)
+        out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1])) -
+                 (qtype == QTYPE_Q6_K ? 32.0f * _mm512_reduce_add_ps(extra[t]) : sum8(minsum[t]));
 }
 
-static void kquant_rows(int qtype, const uint8_t *row, int nsb, const int8_t *xp, const float *xd16, const float *xs16,
-                        const int32_t *xl, int64_t K, int rows, float *out) {
+static void kquant_rows(int qtype, const uint8_t *row, int nsb, const int8_t *xp, const float *xd, const float *xs,
+                        const float *xs16, int64_t K, int rows, float *out) {
 #define KQ_CASE(R)                                                                                     \
     case R:                                                                                            \
-        if (qtype == QTYPE_Q4_K) kquant_rows_impl(QTYPE_Q4_K, row, nsb, xp, xd16, xs16, xl, K, R, out);  \
-        else if (qtype == QTYPE_Q5_K) kquant_rows_impl(QTYPE_Q5_K, row, nsb, xp, xd16, xs16, xl, K, R, out); \
-        else kquant_rows_impl(QTYPE_Q6_K, row, nsb, xp, xd16, xs16, xl, K, R, out);                    \
+        if (qtype == QTYPE_Q4_K) kquant_rows_impl(QTYPE_Q4_K, row, nsb, xp, xd, xs, xs16, K, R, out);  \
+        else if (qtype == QTYPE_Q5_K) kquant_rows_impl(QTYPE_Q5_K, row, nsb, xp, xd, xs, xs16, K, R, out); \
+        else kquant_rows_impl(QTYPE_Q6_K, row, nsb, xp, xd, xs, xs16, K, R, out);                    \
         break;
     switch (rows) {
         KQ_CASE(1) KQ_CASE(2) KQ_CASE(3) KQ_CASE(4) KQ_CASE(5) KQ_CASE(6) KQ_CASE(7) KQ_CASE(8)
@@ -173,45 +194,37 @@ static void kquant_rows(int qtype, const uint8_t *row, int nsb, const int8_t *xp
 int gemv_kquant_f32(int qtype, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads) {
     const int nb = K / QK, nsb = K / QK_K;
     const int64_t row_bytes = (int64_t)nsb * kquant_bytes(qtype);
-    /* per activation row: xq, xp [K] int8; xd, xs [nb]; xd16, xl [K/4]; xs16 [nsb * 16] */
-    const int64_t per_row = 2 * (int64_t)K + 2 * (int64_t)nb * 4 + 2 * (int64_t)K + (int64_t)nsb * 64;
-    uint8_t *scratch = (uint8_t *)aligned_alloc(64, ((int64_t)T * per_row + 64 + 63) / 64 * 64);
+    /* per activation row: xd, xs [nb], xs16 [K/16] floats; xq, xp [K] int8 */
+    const int64_t per_row = 2 * (int64_t)nb * 4 + (int64_t)K / 16 * 4 + 2 * (int64_t)K;
+    uint8_t *scratch = (uint8_t *)aligned_alloc(64, ((int64_t)T * per_row + 63) / 64 * 64);
     if (!scratch) return -1;
-    float *xd16 = (float *)scratch;                       /* [T, K/64, 16] */
-    int32_t *xl = (int32_t *)(xd16 + (int64_t)T * K / 4); /* [T, K/64, 16] */
-    float *xs16 = (float *)(xl + (int64_t)T * K / 4);     /* [T, nsb, 16] */
-    float *xd = xs16 + (int64_t)T * nsb * 16, *xs = xd + (int64_t)T * nb;
-    int8_t *xq = (int8_t *)(xs + (int64_t)T * nb), *xp = xq + (int64_t)T * K;
+    float *xd = (float *)scratch, *xs = xd + (int64_t)T * nb, *xs16 = xs + (int64_t)T * nb;
+    int8_t *xq = (int8_t *)(xs16 + (int64_t)T * K / 16), *xp = xq + (int64_t)T * K;
     quantize_act_q8(x, T, K, xq, xd, xs);
     for (int t = 0; t < T; t++) {
-        for (int sb = 0; sb < nsb; sb++) {
-            const int64_t first = (int64_t)t * nb + sb * 8;  /* the super-block's first activation block */
+        const int8_t *q = xq + (int64_t)t * K;
+        for (int sb = 0; sb < nsb; sb++)
             for (int k = 0; k < SLOTS; k++) {
                 int a, b;
                 slot_blocks(qtype, k, &a, &b);
-                const int64_t slot = (int64_t)t * K / 64 + sb * SLOTS + k;
-                int8_t *dst = xp + slot * 64;
-                memcpy(dst, xq + (first + a) * QK, QK);
-                memcpy(dst + QK, xq + (first + b) * QK, QK);
-                for (int i = 0; i < 16; i++) {
-                    xd16[slot * 16 + i] = xd[first + (i < 8 ? a : b)];
-                    xl[slot * 16 + i] = dst[4 * i] + dst[4 * i + 1] + dst[4 * i + 2] + dst[4 * i + 3];
-                }
+                int8_t *dst = xp + (int64_t)t * K + (int64_t)sb * QK_K + 64 * k;
+                memcpy(dst, q + ((int64_t)sb * 8 + a) * QK, QK);
+                memcpy(dst + QK, q + ((int64_t)sb * 8 + b) * QK, QK);
             }
-            float *e = xs16 + ((int64_t)t * nsb + sb) * 16;
-            for (int i = 0; i < 8; i++) {
-                e[i] = 0.0f;
-                e[8 + i] = xs[first + i];
+        if (qtype == QTYPE_Q6_K)
+            for (int i = 0; i < K / 16; i++) {
+                int sum = 0;
+                for (int j = 0; j < 16; j++) sum += q[16 * i + j];
+                xs16[(int64_t)t * (K / 16) + i] = xd[(int64_t)t * nb + i / 2] * (float)sum;
             }
-        }
     }
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int n = 0; n < N; n++) {
         float out[KQ_ROWS];
         for (int t0 = 0; t0 < T; t0 += KQ_ROWS) {
             const int rows = T - t0 < KQ_ROWS ? T - t0 : KQ_ROWS;
-            kquant_rows(qtype, w + n * row_bytes, nsb, xp + (int64_t)t0 * K, xd16 + (int64_t)t0 * K / 4,
-                        xs16 + (int64_t)t0 * nsb * 16, xl + (int64_t)t0 * K / 4, K, rows, out);
+            kquant_rows(qtype, w + n * row_bytes, nsb, xp + (int64_t)t0 * K, xd + (int64_t)t0 * nb,
+                        xs + (int64_t)t0 * nb, xs16 + (int64_t)t0 * (K / 16), K, rows, out);
             for (int r = 0; r < rows; r++) y[(int64_t)(t0 + r) * N + n] = out[r];
         }
     }
