@@ -120,3 +120,45 @@ def test_avx2_build_passes_the_kernel_tests():
     tail = "\n".join(run.stdout.splitlines()[-25:])
     assert run.returncode == 0, tail
     assert re.search(r"\d+ passed", tail) and " failed" not in tail
+
+
+@needs_avx2
+@pytest.mark.skipif(not kernels.cpu_supported("avx512"), reason="compares the avx2 build with the avx512 one")
+def test_avx2_build_gives_the_avx512_numbers_for_k_quants(tmp_path):
+    """csrc/kquant.c through avx2.h's emulated operations (or, sub, 16-bit shifts, 256-bit casts,
+    permutes, dpbusd) gives the avx512 build's products and dequantised weights bit for bit."""
+    import ctypes
+
+    import numpy as np
+    import torch
+    from gguf_fixtures import random_blocks
+
+    libraries = {}
+    for build in ("avx512", "avx2"):
+        path = tmp_path / f"{build}.so"
+        kernels._build(path, kernels.build_flags(build))
+        lib = ctypes.CDLL(str(path))
+        p, i = ctypes.c_void_p, ctypes.c_int
+        lib.gemv_kquant_f32.argtypes = [i, p, i, i, p, i, p, i]
+        lib.gemv_kquant_f32.restype = i
+        lib.dequant_kquant.argtypes = [i, p, i, i, p, i, i]
+        libraries[build] = lib
+    rng = np.random.default_rng(11)
+    N, K = 29, 768
+    x = torch.randn(8, K) * torch.rand(8, 1) * 4
+    for code, qtype in ((3, "Q4_K"), (4, "Q5_K"), (5, "Q6_K")):
+        w = torch.from_numpy(random_blocks(rng, N, K, qtype))
+        out = {}
+        for build, lib in libraries.items():
+            results = []
+            for T in (1, 5, 8):
+                y = torch.empty(T, N)
+                assert lib.gemv_kquant_f32(code, w.data_ptr(), N, K, x.data_ptr(), T, y.data_ptr(), 2) == 0
+                results.append(y)
+            for bf16, dtype in ((0, torch.float32), (1, torch.bfloat16)):
+                d = torch.empty(N, K, dtype=dtype)
+                lib.dequant_kquant(code, w.data_ptr(), N, K, d.data_ptr(), bf16, 2)
+                results.append(d.view(torch.int16) if bf16 else d)
+            out[build] = results
+        for a, b in zip(out["avx512"], out["avx2"]):
+            assert torch.equal(a, b), qtype

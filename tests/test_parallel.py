@@ -369,6 +369,16 @@ def test_gguf_row_parallel_layer_off_block_boundaries_is_held_as_float(tmp_path,
         assert all(isinstance(m, QuantLinear) for m in (attn.q_proj, attn.k_proj, mlp.up_proj, mlp.down_proj.local))
 
 
+def test_mlp_splits_fall_on_k_quant_super_blocks():
+    """Each rank's share of the MLP units is whole 256-weight super-blocks wherever the size allows
+    (so a K-quant down_proj stays quantised on every rank), else whole 32-weight blocks."""
+    from llamascope.parallel import _granule
+
+    assert [_granule(n, parts) for n, parts in ((11008, 2), (5632, 4), (2816, 2), (14336, 8))] == [256] * 4
+    assert [_granule(n, parts) for n, parts in ((1376, 2), (2048 + 32, 2), (256, 2), (48, 2), (100, 2))] == \
+        [32, 32, 32, 1, 1]
+
+
 def test_split_covers_every_index_once():
     for n, granule in ((1, 1), (5, 1), (150, 1), (321, 1), (11008, 256), (2816, 32)):
         for parts in (1, 2, 3, 4):

@@ -270,3 +270,22 @@ def test_k_quant_needs_whole_super_blocks():
 
     with pytest.raises(LlamascopeError, match="Q4_K weights need an input size that is a multiple of 256, not 320"):
         QuantLinear(torch.zeros(4, 180, dtype=torch.uint8), "Q4_K", 320)
+    # rows of the wrong length would send the kernel past the end of each row
+    with pytest.raises(LlamascopeError, match=r"Q6_K weights of input size 512 take 420 bytes a row, got blocks of "
+                                              r"shape \[4, 288\]"):
+        QuantLinear(torch.zeros(4, 288, dtype=torch.uint8), "Q6_K", 512)
+    with pytest.raises(LlamascopeError, match=r"Q8_0 weights of input size 64 take 68 bytes a row"):
+        QuantLinear(torch.zeros(4, 34, dtype=torch.uint8), "Q8_0", 64)
+
+
+@pytest.mark.parametrize("qtype", K_QTYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_k_quant_embedding_rows_are_the_reference_rows(qtype, dtype):
+    """A K-quant token_embd (Q4_K_M files have one) looks rows up natively: gguf-py's numbers."""
+    from gguf_fixtures import random_blocks
+
+    raw = torch.from_numpy(random_blocks(np.random.default_rng(3), 50, 512, qtype))
+    embedding = QuantEmbedding(raw, qtype, 512, dtype)
+    tokens = torch.tensor([[0, 49, 7], [7, 23, 1]])
+    expected = dequantize(raw, qtype, 512, dtype)[tokens]  # [2, 3, 512]
+    assert torch.equal(embedding(tokens), expected)

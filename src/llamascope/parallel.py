@@ -159,9 +159,10 @@ def split(n: int, parts: int, index: int, granule: int = 1) -> tuple[int, int]:
 
 
 def _granule(n: int, parts: int) -> int:
-    """Cut on multiples of 32 (of 256 when the parts stay equal) whenever n allows, so that each
-    rank's columns hold whole quantisation blocks (quant.py's formats, ggml's K-quants)."""
-    if n % (256 * parts) == 0:
+    """Cut on multiples of 256 (else 32) whenever n allows, so that each rank's columns hold whole
+    quantisation blocks: ggml's K-quant super-blocks, quant.py's 32-weight blocks. The parts may
+    then differ by one granule (Llama-2-7B's 11008 over 2 ranks: 5632 and 5376)."""
+    if n % 256 == 0 and n >= 256 * parts:
         return 256
     return 32 if n % 32 == 0 and n >= 32 * parts else 1
 

@@ -15,7 +15,8 @@ GGUF files also bring ggml's K-quants, kept as stored and read by csrc/kquant.c 
     Q6_K  6-bit, scale per 16                    (6.5625 bits per weight)
 
 Every layer has a plain path (dequantise, then `F.linear`) that is the reference for its fast path.
-Decoding (a few rows of activations) goes through the native kernels in csrc/gemv.c; longer inputs
+Decoding (a few rows of activations) goes through the native kernels in csrc/gemv.c and
+csrc/kquant.c; longer inputs
 (prefill) dequantise the weight once per call and use PyTorch's matrix multiply.
 """
 
@@ -94,8 +95,8 @@ def quantize(w: torch.Tensor, qtype: str) -> torch.Tensor:
 
 
 def dequantize(blocks: torch.Tensor, qtype: str, K: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """blocks [N, K/32 * bytes] uint8 -> w [N, K] at `dtype`. K-quants go through gguf-py's
-    reference dequantiser (ggml's arithmetic, in numpy)."""
+    """blocks [N, K/32 * bytes] uint8 (K-quants: [N, K/256 * bytes]) -> w [N, K] at `dtype`.
+    K-quants go through gguf-py's reference dequantiser (ggml's arithmetic, in numpy)."""
     N = blocks.shape[0]
     if qtype in K_QUANT_BYTES:
         from gguf import GGMLQuantizationType
@@ -150,9 +151,12 @@ class QuantLinear(nn.Module):
         """`blocks`: uint8 [N, row bytes] in ggml's block format, or with `packed` (Q4 with the native
         kernels only) already in the kernel's layout, as another layer's `packed` rows."""
         super().__init__()
-        size, _ = block_layout(qtype)
+        size, nbytes = block_layout(qtype)
         if in_features % size:
             raise LlamascopeError(f"{qtype} weights need an input size that is a multiple of {size}, not {in_features}")
+        if not packed and (blocks.dim() != 2 or blocks.shape[1] != in_features // size * nbytes):
+            raise LlamascopeError(f"{qtype} weights of input size {in_features} take {in_features // size * nbytes} "
+                                  f"bytes a row, got blocks of shape {list(blocks.shape)}")
         self.qtype, self.in_features, self.out_features = qtype, in_features, blocks.shape[0]
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         lib = kernels.load() if blocks.device.type == "cpu" else None  # native kernels are the CPU's
@@ -164,7 +168,7 @@ class QuantLinear(nn.Module):
         elif packed:
             raise LlamascopeError("packed Q4 rows need the native kernels")
         else:
-            self.register_buffer("stored", blocks.contiguous())  # [N, K/32 * bytes] uint8
+            self.register_buffer("stored", blocks.contiguous())  # [N, K/32 (K-quants K/256) * bytes] uint8
             if lib is None:
                 self._kernel = None
             else:
@@ -303,7 +307,8 @@ class FastLinear(nn.Module):
 
 
 class QuantEmbedding(nn.Module):
-    """Token embeddings kept in a block format (GGUF Q8_0 token_embd); rows dequantised on lookup."""
+    """Token embeddings kept in a block format (a GGUF's Q8_0 or K-quant token_embd); rows
+    dequantised on lookup."""
 
     def __init__(self, blocks: torch.Tensor, qtype: str, dim: int, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -316,7 +321,14 @@ class QuantEmbedding(nn.Module):
         return dequantize(self.blocks, self.qtype, self.embedding_dim, self.out_dtype)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, dim]
-        rows = self.blocks.index_select(0, tokens.reshape(-1))
+        rows = self.blocks.index_select(0, tokens.reshape(-1))  # [B*T, row bytes]
+        lib = kernels.load() if rows.device.type == "cpu" else None
+        if self.qtype in K_QUANT_BYTES and lib is not None and self.out_dtype in (torch.float32, torch.bfloat16):
+            # the native dequantiser (gguf-py's numbers, tested) rather than numpy on every lookup
+            out = torch.empty(rows.shape[0], self.embedding_dim, dtype=self.out_dtype)  # [B*T, dim]
+            lib.dequant_kquant(QTYPE_CODES[self.qtype], rows.data_ptr(), rows.shape[0], self.embedding_dim,
+                               out.data_ptr(), int(self.out_dtype == torch.bfloat16), 1)
+            return out.reshape(*tokens.shape, -1)
         return dequantize(rows, self.qtype, self.embedding_dim, self.out_dtype).reshape(*tokens.shape, -1)
 
 
