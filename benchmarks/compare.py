@@ -39,6 +39,7 @@ RANDOM_SHAPES = {  # llama2.c's 15M and 110M, and TinyLlama-1.1B
 # (model, precision) -> which files each system runs; None: that system has no such precision.
 PLAN = {
     "smollm2": [("fp32", "hf", "fp32", None), ("bf16", "hf", "bf16", None), ("Q4_1", "gguf", None, "Q4_1"),
+                ("Q4_K_M", "gguf", None, "Q4_K_M"),  # llama.cpp's re-quantisation of the Q4_1 file
                 ("int8", "hf", None, None), ("int4", "hf", None, None)],  # --quant from the float folder
     "random-15m": [("fp32", "hf", "fp32", "F32")],
     "random-110m": [("fp32", "hf", "fp32", "F32")],
@@ -56,7 +57,10 @@ def prepare_smollm2() -> dict:
     folder = WORK / "smollm2-hf"
     if not (folder / "config.json").exists():
         convert_gguf(default_model_path(), folder, dtype="float32")
-    return {"hf": folder, "Q4_1": default_model_path()}
+    files = {"hf": folder, "Q4_1": default_model_path()}
+    if any(p[3] == "Q4_K_M" for p in PLAN["smollm2"]):
+        files["Q4_K_M"] = quantize_k_m(default_model_path(), WORK / "smollm2-Q4_K_M.gguf")
+    return files
 
 
 def prepare_random(name: str) -> dict:
@@ -80,8 +84,9 @@ def prepare_random(name: str) -> dict:
 
 
 def quantize_k_m(source: Path, out: Path) -> Path:
-    """llama.cpp's own Q4_K_M mix (Q4_K, with Q6_K for the output and some attn_v / ffn_down), made by
-    llama-cpp-python's llama_model_quantize from the F32 file: gguf-py writes no K-quants."""
+    """llama.cpp's own Q4_K_M mix (Q4_K, with Q6_K for the output and some attn_v / ffn_down; Q5_0
+    and Q8_0 for rows that are not whole 256-weight super-blocks, as all of SmolLM2's 576-wide ones),
+    made by llama-cpp-python's llama_model_quantize: gguf-py writes no K-quants."""
     if out.exists():
         return out
     import ctypes
@@ -91,6 +96,7 @@ def quantize_k_m(source: Path, out: Path) -> Path:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
     params.nthread = 2
+    params.allow_requantize = True  # (the SmolLM2 source is itself Q4_1)
     if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) != 0:
         sys.exit(f"llama.cpp could not quantise {source} to Q4_K_M")
     return out

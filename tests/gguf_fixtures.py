@@ -140,6 +140,28 @@ def ref_q4_1(block: np.ndarray) -> np.ndarray:
     return y
 
 
+def ref_q5_0(block: np.ndarray) -> np.ndarray:
+    d, qh, qs = _f16(block, 0), int(block[2:6].view(np.uint32)[0]), block[6:22]
+    y = np.empty(32, np.float32)
+    for j in range(16):
+        xh_0 = ((qh >> j) << 4) & 0x10
+        xh_1 = (qh >> (j + 12)) & 0x10
+        y[j] = np.float32(((int(qs[j]) & 0x0F) | xh_0) - 16) * d
+        y[j + 16] = np.float32(((int(qs[j]) >> 4) | xh_1) - 16) * d
+    return y
+
+
+def ref_q5_1(block: np.ndarray) -> np.ndarray:
+    d, m, qh, qs = _f16(block, 0), _f16(block, 2), int(block[4:8].view(np.uint32)[0]), block[8:24]
+    y = np.empty(32, np.float32)
+    for j in range(16):
+        xh_0 = ((qh >> j) << 4) & 0x10
+        xh_1 = (qh >> (j + 12)) & 0x10
+        y[j] = np.float32((int(qs[j]) & 0x0F) | xh_0) * d + m
+        y[j + 16] = np.float32((int(qs[j]) >> 4) | xh_1) * d + m
+    return y
+
+
 def _scale_min_k4(j: int, q: np.ndarray) -> tuple[int, int]:
     if j < 4:
         return int(q[j] & 63), int(q[j + 4] & 63)
@@ -200,6 +222,8 @@ BLOCK_TYPES = {
     "Q8_0": (32, 34, ref_q8_0, (0,), 1e-3),
     "Q4_0": (32, 18, ref_q4_0, (0,), 1e-2),
     "Q4_1": (32, 20, ref_q4_1, (0, 2), 1e-2),
+    "Q5_0": (32, 22, ref_q5_0, (0,), 1e-2),
+    "Q5_1": (32, 24, ref_q5_1, (0, 2), 1e-2),
     "Q4_K": (256, 144, ref_q4_k, (0, 2), 2e-4),
     "Q5_K": (256, 176, ref_q5_k, (0, 2), 1e-4),
     "Q6_K": (256, 210, ref_q6_k, (208,), 2e-5),

@@ -85,7 +85,7 @@ def test_every_weight_matches_the_ggml_reference(tiny):
         np.testing.assert_array_equal(got.numpy(), expected, err_msg=name)
 
 
-@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
 def test_block_dequantisation_against_ggml(type_name):
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
@@ -436,3 +436,47 @@ def test_without_native_kernels_blocks_are_dequantised_once_at_load(tiny, monkey
     with torch.inference_mode():
         got, expected = loaded.model(tokens, positions), hf_logits(reference)(tokens, positions)
     assert (got - expected).abs().max() < 1e-4 * expected.abs().max()
+
+
+def test_q5_0_is_kept_as_q8_0_and_q5_1_is_dequantised(tmp_path):
+    """llama.cpp's Q4_K_M / Q5_K_M files store rows that are not whole 256-weight super-blocks (all
+    of SmolLM2's 576-wide ones) as Q5_0 / Q5_1. Q5_0 (d * (q - 16), q < 32) is kept as Q8_0 blocks of
+    the same numbers for the Q8_0 kernels, whole and in tensor-parallel slices; Q5_1 (with a
+    minimum) becomes float at load. Every weight equals ggml's dequantisation (transcribed)."""
+    from gguf_fixtures import GGUF_BLOCK
+
+    from llamascope.quant import QuantLinear
+
+    types = {f"blk.0.{block}.weight": "Q5_0" for block in GGUF_BLOCK.values()}
+    types.update({f"blk.1.{block}.weight": "Q5_1" for block in GGUF_BLOCK.values()})
+    tiny = write_tiny_llama(tmp_path / "q5.gguf", TinySpec(), types={**types, "output.weight": "Q5_0"})
+    checkpoint = open_checkpoint(tiny.path)
+    model = load_model(tiny.path).model
+    kept = 0
+    for name, expected in tiny.expected.items():
+        source = checkpoint.tensors[name]
+        np.testing.assert_array_equal(source.read().numpy(), expected, err_msg=name)
+        if source.stored_type != "Q5_0":
+            continue
+        blocks = source.read_blocks()  # Q8_0: 34 bytes a block
+        assert source.blocks_type == "Q8_0" and blocks.shape == (expected.shape[0], expected.shape[1] // 32 * 34)
+        heads_rows = 64  # the tiny model's head_dim: Q/K row slices are whole heads
+        assert torch.equal(source.read_blocks_slice(0, heads_rows, 2 * heads_rows), blocks[heads_rows:2 * heads_rows])
+        assert torch.equal(source.read_blocks_slice(1, 64, 192), blocks[:, 2 * 34:6 * 34])
+        if any(part in name for part in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
+            continue  # fused: checked through the fused layer below
+        module = model.get_submodule(name.removesuffix(".weight"))
+        assert isinstance(module, QuantLinear) and module.qtype == "Q8_0", name
+        np.testing.assert_array_equal(module.dequantized().numpy(), expected, err_msg=name)
+        kept += 1
+    assert kept >= 3  # o_proj, down_proj, the LM head
+    attn = model.model.layers[0].self_attn
+    fused = attn.qkv_proj.dequantized().numpy()
+    q, k, v = (tiny.expected[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv")
+    np.testing.assert_array_equal(fused, np.concatenate([q, k, v]))
+    assert not isinstance(model.model.layers[1].mlp.down_proj, QuantLinear)  # Q5_1: float
+    reference = hf_llama(tiny.expected, checkpoint.config_dict)
+    tokens = torch.tensor([[1, 300, 301, 5, 310, 2, 7, 288]])
+    with torch.inference_mode():
+        ours, theirs = model(tokens, torch.arange(8)[None]), reference(input_ids=tokens).logits
+    assert (ours - theirs).abs().max() < 0.03 * theirs.abs().max()  # 8-bit activations on the Q8_0 layers

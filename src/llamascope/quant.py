@@ -115,6 +115,23 @@ def dequantize(blocks: torch.Tensor, qtype: str, K: int, dtype: torch.dtype = to
     return w.reshape(N, K).to(dtype)
 
 
+def q5_0_as_q8_0(blocks: torch.Tensor, K: int) -> torch.Tensor:
+    """ggml Q5_0 blocks [N, K/32 * 22] -> Q8_0 blocks [N, K/32 * 34] of the same numbers.
+
+    Q5_0 (d:f16, qh:u32, qs:u8[16]) stores w = d * (q - 16), q in 0..31 from a nibble of qs (low
+    nibbles: weights 0-15, high: 16-31) and bit j of qh as the fifth bit of weight j. q - 16 fits
+    in int8, so the block is Q8_0's d * q exactly, which the Q8_0 kernels read (llama.cpp's
+    Q4_K_M files store Q5_0 where a row is not a whole number of 256-weight super-blocks)."""
+    N, nb = blocks.shape[0], K // QK
+    b = blocks.reshape(N, nb, 22).to(torch.int32)  # [N, nb, 22]
+    qh = b[..., 2] | (b[..., 3] << 8) | (b[..., 4] << 16) | (b[..., 5] << 24)  # [N, nb] (as int32 bits)
+    high = (qh[..., None] >> torch.arange(32, dtype=torch.int32)) & 1  # [N, nb, 32]
+    qs = b[..., 6:22]  # [N, nb, 16]
+    q = torch.cat([qs & 0x0F, qs >> 4], -1) + high * 16 - 16  # [N, nb, 32] in -16..15
+    d = blocks.reshape(N, nb, 22)[..., 0:2]
+    return torch.cat([d, q.to(torch.int8).view(torch.uint8)], -1).reshape(N, nb * 34).contiguous()
+
+
 def pack_q4(blocks: torch.Tensor, qtype: str, K: int) -> torch.Tensor:
     """ggml Q4_0 / Q4_1 blocks [N, nb * bytes] -> the kernel's rows [N, nbp/4 * (72 or 80)]: per
     group of four blocks, their packed nibbles (64 bytes), their f16 scales d (8 bytes) and for

@@ -47,6 +47,12 @@ class TensorSource:
     # Part of those blocks: rows [start, stop) (dim 0) or weight columns [start, stop) on block
     # boundaries (dim 1), reading only those bytes (tensor parallelism with kept blocks).
     blocks_slice_reader: Callable[[int, int, int], torch.Tensor] | None = None
+    # The format read_blocks gives, where it is not the stored one (GGUF Q5_0 comes as Q8_0 blocks).
+    kept_type: str | None = None
+
+    @property
+    def blocks_type(self) -> str:
+        return self.kept_type or self.stored_type
 
     def read_slice(self, dim: int, start: int, stop: int) -> torch.Tensor:
         """Indices [start, stop) along `dim`, as a tensor of its own (no view of a larger one)."""
@@ -64,7 +70,7 @@ class TensorSource:
         blocks = self.read_blocks()
         if dim == 0:
             return blocks[start:stop].clone()
-        weights, size = block_layout(self.stored_type)
+        weights, size = block_layout(self.blocks_type)
         return blocks[:, start // weights * size:stop // weights * size].contiguous()
 
 
@@ -259,7 +265,7 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: str | torch.
         kept = _kept_blocks(checkpoint, name, shard, parallel) if keep_blocks else None
         if kept is not None:
             kept_names.add(name)
-            entry = {name: (source.stored_type, kept.to(device))}
+            entry = {name: (source.blocks_type, kept.to(device))}
             if _install_now(model, name, plan):
                 # Into its layer at once: the raw blocks go as soon as the layer holds its own form
                 # of them, so loading never holds the whole model twice.
@@ -350,10 +356,10 @@ def _kept_blocks(checkpoint: Checkpoint, name: str, shard, parallel) -> torch.Te
     from ..quant import BLOCK_BYTES, K_QUANT_BYTES, block_layout
 
     source = checkpoint.tensors[name]
-    if source.read_blocks is None or source.stored_type not in {**BLOCK_BYTES, **K_QUANT_BYTES} \
+    if source.read_blocks is None or source.blocks_type not in {**BLOCK_BYTES, **K_QUANT_BYTES} \
             or len(source.shape) != 2:
         return None
-    QK, _ = block_layout(source.stored_type)  # weights per block (256 for a K-quant's super-block)
+    QK, _ = block_layout(source.blocks_type)  # weights per block (256 for a K-quant's super-block)
     if source.shape[1] % QK:
         return None
     if shard is None:

@@ -24,13 +24,15 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import LlamascopeError
-from ..quant import BLOCK_BYTES, K_QUANT_BYTES
+from ..quant import BLOCK_BYTES, K_QUANT_BYTES, q5_0_as_q8_0
 from . import Checkpoint, TensorSource, expected_shapes
 from .tensorfiles import read_array, read_array_slice
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 # Stored types that dequantise to float32 (gguf.quants implements each; see tests/test_gguf.py).
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+# Stored types whose blocks are kept in another format with the same numbers (quant.q5_0_as_q8_0).
+KEPT_AS = {"Q5_0": "Q8_0"}
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 TOP_LEVEL_NAMES = {
@@ -273,7 +275,11 @@ class GGUFWeight:
             if f.readinto(blocks.numpy()) != blocks.numel():
                 raise LlamascopeError(f"{self.path}: file is truncated in tensor {self.tensor.name!r}")
         raw = blocks.numpy().reshape(self.shape[0], -1)  # [out, in/32 * block bytes]
-        return torch.from_numpy(self._unpermute(raw))
+        return self._kept(torch.from_numpy(self._unpermute(raw)), self.shape[1])
+
+    def _kept(self, blocks: torch.Tensor, columns: int) -> torch.Tensor:
+        """Blocks in the format the model keeps (KEPT_AS): Q5_0 as the same numbers in Q8_0."""
+        return q5_0_as_q8_0(blocks, columns) if self.type_name == "Q5_0" else blocks
 
     def read_slice(self, dim: int, start: int, stop: int) -> torch.Tensor:
         """Indices [start, stop) along `dim` of `read()`, dequantising only those rows or blocks:
@@ -335,10 +341,12 @@ class GGUFWeight:
             for offset, buffer in spans:
                 if buffer.size and os.preadv(fd, [memoryview(buffer)], offset) != buffer.size:
                     raise LlamascopeError(f"{self.path}: file is truncated in tensor {name!r}")
+        columns = self.shape[1] if dim == 0 else stop - start
         if not self.heads:
-            return out
+            return self._kept(out, columns)
         head_rows = rows // self.heads
-        return torch.from_numpy(np.ascontiguousarray(unpermute_rows(out.numpy(), out.shape[0] // head_rows)))
+        out = torch.from_numpy(np.ascontiguousarray(unpermute_rows(out.numpy(), out.shape[0] // head_rows)))
+        return self._kept(out, columns)
 
     def _stored_part(self, dim: int, start: int, stop: int) -> np.ndarray | None:
         from gguf.constants import GGML_QUANT_SIZES
@@ -627,8 +635,10 @@ def _tensor_sources(tensors: dict, config: ModelConfig, path: Path) -> dict[str,
             heads = config.num_key_value_heads
         weight = GGUFWeight(tensor, shape, heads, path)
         # Block formats quant.py computes with directly can stay quantised (load_model's default).
-        has_blocks = (weight.type_name in BLOCK_BYTES or weight.type_name in K_QUANT_BYTES) and len(shape) == 2
+        kept_type = KEPT_AS.get(weight.type_name, weight.type_name)
+        has_blocks = (kept_type in BLOCK_BYTES or kept_type in K_QUANT_BYTES) and len(shape) == 2
         sources[hf_name] = TensorSource(shape, weight.type_name, path, int(tensor.n_bytes), weight.read,
+                                        kept_type=kept_type,
                                         slice_reader=weight.read_slice,
                                         read_blocks=weight.read_blocks if has_blocks else None,
                                         blocks_slice_reader=weight.read_blocks_slice if has_blocks else None)
