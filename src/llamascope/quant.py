@@ -38,6 +38,8 @@ QTYPE_CODES = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5}
 QUANT_CHOICES = {"int8": "Q8_0", "int4": "Q4_1", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1"}
 # Up to this many activation rows per call, the batch-1 kernels beat dequantise + matmul.
 KERNEL_MAX_ROWS = 8
+# Temporaries of a format conversion at load stay near this many bytes (rows at a time).
+CONVERT_ROWS_BYTES = 16 << 20
 
 
 # ---- block formats: quantise and dequantise (the plain path) -------------------------------
@@ -123,13 +125,20 @@ def q5_0_as_q8_0(blocks: torch.Tensor, K: int) -> torch.Tensor:
     in int8, so the block is Q8_0's d * q exactly, which the Q8_0 kernels read (llama.cpp's
     Q4_K_M files store Q5_0 where a row is not a whole number of 256-weight super-blocks)."""
     N, nb = blocks.shape[0], K // QK
-    b = blocks.reshape(N, nb, 22).to(torch.int32)  # [N, nb, 22]
-    qh = b[..., 2] | (b[..., 3] << 8) | (b[..., 4] << 16) | (b[..., 5] << 24)  # [N, nb] (as int32 bits)
-    high = (qh[..., None] >> torch.arange(32, dtype=torch.int32)) & 1  # [N, nb, 32]
-    qs = b[..., 6:22]  # [N, nb, 16]
-    q = torch.cat([qs & 0x0F, qs >> 4], -1) + high * 16 - 16  # [N, nb, 32] in -16..15
-    d = blocks.reshape(N, nb, 22)[..., 0:2]
-    return torch.cat([d, q.to(torch.int8).view(torch.uint8)], -1).reshape(N, nb * 34).contiguous()
+    src = blocks.reshape(N, nb, 22)
+    out = torch.empty(N, nb, 34, dtype=torch.uint8)  # [N, nb, 34]
+    out[..., 0:2] = src[..., 0:2]  # d
+    shifts = torch.arange(8, dtype=torch.uint8)
+    rows = max(1, CONVERT_ROWS_BYTES // max(1, nb * 34 * 8))  # bounded temporaries, in uint8 throughout
+    for r in range(0, N, rows):
+        b = src[r:r + rows]  # [n, nb, 22]
+        fifth = ((b[..., 2:6, None] >> shifts) & 1).reshape(*b.shape[:2], 32) << 4  # [n, nb, 32]: bit j of qh
+        qs = b[..., 6:22]  # [n, nb, 16]
+        q = out[r:r + rows, :, 2:]  # [n, nb, 32]
+        q[..., :16] = (qs & 0x0F) | fifth[..., :16]
+        q[..., 16:] = (qs >> 4) | fifth[..., 16:]
+        q -= 16  # (uint8 wraps to the int8 two's complement of q - 16)
+    return out.reshape(N, nb * 34)
 
 
 def pack_q4(blocks: torch.Tensor, qtype: str, K: int) -> torch.Tensor:
