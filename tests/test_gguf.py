@@ -438,6 +438,20 @@ def test_without_native_kernels_blocks_are_dequantised_once_at_load(tiny, monkey
     assert (got - expected).abs().max() < 1e-4 * expected.abs().max()
 
 
+def test_plain_layers_dequantise_gguf_blocks_at_load(tiny, caplog):
+    """--plain (fast=False) means no native kernel in the model: GGUF blocks become float weights
+    at load rather than QuantLinear layers running their kernels."""
+    import logging
+
+    from llamascope.quant import QuantEmbedding, QuantLinear, native_kernel_modules
+
+    with caplog.at_level(logging.INFO, logger="llamascope"):
+        loaded = load_model(tiny.path, fast=False)
+    assert "with --plain: weights dequantised to float32 at load" in caplog.text
+    assert not [m for m in loaded.model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
+    assert list(native_kernel_modules(loaded.model)) == []
+
+
 def test_q5_0_is_kept_as_q8_0_and_q5_1_is_dequantised(tmp_path):
     """llama.cpp's Q4_K_M / Q5_K_M files store rows that are not whole 256-weight super-blocks (all
     of SmolLM2's 576-wide ones) as Q5_0 / Q5_1. Q5_0 (d * (q - 16), q < 32) is kept as Q8_0 blocks of

@@ -439,7 +439,8 @@ def load_model(
     With `parallel` (from `parallel.init_from_env`), this rank loads only its shard of the model.
     `quant`: None keeps weights as stored (GGUF block formats stay quantised), "none" turns
     them all into float at `dtype`, "int8" / "int4" quantise the projections after loading.
-    `fast` gives float projections the two-core batch-1 kernels (False: plain `nn.Linear`).
+    `fast` gives float projections the two-core batch-1 kernels (False: plain `nn.Linear`, GGUF
+    blocks dequantised at load as well, so that no native kernel runs in the model).
     `huge_pages` moves the large weights into 2 MB pages (see `hugepages`): faster decode of a large
     float model, slower load.
     `compile` runs the plain PyTorch layers, with their decode step compiled by `torch.compile`
@@ -463,9 +464,10 @@ def load_model(
     if compile and parallel is not None and parallel.world_size > 1:
         raise LlamascopeError("--compile does not run under tensor parallelism (--tp)")
     keep_blocks = quant is None and checkpoint.format == "gguf"
-    if keep_blocks and (device.type != "cpu" or kernels.load() is None or compile):
+    if keep_blocks and (device.type != "cpu" or kernels.load() is None or compile or not fast):
+        where = "under --compile" if compile else "with --plain" if not fast else f"on {device} here"
         log.info("no native kernel reads GGUF block formats %s: weights dequantised to %s at load",
-                 "under --compile" if compile else f"on {device} here", str(torch_dtype).removeprefix("torch."))
+                 where, str(torch_dtype).removeprefix("torch."))
         keep_blocks = False
     # before the weights: a GGUF tokenizer's parsed metadata is then freed before they take memory
     tokenizer = checkpoint.tokenizer_factory() if checkpoint.tokenizer_factory else None
