@@ -331,7 +331,9 @@ def pooled_rows(files: list[Path]) -> list:
         for row in json.loads(file.read_text()):
             measured = {k: v for k, v in row.items() if k not in ("model", "precision", "system")}
             results.setdefault((row["model"], row["precision"]), {}).setdefault(row["system"], []).append(measured)
-    return [(model, precision, medians(by)) for (model, precision), by in results.items()]
+    order = {(m, p[0]): i for i, (m, p) in enumerate((m, p) for m in PLAN for p in PLAN[m])}  # PLAN's order
+    keys = sorted(results, key=lambda key: order.get(key, len(order)))
+    return [(model, precision, medians(results[(model, precision)])) for model, precision in keys]
 
 
 def medians(results: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
