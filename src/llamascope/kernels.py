@@ -1,5 +1,5 @@
-"""The native kernels (csrc/gemv.c, csrc/attention.c, csrc/decode_step.c, csrc/argmax.c): built once with
-the system C compiler, called with ctypes.
+"""The native kernels (csrc/gemv.c, csrc/kquant.c, csrc/attention.c, csrc/decode_step.c,
+csrc/argmax.c): built once with the system C compiler, called with ctypes.
 
 The library is compiled on first use into ~/.cache/llamascope/kernels/ (keyed by the sources'
 hash and the build), which takes a few seconds. It needs gcc or clang, and one of two builds
