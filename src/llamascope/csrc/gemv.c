@@ -539,13 +539,6 @@ void gemv_q8_0_exact_f32(const uint8_t *w, int N, int K, const float *x, int T, 
  * same arithmetic as the plain path (quant.dequantize): Q8_0 d * q, Q4_0 (q - 8) * d, Q4_1 q * d + m
  * (a product then a sum: the library is built without floating-point contraction). */
 
-static inline void store16(void *out, int64_t index, int bf16, __m512 v) {
-    if (bf16)
-        _mm256_storeu_si256((__m256i *)((uint16_t *)out + index), bf16_bits16(v));
-    else
-        _mm512_storeu_ps((float *)out + index, v);
-}
-
 void dequant_q8_0(const uint8_t *w, int N, int K, void *out, int bf16, int nthreads) {
     const int nb = K / QK;
 #pragma omp parallel for num_threads(nthreads) schedule(static)

@@ -237,13 +237,6 @@ int gemv_kquant_f32(int qtype, const uint8_t *w, int N, int K, const float *x, i
  * (and gguf-py's): Q4_K / Q5_K (d*sc) * q - (dmin*m), Q6_K (d*sc) * (q - 32), each product and
  * difference rounded on its own (the library is built without floating-point contraction). */
 
-static inline void put16(void *out, int64_t index, int bf16, __m512 v) {
-    if (bf16)
-        _mm256_storeu_si256((__m256i *)((uint16_t *)out + index), bf16_bits16(v));
-    else
-        _mm512_storeu_ps((float *)out + index, v);
-}
-
 /* 16 weight values (bytes at p, plus `add` from the top bits) as floats */
 static inline __m512 values16(const uint8_t *p, int shift, __m128i mask, __m128i top) {
     __m128i v = _mm_loadu_si128((const __m128i *)p);
@@ -273,7 +266,7 @@ void dequant_kquant(int qtype, const uint8_t *w, int N, int K, void *out, int bf
                             const __m512 q = values16(ql + (part & 1) * 32 + l, part >> 1, low4, top);
                             const int idx = 8 * h + (32 * part + l) / 16;
                             const __m512 s = _mm512_set1_ps(d * (float)sc[idx]);
-                            put16(out, base + 128 * h + 32 * part + l, bf16,
+                            store16(out, base + 128 * h + 32 * part + l, bf16,
                                   _mm512_mul_ps(s, _mm512_sub_ps(q, _mm512_set1_ps(32.0f))));
                         }
                     }
@@ -293,7 +286,7 @@ void dequant_kquant(int qtype, const uint8_t *w, int N, int K, void *out, int bf
                             top = _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(top, j), _mm_set1_epi8(1)), 4);
                         }
                         const __m512 q = values16(qs + 32 * (j / 2) + l, j & 1, low4, top);
-                        put16(out, base + 32 * j + l, bf16, _mm512_sub_ps(_mm512_mul_ps(s, q), m));
+                        store16(out, base + 32 * j + l, bf16, _mm512_sub_ps(_mm512_mul_ps(s, q), m));
                     }
                 }
             }

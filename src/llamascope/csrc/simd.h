@@ -101,6 +101,15 @@ static inline __m256i bf16_bits16(__m512 v) {
 #endif
 }
 
+/* 16 floats to out[index..] as float32, or (bf16) as bfloat16 rounded to nearest even: the
+ * dequantisers' output for a float32 or a bfloat16 matrix product. */
+static inline void store16(void *out, int64_t index, int bf16, __m512 v) {
+    if (bf16)
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + index), bf16_bits16(v));
+    else
+        _mm512_storeu_ps((float *)out + index, v);
+}
+
 static inline uint16_t bf_bits(float v) {  /* v is bfloat16-exact */
     uint32_t u;
     memcpy(&u, &v, 4);
