@@ -16,8 +16,8 @@ GGUF files also bring ggml's K-quants, kept as stored and read by csrc/kquant.c 
 
 Every layer has a plain path (dequantise, then `F.linear`) that is the reference for its fast path.
 Decoding (a few rows of activations) goes through the native kernels in csrc/gemv.c and
-csrc/kquant.c; longer inputs
-(prefill) dequantise the weight once per call and use PyTorch's matrix multiply.
+csrc/kquant.c; longer inputs (prefill) dequantise the weight once per call and use PyTorch's
+matrix multiply.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ QK = 32
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
 QK_K = 256
 K_QUANT_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}  # per 256-weight super-block
+KEPT_FORMATS = frozenset(BLOCK_BYTES) | frozenset(K_QUANT_BYTES)  # what QuantLinear computes with
 QTYPE_CODES = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5}  # as in csrc/gemv.c, kquant.c
 QUANT_CHOICES = {"int8": "Q8_0", "int4": "Q4_1", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1"}
 # Up to this many activation rows per call, the batch-1 kernels beat dequantise + matmul.

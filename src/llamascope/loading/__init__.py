@@ -354,11 +354,10 @@ def _kept_blocks(checkpoint: Checkpoint, name: str, shard, parallel) -> torch.Te
     to start and stop on block boundaries; where they do not, the layer is held as float on this
     rank (dequantised, same values) and a line says so.
     """
-    from ..quant import BLOCK_BYTES, K_QUANT_BYTES, block_layout
+    from ..quant import KEPT_FORMATS, block_layout
 
     source = checkpoint.tensors[name]
-    if source.read_blocks is None or source.blocks_type not in {**BLOCK_BYTES, **K_QUANT_BYTES} \
-            or len(source.shape) != 2:
+    if source.read_blocks is None or source.blocks_type not in KEPT_FORMATS or len(source.shape) != 2:
         return None
     QK, _ = block_layout(source.blocks_type)  # weights per block (256 for a K-quant's super-block)
     if source.shape[1] % QK:

@@ -24,7 +24,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import LlamascopeError
-from ..quant import BLOCK_BYTES, K_QUANT_BYTES, q5_0_as_q8_0
+from ..quant import KEPT_FORMATS, q5_0_as_q8_0
 from . import Checkpoint, TensorSource, expected_shapes
 from .tensorfiles import read_array, read_array_slice
 
@@ -237,11 +237,13 @@ class GGUFWeight:
         self.tensor, self.shape, self.heads, self.path = tensor, shape, heads, path
         self.type_name = tensor.tensor_type.name
 
-    def _unpermute(self, values: np.ndarray) -> np.ndarray:
+    def _unpermute(self, values: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """Q/K rows [rows, ...] (all of them, or whole heads) back in Hugging Face order, contiguous."""
         if not self.heads:
             return values
         head_rows = self.shape[0] // self.heads
-        return np.ascontiguousarray(unpermute_rows(values, values.shape[0] // head_rows))
+        rows = unpermute_rows(values, values.shape[0] // head_rows)
+        return rows.contiguous() if isinstance(rows, torch.Tensor) else np.ascontiguousarray(rows)
 
     def read(self) -> torch.Tensor:
         """float32 [out, in] (or [n])."""
@@ -259,23 +261,17 @@ class GGUFWeight:
             values = read_array(self.path, offset, dtype, self.shape, name)
         else:
             values = read_array_slice(self.path, offset, dtype, self.shape, *part, name)
-        if self.heads:
-            head_rows = self.shape[0] // self.heads
-            values = unpermute_rows(values, values.shape[0] // head_rows).contiguous()
-        return values.float()
+        return self._unpermute(values).float()
 
     def read_blocks(self) -> torch.Tensor:
         """The stored blocks as uint8 [rows, row bytes], rows in Hugging Face order (each row's
         blocks are contiguous, so undoing the Q/K row permutation on them is exact)."""
         # Plain file reads, not the memory map: mapped pages once touched stay resident beside the
         # copy (two copies at peak); a read leaves only the tensor.
-        blocks = torch.empty(int(self.tensor.n_bytes), dtype=torch.uint8)
-        with open(self.path, "rb") as f:
-            f.seek(int(self.tensor.data_offset))
-            if f.readinto(blocks.numpy()) != blocks.numel():
-                raise LlamascopeError(f"{self.path}: file is truncated in tensor {self.tensor.name!r}")
-        raw = blocks.numpy().reshape(self.shape[0], -1)  # [out, in/32 * block bytes]
-        return self._kept(torch.from_numpy(self._unpermute(raw)), self.shape[1])
+        rows = self.shape[0]
+        raw = read_array(self.path, int(self.tensor.data_offset), torch.uint8,
+                         (rows, int(self.tensor.n_bytes) // rows), self.tensor.name)  # [out, row bytes]
+        return self._kept(self._unpermute(raw), self.shape[1])
 
     def _kept(self, blocks: torch.Tensor, columns: int) -> torch.Tensor:
         """Blocks in the format the model keeps (KEPT_AS): Q5_0 as the same numbers in Q8_0."""
@@ -341,12 +337,7 @@ class GGUFWeight:
             for offset, buffer in spans:
                 if buffer.size and os.preadv(fd, [memoryview(buffer)], offset) != buffer.size:
                     raise LlamascopeError(f"{self.path}: file is truncated in tensor {name!r}")
-        columns = self.shape[1] if dim == 0 else stop - start
-        if not self.heads:
-            return self._kept(out, columns)
-        head_rows = rows // self.heads
-        out = torch.from_numpy(np.ascontiguousarray(unpermute_rows(out.numpy(), out.shape[0] // head_rows)))
-        return self._kept(out, columns)
+        return self._kept(self._unpermute(out), self.shape[1] if dim == 0 else stop - start)
 
     def _stored_part(self, dim: int, start: int, stop: int) -> np.ndarray | None:
         from gguf.constants import GGML_QUANT_SIZES
@@ -636,7 +627,7 @@ def _tensor_sources(tensors: dict, config: ModelConfig, path: Path) -> dict[str,
         weight = GGUFWeight(tensor, shape, heads, path)
         # Block formats quant.py computes with directly can stay quantised (load_model's default).
         kept_type = KEPT_AS.get(weight.type_name, weight.type_name)
-        has_blocks = (kept_type in BLOCK_BYTES or kept_type in K_QUANT_BYTES) and len(shape) == 2
+        has_blocks = kept_type in KEPT_FORMATS and len(shape) == 2
         sources[hf_name] = TensorSource(shape, weight.type_name, path, int(tensor.n_bytes), weight.read,
                                         kept_type=kept_type,
                                         slice_reader=weight.read_slice,
