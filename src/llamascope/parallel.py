@@ -17,11 +17,11 @@ Each rank reads only its slices of the weights (`TensorSource.read_slice`), so n
 a whole matrix. The split works on the model's nn.Linear modules: a column-parallel layer is a
 plain, narrower nn.Linear; `RowParallelLinear` and `VocabParallelHead` wrap whatever module
 computes the local product, so a quantised layer put in its place keeps the collectives. GGUF
-block weights (Q8_0, Q4_0, Q4_1, Q5_0 as Q8_0, and the K-quants) stay in their blocks: a rank reads whole rows of blocks for a
-column-parallel layer and, for a row-parallel one, each row's blocks over its input columns, which
-must start and stop on block boundaries (else that layer is float on that rank; see
-`loading._kept_blocks`). `llamascope serve --tp N` keeps the ranks in step through
-server/lockstep.py.
+block weights (Q8_0, Q4_0, Q4_1, Q5_0 as Q8_0, and the K-quants) stay in their blocks: a rank
+reads whole rows of blocks for a column-parallel layer and, for a row-parallel one, each row's
+blocks over its input columns, which must start and stop on block boundaries (else that layer
+is float on that rank; see `loading._kept_blocks`). `llamascope serve --tp N` keeps the ranks in
+step through server/lockstep.py.
 
 The process group is gloo on CPU and nccl on GPU, with a timeout: a rank that dies or stops
 answering makes the others fail with a `ParallelError` instead of waiting forever (torchrun also

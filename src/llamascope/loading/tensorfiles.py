@@ -1,8 +1,9 @@
 """Read tensors from safetensors and PyTorch .bin files one at a time, with clear errors.
 
-safetensors files (and GGUF's float tensors, through `read_array`) are read with plain file
-reads into freshly allocated tensors: a memory-mapped read would keep every touched page of the
-file resident beside the converted weights (two copies at peak). The header is validated first, so a truncated or foreign file fails with its name.
+safetensors files (and GGUF's float tensors and blocks, through `read_array`) are read with
+plain file reads into freshly allocated tensors: a memory-mapped read would keep every touched
+page of the file resident beside the converted weights (two copies at peak). The header is
+validated first, so a truncated or foreign file fails with its name.
 .bin files go through `torch.load(weights_only=True, mmap=True)`: no code in a pickle ever runs.
 """
 
