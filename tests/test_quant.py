@@ -220,7 +220,7 @@ def _eight_bit(x: torch.Tensor) -> torch.Tensor:
 
 @needs_kernels
 @pytest.mark.parametrize("qtype", K_QTYPES)
-@pytest.mark.parametrize("K", [256, 768, 2048])
+@pytest.mark.parametrize("K", [256, 768, 2048, 4096])  # (4096 with 8 rows: scratch on the heap, not the stack)
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_k_quant_kernel_is_the_exact_product_of_its_8_bit_activations(qtype, K, rows):
     """Against the reference dequantiser's weights (gguf-py) and the 8-bit activations, the kernel

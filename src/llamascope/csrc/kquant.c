@@ -196,7 +196,10 @@ int gemv_kquant_f32(int qtype, const uint8_t *w, int N, int K, const float *x, i
     const int64_t row_bytes = (int64_t)nsb * kquant_bytes(qtype);
     /* per activation row: xd, xs [nb], xs16 [K/16] floats; xq, xp [K] int8 */
     const int64_t per_row = 2 * (int64_t)nb * 4 + (int64_t)K / 16 * 4 + 2 * (int64_t)K;
-    uint8_t *scratch = (uint8_t *)aligned_alloc(64, ((int64_t)T * per_row + 63) / 64 * 64);
+    const int64_t need = ((int64_t)T * per_row + 63) / 64 * 64;
+    /* on the stack for the decode case (as gemv.c's kernels), on the heap for many rows */
+    _Alignas(64) uint8_t stack[65536];
+    uint8_t *scratch = need <= (int64_t)sizeof(stack) ? stack : (uint8_t *)aligned_alloc(64, need);
     if (!scratch) return -1;
     float *xd = (float *)scratch, *xs = xd + (int64_t)T * nb, *xs16 = xs + (int64_t)T * nb;
     int8_t *xq = (int8_t *)(xs16 + (int64_t)T * K / 16), *xp = xq + (int64_t)T * K;
@@ -228,7 +231,7 @@ int gemv_kquant_f32(int qtype, const uint8_t *w, int N, int K, const float *x, i
             for (int r = 0; r < rows; r++) y[(int64_t)(t0 + r) * N + n] = out[r];
         }
     }
-    free(scratch);
+    if (scratch != stack) free(scratch);
     return 0;
 }
 
