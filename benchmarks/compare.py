@@ -172,6 +172,10 @@ def token_ids(n: int, vocab: int, seed: int) -> list[int]:
 
 def measure(system: str, path: str, precision: str, prompt_tokens: int, new_tokens: int, prefill_tokens: int,
             threads: int) -> dict:
+    if system == "llamascope":  # as the llamascope command does, before PyTorch loads (startup.py)
+        from llamascope.startup import allocate_in_huge_pages
+
+        allocate_in_huge_pages()
     import torch
 
     torch.set_num_threads(threads)

@@ -1,9 +1,30 @@
-"""llamascope: run LLaMA-family models fast on an ordinary machine, and see every step of generation."""
+"""llamascope: run LLaMA-family models fast on an ordinary machine, and see every step of generation.
 
-from .config import GenerationConfig, ModelConfig
-from .engine import Completion, Engine
-from .errors import LlamascopeError
-from .generation import generate
-from .loading import load_model
+The names below are imported on first use, so `import llamascope` (and the `llamascope` command's
+start) does not import PyTorch: see startup.py for what must happen before it loads.
+"""
 
-__all__ = ["Completion", "Engine", "GenerationConfig", "LlamascopeError", "ModelConfig", "generate", "load_model"]
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import GenerationConfig, ModelConfig
+    from .engine import Completion, Engine
+    from .errors import LlamascopeError
+    from .generation import generate
+    from .loading import load_model
+
+_HOMES = {"Completion": "engine", "Engine": "engine", "GenerationConfig": "config", "ModelConfig": "config",
+          "LlamascopeError": "errors", "generate": "generation", "load_model": "loading"}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'llamascope' has no attribute {name!r}")
+    value = getattr(import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value
+    return value

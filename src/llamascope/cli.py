@@ -14,6 +14,7 @@ import os
 import sys
 
 from .errors import LlamascopeError
+from .startup import allocate_in_huge_pages
 
 log = logging.getLogger("llamascope")
 
@@ -42,8 +43,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_huge_pages_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--huge-pages", action="store_true",
-                   help="move large weights into 2 MB pages after loading: faster decode of large float models "
-                        "(about 10%% on a 1.1B float32 model here), slower load")
+                   help="also copy the weights of 4 MB or more into 2 MB pages after loading (the command already "
+                        "allocates tensors of 2 MB or more in them unless THP_MEM_ALLOC_ENABLE=0; this mostly "
+                        "serves the Python API); slower load")
 
 
 def _add_parallel_args(p: argparse.ArgumentParser) -> None:
@@ -466,6 +468,7 @@ def _rank_tag() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    allocate_in_huge_pages()  # before anything imports PyTorch (startup.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args)

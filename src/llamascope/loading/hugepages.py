@@ -8,10 +8,11 @@ the common default, and only at the moment the memory is first touched. So after
 large weight is copied into fresh memory advised that way (one tensor at a time, so the peak
 grows by the largest tensor only) and the module's tensor is pointed at the copy.
 
-It is asked for (`--huge-pages`, `load_model(huge_pages=True)`), not done by default: on this
-project's machine it made the 1.1B float32 decode about 10% faster (bfloat16 about 1%), but
-getting 2 MB pages while the page cache fills memory took the 1.1B float32 load from about 5 to
-about 10 s. It pays off in a server or a long generation, not in a one-shot command.
+The `llamascope` command does not need it: it has PyTorch's allocator put every tensor of 2 MB or
+more in huge pages from the start (startup.py), with no copy. This move is for programs that
+imported PyTorch before they could ask for that: it is asked for (`load_model(huge_pages=True)`,
+`--huge-pages`), not done by default, since the copy costs load time (on this project's machine,
+while the page cache filled memory, it took the 1.1B float32 load from about 5 to about 10 s).
 """
 
 from __future__ import annotations
