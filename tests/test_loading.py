@@ -321,6 +321,7 @@ def test_huge_pages_move_large_weights_and_keep_every_number(model_factory, monk
 
     if thp_mode() != "madvise" or not Path("/proc/self/smaps").exists():
         pytest.skip("transparent huge pages are not in madvise mode here")
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)  # (as in a program that imported torch first)
     folder = model_factory("wide-vocab", vocab_size=20000)  # a 5 MB embedding, every other weight small
     moves = []
     original = hugepages.move_to_huge_pages
@@ -346,7 +347,7 @@ def test_huge_pages_move_large_weights_and_keep_every_number(model_factory, monk
         generate(plain, prompt, max_new_tokens=16, eos_token_id=[]).output_ids
 
 
-def test_huge_pages_after_load_rebuild_the_decode_step(model_factory):
+def test_huge_pages_after_load_rebuild_the_decode_step(model_factory, monkeypatch):
     """Moving weights after the native step has recorded their addresses: the step is rebuilt on
     the new storage (it would otherwise read freed memory), and the tokens do not change."""
     from llamascope.generation import generate
@@ -359,6 +360,10 @@ def test_huge_pages_after_load_rebuild_the_decode_step(model_factory):
     prompt = [1, 17, 42, 99, 7]
     before = generate(model, prompt, max_new_tokens=12, eos_token_id=[]).output_ids
     old_step = model.decode_step
+    # where PyTorch's allocator was asked for huge pages (the command: startup.py) there is nothing to do
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    assert move_to_huge_pages(model, min_bytes=1) == 0 and model.decode_step is old_step
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE")
     assert old_step is not None and move_to_huge_pages(model, min_bytes=1) > 0
     assert model.decode_step is not None and model.decode_step is not old_step
     assert model.decode_step.stack.head.w == model.lm_head.weight.data_ptr()

@@ -17,14 +17,18 @@ ADVISED = """
 import torch
 t = torch.ones(16 << 20)
 address = t.data_ptr() + (32 << 20)
-mapping = None
+inside = False
 for line in open("/proc/self/smaps"):
     head = line.split()[0]
-    if "-" in head and not line.startswith("VmFlags"):
+    if head.endswith(":"):  # a field of the current mapping
+        if head == "VmFlags:" and inside:
+            print("advised" if "hg" in line.split()[1:] else "not advised")
+            break
+    else:  # a mapping's header: start-end perms ...
         start, end = (int(v, 16) for v in head.split("-"))
-        mapping = start <= address < end
-    elif line.startswith("VmFlags") and mapping:
-        print("advised" if "hg" in line.split()[1:] else "not advised")
+        inside = start <= address < end
+else:
+    print("no mapping holds the tensor")
 """
 
 

@@ -1,19 +1,20 @@
 """What the `llamascope` command sets up before PyTorch loads.
 
-PyTorch's CPU allocator puts every allocation of 2 MB or more in transparent huge pages when the
-environment variable THP_MEM_ALLOC_ENABLE is 1 as its library loads (it aligns the block to 2 MB
-and advises it MADV_HUGEPAGE). For the weights that matters: a decode step streams each of them from
-memory once, and in 2 MB pages the stream is physically contiguous over 2 MB runs. In 4 KB pages
-it is only as contiguous as the kernel's free memory was when the model loaded; on this project's
-machine, where the page cache leaves free memory in scattered small blocks, the first model a
-process loads read measurably slower than a second copy loaded after it (which got the pages
-freed by the first one's temporaries), and as fast as that copy when its weights were put in
-2 MB pages. Separate processes alternated, the setting gave the 1.1B shape in Q4_0 52.1 against
-46.6 decode tokens/s and 167 against 147 prefill tokens/s, SmolLM2 Q4_1 238 against 220, the
-1.1B shape in float32 8.9 against 7.4 and in bfloat16 17.1 against 15.1.
+With the environment variable THP_MEM_ALLOC_ENABLE=1, PyTorch's CPU allocator advises every block
+of 2 MB or more MADV_HUGEPAGE, so the whole 2 MB pages inside it can be transparent huge pages
+(a large weight almost entirely; one of 2-4 MB maybe not at all, as the block is not aligned to
+2 MB). For the weights that matters: a decode step streams each of them from memory once, and in
+2 MB pages the stream is physically contiguous over 2 MB runs. In 4 KB pages it is only as
+contiguous as the kernel's free memory was when the model loaded; on this project's machine,
+where the page cache leaves free memory in scattered small blocks, the first model a process
+loads read measurably slower than a second copy loaded after it (which got the pages freed by
+the first one's temporaries), and as fast as that copy when its weights were put in 2 MB pages.
+Separate processes alternated, the setting gave the 1.1B shape in Q4_0 52.1 against 46.6 decode
+tokens/s and 167 against 147 prefill tokens/s, SmolLM2 Q4_1 238 against 220, the 1.1B shape in
+float32 8.9 against 7.4 and in bfloat16 17.1 against 15.1.
 
-The variable is read once, when PyTorch's library loads, so it has to be set before the first
-`import torch`: the command does it first thing, and `import llamascope` does not import PyTorch
+PyTorch reads the variable once, at its first allocation (importing it allocates), so it has to
+be set before the first `import torch`: the command does it first thing, and `import llamascope` does not import PyTorch
 (its names are imported on first use). A program using the Python API can call
 `allocate_in_huge_pages()` before it imports torch, or load with `huge_pages=True`
 (loading/hugepages.py), which copies the weights into huge pages after loading.

@@ -19,7 +19,8 @@
  * about a kilobyte of Q4 on a 2048-wide one), and the hardware prefetcher, which starts over on each
  * short run of lines, then leaves the loads waiting on memory. Each line is prefetched into L2
  * (_MM_HINT_T1: into L1 the prefetches compete with the loads for L1's miss buffers), PREFETCH_AHEAD
- * bytes ahead for the block formats and PREFETCH_FLOAT_AHEAD for float32 and bfloat16 rows, the
+ * bytes ahead for the block formats and PREFETCH_FLOAT_AHEAD for float32 and bfloat16 rows (but
+ * gemv_bf16, bfloat16 weights with float32 activations, keeps PREFETCH_AHEAD: not measured), the
  * distances that read fastest from memory here (kernel by kernel, 384 MB matrices with rows 288 to
  * 5632 wide, builds alternated in one process, two runs: against the earlier prefetch into L1 8 KB
  * ahead, float32 and bfloat16 read 5-48% faster, Q8_0 3-53%, Q4 between 1% slower and 19% faster;
@@ -38,9 +39,13 @@ static inline void prefetch_ahead(const void *p) { _mm_prefetch((const char *)p 
 #else
 static inline void prefetch_ahead(const void *p) { (void)p; }
 #endif
+#if PREFETCH_FLOAT_AHEAD > 0
 static inline void prefetch_ahead_256(const char *p) {  /* the four lines of a 256-byte run of float weights */
     for (int i = 0; i < 256; i += 64) _mm_prefetch(p + PREFETCH_FLOAT_AHEAD + i, PREFETCH_HINT);
 }
+#else
+static inline void prefetch_ahead_256(const char *p) { (void)p; }
+#endif
 
 static inline float f16(const uint8_t *p) {
     uint16_t h;

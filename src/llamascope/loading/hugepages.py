@@ -8,8 +8,8 @@ the common default, and only at the moment the memory is first touched. So after
 large weight is copied into fresh memory advised that way (one tensor at a time, so the peak
 grows by the largest tensor only) and the module's tensor is pointed at the copy.
 
-The `llamascope` command does not need it: it has PyTorch's allocator put every tensor of 2 MB or
-more in huge pages from the start (startup.py), with no copy. This move is for programs that
+The `llamascope` command does not need it: it has PyTorch's allocator advise every block of 2 MB
+or more from the start (startup.py), with no copy, and then the move is skipped. This move is for programs that
 imported PyTorch before they could ask for that: it is asked for (`load_model(huge_pages=True)`,
 `--huge-pages`), not done by default, since the copy costs load time (on this project's machine,
 while the page cache filled memory, it took the 1.1B float32 load from about 5 to about 10 s).
@@ -20,10 +20,13 @@ from __future__ import annotations
 import ctypes
 import itertools
 import logging
+import os
 import time
 
 import torch
 from torch import nn
+
+from ..startup import THP_ENV
 
 log = logging.getLogger("llamascope")
 
@@ -52,11 +55,15 @@ def _advise(libc, address: int, nbytes: int) -> bool:
 
 def move_to_huge_pages(model: nn.Module, min_bytes: int = 2 * HUGE_PAGE) -> int:
     """Copy each CPU weight of at least `min_bytes` into memory advised MADV_HUGEPAGE; the
-    numbers are unchanged. Returns the bytes moved (0 where THP is off or already "always").
+    numbers are unchanged. Returns the bytes moved (0 where THP is off or already "always", or
+    where PyTorch's allocator was asked to advise large blocks itself).
     A native decode step records the weights' addresses, so the model's is rebuilt afterwards."""
     from .. import decode_step
 
     mode = thp_mode()
+    if os.environ.get(THP_ENV) == "1":
+        log.info("huge pages: PyTorch's allocator already advises large blocks (%s=1), nothing to move", THP_ENV)
+        return 0
     if mode != "madvise":
         log.info("huge pages: transparent huge pages are %r here, nothing to ask for", mode or "absent")
         return 0
