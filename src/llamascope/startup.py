@@ -14,8 +14,8 @@ tokens/s and 167 against 147 prefill tokens/s, SmolLM2 Q4_1 238 against 220, the
 float32 8.9 against 7.4 and in bfloat16 17.1 against 15.1.
 
 PyTorch reads the variable once, at its first allocation (importing it allocates), so it has to
-be set before the first `import torch`: the command does it first thing, and `import llamascope` does not import PyTorch
-(its names are imported on first use). A program using the Python API can call
+be set before the first `import torch`: the command does it first thing, and `import llamascope`
+does not import PyTorch (its names are imported on first use). A program using the Python API can call
 `allocate_in_huge_pages()` before it imports torch, or load with `huge_pages=True`
 (loading/hugepages.py), which copies the weights into huge pages after loading.
 """
