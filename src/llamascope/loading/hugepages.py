@@ -11,8 +11,9 @@ grows by the largest tensor only) and the module's tensor is pointed at the copy
 The `llamascope` command does not need it: it has PyTorch's allocator advise every block of 2 MB
 or more from the start (startup.py), with no copy, and then the move is skipped. The move is for
 programs that imported PyTorch before they could ask for that: it is asked for
-(`load_model(huge_pages=True)`, `--huge-pages`), not done by default, since the copy costs load time (on this project's machine,
-while the page cache filled memory, it took the 1.1B float32 load from about 5 to about 10 s).
+(`load_model(huge_pages=True)`, `--huge-pages`), not done by default, since the copy costs load
+time (on this project's machine, while the page cache filled memory, it took the 1.1B float32
+load from about 5 to about 10 s).
 """
 
 from __future__ import annotations
