@@ -31,8 +31,9 @@ from .tensorfiles import read_array, read_array_slice
 SUPPORTED_ARCHITECTURES = ("llama",)
 # Stored types that dequantise to float32 (gguf.quants implements each; see tests/test_gguf.py).
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
-# Stored types whose blocks are kept in another format with the same numbers (quant.q5_0_as_q8_0).
-KEPT_AS = {"Q5_0": "Q8_0"}
+# Stored types whose blocks are kept in another format with the same numbers: (that format, the
+# conversion of blocks [rows, row bytes] with `columns` weights a row).
+KEPT_AS = {"Q5_0": ("Q8_0", q5_0_as_q8_0)}
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 TOP_LEVEL_NAMES = {
@@ -275,7 +276,8 @@ class GGUFWeight:
 
     def _kept(self, blocks: torch.Tensor, columns: int) -> torch.Tensor:
         """Blocks in the format the model keeps (KEPT_AS): Q5_0 as the same numbers in Q8_0."""
-        return q5_0_as_q8_0(blocks, columns) if self.type_name == "Q5_0" else blocks
+        kept = KEPT_AS.get(self.type_name)
+        return kept[1](blocks, columns) if kept else blocks
 
     def read_slice(self, dim: int, start: int, stop: int) -> torch.Tensor:
         """Indices [start, stop) along `dim` of `read()`, dequantising only those rows or blocks:
@@ -626,7 +628,7 @@ def _tensor_sources(tensors: dict, config: ModelConfig, path: Path) -> dict[str,
             heads = config.num_key_value_heads
         weight = GGUFWeight(tensor, shape, heads, path)
         # Block formats quant.py computes with directly can stay quantised (load_model's default).
-        kept_type = KEPT_AS.get(weight.type_name, weight.type_name)
+        kept_type = KEPT_AS[weight.type_name][0] if weight.type_name in KEPT_AS else weight.type_name
         has_blocks = kept_type in KEPT_FORMATS and len(shape) == 2
         sources[hf_name] = TensorSource(shape, weight.type_name, path, int(tensor.n_bytes), weight.read,
                                         kept_type=kept_type,
