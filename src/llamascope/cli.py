@@ -27,7 +27,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", default=None, choices=["none", "int8", "int4", "q8_0", "q4_0", "q4_1"],
                    help="weight format: as stored when omitted (GGUF blocks stay quantised where the native "
                         "kernels read them); none: all float "
-                        "at --dtype; int8 / int4: group-wise weight-only quantisation")
+                        "at --dtype; int8 / int4: group-wise weight-only quantisation (blocks of 32 weights; "
+                        "the LM head and token embedding in 8 bits), each matrix quantised as it is read")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--device", default="auto",
                    help="cpu, cuda or cuda:N (default auto: CUDA when PyTorch sees a GPU, else the CPU)")

@@ -37,10 +37,17 @@ K_QUANT_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}  # per 256-weight super-
 KEPT_FORMATS = frozenset(BLOCK_BYTES) | frozenset(K_QUANT_BYTES)  # what QuantLinear computes with
 QTYPE_CODES = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5}  # as in csrc/gemv.c, kquant.c
 QUANT_CHOICES = {"int8": "Q8_0", "int4": "Q4_1", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1"}
+# Under --quant the LM head (it decides the token; llama.cpp also keeps the output high) and the
+# token embedding (a tied head is the same table) keep 8 bits.
+HIGH_QTYPE = "Q8_0"
+HIGH_WEIGHTS = ("lm_head.weight", "model.embed_tokens.weight")
 # Up to this many activation rows per call, the batch-1 kernels beat dequantise + matmul.
 KERNEL_MAX_ROWS = 8
 # Temporaries of a format conversion at load stay near this many bytes (rows at a time).
 CONVERT_ROWS_BYTES = 16 << 20
+# quantize() takes rows of this many float32 bytes at a time; its temporaries come to about five
+# times that (with 16 MB slices loading a 296 MB float32 model as int8 grew by twice the int8 weights).
+QUANTIZE_ROWS_BYTES = 2 << 20
 
 
 # ---- block formats: quantise and dequantise (the plain path) -------------------------------
@@ -65,36 +72,51 @@ def _fp16_from(b: torch.Tensor) -> torch.Tensor:
 
 
 def _round_half_away(x: torch.Tensor) -> torch.Tensor:
-    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+    """roundf: to the nearest integer, halves away from zero (in place on a temporary of x's size)."""
+    return x.abs().add_(0.5).floor_().copysign_(x)
 
 
 def quantize(w: torch.Tensor, qtype: str) -> torch.Tensor:
-    """w [N, K] float -> blocks [N, K/32 * bytes] uint8, following ggml's reference quantisers."""
+    """w [N, K] float -> blocks [N, K/32 * bytes] uint8, following ggml's reference quantisers.
+
+    Rows go a slice at a time (QUANTIZE_ROWS_BYTES), so the temporaries stay small whatever the
+    matrix (a whole 49152 x 576 head at once held several copies of its 113 MB)."""
     N, K = w.shape
     if K % QK:
         raise LlamascopeError(f"cannot quantise to {qtype}: input size {K} is not a multiple of {QK}")
+    if qtype not in BLOCK_BYTES:
+        raise LlamascopeError(f"unknown block format {qtype!r}")
+    out = torch.empty(N, K // QK * BLOCK_BYTES[qtype], dtype=torch.uint8, device=w.device)  # [N, row bytes]
+    rows = max(1, QUANTIZE_ROWS_BYTES // (K * 4))
+    for r in range(0, N, rows):
+        out[r:r + rows] = _quantize_rows(w[r:r + rows], qtype)
+    return out
+
+
+def _quantize_rows(w: torch.Tensor, qtype: str) -> torch.Tensor:
+    """quantize() of a few rows, all at once."""
+    N, K = w.shape
     x = w.float().reshape(N, K // QK, QK)  # [N, nb, 32]
     if qtype == "Q8_0":
         d = x.abs().amax(-1) / 127  # [N, nb]
         inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
-        q = _round_half_away(x * inv[..., None]).clamp(-128, 127).to(torch.int8)
+        q = _round_half_away(x * inv[..., None]).clamp_(-128, 127).to(torch.int8)
         return torch.cat([_fp16_bytes(d), q.view(torch.uint8)], -1).reshape(N, -1)
     if qtype == "Q4_0":
         idx = x.abs().argmax(-1, keepdim=True)
         peak = x.gather(-1, idx).squeeze(-1)  # signed value of largest magnitude
         d = peak / -8
         inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
-        q = torch.clamp(torch.trunc(x * inv[..., None] + 8.5), max=15).to(torch.uint8)
+        q = (x * inv[..., None]).add_(8.5).trunc_().clamp_(max=15).to(torch.uint8)
         packed = q[..., :16] | (q[..., 16:] << 4)  # [N, nb, 16]
         return torch.cat([_fp16_bytes(d), packed], -1).reshape(N, -1)
-    if qtype == "Q4_1":
-        lo, hi = x.amin(-1), x.amax(-1)
-        d = (hi - lo) / 15
-        inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
-        q = torch.clamp(torch.trunc((x - lo[..., None]) * inv[..., None] + 0.5), max=15).to(torch.uint8)
-        packed = q[..., :16] | (q[..., 16:] << 4)
-        return torch.cat([_fp16_bytes(d), _fp16_bytes(lo), packed], -1).reshape(N, -1)
-    raise LlamascopeError(f"unknown block format {qtype!r}")
+    # Q4_1
+    lo, hi = x.amin(-1), x.amax(-1)
+    d = (hi - lo) / 15
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    q = (x - lo[..., None]).mul_(inv[..., None]).add_(0.5).trunc_().clamp_(max=15).to(torch.uint8)
+    packed = q[..., :16] | (q[..., 16:] << 4)
+    return torch.cat([_fp16_bytes(d), _fp16_bytes(lo), packed], -1).reshape(N, -1)
 
 
 def dequantize(blocks: torch.Tensor, qtype: str, K: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -380,21 +402,38 @@ def _local_slot(parent: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (module, "local") if isinstance(getattr(module, "local", None), nn.Module) else (parent, name)
 
 
-def quantize_model(model: nn.Module, quant: str) -> nn.Module:
-    """Replace each float projection (and the LM head) with a QuantLinear in `quant`'s format."""
-    model.decode_step = None  # it points at the modules being replaced: decode_step.enable again after
+def quant_qtype(quant: str) -> str:
+    """The block format `--quant` gives the projections (the head and embedding: HIGH_QTYPE)."""
     qtype = QUANT_CHOICES.get(quant.lower())
     if qtype is None:
         raise LlamascopeError(f"--quant {quant!r}: expected one of int8, int4, q8_0, q4_0, q4_1")
+    return qtype
+
+
+def quantize_model(model: nn.Module, quant: str) -> nn.Module:
+    """Replace each float projection with a QuantLinear in `quant`'s format, the LM head with a
+    Q8_0 one and the token embedding with a Q8_0 QuantEmbedding (a tied head shares its blocks):
+    the weights `load_model(quant=...)` builds while reading, from a model already in memory."""
+    model.decode_step = None  # it points at the modules being replaced: decode_step.enable again after
+    qtype = quant_qtype(quant)
     head = _local_slot(model, "lm_head")
+    embed = model.model.embed_tokens
+    float_embedding = type(embed) is nn.Embedding
+    tied = float_embedding and head == (model, "lm_head") and model.lm_head.weight.data_ptr() == embed.weight.data_ptr()
     for parent, name in _linear_slots(model):
         module = getattr(parent, name)
-        # The LM head decides the token: it keeps 8 bits (llama.cpp also keeps the output high).
-        layer_qtype = "Q8_0" if (parent, name) == head else qtype
+        if (parent, name) == head and tied:
+            continue  # it becomes the embedding's blocks below
+        layer_qtype = HIGH_QTYPE if (parent, name) == head else qtype
         if isinstance(module, (nn.Linear, FastLinear)):
             bias = None if module.bias is None else module.bias.detach().float()
             setattr(parent, name, QuantLinear(quantize(module.weight.detach(), layer_qtype), layer_qtype,
                                               module.in_features, bias))
+    if float_embedding:
+        blocks = quantize(embed.weight.detach(), HIGH_QTYPE)
+        model.model.embed_tokens = QuantEmbedding(blocks, HIGH_QTYPE, embed.embedding_dim, embed.weight.dtype)
+        if tied:
+            model.lm_head = QuantLinear(blocks, HIGH_QTYPE, embed.embedding_dim)
     return model
 
 

@@ -230,16 +230,19 @@ def check_tensors(checkpoint: Checkpoint) -> None:
 
 def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: str | torch.device = "cpu",
                 progress: Callable[[int, int], None] | None = None,
-                parallel: "ParallelGroup | None" = None, keep_blocks: bool = False) -> torch.nn.Module:
+                parallel: "ParallelGroup | None" = None, keep_blocks: bool = False,
+                quantize_to: str | None = None) -> torch.nn.Module:
     """Create the model without allocating, then read each weight once at `dtype`.
 
     With `parallel` (a tensor-parallel group of more than one rank), this rank's model holds only
     its share of the heads, MLP units and vocabulary (see parallel.py) and reads only those slices.
     With `keep_blocks`, weights stored in a GGUF block format stay in it (quant.QuantLinear,
-    quant.QuantEmbedding) instead of being dequantised.
+    quant.QuantEmbedding) instead of being dequantised. With `quantize_to` (a block format, from
+    `--quant`), every other matrix is quantised as it is read, a slice of rows at a time, the LM
+    head and embedding to quant.HIGH_QTYPE: the float weights are never held whole.
     """
     from ..model import ROPE_INIT, Transformer
-    from ..quant import install_block_weights
+    from ..quant import HIGH_QTYPE, HIGH_WEIGHTS, install_block_weights
 
     check_tensors(checkpoint)
     config = checkpoint.config
@@ -264,9 +267,13 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: str | torch.
         source = checkpoint.tensors[name]
         shard = plan.get(name)
         kept = _kept_blocks(checkpoint, name, shard, parallel) if keep_blocks else None
+        qtype = source.blocks_type
+        if kept is None and quantize_to is not None and len(expected[name]) == 2:
+            qtype = HIGH_QTYPE if name in HIGH_WEIGHTS else quantize_to
+            kept = _read_quantized(source, qtype, shard)
         if kept is not None:
             kept_names.add(name)
-            entry = {name: (source.blocks_type, kept.to(device))}
+            entry = {name: (qtype, kept.to(device))}
             if _install_now(model, name, plan):
                 # Into its layer at once: the raw blocks go as soon as the layer holds its own form
                 # of them, so loading never holds the whole model twice.
@@ -332,6 +339,26 @@ def _read_at(source: TensorSource, dtype: torch.dtype, device, shard) -> torch.T
     for begin in range(start, stop, rows):
         end = min(stop, begin + rows)
         out[begin - start:end - start].copy_(source.read_slice(0, begin, end))
+    return out
+
+
+def _read_quantized(source: TensorSource, qtype: str, shard) -> torch.Tensor:
+    """The weight (or this rank's shard of it) quantised to `qtype`'s blocks, uint8 [rows, bytes],
+    from slices of rows of the stored values: the float matrix is never held whole."""
+    from ..quant import QUANTIZE_ROWS_BYTES, quantize
+
+    if shard is not None and shard.dim == 1:  # columns of every row: read as one (quantize slices it)
+        return quantize(source.read_slice(1, shard.start, shard.stop), qtype)
+    start, stop = (0, source.shape[0]) if shard is None else (shard.start, shard.stop)
+    if source.slice_reader is None:
+        return quantize(source.read_slice(0, start, stop), qtype)
+    rows = max(1, QUANTIZE_ROWS_BYTES // max(1, source.nbytes // source.shape[0]))  # (as stored)
+    first = quantize(source.read_slice(0, start, min(stop, start + rows)), qtype)
+    out = torch.empty(stop - start, first.shape[1], dtype=torch.uint8)  # [rows, row bytes]
+    out[:first.shape[0]] = first
+    for begin in range(start + rows, stop, rows):
+        end = min(stop, begin + rows)
+        out[begin - start:end - start] = quantize(source.read_slice(0, begin, end), qtype)
     return out
 
 
@@ -438,7 +465,8 @@ def load_model(
 
     With `parallel` (from `parallel.init_from_env`), this rank loads only its shard of the model.
     `quant`: None keeps weights as stored (GGUF block formats stay quantised), "none" turns
-    them all into float at `dtype`, "int8" / "int4" quantise the projections after loading.
+    them all into float at `dtype`, "int8" / "int4" (or "q8_0", "q4_0", "q4_1") quantise the
+    projections as they are read, and the LM head and token embedding to Q8_0 (quant.py).
     `fast` gives float projections the two-core batch-1 kernels (False: plain `nn.Linear`, GGUF
     blocks dequantised at load as well, so that no native kernel runs in the model).
     `huge_pages` moves the large weights into 2 MB pages (see `hugepages`): faster decode of a large
@@ -448,7 +476,7 @@ def load_model(
     """
     from .. import compiled, decode_step, kernels
     from .hugepages import move_to_huge_pages
-    from ..quant import accelerate_model, fuse_projections, quantize_model
+    from ..quant import accelerate_model, fuse_projections, quant_qtype
 
     start = time.perf_counter()
     device = resolve_device(device)
@@ -459,7 +487,8 @@ def load_model(
     log.info("loading %s (%s, %d tensors) as %s%s", checkpoint.path, checkpoint.format,
              len(checkpoint.tensors), str(torch_dtype).removeprefix("torch."),
              f", tensor parallel {parallel.describe()}" if parallel is not None else "")
-    if compile and quant not in (None, "none"):
+    quantize_to = quant_qtype(quant) if quant not in (None, "none") else None  # (a bad name fails before reading)
+    if compile and quantize_to is not None:
         raise LlamascopeError(f"--compile runs float weights; --quant {quant} runs on the native kernels")
     if compile and parallel is not None and parallel.world_size > 1:
         raise LlamascopeError("--compile does not run under tensor parallelism (--tp)")
@@ -472,9 +501,8 @@ def load_model(
     # before the weights: a GGUF tokenizer's parsed metadata is then freed before they take memory
     tokenizer = checkpoint.tokenizer_factory() if checkpoint.tokenizer_factory else None
     with _freed_memory_returned():
-        model = build_model(checkpoint, torch_dtype, device, progress, parallel, keep_blocks=keep_blocks)
-        if quant and quant != "none":
-            quantize_model(model, quant)
+        model = build_model(checkpoint, torch_dtype, device, progress, parallel, keep_blocks=keep_blocks,
+                            quantize_to=quantize_to)
         if compile:
             compiled.enable(model)
         elif fast:
