@@ -241,19 +241,108 @@ def test_one_token_attention_kernel_matches_softmax_reference(H, KVH, D, S, bf16
     assert (outputs[0] - expected).abs().max() <= tolerance * expected.abs().max()
 
 
-@pytest.mark.parametrize("I", [7, 16, 40, 768])
-def test_silu_mul_kernel_matches_float64(I):
+@pytest.mark.parametrize("I, rows", [(7, 2), (16, 2), (40, 2), (768, 2), (40, 37)])
+def test_silu_mul_kernel_matches_float64(I, rows):
     """The native SiLU(gate) * up (vector exponential) against float64, with gates far out in
-    both tails (where e^-g overflows or vanishes) and a width with a partial last vector."""
+    both tails (where e^-g overflows or vanishes) and a width with a partial last vector; a
+    prompt's rows (more than 8) are split over two threads."""
     lib = kernels.load()
     gen = torch.Generator().manual_seed(I)
-    gu = torch.randn(2, 2 * I, generator=gen) * 4
+    gu = torch.randn(rows, 2 * I, generator=gen) * 4
     gu[0, :4] = torch.tensor([-1000.0, -90.0, 90.0, 1000.0])[: min(4, I)]
-    out = torch.full((2, I), float("nan"))
-    lib.silu_mul_f32(gu.data_ptr(), 2, I, out.data_ptr())
+    out = torch.full((rows, I), float("nan"))
+    lib.silu_mul_f32(gu.data_ptr(), rows, I, out.data_ptr(), 2)
     g, u = gu[:, :I].double(), gu[:, I:].double()
     expected = g * torch.sigmoid(g) * u
     assert torch.allclose(out.double(), expected, rtol=4e-7, atol=1e-30)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 37])
+def test_prompt_rmsnorm_and_rope_kernels_give_pytorchs_numbers(rows):
+    """A prompt's RMSNorm (rows split over two threads past 8) is the module's formula to float32
+    rounding and does not depend on the thread count; its RoPE, in place on the q and k heads at the
+    start of each fused row, is PyTorch's x * cos + rotate_half(x) * sin bit for bit."""
+    from llamascope.model import RMSNorm, apply_rope
+
+    lib = kernels.load()
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(1, rows, 200, generator=gen) * 3
+    norm = RMSNorm(200, 1e-5)
+    norm.weight.data = torch.rand(200, generator=gen) + 0.5
+    expected = norm(x)  # (the module's PyTorch formula: no kernel set)
+    outs = []
+    for threads in (1, 2):
+        out = torch.full_like(x, float("nan"))
+        lib.rmsnorm_f32(x.data_ptr(), norm.weight.data_ptr(), out.data_ptr(), rows, 200, 1e-5, threads)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    assert torch.allclose(outs[0], expected, rtol=2e-6, atol=1e-7)
+
+    H, KVH, D = 6, 2, 48
+    qkv = torch.randn(1, rows, (H + 2 * KVH) * D, generator=gen)
+    cos, sin = torch.randn(1, rows, D, generator=gen), torch.randn(1, rows, D, generator=gen)
+    q, k, v = qkv.split((H * D, KVH * D, KVH * D), -1)
+    q_ref = apply_rope(q.view(1, rows, H, D).transpose(1, 2), cos, sin)
+    k_ref = apply_rope(k.view(1, rows, KVH, D).transpose(1, 2), cos, sin)
+    v_before = v.clone()
+    lib.rope_rows_f32(qkv.data_ptr(), rows, qkv.shape[-1], H + KVH, D, cos.data_ptr(), sin.data_ptr(), 2)
+    q, k, v = qkv.split((H * D, KVH * D, KVH * D), -1)
+    assert torch.equal(q.view(1, rows, H, D).transpose(1, 2), q_ref)
+    assert torch.equal(k.view(1, rows, KVH, D).transpose(1, 2), k_ref)
+    assert torch.equal(v, v_before)
+
+
+@pytest.mark.parametrize("T, start, H, KVH, D", [
+    (2, 0, 2, 2, 16), (37, 0, 4, 2, 64), (13, 20, 4, 1, 48), (130, 0, 9, 3, 64), (70, 60, 8, 8, 128),
+])
+def test_prompt_attention_kernel_matches_causal_softmax_reference(T, start, H, KVH, D):
+    """A prompt's native attention: T queries after `start` cached columns over a [KVH, cap, D]
+    cache, against float64 softmax(q k^T / sqrt(D)) v under the causal mask: GQA and MHA, head
+    sizes 16 to 128 (one to two 64-lane passes), tiles of 4 queries with a partial last one, blocks
+    of 64 columns with a partial last one. The numbers do not depend on the thread count."""
+    import torch.nn.functional as F
+
+    lib = kernels.load()
+    S, cap = start + T, start + T + 7
+    gen = torch.Generator().manual_seed(T + 100 * H + D)
+    qkv = torch.randn(T, (H + 2 * KVH) * D, generator=gen) * 2  # (only its q part is read)
+    keys, values = torch.randn(KVH, cap, D, generator=gen), torch.randn(KVH, cap, D, generator=gen)
+    outs = []
+    for threads in (1, 2):
+        out = torch.full((T, H * D), float("nan"))
+        status = lib.prefill_attention_f32(qkv.data_ptr(), qkv.shape[1], keys.data_ptr(), values.data_ptr(), cap, T,
+                                           start, H, KVH, D, D ** -0.5, out.data_ptr(), H * D, threads)
+        assert status == 0
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    q = qkv[:, :H * D].view(T, H, D).transpose(0, 1)[None].double()  # [1, H, T, D]
+    visible = torch.arange(S)[None] <= torch.arange(start, S)[:, None]  # [T, S]
+    expected = F.scaled_dot_product_attention(q, keys[None, :, :S].double(), values[None, :, :S].double(),
+                                              attn_mask=visible, enable_gqa=H != KVH)  # [1, H, T, D]
+    expected = expected[0].transpose(0, 1).reshape(T, H * D)
+    assert (outs[0].double() - expected).abs().max() < 1e-5
+
+
+def test_prompt_attention_runs_natively_and_matches_the_plain_path(tiny_model):
+    """A prompt through the fast model's native RoPE and attention (and a second prompt after it,
+    over cached columns) gives the plain PyTorch model's logits to float32 rounding."""
+    fast = load_model(tiny_model).model
+    plain = load_model(tiny_model, fast=False).model
+    calls = []
+    attention = fast.model.layers[0].self_attn
+    kernel = attention.prefill_kernel
+    assert kernel is not None and attention.rope_kernel is not None
+    attention.prefill_kernel = lambda *args: calls.append(args[5:7]) or kernel(*args)
+    prompt = list(range(3, 40))
+    with torch.inference_mode():
+        results = []
+        for model in (fast, plain):
+            cache = KVCache.for_model(model, 1, 64)
+            first = model(torch.tensor([prompt]), torch.arange(37)[None], cache)  # [1, 37, V]
+            second = model(torch.tensor([prompt[:9]]), torch.arange(37, 46)[None], cache)  # [1, 9, V]
+            results.append(torch.cat([first, second], dim=1))
+    assert calls == [(37, 0), (9, 37)]  # (T, start)
+    assert (results[0] - results[1]).abs().max() < 1e-4 * results[1].abs().max()
 
 
 def test_rope_table_gives_the_rotary_modules_numbers_as_it_grows(tiny_model):

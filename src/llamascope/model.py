@@ -126,14 +126,14 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        self.kernel = None  # native float32 kernel for a few rows (quant.accelerate_model sets it)
+        self.kernel = None  # native float32 kernel (quant.accelerate_model sets it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None and x.dtype == torch.float32 and x.numel() <= 8 * x.shape[-1] \
-                and x.is_contiguous() and not x.requires_grad and x.device.type == "cpu":
+        if self.kernel is not None and x.dtype == torch.float32 and x.is_contiguous() and not x.requires_grad \
+                and x.device.type == "cpu":
             out = torch.empty_like(x)
             self.kernel(x.data_ptr(), self.weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1],
-                        x.shape[-1], self.eps)
+                        x.shape[-1], self.eps, torch.get_num_threads())
             return out
         dtype = x.dtype
         h = x.float()
@@ -155,6 +155,8 @@ class Attention(nn.Module):
         self.qkv_proj: nn.Module | None = None  # q, k, v as one product (quant.fuse_projections)
         self.qkv_sizes: tuple[int, int, int] | None = None
         self.decode_kernel = None  # native one-token attention (quant.accelerate_model sets it)
+        self.rope_kernel = None  # native RoPE in place on a prompt's fused q, k (quant.accelerate_model sets it)
+        self.prefill_kernel = None  # native causal attention of a prompt (quant.accelerate_model sets it)
 
     def fuse(self, qkv_proj: nn.Module) -> None:
         """Replace q_proj, k_proj and v_proj by one layer whose output is their outputs side by side."""
@@ -189,16 +191,31 @@ class Attention(nn.Module):
                 and x.device.type == "cpu"):
             return self.o_proj(self._decode_one(x, cos, sin, cache))
         # H, KVH: the heads this module holds (this rank's share under tensor parallelism)
+        roped = False
         if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)  # [B, T, H*D], [B, T, KVH*D] x2
+            qkv = self.qkv_proj(x)  # [B, T, (H + 2 KVH) * D]
+            if (self.rope_kernel is not None and qkv.dtype == cos.dtype == torch.float32 and qkv.device.type == "cpu"
+                    and qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
+                    and cos.shape == (B, T, self.head_dim)):
+                # q and k, side by side at the start of each row, rotated in place: PyTorch's numbers
+                self.rope_kernel(qkv.data_ptr(), B * T, qkv.shape[-1], self.heads + self.kv_heads, self.head_dim,
+                                 cos.data_ptr(), sin.data_ptr(), torch.get_num_threads())
+                roped = True
+            q, k, v = qkv.split(self.qkv_sizes, dim=-1)  # [B, T, H*D], [B, T, KVH*D] x2
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
         v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if not roped:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)  # [B, KVH, S, D], S = cached + T
+            S = k.shape[2]
+            if (roped and self.prefill_kernel is not None and B == 1 and T > 1 and mask is None and type(cache) is KVCache
+                    and S <= PREFILL_NATIVE_COLUMNS and self.head_dim % 16 == 0
+                    and not (capture is not None and capture.get("_attention_weights"))):
+                return self.o_proj(self._prefill(qkv, cache, T, S))
         groups = q.shape[1] // k.shape[1]
         if capture is not None and capture.get("_attention_weights"):
             if groups > 1:
@@ -223,6 +240,19 @@ class Attention(nn.Module):
         return self.o_proj(out)  # [B, T, hidden]
 
 
+    def _prefill(self, qkv: torch.Tensor, cache: KVCache, T: int, S: int) -> torch.Tensor:
+        """softmax(q k^T / sqrt(D) + causal mask) v for one sequence's T new queries (roped, in qkv
+        [1, T, (H + 2 KVH) * D]) over its cache's first S columns, in one native call -> [1, T, H*D]."""
+        keys, values = cache.keys[self.layer_index], cache.values[self.layer_index]  # [1, KVH, cap, D]
+        heads, D = self.heads, self.head_dim
+        out = torch.empty(1, T, heads * D)  # [1, T, H*D]
+        status = self.prefill_kernel(qkv.data_ptr(), qkv.shape[-1], keys.data_ptr(), values.data_ptr(), keys.shape[2],
+                                     T, S - T, heads, self.kv_heads, D, D ** -0.5, out.data_ptr(), heads * D,
+                                     torch.get_num_threads())
+        if status != 0:
+            raise LlamascopeError(f"out of memory for the attention of a {T}-token prompt")
+        return out
+
     def _decode_one(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """The same attention for one token of one sequence, in one native call: RoPE, cache write,
         softmax(q k^T / sqrt(D)) v over the cached positions (the plain path above is the reference)."""
@@ -236,6 +266,12 @@ class Attention(nn.Module):
                            cache.length, cache.capacity, heads, kv_heads, D, D ** -0.5, out.data_ptr(),
                            torch.get_num_threads())
         return out
+
+
+# Up to this many cache columns a prompt's float32 attention runs natively (csrc/attention.c):
+# 512 columns of 12 heads 4.2 against 5.4 ms for PyTorch's flash attention, level at 1024, and
+# past that PyTorch's larger blocks win (2048: 62 against 50 ms).
+PREFILL_NATIVE_COLUMNS = 1024
 
 
 def _causal_bias(T: int, S: int, like: torch.Tensor) -> torch.Tensor:
@@ -254,7 +290,7 @@ class MLP(nn.Module):
         self.up_proj = Linear(h, i, bias=bias)
         self.down_proj = Linear(i, h, bias=bias)
         self.gate_up_proj: nn.Module | None = None  # gate and up as one product (quant.fuse_projections)
-        self.act_kernel = None  # native silu(gate) * up for a few float32 rows (quant.accelerate_model sets it)
+        self.act_kernel = None  # native silu(gate) * up for float32 rows (quant.accelerate_model sets it)
 
     def fuse(self, gate_up_proj: nn.Module) -> None:
         """Replace gate_proj and up_proj by one layer whose output is [gate | up]."""
@@ -264,12 +300,11 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, hidden] -> [B, T, hidden]
         if self.gate_up_proj is not None:
             gate_up = self.gate_up_proj(x)  # [B, T, 2I]
-            if self.act_kernel is not None and gate_up.dtype == torch.float32 and gate_up.numel() <= 16 * \
-                    gate_up.shape[-1] and gate_up.is_contiguous() and not gate_up.requires_grad \
-                    and gate_up.device.type == "cpu":
+            if self.act_kernel is not None and gate_up.dtype == torch.float32 and gate_up.is_contiguous() \
+                    and not gate_up.requires_grad and gate_up.device.type == "cpu":
                 rows, width = gate_up.numel() // gate_up.shape[-1], gate_up.shape[-1] // 2
                 act = gate_up.new_empty(*gate_up.shape[:-1], width)  # [B, T, I]
-                self.act_kernel(gate_up.data_ptr(), rows, width, act.data_ptr())
+                self.act_kernel(gate_up.data_ptr(), rows, width, act.data_ptr(), torch.get_num_threads())
                 return self.down_proj(act)
             gate, up = gate_up.chunk(2, dim=-1)  # [B, T, I] each
         else:

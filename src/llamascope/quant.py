@@ -441,13 +441,14 @@ def native_kernel_modules(model: nn.Module):
     """The names of the model's modules that call a native kernel: FastLinear / QuantLinear with one,
     and the RMSNorm, attention and MLP modules `accelerate_model` gave theirs ("" is the model)."""
     for name, module in model.named_modules():
-        if any(getattr(module, attr, None) is not None for attr in ("_kernel", "kernel", "decode_kernel", "act_kernel")):
+        if any(getattr(module, attr, None) is not None for attr in ("_kernel", "kernel", "decode_kernel", "rope_kernel", "prefill_kernel", "act_kernel")):
             yield name
 
 
 def accelerate_model(model: nn.Module) -> nn.Module:
     """Give float projections the two-core batch-1 kernels (same weights, shared, no copy), and
-    RMSNorm and one-token attention their native float32 versions."""
+    RMSNorm, SiLU(gate) * up, a prompt's RoPE and attention, and one-token attention their
+    native float32 versions (split over the threads for a prompt's rows)."""
     model.decode_step = None  # it points at the modules being replaced: decode_step.enable again after
     lib = kernels.load()
     if lib is None:
@@ -460,6 +461,8 @@ def accelerate_model(model: nn.Module) -> nn.Module:
             module.kernel = lib.rmsnorm_f32
         elif hasattr(module, "decode_kernel"):
             module.decode_kernel = lib.decode_attention_f32
+            module.rope_kernel = lib.rope_rows_f32
+            module.prefill_kernel = lib.prefill_attention_f32
         elif hasattr(module, "act_kernel"):
             module.act_kernel = lib.silu_mul_f32
     for parent, name in _linear_slots(model):

@@ -155,6 +155,16 @@ static inline __attribute__((always_inline)) void rope_heads(const int bf16, flo
     }
 }
 
+/* RoPE in place on the first `heads` heads of size D of each of `rows` rows (a prompt's fused q, k, v
+ * projections, q and k first, `stride` floats apart), row r with its own tables cos / sin + r * D:
+ * the float32 products and sums PyTorch's x * cos + rotate_half(x) * sin makes. */
+void rope_rows_f32(float *x, int rows, int64_t stride, int heads, int D, const float *cos, const float *sin,
+                   int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (rows > 8 && nthreads > 1)
+    for (int r = 0; r < rows; r++)
+        rope_heads(0, x + r * stride, heads, D, cos + (int64_t)r * D, sin + (int64_t)r * D);
+}
+
 /* RoPE on one token's q and k (of its fused projection qkv), then k and v into cache column `col`
  * ([KVH, cap, D] caches, float32 or bfloat16 bits). */
 static inline __attribute__((always_inline)) void rope_and_store(const int bf16, float *qkv, const float *cos,
@@ -218,4 +228,144 @@ void decode_attention_bf16(float *qkv, const float *cos, const float *sin, uint1
                            int col, int cap, int H, int KVH, int D, float scale, float *out, int nthreads) {
     const int slot = 0;
     attention_rows(1, 1, qkv, cos, sin, kcache, vcache, 0, &slot, &col, cap, H, KVH, D, scale, out, nthreads);
+}
+
+/* ---- a prompt's causal attention (prefill), float32 ---------------------------------------------
+ * T new queries of one sequence at positions start .. start + T - 1 over its cache columns
+ * 0 .. start + T - 1: query t of head h (at q + t * q_stride + h * D) attends to columns
+ * 0 .. start + t of KV head h / (H / KVH) ([KVH, cap, D] caches); out row t at out + t * out_stride.
+ * Flash-style: each head's keys are first transposed to [D, S] so that a tile of PREFILL_ROWS
+ * queries against 64 columns is 16 vector sums over D; the softmax runs online over blocks of 64
+ * columns (running maximum and sum per query, earlier outputs rescaled), and the values are summed
+ * into the tile's outputs 64 lanes at a time. Tiles go round-robin to the threads (later tiles see
+ * more columns). D % 16 == 0. Returns 0, or -1 when scratch memory could not be had. */
+#define PREFILL_ROWS 4
+#define PREFILL_COLS 64
+
+static void prefill_tile(const float *q, int64_t q_stride, const float *kt, const float *values, int D,
+                         float scale, int t0, int rows, int start, float *out, int64_t out_stride, float *o) {
+    float m[PREFILL_ROWS], l[PREFILL_ROWS];
+    float p[PREFILL_ROWS][PREFILL_COLS] __attribute__((aligned(64)));
+    for (int r = 0; r < PREFILL_ROWS; r++) {
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+    }
+    memset(o, 0, sizeof(float) * PREFILL_ROWS * D);
+    const int last = start + t0 + rows - 1;  /* the tile's last query's position: its last column */
+    for (int c0 = 0; c0 <= last; c0 += PREFILL_COLS) {
+        const int n = last + 1 - c0 < PREFILL_COLS ? last + 1 - c0 : PREFILL_COLS;
+        /* scores s[r][c0 + j] = q[r] . k[c0 + j], 4 rows x 64 columns in 16 registers */
+        __m512 s[PREFILL_ROWS][4];
+        for (int r = 0; r < PREFILL_ROWS; r++)
+            for (int c = 0; c < 4; c++) s[r][c] = _mm512_setzero_ps();
+        const float *panel = kt + (int64_t)(c0 / PREFILL_COLS) * D * PREFILL_COLS;  /* [D, 64] */
+        for (int d = 0; d < D; d++) {
+            const float *row = panel + d * PREFILL_COLS;
+            __m512 k4[4];
+            for (int c = 0; c < 4; c++) k4[c] = _mm512_maskz_loadu_ps(tail_mask(16 * c, n), row + 16 * c);
+            for (int r = 0; r < PREFILL_ROWS; r++) {
+                const __m512 qv = _mm512_set1_ps(r < rows ? q[(int64_t)(t0 + r) * q_stride + d] : 0.0f);
+                for (int c = 0; c < 4; c++) s[r][c] = _mm512_fmadd_ps(qv, k4[c], s[r][c]);
+            }
+        }
+        /* online softmax over this block, causal: row r sees columns up to start + t0 + r */
+        for (int r = 0; r < PREFILL_ROWS; r++) {  /* (constant bounds keep s in registers) */
+            if (r >= rows) break;
+            const int visible = start + t0 + r + 1 - c0;  /* columns of this block row r sees (>= 1) */
+            const __m512 hidden = _mm512_set1_ps(-INFINITY);
+            __m512 top = hidden;
+            __mmask16 mk[4];
+            for (int c = 0; c < 4; c++) {
+                mk[c] = tail_mask(16 * c, visible < n ? visible : n);
+                s[r][c] = _mm512_mask_mov_ps(hidden, mk[c], _mm512_mul_ps(s[r][c], _mm512_set1_ps(scale)));
+                top = _mm512_max_ps(top, s[r][c]);
+            }
+            const float block_max = _mm512_reduce_max_ps(top);
+            const float m_new = block_max > m[r] ? block_max : m[r];
+            const float alpha = expf(m[r] - m_new);  /* 0 on the first block (m = -inf) */
+            const __m512 mv = _mm512_set1_ps(m_new);
+            __m512 sum = _mm512_setzero_ps();
+            for (int c = 0; c < 4; c++) {
+                const __m512 e = _mm512_mask_mov_ps(_mm512_setzero_ps(), mk[c], exp16(_mm512_sub_ps(s[r][c], mv)));
+                sum = _mm512_add_ps(sum, e);
+                _mm512_storeu_ps(p[r] + 16 * c, e);
+            }
+            l[r] = l[r] * alpha + _mm512_reduce_add_ps(sum);
+            m[r] = m_new;
+            if (alpha != 1.0f) {
+                const __m512 a = _mm512_set1_ps(alpha);
+                for (int d = 0; d < D; d += 16)
+                    _mm512_storeu_ps(o + r * D + d, _mm512_mul_ps(_mm512_loadu_ps(o + r * D + d), a));
+            }
+        }
+        /* o[r] += sum_j p[r][j] v[c0 + j], 64 output lanes x 4 rows in registers at a time */
+        for (int d0 = 0; d0 < D; d0 += 64) {
+            const int w = D - d0 < 64 ? D - d0 : 64;
+            __m512 acc[PREFILL_ROWS][4];
+            for (int r = 0; r < PREFILL_ROWS; r++)
+                for (int c = 0; c < 4; c++)
+                    acc[r][c] = _mm512_maskz_loadu_ps(tail_mask(16 * c, w), o + r * D + d0 + 16 * c);
+            for (int j = 0; j < n; j++) {
+                const float *v = values + (int64_t)(c0 + j) * D + d0;
+                __m512 v4[4];
+                for (int c = 0; c < 4; c++) v4[c] = _mm512_maskz_loadu_ps(tail_mask(16 * c, w), v + 16 * c);
+                for (int r = 0; r < PREFILL_ROWS; r++) {
+                    const __m512 pv = _mm512_set1_ps(p[r][j]);
+                    for (int c = 0; c < 4; c++) acc[r][c] = _mm512_fmadd_ps(pv, v4[c], acc[r][c]);
+                }
+            }
+            for (int r = 0; r < PREFILL_ROWS; r++)
+                for (int c = 0; c < 4; c++)
+                    _mm512_mask_storeu_ps(o + r * D + d0 + 16 * c, tail_mask(16 * c, w), acc[r][c]);
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        const __m512 inv = _mm512_set1_ps(1.0f / l[r]);
+        float *dst = out + (int64_t)(t0 + r) * out_stride;
+        for (int d = 0; d < D; d += 16)
+            _mm512_storeu_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(o + r * D + d), inv));
+    }
+}
+
+int prefill_attention_f32(const float *q, int64_t q_stride, const float *kcache, const float *vcache, int cap,
+                          int T, int start, int H, int KVH, int D, float scale, float *out, int64_t out_stride,
+                          int nthreads) {
+    const int S = start + T, group = H / KVH, tiles = (T + PREFILL_ROWS - 1) / PREFILL_ROWS;
+    const int panels = (S + PREFILL_COLS - 1) / PREFILL_COLS;
+    /* each KV head's keys as panels of 64 columns, [panels, D, 64]: a score tile's loads are one
+     * contiguous 16 KB (rows S floats apart would alias in the cache's sets) */
+    const int64_t head_panels = (int64_t)panels * D * PREFILL_COLS;
+    float *kt = (float *)malloc(sizeof(float) * (size_t)(KVH * head_panels));
+    if (!kt) return -1;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+#pragma omp for schedule(static)
+        for (int i = 0; i < KVH * panels; i++) {
+            const int g = i / panels, c0 = (i % panels) * PREFILL_COLS;
+            const int n = S - c0 < PREFILL_COLS ? S - c0 : PREFILL_COLS;
+            const float *k = kcache + ((int64_t)g * cap + c0) * D;
+            float *dst = kt + g * head_panels + (int64_t)(c0 / PREFILL_COLS) * D * PREFILL_COLS;
+            for (int d = 0; d < D; d++)  /* contiguous writes, reads down a column of the cache */
+                for (int j = 0; j < n; j++) dst[d * PREFILL_COLS + j] = k[(int64_t)j * D + d];
+        }
+        float *o = (float *)malloc(sizeof(float) * PREFILL_ROWS * D);
+        if (!o) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static, 1)
+        for (int i = 0; i < H * tiles; i++) {
+            if (!o) continue;
+            /* a head at a time (its keys and values stay in cache), its longest tiles first, dealt
+             * round-robin so the threads' shares of the causal triangle are even */
+            const int h = i / tiles, tile = tiles - 1 - i % tiles, g = h / group;
+            const int t0 = tile * PREFILL_ROWS, rows = T - t0 < PREFILL_ROWS ? T - t0 : PREFILL_ROWS;
+            prefill_tile(q + (int64_t)h * D, q_stride, kt + g * head_panels, vcache + (int64_t)g * cap * D, D,
+                         scale, t0, rows, start, out + (int64_t)h * D, out_stride, o);
+        }
+        free(o);
+    }
+    free(kt);
+    return failed ? -1 : 0;
 }

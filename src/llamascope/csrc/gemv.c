@@ -247,8 +247,10 @@ void gemv_blocks_f32(int qtype, const uint8_t *w, int N, int K, const float *x, 
 
 /* ---- the rest of a batch-1 decode step, for float32 activations ----------------------------- */
 
-/* out[r] = w * x[r] / sqrt(mean(x[r]^2) + eps), for `rows` rows of `dim` (LLaMA's RMSNorm). */
-void rmsnorm_f32(const float *x, const float *w, float *out, int rows, int dim, float eps) {
+/* out[r] = w * x[r] / sqrt(mean(x[r]^2) + eps), for `rows` rows of `dim` (LLaMA's RMSNorm). More
+ * than 8 rows (a prompt) are split over `nthreads`; a decode step's few stay on the calling one. */
+void rmsnorm_f32(const float *x, const float *w, float *out, int rows, int dim, float eps, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (rows > 8 && nthreads > 1)
     for (int r = 0; r < rows; r++) {
         const float *xr = x + (int64_t)r * dim;
         float *o = out + (int64_t)r * dim;
@@ -266,8 +268,9 @@ void rmsnorm_f32(const float *x, const float *w, float *out, int rows, int dim, 
 }
 
 /* out[r, i] = silu(gu[r, i]) * gu[r, I + i] for `rows` rows of [gate (I) | up (I)]: the MLP's activation,
- * silu(g) = g / (1 + e^-g), 16 lanes at a time. */
-void silu_mul_f32(const float *gu, int rows, int I, float *out) {
+ * silu(g) = g / (1 + e^-g), 16 lanes at a time. More than 8 rows are split over `nthreads`. */
+void silu_mul_f32(const float *gu, int rows, int I, float *out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (rows > 8 && nthreads > 1)
     for (int r = 0; r < rows; r++) {
         const float *g = gu + (int64_t)r * 2 * I, *u = g + I;
         float *o = out + (int64_t)r * I;
