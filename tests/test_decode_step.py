@@ -294,6 +294,7 @@ def test_prompt_rmsnorm_and_rope_kernels_give_pytorchs_numbers(rows):
 
 @pytest.mark.parametrize("T, start, H, KVH, D", [
     (2, 0, 2, 2, 16), (37, 0, 4, 2, 64), (13, 20, 4, 1, 48), (130, 0, 9, 3, 64), (70, 60, 8, 8, 128),
+    (70, 2, 4, 2, 64), (9, 61, 4, 2, 80),  # tiles straddling a 64-column block edge
 ])
 def test_prompt_attention_kernel_matches_causal_softmax_reference(T, start, H, KVH, D):
     """A prompt's native attention: T queries after `start` cached columns over a [KVH, cap, D]

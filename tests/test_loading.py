@@ -313,6 +313,33 @@ def test_converting_a_large_tensor_slice_by_slice_gives_the_same_weights(model_f
         assert torch.equal(whole[name], sliced[name]), name
 
 
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantising_a_gguf_while_loading_reads_whole_heads(tmp_path, monkeypatch, quant):
+    """--quant on a GGUF: each matrix is read in slices of whole heads (q and k rows are stored in
+    llama.cpp's order within a head; a slice cutting a head fell back to reading and dequantising
+    the whole matrix), and the blocks are those of quantising the float model after loading."""
+    import llamascope.quant as quant_module
+    from gguf_fixtures import write_tiny_llama
+    from llamascope.loading.gguf import GGUFWeight
+    from llamascope.quant import QuantLinear, quantize_model
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_llama(path)  # (hidden 256, 4 heads of 64; q and k in Q8_0 / K-quant blocks)
+    expected = quantize_model(load_model(path, quant="none", fast=False).model, quant)
+    whole = []
+    original = GGUFWeight.read
+    monkeypatch.setattr(GGUFWeight, "read", lambda self: whole.append(len(self.shape)) or original(self))
+    monkeypatch.setattr(quant_module, "QUANTIZE_ROWS_BYTES", 1000)  # slices of a few rows: not whole heads
+    loaded = load_model(path, quant=quant, fast=False).model
+    assert 2 not in whole  # no matrix read whole
+    layers = {n: m for n, m in loaded.named_modules() if isinstance(m, QuantLinear)}
+    reference = {n: m for n, m in expected.named_modules() if isinstance(m, QuantLinear)}
+    assert layers.keys() == reference.keys() and layers
+    for name, layer in layers.items():
+        assert torch.equal(layer.blocks, reference[name].blocks), name
+    assert torch.equal(loaded.model.embed_tokens.blocks, expected.model.embed_tokens.blocks)
+
+
 def _thp_eligible(address: int) -> bool:
     """Whether the mapping holding `address` may be backed by transparent huge pages (smaps)."""
     lines = Path("/proc/self/smaps").read_text().splitlines()

@@ -3,7 +3,9 @@
 Parameter names follow Hugging Face's LlamaForCausalLM (`model.layers.0.self_attn.q_proj.weight`,
 ...), so a checkpoint's state dict loads without renaming. Numerics follow transformers'
 implementation step by step (RMSNorm in float32, RoPE tables in float32 cast to the activation
-dtype, rotate-half layout), which is what makes greedy tokens match it exactly.
+dtype, rotate-half layout), which is what makes greedy tokens match it. With the native kernels
+(quant.accelerate_model) a float32 model's RMSNorm, SiLU, attention and decode steps run in C:
+the same formulas, summed in another order (float32 rounding apart; tests compare them).
 
 Capture points: when `capture` is a dict, the forward pass stores named activations in it:
 `embed` [B,T,hidden], `layers.{i}.input` (the residual stream before block i), `layers.{i}.attn_out`,
@@ -188,14 +190,14 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         if (self.decode_kernel is not None and B == 1 and T == 1 and mask is None and capture is None
                 and self.qkv_proj is not None and x.dtype == torch.float32 and type(cache) is KVCache
-                and x.device.type == "cpu"):
+                and x.device.type == "cpu" and self._native_cache(cache)):
             return self.o_proj(self._decode_one(x, cos, sin, cache))
         # H, KVH: the heads this module holds (this rank's share under tensor parallelism)
         roped = False
         if self.qkv_proj is not None:
             qkv = self.qkv_proj(x)  # [B, T, (H + 2 KVH) * D]
             if (self.rope_kernel is not None and qkv.dtype == cos.dtype == torch.float32 and qkv.device.type == "cpu"
-                    and qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
+                    and not qkv.requires_grad and qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
                     and cos.shape == (B, T, self.head_dim)):
                 # q and k, side by side at the start of each row, rotated in place: PyTorch's numbers
                 self.rope_kernel(qkv.data_ptr(), B * T, qkv.shape[-1], self.heads + self.kv_heads, self.head_dim,
@@ -213,7 +215,7 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_index, k, v)  # [B, KVH, S, D], S = cached + T
             S = k.shape[2]
             if (roped and self.prefill_kernel is not None and B == 1 and T > 1 and mask is None and type(cache) is KVCache
-                    and S <= PREFILL_NATIVE_COLUMNS and self.head_dim % 16 == 0
+                    and S <= PREFILL_NATIVE_COLUMNS and self.head_dim % 16 == 0 and self._native_cache(cache)
                     and not (capture is not None and capture.get("_attention_weights"))):
                 return self.o_proj(self._prefill(qkv, cache, T, S))
         groups = q.shape[1] // k.shape[1]
@@ -239,6 +241,13 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(B, T, -1)  # [B, T, H*D]
         return self.o_proj(out)  # [B, T, hidden]
 
+
+    def _native_cache(self, cache: KVCache) -> bool:
+        """Whether this layer's cache is what the native attention reads: one sequence's float32
+        [1, KVH, cap, D] keys and values, contiguous, in CPU memory."""
+        keys, values = cache.keys[self.layer_index], cache.values[self.layer_index]
+        return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() and t.shape[0] == 1
+                   for t in (keys, values))
 
     def _prefill(self, qkv: torch.Tensor, cache: KVCache, T: int, S: int) -> torch.Tensor:
         """softmax(q k^T / sqrt(D) + causal mask) v for one sequence's T new queries (roped, in qkv

@@ -1,5 +1,6 @@
 /*
- * Attention of one new token over the KV cache (the decode case), for float32 and bfloat16 caches.
+ * Attention over the KV cache: of one new token (the decode case), for float32 and bfloat16 caches,
+ * and of a prompt's tokens (prefill_attention_f32, at the end), for float32 ones.
  *
  * Given the token's fused projection qkv = [q (H*D) | k (KVH*D) | v (KVH*D)]: RoPE on q and k
  * (rotate-half layout), k and v written to cache column `col` (caches are [KVH, cap, D]), then
@@ -245,7 +246,7 @@ void decode_attention_bf16(float *qkv, const float *cos, const float *sin, uint1
 static void prefill_tile(const float *q, int64_t q_stride, const float *kt, const float *values, int D,
                          float scale, int t0, int rows, int start, float *out, int64_t out_stride, float *o) {
     float m[PREFILL_ROWS], l[PREFILL_ROWS];
-    float p[PREFILL_ROWS][PREFILL_COLS] __attribute__((aligned(64)));
+    float p[PREFILL_ROWS][PREFILL_COLS] __attribute__((aligned(64))) = {{0}};  /* (rows past `rows` stay 0) */
     for (int r = 0; r < PREFILL_ROWS; r++) {
         m[r] = -INFINITY;
         l[r] = 0.0f;
@@ -271,7 +272,10 @@ static void prefill_tile(const float *q, int64_t q_stride, const float *kt, cons
         /* online softmax over this block, causal: row r sees columns up to start + t0 + r */
         for (int r = 0; r < PREFILL_ROWS; r++) {  /* (constant bounds keep s in registers) */
             if (r >= rows) break;
-            const int visible = start + t0 + r + 1 - c0;  /* columns of this block row r sees (>= 1) */
+            /* columns of this block row r sees: at least 1, except where a tile's earlier rows end
+             * before the block starts (a tile straddling a block edge): then none, and the row's
+             * state is left as it is (alpha 1, nothing added) */
+            const int visible = start + t0 + r + 1 - c0;
             const __m512 hidden = _mm512_set1_ps(-INFINITY);
             __m512 top = hidden;
             __mmask16 mk[4];

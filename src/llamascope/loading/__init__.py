@@ -270,7 +270,7 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: str | torch.
         qtype = source.blocks_type
         if kept is None and quantize_to is not None and len(expected[name]) == 2:
             qtype = HIGH_QTYPE if name in HIGH_WEIGHTS else quantize_to
-            kept = _read_quantized(source, qtype, shard)
+            kept = _read_quantized(source, qtype, shard, config.head_dim)
         if kept is not None:
             kept_names.add(name)
             entry = {name: (qtype, kept.to(device))}
@@ -342,9 +342,12 @@ def _read_at(source: TensorSource, dtype: torch.dtype, device, shard) -> torch.T
     return out
 
 
-def _read_quantized(source: TensorSource, qtype: str, shard) -> torch.Tensor:
+def _read_quantized(source: TensorSource, qtype: str, shard, head_dim: int) -> torch.Tensor:
     """The weight (or this rank's shard of it) quantised to `qtype`'s blocks, uint8 [rows, bytes],
-    from slices of rows of the stored values: the float matrix is never held whole."""
+    from slices of rows of the stored values: the float matrix is never held whole.
+
+    Slices are whole heads (multiples of `head_dim` rows): a GGUF's q and k rows are stored in
+    llama.cpp's order within each head, and only whole heads read as just their own bytes."""
     from ..quant import QUANTIZE_ROWS_BYTES, quantize
 
     if shard is not None and shard.dim == 1:  # columns of every row: read as one (quantize slices it)
@@ -352,7 +355,8 @@ def _read_quantized(source: TensorSource, qtype: str, shard) -> torch.Tensor:
     start, stop = (0, source.shape[0]) if shard is None else (shard.start, shard.stop)
     if source.slice_reader is None:
         return quantize(source.read_slice(0, start, stop), qtype)
-    rows = max(1, QUANTIZE_ROWS_BYTES // max(1, source.nbytes // source.shape[0]))  # (as stored)
+    rows = QUANTIZE_ROWS_BYTES // max(1, source.nbytes // source.shape[0])  # (as stored)
+    rows = max(head_dim, rows // head_dim * head_dim)
     first = quantize(source.read_slice(0, start, min(stop, start + rows)), qtype)
     out = torch.empty(stop - start, first.shape[1], dtype=torch.uint8)  # [rows, row bytes]
     out[:first.shape[0]] = first
