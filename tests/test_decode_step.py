@@ -251,7 +251,7 @@ def test_silu_mul_kernel_matches_float64(I, rows):
     gu = torch.randn(rows, 2 * I, generator=gen) * 4
     gu[0, :4] = torch.tensor([-1000.0, -90.0, 90.0, 1000.0])[: min(4, I)]
     out = torch.full((rows, I), float("nan"))
-    lib.silu_mul_f32(gu.data_ptr(), rows, I, out.data_ptr(), 2)
+    lib.silu_mul_rows_f32(gu.data_ptr(), rows, I, out.data_ptr(), 2)
     g, u = gu[:, :I].double(), gu[:, I:].double()
     expected = g * torch.sigmoid(g) * u
     assert torch.allclose(out.double(), expected, rtol=4e-7, atol=1e-30)
@@ -273,7 +273,7 @@ def test_prompt_rmsnorm_and_rope_kernels_give_pytorchs_numbers(rows):
     outs = []
     for threads in (1, 2):
         out = torch.full_like(x, float("nan"))
-        lib.rmsnorm_f32(x.data_ptr(), norm.weight.data_ptr(), out.data_ptr(), rows, 200, 1e-5, threads)
+        lib.rmsnorm_rows_f32(x.data_ptr(), norm.weight.data_ptr(), out.data_ptr(), rows, 200, 1e-5, threads)
         outs.append(out)
     assert torch.equal(outs[0], outs[1])
     assert torch.allclose(outs[0], expected, rtol=2e-6, atol=1e-7)

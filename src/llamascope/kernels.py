@@ -139,10 +139,14 @@ def load() -> ctypes.CDLL | None:
         getattr(lib, name).argtypes = [i, p, i, i, p, i, p, i]
         getattr(lib, name).restype = f
     fl = ctypes.c_float
-    lib.rmsnorm_f32.argtypes = [p, p, p, i, i, fl, i]
+    lib.rmsnorm_f32.argtypes = [p, p, p, i, i, fl]
     lib.rmsnorm_f32.restype = f
-    lib.silu_mul_f32.argtypes = [p, i, i, p, i]
+    lib.silu_mul_f32.argtypes = [p, i, i, p]
     lib.silu_mul_f32.restype = f
+    lib.rmsnorm_rows_f32.argtypes = [p, p, p, i, i, fl, i]
+    lib.rmsnorm_rows_f32.restype = f
+    lib.silu_mul_rows_f32.argtypes = [p, i, i, p, i]
+    lib.silu_mul_rows_f32.restype = f
     lib.rope_rows_f32.argtypes = [p, i, ctypes.c_int64, i, i, p, p, i]
     lib.rope_rows_f32.restype = f
     i64 = ctypes.c_int64

@@ -458,13 +458,13 @@ def accelerate_model(model: nn.Module) -> nn.Module:
         getattr(parent, name).use_float_activations()
     for module in model.modules():
         if isinstance(module, RMSNorm):
-            module.kernel = lib.rmsnorm_f32
+            module.kernel = lib.rmsnorm_rows_f32
         elif hasattr(module, "decode_kernel"):
             module.decode_kernel = lib.decode_attention_f32
             module.rope_kernel = lib.rope_rows_f32
             module.prefill_kernel = lib.prefill_attention_f32
         elif hasattr(module, "act_kernel"):
-            module.act_kernel = lib.silu_mul_f32
+            module.act_kernel = lib.silu_mul_rows_f32
     for parent, name in _linear_slots(model):
         module = getattr(parent, name)
         if isinstance(module, nn.Linear) and module.weight.dtype in (torch.float32, torch.bfloat16):

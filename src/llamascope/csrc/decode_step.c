@@ -27,8 +27,8 @@ void gemv_blocks_f32(int qtype, const uint8_t *w, int N, int K, const float *x, 
 void gemv_q4_packed_f32(int qtype, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads);
 void gemv_q8_0_exact_f32(const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads);
 int gemv_kquant_f32(int qtype, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads);
-void rmsnorm_f32(const float *x, const float *w, float *out, int rows, int dim, float eps, int nthreads);
-void silu_mul_f32(const float *gu, int rows, int I, float *out, int nthreads);
+void rmsnorm_f32(const float *x, const float *w, float *out, int rows, int dim, float eps);
+void silu_mul_f32(const float *gu, int rows, int I, float *out);
 void decode_attention_rows_f32(int B, float *qkv, const float *cos, const float *sin, float *kcache, float *vcache,
                                int64_t row_elems, const int *slots, const int *cols, int cap, int H, int KVH, int D,
                                float scale, float *out, int nthreads);
@@ -115,20 +115,20 @@ int decode_step_f32(const stack_t *s, int B, float *x, const float *cos, const f
     int status = 0;
     for (int l = 0; l < s->n_layers && status == 0; l++) {
         const layer_t *L = &s->layers[l];
-        rmsnorm_f32(x, L->attn_norm, h, B, hidden, s->eps, 1);
+        rmsnorm_f32(x, L->attn_norm, h, B, hidden, s->eps);
         status |= linears(L->qkv, L->n_qkv, h, B, qkv, QKV, tmp, nthreads);
         decode_attention_rows_f32(B, qkv, cos, sin, kcache[l], vcache[l], row_stride, slots, cols, cap, s->H, s->KVH,
                                   D, s->scale, a, nthreads);
         status |= linear(&L->o, a, B, y, nthreads);
         for (int64_t i = 0; i < (int64_t)B * hidden; i++) x[i] += y[i];
-        rmsnorm_f32(x, L->mlp_norm, h, B, hidden, s->eps, 1);
+        rmsnorm_f32(x, L->mlp_norm, h, B, hidden, s->eps);
         status |= linears(L->gate_up, L->n_gate_up, h, B, gu, 2 * I, tmp, nthreads);
-        silu_mul_f32(gu, B, I, act, 1);
+        silu_mul_f32(gu, B, I, act);
         status |= linear(&L->down, act, B, y, nthreads);
         for (int64_t i = 0; i < (int64_t)B * hidden; i++) x[i] += y[i];
     }
     if (status == 0) {
-        rmsnorm_f32(x, s->final_norm, h, B, hidden, s->eps, 1);
+        rmsnorm_f32(x, s->final_norm, h, B, hidden, s->eps);
         status = linear(&s->head, h, B, logits, nthreads);
     }
     free(scratch);

@@ -247,10 +247,9 @@ void gemv_blocks_f32(int qtype, const uint8_t *w, int N, int K, const float *x, 
 
 /* ---- the rest of a batch-1 decode step, for float32 activations ----------------------------- */
 
-/* out[r] = w * x[r] / sqrt(mean(x[r]^2) + eps), for `rows` rows of `dim` (LLaMA's RMSNorm). More
- * than 8 rows (a prompt) are split over `nthreads`; a decode step's few stay on the calling one. */
-void rmsnorm_f32(const float *x, const float *w, float *out, int rows, int dim, float eps, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (rows > 8 && nthreads > 1)
+/* out[r] = w * x[r] / sqrt(mean(x[r]^2) + eps), for `rows` rows of `dim` (LLaMA's RMSNorm), on the
+ * calling thread (the decode step's few rows; a prompt's go through rmsnorm_rows_f32). */
+void rmsnorm_f32(const float *x, const float *w, float *out, int rows, int dim, float eps) {
     for (int r = 0; r < rows; r++) {
         const float *xr = x + (int64_t)r * dim;
         float *o = out + (int64_t)r * dim;
@@ -268,9 +267,8 @@ void rmsnorm_f32(const float *x, const float *w, float *out, int rows, int dim, 
 }
 
 /* out[r, i] = silu(gu[r, i]) * gu[r, I + i] for `rows` rows of [gate (I) | up (I)]: the MLP's activation,
- * silu(g) = g / (1 + e^-g), 16 lanes at a time. More than 8 rows are split over `nthreads`. */
-void silu_mul_f32(const float *gu, int rows, int I, float *out, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (rows > 8 && nthreads > 1)
+ * silu(g) = g / (1 + e^-g), 16 lanes at a time, on the calling thread. */
+void silu_mul_f32(const float *gu, int rows, int I, float *out) {
     for (int r = 0; r < rows; r++) {
         const float *g = gu + (int64_t)r * 2 * I, *u = g + I;
         float *o = out + (int64_t)r * I;
@@ -280,6 +278,26 @@ void silu_mul_f32(const float *gu, int rows, int I, float *out, int nthreads) {
             _mm512_mask_storeu_ps(o + i, m, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(m, u + i)));
         }
     }
+}
+
+/* The same two for a prompt's rows: more than 8 are split over `nthreads` (each row's numbers as
+ * on one thread); fewer stay on the calling thread without entering a parallel region. */
+void rmsnorm_rows_f32(const float *x, const float *w, float *out, int rows, int dim, float eps, int nthreads) {
+    if (rows <= 8 || nthreads <= 1) {
+        rmsnorm_f32(x, w, out, rows, dim, eps);
+        return;
+    }
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int r = 0; r < rows; r++) rmsnorm_f32(x + (int64_t)r * dim, w, out + (int64_t)r * dim, 1, dim, eps);
+}
+
+void silu_mul_rows_f32(const float *gu, int rows, int I, float *out, int nthreads) {
+    if (rows <= 8 || nthreads <= 1) {
+        silu_mul_f32(gu, rows, I, out);
+        return;
+    }
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int r = 0; r < rows; r++) silu_mul_f32(gu + (int64_t)r * 2 * I, 1, I, out + (int64_t)r * I);
 }
 
 /* ---- bfloat16 weights and activations (AVX512-BF16, or its products on AVX2) ------------------- */
