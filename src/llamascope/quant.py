@@ -441,7 +441,8 @@ def native_kernel_modules(model: nn.Module):
     """The names of the model's modules that call a native kernel: FastLinear / QuantLinear with one,
     and the RMSNorm, attention and MLP modules `accelerate_model` gave theirs ("" is the model)."""
     for name, module in model.named_modules():
-        if any(getattr(module, attr, None) is not None for attr in ("_kernel", "kernel", "decode_kernel", "rope_kernel", "prefill_kernel", "act_kernel")):
+        if any(getattr(module, attr, None) is not None
+               for attr in ("_kernel", "kernel", "decode_kernel", "rope_kernel", "prefill_kernel", "act_kernel")):
             yield name
 
 
