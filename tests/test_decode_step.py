@@ -346,6 +346,30 @@ def test_prompt_attention_runs_natively_and_matches_the_plain_path(tiny_model):
     assert (results[0] - results[1]).abs().max() < 1e-4 * results[1].abs().max()
 
 
+def test_prompt_attention_leaves_long_prompts_to_pytorch(tiny_model, monkeypatch):
+    """Past PREFILL_NATIVE_COLUMNS cache columns (where PyTorch's attention is faster) a prompt's
+    attention is PyTorch's; the logits match the plain model's either way."""
+    import llamascope.model as model_module
+
+    fast = load_model(tiny_model).model
+    plain = load_model(tiny_model, fast=False).model
+    calls = []
+    for layer in fast.model.layers:
+        kernel = layer.self_attn.prefill_kernel
+        layer.self_attn.prefill_kernel = lambda *args, kernel=kernel: calls.append(args[5:7]) or kernel(*args)
+    monkeypatch.setattr(model_module, "PREFILL_NATIVE_COLUMNS", 20)
+    prompt = list(range(3, 40))
+    with torch.inference_mode():
+        results = []
+        for model in (fast, plain):
+            cache = KVCache.for_model(model, 1, 64)
+            short = model(torch.tensor([prompt[:12]]), torch.arange(12)[None], cache)  # 12 columns: native
+            long = model(torch.tensor([prompt[12:]]), torch.arange(12, 37)[None], cache)  # 37: PyTorch's
+            results.append(torch.cat([short, long], dim=1))
+    assert calls == [(12, 0)] * len(fast.model.layers)
+    assert (results[0] - results[1]).abs().max() < 1e-4 * results[1].abs().max()
+
+
 def test_rope_table_gives_the_rotary_modules_numbers_as_it_grows(tiny_model):
     """The step looks RoPE up in a table by position, grown by doubling; every lookup equals what
     the model's rotary module computes for those positions, bit for bit, before and after growing.
