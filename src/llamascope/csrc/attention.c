@@ -235,11 +235,11 @@ void decode_attention_bf16(float *qkv, const float *cos, const float *sin, uint1
  * T new queries of one sequence at positions start .. start + T - 1 over its cache columns
  * 0 .. start + T - 1: query t of head h (at q + t * q_stride + h * D) attends to columns
  * 0 .. start + t of KV head h / (H / KVH) ([KVH, cap, D] caches); out row t at out + t * out_stride.
- * Flash-style: each head's keys are first transposed to [D, S] so that a tile of PREFILL_ROWS
- * queries against 64 columns is 16 vector sums over D; the softmax runs online over blocks of 64
- * columns (running maximum and sum per query, earlier outputs rescaled), and the values are summed
- * into the tile's outputs 64 lanes at a time. Tiles go round-robin to the threads (later tiles see
- * more columns). D % 16 == 0. Returns 0, or -1 when scratch memory could not be had. */
+ * Flash-style: each KV head's keys are first transposed into panels of 64 columns, [D, 64] each,
+ * so that a tile of PREFILL_ROWS queries against a panel is 16 vector sums over D; the softmax runs
+ * online over the panels (running maximum and sum per query, earlier outputs rescaled), and the
+ * values are summed into the tile's outputs 64 lanes at a time. A head's tiles, longest first, go
+ * round-robin to the threads. D % 16 == 0. Returns 0, or -1 when scratch memory could not be had. */
 #define PREFILL_ROWS 4
 #define PREFILL_COLS 64
 

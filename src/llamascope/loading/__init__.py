@@ -348,7 +348,7 @@ def _read_quantized(source: TensorSource, qtype: str, shard, head_dim: int) -> t
 
     Slices are whole heads (multiples of `head_dim` rows): a GGUF's q and k rows are stored in
     llama.cpp's order within each head, and only whole heads read as just their own bytes."""
-    from ..quant import QUANTIZE_ROWS_BYTES, quantize
+    from ..quant import QUANTIZE_ROWS_BYTES, block_layout, quantize
 
     if shard is not None and shard.dim == 1:  # columns of every row: read as one (quantize slices it)
         return quantize(source.read_slice(1, shard.start, shard.stop), qtype)
@@ -357,10 +357,9 @@ def _read_quantized(source: TensorSource, qtype: str, shard, head_dim: int) -> t
         return quantize(source.read_slice(0, start, stop), qtype)
     rows = QUANTIZE_ROWS_BYTES // max(1, source.nbytes // source.shape[0])  # (as stored)
     rows = max(head_dim, rows // head_dim * head_dim)
-    first = quantize(source.read_slice(0, start, min(stop, start + rows)), qtype)
-    out = torch.empty(stop - start, first.shape[1], dtype=torch.uint8)  # [rows, row bytes]
-    out[:first.shape[0]] = first
-    for begin in range(start + rows, stop, rows):
+    size, nbytes = block_layout(qtype)
+    out = torch.empty(stop - start, source.shape[1] // size * nbytes, dtype=torch.uint8)  # [rows, row bytes]
+    for begin in range(start, stop, rows):
         end = min(stop, begin + rows)
         out[begin - start:end - start] = quantize(source.read_slice(0, begin, end), qtype)
     return out
