@@ -403,16 +403,16 @@ def test_block_types_table_matches_gguf():
 
 
 def test_parsed_metadata_is_let_go_once_the_tokenizer_is_built(tiny):
-    """The reader's parsed metadata (tens of MB for a real vocabulary) is not kept while the
-    weights load or after: no GGUFReader stays alive, and asking for the tokenizer again parses
+    """The parsed metadata (a real vocabulary's strings) is not kept while the weights load or
+    after: no GGUFFile stays alive, and asking for the tokenizer again parses
     the file anew and gives the same ids."""
     import gc
 
-    from gguf import GGUFReader
+    from llamascope.loading.gguf_file import GGUFFile
 
     loaded = load_model(tiny.path)
     gc.collect()
-    assert not [o for o in gc.get_objects() if issubclass(type(o), GGUFReader)]  # (type: no __class__ lookups)
+    assert not [o for o in gc.get_objects() if issubclass(type(o), GGUFFile)]  # (type: no __class__ lookups)
     again = loaded.checkpoint.tokenizer_factory()
     assert again.encode("the rain in spain") == loaded.tokenizer.encode("the rain in spain")
 

@@ -1,7 +1,7 @@
 """GGUF files (llama.cpp's format): metadata to a Hugging Face config, tensors to HF names.
 
-The file is parsed by the `gguf` package's GGUFReader (memory-mapped: no weight is read until
-asked for). This module adds what the reader lacks:
+The header is parsed by gguf_file.py (no weight is read until asked for); the `gguf` package gives
+the tensor types and dequantises. This module adds:
 - the `llama` metadata as a config.json-style dict (`gguf_config_dict`), checked against the
   tensor shapes, with errors that name the key or the tensor;
 - GGUF tensor names to Hugging Face names (`hf_tensor_name`);
@@ -26,6 +26,7 @@ from ..config import ModelConfig
 from ..errors import LlamascopeError
 from ..quant import KEPT_FORMATS, q5_0_as_q8_0
 from . import Checkpoint, TensorSource, expected_shapes
+from .gguf_file import GGUFFile, GGUFFormatError
 from .tensorfiles import read_array, read_array_slice
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -56,30 +57,9 @@ _MISSING = object()
 
 # ---- reading the file --------------------------------------------------------------------------
 
-def _plain_array_reader():
-    """gguf's GGUFReader whose file map is seen as a plain ndarray.
-
-    The reader slices its np.memmap once per metadata item, and every memmap slice pays for
-    memmap's own bookkeeping: on a 49152-token vocabulary that is most of 2.4 s. A plain view of
-    the same mapping reads the same bytes (0.7 s)."""
-    from gguf import GGUFReader
-
-    class PlainArrayReader(GGUFReader):
-        @property
-        def data(self) -> np.ndarray:
-            return self._mapped
-
-        @data.setter
-        def data(self, value: np.ndarray) -> None:
-            self._mapped = value.view(np.ndarray) if isinstance(value, np.memmap) else value
-
-    return PlainArrayReader
-
-
-def read_gguf(path: Path):
-    """A GGUFReader over `path`; a LlamascopeError naming the file when it is not a whole GGUF."""
-    GGUFReader = _plain_array_reader()
-
+def read_gguf(path: Path) -> GGUFFile:
+    """The header of the GGUF file at `path`; a LlamascopeError naming the file when it is not a
+    whole GGUF."""
     path = Path(path)
     if not path.is_file():
         raise LlamascopeError(f"{path}: file not found")
@@ -89,29 +69,18 @@ def read_gguf(path: Path):
     if magic != b"GGUF":
         raise LlamascopeError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF'; {size} bytes)")
     try:
-        reader = GGUFReader(path)
-    except Exception as e:  # the reader raises IndexError, ValueError, KeyError... on damaged files
-        raise LlamascopeError(f"{path}: {_reader_problem(e, size)}") from None
-    for tensor in reader.tensors:
-        end = int(tensor.data_offset) + int(tensor.n_bytes)
+        header = GGUFFile(path)
+    except GGUFFormatError as e:
+        problem = (f"file is truncated or damaged ({e}; it has {size} bytes)" if e.truncated
+                   else f"not a readable GGUF file: {e}")
+        raise LlamascopeError(f"{path}: {problem}") from None
+    for tensor in header.tensors:
+        end = tensor.data_offset + tensor.n_bytes
         if end > size:
             raise LlamascopeError(
                 f"{path}: file is truncated: tensor {tensor.name!r} ends at byte {end}, the file has {size} bytes"
             )
-    return reader
-
-
-def _reader_problem(error: Exception, size: int) -> str:
-    text = str(error)
-    # The reader walks the file in order; reading past its end shows up as one of these.
-    past_end = ("cannot reshape", "larger dtype", "out of bounds")
-    if isinstance(error, (IndexError, UnicodeDecodeError)) or any(p in text for p in past_end):
-        return f"file is truncated or damaged (it ends at byte {size} before the data it announces)"
-    if "GGMLQuantizationType" in text:
-        return f"a tensor has a type this version of the gguf package does not know ({text})"
-    if "version" in text:
-        return f"unsupported GGUF version ({text})"
-    return f"not a readable GGUF file ({type(error).__name__}: {text})"
+    return header
 
 
 def _shortest_float(value: float) -> float:
@@ -175,7 +144,7 @@ class GGUFMetadata:
     def array_length(self, key: str) -> int | None:
         """Elements in an array key without decoding them (None when the key is absent)."""
         field = self.reader.fields.get(key)
-        return None if field is None else len(field.data)
+        return None if field is None else len(field)
 
 
 # ---- names and layouts -------------------------------------------------------------------------
@@ -601,7 +570,7 @@ def _check_shapes(tensors: dict, config: ModelConfig, arch: str, path: Path) -> 
         if hf_name not in expected:
             raise LlamascopeError(f"{path}: unexpected tensor {name!r}: the metadata ({arch}.block_count = "
                                   f"{config.num_hidden_layers}) has no place for it")
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        shape = tuple(int(d) for d in reversed(tensor.shape))
         if shape != expected[hf_name]:
             raise LlamascopeError(
                 f"{path}: tensor {name!r} has shape {list(shape)} ([out, in]), but the metadata "
@@ -620,7 +589,7 @@ def _tensor_sources(tensors: dict, config: ModelConfig, path: Path) -> dict[str,
         hf_name = hf_tensor_name(name)
         if hf_name is None:
             continue
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        shape = tuple(int(d) for d in reversed(tensor.shape))
         heads = None
         if ".self_attn.q_proj." in hf_name:
             heads = config.num_attention_heads
@@ -643,6 +612,9 @@ def open_gguf(path: Path) -> Checkpoint:
     path = Path(path)
     reader = read_gguf(path)
     meta = GGUFMetadata(reader, path)
+    if reader.byte_order != "<":
+        raise LlamascopeError(f"{path}: a big-endian GGUF; llamascope reads the weights of little-endian "
+                              f"files only (convert it with gguf-py's gguf_convert_endian)")
     if not reader.tensors:
         raise LlamascopeError(f"{path}: the file holds no tensors (a vocabulary-only GGUF can serve as a "
                               f"tokenizer, not as a model)")
@@ -651,8 +623,8 @@ def open_gguf(path: Path) -> Checkpoint:
     config = ModelConfig.from_dict(config_dict, source=str(path))
     _check_shapes(tensors, config, meta.string("general.architecture"), path)
 
-    # The parsed metadata (~60 MB of Python objects for a 49k vocabulary) is only needed for the
-    # tokenizer: the first call uses it and lets it go, later calls parse the file again.
+    # The parsed metadata (about 12 MB of strings for a 49k vocabulary and its merges) is only
+    # needed for the tokenizer: the first call uses it and lets it go, later calls parse the file again.
     held = [reader]
 
     def tokenizer_factory():

@@ -166,7 +166,8 @@ def tokenizer_backend_from_gguf(meta: GGUFMetadata) -> tuple[tokenizers.Tokenize
 
 
 def tokenizer_from_gguf(path_or_reader):
-    """A `llamascope.tokenizer.Tokenizer` from a GGUF path (model or vocabulary-only) or a GGUFReader."""
+    """A `llamascope.tokenizer.Tokenizer` from a GGUF path (model or vocabulary-only) or its parsed
+    header (gguf_file.GGUFFile)."""
     from ..tokenizer import Tokenizer
 
     if isinstance(path_or_reader, (str, Path)):
@@ -174,7 +175,7 @@ def tokenizer_from_gguf(path_or_reader):
         reader = read_gguf(path)
     else:
         reader = path_or_reader
-        path = Path(getattr(reader.data, "filename", None) or "<GGUF>")
+        path = reader.path
     meta = GGUFMetadata(reader, path)
     backend, settings = tokenizer_backend_from_gguf(meta)
     return Tokenizer.from_settings(backend, settings, source=str(path))
