@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 from transformers import LlamaForCausalLM
 
@@ -77,6 +78,10 @@ def test_bench_json_report(tiny_model, capsys):
     assert report["weight_bytes"] == weights + buffers
     assert 0 < report["decode_share_of_limit"]
     assert report["peak_rss_bytes"] > weights
+    # the runtime's share, measured as loading began: PyTorch is imported by then
+    assert 50 * 2**20 < report["rss_before_load_bytes"] < report["peak_rss_bytes"]
+    assert report["load_rss_per_weight_byte"] == pytest.approx(
+        (report["peak_rss_bytes"] - report["rss_before_load_bytes"]) / report["weight_bytes"])
     lib = kernels.load()
     assert report["kernels"] == (lib.build if lib is not None else "none")
     assert main(["bench", "--model", str(tiny_model), "--new-tokens", "2", "--prefill-tokens", "8",

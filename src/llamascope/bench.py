@@ -36,6 +36,12 @@ class BenchResult:
     threads: int
     device: str = "cpu"
     kernels: str = "none"  # the native kernel build the model runs ("avx512", "avx2"), or "none"
+    rss_before_load_bytes: int = 0  # RSS when loading began: Python, PyTorch and llamascope's modules
+
+    @property
+    def load_rss_per_weight_byte(self) -> float:
+        """What loading added to the peak, per byte of weights in memory (the runtime left out)."""
+        return (self.peak_rss_bytes - self.rss_before_load_bytes) / self.weight_bytes
 
     @property
     def bandwidth_limit_tokens_per_s(self) -> float:
@@ -49,6 +55,7 @@ class BenchResult:
         out = asdict(self)
         out["bandwidth_limit_tokens_per_s"] = self.bandwidth_limit_tokens_per_s
         out["decode_share_of_limit"] = self.decode_share_of_limit
+        out["load_rss_per_weight_byte"] = self.load_rss_per_weight_byte
         return out
 
 
@@ -66,14 +73,23 @@ def kernel_build(model: nn.Module) -> str:
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process (VmHWM on Linux: ru_maxrss carries a parent's peak
     across exec)."""
+    return _status_bytes("VmHWM:") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now (0 where /proc is not available)."""
+    return _status_bytes("VmRSS:")
+
+
+def _status_bytes(key: str) -> int:
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return 0
 
 
 def tensor_bytes(model: nn.Module) -> int:
@@ -175,5 +191,5 @@ def run(engine, prompt_tokens: int = 10, new_tokens: int = 128, prefill_tokens: 
         prefill_tokens=len(long_ids), prefill_tokens_per_s=statistics.median(prefill_rates),
         decode_tokens=new_tokens, decode_tokens_per_s=statistics.median(decode_rates),
         bandwidth_bytes_per_s=bandwidth, threads=torch.get_num_threads(), device=str(model.device),
-        kernels=kernel_build(model),
+        kernels=kernel_build(model), rss_before_load_bytes=engine.loaded.rss_before_bytes,
     )

@@ -323,6 +323,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows = [
         ("load", f"{result.load_seconds:.2f} s"),
         ("peak RSS", f"{result.peak_rss_bytes / 2**20:.0f} MiB (weights in memory {result.weight_bytes / 2**20:.0f} MiB)"),
+        ("  runtime, before loading", f"{result.rss_before_load_bytes / 2**20:.0f} MiB: loading added "
+                                      f"{result.load_rss_per_weight_byte:.2f}x the weights"),
         (f"prefill ({result.prefill_tokens} tokens)", f"{result.prefill_tokens_per_s:.1f} tokens/s"),
         (f"decode ({result.decode_tokens} tokens)", f"{result.decode_tokens_per_s:.1f} tokens/s"),
         ("weight bytes per token", f"{result.bytes_per_token / 2**20:.1f} MiB"),

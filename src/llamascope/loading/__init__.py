@@ -97,6 +97,7 @@ class LoadedModel:
     generation_json: dict | None
     checkpoint: Checkpoint
     load_seconds: float = 0.0
+    rss_before_bytes: int = 0  # the process's resident memory when loading began (the runtime's)
 
 
 def default_model_path() -> Path:
@@ -484,7 +485,9 @@ def load_model(
     from .hugepages import move_to_huge_pages
     from ..quant import accelerate_model, fuse_projections, quant_qtype
 
-    start = time.perf_counter()
+    from ..bench import rss_bytes
+
+    start, rss_before = time.perf_counter(), rss_bytes()
     device = resolve_device(device)
     checkpoint = open_checkpoint(path)
     for file, size in checkpoint.files:
@@ -521,4 +524,5 @@ def load_model(
             move_to_huge_pages(model)  # (it rebuilds the decode step on the moved weights)
     seconds = time.perf_counter() - start
     log.info("loaded in %.2f s", seconds)
-    return LoadedModel(model, checkpoint.config, tokenizer, checkpoint.generation_json, checkpoint, seconds)
+    return LoadedModel(model, checkpoint.config, tokenizer, checkpoint.generation_json, checkpoint, seconds,
+                       rss_before)
