@@ -36,12 +36,17 @@ class BenchResult:
     threads: int
     device: str = "cpu"
     kernels: str = "none"  # the native kernel build the model runs ("avx512", "avx2"), or "none"
-    rss_before_load_bytes: int = 0  # RSS when loading began: Python, PyTorch and llamascope's modules
+    rss_before_load_bytes: int | None = None  # RSS when loading began: Python, PyTorch and llamascope's modules
+    # what loading raised resident memory to, over the RSS before it; None where that is not known (no
+    # /proc, weights on a GPU, or the process had a higher peak before loading than since)
+    load_added_rss_bytes: int | None = None
 
     @property
-    def load_rss_per_weight_byte(self) -> float:
+    def load_rss_per_weight_byte(self) -> float | None:
         """What loading added to the peak, per byte of weights in memory (the runtime left out)."""
-        return (self.peak_rss_bytes - self.rss_before_load_bytes) / self.weight_bytes
+        if self.load_added_rss_bytes is None:
+            return None
+        return self.load_added_rss_bytes / self.weight_bytes
 
     @property
     def bandwidth_limit_tokens_per_s(self) -> float:
@@ -73,23 +78,36 @@ def kernel_build(model: nn.Module) -> str:
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process (VmHWM on Linux: ru_maxrss carries a parent's peak
     across exec)."""
-    return _status_bytes("VmHWM:") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_bytes("VmHWM:")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def rss_bytes() -> int:
-    """Resident memory of this process now (0 where /proc is not available)."""
+def rss_bytes() -> int | None:
+    """Resident memory of this process now (None where /proc is not available)."""
     return _status_bytes("VmRSS:")
 
 
-def _status_bytes(key: str) -> int:
+def _status_bytes(key: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith(key):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
-    return 0
+    return None
+
+
+def load_added_rss(loaded, peak_after: int) -> int | None:
+    """How far loading raised this process's resident memory above what it held as loading began:
+    the peak since, less the RSS then. Known only when the peak was set during or after loading
+    (higher than the peak before it) or the process had never been above its RSS at that moment."""
+    before, peak_before = loaded.rss_before_bytes, loaded.peak_rss_before_bytes
+    if before is None or peak_before is None:
+        return None
+    if peak_after > peak_before or peak_before <= before:
+        return peak_after - before
+    return None
 
 
 def tensor_bytes(model: nn.Module) -> int:
@@ -192,4 +210,5 @@ def run(engine, prompt_tokens: int = 10, new_tokens: int = 128, prefill_tokens: 
         decode_tokens=new_tokens, decode_tokens_per_s=statistics.median(decode_rates),
         bandwidth_bytes_per_s=bandwidth, threads=torch.get_num_threads(), device=str(model.device),
         kernels=kernel_build(model), rss_before_load_bytes=engine.loaded.rss_before_bytes,
+        load_added_rss_bytes=load_added_rss(engine.loaded, rss_after_load) if model.device.type == "cpu" else None,
     )

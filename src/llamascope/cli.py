@@ -300,6 +300,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_rss_text(result) -> str:
+    """'N MiB: loading added X x the weights', with 'unknown' where a part was not measurable."""
+    before = "unknown" if result.rss_before_load_bytes is None else f"{result.rss_before_load_bytes / 2**20:.0f} MiB"
+    ratio = result.load_rss_per_weight_byte
+    if ratio is None:
+        return f"{before}: what loading added is unknown (no /proc, a GPU, or a higher peak before loading)"
+    return f"{before}: loading added {ratio:.2f}x the weights"
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import Progress
@@ -323,8 +332,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows = [
         ("load", f"{result.load_seconds:.2f} s"),
         ("peak RSS", f"{result.peak_rss_bytes / 2**20:.0f} MiB (weights in memory {result.weight_bytes / 2**20:.0f} MiB)"),
-        ("  runtime, before loading", f"{result.rss_before_load_bytes / 2**20:.0f} MiB: loading added "
-                                      f"{result.load_rss_per_weight_byte:.2f}x the weights"),
+        ("  runtime, before loading", _load_rss_text(result)),
         (f"prefill ({result.prefill_tokens} tokens)", f"{result.prefill_tokens_per_s:.1f} tokens/s"),
         (f"decode ({result.decode_tokens} tokens)", f"{result.decode_tokens_per_s:.1f} tokens/s"),
         ("weight bytes per token", f"{result.bytes_per_token / 2**20:.1f} MiB"),

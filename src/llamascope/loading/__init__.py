@@ -97,7 +97,10 @@ class LoadedModel:
     generation_json: dict | None
     checkpoint: Checkpoint
     load_seconds: float = 0.0
-    rss_before_bytes: int = 0  # the process's resident memory when loading began (the runtime's)
+    # the process's resident memory and its peak so far when loading began (None where /proc is not
+    # available): what the runtime took before any weight, and whether a later peak is loading's own
+    rss_before_bytes: int | None = None
+    peak_rss_before_bytes: int | None = None
 
 
 def default_model_path() -> Path:
@@ -485,9 +488,9 @@ def load_model(
     from .hugepages import move_to_huge_pages
     from ..quant import accelerate_model, fuse_projections, quant_qtype
 
-    from ..bench import rss_bytes
+    from ..bench import peak_rss_bytes, rss_bytes
 
-    start, rss_before = time.perf_counter(), rss_bytes()
+    start, rss_before, peak_before = time.perf_counter(), rss_bytes(), peak_rss_bytes()
     device = resolve_device(device)
     checkpoint = open_checkpoint(path)
     for file, size in checkpoint.files:
@@ -525,4 +528,4 @@ def load_model(
     seconds = time.perf_counter() - start
     log.info("loaded in %.2f s", seconds)
     return LoadedModel(model, checkpoint.config, tokenizer, checkpoint.generation_json, checkpoint, seconds,
-                       rss_before)
+                       rss_before, peak_before)
