@@ -8,7 +8,8 @@ alternate within each repeat, and the table shows medians. Decode: a 10-token pr
 tokens, greedy, tokens/s over the steps after the first. Prefill: tokens/s of one forward pass over
 a 512-token prompt. Models are made under benchmarks/.work/ (not in git): the SmolLM2 GGUF is
 converted to a Hugging Face folder; random LLaMA shapes are written by transformers and turned
-into GGUF files (F32, BF16, Q8_0, Q4_0, and Q4_K_M by llama.cpp's own quantiser) carrying the
+into GGUF files (F32, BF16, Q8_0, Q4_0, and Q4_K_M, Q3_K_M and Q2_K by llama.cpp's own quantiser)
+carrying the
 LLaMA-2 vocabulary that llama.cpp needs.
 Run it on a quiet machine: any background load wrecks thread-pool timings on 2 cores.
 """
@@ -44,8 +45,12 @@ PLAN = {
     "random-15m": [("fp32", "hf", "fp32", "F32")],
     "random-110m": [("fp32", "hf", "fp32", "F32")],
     "random-1.1b": [("fp32", "hf", "fp32", "F32"), ("bf16", "hf", "bf16", "BF16"), ("Q8_0", "gguf", None, "Q8_0"),
-                    ("Q4_0", "gguf", None, "Q4_0"), ("Q4_K_M", "gguf", None, "Q4_K_M")],
+                    ("Q4_0", "gguf", None, "Q4_0"), ("Q4_K_M", "gguf", None, "Q4_K_M"),
+                    # (SmolLM2's 576-wide rows are no whole super-blocks: llama.cpp would store them as IQ4_NL)
+                    ("Q3_K_M", "gguf", None, "Q3_K_M"), ("Q2_K", "gguf", None, "Q2_K")],
 }
+# llama.cpp's own K-quant mixes (llama_model_quantize's file types)
+K_MIXES = ("Q4_K_M", "Q3_K_M", "Q2_K")
 
 
 # ---- preparing the weights -------------------------------------------------------------------
@@ -59,11 +64,12 @@ def prepare_smollm2() -> dict:
         convert_gguf(default_model_path(), folder, dtype="float32")
     files = {"hf": folder, "Q4_1": default_model_path()}
     if any(p[3] == "Q4_K_M" for p in PLAN["smollm2"]):
-        files["Q4_K_M"] = quantize_k_m(default_model_path(), WORK / "smollm2-Q4_K_M.gguf")
+        files["Q4_K_M"] = quantize_mix(default_model_path(), WORK / "smollm2-Q4_K_M.gguf", "Q4_K_M")
     return files
 
 
-def prepare_random(name: str) -> dict:
+def prepare_random(name: str, precisions: set[str]) -> dict:
+    """The model's Hugging Face folder and the GGUF files of `precisions`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -75,18 +81,21 @@ def prepare_random(name: str) -> dict:
         LlamaForCausalLM(config).save_pretrained(folder)
     files = {"hf": folder}
     for qtype in ("F32", "BF16", "Q8_0", "Q4_0"):
-        if any(p[3] == qtype for p in PLAN[name]):
+        if any(p[3] == qtype and p[0] in precisions for p in PLAN[name]):
             files[qtype] = write_gguf(folder, WORK / f"{name}-{qtype}.gguf", qtype)
-    if any(p[3] == "Q4_K_M" for p in PLAN[name]):
-        files["Q4_K_M"] = quantize_k_m(write_gguf(folder, WORK / f"{name}-F32.gguf", "F32"),
-                                       WORK / f"{name}-Q4_K_M.gguf")
+    for mix in K_MIXES:
+        if any(p[3] == mix and p[0] in precisions for p in PLAN[name]):
+            files[mix] = quantize_mix(write_gguf(folder, WORK / f"{name}-F32.gguf", "F32"),
+                                      WORK / f"{name}-{mix}.gguf", mix)
     return files
 
 
-def quantize_k_m(source: Path, out: Path) -> Path:
-    """llama.cpp's own Q4_K_M mix (Q4_K, with Q6_K for the output and some attn_v / ffn_down; Q5_0
-    and Q8_0 for rows that are not whole 256-weight super-blocks, as all of SmolLM2's 576-wide ones),
-    made by llama-cpp-python's llama_model_quantize: gguf-py writes no K-quants."""
+def quantize_mix(source: Path, out: Path, mix: str) -> Path:
+    """One of llama.cpp's own K-quant mixes, made by llama-cpp-python's llama_model_quantize
+    (gguf-py writes no K-quants): Q4_K_M is Q4_K with Q6_K for the output and some attn_v /
+    ffn_down (Q5_0 and Q8_0 for rows that are not whole 256-weight super-blocks, as all of
+    SmolLM2's 576-wide ones); Q3_K_M is Q3_K with Q4_K / Q5_K for some attn_v, attn_output and
+    ffn_down, Q2_K Q2_K with Q3_K / Q4_K for those, both Q6_K for the output."""
     if out.exists():
         return out
     import ctypes
@@ -94,11 +103,11 @@ def quantize_k_m(source: Path, out: Path) -> Path:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix}")
     params.nthread = 2
     params.allow_requantize = True  # (the SmolLM2 source is itself Q4_1)
     if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) != 0:
-        sys.exit(f"llama.cpp could not quantise {source} to Q4_K_M")
+        sys.exit(f"llama.cpp could not quantise {source} to {mix}")
     return out
 
 
@@ -306,7 +315,8 @@ def main() -> None:
         sys.exit(f"no precision {args.precisions} among {', '.join(args.models)}'s")
     with Progress(transient=True) as bar:
         task = bar.add_task("preparing weights", total=len(jobs) * args.repeats)
-        files = {m: prepare_smollm2() if m == "smollm2" else prepare_random(m) for m in args.models}
+        wanted = {p[0] for _, p in jobs}
+        files = {m: prepare_smollm2() if m == "smollm2" else prepare_random(m, wanted) for m in args.models}
         for model, (precision, ours, hf_precision, gguf_kind) in jobs:
             targets = {"llamascope": files[model][ours if ours == "hf" else gguf_kind],
                        "transformers": files[model]["hf"] if hf_precision else None,

@@ -162,6 +162,43 @@ def ref_q5_1(block: np.ndarray) -> np.ndarray:
     return y
 
 
+def ref_q2_k(block: np.ndarray) -> np.ndarray:
+    """scales[16] (sc low nibble, m high), qs[64], d, dmin: 16 sub-blocks of 16, 2 bits each."""
+    scales, qs, d, dmin = block[0:16], block[16:80], _f16(block, 80), _f16(block, 82)
+    y = np.empty(256, np.float32)
+    for i in range(16):  # sub-block i: half i // 8, bit pair (i % 8) // 2, bytes 16 * (i % 2) ..
+        half, pair, part = i // 8, (i % 8) // 2, i % 2
+        dl, ml = d * np.float32(scales[i] & 0xF), dmin * np.float32(scales[i] >> 4)
+        q = (qs[32 * half + 16 * part:32 * half + 16 * part + 16] >> (2 * pair)) & 3
+        y[16 * i:16 * i + 16] = dl * q.astype(np.float32) - ml
+    return y
+
+
+def _scales_k3(packed: np.ndarray) -> list[int]:
+    """Q3_K's 12 bytes -> 16 six-bit scales less 32: low nibbles from bytes 0-7 (sc 0-7 low, sc
+    8-15 high nibbles), top bits from bit pair i // 4 of byte 8 + i % 4."""
+    out = []
+    for i in range(16):
+        low = int(packed[i] & 0xF) if i < 8 else int(packed[i - 8] >> 4)
+        high = (int(packed[8 + i % 4]) >> (2 * (i // 4))) & 3
+        out.append((low | (high << 4)) - 32)
+    return out
+
+
+def ref_q3_k(block: np.ndarray) -> np.ndarray:
+    """hmask[32], qs[64], scales[12], d: 16 sub-blocks of 16, 3 bits each: the low two bits from qs,
+    less 4 where the weight's hmask bit is clear."""
+    hmask, qs, sc, d = block[0:32], block[32:96], _scales_k3(block[96:108]), _f16(block, 108)
+    y = np.empty(256, np.float32)
+    for i in range(16):
+        half, pair, part = i // 8, (i % 8) // 2, i % 2
+        low = (qs[32 * half + 16 * part:32 * half + 16 * part + 16].astype(np.int32) >> (2 * pair)) & 3
+        high = (hmask[16 * part:16 * part + 16].astype(np.int32) >> (4 * half + pair)) & 1
+        q = low - np.where(high == 1, 0, 4)
+        y[16 * i:16 * i + 16] = (d * np.float32(sc[i])) * q.astype(np.float32)
+    return y
+
+
 def _scale_min_k4(j: int, q: np.ndarray) -> tuple[int, int]:
     if j < 4:
         return int(q[j] & 63), int(q[j + 4] & 63)
@@ -227,7 +264,9 @@ BLOCK_TYPES = {
     "Q4_K": (256, 144, ref_q4_k, (0, 2), 2e-4),
     "Q5_K": (256, 176, ref_q5_k, (0, 2), 1e-4),
     "Q6_K": (256, 210, ref_q6_k, (208,), 2e-5),
-    "Q2_K": (256, 84, None, (80, 82), 1e-3),  # a type llamascope refuses
+    "Q2_K": (256, 84, ref_q2_k, (80, 82), 1e-3),
+    "Q3_K": (256, 110, ref_q3_k, (108,), 1e-3),
+    "IQ4_NL": (32, 18, None, (0,), 1e-2),  # a type llamascope refuses
 }
 
 

@@ -494,11 +494,14 @@ def test_slot_storage_version_changes_whenever_tensors_may_have_been_replaced(ti
     assert len(set(versions)) == len(versions), versions
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_k_quant_gguf_stays_quantised_and_the_step_equals_the_modules(tmp_path, qtype):
     """A GGUF whose projections and head are K-quants keeps them as stored (no float copy), the
-    native step runs them and equals the module path bit for bit, and the greedy tokens are those
-    of the same file dequantised to float32 (quant="none")."""
+    native step runs them and equals the module path bit for bit, and its greedy tokens are those of
+    the same file dequantised to float32 (quant="none") up to what the kernels' 8-bit activations
+    move the logits by: fed the same tokens, the float model's logits differ by a few percent of
+    their spread at most, and where it would have picked another token that one led by less than
+    twice that difference (a near-tie)."""
     from gguf_fixtures import GGUF_BLOCK, TinySpec, write_tiny_llama
 
     from llamascope.quant import QuantLinear
@@ -511,5 +514,23 @@ def test_k_quant_gguf_stays_quantised_and_the_step_equals_the_modules(tmp_path, 
     assert not any(p.dtype.is_floating_point and p.dim() == 2 for p in model.parameters())  # no float matrix
     assert torch.equal(_step_logits(model, True), _step_logits(model, False))
     plain = load_model(path, quant="none").model
-    assert generate(model, PROMPT, max_new_tokens=12, eos_token_id=[]).output_ids == \
-        generate(plain, PROMPT, max_new_tokens=12, eos_token_id=[]).output_ids
+    tokens = generate(model, PROMPT, max_new_tokens=12, eos_token_id=[]).output_ids[0]
+    native, dense = _forced_logits(model, tokens), _forced_logits(plain, tokens)  # [12, V] each
+    difference = (native - dense).abs().max()
+    assert difference < 0.1 * dense.std()
+    chosen = dense.gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)  # [12]
+    assert (dense.max(-1).values - chosen).max() <= 2 * difference
+    if qtype in ("Q4_K", "Q5_K", "Q6_K", "Q2_K"):  # no near-tie on these files: the very same tokens
+        assert tokens == generate(plain, PROMPT, max_new_tokens=12, eos_token_id=[]).output_ids[0]
+
+
+def _forced_logits(model, tokens: list[int]) -> torch.Tensor:
+    """[len(tokens), V]: the logits of one-token decode steps after PROMPT that chose `tokens`
+    (each step's logits, then that token fed in)."""
+    cache = KVCache.for_model(model, 1, 64)
+    with torch.inference_mode():
+        logits = model(torch.tensor([PROMPT]), torch.arange(len(PROMPT))[None], cache, last_only=True)
+        out = [logits[0, -1]]
+        for token in tokens[:-1]:
+            out.append(model(torch.tensor([[token]]), torch.tensor([[cache.length]]), cache)[0, -1])
+    return torch.stack(out)

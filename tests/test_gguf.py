@@ -85,7 +85,8 @@ def test_every_weight_matches_the_ggml_reference(tiny):
         np.testing.assert_array_equal(got.numpy(), expected, err_msg=name)
 
 
-@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                                       "Q6_K"])
 def test_block_dequantisation_against_ggml(type_name):
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
@@ -362,10 +363,10 @@ def test_wrong_magic_and_empty_file(tiny, tmp_path):
 
 
 def test_unsupported_tensor_type(tmp_path):
-    tiny = write_tiny_llama(tmp_path / "q2k.gguf", TinySpec(layers=1), types={"blk.0.ffn_up.weight": "Q2_K"},
+    tiny = write_tiny_llama(tmp_path / "iq4.gguf", TinySpec(layers=1), types={"blk.0.ffn_up.weight": "IQ4_NL"},
                             reference=False)
     message = _error(tiny.path)
-    assert "'blk.0.ffn_up.weight'" in message and "Q2_K" in message
+    assert "'blk.0.ffn_up.weight'" in message and "IQ4_NL" in message
 
 
 def test_unsupported_architecture(tmp_path):

@@ -146,7 +146,7 @@ def test_avx2_build_gives_the_avx512_numbers_for_k_quants(tmp_path):
     rng = np.random.default_rng(11)
     N, K = 29, 768
     x = torch.randn(8, K) * torch.rand(8, 1) * 4
-    for code, qtype in ((3, "Q4_K"), (4, "Q5_K"), (5, "Q6_K")):
+    for code, qtype in ((3, "Q4_K"), (4, "Q5_K"), (5, "Q6_K"), (6, "Q2_K"), (7, "Q3_K")):
         w = torch.from_numpy(random_blocks(rng, N, K, qtype))
         out = {}
         for build, lib in libraries.items():

@@ -229,9 +229,9 @@ def test_kernel_rows_are_independent(kind, K):
         assert torch.equal(layer(x[:rows]), alone[:rows]), rows
 
 
-# ---- K-quants (GGUF Q4_K, Q5_K, Q6_K): kept as stored, read by csrc/kquant.c -------------------
+# ---- K-quants (GGUF Q2_K to Q6_K): kept as stored, read by csrc/kquant.c -------------------
 
-K_QTYPES = ["Q4_K", "Q5_K", "Q6_K"]
+K_QTYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 
 
 def _k_layer(qtype: str, N: int, K: int, seed: int) -> QuantLinear:

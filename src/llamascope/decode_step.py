@@ -34,9 +34,11 @@ from .model import check_token_ids
 from .quant import KERNEL_MAX_ROWS, FastLinear, QuantEmbedding, QuantLinear
 
 # Weight formats, as in csrc/decode_step.c
-LIN_F32, LIN_BF16, LIN_Q8_0, LIN_Q4_0, LIN_Q4_1, LIN_Q8_0_EXACT, LIN_Q4_K, LIN_Q5_K, LIN_Q6_K = range(9)
+(LIN_F32, LIN_BF16, LIN_Q8_0, LIN_Q4_0, LIN_Q4_1, LIN_Q8_0_EXACT, LIN_Q4_K, LIN_Q5_K, LIN_Q6_K, LIN_Q2_K,
+ LIN_Q3_K) = range(11)
 _Q4_KINDS = {"Q4_0": LIN_Q4_0, "Q4_1": LIN_Q4_1}
-_STORED_KINDS = {"Q8_0": LIN_Q8_0, "Q4_K": LIN_Q4_K, "Q5_K": LIN_Q5_K, "Q6_K": LIN_Q6_K}
+_STORED_KINDS = {"Q8_0": LIN_Q8_0, "Q2_K": LIN_Q2_K, "Q3_K": LIN_Q3_K, "Q4_K": LIN_Q4_K, "Q5_K": LIN_Q5_K,
+                 "Q6_K": LIN_Q6_K}
 
 _p, _i, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 

@@ -8,8 +8,10 @@ and `--quant int8|int4` quantises float weights into the same formats:
     Q4_1  4-bit, scale and minimum per block     (5 bits per weight)     -- our `int4`
 
 GGUF files also bring ggml's K-quants, kept as stored and read by csrc/kquant.c (super-blocks of
-256 weights with 6- or 8-bit sub-block scales; not produced by `--quant`):
+256 weights with 4-, 6- or 8-bit sub-block scales; not produced by `--quant`):
 
+    Q2_K  2-bit, scale and minimum per 16        (2.625 bits per weight)
+    Q3_K  3-bit, scale per 16                    (3.4375 bits per weight)
     Q4_K  4-bit, scale and minimum per 32        (4.5 bits per weight)
     Q5_K  5-bit, scale and minimum per 32        (5.5 bits per weight)
     Q6_K  6-bit, scale per 16                    (6.5625 bits per weight)
@@ -33,9 +35,9 @@ from .errors import LlamascopeError
 QK = 32
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
 QK_K = 256
-K_QUANT_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}  # per 256-weight super-block
+K_QUANT_BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}  # per 256-weight super-block
 KEPT_FORMATS = frozenset(BLOCK_BYTES) | frozenset(K_QUANT_BYTES)  # what QuantLinear computes with
-QTYPE_CODES = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5}  # as in csrc/gemv.c, kquant.c
+QTYPE_CODES = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5, "Q2_K": 6, "Q3_K": 7}  # as in csrc/gemv.c, kquant.c
 QUANT_CHOICES = {"int8": "Q8_0", "int4": "Q4_1", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1"}
 # Under --quant the LM head (it decides the token; llama.cpp also keeps the output high) and the
 # token embedding (a tied head is the same table) keep 8 bits.

@@ -35,7 +35,7 @@ void decode_attention_rows_f32(int B, float *qkv, const float *cos, const float 
 
 /* Weight formats (decode_step.py's LINEAR_KINDS). */
 enum { LIN_F32 = 0, LIN_BF16 = 1, LIN_Q8_0 = 2, LIN_Q4_0 = 3, LIN_Q4_1 = 4, LIN_Q8_0_EXACT = 5, LIN_Q4_K = 6,
-       LIN_Q5_K = 7, LIN_Q6_K = 8 };
+       LIN_Q5_K = 7, LIN_Q6_K = 8, LIN_Q2_K = 9, LIN_Q3_K = 10 };
 
 typedef struct {
     int kind, N, K;          /* y[N] = W[N, K] x[K] (+ bias) */
@@ -73,6 +73,9 @@ static int linear(const linear_t *l, const float *x, int T, float *y, int nthrea
     case LIN_Q8_0_EXACT: gemv_q8_0_exact_f32((const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads); break;
     case LIN_Q4_K: case LIN_Q5_K: case LIN_Q6_K:  /* K-quant codes 3, 4, 5 (kquant.c) */
         status = gemv_kquant_f32(l->kind - LIN_Q4_K + 3, (const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads);
+        break;
+    case LIN_Q2_K: case LIN_Q3_K:  /* K-quant codes 6, 7 */
+        status = gemv_kquant_f32(l->kind - LIN_Q2_K + 6, (const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads);
         break;
     }
     if (l->bias)

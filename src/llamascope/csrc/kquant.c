@@ -1,7 +1,10 @@
 /*
- * Batch-1 products with ggml's K-quant weights (Q4_K, Q5_K, Q6_K), read as the GGUF file stores
- * them: super-blocks of 256 weights, each with its own scales. y[t, n] = sum_k x[t, k] * W[n, k].
+ * Batch-1 products with ggml's K-quant weights (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K), read as the GGUF
+ * file stores them: super-blocks of 256 weights, each with its own scales.
+ * y[t, n] = sum_k x[t, k] * W[n, k].
  *
+ *   Q2_K  (84 bytes): scales[16], qs[64], d:f16, dmin:f16           w = d*sc_i * q - dmin*m_i
+ *   Q3_K (110 bytes): hmask[32], qs[64], scales[12], d:f16          w = d*(sc_i - 32) * (q - 4)
  *   Q4_K (144 bytes): d:f16, dmin:f16, scales[12], qs[128]           w = d*sc_j * q - dmin*m_j
  *   Q5_K (176 bytes): d:f16, dmin:f16, scales[12], qh[32], qs[128]   the same with a fifth bit
  *   Q6_K (210 bytes): ql[128], qh[64], scales:int8[16], d:f16        w = d*sc_i * (q - 32)
@@ -12,6 +15,12 @@
  * sub-blocks of 16 weights with int8 scales; each half h (128 weights) takes ql[64h .. 64h + 63]
  * (low nibbles: weights 0-63 of the half, high nibbles: 64-127) and qh[32h .. 32h + 31], whose bit
  * pairs 0, 2, 4, 6 of byte l are the top bits of the half's weights l, l + 32, l + 64, l + 96.
+ * Q2_K and Q3_K also have sixteen sub-blocks of 16: each half h takes qs[32h .. 32h + 31], whose
+ * bit pairs 0, 2, 4, 6 of byte l are the low two bits of the half's weights l, l + 32, l + 64,
+ * l + 96. Q2_K's scales byte i holds sc_i (low nibble) and m_i (high nibble); Q3_K's third bit of
+ * the half's weight l + 32j is bit 4h + j of hmask[l], and its 6-bit scales are packed in 12 bytes:
+ * bytes 0-7 hold the low nibbles of sc_0..7 (low nibbles) and sc_8..15 (high nibbles), and bit
+ * pair p of byte 8 + b is the top two bits of sc_{4p + b}.
  *
  * As for the 32-weight formats (gemv.c) the activations are quantised to 8 bits per 32-wide block
  * (scale d_x, sum s_x = d_x * sum q_x), and VNNI multiplies 64 unsigned weight values by 64
@@ -20,9 +29,10 @@
  * so that each 64-byte weight vector meets its own 64 activations (a "slot"):
  *   Q4_K, Q5_K: the four slots of a super-block are sub-blocks (0, 2), (1, 3), (4, 6), (5, 7): the
  *               low then the high nibbles of qs bytes 0-63, then of bytes 64-127;
- *   Q6_K:       the natural order (the low then the high nibbles of each half's ql).
+ *   Q2_K, Q3_K, Q6_K: the natural order (Q6_K: the low then the high nibbles of each half's ql).
  * Minimums (Q4_K, Q5_K) add -dmin*m_j * s_x per sub-block; Q6_K's offset -32 adds -32 d*sc_i times
- * d_x times the sum of sub-block i's activations.
+ * d_x times the sum of sub-block i's activations, Q3_K's -4 likewise, and Q2_K's minimums
+ * -dmin*m_i times the same 16-activation sums.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -37,16 +47,42 @@
 #define SLOTS 4          /* 64-weight vectors per super-block */
 #define KQ_ROWS 8        /* activation rows a weight row is unpacked once for */
 
-enum { QTYPE_Q4_K = 3, QTYPE_Q5_K = 4, QTYPE_Q6_K = 5 };  /* as quant.py's QTYPE_CODES */
+enum { QTYPE_Q4_K = 3, QTYPE_Q5_K = 4, QTYPE_Q6_K = 5, QTYPE_Q2_K = 6, QTYPE_Q3_K = 7 };  /* as quant.py's QTYPE_CODES */
 
 void quantize_act_q8(const float *x, int T, int K, int8_t *q, float *d, float *s);
 
-static int kquant_bytes(int qtype) { return qtype == QTYPE_Q4_K ? 144 : qtype == QTYPE_Q5_K ? 176 : 210; }
+static int kquant_bytes(int qtype) {
+    switch (qtype) {
+        case QTYPE_Q2_K: return 84;
+        case QTYPE_Q3_K: return 110;
+        case QTYPE_Q4_K: return 144;
+        case QTYPE_Q5_K: return 176;
+        default: return 210;
+    }
+}
+
+/* Sixteen sub-blocks of 16 weights (Q2_K, Q3_K, Q6_K), against eight of 32 (Q4_K, Q5_K). */
+static inline int per16(int qtype) { return qtype != QTYPE_Q4_K && qtype != QTYPE_Q5_K; }
+
+/* Q3_K: the 12 packed bytes -> the sixteen scales sc_i - 32 as int8 */
+static inline void k3_scales(const uint8_t *s, int8_t out[16]) {
+    for (int i = 0; i < 16; i++) {
+        const int low = i < 8 ? s[i] & 0x0F : s[i - 8] >> 4;
+        const int high = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+        out[i] = (int8_t)((low | (high << 4)) - 32);
+    }
+}
+
+/* 32 bytes v -> 64: [v >> s1, v >> s2] (per 16-bit lane; only bits that stay within their byte are used). */
+static inline __m512i pair_shifted(const uint8_t *p, int s1, int s2) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(v, s1)), _mm256_srli_epi16(v, s2), 1);
+}
 
 /* The two 32-weight blocks of a super-block that slot k's 64 activations come from. */
 static void slot_blocks(int qtype, int k, int *a, int *b) {
     static const int pairs[SLOTS][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}};
-    if (qtype == QTYPE_Q6_K) {
+    if (per16(qtype)) {
         *a = 2 * k;
         *b = 2 * k + 1;
     } else {
@@ -106,7 +142,7 @@ static inline __attribute__((always_inline)) void kquant_rows_impl(
     const __m512i pairs = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
     /* two sums per row (even and odd slots), so that a super-block's four products are two chains
      * of two dependent fused multiply-adds, not one of four */
-    __m512 acc[KQ_ROWS][2], extra[KQ_ROWS];  /* extra: Q6_K's offset terms */
+    __m512 acc[KQ_ROWS][2], extra[KQ_ROWS];  /* extra: Q6_K's and Q3_K's offsets, Q2_K's minimums */
     __m256 minsum[KQ_ROWS];                  /* Q4_K/Q5_K's minimum terms */
     for (int t = 0; t < rows; t++) {
         acc[t][0] = acc[t][1] = _mm512_setzero_ps();
@@ -117,12 +153,33 @@ static inline __attribute__((always_inline)) void kquant_rows_impl(
         const uint8_t *blk = row + (int64_t)sb * bytes;
         for (int i = 0; i < bytes; i += 64) prefetch_ahead(blk + i);
         __m512i q[SLOTS];  /* the super-block's weights as unsigned bytes, slot by slot */
-        __m512 scale;      /* Q6_K: d*sc per 16 weights; Q4_K/Q5_K: d*sc per 32 (lanes 0-7) */
+        __m512 scale;      /* per 16 weights (Q2_K, Q3_K, Q6_K): d*sc; Q4_K/Q5_K: d*sc per 32 (lanes 0-7) */
+        __m512 offset = _mm512_setzero_ps();  /* what multiplies the 16-activation sums: d*sc, Q2_K dmin*m */
         __m256 mins = _mm256_setzero_ps();  /* Q4_K/Q5_K: dmin*m per 32 */
-        if (qtype == QTYPE_Q6_K) {
+        if (qtype == QTYPE_Q2_K) {
+            const __m128i sm = _mm_loadu_si128((const __m128i *)blk), low = _mm_set1_epi8(0x0F);
+            scale = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(sm, low))), _mm512_set1_ps(f16(blk + 80)));
+            offset = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(sm, 4), low))),
+                                   _mm512_set1_ps(f16(blk + 82)));
+            for (int k = 0; k < SLOTS; k++)  /* half k / 2, bit pairs 2 (k % 2) and 2 (k % 2) + 1 */
+                q[k] = _mm512_and_si512(pair_shifted(blk + 16 + 32 * (k / 2), 4 * (k % 2), 4 * (k % 2) + 2), three);
+        } else if (qtype == QTYPE_Q3_K) {
+            int8_t sc[16];
+            k3_scales(blk + 96, sc);
+            scale = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)sc))),
+                                  _mm512_set1_ps(f16(blk + 108)));
+            offset = scale;
+            for (int k = 0; k < SLOTS; k++) {
+                const int h = k / 2, j = 2 * (k % 2);
+                const __m512i low2 = _mm512_and_si512(pair_shifted(blk + 32 + 32 * h, 2 * j, 2 * j + 2), three);
+                const __m512i top = _mm512_and_si512(pair_shifted(blk, 4 * h + j, 4 * h + j + 1), one);
+                q[k] = _mm512_or_si512(low2, _mm512_slli_epi16(top, 2));
+            }
+        } else if (qtype == QTYPE_Q6_K) {
             const float d = f16(blk + 208);
             scale = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 192)))),
                                   _mm512_set1_ps(d));
+            offset = scale;
             for (int h = 0; h < 2; h++) {
                 const __m512i v = _mm512_loadu_si512((const void *)(blk + 64 * h));
                 const __m512i top = twice_shifted(blk + 128 + 32 * h);  /* bit pairs (0, 2) | (4, 6) */
@@ -153,9 +210,9 @@ static inline __attribute__((always_inline)) void kquant_rows_impl(
         for (int t = 0; t < rows; t++) {
             const float *d8 = xd + t * nb + sb * 8;  /* the super-block's eight activation scales */
             __m512 s;  /* weight scale times activation scale, per scale lane */
-            if (qtype == QTYPE_Q6_K) {
+            if (per16(qtype)) {
                 s = _mm512_mul_ps(scale, _mm512_permutexvar_ps(pairs, _mm512_castps256_ps512(_mm256_loadu_ps(d8))));
-                extra[t] = _mm512_fmadd_ps(scale, _mm512_loadu_ps(xs16 + t * (K / 16) + sb * 16), extra[t]);
+                extra[t] = _mm512_fmadd_ps(offset, _mm512_loadu_ps(xs16 + t * (K / 16) + sb * 16), extra[t]);
             } else {
                 s = _mm512_mul_ps(scale, _mm512_castps256_ps512(_mm256_loadu_ps(d8)));
                 minsum[t] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(xs + t * nb + sb * 8), minsum[t]);
@@ -164,15 +221,17 @@ static inline __attribute__((always_inline)) void kquant_rows_impl(
             for (int k = 0; k < SLOTS; k++) {
                 const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[k], _mm512_loadu_si512((const void *)(x + 64 * k)));
                 acc[t][k & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p),
-                                                _mm512_permutexvar_ps(qtype == QTYPE_Q6_K ? pick6[k] : pick4[k], s),
+                                                _mm512_permutexvar_ps(per16(qtype) ? pick6[k] : pick4[k], s),
                                                 acc[t][k & 1]);
             }
         }
     }
-    /* Q6_K's values are q - 32: 32 times each 16 weights' scale times their activations' sum */
+    /* Q6_K's values are q - 32: 32 times each 16 weights' scale times their activations' sum (Q3_K's
+     * q - 4 the same with 4; Q2_K's minimums once) */
+    const float times = qtype == QTYPE_Q6_K ? 32.0f : qtype == QTYPE_Q3_K ? 4.0f : 1.0f;
     for (int t = 0; t < rows; t++)
         out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1])) -
-                 (qtype == QTYPE_Q6_K ? 32.0f * _mm512_reduce_add_ps(extra[t]) : sum8(minsum[t]));
+                 (per16(qtype) ? times * _mm512_reduce_add_ps(extra[t]) : sum8(minsum[t]));
 }
 
 static void kquant_rows(int qtype, const uint8_t *row, int nsb, const int8_t *xp, const float *xd, const float *xs,
@@ -181,6 +240,8 @@ static void kquant_rows(int qtype, const uint8_t *row, int nsb, const int8_t *xp
     case R:                                                                                            \
         if (qtype == QTYPE_Q4_K) kquant_rows_impl(QTYPE_Q4_K, row, nsb, xp, xd, xs, xs16, K, R, out);  \
         else if (qtype == QTYPE_Q5_K) kquant_rows_impl(QTYPE_Q5_K, row, nsb, xp, xd, xs, xs16, K, R, out); \
+        else if (qtype == QTYPE_Q2_K) kquant_rows_impl(QTYPE_Q2_K, row, nsb, xp, xd, xs, xs16, K, R, out); \
+        else if (qtype == QTYPE_Q3_K) kquant_rows_impl(QTYPE_Q3_K, row, nsb, xp, xd, xs, xs16, K, R, out); \
         else kquant_rows_impl(QTYPE_Q6_K, row, nsb, xp, xd, xs, xs16, K, R, out);                    \
         break;
     switch (rows) {
@@ -189,7 +250,8 @@ static void kquant_rows(int qtype, const uint8_t *row, int nsb, const int8_t *xp
 #undef KQ_CASE
 }
 
-/* y[T, N] = x[T, K] @ W^T, W [N, K/256 super-blocks] in qtype 3 (Q4_K), 4 (Q5_K) or 5 (Q6_K); x float32,
+/* y[T, N] = x[T, K] @ W^T, W [N, K/256 super-blocks] in qtype 3 (Q4_K), 4 (Q5_K), 5 (Q6_K), 6 (Q2_K) or
+ * 7 (Q3_K); x float32,
  * K % 256 == 0. Returns 0, or -1 when scratch memory ran out. */
 int gemv_kquant_f32(int qtype, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads) {
     const int nb = K / QK, nsb = K / QK_K;
@@ -214,7 +276,7 @@ int gemv_kquant_f32(int qtype, const uint8_t *w, int N, int K, const float *x, i
                 memcpy(dst, q + ((int64_t)sb * 8 + a) * QK, QK);
                 memcpy(dst + QK, q + ((int64_t)sb * 8 + b) * QK, QK);
             }
-        if (qtype == QTYPE_Q6_K)
+        if (per16(qtype))
             for (int i = 0; i < K / 16; i++) {
                 int sum = 0;
                 for (int j = 0; j < 16; j++) sum += q[16 * i + j];
@@ -237,7 +299,8 @@ int gemv_kquant_f32(int qtype, const uint8_t *w, int N, int K, const float *x, i
 
 /* ---- dequantisation for long inputs (prefill) ----------------------------------------------------
  * W as float32 (or bfloat16, rounded to nearest even), with the arithmetic of ggml's reference
- * (and gguf-py's): Q4_K / Q5_K (d*sc) * q - (dmin*m), Q6_K (d*sc) * (q - 32), each product and
+ * (and gguf-py's): Q2_K, Q4_K, Q5_K (d*sc) * q - (dmin*m), Q3_K (d*sc) * (q - 4), Q6_K
+ * (d*sc) * (q - 32), each product and
  * difference rounded on its own (the library is built without floating-point contraction). */
 
 /* 16 weight values (bytes at p, plus `add` from the top bits) as floats */
@@ -255,7 +318,31 @@ void dequant_kquant(int qtype, const uint8_t *w, int N, int K, void *out, int bf
         for (int sb = 0; sb < nsb; sb++) {
             const uint8_t *blk = w + ((int64_t)n * nsb + sb) * bytes;
             const int64_t base = (int64_t)n * K + (int64_t)sb * QK_K;
-            if (qtype == QTYPE_Q6_K) {
+            if (qtype == QTYPE_Q2_K || qtype == QTYPE_Q3_K) {
+                /* sub-block i = 8h + 2j + c: weights 32j + 16c .. + 15 of half h, bit pair j of
+                 * qs[32h + 16c ..] (Q3_K: and bit 4h + j of hmask[16c ..]) */
+                int8_t sc3[16];
+                if (qtype == QTYPE_Q3_K) k3_scales(blk + 96, sc3);
+                const uint8_t *qs = blk + (qtype == QTYPE_Q2_K ? 16 : 32);
+                const float d = f16(blk + (qtype == QTYPE_Q2_K ? 80 : 108)), dmin = f16(blk + 82);
+                for (int i = 0; i < 16; i++) {
+                    const int h = i / 8, j = (i % 8) / 2, c = i % 2;
+                    __m128i v = _mm_loadu_si128((const __m128i *)(qs + 32 * h + 16 * c));
+                    v = _mm_and_si128(_mm_srli_epi16(v, 2 * j), _mm_set1_epi8(3));
+                    __m512 y;
+                    if (qtype == QTYPE_Q2_K) {
+                        const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v));
+                        y = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(d * (float)(blk[i] & 0x0F)), q),
+                                          _mm512_set1_ps(dmin * (float)(blk[i] >> 4)));
+                    } else {
+                        __m128i top = _mm_loadu_si128((const __m128i *)(blk + 16 * c));
+                        top = _mm_and_si128(_mm_srli_epi16(top, 4 * h + j), _mm_set1_epi8(1));
+                        const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_or_si128(v, _mm_slli_epi16(top, 2))));
+                        y = _mm512_mul_ps(_mm512_set1_ps(d * (float)sc3[i]), _mm512_sub_ps(q, _mm512_set1_ps(4.0f)));
+                    }
+                    store16(out, base + 16 * i, bf16, y);
+                }
+            } else if (qtype == QTYPE_Q6_K) {
                 const float d = f16(blk + 208);
                 const int8_t *sc = (const int8_t *)(blk + 192);
                 for (int h = 0; h < 2; h++) {

@@ -41,7 +41,7 @@ class TensorSource:
     nbytes: int
     read: Callable[[], torch.Tensor]
     slice_reader: Callable[[int, int, int], torch.Tensor] | None = None
-    # For GGUF block formats (Q8_0, Q4_0, Q4_1, Q5_0 as Q8_0, Q4_K, Q5_K, Q6_K): the blocks, rows in
+    # For GGUF block formats (Q8_0, Q4_0, Q4_1, Q5_0 as Q8_0, Q2_K to Q6_K): the blocks, rows in
     # Hugging Face order, as uint8 [rows, row bytes], so the model can keep the weight quantised
     # (see quant.py).
     read_blocks: Callable[[], torch.Tensor] | None = None

@@ -31,7 +31,8 @@ from .tensorfiles import read_array, read_array_slice
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 # Stored types that dequantise to float32 (gguf.quants implements each; see tests/test_gguf.py).
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                   "Q6_K")
 # Stored types whose blocks are kept in another format with the same numbers: (that format, the
 # conversion of blocks [rows, row bytes] with `columns` weights a row).
 KEPT_AS = {"Q5_0": ("Q8_0", q5_0_as_q8_0)}
