@@ -162,3 +162,40 @@ def test_avx2_build_gives_the_avx512_numbers_for_k_quants(tmp_path):
             out[build] = results
         for a, b in zip(out["avx512"], out["avx2"]):
             assert torch.equal(a, b), qtype
+
+
+def _prefetches_by_product_function(library: Path, product: str) -> dict[str, tuple[int, int]]:
+    """function -> (8-bit product instructions, prefetch instructions) in the library's listing."""
+    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(library)], capture_output=True, text=True,
+                             check=True).stdout
+    counts: dict[str, list[int]] = {}
+    function = None
+    for line in listing.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.+)>:$", line)
+        if header:
+            function = header.group(1)
+            counts[function] = [0, 0]
+        elif function is not None:
+            counts[function][0] += product in line
+            counts[function][1] += "prefetch" in line
+    return {name: (n, p) for name, (n, p) in counts.items() if n}
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump")
+@pytest.mark.parametrize("build", ["avx512", "avx2"])
+def test_block_kernels_keep_their_weight_prefetches(tmp_path, build):
+    """The block-format kernels (Q8_0, repacked Q4, K-quants) stream their weights from memory and
+    prefetch them ahead (simd.h). GCC 12 deleted those prefetches as dead code when the helper
+    issuing them was a plain `static inline` called from an always_inline function, costing a
+    third of Q4's read speed; every function whose loop runs the 8-bit products must keep them.
+    (One-block remainders, a single product, have no loop to prefetch for.)"""
+    if not kernels.cpu_supported(build):
+        pytest.skip(f"this CPU does not run the {build} build")
+    library = tmp_path / f"kernels-{build}.so"
+    kernels._build(library, kernels.build_flags(build))
+    product = "vpdpbusd" if build == "avx512" else "vpmaddubsw"
+    functions = {name: counts for name, counts in _prefetches_by_product_function(library, product).items()
+                 if counts[0] > 1}
+    assert len(functions) >= 3, functions  # (the listing does hold the block kernels)
+    missing = sorted(name for name, (_, prefetches) in functions.items() if prefetches == 0)
+    assert not missing, f"block kernels that no longer prefetch their weights: {missing}"
