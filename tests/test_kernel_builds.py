@@ -194,8 +194,9 @@ def test_block_kernels_keep_their_weight_prefetches(tmp_path, build):
     library = tmp_path / f"kernels-{build}.so"
     kernels._build(library, kernels.build_flags(build))
     product = "vpdpbusd" if build == "avx512" else "vpmaddubsw"
+    activations_only = {"q8_corrections"}  # (products of the activations with a constant: no weights read)
     functions = {name: counts for name, counts in _prefetches_by_product_function(library, product).items()
-                 if counts[0] > 1}
+                 if counts[0] > 1 and name.split(".")[0] not in activations_only}
     assert len(functions) >= 3, functions  # (the listing does hold the block kernels)
     missing = sorted(name for name, (_, prefetches) in functions.items() if prefetches == 0)
     assert not missing, f"block kernels that no longer prefetch their weights: {missing}"

@@ -324,12 +324,13 @@ def test_k_quant_embedding_rows_are_the_reference_rows(qtype, dtype):
     assert torch.equal(embedding(tokens), expected)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
 @pytest.mark.parametrize("K", [128, 96, 352])  # whole groups of four blocks, and padded ones
-def test_q4_packing_in_row_slices(qtype, K, monkeypatch):
-    """pack_q4 packs a few rows at a time into its result: the same bytes as packing the rows one
-    by one, each group laid out as nibbles, scales (and minimums), zero blocks as padding, and
-    unpack_q4 gives the blocks back."""
+def test_block_packing_in_row_slices(qtype, K, monkeypatch):
+    """pack_blocks packs a few rows at a time into its result: the same bytes as packing the rows one
+    by one, each group laid out as the kernel reads it (Q4: nibbles, scales, minimums; Q8_0: weights
+    0-15 of each block, 16-31 of each, both as q + 128, then the scales), zero blocks as padding,
+    and unpack_blocks gives the blocks back."""
     import llamascope.quant as quant
 
     N, nb = 23, K // 32
@@ -337,17 +338,26 @@ def test_q4_packing_in_row_slices(qtype, K, monkeypatch):
     blocks = torch.randint(0, 256, (N, nb * size), dtype=torch.uint8)
     nbp = (nb + 3) // 4 * 4
     monkeypatch.setattr(quant, "CONVERT_ROWS_BYTES", 4 * 3 * nbp * size)  # 4 rows a slice
-    packed = quant.pack_q4(blocks, qtype, K)
-    one_by_one = torch.cat([quant.pack_q4(blocks[r:r + 1], qtype, K) for r in range(N)])
+    packed = quant.pack_blocks(blocks, qtype, K)
+    one_by_one = torch.cat([quant.pack_blocks(blocks[r:r + 1], qtype, K) for r in range(N)])
     assert torch.equal(packed, one_by_one)
-    assert torch.equal(quant.unpack_q4(packed, qtype, K), blocks)
-    group = 80 if qtype == "Q4_1" else 72
+    assert torch.equal(quant.unpack_blocks(packed, qtype, K), blocks)
+    group = {"Q8_0": 136, "Q4_0": 72, "Q4_1": 80}[qtype]
     first = blocks[5].reshape(nb, size)[:4]  # row 5's first group: blocks 0-3 (zero past nb)
     first = torch.cat([first, torch.zeros(4 - len(first), size, dtype=torch.uint8)])
-    expect = torch.cat([first[:, -16:].reshape(-1), first[:, 0:2].reshape(-1)]
-                       + ([first[:, 2:4].reshape(-1)] if qtype == "Q4_1" else []))
+    if qtype == "Q8_0":
+        as_unsigned = (first[:, 2:].view(torch.int8).to(torch.int16) + 128).to(torch.uint8)  # [4, 32] q + 128
+        expect = torch.cat([as_unsigned[:, :16].reshape(-1), as_unsigned[:, 16:].reshape(-1), first[:, 0:2].reshape(-1)])
+    else:
+        expect = torch.cat([first[:, -16:].reshape(-1), first[:, 0:2].reshape(-1)]
+                           + ([first[:, 2:4].reshape(-1)] if qtype == "Q4_1" else []))
     assert torch.equal(packed[5, :group], expect)
     if nb % 4:
         last = packed[5].reshape(-1, group)[-1]
         pad = 4 - nb % 4
-        assert not last[64 - 16 * pad:64].any() and not last[72 - 2 * pad:72].any()
+        scales = 128 if qtype == "Q8_0" else 64
+        assert not last[scales + 8 - 2 * pad:scales + 8].any()  # padded blocks: d = 0
+        if qtype == "Q8_0":  # and q = 0, stored as 128
+            assert (last[64 - 16 * pad:64] == 128).all() and (last[128 - 16 * pad:128] == 128).all()
+        else:
+            assert not last[64 - 16 * pad:64].any()

@@ -35,8 +35,8 @@ from .quant import KERNEL_MAX_ROWS, FastLinear, QuantEmbedding, QuantLinear
 
 # Weight formats, as in csrc/decode_step.c
 (LIN_F32, LIN_BF16, LIN_Q8_0, LIN_Q4_0, LIN_Q4_1, LIN_Q8_0_EXACT, LIN_Q4_K, LIN_Q5_K, LIN_Q6_K, LIN_Q2_K,
- LIN_Q3_K) = range(11)
-_Q4_KINDS = {"Q4_0": LIN_Q4_0, "Q4_1": LIN_Q4_1}
+ LIN_Q3_K, LIN_Q8_0_PACKED) = range(12)
+_PACKED_KINDS = {"Q8_0": LIN_Q8_0_PACKED, "Q4_0": LIN_Q4_0, "Q4_1": LIN_Q4_1}  # QuantLinear.packed layouts
 _STORED_KINDS = {"Q8_0": LIN_Q8_0, "Q2_K": LIN_Q2_K, "Q3_K": LIN_Q3_K, "Q4_K": LIN_Q4_K, "Q5_K": LIN_Q5_K,
                  "Q6_K": LIN_Q6_K}
 
@@ -95,7 +95,7 @@ def _describe(module: nn.Module, keep: list, what: str, bf16: bool = False) -> _
         if module._exact_kernel is not None:
             kind, weight = LIN_Q8_0_EXACT, module.stored
         elif hasattr(module, "packed"):
-            kind, weight = _Q4_KINDS[module.qtype], module.packed
+            kind, weight = _PACKED_KINDS[module.qtype], module.packed
         elif module.qtype in _STORED_KINDS:
             kind, weight = _STORED_KINDS[module.qtype], module.stored
         else:

@@ -135,9 +135,10 @@ def load() -> ctypes.CDLL | None:
         log.warning("native kernels off: %s", e)
         return None
     p, i, f = ctypes.c_void_p, ctypes.c_int, None
-    for name in ("gemv_blocks_f32", "gemv_q4_packed_f32"):
-        getattr(lib, name).argtypes = [i, p, i, i, p, i, p, i]
-        getattr(lib, name).restype = f
+    lib.gemv_blocks_f32.argtypes = [i, p, i, i, p, i, p, i]
+    lib.gemv_blocks_f32.restype = f
+    lib.gemv_packed_f32.argtypes = [i, p, i, i, p, i, p, i]
+    lib.gemv_packed_f32.restype = i
     fl = ctypes.c_float
     lib.rmsnorm_f32.argtypes = [p, p, p, i, i, fl]
     lib.rmsnorm_f32.restype = f
@@ -162,8 +163,8 @@ def load() -> ctypes.CDLL | None:
         getattr(lib, name).restype = f
     lib.dequant_q8_0.argtypes = [p, i, i, p, i, i]
     lib.dequant_q8_0.restype = f
-    lib.dequant_q4_packed.argtypes = [i, p, i, i, p, i, i]
-    lib.dequant_q4_packed.restype = f
+    lib.dequant_packed.argtypes = [i, p, i, i, p, i, i]
+    lib.dequant_packed.restype = f
     lib.gemv_kquant_f32.argtypes = [i, p, i, i, p, i, p, i]
     lib.gemv_kquant_f32.restype = i
     lib.dequant_kquant.argtypes = [i, p, i, i, p, i, i]

@@ -166,23 +166,33 @@ def q5_0_as_q8_0(blocks: torch.Tensor, K: int) -> torch.Tensor:
     return out.reshape(N, nb * 34)
 
 
-def pack_q4(blocks: torch.Tensor, qtype: str, K: int) -> torch.Tensor:
-    """ggml Q4_0 / Q4_1 blocks [N, nb * bytes] -> the kernel's rows [N, nbp/4 * (72 or 80)]: per
-    group of four blocks, their packed nibbles (64 bytes), their f16 scales d (8 bytes) and for
-    Q4_1 their f16 minimums m (8 bytes). nbp is nb rounded up to a multiple of 4 with zero blocks
-    (d = m = 0)."""
+PACKED_QTYPES = ("Q8_0", "Q4_0", "Q4_1")  # kept in the kernel's repacked layout where the native kernels run
+PACKED_GROUP_BYTES = {"Q8_0": 136, "Q4_0": 72, "Q4_1": 80}
+
+
+def pack_blocks(blocks: torch.Tensor, qtype: str, K: int) -> torch.Tensor:
+    """ggml Q8_0 / Q4_0 / Q4_1 blocks [N, nb * bytes] -> the kernel's rows [N, nbp/4 * group bytes]
+    (csrc/gemv.c): per group of four blocks, Q4: their packed nibbles (64 bytes), their f16 scales d
+    (8 bytes) and for Q4_1 their f16 minimums m (8 bytes); Q8_0: weights 0-15 of each block, then
+    16-31 of each, as q + 128 (128 bytes), then d (8 bytes). nbp is nb rounded up to a multiple of 4
+    with zero blocks (d = m = 0, q = 0)."""
     N, nb = blocks.shape[0], K // QK
     nbp = (nb + 3) // 4 * 4
-    group_bytes = 80 if qtype == "Q4_1" else 72
+    size, group_bytes = BLOCK_BYTES[qtype], PACKED_GROUP_BYTES[qtype]
     out = torch.empty(N, nbp // 4 * group_bytes, dtype=torch.uint8)  # [N, G * group bytes]
     # A slice of rows at a time into the result: whole, the padded copy and the gathered nibbles of
     # a 1.1B model's 37 MB Q4_0 head held 100 MB more while loading.
-    rows = max(1, CONVERT_ROWS_BYTES // max(1, 3 * nbp * BLOCK_BYTES[qtype]))  # (three temporaries a slice)
+    rows = max(1, CONVERT_ROWS_BYTES // max(1, 3 * nbp * size))  # (three temporaries a slice)
     for r in range(0, N, rows):
         n = min(rows, N - r)
-        b = F.pad(blocks[r:r + n].reshape(n, nb, BLOCK_BYTES[qtype]), (0, 0, 0, nbp - nb))  # [n, nbp, bytes]
-        groups = b.reshape(n, nbp // 4, 4, BLOCK_BYTES[qtype])  # [n, G, 4, bytes]
+        b = F.pad(blocks[r:r + n].reshape(n, nb, size), (0, 0, 0, nbp - nb))  # [n, nbp, bytes]
+        groups = b.reshape(n, nbp // 4, 4, size)  # [n, G, 4, bytes]
         dest = out[r:r + n].view(n, nbp // 4, group_bytes)  # [n, G, group bytes]
+        if qtype == "Q8_0":
+            dest[..., :64] = groups[..., 2:18].reshape(n, nbp // 4, 64) ^ 0x80  # (int8 q + 128 as uint8)
+            dest[..., 64:128] = groups[..., 18:34].reshape(n, nbp // 4, 64) ^ 0x80
+            dest[..., 128:136] = groups[..., 0:2].reshape(n, nbp // 4, 8)
+            continue
         dest[..., :64] = groups[..., -16:].reshape(n, nbp // 4, 64)
         dest[..., 64:72] = groups[..., 0:2].reshape(n, nbp // 4, 8)
         if qtype == "Q4_1":
@@ -190,15 +200,20 @@ def pack_q4(blocks: torch.Tensor, qtype: str, K: int) -> torch.Tensor:
     return out
 
 
-def unpack_q4(packed: torch.Tensor, qtype: str, K: int) -> torch.Tensor:
-    """The inverse of pack_q4."""
+def unpack_blocks(packed: torch.Tensor, qtype: str, K: int) -> torch.Tensor:
+    """The inverse of pack_blocks."""
     N, nb = packed.shape[0], K // QK
     nbp = (nb + 3) // 4 * 4
-    groups = packed.reshape(N, nbp // 4, -1)  # [N, G, 72 or 80]
-    q = groups[..., :64].reshape(N, nbp, 16)
-    d = groups[..., 64:72].reshape(N, nbp, 2)
-    parts = [d] + ([groups[..., 72:80].reshape(N, nbp, 2)] if qtype == "Q4_1" else []) + [q]
-    return torch.cat(parts, dim=-1)[:, :nb].reshape(N, -1)
+    groups = packed.reshape(N, nbp // 4, PACKED_GROUP_BYTES[qtype])  # [N, G, group bytes]
+    if qtype == "Q8_0":
+        first = (groups[..., :64] ^ 0x80).reshape(N, nbp, 16)
+        last = (groups[..., 64:128] ^ 0x80).reshape(N, nbp, 16)
+        parts = [groups[..., 128:136].reshape(N, nbp, 2), first, last]
+    else:
+        q = groups[..., :64].reshape(N, nbp, 16)
+        d = groups[..., 64:72].reshape(N, nbp, 2)
+        parts = [d] + ([groups[..., 72:80].reshape(N, nbp, 2)] if qtype == "Q4_1" else []) + [q]
+    return torch.cat(parts, dim=-1)[:, :nb].reshape(N, -1).contiguous()  # [N, nb * bytes]
 
 
 # ---- layers ---------------------------------------------------------------------------------
@@ -207,9 +222,11 @@ class QuantLinear(nn.Module):
     """y = x @ W^T (+ b) with W kept in a block format."""
 
     def __init__(self, blocks: torch.Tensor, qtype: str, in_features: int, bias: torch.Tensor | None = None,
-                 *, packed: bool = False):
-        """`blocks`: uint8 [N, row bytes] in ggml's block format, or with `packed` (Q4 with the native
-        kernels only) already in the kernel's layout, as another layer's `packed` rows."""
+                 *, packed: bool = False, head: bool = False):
+        """`blocks`: uint8 [N, row bytes] in ggml's block format, or with `packed` (Q8_0 / Q4 with the
+        native kernels only) already in the kernel's layout, as another layer's `packed` rows.
+        `head`: an LM head, whose Q8_0 blocks stay in ggml's layout for the float-activation kernel
+        (`use_float_activations`) and may be a tied embedding's own blocks, not a copy."""
         super().__init__()
         size, nbytes = block_layout(qtype)
         if in_features % size:
@@ -221,12 +238,12 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         lib = kernels.load() if blocks.device.type == "cpu" else None  # native kernels are the CPU's
         self._code = QTYPE_CODES[qtype]
-        if lib is not None and qtype in ("Q4_0", "Q4_1"):
+        if lib is not None and qtype in PACKED_QTYPES and not (head and qtype == "Q8_0" and not packed):
             # Kept only in the kernel's layout (same numbers, see csrc/gemv.c); `blocks` rebuilds ggml's.
-            self.register_buffer("packed", blocks if packed else pack_q4(blocks, qtype, in_features))  # [N, row bytes]
-            self._kernel = lib.gemv_q4_packed_f32
+            self.register_buffer("packed", blocks if packed else pack_blocks(blocks, qtype, in_features))  # [N, row bytes]
+            self._kernel = lib.gemv_packed_f32
         elif packed:
-            raise LlamascopeError("packed Q4 rows need the native kernels")
+            raise LlamascopeError("packed rows need the native kernels")
         else:
             self.register_buffer("stored", blocks.contiguous())  # [N, K/32 (K-quants K/256) * bytes] uint8
             if lib is None:
@@ -243,13 +260,18 @@ class QuantLinear(nn.Module):
         lib = kernels.load()
         self.long_inputs_in_bf16 = False
         if lib is not None and self.qtype == "Q8_0":
+            if hasattr(self, "packed"):  # (a head built without head=True) back to ggml's layout
+                stored = unpack_blocks(self.packed, self.qtype, self.in_features)
+                del self.packed
+                self.register_buffer("stored", stored)
+                self._kernel = lib.gemv_blocks_f32
             self._exact_kernel = lib.gemv_q8_0_exact_f32
 
     @property
     def blocks(self) -> torch.Tensor:
         """The weight in ggml's block format, uint8 [N, K/32 * bytes]."""
         if hasattr(self, "packed"):
-            return unpack_q4(self.packed, self.qtype, self.in_features)
+            return unpack_blocks(self.packed, self.qtype, self.in_features)
         return self.stored
 
     def _weight_ptr(self) -> int:
@@ -280,7 +302,7 @@ class QuantLinear(nn.Module):
         bf16 = int(dtype == torch.bfloat16)
         out = torch.empty(self.out_features, self.in_features, dtype=dtype)  # [N, K]
         if hasattr(self, "packed"):
-            lib.dequant_q4_packed(self._code, self.packed.data_ptr(), self.out_features, self.in_features,
+            lib.dequant_packed(self._code, self.packed.data_ptr(), self.out_features, self.in_features,
                                   out.data_ptr(), bf16, torch.get_num_threads())
         elif self.qtype in K_QUANT_BYTES:
             lib.dequant_kquant(self._code, self.stored.data_ptr(), self.out_features, self.in_features,
@@ -439,12 +461,12 @@ def quantize_model(model: nn.Module, quant: str) -> nn.Module:
         if isinstance(module, (nn.Linear, FastLinear)):
             bias = None if module.bias is None else module.bias.detach().float()
             setattr(parent, name, QuantLinear(quantize(module.weight.detach(), layer_qtype), layer_qtype,
-                                              module.in_features, bias))
+                                              module.in_features, bias, head=(parent, name) == head))
     if float_embedding:
         blocks = quantize(embed.weight.detach(), HIGH_QTYPE)
         model.model.embed_tokens = QuantEmbedding(blocks, HIGH_QTYPE, embed.embedding_dim, embed.weight.dtype)
         if tied:
-            model.lm_head = QuantLinear(blocks, HIGH_QTYPE, embed.embedding_dim)
+            model.lm_head = QuantLinear(blocks, HIGH_QTYPE, embed.embedding_dim, head=True)
     return model
 
 
@@ -495,12 +517,12 @@ def install_block_weights(model: nn.Module, blocks: dict[str, tuple[str, torch.T
         if name == "model.embed_tokens.weight":
             parent.embed_tokens = QuantEmbedding(data, qtype, config.hidden_size, dtype)
             if config.tie_word_embeddings:
-                model.lm_head = QuantLinear(data, qtype, config.hidden_size)
+                model.lm_head = QuantLinear(data, qtype, config.hidden_size, head=True)
         else:
             old = getattr(parent, attr)
             bias = getattr(old, "bias", None)
             bias = None if bias is None or bias.is_meta else bias.detach().float()
-            setattr(parent, attr, QuantLinear(data, qtype, old.in_features, bias))
+            setattr(parent, attr, QuantLinear(data, qtype, old.in_features, bias, head=name == "lm_head.weight"))
 
 
 def _fused(modules: list[nn.Module]) -> nn.Module | None:

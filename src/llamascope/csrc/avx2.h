@@ -224,6 +224,7 @@ AVX2_INLINE void avx2_storeu_si512(void *p, i32x16 v) {
     AVX2_INLINE i32x16 name(i32x16 a, i32x16 b) { return i16x_make(op(a.lo, b.lo), op(a.hi, b.hi)); }
 AVX2_I2(avx2_and_si512, _mm256_and_si256)
 AVX2_I2(avx2_or_si512, _mm256_or_si256)
+AVX2_I2(avx2_xor_si512, _mm256_xor_si256)
 AVX2_I2(avx2_add_epi32, _mm256_add_epi32)
 AVX2_I2(avx2_sub_epi32, _mm256_sub_epi32)
 #undef AVX2_I2
@@ -231,6 +232,8 @@ AVX2_I2(avx2_sub_epi32, _mm256_sub_epi32)
 #define _mm512_and_si512 avx2_and_si512
 #undef _mm512_or_si512
 #define _mm512_or_si512 avx2_or_si512
+#undef _mm512_xor_si512
+#define _mm512_xor_si512 avx2_xor_si512
 #undef _mm512_add_epi32
 #define _mm512_add_epi32 avx2_add_epi32
 #undef _mm512_sub_epi32

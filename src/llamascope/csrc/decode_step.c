@@ -24,7 +24,7 @@
 void gemv_f32(const float *w, int N, int K, const float *x, int T, float *y, int nthreads);
 void gemv_bf16(const uint16_t *w, int N, int K, const float *x, int T, float *y, int nthreads);
 void gemv_blocks_f32(int qtype, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads);
-void gemv_q4_packed_f32(int qtype, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads);
+int gemv_packed_f32(int qtype, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads);
 void gemv_q8_0_exact_f32(const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads);
 int gemv_kquant_f32(int qtype, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads);
 void rmsnorm_f32(const float *x, const float *w, float *out, int rows, int dim, float eps);
@@ -33,9 +33,9 @@ void decode_attention_rows_f32(int B, float *qkv, const float *cos, const float 
                                int64_t row_elems, const int *slots, const int *cols, int cap, int H, int KVH, int D,
                                float scale, float *out, int nthreads);
 
-/* Weight formats (decode_step.py's LINEAR_KINDS). */
+/* Weight formats (decode_step.py's LIN_* codes; Q8_0 / Q4_0 / Q4_1 in the kernel's repacked layout). */
 enum { LIN_F32 = 0, LIN_BF16 = 1, LIN_Q8_0 = 2, LIN_Q4_0 = 3, LIN_Q4_1 = 4, LIN_Q8_0_EXACT = 5, LIN_Q4_K = 6,
-       LIN_Q5_K = 7, LIN_Q6_K = 8, LIN_Q2_K = 9, LIN_Q3_K = 10 };
+       LIN_Q5_K = 7, LIN_Q6_K = 8, LIN_Q2_K = 9, LIN_Q3_K = 10, LIN_Q8_0_PACKED = 11 };
 
 typedef struct {
     int kind, N, K;          /* y[N] = W[N, K] x[K] (+ bias) */
@@ -68,8 +68,9 @@ static int linear(const linear_t *l, const float *x, int T, float *y, int nthrea
     case LIN_F32: gemv_f32((const float *)l->w, l->N, l->K, x, T, y, nthreads); break;
     case LIN_BF16: gemv_bf16((const uint16_t *)l->w, l->N, l->K, x, T, y, nthreads); break;
     case LIN_Q8_0: gemv_blocks_f32(0, (const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads); break;
-    case LIN_Q4_0: gemv_q4_packed_f32(1, (const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads); break;
-    case LIN_Q4_1: gemv_q4_packed_f32(2, (const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads); break;
+    case LIN_Q8_0_PACKED: status = gemv_packed_f32(0, (const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads); break;
+    case LIN_Q4_0: status = gemv_packed_f32(1, (const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads); break;
+    case LIN_Q4_1: status = gemv_packed_f32(2, (const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads); break;
     case LIN_Q8_0_EXACT: gemv_q8_0_exact_f32((const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads); break;
     case LIN_Q4_K: case LIN_Q5_K: case LIN_Q6_K:  /* K-quant codes 3, 4, 5 (kquant.c) */
         status = gemv_kquant_f32(l->kind - LIN_Q4_K + 3, (const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads);

@@ -14,6 +14,8 @@
  *   Q8_0 block: d:f16, q:int8[32]                         (34 bytes)
  *   Q4_0 block: d:f16, q:uint8[16] (low nibbles: weights 0..15, high nibbles: 16..31)  (18 bytes)
  *   Q4_1 block: d:f16, m:f16, q:uint8[16] (same nibble order)                          (20 bytes)
+ * Layers keep them repacked four blocks to a group (see "rows repacked for the kernel" below); the
+ * ggml layout is read by the LM head's Q8_0 kernels.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -240,7 +242,8 @@ void gemv_blocks_f32(int qtype, const uint8_t *w, int N, int K, const float *x, 
     float *xd = (float *)(scratch + (((int64_t)T * K + 63) / 64 * 64));
     float *xs = xd + (int64_t)T * nb;
     quantize_act_q8(x, T, K, xq, xd, xs);
-    (void)qtype; /* Q8_0: Q4 weights use the repacked kernel below */
+    (void)qtype; /* Q8_0 in ggml's layout (an LM head before it takes float activations); layers in
+                  * Q8_0 / Q4_0 / Q4_1 use the repacked kernel below */
     gemv_q8_0(w, N, K, xq, xd, T, y, nthreads);
     if (scratch != stack) free(scratch);
 }
@@ -329,13 +332,19 @@ void gemv_bf16_bf16(const uint16_t *w, int N, int K, const uint16_t *x, int T, f
     }
 }
 
-/* ---- Q4 rows repacked for the kernel ---------------------------------------------------------
- * The same numbers as Q4_0 / Q4_1 blocks, laid out so that four blocks go through two VNNI
+/* ---- Q8_0, Q4_0 and Q4_1 rows repacked for the kernel ------------------------------------------
+ * The same numbers as the ggml blocks, laid out so that four blocks go through two VNNI
  * instructions with no per-block scalar work. Per row, with nbp = blocks rounded up to 4 (the
- * extra blocks are zero), group by group of four blocks: the four blocks' packed bytes (64 bytes),
- * then their f16 scales d[4], then for Q4_1 their f16 minimums m[4] (72 or 80 bytes a group), so a
- * row is read as one stream. The activations are laid out to match: for each group of four
- * blocks, the first 16 values of each block, then the last 16 of each. */
+ * extra blocks are zero), group by group of four blocks, so that a row is read as one stream:
+ *   Q4_0 / Q4_1: the four blocks' packed bytes (64 bytes: low nibbles weights 0-15, high nibbles
+ *                16-31 of each block), their f16 scales d[4], for Q4_1 their f16 minimums m[4]
+ *                (72 or 80 bytes a group);
+ *   Q8_0:        weights 0-15 of each of the four blocks (64 bytes), then weights 16-31 of each
+ *                (64 bytes), stored as q + 128 (unsigned, so VNNI takes them as they are: no sign
+ *                moved onto the activations), then d[4] (136 bytes, the four ggml blocks' size).
+ * The activations are laid out to match: for each group of four blocks, the first 16 values of each
+ * block, then the last 16 of each. Q8_0's +128 is taken back in integers: each lane's sum starts
+ * at -128 times the sum of the eight activations it meets (`corr`), so it is sum(q * q_x) exactly. */
 
 static void permute_act_groups(const int8_t *xq, int nb, int nbp, int8_t *xp) {
     memset(xp, 0, (size_t)nbp * QK);
@@ -346,10 +355,82 @@ static void permute_act_groups(const int8_t *xq, int nb, int nbp, int8_t *xp) {
     }
 }
 
-static inline __attribute__((always_inline)) float dot_q4_packed_impl(
-        const int is_q4_1, const uint8_t *row, int nbp, const int8_t *xp, const float *xd, const float *xs) {
-    const int group_bytes = is_q4_1 ? 80 : 72;
-    const __m512i low = _mm512_set1_epi8(0x0F);
+/* corr[g, lane] = -128 * (the lane's four activations in each half of group g), for Q8_0 (not in the
+ * AVX2 build: see packed_products). */
+#ifdef LLAMASCOPE_AVX2
+#define Q8_CORRECTED 0
+#else
+#define Q8_CORRECTED 1
+#endif
+__attribute__((noinline)) static void q8_corrections(const int8_t *xp, int G, int32_t *corr) {
+    const __m512i offset = _mm512_set1_epi8((char)0x80);
+    for (int g = 0; g < G; g++) {
+        __m512i c = _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, _mm512_loadu_si512((const void *)(xp + g * 128)));
+        c = _mm512_dpbusd_epi32(c, offset, _mm512_loadu_si512((const void *)(xp + g * 128 + 64)));
+        _mm512_storeu_si512((void *)(corr + g * 16), _mm512_sub_epi32(_mm512_setzero_si512(), c));
+    }
+}
+
+static inline int packed_group_bytes(int qtype) { return qtype == QTYPE_Q8_0 ? 136 : qtype == QTYPE_Q4_1 ? 80 : 72; }
+
+/* A group's two 64-weight vectors as unsigned bytes (lo: each block's weights 0-15, hi: 16-31). */
+static inline __attribute__((always_inline)) void packed_values(const int qtype, const uint8_t *grp, __m512i *lo,
+                                                                __m512i *hi) {
+    if (qtype == QTYPE_Q8_0) {
+        *lo = _mm512_loadu_si512((const void *)grp);
+        *hi = _mm512_loadu_si512((const void *)(grp + 64));
+    } else {
+        const __m512i low = _mm512_set1_epi8(0x0F);
+        const __m512i v = _mm512_loadu_si512((const void *)grp);
+        *lo = _mm512_and_si512(v, low);
+        *hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    }
+}
+
+/* start + the group's products: lo against its activations xa, hi against xb, four per int32 lane.
+ * The AVX2 build's VNNI stand-in (avx2.h) sums products in pairs within int16, which q + 128 against
+ * 8-bit activations would overflow: there Q8_0's weights go back to q, and their sign onto the
+ * activations as dot_q8_0 does (start is then zero: no +128 to take back). */
+static inline __attribute__((always_inline)) __m512i packed_products(const int qtype, __m512i start, __m512i lo,
+                                                                     __m512i hi, __m512i xa, __m512i xb) {
+#ifdef LLAMASCOPE_AVX2
+    if (qtype == QTYPE_Q8_0) {
+        const __m512i flip = _mm512_set1_epi8((char)0x80);
+        lo = _mm512_xor_si512(lo, flip);
+        hi = _mm512_xor_si512(hi, flip);
+        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(lo), sign_onto(xa, lo));
+        return _mm512_dpbusd_epi32(p, _mm512_abs_epi8(hi), sign_onto(xb, hi));
+    }
+#endif
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, lo, xa), hi, xb);
+}
+
+/* A group's four scales d (and for Q4_1 its minimums m in e4; Q4_0: e4 = d4). */
+static inline __attribute__((always_inline)) void packed_scales(const int qtype, const uint8_t *grp, __m128 *d4,
+                                                                __m128 *e4) {
+    if (qtype == QTYPE_Q4_1) {  /* d and m of the group's four blocks: one 16-byte load */
+        const __m256 dm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grp + 64)));
+        *d4 = _mm256_castps256_ps128(dm);
+        *e4 = _mm256_extractf128_ps(dm, 1);
+    } else {
+        *d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(grp + (qtype == QTYPE_Q8_0 ? 128 : 64))));
+        *e4 = *d4;
+    }
+}
+
+/* The last step of a row: the float sums plus Q4_1's minimums (+ e) or Q4_0's offset (-8 e). */
+static inline float packed_total(const int qtype, __m512 acc, __m128 extra) {
+    __m128 h = _mm_hadd_ps(extra, extra);
+    h = _mm_hadd_ps(h, h);
+    const float e = _mm_cvtss_f32(h);
+    const float sum = _mm512_reduce_add_ps(acc);
+    return qtype == QTYPE_Q8_0 ? sum : qtype == QTYPE_Q4_1 ? sum + e : sum - 8.0f * e;
+}
+
+static inline __attribute__((always_inline)) float dot_packed_impl(
+        const int qtype, const uint8_t *row, int nbp, const int8_t *xp, const int32_t *corr, const float *xd,
+        const float *xs) {
+    const int group_bytes = packed_group_bytes(qtype);
     const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     __m512 acc = _mm512_setzero_ps();
     __m128 extra = _mm_setzero_ps();
@@ -357,47 +438,42 @@ static inline __attribute__((always_inline)) float dot_q4_packed_impl(
         const uint8_t *grp = row + (int64_t)g * group_bytes;
         prefetch_ahead(grp);
         prefetch_ahead(grp + 64);
-        const __m512i v = _mm512_loadu_si512((const void *)grp);
-        const __m512i lo = _mm512_and_si512(v, low);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-        __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)(xp + g * 128)));
-        p = _mm512_dpbusd_epi32(p, hi, _mm512_loadu_si512((const void *)(xp + g * 128 + 64)));
+        if (qtype == QTYPE_Q8_0) prefetch_ahead(grp + 128);
+        __m512i lo, hi;
+        packed_values(qtype, grp, &lo, &hi);
+        const __m512i start = Q8_CORRECTED && qtype == QTYPE_Q8_0 ? _mm512_loadu_si512((const void *)(corr + g * 16))
+                                                                  : _mm512_setzero_si512();
+        const __m512i p = packed_products(qtype, start, lo, hi, _mm512_loadu_si512((const void *)(xp + g * 128)),
+                                          _mm512_loadu_si512((const void *)(xp + g * 128 + 64)));
         __m128 d4, e4;
-        if (is_q4_1) {  /* d and m of the group's four blocks: one 16-byte load */
-            const __m256 dm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grp + 64)));
-            d4 = _mm256_castps256_ps128(dm);
-            e4 = _mm256_extractf128_ps(dm, 1);
-        } else {
-            d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(grp + 64)));
-            e4 = d4;
-        }
+        packed_scales(qtype, grp, &d4, &e4);
         const __m128 s4 = _mm_mul_ps(d4, _mm_loadu_ps(xd + g * 4));
         const __m512 s16 = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(s4));
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s16, acc);
-        extra = _mm_fmadd_ps(e4, _mm_loadu_ps(xs + g * 4), extra);
+        if (qtype != QTYPE_Q8_0) extra = _mm_fmadd_ps(e4, _mm_loadu_ps(xs + g * 4), extra);
     }
-    __m128 h = _mm_hadd_ps(extra, extra);
-    h = _mm_hadd_ps(h, h);
-    const float e = _mm_cvtss_f32(h);
-    return _mm512_reduce_add_ps(acc) + (is_q4_1 ? e : -8.0f * e);
+    return packed_total(qtype, acc, extra);
 }
 
-static float dot_q4_packed(int is_q4_1, const uint8_t *row, int nbp, const int8_t *xp, const float *xd,
-                           const float *xs) {
-    return is_q4_1 ? dot_q4_packed_impl(1, row, nbp, xp, xd, xs) : dot_q4_packed_impl(0, row, nbp, xp, xd, xs);
+static float dot_packed(int qtype, const uint8_t *row, int nbp, const int8_t *xp, const int32_t *corr,
+                        const float *xd, const float *xs) {
+    switch (qtype) {
+        case QTYPE_Q8_0: return dot_packed_impl(QTYPE_Q8_0, row, nbp, xp, corr, xd, xs);
+        case QTYPE_Q4_1: return dot_packed_impl(QTYPE_Q4_1, row, nbp, xp, corr, xd, xs);
+        default: return dot_packed_impl(QTYPE_Q4_0, row, nbp, xp, corr, xd, xs);
+    }
 }
 
-/* One weight row against `rows` activation rows (rows <= Q4_ROWS), each with the same operations in
- * the same order as dot_q4_packed, so every result equals the one-row kernel's bit for bit. */
-#define Q4_ROWS 8
-static inline __attribute__((always_inline)) void dot_q4_packed_rows_impl(
-        const int is_q4_1, const uint8_t *row, int nbp, const int8_t *xp, int64_t act_bytes, const float *xd16,
-        const float *xs, const int rows, float *out) {
-    const int G = nbp / 4, group_bytes = is_q4_1 ? 80 : 72;
-    const __m512i low = _mm512_set1_epi8(0x0F);
+/* One weight row against `rows` activation rows (rows <= PACKED_ROWS), each with the same operations
+ * in the same order as dot_packed, so every result equals the one-row kernel's bit for bit. */
+#define PACKED_ROWS 8
+static inline __attribute__((always_inline)) void dot_packed_rows_impl(
+        const int qtype, const uint8_t *row, int nbp, const int8_t *xp, int64_t act_bytes, const int32_t *corr,
+        const float *xd16, const float *xs, const int rows, float *out) {
+    const int G = nbp / 4, group_bytes = packed_group_bytes(qtype);
     const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    __m512 acc[Q4_ROWS];
-    __m128 extra[Q4_ROWS];
+    __m512 acc[PACKED_ROWS];
+    __m128 extra[PACKED_ROWS];
     for (int t = 0; t < rows; t++) {
         acc[t] = _mm512_setzero_ps();
         extra[t] = _mm_setzero_ps();
@@ -406,77 +482,72 @@ static inline __attribute__((always_inline)) void dot_q4_packed_rows_impl(
         const uint8_t *grp = row + (int64_t)g * group_bytes;
         prefetch_ahead(grp);
         prefetch_ahead(grp + 64);
-        const __m512i v = _mm512_loadu_si512((const void *)grp);
-        const __m512i lo = _mm512_and_si512(v, low);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        if (qtype == QTYPE_Q8_0) prefetch_ahead(grp + 128);
+        __m512i lo, hi;
+        packed_values(qtype, grp, &lo, &hi);
         __m128 d4, e4;
-        if (is_q4_1) {
-            const __m256 dm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grp + 64)));
-            d4 = _mm256_castps256_ps128(dm);
-            e4 = _mm256_extractf128_ps(dm, 1);
-        } else {
-            d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(grp + 64)));
-            e4 = d4;
-        }
+        packed_scales(qtype, grp, &d4, &e4);
         const __m512 d16 = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(d4));
         for (int t = 0; t < rows; t++) {
             const int8_t *x = xp + t * act_bytes + g * 128;
-            __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)x));
-            p = _mm512_dpbusd_epi32(p, hi, _mm512_loadu_si512((const void *)(x + 64)));
+            const __m512i start = Q8_CORRECTED && qtype == QTYPE_Q8_0
+                                      ? _mm512_loadu_si512((const void *)(corr + ((int64_t)t * G + g) * 16))
+                                      : _mm512_setzero_si512();
+            const __m512i p = packed_products(qtype, start, lo, hi, _mm512_loadu_si512((const void *)x),
+                                              _mm512_loadu_si512((const void *)(x + 64)));
             const __m512 s16 = _mm512_mul_ps(d16, _mm512_loadu_ps(xd16 + ((int64_t)t * G + g) * 16));
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s16, acc[t]);
-            extra[t] = _mm_fmadd_ps(e4, _mm_loadu_ps(xs + (int64_t)t * nbp + g * 4), extra[t]);
+            if (qtype != QTYPE_Q8_0) extra[t] = _mm_fmadd_ps(e4, _mm_loadu_ps(xs + (int64_t)t * nbp + g * 4), extra[t]);
         }
     }
-    for (int t = 0; t < rows; t++) {
-        __m128 h = _mm_hadd_ps(extra[t], extra[t]);
-        h = _mm_hadd_ps(h, h);
-        const float e = _mm_cvtss_f32(h);
-        out[t] = _mm512_reduce_add_ps(acc[t]) + (is_q4_1 ? e : -8.0f * e);
-    }
+    for (int t = 0; t < rows; t++) out[t] = packed_total(qtype, acc[t], extra[t]);
 }
 
-static void dot_q4_packed_rows(int is_q4_1, const uint8_t *row, int nbp, const int8_t *xp, int64_t act_bytes,
-                               const float *xd16, const float *xs, int rows, float *out) {
-#define Q4_CASE(R)                                                                                      \
-    case R:                                                                                             \
-        if (is_q4_1) dot_q4_packed_rows_impl(1, row, nbp, xp, act_bytes, xd16, xs, R, out);           \
-        else dot_q4_packed_rows_impl(0, row, nbp, xp, act_bytes, xd16, xs, R, out);                   \
+static void dot_packed_rows(int qtype, const uint8_t *row, int nbp, const int8_t *xp, int64_t act_bytes,
+                            const int32_t *corr, const float *xd16, const float *xs, int rows, float *out) {
+#define PACKED_CASE(R)                                                                                      \
+    case R:                                                                                                 \
+        if (qtype == QTYPE_Q8_0) dot_packed_rows_impl(QTYPE_Q8_0, row, nbp, xp, act_bytes, corr, xd16, xs, R, out); \
+        else if (qtype == QTYPE_Q4_1) dot_packed_rows_impl(QTYPE_Q4_1, row, nbp, xp, act_bytes, corr, xd16, xs, R, out); \
+        else dot_packed_rows_impl(QTYPE_Q4_0, row, nbp, xp, act_bytes, corr, xd16, xs, R, out);          \
         break;
     switch (rows) {
-        Q4_CASE(1) Q4_CASE(2) Q4_CASE(3) Q4_CASE(4) Q4_CASE(5) Q4_CASE(6) Q4_CASE(7) Q4_CASE(8)
+        PACKED_CASE(1) PACKED_CASE(2) PACKED_CASE(3) PACKED_CASE(4) PACKED_CASE(5) PACKED_CASE(6) PACKED_CASE(7)
+        PACKED_CASE(8)
     }
-#undef Q4_CASE
+#undef PACKED_CASE
 }
 
-/* y[T, N] = x[T, K] @ W^T, W in the repacked Q4 layout above (qtype 1: Q4_0, 2: Q4_1); x float32. */
-void gemv_q4_packed_f32(int qtype, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads) {
-    const int nb = K / QK, nbp = (nb + 3) / 4 * 4;
-    const int is_q4_1 = qtype == QTYPE_Q4_1;
-    const int64_t row_bytes = (int64_t)nbp * (16 + (is_q4_1 ? 4 : 2));
+/* y[T, N] = x[T, K] @ W^T, W in the repacked layout above (qtype 0: Q8_0, 1: Q4_0, 2: Q4_1); x float32.
+ * Returns 0, or -1 when scratch memory ran out. */
+int gemv_packed_f32(int qtype, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads) {
+    const int nb = K / QK, nbp = (nb + 3) / 4 * 4, G = nbp / 4;
+    const int64_t row_bytes = (int64_t)G * packed_group_bytes(qtype);
     const int64_t act_bytes = (int64_t)nbp * QK;                   /* permuted int8 activations */
-    const int64_t need = T * (act_bytes + K + 2 * (int64_t)nbp * (int64_t)sizeof(float) + nbp * 16) + 256;
+    const int64_t need = T * (act_bytes + K + 2 * (int64_t)nbp * (int64_t)sizeof(float) + nbp * 16 + G * 64) + 320;
     uint8_t stack[65536];
     uint8_t *scratch = need <= (int64_t)sizeof(stack) ? stack : (uint8_t *)aligned_alloc(64, (need + 63) / 64 * 64);
+    if (!scratch) return -1;
     int8_t *xp = (int8_t *)scratch;                                 /* [T, nbp * 32] */
     int8_t *xq = xp + T * act_bytes;                                /* [T, K] natural order */
     float *xd = (float *)(((uintptr_t)(xq + (int64_t)T * K) + 63) / 64 * 64);
     float *xs = xd + (int64_t)T * nbp;
+    float *xd16 = (float *)(((uintptr_t)(xs + (int64_t)T * nbp) + 63) / 64 * 64);  /* [T, G, 16] */
+    int32_t *corr = (int32_t *)(xd16 + (int64_t)T * G * 16);                        /* [T, G, 16] (Q8_0) */
     /* pad both scale arrays with zeros so the padded blocks contribute nothing */
     memset(xd, 0, 2 * (size_t)T * nbp * sizeof(float));
     for (int t = 0; t < T; t++) {
         quantize_act_q8(x + (int64_t)t * K, 1, K, xq + (int64_t)t * K, xd + (int64_t)t * nbp, xs + (int64_t)t * nbp);
         permute_act_groups(xq + (int64_t)t * K, nb, nbp, xp + t * act_bytes);
+        if (Q8_CORRECTED && qtype == QTYPE_Q8_0) q8_corrections(xp + t * act_bytes, G, corr + (int64_t)t * G * 16);
     }
     if (T == 1) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int n = 0; n < N; n++)
-            y[n] = dot_q4_packed(is_q4_1, w + n * row_bytes, nbp, xp, xd, xs);
+            y[n] = dot_packed(qtype, w + n * row_bytes, nbp, xp, corr, xd, xs);
     } else {
         /* Several rows: each weight group is unpacked once for all of them. The activation scales
          * are spread to one per lane once (xd16), so each row's product is the one above. */
-        const int G = nbp / 4;
-        float *xd16 = (float *)(((uintptr_t)(xs + (int64_t)T * nbp) + 63) / 64 * 64);  /* [T, G, 16] */
         const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
         for (int t = 0; t < T; t++)
             for (int g = 0; g < G; g++)
@@ -484,16 +555,18 @@ void gemv_q4_packed_f32(int qtype, const uint8_t *w, int N, int K, const float *
                                  _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(xd + (int64_t)t * nbp + g * 4))));
 #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int n = 0; n < N; n++) {
-            float out[Q4_ROWS];
-            for (int t0 = 0; t0 < T; t0 += Q4_ROWS) {
-                const int rows = T - t0 < Q4_ROWS ? T - t0 : Q4_ROWS;
-                dot_q4_packed_rows(is_q4_1, w + n * row_bytes, nbp, xp + t0 * act_bytes, act_bytes,
-                                   xd16 + (int64_t)t0 * G * 16, xs + (int64_t)t0 * nbp, rows, out);
+            float out[PACKED_ROWS];
+            for (int t0 = 0; t0 < T; t0 += PACKED_ROWS) {
+                const int rows = T - t0 < PACKED_ROWS ? T - t0 : PACKED_ROWS;
+                dot_packed_rows(qtype, w + n * row_bytes, nbp, xp + t0 * act_bytes, act_bytes,
+                                corr + (int64_t)t0 * G * 16, xd16 + (int64_t)t0 * G * 16, xs + (int64_t)t0 * nbp,
+                                rows, out);
                 for (int r = 0; r < rows; r++) y[(int64_t)(t0 + r) * N + n] = out[r];
             }
         }
     }
     if (scratch != stack) free(scratch);
+    return 0;
 }
 
 /* ---- Q8_0 weights with float32 activations -----------------------------------------------------
@@ -576,9 +649,9 @@ void dequant_q8_0(const uint8_t *w, int N, int K, void *out, int bf16, int nthre
     }
 }
 
-void dequant_q4_packed(int qtype, const uint8_t *w, int N, int K, void *out, int bf16, int nthreads) {
+void dequant_packed(int qtype, const uint8_t *w, int N, int K, void *out, int bf16, int nthreads) {
     const int nb = K / QK, nbp = (nb + 3) / 4 * 4, is_q4_1 = qtype == QTYPE_Q4_1;
-    const int group_bytes = is_q4_1 ? 80 : 72;
+    const int group_bytes = packed_group_bytes(qtype);
     const int64_t row_bytes = (int64_t)(nbp / 4) * group_bytes;
     const __m512 eight = _mm512_set1_ps(8.0f);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -587,19 +660,28 @@ void dequant_q4_packed(int qtype, const uint8_t *w, int N, int K, void *out, int
         for (int b = 0; b < nb; b++) {
             const uint8_t *grp = row + (int64_t)(b / 4) * group_bytes;
             const int j = b % 4;
-            const __m128i bytes = _mm_loadu_si128((const __m128i *)(grp + j * 16));
-            const __m512i v = _mm512_cvtepu8_epi32(bytes);
-            const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F)));
-            const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-            const __m512 d = _mm512_set1_ps(f16(grp + 64 + j * 2));
             __m512 w0, w1;
-            if (is_q4_1) {
-                const __m512 m = _mm512_set1_ps(f16(grp + 72 + j * 2));
-                w0 = _mm512_add_ps(_mm512_mul_ps(lo, d), m);
-                w1 = _mm512_add_ps(_mm512_mul_ps(hi, d), m);
+            if (qtype == QTYPE_Q8_0) {  /* q + 128 back to q: flip the top bit, read as int8 */
+                const __m128i flip = _mm_set1_epi8((char)0x80);
+                const __m128i q0 = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(grp + j * 16)), flip);
+                const __m128i q1 = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(grp + 64 + j * 16)), flip);
+                const __m512 d = _mm512_set1_ps(f16(grp + 128 + j * 2));
+                w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), d);
+                w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), d);
             } else {
-                w0 = _mm512_mul_ps(_mm512_sub_ps(lo, eight), d);
-                w1 = _mm512_mul_ps(_mm512_sub_ps(hi, eight), d);
+                const __m128i bytes = _mm_loadu_si128((const __m128i *)(grp + j * 16));
+                const __m512i v = _mm512_cvtepu8_epi32(bytes);
+                const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F)));
+                const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+                const __m512 d = _mm512_set1_ps(f16(grp + 64 + j * 2));
+                if (is_q4_1) {
+                    const __m512 m = _mm512_set1_ps(f16(grp + 72 + j * 2));
+                    w0 = _mm512_add_ps(_mm512_mul_ps(lo, d), m);
+                    w1 = _mm512_add_ps(_mm512_mul_ps(hi, d), m);
+                } else {
+                    w0 = _mm512_mul_ps(_mm512_sub_ps(lo, eight), d);
+                    w1 = _mm512_mul_ps(_mm512_sub_ps(hi, eight), d);
+                }
             }
             store16(out, (int64_t)n * K + b * QK, bf16, w0);
             store16(out, (int64_t)n * K + b * QK + 16, bf16, w1);

@@ -420,7 +420,7 @@ def _install_sharded_embedding(model: torch.nn.Module, qtype: str, data: torch.T
     config = model.config
     model.model.embed_tokens = QuantEmbedding(data, qtype, config.hidden_size, dtype)
     if config.tie_word_embeddings:
-        model.lm_head = QuantLinear(data[head.start:head.stop], qtype, config.hidden_size)
+        model.lm_head = QuantLinear(data[head.start:head.stop], qtype, config.hidden_size, head=True)
 
 
 @contextlib.contextmanager
