@@ -135,10 +135,9 @@ def load() -> ctypes.CDLL | None:
         log.warning("native kernels off: %s", e)
         return None
     p, i, f = ctypes.c_void_p, ctypes.c_int, None
-    lib.gemv_blocks_f32.argtypes = [i, p, i, i, p, i, p, i]
-    lib.gemv_blocks_f32.restype = f
-    lib.gemv_packed_f32.argtypes = [i, p, i, i, p, i, p, i]
-    lib.gemv_packed_f32.restype = i
+    for name in ("gemv_blocks_f32", "gemv_packed_f32"):  # (0, or -1 when scratch memory ran out)
+        getattr(lib, name).argtypes = [i, p, i, i, p, i, p, i]
+        getattr(lib, name).restype = i
     fl = ctypes.c_float
     lib.rmsnorm_f32.argtypes = [p, p, p, i, i, fl]
     lib.rmsnorm_f32.restype = f

@@ -23,7 +23,7 @@
 /* The kernels of gemv.c (compiled into the same library). */
 void gemv_f32(const float *w, int N, int K, const float *x, int T, float *y, int nthreads);
 void gemv_bf16(const uint16_t *w, int N, int K, const float *x, int T, float *y, int nthreads);
-void gemv_blocks_f32(int qtype, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads);
+int gemv_blocks_f32(int qtype, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads);
 int gemv_packed_f32(int qtype, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads);
 void gemv_q8_0_exact_f32(const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads);
 int gemv_kquant_f32(int qtype, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads);
@@ -67,7 +67,7 @@ static int linear(const linear_t *l, const float *x, int T, float *y, int nthrea
     switch (l->kind) {
     case LIN_F32: gemv_f32((const float *)l->w, l->N, l->K, x, T, y, nthreads); break;
     case LIN_BF16: gemv_bf16((const uint16_t *)l->w, l->N, l->K, x, T, y, nthreads); break;
-    case LIN_Q8_0: gemv_blocks_f32(0, (const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads); break;
+    case LIN_Q8_0: status = gemv_blocks_f32(0, (const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads); break;
     case LIN_Q8_0_PACKED: status = gemv_packed_f32(0, (const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads); break;
     case LIN_Q4_0: status = gemv_packed_f32(1, (const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads); break;
     case LIN_Q4_1: status = gemv_packed_f32(2, (const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads); break;

@@ -232,12 +232,14 @@ void gemv_bf16(const uint16_t *w, int N, int K, const float *x, int T, float *y,
 enum { QTYPE_Q8_0 = 0, QTYPE_Q4_0 = 1, QTYPE_Q4_1 = 2 };
 
 /* y[T, N] = x[T, K] @ W^T for a block-format W; x float32. The 8-bit activations live in a
- * scratch buffer on the stack for small inputs (the decode case), on the heap otherwise. */
-void gemv_blocks_f32(int qtype, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads) {
+ * scratch buffer on the stack for small inputs (the decode case), on the heap otherwise. Returns 0,
+ * or -1 when scratch memory ran out. */
+int gemv_blocks_f32(int qtype, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads) {
     const int nb = K / QK;
     const int64_t need = (int64_t)T * K + 2 * (int64_t)T * nb * (int64_t)sizeof(float) + 64;
     uint8_t stack[65536];
     uint8_t *scratch = need <= (int64_t)sizeof(stack) ? stack : (uint8_t *)aligned_alloc(64, (need + 63) / 64 * 64);
+    if (!scratch) return -1;
     int8_t *xq = (int8_t *)scratch;
     float *xd = (float *)(scratch + (((int64_t)T * K + 63) / 64 * 64));
     float *xs = xd + (int64_t)T * nb;
@@ -246,6 +248,7 @@ void gemv_blocks_f32(int qtype, const uint8_t *w, int N, int K, const float *x, 
                   * Q8_0 / Q4_0 / Q4_1 use the repacked kernel below */
     gemv_q8_0(w, N, K, xq, xd, T, y, nthreads);
     if (scratch != stack) free(scratch);
+    return 0;
 }
 
 /* ---- the rest of a batch-1 decode step, for float32 activations ----------------------------- */
