@@ -360,11 +360,6 @@ static void permute_act_groups(const int8_t *xq, int nb, int nbp, int8_t *xp) {
 
 /* corr[g, lane] = -128 * (the lane's four activations in each half of group g), for Q8_0 (not in the
  * AVX2 build: see packed_products). */
-#ifdef LLAMASCOPE_AVX2
-#define Q8_CORRECTED 0
-#else
-#define Q8_CORRECTED 1
-#endif
 __attribute__((noinline)) static void q8_corrections(const int8_t *xp, int G, int32_t *corr) {
     const __m512i offset = _mm512_set1_epi8((char)0x80);
     for (int g = 0; g < G; g++) {
@@ -390,13 +385,22 @@ static inline __attribute__((always_inline)) void packed_values(const int qtype,
     }
 }
 
-/* start + the group's products: lo against its activations xa, hi against xb, four per int32 lane.
- * The AVX2 build's VNNI stand-in (avx2.h) sums products in pairs within int16, which q + 128 against
- * 8-bit activations would overflow: there Q8_0's weights go back to q, and their sign onto the
- * activations as dot_q8_0 does (start is then zero: no +128 to take back). */
-static inline __attribute__((always_inline)) __m512i packed_products(const int qtype, __m512i start, __m512i lo,
-                                                                     __m512i hi, __m512i xa, __m512i xb) {
+/* The lines of a group, prefetched for a later group (Q8_0's group spans three). */
+static inline __attribute__((always_inline)) void prefetch_group(const int qtype, const uint8_t *grp) {
+    prefetch_ahead(grp);
+    prefetch_ahead(grp + 64);
+    if (qtype == QTYPE_Q8_0) prefetch_ahead(grp + 128);
+}
+
+/* The group's products, four per int32 lane: lo against its activations xa, hi against xb. For
+ * Q8_0 each lane starts from its correction (corr_g: the group's 16, from q8_corrections), which
+ * takes the +128 back. The AVX2 build's VNNI stand-in (avx2.h) sums products in pairs within int16,
+ * which q + 128 against 8-bit activations would overflow: there Q8_0's weights go back to q, and
+ * their sign onto the activations as dot_q8_0 does (no correction: corr_g is not read). */
+static inline __attribute__((always_inline)) __m512i packed_products(const int qtype, const int32_t *corr_g,
+                                                                     __m512i lo, __m512i hi, __m512i xa, __m512i xb) {
 #ifdef LLAMASCOPE_AVX2
+    (void)corr_g;
     if (qtype == QTYPE_Q8_0) {
         const __m512i flip = _mm512_set1_epi8((char)0x80);
         lo = _mm512_xor_si512(lo, flip);
@@ -404,6 +408,9 @@ static inline __attribute__((always_inline)) __m512i packed_products(const int q
         const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(lo), sign_onto(xa, lo));
         return _mm512_dpbusd_epi32(p, _mm512_abs_epi8(hi), sign_onto(xb, hi));
     }
+    const __m512i start = _mm512_setzero_si512();
+#else
+    const __m512i start = qtype == QTYPE_Q8_0 ? _mm512_loadu_si512((const void *)corr_g) : _mm512_setzero_si512();
 #endif
     return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, lo, xa), hi, xb);
 }
@@ -439,14 +446,10 @@ static inline __attribute__((always_inline)) float dot_packed_impl(
     __m128 extra = _mm_setzero_ps();
     for (int g = 0; g < nbp / 4; g++) {
         const uint8_t *grp = row + (int64_t)g * group_bytes;
-        prefetch_ahead(grp);
-        prefetch_ahead(grp + 64);
-        if (qtype == QTYPE_Q8_0) prefetch_ahead(grp + 128);
+        prefetch_group(qtype, grp);
         __m512i lo, hi;
         packed_values(qtype, grp, &lo, &hi);
-        const __m512i start = Q8_CORRECTED && qtype == QTYPE_Q8_0 ? _mm512_loadu_si512((const void *)(corr + g * 16))
-                                                                  : _mm512_setzero_si512();
-        const __m512i p = packed_products(qtype, start, lo, hi, _mm512_loadu_si512((const void *)(xp + g * 128)),
+        const __m512i p = packed_products(qtype, corr + g * 16, lo, hi, _mm512_loadu_si512((const void *)(xp + g * 128)),
                                           _mm512_loadu_si512((const void *)(xp + g * 128 + 64)));
         __m128 d4, e4;
         packed_scales(qtype, grp, &d4, &e4);
@@ -483,9 +486,7 @@ static inline __attribute__((always_inline)) void dot_packed_rows_impl(
     }
     for (int g = 0; g < G; g++) {
         const uint8_t *grp = row + (int64_t)g * group_bytes;
-        prefetch_ahead(grp);
-        prefetch_ahead(grp + 64);
-        if (qtype == QTYPE_Q8_0) prefetch_ahead(grp + 128);
+        prefetch_group(qtype, grp);
         __m512i lo, hi;
         packed_values(qtype, grp, &lo, &hi);
         __m128 d4, e4;
@@ -493,11 +494,8 @@ static inline __attribute__((always_inline)) void dot_packed_rows_impl(
         const __m512 d16 = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(d4));
         for (int t = 0; t < rows; t++) {
             const int8_t *x = xp + t * act_bytes + g * 128;
-            const __m512i start = Q8_CORRECTED && qtype == QTYPE_Q8_0
-                                      ? _mm512_loadu_si512((const void *)(corr + ((int64_t)t * G + g) * 16))
-                                      : _mm512_setzero_si512();
-            const __m512i p = packed_products(qtype, start, lo, hi, _mm512_loadu_si512((const void *)x),
-                                              _mm512_loadu_si512((const void *)(x + 64)));
+            const __m512i p = packed_products(qtype, corr + ((int64_t)t * G + g) * 16, lo, hi,
+                                              _mm512_loadu_si512((const void *)x), _mm512_loadu_si512((const void *)(x + 64)));
             const __m512 s16 = _mm512_mul_ps(d16, _mm512_loadu_ps(xd16 + ((int64_t)t * G + g) * 16));
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s16, acc[t]);
             if (qtype != QTYPE_Q8_0) extra[t] = _mm_fmadd_ps(e4, _mm_loadu_ps(xs + (int64_t)t * nbp + g * 4), extra[t]);
@@ -542,7 +540,9 @@ int gemv_packed_f32(int qtype, const uint8_t *w, int N, int K, const float *x, i
     for (int t = 0; t < T; t++) {
         quantize_act_q8(x + (int64_t)t * K, 1, K, xq + (int64_t)t * K, xd + (int64_t)t * nbp, xs + (int64_t)t * nbp);
         permute_act_groups(xq + (int64_t)t * K, nb, nbp, xp + t * act_bytes);
-        if (Q8_CORRECTED && qtype == QTYPE_Q8_0) q8_corrections(xp + t * act_bytes, G, corr + (int64_t)t * G * 16);
+#ifndef LLAMASCOPE_AVX2
+        if (qtype == QTYPE_Q8_0) q8_corrections(xp + t * act_bytes, G, corr + (int64_t)t * G * 16);
+#endif
     }
     if (T == 1) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)

@@ -46,7 +46,7 @@
 #define QK_K 256
 #define SLOTS 4          /* 64-weight vectors per super-block */
 #define KQ_ROWS 8        /* activation rows a weight row is unpacked once for */
-/* How far ahead a super-block's lines are prefetched (into L2, as simd.h's prefetch_ahead). This
+/* How far ahead a super-block's lines are prefetched (simd.h's prefetch_at, into L2). This
  * kernel does more work a byte than the Q8_0 and Q4 ones, so a shorter distance suffices: on the
  * Xeon, the 1.1B Q4_K_M file's matrices read at 23 GB/s 2 KB ahead, 20 GB/s 8 KB ahead, 16.5 GB/s
  * without prefetching (Q3_K_M's 18.7 / 18.1 / -). */
@@ -201,7 +201,6 @@ static inline __attribute__((always_inline)) void kquant_rows_impl(
         const float *xs16, const int64_t K, const int rows, float *out) {
     const int bytes = kquant_bytes(qtype);
     const int64_t nb = K / QK;
-    const __m512i low4 = _mm512_set1_epi8(0x0F), one = _mm512_set1_epi8(1), three = _mm512_set1_epi8(3);
     /* which of the 16 scale lanes each lane of a slot takes: Q4_K/Q5_K sub-blocks (lanes 0-7 of the
      * scale vector); Q6_K 16-weight sub-blocks (four lanes each) */
     const __m512i pick4[SLOTS] = {
@@ -233,7 +232,7 @@ static inline __attribute__((always_inline)) void kquant_rows_impl(
     sb_values(qtype, row, next_q);
     for (int sb = 0; sb < nsb; sb++) {
         const uint8_t *blk = row + (int64_t)sb * bytes;
-        for (int i = 0; i < bytes; i += 64) _mm_prefetch((const char *)blk + i + KQUANT_PREFETCH_AHEAD, PREFETCH_HINT);
+        for (int i = 0; i < bytes; i += 64) prefetch_at(blk + i, KQUANT_PREFETCH_AHEAD);
         const sb_scales_t cur = next;
         if (sb + 1 < nsb) next = sb_scales(qtype, blk + bytes);
         const __m512 scale = cur.scale, offset = cur.offset;

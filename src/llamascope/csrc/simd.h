@@ -24,9 +24,9 @@
  * distances that read fastest from memory here (kernel by kernel, 384 MB matrices with rows 288 to
  * 5632 wide, builds alternated in one process, two runs: against the earlier prefetch into L1 8 KB
  * ahead, float32 and bfloat16 read 5-48% faster; prefetching float rows 8 KB ahead into L2 gained
- * less, and 1 KB ahead lost). K-quants use their own distance (kquant.c).
- * The helpers are always_inline: as plain `static inline` functions called from the always_inline
- * row kernels, GCC 12 judged them free of side effects before inlining them and deleted the calls,
+ * less, and 1 KB ahead lost). K-quants use their own distance (kquant.c). A distance of 0 turns
+ * prefetching off. The helpers are always_inline: as plain `static inline` functions called from
+ * the always_inline row kernels, GCC 12 judged them free of side effects before inlining them and deleted the calls,
  * so until 2026-11-27 the Q4, multi-row Q8_0 and K-quant kernels never prefetched (an earlier tuning
  * of the block formats' distance measured nothing). Restored, on the Xeon: a Q4_0 matrix from memory
  * 20.5 -> 27.6 GB/s, 1.1B Q4_0 decode 35.7 -> 45.0 tokens/s, Q4_K_M 26.8 -> 34.7 (2 KB ahead).
@@ -40,18 +40,15 @@
 #ifndef PREFETCH_FLOAT_AHEAD
 #define PREFETCH_FLOAT_AHEAD 2048
 #endif
-#if PREFETCH_AHEAD > 0
-static inline __attribute__((always_inline)) void prefetch_ahead(const void *p) { _mm_prefetch((const char *)p + PREFETCH_AHEAD, PREFETCH_HINT); }
-#else
-static inline __attribute__((always_inline)) void prefetch_ahead(const void *p) { (void)p; }
-#endif
-#if PREFETCH_FLOAT_AHEAD > 0
-static inline __attribute__((always_inline)) void prefetch_ahead_256(const char *p) {  /* the four lines of a 256-byte run of float weights */
-    for (int i = 0; i < 256; i += 64) _mm_prefetch(p + PREFETCH_FLOAT_AHEAD + i, PREFETCH_HINT);
+/* One line prefetched `ahead` bytes past p (none where ahead is 0): the kernels' only way to prefetch,
+ * so that each distance is one setting. */
+static inline __attribute__((always_inline)) void prefetch_at(const void *p, int ahead) {
+    if (ahead > 0) _mm_prefetch((const char *)p + ahead, PREFETCH_HINT);
 }
-#else
-static inline __attribute__((always_inline)) void prefetch_ahead_256(const char *p) { (void)p; }
-#endif
+static inline __attribute__((always_inline)) void prefetch_ahead(const void *p) { prefetch_at(p, PREFETCH_AHEAD); }
+static inline __attribute__((always_inline)) void prefetch_ahead_256(const char *p) {  /* the four lines of a 256-byte run of float weights */
+    for (int i = 0; i < 256; i += 64) prefetch_at(p + i, PREFETCH_FLOAT_AHEAD);
+}
 
 static inline float f16(const uint8_t *p) {
     uint16_t h;
