@@ -21,7 +21,7 @@ from llamascope.generation import generate
 from llamascope.loading import load_model, open_checkpoint
 from llamascope.model import Transformer
 from llamascope.parallel import finish, init_from_env
-from llamascope.quant import QuantLinear
+from llamascope.layers import QuantLinear
 
 # Left-padded batch of two prompts (ids below the test tokenizer's 320).
 PROMPTS = [[1, 298, 307, 223, 87, 82, 81, 80, 269, 259, 75], [1, 44, 120, 5, 77]]

@@ -86,7 +86,7 @@ def test_convert_command(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["model_type"] == "llama"
-    folder, gguf_model = load_model(tmp_path / "hf", fast=False), load_model(path, quant="none", fast=False)
+    folder, gguf_model = load_model(tmp_path / "hf", backend="plain"), load_model(path, quant="none", backend="plain")
     ids = [1, 5, 9, 3]
     from llamascope.generation import generate
 

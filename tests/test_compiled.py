@@ -1,4 +1,4 @@
-"""`--compile`: the plain layers' decode step compiled by torch.compile, against transformers and the
+"""`--backend compiled`: the plain layers' decode step compiled by torch.compile, against transformers and the
 plain (uncompiled) path. Compiling takes seconds per model, so one compiled model serves the file."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ PROMPTS = ["My name is Mariama, my favorite", "Once upon a time", "def forward(s
 
 @pytest.fixture(scope="module")
 def compiled(tiny_model):
-    loaded = load_model(tiny_model, compile=True)
+    loaded = load_model(tiny_model, backend="compiled")
     assert type(loaded.model.decode_step) is CompiledDecode
     return loaded
 
@@ -108,12 +108,12 @@ def test_applies_only_to_one_token_per_row_over_a_plain_cache(compiled):
 
 
 def test_refusals_and_fallbacks(tiny_model, model_factory, caplog):
-    with pytest.raises(LlamascopeError, match="--compile runs float weights; --quant int8"):
-        load_model(tiny_model, compile=True, quant="int8")
+    with pytest.raises(LlamascopeError, match="--backend compiled runs float weights; --quant int8"):
+        load_model(tiny_model, backend="compiled", quant="int8")
     folder = model_factory("rope_dynamic", max_position_embeddings=24,
                            rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
     with caplog.at_level(logging.WARNING, logger="llamascope"):
-        loaded = load_model(folder, compile=True)
+        loaded = load_model(folder, backend="compiled")
     assert loaded.model.decode_step is None and "dynamic RoPE" in caplog.text
     if kernels.load() is not None:  # modules holding native kernels are not what the graph can trace
         with pytest.raises(NotApplicable, match="calls a native kernel"):
@@ -121,10 +121,10 @@ def test_refusals_and_fallbacks(tiny_model, model_factory, caplog):
 
 
 def test_cli_generate_with_compile(tiny_model, capsys):
-    assert main(["generate", "--model", str(tiny_model), "--compile", "--max-new-tokens", "4", "--json",
+    assert main(["generate", "--model", str(tiny_model), "--backend", "compiled", "--max-new-tokens", "4", "--json",
                  PROMPTS[1]]) == 0
     found = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    plain = load_model(tiny_model, fast=False)
+    plain = load_model(tiny_model, backend="plain")
     expected = generate(plain.model, plain.tokenizer.encode(PROMPTS[1]), max_new_tokens=4).output_ids[0]
     assert found["output_ids"] == expected
 
@@ -135,7 +135,7 @@ def test_past_the_recompile_limit_new_shapes_run_uncompiled(compiled, caplog):
     import torch._dynamo
 
     prompt = compiled.tokenizer.encode(PROMPTS[2])
-    expected = generate(load_model(compiled.checkpoint.path, fast=False).model, [prompt] * 5, max_new_tokens=6,
+    expected = generate(load_model(compiled.checkpoint.path, backend="plain").model, [prompt] * 5, max_new_tokens=6,
                         eos_token_id=[]).output_ids
     generate(compiled.model, prompt, max_new_tokens=2, eos_token_id=[])  # (so that one graph exists)
     with torch._dynamo.config.patch(recompile_limit=1), caplog.at_level(logging.WARNING, logger="llamascope"):
@@ -146,9 +146,9 @@ def test_past_the_recompile_limit_new_shapes_run_uncompiled(compiled, caplog):
 
 def test_bfloat16_rounds_where_eager_pytorch_does(model_factory):
     folder = model_factory("bfloat16", dtype=torch.bfloat16)
-    model = load_model(folder, compile=True).model
-    plain = load_model(folder, fast=False).model
+    model = load_model(folder, backend="compiled").model
+    plain = load_model(folder, backend="plain").model
     for prompt in PROMPTS:
-        ids = load_model(folder, fast=False).tokenizer.encode(prompt)
+        ids = load_model(folder, backend="plain").tokenizer.encode(prompt)
         assert (generate(model, ids, max_new_tokens=24, eos_token_id=[]).output_ids
                 == generate(plain, ids, max_new_tokens=24, eos_token_id=[]).output_ids), prompt

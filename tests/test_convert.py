@@ -17,7 +17,6 @@ from gguf_fixtures import (  # noqa: F401
 from llamascope.convert import convert_gguf, convert_gguf_tokenizer
 from llamascope.errors import LlamascopeError
 from llamascope.loading import default_model_path, load_model
-from llamascope.loading.gguf_tokenizer import tokenizer_from_gguf
 from llamascope.tokenizer import Tokenizer
 
 PROMPT_IDS = [6403, 1980, 253, 655]  # "Once upon a time"
@@ -137,7 +136,7 @@ def test_converted_llama3_tokenizer_loads_in_transformers(vocab_dir, tmp_path): 
     from transformers import AutoTokenizer
 
     gguf_path = vocab_dir / "ggml-vocab-llama-bpe.gguf"
-    ours = tokenizer_from_gguf(gguf_path)
+    ours = Tokenizer.from_gguf(gguf_path)
     folder = tmp_path / "bpe"
     from llamascope.convert import write_tokenizer
 

@@ -10,7 +10,7 @@ from llamascope import decode_step, kernels
 from llamascope.cache import KVCache
 from llamascope.generation import generate
 from llamascope.loading import load_model
-from llamascope.quant import accelerate_model
+from llamascope.native import accelerate
 
 pytestmark = pytest.mark.skipif(kernels.load() is None, reason="native kernels unavailable on this machine")
 
@@ -53,7 +53,7 @@ def test_native_step_matches_plain_float_path_and_transformers_tokens(tiny_model
     from transformers import LlamaForCausalLM
 
     fast = load_model(tiny_model).model
-    plain = load_model(tiny_model, fast=False).model
+    plain = load_model(tiny_model, backend="plain").model
     assert fast.decode_step is not None and plain.decode_step is None
     assert (_step_logits(fast, True) - _step_logits(plain, False)).abs().max() < 1e-4
     ours = generate(fast, PROMPT, max_new_tokens=24, eos_token_id=[]).output_ids[0]
@@ -65,8 +65,8 @@ def test_native_step_matches_plain_float_path_and_transformers_tokens(tiny_model
 
 def test_unfused_projections_take_the_three_part_route(tiny_model):
     """q, k, v (and gate, up) kept as separate layers: the step runs them side by side."""
-    model = accelerate_model(load_model(tiny_model, fast=False).model)  # kernels, no fusion
-    assert decode_step.enable(model)
+    model = accelerate(load_model(tiny_model, backend="plain").model, kernels.load())  # kernels, no fusion
+    assert decode_step.enable(model, kernels.load())
     assert model.decode_step.stack.layers[0].n_qkv == 3 and model.decode_step.stack.layers[0].n_gate_up == 2
     # (the unfused module path runs attention and SiLU through PyTorch: float rounding only)
     assert (_step_logits(model, True) - _step_logits(model, False)).abs().max() < 1e-4
@@ -86,7 +86,7 @@ def test_step_applies_only_where_the_module_path_would_use_the_kernels(tiny_mode
                             None)  # left padding: the rows' columns differ from their positions
     assert not step.applies(torch.zeros(9, 1, dtype=torch.long), KVCache.for_model(model, 9, 16), None, None)
     assert not step.applies(one, None, None, None)  # no cache
-    assert load_model(tiny_model, fast=False).model.decode_step is None
+    assert load_model(tiny_model, backend="plain").model.decode_step is None
     bf16 = load_model(tiny_model, dtype="bfloat16").model  # its own step, for bfloat16 caches only
     assert bf16.decode_step is not None and not bf16.decode_step.applies(one, cache, None, None)
     assert bf16.decode_step.applies(one, KVCache.for_model(bf16, 1, 16), None, None)
@@ -126,7 +126,7 @@ def test_a_full_cache_is_refused_before_the_native_call(tiny_model):
 
 
 def test_replacing_layers_drops_the_stale_step(tiny_model):
-    from llamascope.quant import quantize_model
+    from llamascope.layers import quantize_model
 
     model = load_model(tiny_model).model
     assert model.decode_step is not None
@@ -324,16 +324,29 @@ def test_prompt_attention_kernel_matches_causal_softmax_reference(T, start, H, K
     assert (outs[0].double() - expected).abs().max() < 1e-5
 
 
+class _PrefillSpy:
+    """The kernel library, recording (T, start) of each prompt attention call it runs."""
+
+    def __init__(self, lib, calls: list):
+        self.lib, self.calls = lib, calls
+
+    def __getattr__(self, name: str):
+        return getattr(self.lib, name)
+
+    def prefill_attention_f32(self, *args):
+        self.calls.append(args[5:7])
+        return self.lib.prefill_attention_f32(*args)
+
+
 def test_prompt_attention_runs_natively_and_matches_the_plain_path(tiny_model):
     """A prompt through the fast model's native RoPE and attention (and a second prompt after it,
     over cached columns) gives the plain PyTorch model's logits to float32 rounding."""
     fast = load_model(tiny_model).model
-    plain = load_model(tiny_model, fast=False).model
+    plain = load_model(tiny_model, backend="plain").model
     calls = []
     attention = fast.model.layers[0].self_attn
-    kernel = attention.prefill_kernel
-    assert kernel is not None and attention.rope_kernel is not None
-    attention.prefill_kernel = lambda *args: calls.append(args[5:7]) or kernel(*args)
+    assert attention.native is not None
+    attention.native = _PrefillSpy(attention.native, calls)
     prompt = list(range(3, 40))
     with torch.inference_mode():
         results = []
@@ -352,11 +365,10 @@ def test_prompt_attention_leaves_long_prompts_to_pytorch(tiny_model, monkeypatch
     import llamascope.model as model_module
 
     fast = load_model(tiny_model).model
-    plain = load_model(tiny_model, fast=False).model
+    plain = load_model(tiny_model, backend="plain").model
     calls = []
     for layer in fast.model.layers:
-        kernel = layer.self_attn.prefill_kernel
-        layer.self_attn.prefill_kernel = lambda *args, kernel=kernel: calls.append(args[5:7]) or kernel(*args)
+        layer.self_attn.native = _PrefillSpy(layer.self_attn.native, calls)
     monkeypatch.setattr(model_module, "PREFILL_NATIVE_COLUMNS", 20)
     prompt = list(range(3, 40))
     with torch.inference_mode():
@@ -402,7 +414,7 @@ def test_q8_0_embedding_rows_equal_the_modules_and_the_step_is_unchanged(tmp_pat
     mixed parts send the module path through PyTorch's attention, equal only to rounding.)"""
     from gguf_fixtures import GGUF_BLOCK, TinySpec, write_tiny_llama
 
-    from llamascope.quant import QuantEmbedding
+    from llamascope.layers import QuantEmbedding
 
     float_layers = {f"blk.{n}.{block}.weight": "F32" for n in range(2) for block in GGUF_BLOCK.values()}
     float_layers["output.weight"] = "F32"  # (a kept Q6_K head has no bfloat16 step)
@@ -504,7 +516,7 @@ def test_k_quant_gguf_stays_quantised_and_the_step_equals_the_modules(tmp_path, 
     twice that difference (a near-tie)."""
     from gguf_fixtures import GGUF_BLOCK, TinySpec, write_tiny_llama
 
-    from llamascope.quant import QuantLinear
+    from llamascope.layers import QuantLinear
 
     types = {f"blk.{n}.{block}.weight": qtype for n in range(2) for block in GGUF_BLOCK.values()}
     path = write_tiny_llama(tmp_path / f"{qtype}.gguf", TinySpec(), types={**types, "output.weight": qtype}).path

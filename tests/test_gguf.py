@@ -109,7 +109,7 @@ def test_unpermute_inverts_llama_cpp_permute():
 
 
 def test_slices_and_blocks_agree_with_full_reads(tiny):
-    from llamascope import quant
+    from llamascope import formats
 
     checkpoint = open_checkpoint(tiny.path)
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",
@@ -122,7 +122,7 @@ def test_slices_and_blocks_agree_with_full_reads(tiny):
                 assert torch.equal(source.read_slice(dim, start, stop), full.narrow(dim, start, stop - start))
         if source.read_blocks is not None:
             blocks = source.read_blocks()
-            assert torch.equal(quant.dequantize(blocks, source.stored_type, full.shape[1]), full)
+            assert torch.equal(formats.dequantize(blocks, source.stored_type, full.shape[1]), full)
 
 
 @pytest.mark.parametrize("stored", ["F32", "F16", "BF16"])
@@ -425,7 +425,7 @@ def test_without_native_kernels_blocks_are_dequantised_once_at_load(tiny, monkey
     import logging
 
     from llamascope import kernels
-    from llamascope.quant import QuantEmbedding, QuantLinear
+    from llamascope.layers import QuantEmbedding, QuantLinear
 
     monkeypatch.setattr(kernels, "load", lambda: None)
     with caplog.at_level(logging.INFO, logger="llamascope"):
@@ -440,17 +440,18 @@ def test_without_native_kernels_blocks_are_dequantised_once_at_load(tiny, monkey
 
 
 def test_plain_layers_dequantise_gguf_blocks_at_load(tiny, caplog):
-    """--plain (fast=False) means no native kernel in the model: GGUF blocks become float weights
+    """--backend plain means no native kernel in the model: GGUF blocks become float weights
     at load rather than QuantLinear layers running their kernels."""
     import logging
 
-    from llamascope.quant import QuantEmbedding, QuantLinear, native_kernel_modules
+    from llamascope.layers import QuantEmbedding, QuantLinear
+    from llamascope.native import native_modules
 
     with caplog.at_level(logging.INFO, logger="llamascope"):
-        loaded = load_model(tiny.path, fast=False)
-    assert "with --plain: weights dequantised to float32 at load" in caplog.text
+        loaded = load_model(tiny.path, backend="plain")
+    assert "with --backend plain: weights dequantised to float32 at load" in caplog.text
     assert not [m for m in loaded.model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
-    assert list(native_kernel_modules(loaded.model)) == []
+    assert list(native_modules(loaded.model)) == []
 
 
 def test_q5_0_is_kept_as_q8_0_and_q5_1_is_dequantised(tmp_path):
@@ -460,7 +461,7 @@ def test_q5_0_is_kept_as_q8_0_and_q5_1_is_dequantised(tmp_path):
     minimum) becomes float at load. Every weight equals ggml's dequantisation (transcribed)."""
     from gguf_fixtures import GGUF_BLOCK
 
-    from llamascope.quant import QuantLinear
+    from llamascope.layers import QuantLinear
 
     types = {f"blk.0.{block}.weight": "Q5_0" for block in GGUF_BLOCK.values()}
     types.update({f"blk.1.{block}.weight": "Q5_1" for block in GGUF_BLOCK.values()})

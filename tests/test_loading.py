@@ -201,13 +201,14 @@ def test_bin_loads_like_safetensors(model_factory):
         assert torch.equal(a, b), name
 
 
-# Peaks are VmHWM (bench.peak_rss_bytes): ru_maxrss would start at pytest's own peak, carried over exec.
+# Peaks are VmHWM (memory.peak_rss_bytes): ru_maxrss would start at pytest's own peak, carried over exec.
 # A small model of the same kind is loaded first, so that what the runtime allocates once (the kernel
 # library, OpenMP threads, lazy imports: 20-60 MB, more on a fresh machine) is not counted against
 # the weights. argv: model, dtype ("auto" for GGUF), warm-up model, --quant ("" for none).
 RSS_SCRIPT = """
 import sys
-from llamascope.bench import peak_rss_bytes, tensor_bytes
+from llamascope.bench import tensor_bytes
+from llamascope.memory import peak_rss_bytes
 from llamascope.loading import load_model
 from llamascope.generation import generate
 quant = sys.argv[4] or None
@@ -290,7 +291,8 @@ def test_converting_a_large_tensor_slice_by_slice_gives_the_same_weights(model_f
     """A tensor that changes type on loading and is larger than CONVERT_CHUNK_BYTES is read in
     slices of rows straight into the result; with a tiny chunk size every weight goes that way
     (rows not dividing evenly included), and the model equals one loaded whole-tensor."""
-    import llamascope.loading as loading
+    import llamascope.loading.build as build
+    from llamascope.loading import TensorSource
 
     if source == "gguf":
         from gguf_fixtures import write_tiny_llama
@@ -301,9 +303,9 @@ def test_converting_a_large_tensor_slice_by_slice_gives_the_same_weights(model_f
         path = model_factory("gqa") if source == "safetensors" else model_factory("bin", safe=False)
     whole = load_model(path, dtype="bfloat16").model.state_dict()
     reads = []
-    monkeypatch.setattr(loading, "CONVERT_CHUNK_BYTES", 1000)
-    original = loading.TensorSource.read_slice
-    monkeypatch.setattr(loading.TensorSource, "read_slice",
+    monkeypatch.setattr(build, "CONVERT_CHUNK_BYTES", 1000)
+    original = TensorSource.read_slice
+    monkeypatch.setattr(TensorSource, "read_slice",
                         lambda self, *a: reads.append(a) or original(self, *a))
     sliced = load_model(path, dtype="bfloat16").model.state_dict()
     assert len(reads) > 2 * len(whole)  # the slice route was taken, several slices per tensor
@@ -318,19 +320,19 @@ def test_quantising_a_gguf_while_loading_reads_whole_heads(tmp_path, monkeypatch
     """--quant on a GGUF: each matrix is read in slices of whole heads (q and k rows are stored in
     llama.cpp's order within a head; a slice cutting a head fell back to reading and dequantising
     the whole matrix), and the blocks are those of quantising the float model after loading."""
-    import llamascope.quant as quant_module
+    import llamascope.loading.build as build_module
     from gguf_fixtures import write_tiny_llama
+    from llamascope.layers import QuantLinear, quantize_model
     from llamascope.loading.gguf import GGUFWeight
-    from llamascope.quant import QuantLinear, quantize_model
 
     path = tmp_path / "tiny.gguf"
     write_tiny_llama(path)  # (hidden 256, 4 heads of 64; q and k in Q8_0 / K-quant blocks)
-    expected = quantize_model(load_model(path, quant="none", fast=False).model, quant)
+    expected = quantize_model(load_model(path, quant="none", backend="plain").model, quant)
     whole = []
     original = GGUFWeight.read
     monkeypatch.setattr(GGUFWeight, "read", lambda self: whole.append(len(self.shape)) or original(self))
-    monkeypatch.setattr(quant_module, "QUANTIZE_ROWS_BYTES", 1000)  # slices of a few rows: not whole heads
-    loaded = load_model(path, quant=quant, fast=False).model
+    monkeypatch.setattr(build_module, "QUANTIZE_ROWS_BYTES", 1000)  # slices of a few rows: not whole heads
+    loaded = load_model(path, quant=quant, backend="plain").model
     assert 2 not in whole  # no matrix read whole
     layers = {n: m for n, m in loaded.named_modules() if isinstance(m, QuantLinear)}
     reference = {n: m for n, m in expected.named_modules() if isinstance(m, QuantLinear)}

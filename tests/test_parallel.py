@@ -218,7 +218,7 @@ def test_gguf_slices_match_the_whole_weight(model_path):
 def test_gguf_block_slices_match_the_whole_blocks(model_path):
     """Kept blocks: rows (Q/K at whole heads, un-permuted) and columns on block boundaries read on
     their own equal the same part of all the blocks; other cuts are refused, naming the tensor."""
-    from llamascope.quant import block_layout
+    from llamascope.formats import block_layout
 
     checkpoint = open_checkpoint(model_path(GGUF))
     head_dim = checkpoint.config.head_dim
@@ -271,7 +271,7 @@ def test_gguf_split_layers_compute_the_whole_layers(name, model_path):
     """Each rank keeps its slice of the blocks, and its layers give the whole layer's numbers:
     column-parallel rows exactly, row-parallel partial sums up to float32 reordering on decode rows
     (the 8-bit activation blocks are the same on each rank) and one bf16 step on prefill rows."""
-    from llamascope.quant import QuantLinear
+    from llamascope.layers import QuantLinear
 
     single = load_model(model_path(name)).model
     ranks = _rank_models(model_path(name))
@@ -315,7 +315,7 @@ def test_gguf_ranks_read_and_hold_their_own_blocks(name, model_path, monkeypatch
     """Per-rank weight memory is the replicated part plus 1/N of the rest, the split weights'
     blocks are read as slices (never whole), and the kernels are the quantised ones."""
     from llamascope.loading import gguf
-    from llamascope.quant import QuantLinear
+    from llamascope.layers import QuantLinear
 
     single = load_model(model_path(name)).model
     replicated = [single.model.embed_tokens, single.model.norm, single.model.rotary_emb] + \
@@ -349,7 +349,7 @@ def test_gguf_row_parallel_layer_off_block_boundaries_is_held_as_float(tmp_path,
     rank holds it as float (the same values) and says so; every other layer keeps its blocks."""
     import logging
 
-    from llamascope.quant import QuantLinear
+    from llamascope.layers import QuantLinear
 
     file = tmp_path / "hd48.gguf"
     write_tiny_llama(file, TinySpec(hidden=96, intermediate=192, heads=2, kv_heads=2, layers=1),

@@ -38,7 +38,7 @@ def reference_sliding_nll(hf, ids: list[int], window: int, stride: int) -> tuple
 
 
 def test_perplexity_matches_transformers(tiny_model):
-    ours = load_model(tiny_model, fast=False)
+    ours = load_model(tiny_model, backend="plain")
     ids = ours.tokenizer.encode(TEXT)[:200]  # within the test model's 256 positions
     hf = LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     # One window: exp of transformers' mean loss.
@@ -88,7 +88,7 @@ def test_bench_json_report(tiny_model, capsys):
     lib = kernels.load()
     assert report["kernels"] == (lib.build if lib is not None else "none")
     assert main(["bench", "--model", str(tiny_model), "--new-tokens", "2", "--prefill-tokens", "8",
-                 "--repeats", "1", "--json", "--plain"]) == 0
+                 "--repeats", "1", "--json", "--backend", "plain"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["kernels"] == "none"
 
 

@@ -13,7 +13,9 @@ from gguf import quants
 from llamascope import kernels
 from llamascope.generation import generate
 from llamascope.loading import load_model
-from llamascope.quant import FastLinear, QuantEmbedding, QuantLinear, dequantize, quantize, quantize_model
+from llamascope.formats import dequantize, quantize
+from llamascope.layers import FastLinear, QuantEmbedding, QuantLinear, quantize_model
+from llamascope.native import native_linear
 
 QTYPES = ["Q8_0", "Q4_0", "Q4_1"]
 needs_kernels = pytest.mark.skipif(kernels.load() is None, reason="native kernels unavailable on this machine")
@@ -33,13 +35,18 @@ def test_block_formats_match_ggml_reference(qtype):
 
 
 @needs_kernels
+def _native(layer: QuantLinear) -> QuantLinear:
+    """The layer as the native backend runs it (the kernels' layout, the library attached)."""
+    return native_linear(layer, kernels.load())
+
+
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("K", [32, 96, 576, 1536])
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_quant_kernel_matches_plain_path(qtype, K, rows):
     """The kernel quantises activations to 8 bits per block of 32: within ~1% of the plain path."""
     torch.manual_seed(K + rows)
-    layer = QuantLinear.from_float(torch.randn(67, K), qtype)
+    layer = _native(QuantLinear.from_float(torch.randn(67, K), qtype))
     x = torch.randn(rows, K)
     fast, plain = layer(x), layer.forward_plain(x)
     assert fast.shape == plain.shape == (rows, 67)
@@ -55,7 +62,7 @@ def test_quant_kernel_matches_plain_path(qtype, K, rows):
 def test_nan_activations_give_nan_like_the_plain_path(qtype, at):
     """A NaN anywhere in an activation row makes every output of that row NaN, as float
     arithmetic does; before, a NaN among the first 16 values of a block was lost by vmaxps."""
-    layer = QuantLinear.from_float(torch.randn(5, 64), qtype)
+    layer = _native(QuantLinear.from_float(torch.randn(5, 64), qtype))
     x = torch.randn(2, 64)
     x[0, at] = float("nan")
     fast, plain = layer(x), layer.forward_plain(x)
@@ -69,7 +76,7 @@ def test_nan_activations_give_nan_like_the_plain_path(qtype, at):
 def test_fast_float_linear_matches_torch(dtype, shape):
     torch.manual_seed(0)
     w = torch.randn(*shape).to(dtype)
-    layer = FastLinear(w)
+    layer = FastLinear(w, None, kernels.load())
     for rows in (1, 4):
         x = torch.randn(rows, shape[1]).to(dtype)
         expected = F.linear(x, w).float()
@@ -88,7 +95,7 @@ def test_quant_embedding_rows():
 
 
 def test_fast_model_generates_like_plain_model(tiny_model):
-    plain = load_model(tiny_model, fast=False)
+    plain = load_model(tiny_model, backend="plain")
     fast = load_model(tiny_model)
     assert any(isinstance(m, FastLinear) for m in fast.model.modules()) == (kernels.load() is not None)
     assert not any(isinstance(m, FastLinear) for m in plain.model.modules())
@@ -109,7 +116,7 @@ def test_quantized_model_kernel_vs_plain_path(tiny_model, quant, qtype):
     logits_fast, logits_plain = [], []
     generate(fast.model, ids, max_new_tokens=8, eos_token_id=[], on_step=lambda s: logits_fast.append(s.logits))
     for m in layers:
-        m._kernel = None  # force the plain path
+        m.native = None  # force the plain path
     generate(fast.model, ids, max_new_tokens=8, eos_token_id=[], on_step=lambda s: logits_plain.append(s.logits))
     # Later steps may follow different tokens after a near tie; compare prefill and the first decode step.
     # The kernels' 8-bit activations put this random model's logits 1.5-3.5% of their range away
@@ -127,8 +134,8 @@ def test_quantising_while_loading_gives_the_transform_s_weights(model_factory, q
     result is quantize_model's on the float model: the same blocks in every layer, the embedding
     and head in Q8_0, a tied head sharing the embedding's blocks."""
     path = model_factory(name, **overrides)
-    loaded = load_model(path, quant=quant, fast=False).model
-    transformed = quantize_model(load_model(path, fast=False).model, quant)
+    loaded = load_model(path, quant=quant, backend="plain").model
+    transformed = quantize_model(load_model(path, backend="plain").model, quant)
     qtype = {"int8": "Q8_0", "int4": "Q4_1", "q4_0": "Q4_0"}[quant]
     layers = {n: m for n, m in loaded.named_modules() if isinstance(m, QuantLinear)}
     expected = {n: m for n, m in transformed.named_modules() if isinstance(m, QuantLinear)}
@@ -141,7 +148,7 @@ def test_quantising_while_loading_gives_the_transform_s_weights(model_factory, q
     for model in (loaded, transformed):
         embed = model.model.embed_tokens
         assert isinstance(embed, QuantEmbedding) and embed.qtype == "Q8_0"
-        shared = model.lm_head.stored.data_ptr() == embed.blocks.data_ptr()
+        shared = model.lm_head.qweight.data_ptr() == embed.blocks.data_ptr()
         assert shared == bool(overrides.get("tie_word_embeddings"))
     assert torch.equal(loaded.model.embed_tokens.blocks, transformed.model.embed_tokens.blocks)
     for (n, a), (_, b) in zip(loaded.state_dict().items(), transformed.state_dict().items()):
@@ -150,7 +157,7 @@ def test_quantising_while_loading_gives_the_transform_s_weights(model_factory, q
 
 
 def test_quantized_model_close_to_float(tiny_model):
-    plain = load_model(tiny_model, fast=False)
+    plain = load_model(tiny_model, backend="plain")
     ids = torch.tensor([plain.tokenizer.encode("My name is Mariama, my favorite")])
     positions = torch.arange(ids.shape[1])[None]
     with torch.no_grad():
@@ -169,11 +176,12 @@ def test_lm_head_keeps_float_activations():
     """8-bit activations beside outlier channels can swap close top candidates: the head's product
     keeps them in float32 and matches the plain path to float rounding."""
     torch.manual_seed(0)
-    head = QuantLinear.from_float(torch.randn(500, 576), "Q8_0")
+    layer = QuantLinear.from_float(torch.randn(500, 576), "Q8_0")
     x = torch.randn(1, 576)
     x[0, 7] = 40.0  # an outlier channel, as final hidden states have
-    approximate = head(x)
-    head.use_float_activations()
+    approximate = _native(layer)(x)
+    head = native_linear(layer, kernels.load(), is_head=True)
+    assert head.float_activations and head.layout == "ggml"
     exact, plain = head(x), head.forward_plain(x)
     assert torch.allclose(exact, plain, rtol=1e-5, atol=1e-4 * plain.abs().max())
     assert (approximate - plain).abs().max() > 10 * (exact - plain).abs().max()
@@ -185,7 +193,7 @@ def test_lm_head_keeps_float_activations():
 def test_native_dequantisation_is_exact(qtype, K):
     """The prefill path's native dequantisation gives the plain path's numbers bit for bit."""
     torch.manual_seed(K)
-    layer = QuantLinear.from_float(torch.randn(37, K) * torch.rand(37, 1) * 3, qtype)
+    layer = _native(QuantLinear.from_float(torch.randn(37, K) * torch.rand(37, 1) * 3, qtype))
     assert torch.equal(layer.dequantized_fast(torch.float32), layer.dequantized(torch.float32))
     assert torch.equal(layer.dequantized_fast(torch.bfloat16), layer.dequantized(torch.bfloat16))
 
@@ -197,7 +205,7 @@ def test_long_inputs_match_plain_path(qtype):
     bfloat16 product (the default where the CPU has AVX512-BF16) to bfloat16 rounding of the
     activations and weights."""
     torch.manual_seed(3)
-    layer = QuantLinear.from_float(torch.randn(96, 256), qtype)
+    layer = _native(QuantLinear.from_float(torch.randn(96, 256), qtype))
     x = torch.randn(40, 256)
     plain = layer.forward_plain(x)
     scale = x.abs() @ layer.dequantized().abs().t()  # [40, 96] size of each dot product's terms
@@ -219,11 +227,11 @@ def test_kernel_rows_are_independent(kind, K):
     w = torch.randn(45, K)
     if kind in ("float32", "bfloat16"):
         dtype = getattr(torch, kind)
-        layer, x = FastLinear(w.to(dtype)), torch.randn(8, K).to(dtype)
+        layer, x = FastLinear(w.to(dtype), None, kernels.load()), torch.randn(8, K).to(dtype)
     else:
-        layer, x = QuantLinear.from_float(w, kind[:4]), torch.randn(8, K)
-        if kind.endswith("float-activations"):
-            layer.use_float_activations()
+        head = kind.endswith("float-activations")
+        layer, x = native_linear(QuantLinear.from_float(w, kind[:4]), kernels.load(), is_head=head), torch.randn(8, K)
+        assert layer.float_activations == head
     alone = torch.cat([layer(x[i:i + 1]) for i in range(8)])
     for rows in (2, 5, 8):
         assert torch.equal(layer(x[:rows]), alone[:rows]), rows
@@ -239,7 +247,7 @@ def _k_layer(qtype: str, N: int, K: int, seed: int) -> QuantLinear:
     from gguf_fixtures import random_blocks
 
     raw = random_blocks(np.random.default_rng(seed), N, K, qtype)  # [N, K/256 * bytes]
-    return QuantLinear(torch.from_numpy(raw), qtype, K)
+    return _native(QuantLinear(torch.from_numpy(raw), qtype, K))
 
 
 def _eight_bit(x: torch.Tensor) -> torch.Tensor:
@@ -319,6 +327,7 @@ def test_k_quant_embedding_rows_are_the_reference_rows(qtype, dtype):
 
     raw = torch.from_numpy(random_blocks(np.random.default_rng(3), 50, 512, qtype))
     embedding = QuantEmbedding(raw, qtype, 512, dtype)
+    embedding.native = kernels.load()
     tokens = torch.tensor([[0, 49, 7], [7, 23, 1]])
     expected = dequantize(raw, qtype, 512, dtype)[tokens]  # [2, 3, 512]
     assert torch.equal(embedding(tokens), expected)
@@ -331,7 +340,7 @@ def test_block_packing_in_row_slices(qtype, K, monkeypatch):
     by one, each group laid out as the kernel reads it (Q4: nibbles, scales, minimums; Q8_0: weights
     0-15 of each block, 16-31 of each, both as q + 128, then the scales), zero blocks as padding,
     and unpack_blocks gives the blocks back."""
-    import llamascope.quant as quant
+    import llamascope.formats as quant
 
     N, nb = 23, K // 32
     size = quant.BLOCK_BYTES[qtype]

@@ -20,9 +20,8 @@ import tokenizers
 from gguf_fixtures import llama_cpp_cases, sentencepiece_model_bytes, vocab_dir  # noqa: F401
 from llamascope.errors import LlamascopeError
 from llamascope.loading import default_model_path
-from llamascope.loading.gguf_tokenizer import tokenizer_from_gguf
-from llamascope.loading.spm import tokenizer_from_sentencepiece
 from llamascope.tokenizer import Tokenizer
+from llamascope.loading.spm import tokenizer_from_sentencepiece
 
 SPM = "ggml-vocab-llama-spm.gguf"
 BPE = "ggml-vocab-llama-bpe.gguf"
@@ -56,7 +55,7 @@ def random_texts(count: int = 150, seed: int = 0, digits: bool = True) -> list[s
 
 @pytest.fixture(scope="module")
 def llama2(vocab_dir):  # noqa: F811
-    return tokenizer_from_gguf(vocab_dir / SPM)
+    return Tokenizer.from_gguf(vocab_dir / SPM)
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +167,7 @@ def test_not_a_sentencepiece_model(tmp_path):
 
 @pytest.fixture(scope="module")
 def llama3(vocab_dir):  # noqa: F811
-    return tokenizer_from_gguf(vocab_dir / BPE)
+    return Tokenizer.from_gguf(vocab_dir / BPE)
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +211,7 @@ def test_llama3_matches_transformers(llama3, llama3_reference, vocab_dir):  # no
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return tokenizer_from_gguf(default_model_path())
+    return Tokenizer.from_gguf(default_model_path())
 
 
 def test_smollm2_tokenizer(smollm2):

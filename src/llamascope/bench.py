@@ -4,7 +4,6 @@ bandwidth measured here)."""
 
 from __future__ import annotations
 
-import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -13,7 +12,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import kernels
 from .generation import generate
+from .memory import load_added_rss, peak_rss_bytes
+from .native import native_modules
 
 SAMPLE_TEXT = (
     "The history of the printing press begins in the fifteenth century, when movable type made books "
@@ -66,48 +68,8 @@ class BenchResult:
 
 def kernel_build(model: nn.Module) -> str:
     """The native kernel build this model's layers call, or "none" (plain PyTorch throughout)."""
-    from . import kernels
-    from .decode_step import DecodeStep
-    from .quant import native_kernel_modules
-
     lib = kernels.load()
-    uses = type(getattr(model, "decode_step", None)) is DecodeStep or next(native_kernel_modules(model), None) is not None
-    return lib.build if lib is not None and uses else "none"
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process (VmHWM on Linux: ru_maxrss carries a parent's peak
-    across exec)."""
-    peak = _status_bytes("VmHWM:")
-    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def rss_bytes() -> int | None:
-    """Resident memory of this process now (None where /proc is not available)."""
-    return _status_bytes("VmRSS:")
-
-
-def _status_bytes(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def load_added_rss(loaded, peak_after: int) -> int | None:
-    """How far loading raised this process's resident memory above what it held as loading began:
-    the peak since, less the RSS then. Known only when the peak was set during or after loading
-    (higher than the peak before it) or the process had never been above its RSS at that moment."""
-    before, peak_before = loaded.rss_before_bytes, loaded.peak_rss_before_bytes
-    if before is None or peak_before is None:
-        return None
-    if peak_after > peak_before or peak_before <= before:
-        return peak_after - before
-    return None
+    return lib.build if lib is not None and next(native_modules(model), None) is not None else "none"
 
 
 def tensor_bytes(model: nn.Module) -> int:

@@ -1,4 +1,4 @@
-"""A decode step compiled by `torch.compile` (`--compile`): for where the native kernels do not run.
+"""A decode step compiled by `torch.compile` (`--backend compiled`): for where the native kernels do not run.
 
 On a GPU (or a CPU without AVX2) every layer runs PyTorch's operations, and a decode step is some
 thirty small operations per layer, each dispatched from Python. `CompiledDecode` hands the plain
@@ -35,7 +35,7 @@ from torch import nn
 
 from .cache import KVCache
 from .model import check_token_ids
-from .quant import native_kernel_modules
+from .native import native_modules
 
 CAPACITY_STEP = 256
 log = logging.getLogger("llamascope")
@@ -68,9 +68,9 @@ class CompiledDecode:
     def __init__(self, model: nn.Module):
         if model.config.rope_type == "dynamic":
             raise NotApplicable("dynamic RoPE scaling recomputes its frequencies from each step's positions")
-        name = next(native_kernel_modules(model), None)
+        name = next(native_modules(model), None)
         if name is not None:
-            raise NotApplicable(f"{name or 'the model'} calls a native kernel (load it with fast=False)")
+            raise NotApplicable(f"{name or 'the model'} calls a native kernel (load it with backend='compiled')")
         if model.device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
             raise NotApplicable("compiling for the CPU needs a C++ compiler (g++ or clang++)")
         self.model = model
@@ -126,7 +126,7 @@ class CompiledDecode:
             try:
                 logits = self._graph(ids[0], ids[1], cache.keys, cache.values, column, pad)  # [B, 1, vocab]
             except torch._dynamo.exc.FailOnRecompileLimitHit:  # (raised before anything runs)
-                log.warning("--compile: PyTorch's limit of compiled graphs is reached; batch %d with a %d-column "
+                log.warning("--backend compiled: PyTorch's limit of compiled graphs is reached; batch %d with a %d-column "
                             "cache runs uncompiled", B, capacity)
                 self._uncompiled.add(graph_key)
                 logits = self._forward(ids[0], ids[1], cache.keys, cache.values, column, pad)
@@ -139,6 +139,6 @@ def enable(model: nn.Module) -> bool:
     try:
         model.decode_step = CompiledDecode(model)
     except NotApplicable as e:
-        log.warning("--compile: not used: %s", e)
+        log.warning("--backend compiled: not used: %s", e)
         model.decode_step = None
     return model.decode_step is not None

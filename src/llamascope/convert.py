@@ -17,6 +17,7 @@ import torch
 from .errors import LlamascopeError
 from .loading import DTYPES, Checkpoint, check_tensors, expected_shapes
 from .loading.gguf import open_gguf
+from .tokenizer import Tokenizer
 
 log = logging.getLogger("llamascope")
 
@@ -59,10 +60,8 @@ def write_tokenizer(tokenizer, out_dir: Path, model_max_length: int | None = Non
 
 def convert_gguf_tokenizer(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """Only the tokenizer of a GGUF (model or vocabulary-only) as tokenizer.json + tokenizer_config.json."""
-    from .loading.gguf_tokenizer import tokenizer_from_gguf
-
     out_dir = Path(out_dir)
-    write_tokenizer(tokenizer_from_gguf(Path(gguf_path)), out_dir)
+    write_tokenizer(Tokenizer.from_gguf(Path(gguf_path)), out_dir)
     return out_dir
 
 

@@ -27,18 +27,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
 from .cache import KVCache, SlotBatch
 from .errors import LlamascopeError
 from .model import check_token_ids
-from .quant import KERNEL_MAX_ROWS, FastLinear, QuantEmbedding, QuantLinear
+from .layers import KERNEL_MAX_ROWS, FastLinear, QuantEmbedding, QuantLinear
 
-# Weight formats, as in csrc/decode_step.c
+# Weight kinds, as in csrc/decode_step.c: (format, layout, float activations) -> kind
 (LIN_F32, LIN_BF16, LIN_Q8_0, LIN_Q4_0, LIN_Q4_1, LIN_Q8_0_EXACT, LIN_Q4_K, LIN_Q5_K, LIN_Q6_K, LIN_Q2_K,
  LIN_Q3_K, LIN_Q8_0_PACKED) = range(12)
-_PACKED_KINDS = {"Q8_0": LIN_Q8_0_PACKED, "Q4_0": LIN_Q4_0, "Q4_1": LIN_Q4_1}  # QuantLinear.packed layouts
-_STORED_KINDS = {"Q8_0": LIN_Q8_0, "Q2_K": LIN_Q2_K, "Q3_K": LIN_Q3_K, "Q4_K": LIN_Q4_K, "Q5_K": LIN_Q5_K,
-                 "Q6_K": LIN_Q6_K}
+_KINDS = {("F32", "rows", False): LIN_F32, ("BF16", "rows", False): LIN_BF16,
+          ("Q8_0", "ggml", False): LIN_Q8_0, ("Q8_0", "ggml", True): LIN_Q8_0_EXACT,
+          ("Q8_0", "packed", False): LIN_Q8_0_PACKED, ("Q4_0", "packed", False): LIN_Q4_0,
+          ("Q4_1", "packed", False): LIN_Q4_1, ("Q2_K", "ggml", False): LIN_Q2_K, ("Q3_K", "ggml", False): LIN_Q3_K,
+          ("Q4_K", "ggml", False): LIN_Q4_K, ("Q5_K", "ggml", False): LIN_Q5_K, ("Q6_K", "ggml", False): LIN_Q6_K}
 
 _p, _i, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 
@@ -80,32 +81,17 @@ def _float_copy(t: torch.Tensor, keep: list) -> int:
 def _describe(module: nn.Module, keep: list, what: str, bf16: bool = False) -> _Linear:
     """The C description of one projection; its tensors go into `keep`. With `bf16` (a bfloat16
     model) only bfloat16 weights whose inputs are a multiple of 32 wide qualify."""
-    if bf16:
-        if not (isinstance(module, FastLinear) and module._bf16_kernel is not None):
-            raise NotApplicable(f"{what} is not a bfloat16 layer with the AVX512-BF16 kernel")
-        bias = None if module.bias is None else _float_copy(module.bias, keep)
-        keep.append(module.weight)
-        return _Linear(LIN_BF16, module.out_features, module.in_features, module.weight.data_ptr(), bias or 0)
-    if isinstance(module, FastLinear) and module._kernel is not None:
-        kind = {torch.float32: LIN_F32, torch.bfloat16: LIN_BF16}.get(module.weight.dtype)
-        if kind is None or not module.weight.is_contiguous():
-            raise NotApplicable(f"{what}: weight dtype {module.weight.dtype}")
-        weight = module.weight
-    elif isinstance(module, QuantLinear) and module._kernel is not None:
-        if module._exact_kernel is not None:
-            kind, weight = LIN_Q8_0_EXACT, module.stored
-        elif hasattr(module, "packed"):
-            kind, weight = _PACKED_KINDS[module.qtype], module.packed
-        elif module.qtype in _STORED_KINDS:
-            kind, weight = _STORED_KINDS[module.qtype], module.stored
-        else:
-            raise NotApplicable(f"{what}: block format {module.qtype}")
-    else:
+    desc = module.native_weight() if isinstance(module, (FastLinear, QuantLinear)) else None
+    if desc is None:
         raise NotApplicable(f"{what} is a {type(module).__name__} without a native kernel")
-    bias = getattr(module, "bias", None)
-    bias = None if bias is None else bias.detach().float().contiguous()
-    keep += [weight, bias]
-    return _Linear(kind, module.out_features, module.in_features, weight.data_ptr(), _float32(bias, what))
+    if bf16 and not (desc.format == "BF16" and desc.in_features % 32 == 0):
+        raise NotApplicable(f"{what} is not a bfloat16 layer with the AVX512-BF16 kernel")
+    kind = _KINDS.get((desc.format, desc.layout, desc.float_activations))
+    if kind is None or not desc.weight.is_contiguous():
+        raise NotApplicable(f"{what}: no native step for {desc.format} weights in the {desc.layout} layout")
+    bias = None if desc.bias is None else desc.bias.detach().float().contiguous()  # (exact from bfloat16)
+    keep += [desc.weight, bias]
+    return _Linear(kind, desc.out_features, desc.in_features, desc.weight.data_ptr(), _float32(bias, what))
 
 
 def _parts(parent: nn.Module, fused: str, names: tuple[str, ...]) -> list[nn.Module]:
@@ -116,10 +102,7 @@ def _parts(parent: nn.Module, fused: str, names: tuple[str, ...]) -> list[nn.Mod
 class DecodeStep:
     """`step(tokens [B, 1], positions [B, 1], cache) -> logits [B, 1, vocab]` in one native call."""
 
-    def __init__(self, model: nn.Module):
-        lib = kernels.load()
-        if lib is None:
-            raise NotApplicable("native kernels are off")
+    def __init__(self, model: nn.Module, lib: ctypes.CDLL):
         config = model.config
         self.dtype = model.dtype
         if model.device.type != "cpu":
@@ -165,7 +148,7 @@ class DecodeStep:
         embed = model.model.embed_tokens
         self._q8_embedding = isinstance(embed, QuantEmbedding) and embed.qtype == "Q8_0" and embed.out_dtype == self.dtype
         self._vocab_rows = embed.blocks.shape[0] if isinstance(embed, QuantEmbedding) else embed.weight.shape[0]
-        self._lib = lib
+        self.lib = lib  # the kernel library the step runs on
 
     def applies(self, tokens: torch.Tensor, cache, mask, capture) -> bool:
         """True for one new token per sequence, at most KERNEL_MAX_ROWS sequences, over a plain
@@ -219,7 +202,7 @@ class DecodeStep:
         x = torch.empty(len(ids), 1, K, dtype=self.dtype)  # [B, 1, hidden]
         step, base = K * x.element_size(), embed.blocks.data_ptr()
         for b, token in enumerate(ids):
-            self._lib.dequant_q8_0(base + token * row_bytes, 1, K, x.data_ptr() + b * step,
+            self.lib.dequant_q8_0(base + token * row_bytes, 1, K, x.data_ptr() + b * step,
                                    int(self.dtype == torch.bfloat16), 1)
         return x
 
@@ -256,10 +239,10 @@ class DecodeStep:
         return logits if self.dtype == torch.float32 else logits.to(self.dtype)  # (bfloat16-exact already)
 
 
-def enable(model: nn.Module) -> bool:
-    """Give the model its native decode step where it applies; True when it does."""
+def enable(model: nn.Module, lib: ctypes.CDLL) -> bool:
+    """Give the model its native decode step on `lib` where it applies; True when it does."""
     try:
-        model.decode_step = DecodeStep(model)
+        model.decode_step = DecodeStep(model, lib)
     except NotApplicable:
         model.decode_step = None
     return model.decode_step is not None

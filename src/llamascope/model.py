@@ -4,7 +4,7 @@ Parameter names follow Hugging Face's LlamaForCausalLM (`model.layers.0.self_att
 ...), so a checkpoint's state dict loads without renaming. Numerics follow transformers'
 implementation step by step (RMSNorm in float32, RoPE tables in float32 cast to the activation
 dtype, rotate-half layout), which is what makes greedy tokens match it. With the native kernels
-(quant.accelerate_model) a float32 model's RMSNorm, SiLU, attention and decode steps run in C:
+(native.attach) a float32 model's RMSNorm, SiLU, attention and decode steps run in C:
 the same formulas, summed in another order (float32 rounding apart; tests compare them).
 
 Capture points: when `capture` is a dict, the forward pass stores named activations in it:
@@ -27,6 +27,7 @@ from torch import nn
 from .cache import KVCache
 from .config import ModelConfig
 from .errors import LlamascopeError
+from .layers import Linear
 
 
 # ---- rotary embeddings: one function per rope_type ---------------------------------------------
@@ -115,26 +116,18 @@ def check_token_ids(ids: list[int], vocab_size: int, where: str = "") -> None:
 
 # ---- blocks ------------------------------------------------------------------------------------
 
-class Linear(nn.Linear):
-    """nn.Linear whose weights always come from a checkpoint: construction allocates and does not
-    draw random values (which on the meta device would also pull in a second of imports)."""
-
-    def reset_parameters(self) -> None:
-        pass
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        self.kernel = None  # native float32 kernel (quant.accelerate_model sets it)
+        self.native = None  # the kernel library (native.attach sets it): float32 rows natively
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None and x.dtype == torch.float32 and x.is_contiguous() and not x.requires_grad \
+        if self.native is not None and x.dtype == torch.float32 and x.is_contiguous() and not x.requires_grad \
                 and x.device.type == "cpu":
             out = torch.empty_like(x)
-            self.kernel(x.data_ptr(), self.weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1],
+            self.native.rmsnorm_rows_f32(x.data_ptr(), self.weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1],
                         x.shape[-1], self.eps, torch.get_num_threads())
             return out
         dtype = x.dtype
@@ -154,11 +147,11 @@ class Attention(nn.Module):
         self.k_proj = Linear(h, kv_heads * self.head_dim, bias=bias)
         self.v_proj = Linear(h, kv_heads * self.head_dim, bias=bias)
         self.o_proj = Linear(heads * self.head_dim, h, bias=bias)
-        self.qkv_proj: nn.Module | None = None  # q, k, v as one product (quant.fuse_projections)
+        self.qkv_proj: nn.Module | None = None  # q, k, v as one product (native.fuse_projections)
         self.qkv_sizes: tuple[int, int, int] | None = None
-        self.decode_kernel = None  # native one-token attention (quant.accelerate_model sets it)
-        self.rope_kernel = None  # native RoPE in place on a prompt's fused q, k (quant.accelerate_model sets it)
-        self.prefill_kernel = None  # native causal attention of a prompt (quant.accelerate_model sets it)
+        # The kernel library (native.attach sets it): one token's attention, a prompt's RoPE in place
+        # on the fused q and k, and a prompt's causal attention run natively in float32.
+        self.native = None
 
     def fuse(self, qkv_proj: nn.Module) -> None:
         """Replace q_proj, k_proj and v_proj by one layer whose output is their outputs side by side."""
@@ -188,7 +181,7 @@ class Attention(nn.Module):
         capture: dict | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        if (self.decode_kernel is not None and B == 1 and T == 1 and mask is None and capture is None
+        if (self.native is not None and B == 1 and T == 1 and mask is None and capture is None
                 and self.qkv_proj is not None and x.dtype == torch.float32 and type(cache) is KVCache
                 and x.device.type == "cpu" and self._native_cache(cache)):
             return self.o_proj(self._decode_one(x, cos, sin, cache))
@@ -196,11 +189,11 @@ class Attention(nn.Module):
         roped = False
         if self.qkv_proj is not None:
             qkv = self.qkv_proj(x)  # [B, T, (H + 2 KVH) * D]
-            if (self.rope_kernel is not None and qkv.dtype == cos.dtype == torch.float32 and qkv.device.type == "cpu"
+            if (self.native is not None and qkv.dtype == cos.dtype == torch.float32 and qkv.device.type == "cpu"
                     and not qkv.requires_grad and qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
                     and cos.shape == (B, T, self.head_dim)):
                 # q and k, side by side at the start of each row, rotated in place: PyTorch's numbers
-                self.rope_kernel(qkv.data_ptr(), B * T, qkv.shape[-1], self.heads + self.kv_heads, self.head_dim,
+                self.native.rope_rows_f32(qkv.data_ptr(), B * T, qkv.shape[-1], self.heads + self.kv_heads, self.head_dim,
                                  cos.data_ptr(), sin.data_ptr(), torch.get_num_threads())
                 roped = True
             q, k, v = qkv.split(self.qkv_sizes, dim=-1)  # [B, T, H*D], [B, T, KVH*D] x2
@@ -214,7 +207,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)  # [B, KVH, S, D], S = cached + T
             S = k.shape[2]
-            if (roped and self.prefill_kernel is not None and B == 1 and T > 1 and mask is None and type(cache) is KVCache
+            if (roped and self.native is not None and B == 1 and T > 1 and mask is None and type(cache) is KVCache
                     and S <= PREFILL_NATIVE_COLUMNS and self.head_dim % 16 == 0 and self._native_cache(cache)
                     and not (capture is not None and capture.get("_attention_weights"))):
                 return self.o_proj(self._prefill(qkv, cache, T, S))
@@ -255,7 +248,7 @@ class Attention(nn.Module):
         keys, values = cache.keys[self.layer_index], cache.values[self.layer_index]  # [1, KVH, cap, D]
         heads, D = self.heads, self.head_dim
         out = torch.empty(1, T, heads * D)  # [1, T, H*D]
-        status = self.prefill_kernel(qkv.data_ptr(), qkv.shape[-1], keys.data_ptr(), values.data_ptr(), keys.shape[2],
+        status = self.native.prefill_attention_f32(qkv.data_ptr(), qkv.shape[-1], keys.data_ptr(), values.data_ptr(), keys.shape[2],
                                      T, S - T, heads, self.kv_heads, D, D ** -0.5, out.data_ptr(), heads * D,
                                      torch.get_num_threads())
         if status != 0:
@@ -271,7 +264,7 @@ class Attention(nn.Module):
         cache.check_room(1)
         out = torch.empty(1, 1, heads * D)  # [1, 1, H*D]
         cos, sin = cos.contiguous(), sin.contiguous()
-        self.decode_kernel(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(),
+        self.native.decode_attention_f32(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(),
                            cache.length, cache.capacity, heads, kv_heads, D, D ** -0.5, out.data_ptr(),
                            torch.get_num_threads())
         return out
@@ -298,8 +291,8 @@ class MLP(nn.Module):
         self.gate_proj = Linear(h, i, bias=bias)
         self.up_proj = Linear(h, i, bias=bias)
         self.down_proj = Linear(i, h, bias=bias)
-        self.gate_up_proj: nn.Module | None = None  # gate and up as one product (quant.fuse_projections)
-        self.act_kernel = None  # native silu(gate) * up for float32 rows (quant.accelerate_model sets it)
+        self.gate_up_proj: nn.Module | None = None  # gate and up as one product (native.fuse_projections)
+        self.native = None  # the kernel library (native.attach sets it): silu(gate) * up natively
 
     def fuse(self, gate_up_proj: nn.Module) -> None:
         """Replace gate_proj and up_proj by one layer whose output is [gate | up]."""
@@ -309,11 +302,11 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, hidden] -> [B, T, hidden]
         if self.gate_up_proj is not None:
             gate_up = self.gate_up_proj(x)  # [B, T, 2I]
-            if self.act_kernel is not None and gate_up.dtype == torch.float32 and gate_up.is_contiguous() \
+            if self.native is not None and gate_up.dtype == torch.float32 and gate_up.is_contiguous() \
                     and not gate_up.requires_grad and gate_up.device.type == "cpu":
                 rows, width = gate_up.numel() // gate_up.shape[-1], gate_up.shape[-1] // 2
                 act = gate_up.new_empty(*gate_up.shape[:-1], width)  # [B, T, I]
-                self.act_kernel(gate_up.data_ptr(), rows, width, act.data_ptr(), torch.get_num_threads())
+                self.native.silu_mul_rows_f32(gate_up.data_ptr(), rows, width, act.data_ptr(), torch.get_num_threads())
                 return self.down_proj(act)
             gate, up = gate_up.chunk(2, dim=-1)  # [B, T, I] each
         else:

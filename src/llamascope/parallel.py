@@ -42,6 +42,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import LlamascopeError
+from .layers import LocalPart
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -237,7 +238,7 @@ def attach_collectives(model: nn.Module, group: ParallelGroup) -> None:
 
 # ---- layers with collectives --------------------------------------------------------------------
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(LocalPart):
     """A linear layer whose input features are split across ranks: each rank multiplies its slice
     of the input by its columns of the weight, an all-reduce sums the partial products, and the
     bias (whole on every rank) is added once, after the sum."""
@@ -270,7 +271,7 @@ class RowParallelLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-class VocabParallelHead(nn.Module):
+class VocabParallelHead(LocalPart):
     """The LM head split by vocabulary rows: each rank computes its logits, an all-gather joins them."""
 
     def __init__(self, local: nn.Module, vocab_ranges: list[tuple[int, int]], group: ParallelGroup):

@@ -16,6 +16,8 @@ from tokenizers import processors
 
 from .config import read_json
 from .errors import LlamascopeError
+from .loading.gguf_tokenizer import tokenizer_settings_from_gguf
+from .loading.spm import tokenizer_from_sentencepiece
 
 
 def _token_text(value: Any) -> str | None:
@@ -148,8 +150,6 @@ class Tokenizer:
             except Exception as e:
                 raise LlamascopeError(f"{folder / 'tokenizer.json'}: not a readable tokenizer ({e})") from None
         elif (folder / "tokenizer.model").is_file():
-            from .loading.spm import tokenizer_from_sentencepiece
-
             backend, defaults = tokenizer_from_sentencepiece(folder / "tokenizer.model")
             for key, value in defaults.items():
                 settings.setdefault(key, value)
@@ -178,6 +178,13 @@ class Tokenizer:
         )
 
     @classmethod
+    def from_gguf(cls, path_or_reader) -> "Tokenizer":
+        """The tokenizer a GGUF file describes (a model or a vocabulary-only file), from its path or
+        its parsed header (loading.gguf_file.GGUFFile)."""
+        backend, settings, source = tokenizer_settings_from_gguf(path_or_reader)
+        return cls.from_settings(backend, settings, source=source)
+
+    @classmethod
     def from_file(cls, path: str | Path) -> "Tokenizer":
         """A --tokenizer argument: a folder, a tokenizer.json, a tokenizer.model or a GGUF file."""
         path = Path(path)
@@ -188,12 +195,8 @@ class Tokenizer:
         if path.name.endswith(".json"):
             return cls.from_hf_folder_files(path)
         if path.suffix == ".gguf" or path.read_bytes()[:4] == b"GGUF":
-            from .loading.gguf_tokenizer import tokenizer_from_gguf
-
-            return tokenizer_from_gguf(path)
+            return cls.from_gguf(path)
         if path.suffix == ".model":
-            from .loading.spm import tokenizer_from_sentencepiece
-
             backend, defaults = tokenizer_from_sentencepiece(path)
             return cls.from_settings(backend, defaults, source=str(path))
         raise LlamascopeError(f"{path}: not a tokenizer (expected a folder, tokenizer.json, tokenizer.model or .gguf)")

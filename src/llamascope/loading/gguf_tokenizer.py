@@ -17,7 +17,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 from ..errors import LlamascopeError
-from .gguf import GGUFMetadata, read_gguf, token_id
+from .gguf_metadata import GGUFMetadata, read_gguf, token_id
 from .spm import BYTE, CONTROL, UNKNOWN, USER_DEFINED, SpmVocabulary, spm_tokenizer
 
 # LLaMA-3's word split, as in its tokenizer.json.
@@ -165,17 +165,14 @@ def tokenizer_backend_from_gguf(meta: GGUFMetadata) -> tuple[tokenizers.Tokenize
     return backend, _settings(meta, tokens, kind, pre)
 
 
-def tokenizer_from_gguf(path_or_reader):
-    """A `llamascope.tokenizer.Tokenizer` from a GGUF path (model or vocabulary-only) or its parsed
-    header (gguf_file.GGUFFile)."""
-    from ..tokenizer import Tokenizer
-
+def tokenizer_settings_from_gguf(path_or_reader) -> tuple[tokenizers.Tokenizer, dict, str]:
+    """(backend, settings keyed as in tokenizer_config.json, source) from a GGUF path (model or
+    vocabulary-only) or its parsed header (gguf_file.GGUFFile): what `Tokenizer.from_gguf` builds on."""
     if isinstance(path_or_reader, (str, Path)):
         path = Path(path_or_reader)
         reader = read_gguf(path)
     else:
         reader = path_or_reader
         path = reader.path
-    meta = GGUFMetadata(reader, path)
-    backend, settings = tokenizer_backend_from_gguf(meta)
-    return Tokenizer.from_settings(backend, settings, source=str(path))
+    backend, settings = tokenizer_backend_from_gguf(GGUFMetadata(reader, path))
+    return backend, settings, str(path)

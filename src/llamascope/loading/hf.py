@@ -10,7 +10,8 @@ import torch
 
 from ..config import ModelConfig, read_json
 from ..errors import LlamascopeError
-from . import Checkpoint, TensorSource
+from ..tokenizer import Tokenizer
+from .checkpoint import Checkpoint, TensorSource
 from .tensorfiles import SafetensorsFile, load_bin
 
 TORCH_TYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -80,8 +81,6 @@ def open_hf_folder(folder: Path) -> Checkpoint:
             tensors.update(_bin_tensors(path))
 
     def tokenizer_factory():
-        from ..tokenizer import Tokenizer
-
         return Tokenizer.from_hf_folder(folder, config=config)
 
     has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()

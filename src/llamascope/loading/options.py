@@ -1,0 +1,90 @@
+"""How to load a model: one object from the CLI and the Python API down to `load_model`.
+
+    LoadOptions(dtype="auto", device="auto", quant=None, backend="native", huge_pages=False)
+
+`backend` is the one choice of how the layers compute:
+
+| backend    | layers                                   | for                                        |
+|------------|------------------------------------------|--------------------------------------------|
+| "native"   | the C kernels (csrc/), one call per decode step | the CPU (the default; where no kernel build runs, the plain layers) |
+| "plain"    | PyTorch's operations only                | the reference every fast path is tested against |
+| "compiled" | the plain layers, decode step compiled by `torch.compile` | a GPU, or a CPU the kernels do not run on |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from ..errors import LlamascopeError
+from ..formats import QUANT_CHOICES, quant_format
+
+BACKENDS = ("native", "plain", "compiled")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """`dtype`: "auto" (the checkpoint's), "float32", "bfloat16", "float16" or a torch.dtype.
+    `device`: "auto" (the first GPU PyTorch sees, else the CPU), "cpu", "cuda" or "cuda:N".
+    `quant`: None keeps the weights as stored (GGUF blocks stay quantised where a native kernel
+    reads them); "none" makes every matrix float at `dtype`; "int8" / "int4" (or "q8_0", "q4_0",
+    "q4_1") quantise the projections as they are read, the LM head and embedding to 8 bits.
+    `backend`: "native", "plain" or "compiled" (see the module's table).
+    `huge_pages`: copy the weights of 4 MB or more into 2 MB pages after loading (slower load)."""
+
+    dtype: str | torch.dtype = "auto"
+    device: str | torch.device = "auto"
+    quant: str | None = None
+    backend: str = "native"
+    huge_pages: bool = False
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise LlamascopeError(f"--backend {self.backend!r}: expected one of {', '.join(BACKENDS)}")
+        if not isinstance(self.dtype, torch.dtype) and self.dtype != "auto" and self.dtype not in DTYPES:
+            raise LlamascopeError(f"--dtype {self.dtype!r}: expected one of auto, {', '.join(DTYPES)}")
+        if self.quant is not None and self.quant.lower() != "none" and self.quant.lower() not in QUANT_CHOICES:
+            raise LlamascopeError(f"--quant {self.quant!r}: expected one of none, {', '.join(QUANT_CHOICES)}")
+        if self.backend == "compiled" and self.quant_format is not None:
+            raise LlamascopeError(f"--backend compiled runs float weights; --quant {self.quant} runs on the "
+                                  "native kernels")
+
+    @property
+    def quant_format(self) -> str | None:
+        """The block format `quant` gives the projections, or None (weights as stored, or float)."""
+        return None if self.quant is None or self.quant.lower() == "none" else quant_format(self.quant)
+
+    @classmethod
+    def build(cls, options: "LoadOptions | None" = None, **overrides) -> "LoadOptions":
+        """`options` with `overrides` (LoadOptions' field names) applied; unknown names are refused."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown load option(s) {', '.join(unknown)}; LoadOptions has {', '.join(sorted(names))}")
+        base = options if options is not None else cls()
+        return cls(**{name: overrides.get(name, getattr(base, name)) for name in names})
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """"auto": the first CUDA device when PyTorch sees one, else the CPU; or "cpu", "cuda", "cuda:N"."""
+    if isinstance(name, str) and name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise LlamascopeError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise LlamascopeError(f"--device {name!r}: llamascope runs on cpu or cuda")
+    if not torch.cuda.is_available():
+        raise LlamascopeError(f"--device {name}: PyTorch sees no CUDA device here (torch {torch.__version__}, "
+                              f"built {'with CUDA ' + torch.version.cuda if torch.version.cuda else 'for the CPU only'})")
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index >= count:
+        raise LlamascopeError(f"--device {name}: there {'is' if count == 1 else 'are'} {count} CUDA device(s), "
+                              f"numbered from 0")
+    return torch.device("cuda", index)
