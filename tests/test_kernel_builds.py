@@ -49,7 +49,7 @@ def test_build_choice_follows_the_cpu_and_the_environment(monkeypatch):
 def test_avx2_library_has_no_avx512_instructions(tmp_path):
     """What an AVX2-only CPU would fault on: zmm registers, mask registers, EVEX-only operations."""
     library = tmp_path / "kernels-avx2.so"
-    kernels._build(library, kernels.build_flags("avx2"))
+    kernels.compile_library(library, kernels.build_flags("avx2"))
     listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(library)], capture_output=True, text=True,
                              check=True).stdout
     assert "vfmadd" in listing and "vpmaddubsw" in listing  # (it is the kernels' code)
@@ -58,7 +58,8 @@ def test_avx2_library_has_no_avx512_instructions(tmp_path):
     found = sorted({m.group(0) for m in avx512.finditer(listing)})
     assert not found, f"AVX-512 in the avx2 build: {found}"
     default = tmp_path / "kernels-avx512.so"
-    kernels._build(default, kernels.build_flags("avx512") + ["-mavx512bf16"])  # and the pattern does see AVX-512 code
+    # and the pattern does see AVX-512 code
+    kernels.compile_library(default, kernels.build_flags("avx512") + ["-mavx512bf16"])
     assert avx512.search(subprocess.run(["objdump", "-d", str(default)], capture_output=True, text=True).stdout)
 
 
@@ -77,8 +78,8 @@ def test_avx512_without_bf16_gives_the_bf16_instructions_numbers(tmp_path):
     libraries = {}
     for name, extra in (("native", ["-mavx512bf16"]), ("emulated", [])):
         path = tmp_path / f"{name}.so"
-        kernels._build(path, kernels.BUILDS["avx512"][1] + extra)
-        libraries[name] = ctypes.CDLL(str(path))
+        kernels.compile_library(path, kernels.BUILDS["avx512"][1] + extra)
+        libraries[name] = kernels.bind(ctypes.CDLL(str(path)))
     if shutil.which("objdump"):
         listing = subprocess.run(["objdump", "-d", str(tmp_path / "emulated.so")], capture_output=True, text=True).stdout
         assert "vdpbf16ps" not in listing and "vcvtneps2bf16" not in listing
@@ -90,9 +91,6 @@ def test_avx512_without_bf16_gives_the_bf16_instructions_numbers(tmp_path):
     f[0, :5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0])
     out = {}
     for name, lib in libraries.items():
-        p, i = ctypes.c_void_p, ctypes.c_int
-        lib.gemv_bf16_bf16.argtypes = [p, i, i, p, i, p, i]
-        lib.dequant_q8_0.argtypes = [p, i, i, p, i, i]
         y = torch.empty(T, N)
         lib.gemv_bf16_bf16(w.data_ptr(), N, K, x.data_ptr(), T, y.data_ptr(), 2)
         with np.errstate(invalid="ignore"):  # (the NaN and infinities make NaN blocks)
@@ -136,17 +134,13 @@ def test_avx2_build_gives_the_avx512_numbers_for_k_quants(tmp_path):
     libraries = {}
     for build in ("avx512", "avx2"):
         path = tmp_path / f"{build}.so"
-        kernels._build(path, kernels.build_flags(build))
-        lib = ctypes.CDLL(str(path))
-        p, i = ctypes.c_void_p, ctypes.c_int
-        lib.gemv_kquant_f32.argtypes = [i, p, i, i, p, i, p, i]
-        lib.gemv_kquant_f32.restype = i
-        lib.dequant_kquant.argtypes = [i, p, i, i, p, i, i]
-        libraries[build] = lib
+        kernels.compile_library(path, kernels.build_flags(build))
+        libraries[build] = kernels.bind(ctypes.CDLL(str(path)))
     rng = np.random.default_rng(11)
     N, K = 29, 768
     x = torch.randn(8, K) * torch.rand(8, 1) * 4
-    for code, qtype in ((3, "Q4_K"), (4, "Q5_K"), (5, "Q6_K"), (6, "Q2_K"), (7, "Q3_K")):
+    for qtype in ("Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K"):
+        code = kernels.format_code(qtype)
         w = torch.from_numpy(random_blocks(rng, N, K, qtype))
         out = {}
         for build, lib in libraries.items():
@@ -192,7 +186,7 @@ def test_block_kernels_keep_their_weight_prefetches(tmp_path, build):
     if not kernels.cpu_supported(build):
         pytest.skip(f"this CPU does not run the {build} build")
     library = tmp_path / f"kernels-{build}.so"
-    kernels._build(library, kernels.build_flags(build))
+    kernels.compile_library(library, kernels.build_flags(build))
     product = "vpdpbusd" if build == "avx512" else "vpmaddubsw"
     activations_only = {"q8_corrections"}  # (products of the activations with a constant: no weights read)
     functions = {name: counts for name, counts in _prefetches_by_product_function(library, product).items()

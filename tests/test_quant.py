@@ -181,7 +181,7 @@ def test_lm_head_keeps_float_activations():
     x[0, 7] = 40.0  # an outlier channel, as final hidden states have
     approximate = _native(layer)(x)
     head = native_linear(layer, kernels.load(), is_head=True)
-    assert head.float_activations and head.layout == "ggml"
+    assert head.float_activations and head.layout == "rows"
     exact, plain = head(x), head.forward_plain(x)
     assert torch.allclose(exact, plain, rtol=1e-5, atol=1e-4 * plain.abs().max())
     assert (approximate - plain).abs().max() > 10 * (exact - plain).abs().max()

@@ -27,25 +27,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .cache import KVCache, SlotBatch
 from .errors import LlamascopeError
 from .model import check_token_ids
 from .layers import KERNEL_MAX_ROWS, FastLinear, QuantEmbedding, QuantLinear
 
-# Weight kinds, as in csrc/decode_step.c: (format, layout, float activations) -> kind
-(LIN_F32, LIN_BF16, LIN_Q8_0, LIN_Q4_0, LIN_Q4_1, LIN_Q8_0_EXACT, LIN_Q4_K, LIN_Q5_K, LIN_Q6_K, LIN_Q2_K,
- LIN_Q3_K, LIN_Q8_0_PACKED) = range(12)
-_KINDS = {("F32", "rows", False): LIN_F32, ("BF16", "rows", False): LIN_BF16,
-          ("Q8_0", "ggml", False): LIN_Q8_0, ("Q8_0", "ggml", True): LIN_Q8_0_EXACT,
-          ("Q8_0", "packed", False): LIN_Q8_0_PACKED, ("Q4_0", "packed", False): LIN_Q4_0,
-          ("Q4_1", "packed", False): LIN_Q4_1, ("Q2_K", "ggml", False): LIN_Q2_K, ("Q3_K", "ggml", False): LIN_Q3_K,
-          ("Q4_K", "ggml", False): LIN_Q4_K, ("Q5_K", "ggml", False): LIN_Q5_K, ("Q6_K", "ggml", False): LIN_Q6_K}
-
 _p, _i, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 
 
+# The structs of csrc/kernels.h (ls_linear_t, ls_layer_t, ls_stack_t), field for field.
 class _Linear(ctypes.Structure):
-    _fields_ = [("kind", _i), ("N", _i), ("K", _i), ("w", _p), ("bias", _p)]
+    _fields_ = [("format", _i), ("layout", _i), ("float_activations", _i), ("N", _i), ("K", _i), ("w", _p),
+                ("bias", _p)]
 
 
 class _Layer(ctypes.Structure):
@@ -86,12 +80,12 @@ def _describe(module: nn.Module, keep: list, what: str, bf16: bool = False) -> _
         raise NotApplicable(f"{what} is a {type(module).__name__} without a native kernel")
     if bf16 and not (desc.format == "BF16" and desc.in_features % 32 == 0):
         raise NotApplicable(f"{what} is not a bfloat16 layer with the AVX512-BF16 kernel")
-    kind = _KINDS.get((desc.format, desc.layout, desc.float_activations))
-    if kind is None or not desc.weight.is_contiguous():
+    if desc.layout == "rows" and desc.format in ("Q4_0", "Q4_1") or not desc.weight.is_contiguous():
         raise NotApplicable(f"{what}: no native step for {desc.format} weights in the {desc.layout} layout")
     bias = None if desc.bias is None else desc.bias.detach().float().contiguous()  # (exact from bfloat16)
     keep += [desc.weight, bias]
-    return _Linear(kind, desc.out_features, desc.in_features, desc.weight.data_ptr(), _float32(bias, what))
+    return _Linear(kernels.format_code(desc.format), kernels.layout_code(desc.layout), desc.float_activations,
+                   desc.out_features, desc.in_features, desc.weight.data_ptr(), _float32(bias, what))
 
 
 def _parts(parent: nn.Module, fused: str, names: tuple[str, ...]) -> list[nn.Module]:

@@ -19,24 +19,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .errors import LlamascopeError
 from .formats import (HIGH_QTYPE, K_QUANT_BYTES, PACKED_QTYPES, block_layout, dequantize, pack_blocks, quant_format,
                       quantize, unpack_blocks)
 
 # Up to this many activation rows per call, the batch-1 kernels beat dequantise + matmul.
 KERNEL_MAX_ROWS = 8
-# A QuantLinear's weight layout: "ggml" (blocks as GGUF stores them) or "packed" (the kernels' groups
-# of four blocks, formats.pack_blocks; Q8_0, Q4_0 and Q4_1 only).
-LAYOUTS = ("ggml", "packed")
-QTYPE_CODES = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5, "Q2_K": 6, "Q3_K": 7}  # as in csrc
+# A QuantLinear's weight layout (kernels.h's enum ls_layout): "rows" (ggml's blocks, a row of them
+# per output, as GGUF stores them) or "packed" (the kernels' groups of four blocks,
+# formats.pack_blocks; Q8_0, Q4_0 and Q4_1 only).
+LAYOUTS = ("rows", "packed")
 
 
 @dataclass(frozen=True)
 class NativeWeight:
     """What a layer's native product reads for y = x W^T (+ bias).
 
-    `format`: "F32", "BF16" or a block format ("Q8_0", "Q4_K", ...); `layout`: "rows" for float
-    rows, else the QuantLinear's layout ("ggml" or "packed"); `float_activations`: the activations
+    `format`: "F32", "BF16" or a block format ("Q8_0", "Q4_K", ...); `layout`: "rows" (float rows,
+    or ggml's blocks as stored) or "packed" (formats.pack_blocks); `float_activations`: the activations
     stay float32 (a Q8_0 LM head), instead of being quantised to 8 bits per block."""
 
     format: str
@@ -78,7 +79,7 @@ class QuantLinear(nn.Module):
     """y = x @ W^T (+ b) with W kept in a block format, in the layout `layout` names."""
 
     def __init__(self, qweight: torch.Tensor, qtype: str, in_features: int, bias: torch.Tensor | None = None,
-                 *, layout: str = "ggml", float_activations: bool = False):
+                 *, layout: str = "rows", float_activations: bool = False):
         """`qweight`: uint8 [N, row bytes] in `layout`. `float_activations`: the native product keeps
         the activations in float32 (Q8_0 only; for an LM head, where 8-bit activations next to the
         final hidden state's outlier channels can swap the top candidates)."""
@@ -88,12 +89,13 @@ class QuantLinear(nn.Module):
             raise LlamascopeError(f"{qtype} weights need an input size that is a multiple of {size}, not {in_features}")
         if layout not in LAYOUTS or (layout == "packed" and qtype not in PACKED_QTYPES):
             raise LlamascopeError(f"{qtype} weights have no {layout!r} layout")
-        if layout == "ggml" and (qweight.dim() != 2 or qweight.shape[1] != in_features // size * nbytes):
+        if layout == "rows" and (qweight.dim() != 2 or qweight.shape[1] != in_features // size * nbytes):
             raise LlamascopeError(f"{qtype} weights of input size {in_features} take {in_features // size * nbytes} "
                                   f"bytes a row, got blocks of shape {list(qweight.shape)}")
-        if float_activations and (qtype != "Q8_0" or layout != "ggml"):
-            raise LlamascopeError(f"float activations are for Q8_0 weights in ggml's layout, not {qtype} {layout}")
+        if float_activations and (qtype != "Q8_0" or layout != "rows"):
+            raise LlamascopeError(f"float activations are for Q8_0 weights in rows, not {qtype} {layout}")
         self.qtype, self.layout, self.float_activations = qtype, layout, float_activations
+        self.format_code = kernels.format_code(qtype)  # (kernels.h's enum ls_format: the kernels' argument)
         self.in_features, self.out_features = in_features, qweight.shape[0]
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.register_buffer("qweight", qweight.contiguous())  # [N, row bytes] uint8
@@ -155,9 +157,9 @@ class QuantLinear(nn.Module):
         N, K, w = self.out_features, self.in_features, self.qweight.data_ptr()
         out = torch.empty(N, K, dtype=dtype)  # [N, K]
         if self.layout == "packed":
-            lib.dequant_packed(QTYPE_CODES[self.qtype], w, N, K, out.data_ptr(), bf16, threads)
+            lib.dequant_packed(self.format_code, w, N, K, out.data_ptr(), bf16, threads)
         elif self.qtype in K_QUANT_BYTES:
-            lib.dequant_kquant(QTYPE_CODES[self.qtype], w, N, K, out.data_ptr(), bf16, threads)
+            lib.dequant_kquant(self.format_code, w, N, K, out.data_ptr(), bf16, threads)
         else:
             lib.dequant_q8_0(w, N, K, out.data_ptr(), bf16, threads)
         return out
@@ -189,7 +191,7 @@ class QuantLinear(nn.Module):
         else:
             product = lib.gemv_packed_f32 if self.layout == "packed" else (
                 lib.gemv_kquant_f32 if self.qtype in K_QUANT_BYTES else lib.gemv_blocks_f32)
-            if product(QTYPE_CODES[self.qtype], w, N, K, xf.data_ptr(), rows, y.data_ptr(), threads):
+            if product(self.format_code, w, N, K, xf.data_ptr(), rows, y.data_ptr(), threads):
                 raise MemoryError(f"{self.qtype} product: out of memory for the kernel's scratch buffers")
         if self.bias is not None:
             y += self.bias
@@ -260,7 +262,7 @@ class QuantEmbedding(nn.Module):
         if self.qtype in K_QUANT_BYTES and lib is not None and self.out_dtype in (torch.float32, torch.bfloat16):
             # the native dequantiser (gguf-py's numbers, tested) rather than numpy on every lookup
             out = torch.empty(rows.shape[0], self.embedding_dim, dtype=self.out_dtype)  # [B*T, dim]
-            lib.dequant_kquant(QTYPE_CODES[self.qtype], rows.data_ptr(), rows.shape[0], self.embedding_dim,
+            lib.dequant_kquant(kernels.format_code(self.qtype), rows.data_ptr(), rows.shape[0], self.embedding_dim,
                                out.data_ptr(), int(self.out_dtype == torch.bfloat16), 1)
             return out.reshape(*tokens.shape, -1)
         return dequantize(rows, self.qtype, self.embedding_dim, self.out_dtype).reshape(*tokens.shape, -1)

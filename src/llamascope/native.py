@@ -3,7 +3,7 @@
 `attach(model, lib)` does it in three steps, on a model that `loading.build` made with plain layers:
 
 1. `accelerate`: block-format projections go into the kernels' layout (Q8_0/Q4 in groups of four
-   blocks; a Q8_0 LM head keeps ggml's with float activations), float projections become
+   blocks; a Q8_0 LM head keeps ggml's rows with float activations), float projections become
    `FastLinear` (same weights, no copy), and RMSNorm, attention, SiLU(gate) * up and a quantised
    embedding get the library (`module.native`);
 2. `fuse_projections` (one process only): q, k, v and gate, up as one product each;
@@ -69,7 +69,7 @@ def native_linear(layer: nn.Module, lib: ctypes.CDLL, is_head: bool = False) -> 
     (`is_head`), which keeps ggml's blocks (a tied embedding's own) and float activations."""
     if isinstance(layer, QuantLinear):
         if is_head and layer.qtype == "Q8_0":
-            layer = layer.in_layout("ggml", float_activations=True)
+            layer = layer.in_layout("rows", float_activations=True)
         elif layer.qtype in PACKED_QTYPES:
             layer = layer.in_layout("packed")
         layer.native = lib

@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "simd.h"
 
 /* Below this much work (columns x heads x head_dim, over all rows) one thread does all heads. Two

@@ -18,65 +18,26 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "simd.h"
 
-/* The kernels of gemv.c (compiled into the same library). */
-void gemv_f32(const float *w, int N, int K, const float *x, int T, float *y, int nthreads);
-void gemv_bf16(const uint16_t *w, int N, int K, const float *x, int T, float *y, int nthreads);
-int gemv_blocks_f32(int qtype, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads);
-int gemv_packed_f32(int qtype, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads);
-void gemv_q8_0_exact_f32(const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads);
-int gemv_kquant_f32(int qtype, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads);
-void rmsnorm_f32(const float *x, const float *w, float *out, int rows, int dim, float eps);
-void silu_mul_f32(const float *gu, int rows, int I, float *out);
-void decode_attention_rows_f32(int B, float *qkv, const float *cos, const float *sin, float *kcache, float *vcache,
-                               int64_t row_elems, const int *slots, const int *cols, int cap, int H, int KVH, int D,
-                               float scale, float *out, int nthreads);
-
-/* Weight formats (decode_step.py's LIN_* codes; Q8_0 / Q4_0 / Q4_1 in the kernel's repacked layout). */
-enum { LIN_F32 = 0, LIN_BF16 = 1, LIN_Q8_0 = 2, LIN_Q4_0 = 3, LIN_Q4_1 = 4, LIN_Q8_0_EXACT = 5, LIN_Q4_K = 6,
-       LIN_Q5_K = 7, LIN_Q6_K = 8, LIN_Q2_K = 9, LIN_Q3_K = 10, LIN_Q8_0_PACKED = 11 };
-
-typedef struct {
-    int kind, N, K;          /* y[N] = W[N, K] x[K] (+ bias) */
-    const void *w;
-    const float *bias;       /* [N] or NULL */
-} linear_t;
-
-typedef struct {
-    const float *attn_norm, *mlp_norm;   /* [hidden] */
-    linear_t qkv[3];                     /* outputs side by side: one fused layer, or q, k, v */
-    int n_qkv;
-    linear_t o;
-    linear_t gate_up[2];                 /* [gate | up]: one fused layer, or gate, up */
-    int n_gate_up;
-    linear_t down;
-} layer_t;
-
-typedef struct {
-    int n_layers, hidden, H, KVH, D, I;
-    float eps, scale;
-    const layer_t *layers;
-    const float *final_norm;             /* [hidden] */
-    linear_t head;                       /* [vocab, hidden] */
-} stack_t;
-
 /* y[T, N] = x[T, K] W^T (+ bias) for T rows. Returns 0, or -1 when a kernel's scratch memory ran out. */
-static int linear(const linear_t *l, const float *x, int T, float *y, int nthreads) {
+static int linear(const ls_linear_t *l, const float *x, int T, float *y, int nthreads) {
     int status = 0;
-    switch (l->kind) {
-    case LIN_F32: gemv_f32((const float *)l->w, l->N, l->K, x, T, y, nthreads); break;
-    case LIN_BF16: gemv_bf16((const uint16_t *)l->w, l->N, l->K, x, T, y, nthreads); break;
-    case LIN_Q8_0: status = gemv_blocks_f32(0, (const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads); break;
-    case LIN_Q8_0_PACKED: status = gemv_packed_f32(0, (const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads); break;
-    case LIN_Q4_0: status = gemv_packed_f32(1, (const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads); break;
-    case LIN_Q4_1: status = gemv_packed_f32(2, (const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads); break;
-    case LIN_Q8_0_EXACT: gemv_q8_0_exact_f32((const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads); break;
-    case LIN_Q4_K: case LIN_Q5_K: case LIN_Q6_K:  /* K-quant codes 3, 4, 5 (kquant.c) */
-        status = gemv_kquant_f32(l->kind - LIN_Q4_K + 3, (const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads);
+    const uint8_t *blocks = (const uint8_t *)l->w;
+    switch (l->format) {
+    case LS_F32: gemv_f32((const float *)l->w, l->N, l->K, x, T, y, nthreads); break;
+    case LS_BF16: gemv_bf16((const uint16_t *)l->w, l->N, l->K, x, T, y, nthreads); break;
+    case LS_Q8_0:
+        if (l->float_activations) gemv_q8_0_exact_f32(blocks, l->N, l->K, x, T, y, nthreads);
+        else if (l->layout == LS_LAYOUT_PACKED) status = gemv_packed_f32(LS_Q8_0, blocks, l->N, l->K, x, T, y, nthreads);
+        else status = gemv_blocks_f32(LS_Q8_0, blocks, l->N, l->K, x, T, y, nthreads);
         break;
-    case LIN_Q2_K: case LIN_Q3_K:  /* K-quant codes 6, 7 */
-        status = gemv_kquant_f32(l->kind - LIN_Q2_K + 6, (const uint8_t *)l->w, l->N, l->K, x, T, y, nthreads);
+    case LS_Q4_0: case LS_Q4_1:  /* (packed only) */
+        status = gemv_packed_f32(l->format, blocks, l->N, l->K, x, T, y, nthreads);
+        break;
+    case LS_Q2_K: case LS_Q3_K: case LS_Q4_K: case LS_Q5_K: case LS_Q6_K:
+        status = gemv_kquant_f32(l->format, blocks, l->N, l->K, x, T, y, nthreads);
         break;
     }
     if (l->bias)
@@ -86,7 +47,7 @@ static int linear(const linear_t *l, const float *x, int T, float *y, int nthrea
 }
 
 /* Several layers reading the same input, outputs side by side: y[T, sum of N]. */
-static int linears(const linear_t *ls, int count, const float *x, int T, float *y, int width, float *tmp,
+static int linears(const ls_linear_t *ls, int count, const float *x, int T, float *y, int width, float *tmp,
                    int nthreads) {
     if (count == 1) return linear(&ls[0], x, T, y, nthreads);
     int offset = 0, status = 0;
@@ -106,7 +67,7 @@ static int linears(const linear_t *ls, int count, const float *x, int T, float *
  * key and value go to column cols[b]. logits [B, vocab] (the head's N). Returns 0, or -1 when
  * scratch memory ran out.
  */
-int decode_step_f32(const stack_t *s, int B, float *x, const float *cos, const float *sin, float *const *kcache,
+int decode_step_f32(const ls_stack_t *s, int B, float *x, const float *cos, const float *sin, float *const *kcache,
                     float *const *vcache, const int *slots, const int *cols, int cap, float *logits, int nthreads) {
     const int hidden = s->hidden, HD = s->H * s->D, QKV = (s->H + 2 * s->KVH) * s->D, I = s->I, D = s->D;
     const int64_t row_stride = (int64_t)s->KVH * cap * D;
@@ -118,7 +79,7 @@ int decode_step_f32(const stack_t *s, int B, float *x, const float *cos, const f
     float *gu = y + (int64_t)B * hidden, *act = gu + (int64_t)B * 2 * I, *tmp = act + (int64_t)B * I;
     int status = 0;
     for (int l = 0; l < s->n_layers && status == 0; l++) {
-        const layer_t *L = &s->layers[l];
+        const ls_layer_t *L = &s->layers[l];
         rmsnorm_f32(x, L->attn_norm, h, B, hidden, s->eps);
         status |= linears(L->qkv, L->n_qkv, h, B, qkv, QKV, tmp, nthreads);
         decode_attention_rows_f32(B, qkv, cos, sin, kcache[l], vcache[l], row_stride, slots, cols, cap, s->H, s->KVH,
@@ -143,12 +104,8 @@ int decode_step_f32(const stack_t *s, int B, float *x, const float *cos, const f
  * The same step for a bfloat16 model, rounding to bfloat16 wherever the module path (PyTorch in
  * bfloat16) rounds: after each product, norm, RoPE product and sum, residual sum and activation.
  * Values are held in float registers and arrays, always bfloat16-exact; products run on
- * AVX512-BF16 (exact products, float32 sums). All weights are bfloat16 (LIN_BF16), K % 32 == 0.
+ * AVX512-BF16 (exact products, float32 sums). All weights are bfloat16 (LS_BF16), K % 32 == 0.
  * Attention works in float32 on the bfloat16 queries, keys and values, and rounds its output. */
-void gemv_bf16_bf16(const uint16_t *w, int N, int K, const uint16_t *x, int T, float *y, int nthreads);
-void decode_attention_rows_bf16(int B, float *qkv, const float *cos, const float *sin, uint16_t *kcache,
-                                uint16_t *vcache, int64_t row_elems, const int *slots, const int *cols, int cap, int H,
-                                int KVH, int D, float scale, float *out, int nthreads);
 
 /* x[i] = bf(x[i] + y[i]): a residual sum in bfloat16. */
 static void add_bf16(float *x, const float *y, int64_t n) {
@@ -159,7 +116,7 @@ static void add_bf16(float *x, const float *y, int64_t n) {
 }
 
 /* y[T, N] = bf(x W^T) (+ bias, rounded again); x [T, K] is given as bfloat16 bits. */
-static void linear_bf16(const linear_t *l, const uint16_t *xb, int T, float *y, int nthreads) {
+static void linear_bf16(const ls_linear_t *l, const uint16_t *xb, int T, float *y, int nthreads) {
     gemv_bf16_bf16((const uint16_t *)l->w, l->N, l->K, xb, T, y, nthreads);
     for (int t = 0; t < T; t++) {
         float *yt = y + (int64_t)t * l->N;
@@ -176,7 +133,7 @@ static void linear_bf16(const linear_t *l, const uint16_t *xb, int T, float *y, 
     }
 }
 
-static void linears_bf16(const linear_t *ls, int count, const uint16_t *xb, int T, float *y, int width,
+static void linears_bf16(const ls_linear_t *ls, int count, const uint16_t *xb, int T, float *y, int width,
                          float *tmp, int nthreads) {
     if (count == 1) {
         linear_bf16(&ls[0], xb, T, y, nthreads);
@@ -228,7 +185,7 @@ static void silu_bf16(const float *gu, int rows, int I, float *act, uint16_t *ac
 /* As decode_step_f32, with bfloat16 activations: x [B, hidden] the embeddings (bfloat16 bits),
  * overwritten with the final residual stream; cos, sin [B, D] bfloat16 bits; caches bfloat16;
  * logits [B, vocab] float32 (bfloat16-exact). */
-int decode_step_bf16(const stack_t *s, int B, uint16_t *x_bits, const uint16_t *cos_bits, const uint16_t *sin_bits,
+int decode_step_bf16(const ls_stack_t *s, int B, uint16_t *x_bits, const uint16_t *cos_bits, const uint16_t *sin_bits,
                      uint16_t *const *kcache, uint16_t *const *vcache, const int *slots, const int *cols, int cap,
                      float *logits, int nthreads) {
     const int hidden = s->hidden, HD = s->H * s->D, QKV = (s->H + 2 * s->KVH) * s->D, I = s->I, D = s->D;
@@ -254,7 +211,7 @@ int decode_step_bf16(const stack_t *s, int B, uint16_t *x_bits, const uint16_t *
         sin[d] = bf_value(sin_bits[d]);
     }
     for (int l = 0; l < s->n_layers; l++) {
-        const layer_t *L = &s->layers[l];
+        const ls_layer_t *L = &s->layers[l];
         rmsnorm_bf16(x, L->attn_norm, h, hb, B, hidden, s->eps);
         linears_bf16(L->qkv, L->n_qkv, hb, B, qkv, QKV, tmp, nthreads);
         decode_attention_rows_bf16(B, qkv, cos, sin, kcache[l], vcache[l], row_stride, slots, cols, cap, s->H, s->KVH,

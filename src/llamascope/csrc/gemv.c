@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "simd.h"
 
 #define QK 32
@@ -229,12 +230,10 @@ void gemv_bf16(const uint16_t *w, int N, int K, const float *x, int T, float *y,
 
 /* ---- one call per product: quantise the activations, then the block product --------------- */
 
-enum { QTYPE_Q8_0 = 0, QTYPE_Q4_0 = 1, QTYPE_Q4_1 = 2 };
-
 /* y[T, N] = x[T, K] @ W^T for a block-format W; x float32. The 8-bit activations live in a
  * scratch buffer on the stack for small inputs (the decode case), on the heap otherwise. Returns 0,
  * or -1 when scratch memory ran out. */
-int gemv_blocks_f32(int qtype, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads) {
+int gemv_blocks_f32(int format, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads) {
     const int nb = K / QK;
     const int64_t need = (int64_t)T * K + 2 * (int64_t)T * nb * (int64_t)sizeof(float) + 64;
     uint8_t stack[65536];
@@ -244,7 +243,7 @@ int gemv_blocks_f32(int qtype, const uint8_t *w, int N, int K, const float *x, i
     float *xd = (float *)(scratch + (((int64_t)T * K + 63) / 64 * 64));
     float *xs = xd + (int64_t)T * nb;
     quantize_act_q8(x, T, K, xq, xd, xs);
-    (void)qtype; /* Q8_0 in ggml's layout (an LM head before it takes float activations); layers in
+    (void)format; /* Q8_0 in ggml's layout (an LM head before it takes float activations); layers in
                   * Q8_0 / Q4_0 / Q4_1 use the repacked kernel below */
     gemv_q8_0(w, N, K, xq, xd, T, y, nthreads);
     if (scratch != stack) free(scratch);
@@ -360,6 +359,7 @@ static void permute_act_groups(const int8_t *xq, int nb, int nbp, int8_t *xp) {
 
 /* corr[g, lane] = -128 * (the lane's four activations in each half of group g), for Q8_0 (not in the
  * AVX2 build: see packed_products). */
+#ifndef LLAMASCOPE_AVX2
 __attribute__((noinline)) static void q8_corrections(const int8_t *xp, int G, int32_t *corr) {
     const __m512i offset = _mm512_set1_epi8((char)0x80);
     for (int g = 0; g < G; g++) {
@@ -368,13 +368,14 @@ __attribute__((noinline)) static void q8_corrections(const int8_t *xp, int G, in
         _mm512_storeu_si512((void *)(corr + g * 16), _mm512_sub_epi32(_mm512_setzero_si512(), c));
     }
 }
+#endif
 
-static inline int packed_group_bytes(int qtype) { return qtype == QTYPE_Q8_0 ? 136 : qtype == QTYPE_Q4_1 ? 80 : 72; }
+static inline int packed_group_bytes(int format) { return format == LS_Q8_0 ? 136 : format == LS_Q4_1 ? 80 : 72; }
 
 /* A group's two 64-weight vectors as unsigned bytes (lo: each block's weights 0-15, hi: 16-31). */
-static inline __attribute__((always_inline)) void packed_values(const int qtype, const uint8_t *grp, __m512i *lo,
+static inline __attribute__((always_inline)) void packed_values(const int format, const uint8_t *grp, __m512i *lo,
                                                                 __m512i *hi) {
-    if (qtype == QTYPE_Q8_0) {
+    if (format == LS_Q8_0) {
         *lo = _mm512_loadu_si512((const void *)grp);
         *hi = _mm512_loadu_si512((const void *)(grp + 64));
     } else {
@@ -386,10 +387,10 @@ static inline __attribute__((always_inline)) void packed_values(const int qtype,
 }
 
 /* The lines of a group, prefetched for a later group (Q8_0's group spans three). */
-static inline __attribute__((always_inline)) void prefetch_group(const int qtype, const uint8_t *grp) {
+static inline __attribute__((always_inline)) void prefetch_group(const int format, const uint8_t *grp) {
     prefetch_ahead(grp);
     prefetch_ahead(grp + 64);
-    if (qtype == QTYPE_Q8_0) prefetch_ahead(grp + 128);
+    if (format == LS_Q8_0) prefetch_ahead(grp + 128);
 }
 
 /* The group's products, four per int32 lane: lo against its activations xa, hi against xb. For
@@ -397,11 +398,11 @@ static inline __attribute__((always_inline)) void prefetch_group(const int qtype
  * takes the +128 back. The AVX2 build's VNNI stand-in (avx2.h) sums products in pairs within int16,
  * which q + 128 against 8-bit activations would overflow: there Q8_0's weights go back to q, and
  * their sign onto the activations as dot_q8_0 does (no correction: corr_g is not read). */
-static inline __attribute__((always_inline)) __m512i packed_products(const int qtype, const int32_t *corr_g,
+static inline __attribute__((always_inline)) __m512i packed_products(const int format, const int32_t *corr_g,
                                                                      __m512i lo, __m512i hi, __m512i xa, __m512i xb) {
 #ifdef LLAMASCOPE_AVX2
     (void)corr_g;
-    if (qtype == QTYPE_Q8_0) {
+    if (format == LS_Q8_0) {
         const __m512i flip = _mm512_set1_epi8((char)0x80);
         lo = _mm512_xor_si512(lo, flip);
         hi = _mm512_xor_si512(hi, flip);
@@ -410,63 +411,63 @@ static inline __attribute__((always_inline)) __m512i packed_products(const int q
     }
     const __m512i start = _mm512_setzero_si512();
 #else
-    const __m512i start = qtype == QTYPE_Q8_0 ? _mm512_loadu_si512((const void *)corr_g) : _mm512_setzero_si512();
+    const __m512i start = format == LS_Q8_0 ? _mm512_loadu_si512((const void *)corr_g) : _mm512_setzero_si512();
 #endif
     return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, lo, xa), hi, xb);
 }
 
 /* A group's four scales d (and for Q4_1 its minimums m in e4; Q4_0: e4 = d4). */
-static inline __attribute__((always_inline)) void packed_scales(const int qtype, const uint8_t *grp, __m128 *d4,
+static inline __attribute__((always_inline)) void packed_scales(const int format, const uint8_t *grp, __m128 *d4,
                                                                 __m128 *e4) {
-    if (qtype == QTYPE_Q4_1) {  /* d and m of the group's four blocks: one 16-byte load */
+    if (format == LS_Q4_1) {  /* d and m of the group's four blocks: one 16-byte load */
         const __m256 dm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grp + 64)));
         *d4 = _mm256_castps256_ps128(dm);
         *e4 = _mm256_extractf128_ps(dm, 1);
     } else {
-        *d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(grp + (qtype == QTYPE_Q8_0 ? 128 : 64))));
+        *d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(grp + (format == LS_Q8_0 ? 128 : 64))));
         *e4 = *d4;
     }
 }
 
 /* The last step of a row: the float sums plus Q4_1's minimums (+ e) or Q4_0's offset (-8 e). */
-static inline float packed_total(const int qtype, __m512 acc, __m128 extra) {
+static inline float packed_total(const int format, __m512 acc, __m128 extra) {
     __m128 h = _mm_hadd_ps(extra, extra);
     h = _mm_hadd_ps(h, h);
     const float e = _mm_cvtss_f32(h);
     const float sum = _mm512_reduce_add_ps(acc);
-    return qtype == QTYPE_Q8_0 ? sum : qtype == QTYPE_Q4_1 ? sum + e : sum - 8.0f * e;
+    return format == LS_Q8_0 ? sum : format == LS_Q4_1 ? sum + e : sum - 8.0f * e;
 }
 
 static inline __attribute__((always_inline)) float dot_packed_impl(
-        const int qtype, const uint8_t *row, int nbp, const int8_t *xp, const int32_t *corr, const float *xd,
+        const int format, const uint8_t *row, int nbp, const int8_t *xp, const int32_t *corr, const float *xd,
         const float *xs) {
-    const int group_bytes = packed_group_bytes(qtype);
+    const int group_bytes = packed_group_bytes(format);
     const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     __m512 acc = _mm512_setzero_ps();
     __m128 extra = _mm_setzero_ps();
     for (int g = 0; g < nbp / 4; g++) {
         const uint8_t *grp = row + (int64_t)g * group_bytes;
-        prefetch_group(qtype, grp);
+        prefetch_group(format, grp);
         __m512i lo, hi;
-        packed_values(qtype, grp, &lo, &hi);
-        const __m512i p = packed_products(qtype, corr + g * 16, lo, hi, _mm512_loadu_si512((const void *)(xp + g * 128)),
+        packed_values(format, grp, &lo, &hi);
+        const __m512i p = packed_products(format, corr + g * 16, lo, hi, _mm512_loadu_si512((const void *)(xp + g * 128)),
                                           _mm512_loadu_si512((const void *)(xp + g * 128 + 64)));
         __m128 d4, e4;
-        packed_scales(qtype, grp, &d4, &e4);
+        packed_scales(format, grp, &d4, &e4);
         const __m128 s4 = _mm_mul_ps(d4, _mm_loadu_ps(xd + g * 4));
         const __m512 s16 = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(s4));
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s16, acc);
-        if (qtype != QTYPE_Q8_0) extra = _mm_fmadd_ps(e4, _mm_loadu_ps(xs + g * 4), extra);
+        if (format != LS_Q8_0) extra = _mm_fmadd_ps(e4, _mm_loadu_ps(xs + g * 4), extra);
     }
-    return packed_total(qtype, acc, extra);
+    return packed_total(format, acc, extra);
 }
 
-static float dot_packed(int qtype, const uint8_t *row, int nbp, const int8_t *xp, const int32_t *corr,
+static float dot_packed(int format, const uint8_t *row, int nbp, const int8_t *xp, const int32_t *corr,
                         const float *xd, const float *xs) {
-    switch (qtype) {
-        case QTYPE_Q8_0: return dot_packed_impl(QTYPE_Q8_0, row, nbp, xp, corr, xd, xs);
-        case QTYPE_Q4_1: return dot_packed_impl(QTYPE_Q4_1, row, nbp, xp, corr, xd, xs);
-        default: return dot_packed_impl(QTYPE_Q4_0, row, nbp, xp, corr, xd, xs);
+    switch (format) {
+        case LS_Q8_0: return dot_packed_impl(LS_Q8_0, row, nbp, xp, corr, xd, xs);
+        case LS_Q4_1: return dot_packed_impl(LS_Q4_1, row, nbp, xp, corr, xd, xs);
+        default: return dot_packed_impl(LS_Q4_0, row, nbp, xp, corr, xd, xs);
     }
 }
 
@@ -474,9 +475,9 @@ static float dot_packed(int qtype, const uint8_t *row, int nbp, const int8_t *xp
  * in the same order as dot_packed, so every result equals the one-row kernel's bit for bit. */
 #define PACKED_ROWS 8
 static inline __attribute__((always_inline)) void dot_packed_rows_impl(
-        const int qtype, const uint8_t *row, int nbp, const int8_t *xp, int64_t act_bytes, const int32_t *corr,
+        const int format, const uint8_t *row, int nbp, const int8_t *xp, int64_t act_bytes, const int32_t *corr,
         const float *xd16, const float *xs, const int rows, float *out) {
-    const int G = nbp / 4, group_bytes = packed_group_bytes(qtype);
+    const int G = nbp / 4, group_bytes = packed_group_bytes(format);
     const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     __m512 acc[PACKED_ROWS];
     __m128 extra[PACKED_ROWS];
@@ -486,31 +487,31 @@ static inline __attribute__((always_inline)) void dot_packed_rows_impl(
     }
     for (int g = 0; g < G; g++) {
         const uint8_t *grp = row + (int64_t)g * group_bytes;
-        prefetch_group(qtype, grp);
+        prefetch_group(format, grp);
         __m512i lo, hi;
-        packed_values(qtype, grp, &lo, &hi);
+        packed_values(format, grp, &lo, &hi);
         __m128 d4, e4;
-        packed_scales(qtype, grp, &d4, &e4);
+        packed_scales(format, grp, &d4, &e4);
         const __m512 d16 = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(d4));
         for (int t = 0; t < rows; t++) {
             const int8_t *x = xp + t * act_bytes + g * 128;
-            const __m512i p = packed_products(qtype, corr + ((int64_t)t * G + g) * 16, lo, hi,
+            const __m512i p = packed_products(format, corr + ((int64_t)t * G + g) * 16, lo, hi,
                                               _mm512_loadu_si512((const void *)x), _mm512_loadu_si512((const void *)(x + 64)));
             const __m512 s16 = _mm512_mul_ps(d16, _mm512_loadu_ps(xd16 + ((int64_t)t * G + g) * 16));
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s16, acc[t]);
-            if (qtype != QTYPE_Q8_0) extra[t] = _mm_fmadd_ps(e4, _mm_loadu_ps(xs + (int64_t)t * nbp + g * 4), extra[t]);
+            if (format != LS_Q8_0) extra[t] = _mm_fmadd_ps(e4, _mm_loadu_ps(xs + (int64_t)t * nbp + g * 4), extra[t]);
         }
     }
-    for (int t = 0; t < rows; t++) out[t] = packed_total(qtype, acc[t], extra[t]);
+    for (int t = 0; t < rows; t++) out[t] = packed_total(format, acc[t], extra[t]);
 }
 
-static void dot_packed_rows(int qtype, const uint8_t *row, int nbp, const int8_t *xp, int64_t act_bytes,
+static void dot_packed_rows(int format, const uint8_t *row, int nbp, const int8_t *xp, int64_t act_bytes,
                             const int32_t *corr, const float *xd16, const float *xs, int rows, float *out) {
 #define PACKED_CASE(R)                                                                                      \
     case R:                                                                                                 \
-        if (qtype == QTYPE_Q8_0) dot_packed_rows_impl(QTYPE_Q8_0, row, nbp, xp, act_bytes, corr, xd16, xs, R, out); \
-        else if (qtype == QTYPE_Q4_1) dot_packed_rows_impl(QTYPE_Q4_1, row, nbp, xp, act_bytes, corr, xd16, xs, R, out); \
-        else dot_packed_rows_impl(QTYPE_Q4_0, row, nbp, xp, act_bytes, corr, xd16, xs, R, out);          \
+        if (format == LS_Q8_0) dot_packed_rows_impl(LS_Q8_0, row, nbp, xp, act_bytes, corr, xd16, xs, R, out); \
+        else if (format == LS_Q4_1) dot_packed_rows_impl(LS_Q4_1, row, nbp, xp, act_bytes, corr, xd16, xs, R, out); \
+        else dot_packed_rows_impl(LS_Q4_0, row, nbp, xp, act_bytes, corr, xd16, xs, R, out);          \
         break;
     switch (rows) {
         PACKED_CASE(1) PACKED_CASE(2) PACKED_CASE(3) PACKED_CASE(4) PACKED_CASE(5) PACKED_CASE(6) PACKED_CASE(7)
@@ -519,11 +520,11 @@ static void dot_packed_rows(int qtype, const uint8_t *row, int nbp, const int8_t
 #undef PACKED_CASE
 }
 
-/* y[T, N] = x[T, K] @ W^T, W in the repacked layout above (qtype 0: Q8_0, 1: Q4_0, 2: Q4_1); x float32.
+/* y[T, N] = x[T, K] @ W^T, W in the repacked layout above (format 0: Q8_0, 1: Q4_0, 2: Q4_1); x float32.
  * Returns 0, or -1 when scratch memory ran out. */
-int gemv_packed_f32(int qtype, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads) {
+int gemv_packed_f32(int format, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads) {
     const int nb = K / QK, nbp = (nb + 3) / 4 * 4, G = nbp / 4;
-    const int64_t row_bytes = (int64_t)G * packed_group_bytes(qtype);
+    const int64_t row_bytes = (int64_t)G * packed_group_bytes(format);
     const int64_t act_bytes = (int64_t)nbp * QK;                   /* permuted int8 activations */
     const int64_t need = T * (act_bytes + K + 2 * (int64_t)nbp * (int64_t)sizeof(float) + nbp * 16 + G * 64) + 320;
     uint8_t stack[65536];
@@ -541,13 +542,13 @@ int gemv_packed_f32(int qtype, const uint8_t *w, int N, int K, const float *x, i
         quantize_act_q8(x + (int64_t)t * K, 1, K, xq + (int64_t)t * K, xd + (int64_t)t * nbp, xs + (int64_t)t * nbp);
         permute_act_groups(xq + (int64_t)t * K, nb, nbp, xp + t * act_bytes);
 #ifndef LLAMASCOPE_AVX2
-        if (qtype == QTYPE_Q8_0) q8_corrections(xp + t * act_bytes, G, corr + (int64_t)t * G * 16);
+        if (format == LS_Q8_0) q8_corrections(xp + t * act_bytes, G, corr + (int64_t)t * G * 16);
 #endif
     }
     if (T == 1) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int n = 0; n < N; n++)
-            y[n] = dot_packed(qtype, w + n * row_bytes, nbp, xp, corr, xd, xs);
+            y[n] = dot_packed(format, w + n * row_bytes, nbp, xp, corr, xd, xs);
     } else {
         /* Several rows: each weight group is unpacked once for all of them. The activation scales
          * are spread to one per lane once (xd16), so each row's product is the one above. */
@@ -561,7 +562,7 @@ int gemv_packed_f32(int qtype, const uint8_t *w, int N, int K, const float *x, i
             float out[PACKED_ROWS];
             for (int t0 = 0; t0 < T; t0 += PACKED_ROWS) {
                 const int rows = T - t0 < PACKED_ROWS ? T - t0 : PACKED_ROWS;
-                dot_packed_rows(qtype, w + n * row_bytes, nbp, xp + t0 * act_bytes, act_bytes,
+                dot_packed_rows(format, w + n * row_bytes, nbp, xp + t0 * act_bytes, act_bytes,
                                 corr + (int64_t)t0 * G * 16, xd16 + (int64_t)t0 * G * 16, xs + (int64_t)t0 * nbp,
                                 rows, out);
                 for (int r = 0; r < rows; r++) y[(int64_t)(t0 + r) * N + n] = out[r];
@@ -652,9 +653,9 @@ void dequant_q8_0(const uint8_t *w, int N, int K, void *out, int bf16, int nthre
     }
 }
 
-void dequant_packed(int qtype, const uint8_t *w, int N, int K, void *out, int bf16, int nthreads) {
-    const int nb = K / QK, nbp = (nb + 3) / 4 * 4, is_q4_1 = qtype == QTYPE_Q4_1;
-    const int group_bytes = packed_group_bytes(qtype);
+void dequant_packed(int format, const uint8_t *w, int N, int K, void *out, int bf16, int nthreads) {
+    const int nb = K / QK, nbp = (nb + 3) / 4 * 4, is_q4_1 = format == LS_Q4_1;
+    const int group_bytes = packed_group_bytes(format);
     const int64_t row_bytes = (int64_t)(nbp / 4) * group_bytes;
     const __m512 eight = _mm512_set1_ps(8.0f);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -664,7 +665,7 @@ void dequant_packed(int qtype, const uint8_t *w, int N, int K, void *out, int bf
             const uint8_t *grp = row + (int64_t)(b / 4) * group_bytes;
             const int j = b % 4;
             __m512 w0, w1;
-            if (qtype == QTYPE_Q8_0) {  /* q + 128 back to q: flip the top bit, read as int8 */
+            if (format == LS_Q8_0) {  /* q + 128 back to q: flip the top bit, read as int8 */
                 const __m128i flip = _mm_set1_epi8((char)0x80);
                 const __m128i q0 = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(grp + j * 16)), flip);
                 const __m128i q1 = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(grp + 64 + j * 16)), flip);

@@ -40,6 +40,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "simd.h"
 
 #define QK 32
@@ -54,22 +55,18 @@
 #define KQUANT_PREFETCH_AHEAD 2048
 #endif
 
-enum { QTYPE_Q4_K = 3, QTYPE_Q5_K = 4, QTYPE_Q6_K = 5, QTYPE_Q2_K = 6, QTYPE_Q3_K = 7 };  /* as quant.py's QTYPE_CODES */
-
-void quantize_act_q8(const float *x, int T, int K, int8_t *q, float *d, float *s);
-
-static int kquant_bytes(int qtype) {
-    switch (qtype) {
-        case QTYPE_Q2_K: return 84;
-        case QTYPE_Q3_K: return 110;
-        case QTYPE_Q4_K: return 144;
-        case QTYPE_Q5_K: return 176;
+static int kquant_bytes(int format) {
+    switch (format) {
+        case LS_Q2_K: return 84;
+        case LS_Q3_K: return 110;
+        case LS_Q4_K: return 144;
+        case LS_Q5_K: return 176;
         default: return 210;
     }
 }
 
 /* Sixteen sub-blocks of 16 weights (Q2_K, Q3_K, Q6_K), against eight of 32 (Q4_K, Q5_K). */
-static inline int per16(int qtype) { return qtype != QTYPE_Q4_K && qtype != QTYPE_Q5_K; }
+static inline int per16(int format) { return format != LS_Q4_K && format != LS_Q5_K; }
 
 /* Q3_K: the 12 packed bytes -> the sixteen scales sc_i - 32 as int8: low nibbles of bytes 0-7
  * then their high nibbles, each with bit pair i / 4 of byte 8 + i % 4 on top */
@@ -91,9 +88,9 @@ static inline __m512i pair_shifted(const uint8_t *p, int s1, int s2) {
 }
 
 /* The two 32-weight blocks of a super-block that slot k's 64 activations come from. */
-static void slot_blocks(int qtype, int k, int *a, int *b) {
+static void slot_blocks(int format, int k, int *a, int *b) {
     static const int pairs[SLOTS][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}};
-    if (per16(qtype)) {
+    if (per16(format)) {
         *a = 2 * k;
         *b = 2 * k + 1;
     } else {
@@ -121,17 +118,17 @@ static inline __m128i k4_scales_mins(const uint8_t *s) {
  * Q3_K d*sc, to be scaled by their offsets 32 and 4; Q2_K dmin*m); mins: Q4_K/Q5_K dmin*m per 32. */
 typedef struct { __m512 scale, offset; __m256 mins; } sb_scales_t;
 
-static inline __attribute__((always_inline)) sb_scales_t sb_scales(const int qtype, const uint8_t *blk) {
+static inline __attribute__((always_inline)) sb_scales_t sb_scales(const int format, const uint8_t *blk) {
     sb_scales_t r = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm256_setzero_ps()};
-    if (qtype == QTYPE_Q2_K) {
+    if (format == LS_Q2_K) {
         const __m128i sm = _mm_loadu_si128((const __m128i *)blk), low = _mm_set1_epi8(0x0F);
         r.scale = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(sm, low))), _mm512_set1_ps(f16(blk + 80)));
         r.offset = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(sm, 4), low))),
                                  _mm512_set1_ps(f16(blk + 82)));
-    } else if (qtype == QTYPE_Q3_K) {
+    } else if (format == LS_Q3_K) {
         r.scale = r.offset = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(k3_scales(blk + 96))),
                                            _mm512_set1_ps(f16(blk + 108)));
-    } else if (qtype == QTYPE_Q6_K) {
+    } else if (format == LS_Q6_K) {
         r.scale = r.offset = _mm512_mul_ps(
             _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 192)))), _mm512_set1_ps(f16(blk + 208)));
     } else {
@@ -155,19 +152,19 @@ static inline __m512i twice_shifted(const uint8_t *p) {
 }
 
 /* A super-block's weights as unsigned bytes, slot by slot (see the slot order above). */
-static inline __attribute__((always_inline)) void sb_values(const int qtype, const uint8_t *blk, __m512i q[SLOTS]) {
+static inline __attribute__((always_inline)) void sb_values(const int format, const uint8_t *blk, __m512i q[SLOTS]) {
     const __m512i low4 = _mm512_set1_epi8(0x0F), one = _mm512_set1_epi8(1), three = _mm512_set1_epi8(3);
-    if (qtype == QTYPE_Q2_K) {
+    if (format == LS_Q2_K) {
         for (int k = 0; k < SLOTS; k++)  /* half k / 2, bit pairs 2 (k % 2) and 2 (k % 2) + 1 */
             q[k] = _mm512_and_si512(pair_shifted(blk + 16 + 32 * (k / 2), 4 * (k % 2), 4 * (k % 2) + 2), three);
-    } else if (qtype == QTYPE_Q3_K) {
+    } else if (format == LS_Q3_K) {
         for (int k = 0; k < SLOTS; k++) {
             const int h = k / 2, j = 2 * (k % 2);
             const __m512i low2 = _mm512_and_si512(pair_shifted(blk + 32 + 32 * h, 2 * j, 2 * j + 2), three);
             const __m512i top = _mm512_and_si512(pair_shifted(blk, 4 * h + j, 4 * h + j + 1), one);
             q[k] = _mm512_or_si512(low2, _mm512_slli_epi16(top, 2));
         }
-    } else if (qtype == QTYPE_Q6_K) {
+    } else if (format == LS_Q6_K) {
         for (int h = 0; h < 2; h++) {
             const __m512i v = _mm512_loadu_si512((const void *)(blk + 64 * h));
             const __m512i top = twice_shifted(blk + 128 + 32 * h);  /* bit pairs (0, 2) | (4, 6) */
@@ -176,13 +173,13 @@ static inline __attribute__((always_inline)) void sb_values(const int qtype, con
                                            _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(top, 4), three), 4));
         }
     } else {
-        const uint8_t *qs = blk + (qtype == QTYPE_Q5_K ? 48 : 16);
+        const uint8_t *qs = blk + (format == LS_Q5_K ? 48 : 16);
         for (int h = 0; h < 2; h++) {
             const __m512i v = _mm512_loadu_si512((const void *)(qs + 64 * h));
             q[2 * h] = _mm512_and_si512(v, low4);
             q[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
         }
-        if (qtype == QTYPE_Q5_K) {  /* slot k's two sub-blocks take qh bits (0, 2), (1, 3), (4, 6), (5, 7) */
+        if (format == LS_Q5_K) {  /* slot k's two sub-blocks take qh bits (0, 2), (1, 3), (4, 6), (5, 7) */
             const __m512i top = twice_shifted(blk + 16);
             q[0] = _mm512_or_si512(q[0], _mm512_slli_epi16(_mm512_and_si512(top, one), 4));
             q[1] = _mm512_or_si512(q[1], _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(top, 1), one), 4));
@@ -197,9 +194,9 @@ static inline __attribute__((always_inline)) void sb_values(const int qtype, con
  * xs16 [rows][K/16] (Q6_K) d_x * the sum of each 16 activations. Every row goes through the same
  * operations in the same order, so a result does not depend on how many rows were computed with it. */
 static inline __attribute__((always_inline)) void kquant_rows_impl(
-        const int qtype, const uint8_t *row, const int nsb, const int8_t *xp, const float *xd, const float *xs,
+        const int format, const uint8_t *row, const int nsb, const int8_t *xp, const float *xd, const float *xs,
         const float *xs16, const int64_t K, const int rows, float *out) {
-    const int bytes = kquant_bytes(qtype);
+    const int bytes = kquant_bytes(format);
     const int64_t nb = K / QK;
     /* which of the 16 scale lanes each lane of a slot takes: Q4_K/Q5_K sub-blocks (lanes 0-7 of the
      * scale vector); Q6_K 16-weight sub-blocks (four lanes each) */
@@ -227,23 +224,23 @@ static inline __attribute__((always_inline)) void kquant_rows_impl(
      * loads, bit unpacking, conversion) then overlap the previous super-block's products instead of
      * holding up the sums while its bytes come from memory. On a Xeon this made a Q4_K matrix read
      * 1.7x faster from memory (10 -> 17 GB/s, two threads), and the 1.1B Q4_K_M decode 1.5x. */
-    sb_scales_t next = sb_scales(qtype, row);
+    sb_scales_t next = sb_scales(format, row);
     __m512i next_q[SLOTS];
-    sb_values(qtype, row, next_q);
+    sb_values(format, row, next_q);
     for (int sb = 0; sb < nsb; sb++) {
         const uint8_t *blk = row + (int64_t)sb * bytes;
         for (int i = 0; i < bytes; i += 64) prefetch_at(blk + i, KQUANT_PREFETCH_AHEAD);
         const sb_scales_t cur = next;
-        if (sb + 1 < nsb) next = sb_scales(qtype, blk + bytes);
+        if (sb + 1 < nsb) next = sb_scales(format, blk + bytes);
         const __m512 scale = cur.scale, offset = cur.offset;
         const __m256 mins = cur.mins;
         __m512i q[SLOTS];  /* the super-block's weights as unsigned bytes, slot by slot */
         for (int k = 0; k < SLOTS; k++) q[k] = next_q[k];
-        if (sb + 1 < nsb) sb_values(qtype, blk + bytes, next_q);
+        if (sb + 1 < nsb) sb_values(format, blk + bytes, next_q);
         for (int t = 0; t < rows; t++) {
             const float *d8 = xd + t * nb + sb * 8;  /* the super-block's eight activation scales */
             __m512 s;  /* weight scale times activation scale, per scale lane */
-            if (per16(qtype)) {
+            if (per16(format)) {
                 s = _mm512_mul_ps(scale, _mm512_permutexvar_ps(pairs, _mm512_castps256_ps512(_mm256_loadu_ps(d8))));
                 extra[t] = _mm512_fmadd_ps(offset, _mm512_loadu_ps(xs16 + t * (K / 16) + sb * 16), extra[t]);
             } else {
@@ -254,28 +251,28 @@ static inline __attribute__((always_inline)) void kquant_rows_impl(
             for (int k = 0; k < SLOTS; k++) {
                 const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[k], _mm512_loadu_si512((const void *)(x + 64 * k)));
                 acc[t][k & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p),
-                                                _mm512_permutexvar_ps(per16(qtype) ? pick6[k] : pick4[k], s),
+                                                _mm512_permutexvar_ps(per16(format) ? pick6[k] : pick4[k], s),
                                                 acc[t][k & 1]);
             }
         }
     }
     /* Q6_K's values are q - 32: 32 times each 16 weights' scale times their activations' sum (Q3_K's
      * q - 4 the same with 4; Q2_K's minimums once) */
-    const float times = qtype == QTYPE_Q6_K ? 32.0f : qtype == QTYPE_Q3_K ? 4.0f : 1.0f;
+    const float times = format == LS_Q6_K ? 32.0f : format == LS_Q3_K ? 4.0f : 1.0f;
     for (int t = 0; t < rows; t++)
         out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1])) -
-                 (per16(qtype) ? times * _mm512_reduce_add_ps(extra[t]) : sum8(minsum[t]));
+                 (per16(format) ? times * _mm512_reduce_add_ps(extra[t]) : sum8(minsum[t]));
 }
 
-static void kquant_rows(int qtype, const uint8_t *row, int nsb, const int8_t *xp, const float *xd, const float *xs,
+static void kquant_rows(int format, const uint8_t *row, int nsb, const int8_t *xp, const float *xd, const float *xs,
                         const float *xs16, int64_t K, int rows, float *out) {
 #define KQ_CASE(R)                                                                                     \
     case R:                                                                                            \
-        if (qtype == QTYPE_Q4_K) kquant_rows_impl(QTYPE_Q4_K, row, nsb, xp, xd, xs, xs16, K, R, out);  \
-        else if (qtype == QTYPE_Q5_K) kquant_rows_impl(QTYPE_Q5_K, row, nsb, xp, xd, xs, xs16, K, R, out); \
-        else if (qtype == QTYPE_Q2_K) kquant_rows_impl(QTYPE_Q2_K, row, nsb, xp, xd, xs, xs16, K, R, out); \
-        else if (qtype == QTYPE_Q3_K) kquant_rows_impl(QTYPE_Q3_K, row, nsb, xp, xd, xs, xs16, K, R, out); \
-        else kquant_rows_impl(QTYPE_Q6_K, row, nsb, xp, xd, xs, xs16, K, R, out);                    \
+        if (format == LS_Q4_K) kquant_rows_impl(LS_Q4_K, row, nsb, xp, xd, xs, xs16, K, R, out);  \
+        else if (format == LS_Q5_K) kquant_rows_impl(LS_Q5_K, row, nsb, xp, xd, xs, xs16, K, R, out); \
+        else if (format == LS_Q2_K) kquant_rows_impl(LS_Q2_K, row, nsb, xp, xd, xs, xs16, K, R, out); \
+        else if (format == LS_Q3_K) kquant_rows_impl(LS_Q3_K, row, nsb, xp, xd, xs, xs16, K, R, out); \
+        else kquant_rows_impl(LS_Q6_K, row, nsb, xp, xd, xs, xs16, K, R, out);                    \
         break;
     switch (rows) {
         KQ_CASE(1) KQ_CASE(2) KQ_CASE(3) KQ_CASE(4) KQ_CASE(5) KQ_CASE(6) KQ_CASE(7) KQ_CASE(8)
@@ -283,12 +280,12 @@ static void kquant_rows(int qtype, const uint8_t *row, int nsb, const int8_t *xp
 #undef KQ_CASE
 }
 
-/* y[T, N] = x[T, K] @ W^T, W [N, K/256 super-blocks] in qtype 3 (Q4_K), 4 (Q5_K), 5 (Q6_K), 6 (Q2_K) or
+/* y[T, N] = x[T, K] @ W^T, W [N, K/256 super-blocks] in format 3 (Q4_K), 4 (Q5_K), 5 (Q6_K), 6 (Q2_K) or
  * 7 (Q3_K); x float32,
  * K % 256 == 0. Returns 0, or -1 when scratch memory ran out. */
-int gemv_kquant_f32(int qtype, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads) {
+int gemv_kquant_f32(int format, const uint8_t *w, int N, int K, const float *x, int T, float *y, int nthreads) {
     const int nb = K / QK, nsb = K / QK_K;
-    const int64_t row_bytes = (int64_t)nsb * kquant_bytes(qtype);
+    const int64_t row_bytes = (int64_t)nsb * kquant_bytes(format);
     /* per activation row: xd, xs [nb], xs16 [K/16] floats; xq, xp [K] int8 */
     const int64_t per_row = 2 * (int64_t)nb * 4 + (int64_t)K / 16 * 4 + 2 * (int64_t)K;
     const int64_t need = ((int64_t)T * per_row + 63) / 64 * 64;
@@ -304,12 +301,12 @@ int gemv_kquant_f32(int qtype, const uint8_t *w, int N, int K, const float *x, i
         for (int sb = 0; sb < nsb; sb++)
             for (int k = 0; k < SLOTS; k++) {
                 int a, b;
-                slot_blocks(qtype, k, &a, &b);
+                slot_blocks(format, k, &a, &b);
                 int8_t *dst = xp + (int64_t)t * K + (int64_t)sb * QK_K + 64 * k;
                 memcpy(dst, q + ((int64_t)sb * 8 + a) * QK, QK);
                 memcpy(dst + QK, q + ((int64_t)sb * 8 + b) * QK, QK);
             }
-        if (per16(qtype))
+        if (per16(format))
             for (int i = 0; i < K / 16; i++) {
                 int sum = 0;
                 for (int j = 0; j < 16; j++) sum += q[16 * i + j];
@@ -321,7 +318,7 @@ int gemv_kquant_f32(int qtype, const uint8_t *w, int N, int K, const float *x, i
         float out[KQ_ROWS];
         for (int t0 = 0; t0 < T; t0 += KQ_ROWS) {
             const int rows = T - t0 < KQ_ROWS ? T - t0 : KQ_ROWS;
-            kquant_rows(qtype, w + n * row_bytes, nsb, xp + (int64_t)t0 * K, xd + (int64_t)t0 * nb,
+            kquant_rows(format, w + n * row_bytes, nsb, xp + (int64_t)t0 * K, xd + (int64_t)t0 * nb,
                         xs + (int64_t)t0 * nb, xs16 + (int64_t)t0 * (K / 16), K, rows, out);
             for (int r = 0; r < rows; r++) y[(int64_t)(t0 + r) * N + n] = out[r];
         }
@@ -343,27 +340,27 @@ static inline __m512 values16(const uint8_t *p, int shift, __m128i mask, __m128i
     return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_or_si128(v, top)));
 }
 
-void dequant_kquant(int qtype, const uint8_t *w, int N, int K, void *out, int bf16, int nthreads) {
-    const int nsb = K / QK_K, bytes = kquant_bytes(qtype);
+void dequant_kquant(int format, const uint8_t *w, int N, int K, void *out, int bf16, int nthreads) {
+    const int nsb = K / QK_K, bytes = kquant_bytes(format);
     const __m128i low4 = _mm_set1_epi8(0x0F), zero = _mm_setzero_si128();
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int n = 0; n < N; n++) {
         for (int sb = 0; sb < nsb; sb++) {
             const uint8_t *blk = w + ((int64_t)n * nsb + sb) * bytes;
             const int64_t base = (int64_t)n * K + (int64_t)sb * QK_K;
-            if (qtype == QTYPE_Q2_K || qtype == QTYPE_Q3_K) {
+            if (format == LS_Q2_K || format == LS_Q3_K) {
                 /* sub-block i = 8h + 2j + c: weights 32j + 16c .. + 15 of half h, bit pair j of
                  * qs[32h + 16c ..] (Q3_K: and bit 4h + j of hmask[16c ..]) */
                 int8_t sc3[16];
-                if (qtype == QTYPE_Q3_K) _mm_storeu_si128((__m128i *)sc3, k3_scales(blk + 96));
-                const uint8_t *qs = blk + (qtype == QTYPE_Q2_K ? 16 : 32);
-                const float d = f16(blk + (qtype == QTYPE_Q2_K ? 80 : 108)), dmin = f16(blk + 82);
+                if (format == LS_Q3_K) _mm_storeu_si128((__m128i *)sc3, k3_scales(blk + 96));
+                const uint8_t *qs = blk + (format == LS_Q2_K ? 16 : 32);
+                const float d = f16(blk + (format == LS_Q2_K ? 80 : 108)), dmin = f16(blk + 82);
                 for (int i = 0; i < 16; i++) {
                     const int h = i / 8, j = (i % 8) / 2, c = i % 2;
                     __m128i v = _mm_loadu_si128((const __m128i *)(qs + 32 * h + 16 * c));
                     v = _mm_and_si128(_mm_srli_epi16(v, 2 * j), _mm_set1_epi8(3));
                     __m512 y;
-                    if (qtype == QTYPE_Q2_K) {
+                    if (format == LS_Q2_K) {
                         const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v));
                         y = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(d * (float)(blk[i] & 0x0F)), q),
                                           _mm512_set1_ps(dmin * (float)(blk[i] >> 4)));
@@ -375,7 +372,7 @@ void dequant_kquant(int qtype, const uint8_t *w, int N, int K, void *out, int bf
                     }
                     store16(out, base + 16 * i, bf16, y);
                 }
-            } else if (qtype == QTYPE_Q6_K) {
+            } else if (format == LS_Q6_K) {
                 const float d = f16(blk + 208);
                 const int8_t *sc = (const int8_t *)(blk + 192);
                 for (int h = 0; h < 2; h++) {
@@ -398,13 +395,13 @@ void dequant_kquant(int qtype, const uint8_t *w, int N, int K, void *out, int bf
                 const float d = f16(blk), dmin = f16(blk + 2);
                 uint8_t sm[16];
                 _mm_storeu_si128((__m128i *)sm, k4_scales_mins(blk + 4));
-                const uint8_t *qs = blk + (qtype == QTYPE_Q5_K ? 48 : 16), *qh = blk + 16;
+                const uint8_t *qs = blk + (format == LS_Q5_K ? 48 : 16), *qh = blk + 16;
                 for (int j = 0; j < 8; j++) {  /* sub-block j: chunk j / 2, low (even j) or high nibbles */
                     const __m512 s = _mm512_set1_ps(d * (float)sm[j]), m = _mm512_set1_ps(dmin * (float)sm[8 + j]);
                     for (int c = 0; c < 2; c++) {
                         const int l = 16 * c;
                         __m128i top = zero;
-                        if (qtype == QTYPE_Q5_K) {
+                        if (format == LS_Q5_K) {
                             top = _mm_loadu_si128((const __m128i *)(qh + l));
                             top = _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(top, j), _mm_set1_epi8(1)), 4);
                         }
