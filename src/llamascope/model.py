@@ -179,23 +179,15 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,  # [B, 1, T, S] bool, True = may attend
         cache: KVCache | None,
         capture: dict | None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor:  # [B, T, hidden]
         B, T, _ = x.shape
         if (self.native is not None and B == 1 and T == 1 and mask is None and capture is None
                 and self.qkv_proj is not None and x.dtype == torch.float32 and type(cache) is KVCache
                 and x.device.type == "cpu" and self._native_cache(cache)):
             return self.o_proj(self._decode_one(x, cos, sin, cache))
         # H, KVH: the heads this module holds (this rank's share under tensor parallelism)
-        roped = False
-        if self.qkv_proj is not None:
-            qkv = self.qkv_proj(x)  # [B, T, (H + 2 KVH) * D]
-            if (self.native is not None and qkv.dtype == cos.dtype == torch.float32 and qkv.device.type == "cpu"
-                    and not qkv.requires_grad and qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
-                    and cos.shape == (B, T, self.head_dim)):
-                # q and k, side by side at the start of each row, rotated in place: PyTorch's numbers
-                self.native.rope_rows_f32(qkv.data_ptr(), B * T, qkv.shape[-1], self.heads + self.kv_heads, self.head_dim,
-                                 cos.data_ptr(), sin.data_ptr(), torch.get_num_threads())
-                roped = True
+        qkv, roped = self._projections(x, cos, sin)  # [B, T, (H + 2 KVH) * D], or None when unfused
+        if qkv is not None:
             q, k, v = qkv.split(self.qkv_sizes, dim=-1)  # [B, T, H*D], [B, T, KVH*D] x2
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -206,11 +198,40 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)  # [B, KVH, S, D], S = cached + T
-            S = k.shape[2]
-            if (roped and self.native is not None and B == 1 and T > 1 and mask is None and type(cache) is KVCache
-                    and S <= PREFILL_NATIVE_COLUMNS and self.head_dim % 16 == 0 and self._native_cache(cache)
-                    and not (capture is not None and capture.get("_attention_weights"))):
-                return self.o_proj(self._prefill(qkv, cache, T, S))
+            if roped and self._prefill_runs_natively(B, T, k.shape[2], mask, cache, capture):
+                return self.o_proj(self._prefill(qkv, cache, T, k.shape[2]))
+        out = self._attend(q, k, v, mask, capture)  # [B, H, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # [B, T, H*D] -> [B, T, hidden]
+
+    def _projections(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+        """The fused q, k, v product [B, T, (H + 2 KVH) * D] (None where the projections are separate),
+        and whether q and k in it are already rotated (the native RoPE, in place: PyTorch's numbers)."""
+        if self.qkv_proj is None:
+            return None, False
+        qkv = self.qkv_proj(x)  # [B, T, (H + 2 KVH) * D]
+        B, T, _ = x.shape
+        if not (self.native is not None and qkv.dtype == cos.dtype == torch.float32 and qkv.device.type == "cpu"
+                and not qkv.requires_grad and qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
+                and cos.shape == (B, T, self.head_dim)):
+            return qkv, False
+        # q and k, side by side at the start of each row
+        self.native.rope_rows_f32(qkv.data_ptr(), B * T, qkv.shape[-1], self.heads + self.kv_heads, self.head_dim,
+                                  cos.data_ptr(), sin.data_ptr(), torch.get_num_threads())
+        return qkv, True
+
+    def _prefill_runs_natively(self, B: int, T: int, S: int, mask, cache, capture) -> bool:
+        """A float32 prompt of one sequence without padding, over at most PREFILL_NATIVE_COLUMNS
+        cache columns, when attention weights are not asked for."""
+        return (self.native is not None and B == 1 and T > 1 and mask is None and type(cache) is KVCache
+                and S <= PREFILL_NATIVE_COLUMNS and self.head_dim % 16 == 0 and self._native_cache(cache)
+                and not (capture is not None and capture.get("_attention_weights")))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                capture: dict | None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(D) + mask) v: q [B, H, T, D], k, v [B, KVH, S, D] -> [B, H, T, D]
+        (GQA: each group of query heads shares a KV head). With `_attention_weights` in `capture`,
+        an explicit softmax whose weights [B, H, T, S] are stored; otherwise PyTorch's SDPA."""
+        T, S = q.shape[2], k.shape[2]
         groups = q.shape[1] // k.shape[1]
         if capture is not None and capture.get("_attention_weights"):
             if groups > 1:
@@ -220,20 +241,15 @@ class Attention(nn.Module):
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
             elif T > 1:
-                scores = scores + _causal_bias(T, k.shape[2], scores)
+                scores = scores + _causal_bias(T, S, scores)
             weights = scores.float().softmax(-1).to(q.dtype)  # [B, H, T, S]
             capture[f"layers.{self.layer_index}.attn_weights"] = weights
-            out = weights @ v
-        elif mask is None and (T == 1 or T == k.shape[2]):  # (GQA: each group of query heads shares a KV head)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=groups > 1)  # [B, H, T, D]
-        elif mask is None:  # several new tokens after cached ones: causal with an offset
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_bias(T, k.shape[2], q) == 0,
-                                                 enable_gqa=groups > 1)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)  # [B, H, T, D]
-        out = out.transpose(1, 2).reshape(B, T, -1)  # [B, T, H*D]
-        return self.o_proj(out)  # [B, T, hidden]
-
+            return weights @ v
+        if mask is None and (T == 1 or T == S):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=groups > 1)
+        if mask is None:  # several new tokens after cached ones: causal with an offset
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_bias(T, S, q) == 0, enable_gqa=groups > 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)
 
     def _native_cache(self, cache: KVCache) -> bool:
         """Whether this layer's cache is what the native attention reads: one sequence's float32
