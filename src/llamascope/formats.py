@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
 
 from .errors import LlamascopeError
 
@@ -42,7 +44,7 @@ QUANT_CHOICES = {"int8": "Q8_0", "int4": "Q4_1", "q8_0": "Q8_0", "q4_0": "Q4_0",
 # Temporaries of a format conversion at load stay near this many bytes (rows at a time).
 CONVERT_ROWS_BYTES = 16 << 20
 # quantize() takes rows of this many float32 bytes at a time; its temporaries come to about five
-# times that (with 16 MB slices loading a 296 MB float32 model as int8 grew by twice the int8 weights).
+# times that, so loading with --quant holds little beyond the quantised weights.
 QUANTIZE_ROWS_BYTES = 2 << 20
 
 
@@ -84,7 +86,7 @@ def quantize(w: torch.Tensor, qtype: str) -> torch.Tensor:
     """w [N, K] float -> blocks [N, K/32 * bytes] uint8, following ggml's reference quantisers.
 
     Rows go a slice at a time (QUANTIZE_ROWS_BYTES), so the temporaries stay small whatever the
-    matrix (a whole 49152 x 576 head at once held several copies of its 113 MB)."""
+    matrix (at once, a large LM head would be held several times over)."""
     N, K = w.shape
     if K % QK:
         raise LlamascopeError(f"cannot quantise to {qtype}: input size {K} is not a multiple of {QK}")
@@ -128,9 +130,6 @@ def dequantize(blocks: torch.Tensor, qtype: str, K: int, dtype: torch.dtype = to
     K-quants go through gguf-py's reference dequantiser (ggml's arithmetic, in numpy)."""
     N = blocks.shape[0]
     if qtype in K_QUANT_BYTES:
-        from gguf import GGMLQuantizationType
-        from gguf.quants import dequantize as gguf_dequantize
-
         values = gguf_dequantize(blocks.cpu().numpy(), GGMLQuantizationType[qtype])  # [N, K] float32
         return torch.from_numpy(values.reshape(N, K)).to(device=blocks.device, dtype=dtype)
     b = blocks.reshape(N, K // QK, BLOCK_BYTES[qtype])  # [N, nb, bytes]
@@ -182,8 +181,8 @@ def pack_blocks(blocks: torch.Tensor, qtype: str, K: int) -> torch.Tensor:
     nbp = (nb + 3) // 4 * 4
     size, group_bytes = BLOCK_BYTES[qtype], PACKED_GROUP_BYTES[qtype]
     out = torch.empty(N, nbp // 4 * group_bytes, dtype=torch.uint8)  # [N, G * group bytes]
-    # A slice of rows at a time into the result: whole, the padded copy and the gathered nibbles of
-    # a 1.1B model's 37 MB Q4_0 head held 100 MB more while loading.
+    # A slice of rows at a time into the result: whole, the padded copy and the gathered nibbles of a
+    # large head would each be held beside it while loading.
     rows = max(1, CONVERT_ROWS_BYTES // max(1, 3 * nbp * size))  # (three temporaries a slice)
     for r in range(0, N, rows):
         n = min(rows, N - r)

@@ -50,8 +50,8 @@ def freed_memory_returned():
 
     Loading makes many short-lived copies of a few MB (raw blocks before repacking, projections
     before fusing). glibc raises its mmap threshold after the first large free, so later copies
-    come from the heap, whose freed pages stay resident: a 590 MB Q4_0 model peaked at 1.2 GB over
-    the runtime instead of 0.76 GB. During loading every allocation of 64 KiB or more is mapped
+    come from the heap, whose freed pages stay resident and pile up to about twice the weights.
+    During loading every allocation of 64 KiB or more is mapped
     and unmapped on its own (with 1 MiB, the k and v projections of a small model, freed when
     fused, still piled up in the heap); afterwards the thresholds go to glibc's own ceilings (mmap 32 MiB,
     trim 64 MiB), where its adaptive thresholds end up in a running process anyway.

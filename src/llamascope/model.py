@@ -286,9 +286,8 @@ class Attention(nn.Module):
         return out
 
 
-# Up to this many cache columns a prompt's float32 attention runs natively (csrc/attention.c):
-# 512 columns of 12 heads 4.2 against 5.4 ms for PyTorch's flash attention, level at 1024, and
-# past that PyTorch's larger blocks win (2048: 62 against 50 ms).
+# Up to this many cache columns a prompt's float32 attention runs natively (csrc/attention.c); past
+# it PyTorch's flash attention, whose larger blocks win on long prompts (docs/performance.md).
 PREFILL_NATIVE_COLUMNS = 1024
 
 

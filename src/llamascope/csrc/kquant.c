@@ -222,8 +222,7 @@ static inline __attribute__((always_inline)) void kquant_rows_impl(
     }
     /* Each super-block's scales and values are worked out one super-block ahead: their chains (scalar
      * loads, bit unpacking, conversion) then overlap the previous super-block's products instead of
-     * holding up the sums while its bytes come from memory. On a Xeon this made a Q4_K matrix read
-     * 1.7x faster from memory (10 -> 17 GB/s, two threads), and the 1.1B Q4_K_M decode 1.5x. */
+     * holding up the sums while its bytes come from memory. */
     sb_scales_t next = sb_scales(format, row);
     __m512i next_q[SLOTS];
     sb_values(format, row, next_q);

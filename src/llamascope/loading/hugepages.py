@@ -11,9 +11,8 @@ grows by the largest tensor only) and the module's tensor is pointed at the copy
 The `llamascope` command does not need it: it has PyTorch's allocator advise every block of 2 MB
 or more from the start (startup.py), with no copy, and then the move is skipped. The move is for
 programs that imported PyTorch before they could ask for that: it is asked for
-(`load_model(huge_pages=True)`, `--huge-pages`), not done by default, since the copy costs load
-time (on this project's machine, while the page cache filled memory, it took the 1.1B float32
-load from about 5 to about 10 s).
+(`LoadOptions(huge_pages=True)`, `--huge-pages`), not done by default, since the copy costs load
+time (see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ import time
 import torch
 from torch import nn
 
+from .. import decode_step
 from ..startup import THP_ENV
 
 log = logging.getLogger("llamascope")
@@ -59,8 +59,6 @@ def move_to_huge_pages(model: nn.Module, min_bytes: int = 2 * HUGE_PAGE) -> int:
     numbers are unchanged. Returns the bytes moved (0 where THP is off or already "always", or
     where PyTorch's allocator was asked to advise large blocks itself).
     A native decode step records the weights' addresses, so the model's is rebuilt afterwards."""
-    from .. import decode_step
-
     mode = thp_mode()
     if os.environ.get(THP_ENV) == "1":
         log.info("huge pages: PyTorch's allocator already advises large blocks (%s=1), nothing to move", THP_ENV)
