@@ -34,9 +34,8 @@ class KVCache:
     def for_model(cls, model, batch_size: int, capacity: int) -> "KVCache":
         """A cache for `model`, of at least `capacity` columns (a compiled decode step rounds it up)."""
         c = model.config
-        step = getattr(model, "decode_step", None)
-        if step is not None and hasattr(step, "capacity_for"):
-            capacity = step.capacity_for(capacity)
+        if model.decode_step is not None:
+            capacity = model.decode_step.capacity_for(capacity)
         return cls(c.num_hidden_layers, batch_size, model.kv_heads, c.head_dim, capacity,
                    model.dtype, model.device)
 

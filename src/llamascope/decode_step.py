@@ -88,11 +88,6 @@ def _describe(module: nn.Module, keep: list, what: str, bf16: bool = False) -> _
                    desc.out_features, desc.in_features, desc.weight.data_ptr(), _float32(bias, what))
 
 
-def _parts(parent: nn.Module, fused: str, names: tuple[str, ...]) -> list[nn.Module]:
-    module = getattr(parent, fused, None)
-    return [module] if module is not None else [getattr(parent, name) for name in names]
-
-
 class DecodeStep:
     """`step(tokens [B, 1], positions [B, 1], cache) -> logits [B, 1, vocab]` in one native call."""
 
@@ -115,8 +110,8 @@ class DecodeStep:
             attn, mlp, L = block.self_attn, block.mlp, layers[i]
             L.attn_norm = norm(block.input_layernorm.weight, f"layer {i} input_layernorm")
             L.mlp_norm = norm(block.post_attention_layernorm.weight, f"layer {i} post_attention_layernorm")
-            qkv = _parts(attn, "qkv_proj", ("q_proj", "k_proj", "v_proj"))
-            gate_up = _parts(mlp, "gate_up_proj", ("gate_proj", "up_proj"))
+            qkv = [getattr(attn, name) for name in attn.input_projections()]
+            gate_up = [getattr(mlp, name) for name in mlp.input_projections()]
             L.n_qkv, L.n_gate_up = len(qkv), len(gate_up)
             for j, part in enumerate(qkv):
                 L.qkv[j] = _describe(part, self._keep, f"layer {i} attention input", bf16)
@@ -143,6 +138,11 @@ class DecodeStep:
         self._q8_embedding = isinstance(embed, QuantEmbedding) and embed.qtype == "Q8_0" and embed.out_dtype == self.dtype
         self._vocab_rows = embed.blocks.shape[0] if isinstance(embed, QuantEmbedding) else embed.weight.shape[0]
         self.lib = lib  # the kernel library the step runs on
+
+    @staticmethod
+    def capacity_for(capacity: int) -> int:
+        """The cache capacity to allocate for `capacity` columns: any (the step reads the columns filled)."""
+        return capacity
 
     def applies(self, tokens: torch.Tensor, cache, mask, capture) -> bool:
         """True for one new token per sequence, at most KERNEL_MAX_ROWS sequences, over a plain

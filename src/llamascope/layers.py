@@ -274,11 +274,11 @@ def linear_slots(model: nn.Module):
     """(parent module, attribute name) of each projection and of the LM head; under tensor
     parallelism the slot of a LocalPart's `local` module."""
     for layer in model.model.layers:
-        for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")),
-                              (layer.mlp, ("gate_proj", "up_proj", "gate_up_proj", "down_proj"))):
+        attn, mlp = layer.self_attn, layer.mlp
+        for parent, names in ((attn, attn.input_projections() + ("o_proj",)),
+                              (mlp, mlp.input_projections() + ("down_proj",))):
             for name in names:
-                if getattr(parent, name, None) is not None:  # fused layers replace their parts
-                    yield local_slot(parent, name)
+                yield local_slot(parent, name)
     yield local_slot(model, "lm_head")
 
 

@@ -153,6 +153,10 @@ class Attention(nn.Module):
         # on the fused q and k, and a prompt's causal attention run natively in float32.
         self.native = None
 
+    def input_projections(self) -> tuple[str, ...]:
+        """The names of the layers computing q, k and v: one fused layer, or three."""
+        return ("qkv_proj",) if self.qkv_proj is not None else ("q_proj", "k_proj", "v_proj")
+
     def fuse(self, qkv_proj: nn.Module) -> None:
         """Replace q_proj, k_proj and v_proj by one layer whose output is their outputs side by side."""
         self.qkv_sizes = (self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features)
@@ -308,6 +312,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(i, h, bias=bias)
         self.gate_up_proj: nn.Module | None = None  # gate and up as one product (native.fuse_projections)
         self.native = None  # the kernel library (native.attach sets it): silu(gate) * up natively
+
+    def input_projections(self) -> tuple[str, ...]:
+        """The names of the layers computing gate and up: one fused layer, or two."""
+        return ("gate_up_proj",) if self.gate_up_proj is not None else ("gate_proj", "up_proj")
 
     def fuse(self, gate_up_proj: nn.Module) -> None:
         """Replace gate_proj and up_proj by one layer whose output is [gate | up]."""

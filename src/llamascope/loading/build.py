@@ -168,8 +168,7 @@ def _install_now(model: torch.nn.Module, name: str, plan: dict) -> bool:
     collectives wrap the layers afterwards) and not the embedding (whose tie is placed later)."""
     if plan or name == "model.embed_tokens.weight":
         return False
-    layer = model.get_submodule(name.removesuffix(".weight"))
-    return getattr(layer, "bias", None) is None
+    return model.get_submodule(name.removesuffix(".weight")).bias is None
 
 
 def _kept_blocks(checkpoint: Checkpoint, name: str, shard, parallel) -> torch.Tensor | None:
@@ -222,7 +221,6 @@ def install_block_weights(model: torch.nn.Module, blocks: dict[str, tuple[str, t
             if config.tie_word_embeddings:
                 model.lm_head = QuantLinear(data, qtype, config.hidden_size)
         else:
-            old = getattr(parent, attr)
-            bias = getattr(old, "bias", None)
-            bias = None if bias is None or bias.is_meta else bias.detach().float()
+            old = getattr(parent, attr)  # (the Linear the model was built with)
+            bias = None if old.bias is None or old.bias.is_meta else old.bias.detach().float()
             setattr(parent, attr, QuantLinear(data, qtype, old.in_features, bias))
