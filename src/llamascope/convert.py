@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
+from safetensors.torch import save_file
 
 from .errors import LlamascopeError
 from .loading import DTYPES, Checkpoint, check_tensors, expected_shapes
@@ -83,11 +85,12 @@ def _shard_plan(checkpoint: Checkpoint, dtype: torch.dtype, max_shard_bytes: int
 
 
 def write_weights(checkpoint: Checkpoint, out_dir: Path, dtype: torch.dtype,
-                  max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[Path]:
-    """model.safetensors, or model-0000k-of-0000n.safetensors shards with their index."""
-    from safetensors.torch import save_file
-
+                  max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                  progress: Callable[[int, int], None] | None = None) -> list[Path]:
+    """model.safetensors, or model-0000k-of-0000n.safetensors shards with their index.
+    `progress(done, total)` is called after each tensor is converted."""
     shards = _shard_plan(checkpoint, dtype, max_shard_bytes)
+    count, done = sum(len(names) for names in shards), 0
     if len(shards) == 1:
         files = [out_dir / "model.safetensors"]
     else:
@@ -99,6 +102,9 @@ def write_weights(checkpoint: Checkpoint, out_dir: Path, dtype: torch.dtype,
             state[name] = checkpoint.tensors[name].read().to(dtype).contiguous()
             total += state[name].numel() * state[name].element_size()
             weight_map[name] = path.name
+            done += 1
+            if progress is not None:
+                progress(done, count)
         save_file(state, str(path), metadata={"format": "pt"})
         log.info("wrote %s (%d tensors)", path, len(names))
         del state
@@ -108,14 +114,28 @@ def write_weights(checkpoint: Checkpoint, out_dir: Path, dtype: torch.dtype,
     return files
 
 
+def check_gguf_input(path: Path) -> None:
+    """Refuse what is not a .gguf file, naming the path (a folder is what convert writes)."""
+    if path.is_dir():
+        raise LlamascopeError(f"{path}: is a folder; convert takes a .gguf file (a Hugging Face folder needs "
+                              f"no converting)")
+    if not path.exists():
+        raise LlamascopeError(f"{path}: no such file")
+    if path.suffix.lower() != ".gguf":
+        raise LlamascopeError(f"{path}: not a .gguf file; convert takes a GGUF model file")
+
+
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32",
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 progress: Callable[[int, int], None] | None = None) -> Path:
     """Write the Hugging Face folder for a `llama` GGUF; returns `out_dir`.
 
     dtype: "float32", "bfloat16" or "float16", the type of the written weights.
+    progress(done, total): called after each tensor is converted.
     """
     if dtype not in DTYPES:
         raise LlamascopeError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    check_gguf_input(Path(gguf_path))
     checkpoint = open_gguf(Path(gguf_path))
     check_tensors(checkpoint)
     out_dir = Path(out_dir)
@@ -127,5 +147,5 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float
         _write_json(out_dir / "generation_config.json", dict(checkpoint.generation_json))
     if checkpoint.tokenizer_factory is not None:
         write_tokenizer(checkpoint.tokenizer_factory(), out_dir, checkpoint.config.max_position_embeddings)
-    write_weights(checkpoint, out_dir, DTYPES[dtype], max_shard_bytes)
+    write_weights(checkpoint, out_dir, DTYPES[dtype], max_shard_bytes, progress)
     return out_dir

@@ -27,6 +27,7 @@ from .config import GenerationConfig, ModelConfig, as_id_list
 
 BYTES_PER_PARAMETER = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0, "int4": 0.5}
 KV_DTYPES = {"float32": 4, "bfloat16": 2}
+RULE_WIDTH = 100  # the widest section rule in output that is not a terminal
 
 
 # ---- contradictions ---------------------------------------------------------------------------
@@ -166,7 +167,7 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 def layer_table(checkpoint) -> list[ModuleRow]:
     """Rows in model order; consecutive decoder layers with identical tensors share rows."""
-    from .loading import IGNORED_SUFFIXES, expected_shapes
+    from .loading.checkpoint import IGNORED_SUFFIXES, expected_shapes
 
     config = checkpoint.config
     used = set(expected_shapes(config))
@@ -398,6 +399,14 @@ def human_count(n: int) -> str:
     return str(n)
 
 
+def section(console, title: str) -> None:
+    """A section's title in a rule across the terminal; where output is not a terminal (piped
+    output is laid out wide, so that tables do not wrap), the rule is at most RULE_WIDTH columns."""
+    from rich.rule import Rule
+
+    console.print(Rule(title), width=None if console.is_terminal else min(console.width, RULE_WIDTH))
+
+
 def settings_table(generation: GenerationConfig, title: str = "generation settings in force"):
     from rich.table import Table
 
@@ -414,10 +423,18 @@ def settings_table(generation: GenerationConfig, title: str = "generation settin
 def render_info(info: ModelInfo, console=None) -> None:
     """Print `info` as rich tables (to `console`, default: a new Console on stdout)."""
     from rich.console import Console
-    from rich.table import Table
 
     console = console or Console()
-    console.rule("source")
+    for step in (_render_source, _render_config, _render_generation, _render_tokenizer, _render_contradictions,
+                 _render_layers, _render_memory):
+        step(info, console)
+
+
+def _render_source(info: ModelInfo, console) -> None:
+    """The path and format, the files with their sizes, and the tensor types stored."""
+    from rich.table import Table
+
+    section(console, "source")
     console.print(f"{info.path}  [bold]format[/bold] {info.format}")
     table = Table(title="files", title_justify="left")
     table.add_column("file")
@@ -433,7 +450,12 @@ def render_info(info: ModelInfo, console=None) -> None:
         table.add_row(kind, str(entry["tensors"]), f"{entry['parameters']:,}", human_bytes(entry["bytes"]))
     console.print(table)
 
-    console.rule(f"model config ({info.config_source}, defaults filled in)")
+
+def _render_config(info: ModelInfo, console) -> None:
+    """The config as read (defaults dimmed), then the facts derived from it."""
+    from rich.table import Table
+
+    section(console, f"model config ({info.config_source}, defaults filled in)")
     table = Table()
     table.add_column("key")
     table.add_column("value", overflow="fold")
@@ -448,33 +470,47 @@ def render_info(info: ModelInfo, console=None) -> None:
         table.add_row(key, repr(value) if not isinstance(value, str) else value)
     console.print(table)
 
-    console.rule("generation")
+
+def _render_generation(info: ModelInfo, console) -> None:
+    section(console, "generation")
     console.print(settings_table(info.generation))
 
-    console.rule("tokenizer")
+
+def _render_tokenizer(info: ModelInfo, console) -> None:
+    """The tokenizer's model, pipeline and special tokens."""
+    from rich.table import Table
+
+    section(console, "tokenizer")
     if info.tokenizer is None:
         console.print("no tokenizer in this checkpoint")
-    else:
-        t = info.tokenizer
-        console.print(f"{t['type']} (pre-tokenizer {t['pre_tokenizer']}, decoder {t['decoder']}), "
-                      f"{t['vocab_size']} tokens, from {t['source']}")
-        console.print(f"adds BOS: {t['adds_bos']}   adds EOS: {t['adds_eos']}   chat template: "
-                      + (f"yes ({t['chat_template_chars']} characters)" if t["chat_template"] else "no"))
-        table = Table(title="special tokens", title_justify="left")
-        table.add_column("role")
-        table.add_column("token")
-        table.add_column("id", justify="right")
-        for role, entry in t["special_tokens"].items():
-            table.add_row(role, repr(entry["token"]), str(entry["id"]))
-        console.print(table)
+        return
+    t = info.tokenizer
+    console.print(f"{t['type']} (pre-tokenizer {t['pre_tokenizer']}, decoder {t['decoder']}), "
+                  f"{t['vocab_size']} tokens, from {t['source']}")
+    console.print(f"adds BOS: {t['adds_bos']}   adds EOS: {t['adds_eos']}   chat template: "
+                  + (f"yes ({t['chat_template_chars']} characters)" if t["chat_template"] else "no"))
+    table = Table(title="special tokens", title_justify="left")
+    table.add_column("role")
+    table.add_column("token")
+    table.add_column("id", justify="right")
+    for role, entry in t["special_tokens"].items():
+        table.add_row(role, repr(entry["token"]), str(entry["id"]))
+    console.print(table)
 
-    console.rule("contradictions")
+
+def _render_contradictions(info: ModelInfo, console) -> None:
+    section(console, "contradictions")
     if not info.contradictions:
         console.print("none: config, generation settings and tokenizer agree on special tokens")
     for c in info.contradictions:
         console.print(f"[yellow]warning[/yellow] ({c.kind}): {c.message}", highlight=False)
 
-    console.rule("layers")
+
+def _render_layers(info: ModelInfo, console) -> None:
+    """One row per module (runs of identical layers together), with the totals."""
+    from rich.table import Table
+
+    section(console, "layers")
     notes = any(r.note for r in info.layers)
     table = Table(show_footer=True)
     table.add_column("module", footer="total", overflow="fold")
@@ -493,20 +529,23 @@ def render_info(info: ModelInfo, console=None) -> None:
     console.print(f"{info.total_parameters:,} parameters ({human_count(info.total_parameters)}), "
                   f"{human_bytes(info.total_bytes)} of tensors in the files")
 
-    console.rule("memory")
-    table = Table()
-    table.add_column("weights as")
-    table.add_column("bytes", justify="right")
-    table.add_column("size", justify="right")
-    for name, n in info.memory.items():
-        table.add_row(name, f"{n:,}", human_bytes(n))
-    console.print(table)
+
+def _render_memory(info: ModelInfo, console) -> None:
+    """The weights at each storage type, and a full-context KV cache."""
+    section(console, "memory")
+    console.print(_bytes_table("weights as", info.memory))
     console.print("(weights only: int8 / int4 block scales and activations come on top)")
     console.print(f"KV cache for the full context ({info.kv_cache['positions']} positions, batch 1):")
+    console.print(_bytes_table("dtype", {name: info.kv_cache[name] for name in KV_DTYPES}))
+
+
+def _bytes_table(what: str, sizes: dict[str, int]):
+    from rich.table import Table
+
     table = Table()
-    table.add_column("dtype")
+    table.add_column(what)
     table.add_column("bytes", justify="right")
     table.add_column("size", justify="right")
-    for name in KV_DTYPES:
-        table.add_row(name, f"{info.kv_cache[name]:,}", human_bytes(info.kv_cache[name]))
-    console.print(table)
+    for name, n in sizes.items():
+        table.add_row(name, f"{n:,}", human_bytes(n))
+    return table

@@ -32,7 +32,7 @@ import torch
 
 from .config import GenerationConfig
 from .errors import LlamascopeError
-from .info import Contradiction, find_contradictions, generation_rows_json, settings_table
+from .info import Contradiction, find_contradictions, generation_rows_json, section, settings_table
 
 # ---- capturing activations by name ------------------------------------------------------------
 
@@ -397,12 +397,17 @@ def trace(
     lens: bool = False,
     activations: Iterable[str] | None = None,
     attention_weights: bool = False,
+    defaults: dict[str, Any] | None = None,
+    defaults_source: str = "default (caller)",
     **settings: Any,
 ) -> Trace:
     """Generate for one prompt and record every step (greedy search or sampling).
 
     `settings` are generation settings (max_new_tokens, use_cache, do_sample, ...) given by the
     call; the rest come from generation_config.json, config.json and defaults as in transformers.
+    `defaults`: the caller's own defaults for settings the call leaves unset (the CLI's number of
+    new tokens); they win like the call's settings, and the trace names their source
+    `defaults_source` ("default (CLI)") rather than "call".
     `activations`: glob patterns of capture names to keep per step (off by default).
     """
     from .generation import generate
@@ -417,7 +422,7 @@ def trace(
     if not ids:
         raise LlamascopeError("the prompt encodes to no tokens: nothing to trace")
     engine._check_length([ids])
-    config = engine.generation_config(**settings)
+    config = _settings_in_force(engine, settings, defaults or {}, defaults_source)
     strategy, reason = decoding_strategy(config)
     if config.num_beams > 1:
         raise LlamascopeError(f"trace follows greedy search and sampling step by step; these settings choose "
@@ -457,6 +462,15 @@ def trace(
     )
 
 
+def _settings_in_force(engine, settings: dict, defaults: dict, defaults_source: str) -> GenerationConfig:
+    """The engine's settings for this call, with the caller's defaults where the call sets nothing."""
+    unset = {name: value for name, value in defaults.items() if settings.get(name) is None}
+    config = engine.generation_config(**{**settings, **unset})
+    for name in unset:
+        config.sources[name] = defaults_source
+    return config
+
+
 def _describe_processor(processor) -> str:
     values = ", ".join(f"{k}={v!r}" for k, v in vars(processor).items())
     return f"{type(processor).__name__}({values})"
@@ -484,7 +498,7 @@ def render_trace(t: Trace, console=None, lens: bool = True) -> None:
     console = console or Console()
     out = lambda *a, **k: console.print(*a, highlight=False, **k)  # noqa: E731
 
-    console.rule("1. tokenization")
+    section(console, "1. tokenization")
     if t.prompt is not None:
         out(f"prompt: {t.prompt!r}")
     if t.adds_bos:
@@ -499,13 +513,13 @@ def render_trace(t: Trace, console=None, lens: bool = True) -> None:
         table.add_row(str(pos), str(i), piece, _q(text))
     console.print(table)
 
-    console.rule("2. generation settings")
+    section(console, "2. generation settings")
     console.print(settings_table(t.settings))
     out(_max_length_rule(t))
     for w in t.warnings:
         out(f"[yellow]warning[/yellow] ({w.kind}): {w.message}")
 
-    console.rule("3. decoding strategy")
+    section(console, "3. decoding strategy")
     out(f"[bold]{t.strategy}[/bold]: {t.strategy_reason}")
     out("logits processors: " + (", ".join(t.processors) if t.processors else "none (the scores are the logits)"))
 
@@ -513,7 +527,7 @@ def render_trace(t: Trace, console=None, lens: bool = True) -> None:
     for s in t.steps:
         phase = "prefill: the whole prompt in one forward pass" if s.index == 0 else (
             "decode: one new token with the cache" if s.use_cache else "decode: the whole sequence again")
-        console.rule(f"step {s.index} ({phase})")
+        section(console, f"step {s.index} ({phase})")
         table = Table(title="prepared inputs", title_justify="left")
         table.add_column("input")
         table.add_column("value", overflow="fold")
@@ -551,7 +565,7 @@ def render_trace(t: Trace, console=None, lens: bool = True) -> None:
         if s.index == 0 and t.predictions:
             _render_predictions(t, console)
 
-    console.rule("result")
+    section(console, "result")
     out(f"output_ids = {t.output_ids}  ({len(t.output_ids)} new tokens, finish reason: {t.finish_reason})")
     out(f"text: {t.text!r}")
     if t.prompt is not None:
@@ -564,7 +578,7 @@ def render_trace(t: Trace, console=None, lens: bool = True) -> None:
 def _render_predictions(t: Trace, console) -> None:
     from rich.table import Table
 
-    console.rule("per-position predictions (from the prefill's logits)")
+    section(console, "per-position predictions (from the prefill's logits)")
     console.print("Each position sees the tokens up to itself and predicts the token that follows it: the "
                   "prediction at position t lines up with the prompt token at t + 1, and the prediction at "
                   "the last position is the first generated token.", highlight=False)
@@ -586,7 +600,7 @@ def _render_predictions(t: Trace, console) -> None:
 def _render_lens(lens: Lens, console, L: int | None) -> None:
     from rich.table import Table
 
-    console.rule("logit lens (final norm + LM head after each layer; top token and p)")
+    section(console, "logit lens (final norm + LM head after each layer; top token and p)")
     console.print(f"the last row is the model's own output: max |lens - logits| = {lens.final_layer_max_abs_diff}",
                   highlight=False)
     cell_width = 16
