@@ -23,7 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.rule import Rule
+from rich.table import Table
+
 from .config import GenerationConfig, ModelConfig, as_id_list
+from .loading import open_checkpoint
+from .loading.checkpoint import IGNORED_SUFFIXES, expected_shapes
 
 BYTES_PER_PARAMETER = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0, "int4": 0.5}
 KV_DTYPES = {"float32": 4, "bfloat16": 2}
@@ -167,8 +173,6 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 def layer_table(checkpoint) -> list[ModuleRow]:
     """Rows in model order; consecutive decoder layers with identical tensors share rows."""
-    from .loading.checkpoint import IGNORED_SUFFIXES, expected_shapes
-
     config = checkpoint.config
     used = set(expected_shapes(config))
     # module -> [(leaf, shape, type, nbytes, used)]
@@ -337,8 +341,6 @@ def kv_cache_bytes(config: ModelConfig, positions: int, bytes_per_element: int, 
 
 def describe(path: str | Path | None = None) -> ModelInfo:
     """Everything `llamascope info` shows, from headers and metadata (no weights are read)."""
-    from .loading import open_checkpoint
-
     checkpoint = open_checkpoint(path)
     config = checkpoint.config
     config_source = "GGUF metadata" if checkpoint.format == "gguf" else "config.json"
@@ -402,14 +404,10 @@ def human_count(n: int) -> str:
 def section(console, title: str) -> None:
     """A section's title in a rule across the terminal; where output is not a terminal (piped
     output is laid out wide, so that tables do not wrap), the rule is at most RULE_WIDTH columns."""
-    from rich.rule import Rule
-
     console.print(Rule(title), width=None if console.is_terminal else min(console.width, RULE_WIDTH))
 
 
 def settings_table(generation: GenerationConfig, title: str = "generation settings in force"):
-    from rich.table import Table
-
     table = Table(title=title, title_justify="left")
     table.add_column("setting")
     table.add_column("value")
@@ -422,8 +420,6 @@ def settings_table(generation: GenerationConfig, title: str = "generation settin
 
 def render_info(info: ModelInfo, console=None) -> None:
     """Print `info` as rich tables (to `console`, default: a new Console on stdout)."""
-    from rich.console import Console
-
     console = console or Console()
     for step in (_render_source, _render_config, _render_generation, _render_tokenizer, _render_contradictions,
                  _render_layers, _render_memory):
@@ -432,8 +428,6 @@ def render_info(info: ModelInfo, console=None) -> None:
 
 def _render_source(info: ModelInfo, console) -> None:
     """The path and format, the files with their sizes, and the tensor types stored."""
-    from rich.table import Table
-
     section(console, "source")
     console.print(f"{info.path}  [bold]format[/bold] {info.format}")
     table = Table(title="files", title_justify="left")
@@ -453,8 +447,6 @@ def _render_source(info: ModelInfo, console) -> None:
 
 def _render_config(info: ModelInfo, console) -> None:
     """The config as read (defaults dimmed), then the facts derived from it."""
-    from rich.table import Table
-
     section(console, f"model config ({info.config_source}, defaults filled in)")
     table = Table()
     table.add_column("key")
@@ -478,8 +470,6 @@ def _render_generation(info: ModelInfo, console) -> None:
 
 def _render_tokenizer(info: ModelInfo, console) -> None:
     """The tokenizer's model, pipeline and special tokens."""
-    from rich.table import Table
-
     section(console, "tokenizer")
     if info.tokenizer is None:
         console.print("no tokenizer in this checkpoint")
@@ -508,8 +498,6 @@ def _render_contradictions(info: ModelInfo, console) -> None:
 
 def _render_layers(info: ModelInfo, console) -> None:
     """One row per module (runs of identical layers together), with the totals."""
-    from rich.table import Table
-
     section(console, "layers")
     notes = any(r.note for r in info.layers)
     table = Table(show_footer=True)
@@ -540,8 +528,6 @@ def _render_memory(info: ModelInfo, console) -> None:
 
 
 def _bytes_table(what: str, sizes: dict[str, int]):
-    from rich.table import Table
-
     table = Table()
     table.add_column(what)
     table.add_column("bytes", justify="right")

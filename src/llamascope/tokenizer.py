@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import tokenizers
+from jinja2.exceptions import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import processors
 
 from .config import read_json
@@ -109,10 +112,6 @@ class Tokenizer:
         """Render messages the way transformers' apply_chat_template does (sandboxed jinja2)."""
         if not self.chat_template:
             raise LlamascopeError(f"{self.source or 'tokenizer'}: this model has no chat template")
-        from jinja2.exceptions import TemplateError
-        from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
         def raise_exception(message: str):
             raise TemplateError(message)
 

@@ -29,10 +29,15 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import torch
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
 from .config import GenerationConfig
 from .errors import LlamascopeError
+from .generation import generate
 from .info import Contradiction, find_contradictions, generation_rows_json, section, settings_table
+from .sampling import build_processors
 
 # ---- capturing activations by name ------------------------------------------------------------
 
@@ -410,9 +415,6 @@ def trace(
     `defaults_source` ("default (CLI)") rather than "call".
     `activations`: glob patterns of capture names to keep per step (off by default).
     """
-    from .generation import generate
-    from .sampling import build_processors
-
     tokenizer = engine.tokenizer
     if isinstance(prompt, str):
         text_prompt: str | None = prompt
@@ -492,9 +494,6 @@ def _q(text: str) -> str:
 
 def render_trace(t: Trace, console=None, lens: bool = True) -> None:
     """Print the trace as rich text and tables, in the order generation happens."""
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console()
     out = lambda *a, **k: console.print(*a, highlight=False, **k)  # noqa: E731
 
@@ -576,8 +575,6 @@ def render_trace(t: Trace, console=None, lens: bool = True) -> None:
 
 
 def _render_predictions(t: Trace, console) -> None:
-    from rich.table import Table
-
     section(console, "per-position predictions (from the prefill's logits)")
     console.print("Each position sees the tokens up to itself and predicts the token that follows it: the "
                   "prediction at position t lines up with the prompt token at t + 1, and the prediction at "
@@ -598,8 +595,6 @@ def _render_predictions(t: Trace, console) -> None:
 
 
 def _render_lens(lens: Lens, console, L: int | None) -> None:
-    from rich.table import Table
-
     section(console, "logit lens (final norm + LM head after each layer; top token and p)")
     console.print(f"the last row is the model's own output: max |lens - logits| = {lens.final_layer_max_abs_diff}",
                   highlight=False)
@@ -623,8 +618,6 @@ def _render_lens(lens: Lens, console, L: int | None) -> None:
 
 def _short(text: str, width: int = 8) -> str:
     """A token as a quoted literal of at most `width` characters inside the quotes."""
-    from rich.markup import escape
-
     r = repr(text)[1:-1]
     return escape("'" + (r if len(r) <= width else r[: width - 1] + "…") + "'")
 

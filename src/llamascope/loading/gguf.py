@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from gguf.constants import GGML_QUANT_SIZES
+from gguf.quants import dequantize
 
 from ..config import ModelConfig
 from ..errors import LlamascopeError
@@ -94,8 +96,6 @@ def unpermute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
 
 def dequantize_tensor(tensor, path: Path) -> np.ndarray:
     """float32 values of one GGUF tensor, in numpy's row-major order ([rows, cols] or [n])."""
-    from gguf.quants import dequantize
-
     try:
         values = dequantize(tensor.data, tensor.tensor_type)
     except Exception as e:
@@ -169,24 +169,18 @@ class GGUFWeight:
             return self.read().narrow(dim, start, stop - start).clone()
         if self.type_name in FLOAT_TYPES:
             return self._read_floats((dim, start, stop))
-        from gguf.quants import dequantize
-
         values = np.array(dequantize(part, self.tensor.tensor_type), dtype=np.float32)
         shape = list(self.shape)
         shape[dim] = stop - start
         return torch.from_numpy(self._unpermute(values.reshape(shape)))
 
     def _block_size(self) -> int:
-        from gguf.constants import GGML_QUANT_SIZES
-
         return GGML_QUANT_SIZES[self.tensor.tensor_type][0]
 
     def read_blocks_slice(self, dim: int, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) (dim 0) or weight columns [start, stop) (dim 1, on block boundaries)
         of `read_blocks()`, as uint8 [rows, bytes], reading only those bytes of the file (tensor
         parallelism: each rank keeps its own quantised blocks). Q/K row slices must hold whole heads."""
-        from gguf.constants import GGML_QUANT_SIZES
-
         rows = self.shape[0]
         row_bytes = int(self.tensor.n_bytes) // rows
         block, type_size = GGML_QUANT_SIZES[self.tensor.tensor_type]
@@ -218,8 +212,6 @@ class GGUFWeight:
         return self._kept(self._unpermute(out), self.shape[1] if dim == 0 else stop - start)
 
     def _stored_part(self, dim: int, start: int, stop: int) -> np.ndarray | None:
-        from gguf.constants import GGML_QUANT_SIZES
-
         data = self.tensor.data
         if dim == 0:
             head_rows = self.shape[0] // self.heads if self.heads else 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import sentencepiece
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers
 
@@ -175,8 +176,6 @@ def read_model_spec(serialized: bytes) -> dict:
 
 def read_sentencepiece(path: Path) -> tuple[SpmVocabulary, dict]:
     """Pieces and scores through `sentencepiece`; piece types and settings from the model's spec."""
-    import sentencepiece
-
     processor = sentencepiece.SentencePieceProcessor()
     try:
         processor.Load(str(path))
