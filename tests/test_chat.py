@@ -53,6 +53,21 @@ def test_chat_stops_at_end_of_turn(chat_model):
     assert reply == engine.tokenizer.decode(expected, skip_special_tokens=True)
 
 
+def test_every_chat_reply_ends_at_the_end_of_turn(chat_model):
+    """One rule for chat replies (Engine.generation_config(chat=True)): Engine.chat, generate(chat=True)
+    and stream(chat=True) all end at the template's end-of-turn token, also where it is not an eos id."""
+    engine = Engine.load(chat_model)
+    engine.generation_json = dict(engine.generation_json or {}, eos_token_id=[0])  # </s> ends turns only
+    end = engine.tokenizer.token_to_id("</s>")
+    assert engine.end_of_turn_ids() == [end]
+    assert engine.generation_config().eos_token_id == [0]
+    chat_config = engine.generation_config(chat=True)
+    assert chat_config.eos_token_id == [0, end] and chat_config.sources["eos_token_id"].endswith("+ chat template")
+    reply = "".join(engine.chat([{"role": "user", "content": "Hello there"}], max_new_tokens=12))
+    assert engine.generate("Hello there", chat=True, max_new_tokens=12).text == reply
+    assert "".join(engine.stream("Hello there", chat=True, max_new_tokens=12)) == reply
+
+
 def test_chat_command_is_multi_turn(chat_model):
     proc = subprocess.run([str(BIN), "chat", "--model", str(chat_model), "--max-new-tokens", "5"],
                           input="Hello there\nAnd again\n", capture_output=True, text=True, timeout=120)

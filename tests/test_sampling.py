@@ -421,6 +421,38 @@ def test_generation_config_precedence(models, tiny_model):
         del config.extra["temperature"], config.extra["max_length"]
 
 
+def test_entry_point_defaults_rank_below_the_model_files():
+    """resolve's `defaults` (the server's OpenAI ones): below config.json and generation_config.json,
+    above transformers' defaults; recorded as "default" and never warned about."""
+    openai = {"do_sample": True, "top_k": 0}
+    plain = GenerationConfig.resolve(None, {}, defaults=openai)
+    assert (plain.do_sample, plain.top_k, plain.sources["top_k"]) == (True, 0, "default")
+    files = GenerationConfig.resolve(None, {"top_k": 5, "do_sample": False}, defaults=openai)
+    assert (files.do_sample, files.top_k) == (False, 5)
+    assert GenerationConfig.resolve(None, {"top_k": 5}, defaults=openai, top_k=7).top_k == 7
+    with pytest.raises(LlamascopeError, match="unknown generation setting 'topk'"):
+        GenerationConfig.resolve(None, None, defaults={"topk": 1})
+
+
+def test_greedy_with_a_default_top_k_does_not_warn(caplog):
+    with caplog.at_level(logging.WARNING, logger="llamascope"):
+        GenerationConfig.resolve(None, {"do_sample": False}, defaults={"do_sample": True, "top_k": 0})
+    assert caplog.text == ""
+
+
+def test_validation_rules_are_checked_in_order_and_name_the_setting():
+    """GenerationConfig.validate walks its tables: the first broken rule is the one reported."""
+    with pytest.raises(LlamascopeError, match=r"max_new_tokens=-1: must be an integer >= 0"):
+        GenerationConfig.resolve(None, None, max_new_tokens=-1, num_beams=0)
+    with pytest.raises(LlamascopeError, match=r"num_return_sequences=3: cannot exceed num_beams=2"):
+        GenerationConfig.resolve(None, None, num_beams=2, num_return_sequences=3)
+    with pytest.raises(LlamascopeError, match=r"num_return_sequences=2: greedy search returns one sequence"):
+        GenerationConfig.resolve(None, None, num_return_sequences=2)
+    with pytest.raises(LlamascopeError, match=r"top_p=0: must be in \(0, 1\]"):
+        GenerationConfig.resolve(None, None, do_sample=True, top_p=0)
+    GenerationConfig.resolve(None, None, do_sample=False, top_p=0)  # ignored when not sampling
+
+
 @pytest.mark.filterwarnings("ignore:Using the model-agnostic default")
 def test_default_length_is_twenty_new_tokens_capped_at_context(models):
     """transformers 5: with neither max_new_tokens nor max_length, 20 new tokens (within the context)."""

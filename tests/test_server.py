@@ -21,6 +21,7 @@ import torch
 from conftest import rewrite_json
 from llamascope import Engine
 from llamascope.cache import KVCache, SlotKVCache
+from llamascope.config import DEFAULT_MAX_NEW_TOKENS, ContextLengthError
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -521,6 +522,146 @@ def test_one_log_line_per_request(client, caplog):
     assert len(lines) == 1
     assert f"{r.usage.prompt_tokens} tokens in, {r.usage.completion_tokens} out, first token" in lines[0]
     assert "tokens/s" in lines[0]
+
+
+# ---- one rule each, the same as the Python API's ------------------------------------------------
+
+END = 2  # "</s>": the end of a turn in TURN_TEMPLATE
+TURN_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '</s>' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+SAMPLING = {"do_sample": True, "temperature": 0.7, "top_k": 5, "top_p": 0.9, "repetition_penalty": 1.3}
+
+
+@pytest.fixture(scope="module")
+def short_context(model_factory):
+    """A model of 24 positions."""
+    return model_factory("short-context", max_position_embeddings=24)
+
+
+@pytest.fixture(scope="module")
+def turn_model(model_dir, tmp_path_factory):
+    """A model whose chat template ends each turn with </s> (id 2) while its eos id is 0, and whose
+    greedy replies reach </s>: its lm_head row is that of a token often chosen, a little larger."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("turns") / "model"
+    shutil.copytree(model_dir, folder)
+    weights = load_file(folder / "model.safetensors")
+    weights["lm_head.weight"][END] = weights["lm_head.weight"][187] * 1.05
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    rewrite_json(folder / "tokenizer_config.json", chat_template=TURN_TEMPLATE)
+    rewrite_json(folder / "generation_config.json", eos_token_id=0)
+    rewrite_json(folder / "config.json", eos_token_id=0)
+    return folder
+
+
+def test_context_limit_is_the_apis(short_context, caplog):
+    """config.room_for_new_tokens for both: a prompt of context - 1 tokens gets its new token; one of
+    context or context + 1 tokens is refused by Engine and server alike. More new tokens than the
+    room: the API warns and goes on, the server refuses a max_tokens it was given and clips its default."""
+    engine = Engine.load(short_context)
+    context = engine.config.max_position_embeddings
+    tokens = list(range(3, 3 + context + 1))
+    with running(short_context, max_batch=2) as (url, _):
+        def complete(ids, **extra):
+            body = {"model": MODEL, "prompt": ids, "temperature": 0, **extra}
+            return httpx.post(url + "/v1/completions", json=body, timeout=30)
+
+        assert health(url)["slot_capacity"] == context
+        alone = engine.generate_ids(tokens[:context - 1], max_new_tokens=1).output_ids[0]
+        r = complete(tokens[:context - 1], max_tokens=1)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == len(alone) == 1
+        assert r.json()["choices"][0]["text"] == engine.tokenizer.decode(alone, skip_special_tokens=True)
+        for length in (context, context + 1):
+            with pytest.raises(ContextLengthError, match=f"prompt of {length} tokens"):
+                engine.generate_ids(tokens[:length], max_new_tokens=1)
+            assert _error(complete(tokens[:length], max_tokens=1), 400, "prompt")["code"] == "context_length_exceeded"
+
+        assert _error(complete(tokens[:context - 1], max_tokens=2), 400, "max_tokens")["code"] == \
+            "context_length_exceeded"
+        clipped = complete(tokens[:context - 3]).json()  # the default of 16, clipped to the room of 3
+        alone = engine.generate_ids(tokens[:context - 3], max_new_tokens=3, do_sample=False)
+        assert clipped["usage"]["completion_tokens"] == len(alone.output_ids[0])
+        assert clipped["choices"][0]["finish_reason"] == finish(alone.finish_reasons[0])
+    with caplog.at_level(logging.WARNING, logger="llamascope"):
+        past = engine.generate_ids(tokens[:context - 1], max_new_tokens=3, eos_token_id=[])
+    assert len(past.output_ids[0]) == 3 and "past the model's context of 24 positions" in caplog.text
+
+
+def test_completion_default_length_is_the_table(client, engine):
+    expected = engine.generate(PROMPTS[2], max_new_tokens=DEFAULT_MAX_NEW_TOKENS["server_completion"], do_sample=False)
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[2], temperature=0)
+    assert r.choices[0].text == expected.text and r.usage.completion_tokens == len(expected.output_ids)
+
+
+def test_server_stops_on_the_stop_strings_generate_stops_on(client, engine):
+    """One stop rule (stopping.py): a choice ends at the token where generate() ends, for a stop
+    string across two generated tokens and for one that begins in the prompt; the server's text
+    leaves the stop string out, streamed or not."""
+    prompt = PROMPTS[0]
+    free = engine.generate(prompt, max_new_tokens=30, do_sample=False)
+    pieces = [engine.tokenizer.decode([t]) for t in free.output_ids]
+    across = next(a[-1] + b[0] for i, (a, b) in enumerate(zip(pieces[3:], pieces[4:]), start=3)
+                  if a and b and (a[-1] + b[0]).isprintable() and "\ufffd" not in a + b and a[-1] + b[0] not in b
+                  and a[-1] + b[0] not in prompt + "".join(pieces[:i + 1]))
+    from_prompt = prompt[-1] + pieces[0][0]
+    for stop in (across, from_prompt):
+        alone = engine.generate(prompt, max_new_tokens=30, do_sample=False, stop_strings=[stop])
+        assert alone.finish_reason == "stop" and alone.output_ids == free.output_ids[:len(alone.output_ids)]
+        text = alone.text[:alone.text.find(stop)] if stop in alone.text else ""
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0, stop=stop)
+        assert (r.choices[0].text, r.choices[0].finish_reason) == (text, "stop")
+        assert r.usage.completion_tokens == len(alone.output_ids)
+        chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0, stop=stop,
+                                                stream=True))
+        assert "".join(c.choices[0].text for c in chunks) == text
+    assert len(engine.generate(prompt, max_new_tokens=30, do_sample=False, stop_strings=[from_prompt]).output_ids) == 1
+
+
+def test_server_chat_ends_at_the_end_of_turn_ids_of_engine_chat(turn_model):
+    engine = Engine.load(turn_model)
+    assert engine.generation_config().eos_token_id == [0]
+    assert engine.end_of_turn_ids() == [END] and engine.generation_config(chat=True).eos_token_id == [0, END]
+    ended = 0
+    with running(turn_model, max_batch=2) as (url, _), \
+            openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60) as client:
+        for prompt in PROMPTS:
+            messages = [{"role": "user", "content": prompt}]
+            free = engine.generate_ids(engine.tokenizer.encode_chat(messages), max_new_tokens=20,
+                                       do_sample=False).output_ids[0]  # eos 0 alone: past the end of turn
+            reply = "".join(engine.chat(messages, max_new_tokens=20, do_sample=False))
+            completion = engine.generate(prompt, chat=True, max_new_tokens=20, do_sample=False)
+            r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
+            length = free.index(END) + 1 if END in free else len(free)
+            assert r.choices[0].message.content == reply == completion.text
+            assert r.usage.completion_tokens == len(completion.output_ids) == length
+            assert completion.output_ids == free[:length]
+            assert r.choices[0].finish_reason == ("stop" if END in free[:20] else "length")
+            ended += END in free
+    assert ended >= 2  # the rule was put to the test
+
+
+@pytest.mark.parametrize("where", ["generation_config.json", "config.json"])
+def test_server_resolves_settings_like_the_api(model_dir, tmp_path, where):
+    """Sampling settings in the model's files count for the server as for Engine.generate (through
+    GenerationConfig.resolve): the same choices for the same seed, with and without request settings."""
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    if where == "config.json":  # transformers reads them there when there is no generation_config.json
+        (folder / "generation_config.json").unlink()
+        rewrite_json(folder / "config.json", **SAMPLING)
+    else:
+        rewrite_json(folder / "generation_config.json", **SAMPLING)
+    engine = Engine.load(folder)
+    config = engine.generation_config()
+    assert {k: getattr(config, k) for k in SAMPLING} == SAMPLING and config.sources["top_k"] == where
+    with running(folder, max_batch=2) as (url, _), \
+            openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60) as client:
+        for seed, request in ((3, {}), (4, {"top_p": 0.5}), (5, {"temperature": 1.2}), (6, {"temperature": 0})):
+            call = {"do_sample": False} if request.get("temperature") == 0 else request
+            expected = engine.generate(PROMPTS[1], max_new_tokens=12, seed=seed, **call).text
+            r = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=12, seed=seed, **request)
+            assert r.choices[0].text == expected, (seed, request)
 
 
 # ---- the command line --------------------------------------------------------------------------

@@ -12,9 +12,11 @@ import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from llamascope.cli import main as cli_main
+from llamascope.config import ContextLengthError, ModelConfig, room_for_new_tokens
 from llamascope.engine import Engine
-from llamascope.generation import StopStrings, generate, stream
+from llamascope.generation import generate, stream
 from llamascope.loading import load_model
+from llamascope.stopping import StopStrings
 
 PROMPTS = ["My name is Mariama, my favorite", "Once upon a time", "def forward(self, x): return 42"]
 
@@ -199,3 +201,67 @@ def test_engine_and_cli_stop_strings(models, tiny_model, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["finish_reason"] in ("stop", "eos")
     assert out["finish_reason"] == "eos" or out["output_ids"] == free[:last + 1]
+
+
+# ---- the context: one limit, the same everywhere (config.room_for_new_tokens) ---------------------
+
+@pytest.fixture(scope="module")
+def short(model_factory):
+    """A model of 24 positions, ours and transformers'."""
+    folder = model_factory("short-context", max_position_embeddings=24)
+    return folder, load_model(folder), LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def test_a_prompt_must_leave_room_for_one_new_token(short, capsys):
+    """context - 1 prompt tokens: one new token; context or context + 1: refused, by generate(),
+    beam search, stream(), the Engine and the CLI alike (generate() allowed exactly context before)."""
+    folder, ours, _ = short
+    engine = Engine(ours)
+    tokens = list(range(3, 3 + 25))
+    assert len(generate(ours.model, tokens[:23], max_new_tokens=1, eos_token_id=[]).output_ids[0]) == 1
+    assert len(engine.generate_ids(tokens[:23], max_new_tokens=1, num_beams=2).output_ids[0]) == 1
+    for length in (24, 25):
+        prompt = tokens[:length]
+        with pytest.raises(ContextLengthError, match=f"prompt of {length} tokens .* context of 24 positions"):
+            generate(ours.model, prompt, max_new_tokens=1)
+        with pytest.raises(ContextLengthError):
+            generate(ours.model, prompt, max_new_tokens=1, num_beams=2)
+        with pytest.raises(ContextLengthError):
+            list(stream(ours.model, ours.tokenizer, prompt, engine.generation_config(max_new_tokens=1)))
+        with pytest.raises(ContextLengthError):
+            list(engine.stream(prompt, max_new_tokens=1))
+    long_text = "Once upon a time " * 8
+    assert len(ours.tokenizer.encode(long_text)) >= 24
+    assert cli_main(["generate", "--model", str(folder), "--max-new-tokens", "1", long_text]) != 0
+    assert "context of 24 positions" in capsys.readouterr().err
+
+
+def test_past_the_context_generation_goes_on_as_in_transformers(short, caplog):
+    """More new tokens than the context has room for: a warning, then transformers' tokens; without
+    a length the default stops at the context (transformers' cap)."""
+    _, ours, hf_model = short
+    prompt = list(range(3, 3 + 20))
+    with caplog.at_level("WARNING", logger="llamascope"):
+        found = generate(ours.model, prompt, max_new_tokens=8, eos_token_id=[])
+    assert "past the model's context of 24 positions" in caplog.text
+    with torch.no_grad():
+        expected = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 20, dtype=torch.long),
+                                     max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert found.output_ids[0] == expected[0, 20:].tolist() and len(found.output_ids[0]) == 8
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="llamascope"):
+        assert len(generate(ours.model, prompt, eos_token_id=[]).output_ids[0]) == 4
+    assert "context" not in caplog.text
+
+
+def test_context_rule_unit():
+    assert room_for_new_tokens(23, 24) == 1 and room_for_new_tokens(1, 24) == 23
+    for length in (24, 25):
+        with pytest.raises(ContextLengthError):
+            room_for_new_tokens(length, 24)
+    assert room_for_new_tokens(10 ** 6, None) is None  # no limit
+    base = dict(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+                max_position_embeddings=24, model_type="llama")
+    assert ModelConfig.from_dict(base).context_limit == 24
+    dynamic = ModelConfig.from_dict(dict(base, rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+    assert dynamic.context_limit is None  # dynamic NTK scaling stretches RoPE to any length

@@ -20,9 +20,27 @@ from .errors import LlamascopeError
 
 log = logging.getLogger("llamascope")
 
+# How many new tokens an entry point generates when its caller does not say, one number per kind:
+#   "cli"                `llamascope generate` (and the other one-shot commands)
+#   "chat"               `llamascope chat`: one assistant turn
+#   "server_completion"  the server's /v1/completions without max_tokens (OpenAI's 16), clipped to
+#                        the room the context leaves (`room_for_new_tokens`)
+# Not listed, because their rule is not a number: the Python API (`Engine.generate`, `generate`)
+# follows transformers - generation_config.json's max_new_tokens / max_length, else max_length 20
+# capped at the context (`GenerationConfig.max_length_for`); the server's /v1/chat/completions
+# without max_tokens generates up to the end of the context (OpenAI's rule).
+DEFAULT_MAX_NEW_TOKENS = {"cli": 32, "chat": 256, "server_completion": 16}
+
 # Model types whose checkpoints use the LLaMA block (RMSNorm, RoPE, GQA, SwiGLU).
 LLAMA_FAMILY = {"llama"}
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+# The rope_scaling keys each rope_type needs; model.py's ROPE_INIT computes each type's frequencies
+# (tests/test_loading.py checks both list the same types).
+ROPE_TYPES = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
@@ -89,6 +107,12 @@ class ModelConfig:
         if not self.rope_scaling:
             return "default"
         return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+
+    @property
+    def context_limit(self) -> int | None:
+        """Positions a sequence may use (see `room_for_new_tokens`): max_position_embeddings, or
+        None for rope_type "dynamic", whose RoPE stretches to any length."""
+        return None if self.rope_type == "dynamic" else self.max_position_embeddings
 
     @property
     def gqa_group_size(self) -> int:
@@ -158,12 +182,9 @@ class ModelConfig:
                 f"{source}: rope_scaling rope_type {self.rope_type!r} is not supported "
                 f"(supported: {', '.join(ROPE_TYPES)})"
             )
-        if self.rope_type != "default" and "factor" not in self.rope_scaling:
-            raise LlamascopeError(f"{source}: rope_scaling of type {self.rope_type!r} needs key 'factor'")
-        if self.rope_type == "llama3":
-            for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-                if key not in self.rope_scaling:
-                    raise LlamascopeError(f"{source}: rope_scaling of type 'llama3' needs key {key!r}")
+        for key in ROPE_TYPES[self.rope_type]:
+            if key not in self.rope_scaling:
+                raise LlamascopeError(f"{source}: rope_scaling of type {self.rope_type!r} needs key {key!r}")
 
     def to_hf_dict(self) -> dict:
         """A config.json (transformers 4.x layout, which 5.x also reads)."""
@@ -186,6 +207,37 @@ class ModelConfig:
         return embed + self.num_hidden_layers * per_layer + h + head
 
 
+# ---- the context-length rule ----------------------------------------------------------------
+
+class ContextLengthError(LlamascopeError):
+    """A prompt leaves no room for a new token in the context (see `room_for_new_tokens`)."""
+
+
+def room_for_new_tokens(prompt_length: int, context: int | None) -> int | None:
+    """The context-length rule, the one every entry point uses: how many new tokens fit after a
+    prompt of `prompt_length` tokens in a context of `context` positions (None: no limit).
+
+    Every token of a finished sequence, the prompt's and each new one (the last included), takes
+    one position below `context`, so `context - prompt_length` new tokens fit, and a prompt must
+    leave room for at least one: prompt_length <= context - 1, else ContextLengthError. This is
+    transformers' cap for its default length (max_length <= max_position_embeddings).
+
+    The limit: `ModelConfig.context_limit` for the Python API (`generate`, `Engine`, so the CLI),
+    which is None for rope_type "dynamic"; the slot capacity for the server (the context, or less
+    where the KV budget is smaller). Asking for more new tokens than the room: the Python API
+    warns and goes on past the context, as transformers does (RoPE takes any position; quality may
+    drop); the server refuses a max_tokens the client gave (400, context_length_exceeded) and clips
+    its own default to the room, since its KV slots hold no more.
+    """
+    if context is None:
+        return None
+    if prompt_length >= context:
+        raise ContextLengthError(
+            f"prompt of {prompt_length} tokens leaves no room for a new token in the model's context of "
+            f"{context} positions (at most {context - 1} prompt tokens)")
+    return context - prompt_length
+
+
 # ---- generation settings --------------------------------------------------------------------
 
 # Settings that only matter when sampling, and their transformers defaults (a greedy or beam
@@ -193,6 +245,78 @@ class ModelConfig:
 SAMPLING_ONLY = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": None, "typical_p": 1.0}
 # Settings that only matter for beam search.
 BEAM_ONLY = {"length_penalty": 1.0, "early_stopping": False}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int_at_least(low: int):
+    return lambda value: _is_int(value) and value >= low
+
+
+def _number_in(low: float, high: float, include_low: bool = True):
+    return lambda value: _is_number(value) and (low <= value if include_low else low < value) and value <= high
+
+
+def _optional(check):
+    return lambda value: value is None or check(value)
+
+
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(_is_int(t) and t >= 0 for t in value)
+
+
+def _bad_words(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(_token_ids(w) and w for w in value)
+
+
+def _stop_strings(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(s, str) and s for s in value)
+
+
+# The rules `GenerationConfig.validate` checks, each (setting, test of its value, what a good value
+# is), in this order; the first that fails is reported.
+SETTING_RULES = (
+    ("max_new_tokens", _optional(_int_at_least(0)), "must be an integer >= 0"),
+    ("max_length", _optional(_int_at_least(1)), "must be a positive integer"),
+    ("min_new_tokens", _optional(_int_at_least(0)), "must be an integer >= 0"),
+    ("min_length", _optional(_int_at_least(0)), "must be an integer >= 0"),
+    ("max_time", _optional(lambda v: _is_number(v) and v >= 0), "must be a number of seconds >= 0"),
+    ("do_sample", lambda v: isinstance(v, bool), "must be true or false"),
+    ("num_beams", _int_at_least(1), "must be an integer >= 1"),
+    ("num_return_sequences", _int_at_least(1), "must be an integer >= 1"),
+    ("early_stopping", lambda v: isinstance(v, bool) or v == "never", "must be true, false or 'never'"),
+    ("length_penalty", _is_number, "must be a finite number"),
+    ("repetition_penalty", lambda v: _is_number(v) and v > 0, "must be > 0 (1.0: no penalty)"),
+    ("no_repeat_ngram_size", _int_at_least(0), "must be an integer >= 0 (0: off)"),
+    ("bad_words_ids", _optional(_bad_words), "must be a non-empty list of non-empty lists of token ids"),
+    ("suppress_tokens", _optional(_token_ids), "must be a list of token ids"),
+    ("stop_strings", _optional(_stop_strings), "must be a list of non-empty strings"),
+    ("output_logprobs", _optional(_int_at_least(0)), "must be an integer >= 0 (the number of alternatives per token)"),
+    ("seed", _optional(_is_int), "must be an integer"),
+)
+# Settings that must agree with others, each (setting, test of the whole config, why), checked
+# after SETTING_RULES; `why` may name other settings as {config.name}.
+AGREEMENT_RULES = (
+    ("num_return_sequences", lambda c: not (c.num_beams == 1 and not c.do_sample and c.num_return_sequences > 1),
+     "greedy search returns one sequence: use do_sample=True or num_beams >= num_return_sequences"),
+    ("num_return_sequences", lambda c: not (c.num_beams > 1 and c.num_return_sequences > c.num_beams),
+     "cannot exceed num_beams={config.num_beams}"),
+)
+# Checked only when sampling; otherwise these settings are ignored (with a warning, see SAMPLING_ONLY).
+SAMPLING_RULES = (
+    ("temperature", lambda v: _is_number(v) and v > 0,
+     "must be a positive number when sampling (for greedy search use do_sample=False)"),
+    ("top_k", _optional(_int_at_least(0)), "must be an integer >= 0 (0: off)"),
+    ("top_p", _number_in(0, 1, include_low=False), "must be in (0, 1]"),
+    ("min_p", _optional(_number_in(0, 1)), "must be in [0, 1]"),
+    ("typical_p", _number_in(0, 1, include_low=False), "must be in (0, 1]"),
+)
 
 
 @dataclass
@@ -252,16 +376,24 @@ class GenerationConfig:
         model_config: ModelConfig | None = None,
         generation_json: dict | None = None,
         generation_source: str = "generation_config.json",
+        defaults: dict | None = None,
         **call: Any,
     ) -> "GenerationConfig":
-        """Call arguments over generation_config.json over config.json, as transformers does.
+        """The settings in force, each from the first of: the call's arguments, generation_config.json,
+        config.json, `defaults`, transformers' defaults (the dataclass's). This is the one place
+        where that precedence is written: the Python API, the CLI and the server all come here.
 
         transformers reads generation settings from config.json (bos/eos/pad ids and any
         generation keys such as `max_length` or `temperature` found there) only when there is no
-        generation_config.json. Arguments passed as None are treated as not given.
+        generation_config.json. Arguments passed as None are treated as not given. `defaults`:
+        an entry point's own defaults where they differ from transformers' (the server's OpenAI
+        ones); their source is recorded as "default".
         """
         names = {f.name for f in dataclasses.fields(cls)} - {"sources"}
-        values: dict[str, Any] = {}
+        for key in list(defaults or {}) + list(call):
+            if key not in names:
+                raise LlamascopeError(f"unknown generation setting {key!r}")
+        values: dict[str, Any] = {k: v for k, v in (defaults or {}).items() if v is not None}
         sources: dict[str, str] = {}
         if generation_json is None and model_config is not None:
             for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -276,8 +408,6 @@ class GenerationConfig:
                 if key in names and value is not None:
                     values[key], sources[key] = value, generation_source
         for key, value in call.items():
-            if key not in names:
-                raise LlamascopeError(f"unknown generation setting {key!r}")
             if value is not None:
                 values[key], sources[key] = value, "call"
         if "eos_token_id" in values:
@@ -290,93 +420,30 @@ class GenerationConfig:
         return config
 
     def validate(self) -> None:
-        """Refuse bad settings (LlamascopeError naming the setting) before any compute; warn
+        """Refuse bad settings (LlamascopeError naming the setting) before any compute, by the rules
+        of SETTING_RULES, SAMPLING_RULES (when sampling) and AGREEMENT_RULES, in that order; warn
         about settings the chosen decoding mode ignores."""
-
-        def bad(name: str, why: str) -> LlamascopeError:
-            return LlamascopeError(f"generation setting {name}={getattr(self, name)!r}: {why}")
-
-        def is_int(value: Any) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        def is_number(value: Any) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-        # lengths
-        if self.max_new_tokens is not None and not (is_int(self.max_new_tokens) and self.max_new_tokens >= 0):
-            raise bad("max_new_tokens", "must be an integer >= 0")
-        if self.max_length is not None and not (is_int(self.max_length) and self.max_length > 0):
-            raise bad("max_length", "must be a positive integer")
-        for name in ("min_new_tokens", "min_length"):
-            value = getattr(self, name)
-            if value is not None and not (is_int(value) and value >= 0):
-                raise bad(name, "must be an integer >= 0")
-        if self.max_time is not None and not (is_number(self.max_time) and self.max_time >= 0):
-            raise bad("max_time", "must be a number of seconds >= 0")
-
-        # decoding mode
-        if not isinstance(self.do_sample, bool):
-            raise bad("do_sample", "must be true or false")
-        if not (is_int(self.num_beams) and self.num_beams >= 1):
-            raise bad("num_beams", "must be an integer >= 1")
-        if not (is_int(self.num_return_sequences) and self.num_return_sequences >= 1):
-            raise bad("num_return_sequences", "must be an integer >= 1")
-        if self.num_beams == 1 and not self.do_sample and self.num_return_sequences > 1:
-            raise bad("num_return_sequences",
-                      "greedy search returns one sequence: use do_sample=True or num_beams >= num_return_sequences")
-        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
-            raise bad("num_return_sequences", f"cannot exceed num_beams={self.num_beams}")
-        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
-            raise bad("early_stopping", "must be true, false or 'never'")
-        if not is_number(self.length_penalty):
-            raise bad("length_penalty", "must be a finite number")
-
-        # processors that apply in every mode
-        if not (is_number(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise bad("repetition_penalty", "must be > 0 (1.0: no penalty)")
-        if not (is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0):
-            raise bad("no_repeat_ngram_size", "must be an integer >= 0 (0: off)")
-        if self.bad_words_ids is not None:
-            if not (isinstance(self.bad_words_ids, (list, tuple)) and self.bad_words_ids and all(
-                    isinstance(w, (list, tuple)) and w and all(is_int(t) and t >= 0 for t in w)
-                    for w in self.bad_words_ids)):
-                raise bad("bad_words_ids", "must be a non-empty list of non-empty lists of token ids")
-        if self.suppress_tokens is not None:
-            if not (isinstance(self.suppress_tokens, (list, tuple))
-                    and all(is_int(t) and t >= 0 for t in self.suppress_tokens)):
-                raise bad("suppress_tokens", "must be a list of token ids")
-        if self.stop_strings is not None:
-            if not (isinstance(self.stop_strings, (list, tuple))
-                    and all(isinstance(s, str) and s for s in self.stop_strings)):
-                raise bad("stop_strings", "must be a list of non-empty strings")
-        if self.output_logprobs is not None and not (is_int(self.output_logprobs) and self.output_logprobs >= 0):
-            raise bad("output_logprobs", "must be an integer >= 0 (the number of alternatives per token)")
-        if self.seed is not None and not is_int(self.seed):
-            raise bad("seed", "must be an integer")
-
-        # sampling-only settings: checked when sampling, ignored with a warning otherwise
-        if self.do_sample:
-            if not (is_number(self.temperature) and self.temperature > 0):
-                raise bad("temperature", "must be a positive number when sampling (for greedy search use do_sample=False)")
-            if self.top_k is not None and not (is_int(self.top_k) and self.top_k >= 0):
-                raise bad("top_k", "must be an integer >= 0 (0: off)")
-            if not (is_number(self.top_p) and 0 < self.top_p <= 1):
-                raise bad("top_p", "must be in (0, 1]")
-            if self.min_p is not None and not (is_number(self.min_p) and 0 <= self.min_p <= 1):
-                raise bad("min_p", "must be in [0, 1]")
-            if not (is_number(self.typical_p) and 0 < self.typical_p <= 1):
-                raise bad("typical_p", "must be in (0, 1]")
-        else:
+        for name, check, why in SETTING_RULES + (SAMPLING_RULES if self.do_sample is True else ()):
+            if not check(getattr(self, name)):
+                raise self._refusal(name, why)
+        for name, holds, why in AGREEMENT_RULES:
+            if not holds(self):
+                raise self._refusal(name, why.format(config=self))
+        if not self.do_sample:
             self._warn_ignored("do_sample", SAMPLING_ONLY, "only used when sampling (do_sample=True)")
         if self.num_beams == 1:
             self._warn_ignored("num_beams", BEAM_ONLY, "only used in beam search (num_beams > 1)")
 
+    def _refusal(self, name: str, why: str) -> LlamascopeError:
+        return LlamascopeError(f"generation setting {name}={getattr(self, name)!r}: {why}")
+
     def _warn_ignored(self, mode_name: str, settings: dict, why: str) -> None:
         """transformers' rule: warn about a setting the mode ignores, unless the call chose the
-        mode and the setting came from the model's files."""
+        mode and the setting came from the model's files; a default (`resolve`'s `defaults`
+        included) is never worth a warning."""
         mode_from_call = self.sources.get(mode_name) == "call"
         ignored = [name for name, default in settings.items()
-                   if getattr(self, name) != default
+                   if getattr(self, name) != default and self.sources.get(name) != "default"
                    and not (mode_from_call and self.sources.get(name) != "call")]
         if ignored:
             listed = ", ".join(f"{name}={getattr(self, name)!r}" for name in ignored)

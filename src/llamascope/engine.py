@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-import torch
-
+from .batch import GenerationResult
 from .config import GenerationConfig
 from .errors import LlamascopeError
-from .generation import GenerationResult, generate, stream
-from .loading import LoadedModel, load_model
+from .generation import generate, stream
+from .loading import LoadedModel, LoadOptions, load_model
 from .parallel import ParallelGroup, shared_seed
 
 
@@ -69,26 +68,24 @@ class Engine:
         self.parallel = parallel
 
     @classmethod
-    def load(cls, path: str | Path | None = None, dtype: str | torch.dtype = "auto", device: str = "cpu",
-             progress: Callable[[int, int], None] | None = None,
-             parallel: ParallelGroup | None = None, quant: str | None = None, fast: bool = True,
-             huge_pages: bool = False, compile: bool = False) -> "Engine":
-        """`parallel` (from `parallel.init_from_env`): load this rank's shard; the device is the group's.
-        `quant`: "int8" or "int4" weight-only quantisation; `fast=False`: plain PyTorch layers only;
-        `compile`: plain layers with a decode step compiled by torch.compile (for a GPU)."""
-        if parallel is not None:
-            device = parallel.device
-        return cls(load_model(path, dtype=dtype, device=device, progress=progress, parallel=parallel,
-                              quant=quant, fast=fast, huge_pages=huge_pages, compile=compile), parallel)
+    def load(cls, path: str | Path | None = None, options: LoadOptions | None = None, *,
+             progress: Callable[[int, int], None] | None = None, parallel: ParallelGroup | None = None,
+             **option_fields) -> "Engine":
+        """Load `path` (None: the default model) as `options` says (a LoadOptions; keyword
+        arguments set its fields: `Engine.load(path, dtype="bfloat16", quant="int8")`).
+        `parallel` (from `parallel.init_from_env`): load this rank's shard on the group's device."""
+        return cls(load_model(path, options, progress=progress, parallel=parallel, **option_fields), parallel)
 
     def _need_tokenizer(self):
         if self.tokenizer is None:
             raise LlamascopeError(f"{self.loaded.checkpoint.path}: this checkpoint has no tokenizer")
         return self.tokenizer
 
-    def generation_config(self, **call) -> GenerationConfig:
-        """Settings in force: call arguments over generation_config.json over config.json."""
-        config = self.local_generation_config(**call)
+    def generation_config(self, chat: bool = False, defaults: dict | None = None, **call) -> GenerationConfig:
+        """Settings in force: call arguments over generation_config.json over config.json over
+        `defaults` (see `GenerationConfig.resolve`). `chat`: for a reply to a chat prompt, which also
+        ends at the chat template's end-of-turn tokens (`end_of_turn_ids`)."""
+        config = self.local_generation_config(chat, defaults, **call)
         if self.parallel is not None:
             # Ranks must choose the same tokens at the same steps.
             if config.max_time is not None:
@@ -99,11 +96,25 @@ class Engine:
                 config.sources["seed"] = "rank 0"
         return config
 
-    def local_generation_config(self, **call) -> GenerationConfig:
+    def local_generation_config(self, chat: bool = False, defaults: dict | None = None, **call) -> GenerationConfig:
         """`generation_config` for tokens chosen in this process alone (the tensor-parallel server
         samples on rank 0 only): no seed is shared with the other ranks, no collective runs."""
         source = "GGUF metadata" if self.loaded.checkpoint.format == "gguf" else "generation_config.json"
-        return GenerationConfig.resolve(self.config, self.generation_json, generation_source=source, **call)
+        config = GenerationConfig.resolve(self.config, self.generation_json, generation_source=source,
+                                          defaults=defaults, **call)
+        extra = [i for i in self.end_of_turn_ids() if i not in config.eos_token_id] if chat else []
+        if extra:
+            config.eos_token_id = config.eos_token_id + extra
+            config.sources["eos_token_id"] += " + chat template"
+        return config
+
+    def end_of_turn_ids(self) -> list[int]:
+        """Tokens that end an assistant turn in common chat templates, where the template writes
+        them and the vocabulary has them. Every chat reply (`chat`, `generate(chat=True)`, the
+        server's chat completions) ends at these as at an eos id."""
+        tokenizer = self._need_tokenizer()
+        ids = [tokenizer.token_to_id(t) for t in END_OF_TURN_TOKENS if t in (tokenizer.chat_template or "")]
+        return [i for i in ids if i is not None]
 
     def encode(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
         tokenizer = self._need_tokenizer()
@@ -114,69 +125,51 @@ class Engine:
         return tokenizer.encode(prompt)
 
     def generate(self, prompts: str | list[str], chat: bool = False, **settings) -> Completion | list[Completion]:
-        """Generate for one prompt or a batch (left-padded, same tokens as each alone)."""
+        """Generate for one prompt or a batch (left-padded, same tokens as each alone). `chat`:
+        each prompt is a user message in the chat template, and the reply ends at its end of turn."""
         single = isinstance(prompts, str)
         texts = [prompts] if single else list(prompts)
         ids = [self.encode(t, chat=chat) for t in texts]
-        result = self.generate_ids(ids, **settings)
+        result = generate(self.model, ids, self.generation_config(chat, **settings), tokenizer=self.tokenizer)
         n = len(result.output_ids) // len(texts)  # sequences per prompt (num_return_sequences)
-        completions = []
-        for i, (text, p) in enumerate(zip(texts, ids)):
-            rows = [
-                Completion(text, p, result.output_ids[r], self.tokenizer.decode(result.output_ids[r],
-                           skip_special_tokens=True), result.finish_reasons[r],
-                           result.logprobs[r] if result.logprobs is not None else None,
-                           result.sequence_scores[r] if result.sequence_scores is not None else None)
-                for r in range(i * n, (i + 1) * n)
-            ]
-            if n > 1:
-                rows[0] = dataclasses.replace(rows[0], sequences=list(rows))
-            completions.append(rows[0])
+        completions = [self._completion(text, p, result, range(i * n, (i + 1) * n))
+                       for i, (text, p) in enumerate(zip(texts, ids))]
         return completions[0] if single else completions
 
+    def _completion(self, text: str, prompt_ids: list[int], result: GenerationResult, rows: range) -> Completion:
+        """A prompt's Completion from its rows of `result`: the best, with all of them when there are several."""
+        completions = [
+            Completion(text, prompt_ids, result.output_ids[r],
+                       self.tokenizer.decode(result.output_ids[r], skip_special_tokens=True), result.finish_reasons[r],
+                       result.logprobs[r] if result.logprobs is not None else None,
+                       result.sequence_scores[r] if result.sequence_scores is not None else None)
+            for r in rows
+        ]
+        if len(completions) > 1:
+            return dataclasses.replace(completions[0], sequences=list(completions))
+        return completions[0]
+
     def generate_ids(self, prompts: list[list[int]] | list[int], **settings) -> GenerationResult:
-        config = self.generation_config(**settings)
-        self._check_length(prompts if prompts and isinstance(prompts[0], list) else [prompts])
-        return generate(self.model, prompts, config, tokenizer=self.tokenizer)
+        return generate(self.model, prompts, self.generation_config(**settings), tokenizer=self.tokenizer)
 
     def stream(self, prompt: str | list[int], chat: bool = False, **settings) -> Iterator[str]:
-        """Text deltas as tokens are chosen (greedy or sampled; one prompt)."""
+        """Text deltas as tokens are chosen (greedy or sampled; one prompt). `chat`: as in `generate`."""
         ids = self.encode(prompt, chat=chat) if isinstance(prompt, str) else list(prompt)
-        self._check_length([ids])
-        config = self.generation_config(**settings)
-        if config.num_beams > 1 or config.num_return_sequences > 1:
-            # beam search and several sequences finish together: the text comes at the end
-            result = generate(self.model, [ids], config, tokenizer=self._need_tokenizer())
-            yield "\n".join(self.tokenizer.decode(out, skip_special_tokens=True) for out in result.output_ids)
-            return
-        for _, delta in stream(self.model, self._need_tokenizer(), ids, config):
-            if delta:
-                yield delta
-
-    def end_of_turn_ids(self) -> list[int]:
-        """Tokens that end an assistant turn in common chat templates, where the vocabulary has them."""
-        tokenizer = self._need_tokenizer()
-        ids = [tokenizer.token_to_id(t) for t in END_OF_TURN_TOKENS if t in (tokenizer.chat_template or "")]
-        return [i for i in ids if i is not None]
+        yield from self._stream(ids, self.generation_config(chat, **settings))
 
     def chat(self, messages: list[dict], **settings) -> Iterator[str]:
         """Stream the assistant's reply to `messages` (chat template applied, no double BOS); the
         reply ends at an eos id or at the template's end-of-turn token."""
+        ids = self._need_tokenizer().encode_chat(messages)
+        yield from self._stream(ids, self.generation_config(chat=True, **settings))
+
+    def _stream(self, ids: list[int], config: GenerationConfig) -> Iterator[str]:
         tokenizer = self._need_tokenizer()
-        ids = tokenizer.encode_chat(messages)
-        config = self.generation_config(**settings)
-        extra = [i for i in self.end_of_turn_ids() if i not in config.eos_token_id]
-        if extra:
-            config.eos_token_id = config.eos_token_id + extra
-        self._check_length([ids])
+        if config.num_beams > 1 or config.num_return_sequences > 1:
+            # beam search and several sequences finish together: the text comes at the end
+            result = generate(self.model, [ids], config, tokenizer=tokenizer)
+            yield "\n".join(tokenizer.decode(out, skip_special_tokens=True) for out in result.output_ids)
+            return
         for _, delta in stream(self.model, tokenizer, ids, config):
             if delta:
                 yield delta
-
-    def _check_length(self, prompts: list[list[int]]) -> None:
-        context = self.config.max_position_embeddings
-        for p in prompts:
-            if len(p) >= context and self.config.rope_type != "dynamic":
-                raise LlamascopeError(
-                    f"prompt of {len(p)} tokens does not fit the model's context of {context} positions")
-

@@ -4,145 +4,38 @@ It follows transformers' generate() for the same settings: prompts are left-padd
 are `attention_mask.cumsum(-1) - 1`, the first step runs the whole prompt (prefill) and later
 steps feed one token per sequence with the KV cache (or the whole sequence again with
 `use_cache=False`), logits of the last position go through the processors in transformers'
-order, and a sequence stops at an eos id or when `max_length = prompt length + max_new_tokens`.
+order, and each sequence stops by `stopping.StopRules`: an eos id, a stop string,
+`max_length = prompt length + max_new_tokens`, or max_time. `generate` hands beam search
+(num_beams > 1) to beam.py.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
+from .batch import (
+    GenerationResult,
+    Step,
+    add_token_text,
+    attention_mask_4d,
+    logprob_entry,
+    positions_from_mask,
+    prepare_batch,
+)
+from .beam import beam_search
 from .cache import KVCache
 from .config import GenerationConfig
 from .errors import LlamascopeError
-from .model import check_token_ids
 from .sampling import apply_processors, build_processors, make_generator, select_next, token_logprobs
+from .stopping import StopRules
 
 log = logging.getLogger("llamascope")
 
-
-@dataclass
-class Step:
-    """What one forward pass of the loop took in and gave out (for tracing and logging)."""
-
-    index: int
-    input_ids: torch.Tensor  # [B, T] the tokens fed this step
-    position_ids: torch.Tensor  # [B, T]
-    attention_mask: torch.Tensor  # [B, S] 1 = real token, 0 = padding, over all columns so far
-    cache_length: int | None  # positions held by the cache before this step (None: no cache)
-    logits: torch.Tensor  # [B, vocab] float32, last position, before processing
-    scores: torch.Tensor  # [B, vocab] float32, after processing
-    next_tokens: torch.Tensor  # [B]
-    capture: dict | None = None  # activations, when the caller asked for them
-
-
-@dataclass
-class GenerationResult:
-    """One row per returned sequence: with num_return_sequences = n, rows i*n .. i*n + n - 1 belong
-    to prompt i (as in transformers), and `prompt_ids` repeats each prompt n times."""
-
-    prompt_ids: list[list[int]]
-    output_ids: list[list[int]]  # the new tokens of each sequence (eos included when hit)
-    finish_reasons: list[str]  # "eos", "length", "stop" (a stop string), "time" (max_time)
-    steps: int = 0
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    # With output_logprobs=N: per sequence, per new token {"token", "id", "logprob", "top": [{"token",
-    # "id", "logprob"}, ...N]}, from log_softmax of the processed scores ("token" is None without a tokenizer).
-    logprobs: list[list[dict]] | None = None
-    sequence_scores: list[float] | None = None  # beam search: transformers' sequences_scores
-
-
-class StopStrings:
-    """Finds a stop string that ends in the newest token of a sequence, also when its characters
-    come from several tokens. As in transformers, the match must take at least one character of
-    the newest token (text seen before does not stop again), and the prompt's end counts."""
-
-    def __init__(self, stop_strings: list[str], tokenizer):
-        if tokenizer is None:
-            raise LlamascopeError("stop_strings need the tokenizer: pass generate(..., tokenizer=...)")
-        self.strings = list(stop_strings)
-        self.tokenizer = tokenizer
-        # A token holds at least one byte and a character at most four: this many tokens hold the
-        # longest stop string with room to spare.
-        self.window = 4 * max(len(s) for s in self.strings) + 4
-
-    def match(self, ids: list[int]) -> str | None:
-        """The stop string that the last token of `ids` completes, or None."""
-        tail = list(ids[-self.window:])
-        if not tail:
-            return None
-        before = self.tokenizer.decode(tail[:-1], skip_special_tokens=False)
-        after = self.tokenizer.decode(tail, skip_special_tokens=False)
-        settled = len(os.path.commonprefix([before, after]))  # characters that were there before
-        for text in self.strings:
-            if text in after[max(0, settled - len(text) + 1):]:
-                return text
-        return None
-
-
-def add_token_text(logprobs: list[list[dict]], tokenizer) -> None:
-    """Fill each logprob entry's "token" (and its alternatives') with the token's text."""
-    if tokenizer is None:
-        return
-    cache: dict[int, str] = {}
-
-    def text(token_id: int) -> str:
-        if token_id not in cache:
-            cache[token_id] = tokenizer.decode([token_id], skip_special_tokens=False)
-        return cache[token_id]
-
-    for sequence in logprobs:
-        for entry in sequence:
-            entry["token"] = text(entry["id"])
-            for alt in entry["top"]:
-                alt["token"] = text(alt["id"])
-
-
-def logprob_entry(raw: dict) -> dict:
-    """One token's entry of GenerationResult.logprobs from sampling.token_logprobs' row ("token" filled later)."""
-    return {"token": None, "id": raw["id"], "logprob": raw["logprob"],
-            "top": [{"token": None, "id": alt["id"], "logprob": alt["logprob"]} for alt in raw["top"]]}
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> input_ids [B, T], attention_mask [B, T] with prompts aligned to the right."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise LlamascopeError("every prompt needs at least one token")
-    T = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), T), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, T - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        attention_mask[row, T - len(prompt):] = 1
-    return input_ids, attention_mask
-
-
-def attention_mask_4d(attention_mask: torch.Tensor, T: int) -> torch.Tensor | None:
-    """[B, S] padding mask -> [B, 1, T, S] bool for the last T columns (None when nothing is padded).
-
-    A query may see keys that are real tokens at or before its column. Each column may always
-    see itself, so padded query rows stay finite (their outputs are never used).
-    """
-    if bool(attention_mask.all()):
-        return None
-    B, S = attention_mask.shape
-    q_cols = torch.arange(S - T, S, device=attention_mask.device)[:, None]  # [T, 1]
-    k_cols = torch.arange(S, device=attention_mask.device)[None, :]  # [1, S]
-    causal = k_cols <= q_cols  # [T, S]
-    mask = causal[None, None] & attention_mask.bool()[:, None, None, :]  # [B, 1, T, S]
-    return mask | (k_cols == q_cols)[None, None]
-
-
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """transformers' rule: position = number of real tokens before; padding gets 1."""
-    positions = attention_mask.cumsum(-1) - 1
-    return positions.masked_fill(attention_mask == 0, 1)
+__all__ = ["GenerationResult", "Step", "generate", "generate_steps", "stream"]
 
 
 def _log_stage(stage: str, step: int, message: str, *args) -> None:
@@ -150,18 +43,45 @@ def _log_stage(stage: str, step: int, message: str, *args) -> None:
     log.debug("step %d %s: " + message, step, stage, *args, extra={"stage": stage, "step": step})
 
 
-def prepare_batch(model: torch.nn.Module, prompts: list[list[int]], config: GenerationConfig):
-    """-> (pad id, input_ids [B, T0], attention_mask [B, T0], max_length), prompts left-padded;
-    refuses a prompt longer than the context."""
-    for row, prompt in enumerate(prompts):
-        check_token_ids(prompt, model.config.vocab_size, f"prompt {row}: ")
-    pad_id = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_id or [0])[0]
-    input_ids, attention_mask = left_pad(prompts, pad_id)  # [B, T0]
-    T0 = input_ids.shape[1]
-    context = model.config.max_position_embeddings
-    if T0 > context and model.config.rope_type != "dynamic":
-        raise LlamascopeError(f"prompt of {T0} tokens is longer than the model's context ({context} positions)")
-    return pad_id, input_ids, attention_mask, config.max_length_for(T0, context)
+class _Columns:
+    """The ids, padding mask and positions of every column up to max_length, in buffers made once
+    on the model's device. Each step sees views of the columns so far, which later steps never
+    write, so a yielded Step stays valid."""
+
+    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_length: int, pad_id: int,
+                 device: torch.device):
+        B, T0 = input_ids.shape
+        columns = max(max_length, T0)
+        self.ids = torch.full((B, columns), pad_id, dtype=torch.long, device=device)  # [B, columns]
+        self.ids[:, :T0] = input_ids
+        self.mask = torch.ones((B, columns), dtype=torch.long, device=device)  # [B, columns]
+        self.mask[:, :T0] = attention_mask
+        prompt_positions = positions_from_mask(attention_mask)  # [B, T0]
+        self.positions = torch.empty((B, columns), dtype=torch.long, device=device)  # [B, columns]
+        self.positions[:, :T0] = prompt_positions
+        # each new token's position is one more than its row's last
+        self.positions[:, T0:] = prompt_positions[:, -1:] + torch.arange(1, columns - T0 + 1)[None, :]
+
+    def step_inputs(self, S: int, whole: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> tokens and positions to feed ([B, S] when `whole`, else the last column [B, 1]),
+        and the padding mask of the S columns so far [B, S]."""
+        first = 0 if whole else S - 1
+        return self.ids[:, first:S], self.positions[:, first:S], self.mask[:, :S]
+
+
+def _stop_reasons(rules: StopRules, sequences: list[list[int]], chosen: list[int], running: list[bool],
+                  new_tokens: int) -> list[str | None]:
+    """Append each running row's chosen token to its sequence; -> why each row stops at it (None:
+    it goes on, or it had stopped before)."""
+    out_of_time = rules.out_of_time()
+    reasons: list[str | None] = []
+    for row, token in enumerate(chosen):
+        if not running[row]:
+            reasons.append(None)
+            continue
+        sequences[row].append(token)
+        reasons.append(rules.reason(sequences[row], new_tokens, out_of_time))
+    return reasons
 
 
 def generate_steps(
@@ -169,74 +89,58 @@ def generate_steps(
     prompts: list[list[int]],
     config: GenerationConfig,
     capture: Callable[[int], dict | None] | None = None,
+    tokenizer=None,
 ) -> Iterator[Step]:
-    """Run the loop, yielding each step. The caller decides when to stop by its own rules too;
-    the loop itself stops at max_length and when every sequence has hit an eos id.
-
-    The ids, positions and mask of every column up to max_length live in buffers made once (on
-    the model's device); each step sees views of the columns so far, which later steps never
-    write, so a yielded Step stays valid. A decode step then costs a handful of tensor ops
-    around the forward pass.
+    """Run the loop, yielding each step. Each row stops by `StopRules` (stop strings need the
+    `tokenizer`); `Step.stopped` says which rows stop at that step and why. A row that has
+    stopped is fed padding, as in transformers, and the loop ends when every row has stopped.
+    A decode step costs a handful of tensor ops around the forward pass.
     """
     if config.num_beams > 1:
         raise LlamascopeError("beam search goes through llamascope.beam, not generate_steps")
     device = model.device
     pad_id, input_ids, attention_mask, max_length = prepare_batch(model, prompts, config)
     B, T0 = input_ids.shape
+    rules = StopRules(config, tokenizer, max_length - T0)
     padding_lengths = (attention_mask == 0).sum(dim=1)  # [B] left padding of each row
     processors = build_processors(config, T0, padding_lengths.to(device), vocab_size=model.config.vocab_size)
     generator = make_generator(config, device) if config.do_sample else None
-    eos = set(config.eos_token_id or [])
-    unfinished = [True] * B
     padded = bool(padding_lengths.any())
     cache = KVCache.for_model(model, B, max_length) if config.use_cache else None
-
-    columns = max(max_length, T0)
-    ids_buffer = torch.full((B, columns), pad_id, dtype=torch.long, device=device)  # [B, columns]
-    ids_buffer[:, :T0] = input_ids
-    mask_buffer = torch.ones((B, columns), dtype=torch.long, device=device)  # [B, columns]
-    mask_buffer[:, :T0] = attention_mask
-    prompt_positions = positions_from_mask(attention_mask)  # [B, T0]
-    positions_buffer = torch.empty((B, columns), dtype=torch.long, device=device)  # [B, columns]
-    positions_buffer[:, :T0] = prompt_positions
-    # each new token's position is one more than its row's last
-    positions_buffer[:, T0:] = prompt_positions[:, -1:] + torch.arange(1, columns - T0 + 1)[None, :]
+    columns = _Columns(input_ids, attention_mask, max_length, pad_id, device)
+    sequences = [list(p) for p in prompts]  # each row's tokens without padding, for the stop rules
+    running = [True] * B
 
     S, step = T0, 0  # columns so far, steps so far
     with torch.inference_mode():
-        while S < max_length:
-            if cache is None or step == 0:
-                tokens, step_positions = ids_buffer[:, :S], positions_buffer[:, :S]  # [B, S]
-            else:
-                tokens, step_positions = ids_buffer[:, S - 1:S], positions_buffer[:, S - 1:S]  # [B, 1]
-            attention_mask = mask_buffer[:, :S]  # [B, S]
+        while S < max_length and any(running):
+            tokens, step_positions, mask_2d = columns.step_inputs(S, whole=cache is None or step == 0)
             cache_length = cache.length if cache is not None else None
-            mask = attention_mask_4d(attention_mask, tokens.shape[1]) if padded else None
+            mask = attention_mask_4d(mask_2d, tokens.shape[1]) if padded else None
             debug = log.isEnabledFor(logging.DEBUG)
             if debug:
                 _log_stage("inputs", step, "input_ids %s position_ids %s attention_mask %s, cache %s, use_cache=%s",
-                           list(tokens.shape), list(step_positions.shape), list(attention_mask.shape),
+                           list(tokens.shape), list(step_positions.shape), list(mask_2d.shape),
                            "off" if cache is None else f"holding {cache_length} positions", cache is not None)
             acts = capture(step) if capture is not None else None
             logits = model(tokens, step_positions, cache, mask, capture=acts, last_only=True)  # [B, 1, V]
             logits = logits[:, -1].float()  # [B, V]
             if debug:
                 _log_stage("forward", step, "next-token logits %s", list(logits.shape))
-            scores = apply_processors(processors, ids_buffer[:, :S], logits) if processors else logits
+            scores = apply_processors(processors, columns.ids[:, :S], logits) if processors else logits
             next_tokens = select_next(scores, config, generator)  # [B]
             chosen = next_tokens.tolist()
-            if not all(unfinished):  # finished rows get padding
-                chosen = [token if going else pad_id for token, going in zip(chosen, unfinished)]
+            if not all(running):  # rows that stopped get padding
+                chosen = [token if going else pad_id for token, going in zip(chosen, running)]
                 next_tokens = torch.tensor(chosen, dtype=torch.long, device=next_tokens.device)
             if debug:
                 _log_stage("choice", step, "%s chose %s", "sampling" if config.do_sample else "argmax", chosen)
-            yield Step(step, tokens, step_positions, attention_mask, cache_length, logits, scores, next_tokens, acts)
-            ids_buffer[:, S] = next_tokens
+            stopped = _stop_reasons(rules, sequences, chosen, running, step + 1)
+            yield Step(step, tokens, step_positions, mask_2d, cache_length, logits, scores, next_tokens, acts, stopped)
+            columns.ids[:, S] = next_tokens
             S += 1
             step += 1
-            unfinished = [going and token not in eos for token, going in zip(chosen, unfinished)]
-            if not any(unfinished):
-                break
+            running = [going and reason is None for going, reason in zip(running, stopped)]
 
 
 def generate(
@@ -261,51 +165,44 @@ def generate(
     elif settings:
         raise LlamascopeError("pass either a GenerationConfig or keyword settings, not both")
     if config.num_beams > 1:
-        from .beam import beam_search
-
         return beam_search(model, prompts, config, tokenizer=tokenizer, on_step=on_step)
     if config.num_return_sequences > 1:  # sampling n sequences per prompt: rows i*n .. i*n + n - 1
         prompts = [p for p in prompts for _ in range(config.num_return_sequences)]
-    stops = StopStrings(config.stop_strings, tokenizer) if config.stop_strings else None
+    return _collect(generate_steps(model, prompts, config, capture, tokenizer), prompts, config, tokenizer, on_step)
+
+
+def _collect(steps: Iterator[Step], prompts: list[list[int]], config: GenerationConfig, tokenizer,
+             on_step: Callable[[Step], None] | None) -> GenerationResult:
+    """Each row's new tokens (and log-probabilities) up to the step where it stopped, and why."""
     B = len(prompts)
     outputs: list[list[int]] = [[] for _ in range(B)]
-    reasons = ["length"] * B
+    reasons = ["length"] * B  # where no step ran (max_new_tokens=0)
     done = [False] * B
     logprobs: list[list[dict]] | None = [[] for _ in range(B)] if config.output_logprobs is not None else None
-    eos = set(config.eos_token_id or [])
     start = time.perf_counter()
-    prefill_seconds = 0.0
-    steps = 0
-    for step in generate_steps(model, prompts, config, capture):
+    prefill_seconds, count = 0.0, 0
+    for step in steps:
         if step.index == 0:
             prefill_seconds = time.perf_counter() - start
-        steps += 1
+        count += 1
         if on_step is not None:
             on_step(step)
-        if logprobs is not None:
-            entries = token_logprobs(step.scores, step.next_tokens, config.output_logprobs)
+        entries = None if logprobs is None else token_logprobs(step.scores, step.next_tokens, config.output_logprobs)
         for row, token in enumerate(step.next_tokens.tolist()):
             if done[row]:
                 continue
             outputs[row].append(token)
-            if logprobs is not None:
-                logprobs[row].append(logprob_entry(entries[row]))
-            if token in eos:
-                done[row], reasons[row] = True, "eos"
-            elif stops is not None and stops.match(prompts[row] + outputs[row]) is not None:
-                done[row], reasons[row] = True, "stop"
-        if config.max_time is not None and time.perf_counter() - start > config.max_time:
-            reasons = [r if d else "time" for r, d in zip(reasons, done)]
-            break
-        if all(done):
-            break
+            if entries is not None:
+                logprobs[row].append(logprob_entry(entries[row]))  # type: ignore[index]
+            if step.stopped[row] is not None:  # type: ignore[index]
+                done[row], reasons[row] = True, step.stopped[row]  # type: ignore[index]
     total = time.perf_counter() - start
     if logprobs is not None:
         add_token_text(logprobs, tokenizer)
-    result = GenerationResult(prompts, outputs, reasons, steps, prefill_seconds, total - prefill_seconds, logprobs)
-    if steps > 1:
+    result = GenerationResult(prompts, outputs, reasons, count, prefill_seconds, total - prefill_seconds, logprobs)
+    if count > 1:
         log.info("generated %d tokens: prefill %.3f s, decode %.1f tokens/s", sum(map(len, outputs)),
-                 prefill_seconds, (steps - 1) / max(total - prefill_seconds, 1e-9))
+                 prefill_seconds, (count - 1) / max(total - prefill_seconds, 1e-9))
     return result
 
 
@@ -333,24 +230,19 @@ def stream(
     config: GenerationConfig,
     skip_special_tokens: bool = True,
 ) -> Iterator[tuple[int, str]]:
-    """Yield (token id, text delta) for one prompt as each token is chosen."""
+    """Yield (token id, text delta) for one prompt as each token is chosen; an eos token's text
+    is left out, and text held back at the end (an unfinished character) comes as (-1, text)."""
     decoder = tokenizer.stream_decoder(prompt_ids, skip_special_tokens=skip_special_tokens)
-    eos = set(config.eos_token_id or [])
-    stops = StopStrings(config.stop_strings, tokenizer) if config.stop_strings else None
-    ids = list(prompt_ids)
-    start = time.perf_counter()
-    for step in _log_speed(generate_steps(model, [prompt_ids], config)):
-        token = int(step.next_tokens[0])
-        if token in eos:
+    for step in _log_speed(generate_steps(model, [prompt_ids], config, tokenizer=tokenizer)):
+        token, reason = int(step.next_tokens[0]), step.stopped[0]  # type: ignore[index]
+        if reason == "eos":
             yield token, decoder.flush()
             return
-        ids.append(token)
-        if stops is not None and stops.match(ids) is not None:
-            yield token, decoder.push(token) + decoder.flush()
+        text = decoder.push(token)
+        if reason == "stop":
+            yield token, text + decoder.flush()
             return
-        yield token, decoder.push(token)
-        if config.max_time is not None and time.perf_counter() - start > config.max_time:
-            break
+        yield token, text
     tail = decoder.flush()
     if tail:
         yield -1, tail

@@ -291,9 +291,10 @@ def apply_processors(processors: list, input_ids: torch.Tensor, scores: torch.Te
     return scores
 
 
-def make_generator(config: GenerationConfig, device: torch.device | str = "cpu") -> torch.Generator | None:
-    """A generator seeded with `config.seed`; None (torch's global generator, as transformers uses)
-    when no seed is given, so `torch.manual_seed(s)` before generating gives transformers' draws."""
+def make_generator(config: GenerationConfig, device: torch.device | str) -> torch.Generator | None:
+    """A generator on `device` (the model's: draws are made where the scores are) seeded with
+    `config.seed`; None (torch's global generator, as transformers uses) when no seed is given, so
+    `torch.manual_seed(s)` before generating gives transformers' draws."""
     if config.seed is None:
         return None
     return torch.Generator(device=device).manual_seed(int(config.seed))

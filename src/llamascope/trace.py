@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .config import GenerationConfig
+from .config import GenerationConfig, room_for_new_tokens
 from .errors import LlamascopeError
 from .generation import generate
 from .info import Contradiction, find_contradictions, generation_rows_json, section, settings_table
@@ -423,8 +423,8 @@ def trace(
         text_prompt, ids = None, [int(i) for i in prompt]
     if not ids:
         raise LlamascopeError("the prompt encodes to no tokens: nothing to trace")
-    engine._check_length([ids])
-    config = _settings_in_force(engine, settings, defaults or {}, defaults_source)
+    room_for_new_tokens(len(ids), engine.config.context_limit)  # (before anything is computed or shown)
+    config = _settings_in_force(engine, settings, defaults or {}, defaults_source, chat)
     strategy, reason = decoding_strategy(config)
     if config.num_beams > 1:
         raise LlamascopeError(f"trace follows greedy search and sampling step by step; these settings choose "
@@ -464,10 +464,11 @@ def trace(
     )
 
 
-def _settings_in_force(engine, settings: dict, defaults: dict, defaults_source: str) -> GenerationConfig:
-    """The engine's settings for this call, with the caller's defaults where the call sets nothing."""
+def _settings_in_force(engine, settings: dict, defaults: dict, defaults_source: str, chat: bool) -> GenerationConfig:
+    """The engine's settings for this call (a chat turn also ends at the template's end-of-turn ids),
+    with the caller's defaults where the call sets nothing."""
     unset = {name: value for name, value in defaults.items() if settings.get(name) is None}
-    config = engine.generation_config(**{**settings, **unset})
+    config = engine.generation_config(chat, **{**settings, **unset})
     for name in unset:
         config.sources[name] = defaults_source
     return config

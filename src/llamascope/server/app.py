@@ -4,14 +4,21 @@ Endpoints: `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/completions`,
 `POST /v1/chat/completions` (the chat template applied with `Tokenizer.encode_chat`), `GET /health`.
 `stream: true` answers with server-sent events in OpenAI's chunk format, ending in `data: [DONE]`.
 
-Sampling settings, per request and per choice:
-  temperature  the request's, else generation_config.json's, else 1.0; 0 means greedy search
+Generation settings, per request and per choice, resolve as in `Engine.generate`
+(`GenerationConfig.resolve`: the request over generation_config.json over config.json over
+OpenAI's defaults over transformers'); the request's fields map to settings as follows:
+  temperature  0 means greedy search (do_sample false); another value samples at it; without it,
+               generation_config.json's do_sample and temperature, else sampling at 1.0
   top_p        the request's, else generation_config.json's, else 1.0
   top_k        generation_config.json's, else off (OpenAI has no top_k)
+  stop         stop strings, stopping as in `generate` (stopping.py); the text ends before them
   seed         choice i draws from a generator seeded seed + i (see scheduler.py)
+  max_tokens   must fit the context with the prompt (`config.room_for_new_tokens`); without it,
+               16 for a completion (clipped to the room), the rest of the context for a chat
   presence_penalty / frequency_penalty / logit_bias: additive, as OpenAI documents them
   logprobs     of the distribution the token was drawn from (after temperature, top-p, penalties)
-Other settings of generation_config.json (repetition_penalty, ...) apply as in `Engine.generate`.
+Other settings of generation_config.json (repetition_penalty, ...) apply as in `Engine.generate`,
+and a chat reply ends at the template's end-of-turn tokens as in `Engine.chat`.
 
 Every error is OpenAI's error object {"error": {"message", "type", "param", "code"}}: 400 for a
 malformed body or setting (the message and `param` name the field), 401 for a missing or wrong
@@ -32,19 +39,25 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..cache import SlotKVCache
+from ..config import DEFAULT_MAX_NEW_TOKENS, ContextLengthError, room_for_new_tokens
 from ..errors import LlamascopeError
-from .scheduler import Delta, Done, Failed, QueueFull, Request, Scheduler, SequenceSpec
+from .lockstep import leader_runner, serve_leader
+from .scheduler import Delta, Done, Failed, ModelRunner, QueueFull, Request, Scheduler, SequenceSpec
 
 log = logging.getLogger("llamascope")
 
 MAX_STOP_STRINGS = 16
+# OpenAI's defaults where they differ from transformers': a request samples unless it says
+# temperature 0, and there is no top_k. They rank below the model's files (GenerationConfig.resolve).
+OPENAI_DEFAULTS = {"do_sample": True, "top_k": 0}
 
 
 # ---- errors ------------------------------------------------------------------------------------
@@ -258,17 +271,21 @@ def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings(model_name=default_model_name(engine))
     if engine.tokenizer is None:
         raise LlamascopeError(f"{engine.loaded.checkpoint.path}: the server needs a tokenizer")
-    eos = engine.local_generation_config().eos_token_id or (
-        [engine.tokenizer.eos_id] if engine.tokenizer.eos_id is not None else [])
-    extra = {}
-    if _parallel(engine):  # rank 0 of a tensor-parallel group: the other ranks repeat its model calls
-        from .lockstep import leader_runner
-
-        extra["runner"] = leader_runner(engine.parallel)
+    # rank 0 of a tensor-parallel group: the other ranks repeat its model calls
+    runner = leader_runner(engine.parallel) if _parallel(engine) else ModelRunner
     scheduler = Scheduler(engine.model, engine.tokenizer, settings.max_batch, settings.max_queue,
-                          slot_capacity_for(engine, settings), default_eos=eos, **extra)
-    created = int(time.time())
+                          slot_capacity_for(engine, settings), runner=runner)
+    app = FastAPI(title="llamascope", lifespan=_lifespan(scheduler, settings))
+    app.state.engine, app.state.scheduler, app.state.settings = engine, scheduler, settings
+    if settings.api_key:
+        app.add_middleware(BearerAuth, api_key=settings.api_key)
+    _add_error_handlers(app)
+    _add_model_routes(app, scheduler, settings)
+    _add_generation_routes(app, engine, scheduler, settings)
+    return app
 
+
+def _lifespan(scheduler: Scheduler, settings: ServerSettings):
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         scheduler.start()
@@ -279,12 +296,12 @@ def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
         finally:
             scheduler.stop()
 
-    app = FastAPI(title="llamascope", lifespan=lifespan)
-    app.state.engine, app.state.scheduler, app.state.settings = engine, scheduler, settings
-    if settings.api_key:
-        app.add_middleware(BearerAuth, api_key=settings.api_key)
+    return lifespan
 
-    # ---- error handlers -------------------------------------------------------------------
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's error object."""
+
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
         return error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
@@ -303,7 +320,11 @@ def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
         log.exception("unexpected error in %s", request.url.path)
         return error_response(500, f"internal error: {type(e).__name__}", type="server_error")
 
-    # ---- routes ---------------------------------------------------------------------------
+
+def _add_model_routes(app: FastAPI, scheduler: Scheduler, settings: ServerSettings) -> None:
+    """/health, /v1/models and /v1/models/{id}."""
+    created = int(time.time())
+
     def model_card() -> dict:
         return {"id": settings.model_name, "object": "model", "created": created, "owned_by": "llamascope",
                 "max_model_len": scheduler.slot_capacity}
@@ -318,82 +339,104 @@ def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str):
-        check_model(model_id)
+        _check_model(model_id, settings)
         return model_card()
 
-    def check_model(name: str) -> None:
-        if name != settings.model_name:
-            raise APIError(404, f"the model '{name}' does not exist; this server has '{settings.model_name}'",
-                           param="model", code="model_not_found")
+
+def _add_generation_routes(app: FastAPI, engine, scheduler: Scheduler, settings: ServerSettings) -> None:
+    """/v1/completions and /v1/chat/completions: build the choices, queue them, stream or collect."""
+    model = settings.model_name
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HTTPRequest):
-        check_model(body.model)
-        if body.suffix:
-            raise APIError(400, "'suffix' is not supported", param="suffix", code="unsupported")
-        n = body.n or 1
-        if body.best_of is not None and body.best_of != n:
-            raise APIError(400, "'best_of' other than n is not supported", param="best_of", code="unsupported")
-        _check_choices(len(body.prompt) * n, settings, "n" if len(body.prompt) == 1 else "prompt")
-        prompts = await asyncio.to_thread(_encode_prompts, engine, body.prompt)
-        specs, prompt_texts = [], []
-        for i, (text, ids) in enumerate(prompts):
-            max_tokens = body.max_tokens if body.max_tokens is not None else 16
-            _check_length(len(ids), max_tokens, scheduler.slot_capacity, "prompt", body.max_tokens is not None)
-            for j in range(n):
-                specs.append(_spec(engine, body, ids, max_tokens, i * n + j, body.logprobs))
-                prompt_texts.append(text)
-        request = _submit(scheduler, "cmpl", specs, settings)
-        echo = [t if body.echo else "" for t in prompt_texts]
+        _check_model(body.model, settings)
+        specs, echo = await _completion_specs(engine, body, scheduler.slot_capacity, settings)
+        request = _submit(scheduler, "cmpl", specs)
+        logprobs = body.logprobs is not None
         if body.stream:
-            return _stream(http, scheduler, request, _CompletionChunks(request, settings.model_name, echo,
-                                                                      body.logprobs is not None), body)
+            return _stream(http, scheduler, request, _CompletionChunks(request, model, echo, logprobs), body)
         choices, usage = await _collect(http, scheduler, request)
-        return {"id": request.id, "object": "text_completion", "created": int(time.time()),
-                "model": settings.model_name, "system_fingerprint": None,
-                "choices": [{"index": c.index, "text": echo[c.index] + c.text,
-                             "logprobs": _completion_logprobs(c.logprobs, len(echo[c.index]))
-                             if body.logprobs is not None else None,
-                             "finish_reason": c.finish_reason} for c in choices],
-                "usage": usage}
+        return _completion_body(request, model, choices, usage, echo, logprobs)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, http: HTTPRequest):
-        check_model(body.model)
-        if body.tools:
-            raise APIError(400, "'tools' are not supported", param="tools", code="unsupported")
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format",
-                           code="unsupported")
-        if body.top_logprobs is not None and not body.logprobs:
-            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-        _check_choices(body.n or 1, settings, "n")
-        messages = [{"role": m.role, "content": m.content or ""} for m in body.messages]
-        try:
-            ids = await asyncio.to_thread(engine.tokenizer.encode_chat, messages)
-        except LlamascopeError as e:
-            raise APIError(400, str(e), param="messages") from None
-        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        max_tokens = requested if requested is not None else scheduler.slot_capacity - len(ids)
-        _check_length(len(ids), max_tokens, scheduler.slot_capacity, "messages", requested is not None)
-        top = (body.top_logprobs or 0) if body.logprobs else None
-        n = body.n or 1
-        specs = [_spec(engine, body, ids, max_tokens, j, top) for j in range(n)]
-        request = _submit(scheduler, "chatcmpl", specs, settings)
+        _check_model(body.model, settings)
+        specs = await _chat_specs(engine, body, scheduler.slot_capacity, settings)
+        request = _submit(scheduler, "chatcmpl", specs)
+        logprobs = bool(body.logprobs)
         if body.stream:
-            return _stream(http, scheduler, request, _ChatChunks(request, settings.model_name, top is not None), body)
+            return _stream(http, scheduler, request, _ChatChunks(request, model, logprobs), body)
         choices, usage = await _collect(http, scheduler, request)
-        return {"id": request.id, "object": "chat.completion", "created": int(time.time()),
-                "model": settings.model_name, "system_fingerprint": None,
-                "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                             "logprobs": {"content": _chat_logprobs(c.logprobs)} if top is not None else None,
-                             "finish_reason": c.finish_reason} for c in choices],
-                "usage": usage}
+        return _chat_body(request, model, choices, usage, logprobs)
 
-    return app
+
+def _check_model(name: str, settings: ServerSettings) -> None:
+    if name != settings.model_name:
+        raise APIError(404, f"the model '{name}' does not exist; this server has '{settings.model_name}'",
+                       param="model", code="model_not_found")
+
+
+def _completion_body(request: Request, model: str, choices: list[_Choice], usage: dict, echo: list[str],
+                     logprobs: bool) -> dict:
+    return {"id": request.id, "object": "text_completion", "created": int(time.time()),
+            "model": model, "system_fingerprint": None,
+            "choices": [{"index": c.index, "text": echo[c.index] + c.text,
+                         "logprobs": _completion_logprobs(c.logprobs, len(echo[c.index])) if logprobs else None,
+                         "finish_reason": c.finish_reason} for c in choices],
+            "usage": usage}
+
+
+def _chat_body(request: Request, model: str, choices: list[_Choice], usage: dict, logprobs: bool) -> dict:
+    return {"id": request.id, "object": "chat.completion", "created": int(time.time()),
+            "model": model, "system_fingerprint": None,
+            "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                         "logprobs": {"content": _chat_logprobs(c.logprobs)} if logprobs else None,
+                         "finish_reason": c.finish_reason} for c in choices],
+            "usage": usage}
 
 
 # ---- building a request ------------------------------------------------------------------------
+
+async def _completion_specs(engine, body: CompletionRequest, capacity: int,
+                            settings: ServerSettings) -> tuple[list[SequenceSpec], list[str]]:
+    """One spec per choice (prompts x n, prompt by prompt), and the text each choice echoes."""
+    if body.suffix:
+        raise APIError(400, "'suffix' is not supported", param="suffix", code="unsupported")
+    n = body.n or 1
+    if body.best_of is not None and body.best_of != n:
+        raise APIError(400, "'best_of' other than n is not supported", param="best_of", code="unsupported")
+    _check_choices(len(body.prompt) * n, settings, "n" if len(body.prompt) == 1 else "prompt")
+    prompts = await asyncio.to_thread(_encode_prompts, engine, body.prompt)
+    specs, echo = [], []
+    for i, (text, ids) in enumerate(prompts):
+        max_tokens = _max_tokens(len(ids), body.max_tokens, DEFAULT_MAX_NEW_TOKENS["server_completion"], capacity,
+                                 "prompt")
+        for j in range(n):
+            specs.append(_spec(engine, body, ids, max_tokens, i * n + j, body.logprobs, chat=False))
+            echo.append(text if body.echo else "")
+    return specs, echo
+
+
+async def _chat_specs(engine, body: ChatRequest, capacity: int, settings: ServerSettings) -> list[SequenceSpec]:
+    """One spec per choice; the messages in the chat template, the reply ending at its end of turn."""
+    if body.tools:
+        raise APIError(400, "'tools' are not supported", param="tools", code="unsupported")
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format",
+                       code="unsupported")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    _check_choices(body.n or 1, settings, "n")
+    messages = [{"role": m.role, "content": m.content or ""} for m in body.messages]
+    try:
+        ids = await asyncio.to_thread(engine.tokenizer.encode_chat, messages)
+    except LlamascopeError as e:
+        raise APIError(400, str(e), param="messages") from None
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    max_tokens = _max_tokens(len(ids), requested, None, capacity, "messages")
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    return [_spec(engine, body, ids, max_tokens, j, top, chat=True) for j in range(body.n or 1)]
+
 
 def _encode_prompts(engine, prompts: list) -> list[tuple[str, list[int]]]:
     """Each prompt as (text, token ids); token-id prompts are checked against the vocabulary."""
@@ -415,35 +458,54 @@ def _encode_prompts(engine, prompts: list) -> list[tuple[str, list[int]]]:
     return out
 
 
-def _check_length(prompt_tokens: int, max_tokens: int, capacity: int, prompt_param: str, max_given: bool) -> None:
-    if prompt_tokens >= capacity or prompt_tokens + max_tokens > capacity:
-        param = "max_tokens" if max_given and prompt_tokens < capacity else prompt_param
-        raise APIError(
-            400, f"this model's maximum context length is {capacity} tokens; you asked for "
-                 f"{prompt_tokens + max(max_tokens, 1)} ({prompt_tokens} in the {prompt_param}, "
-                 f"{max(max_tokens, 1)} to generate); shorten the {prompt_param} or lower max_tokens",
-            param=param, code="context_length_exceeded")
-
-
-def _spec(engine, body: _Sampling, ids: list[int], max_tokens: int, choice: int, logprobs: int | None) -> SequenceSpec:
-    defaults = engine.generation_json or {}
-    temperature = body.temperature if body.temperature is not None else defaults.get("temperature", 1.0)
-    top_p = body.top_p if body.top_p is not None else defaults.get("top_p", 1.0)
-    call: dict[str, Any] = {"max_new_tokens": max_tokens, "do_sample": bool(temperature and temperature > 0)}
-    if call["do_sample"]:
-        call.update(temperature=temperature, top_p=top_p, top_k=defaults.get("top_k") or 0)
-        if body.seed is not None:
-            call["seed"] = (body.seed + choice) % 2 ** 64
+def _max_tokens(prompt_tokens: int, requested: int | None, default: int | None, capacity: int,
+                prompt_param: str) -> int:
+    """The new tokens of a request by the context rule (config.room_for_new_tokens, over the slot
+    capacity): a max_tokens the client gave must fit, else 400 context_length_exceeded; the
+    server's own default (None: the rest of the context) is clipped to the room."""
     try:
-        config = engine.local_generation_config(**call)  # tokens are chosen here (rank 0) alone
+        room = room_for_new_tokens(prompt_tokens, capacity)
+    except ContextLengthError:
+        raise _context_error(prompt_tokens, requested or 1, capacity, prompt_param, prompt_param) from None
+    if requested is None:
+        return room if default is None else min(default, room)
+    if requested > room:
+        raise _context_error(prompt_tokens, requested, capacity, prompt_param, "max_tokens")
+    return requested
+
+
+def _context_error(prompt_tokens: int, max_tokens: int, capacity: int, prompt_param: str, param: str) -> APIError:
+    return APIError(
+        400, f"this model's maximum context length is {capacity} tokens; you asked for "
+             f"{prompt_tokens + max_tokens} ({prompt_tokens} in the {prompt_param}, {max_tokens} to generate); "
+             f"shorten the {prompt_param} or lower max_tokens", param=param, code="context_length_exceeded")
+
+
+def _openai_settings(body: _Sampling, max_tokens: int, choice: int) -> dict[str, Any]:
+    """A request's OpenAI settings as the call's generation settings (see the module's docstring)."""
+    call: dict[str, Any] = {"max_new_tokens": max_tokens, "stop_strings": body.stop or None}
+    if body.seed is not None:
+        call["seed"] = (body.seed + choice) % 2 ** 64
+    if body.temperature == 0:  # greedy search: temperature 0 is not a transformers setting
+        call["do_sample"] = False
+        return call
+    if body.temperature is not None:
+        call.update(do_sample=True, temperature=body.temperature)
+    call["top_p"] = body.top_p
+    return call
+
+
+def _spec(engine, body: _Sampling, ids: list[int], max_tokens: int, choice: int, logprobs: int | None,
+          chat: bool) -> SequenceSpec:
+    try:  # tokens are chosen here (rank 0) alone
+        config = engine.local_generation_config(chat, OPENAI_DEFAULTS, **_openai_settings(body, max_tokens, choice))
     except LlamascopeError as e:
         raise APIError(400, str(e)) from None
     bias = {int(t): b for t, b in (body.logit_bias or {}).items()}
     outside = [t for t in bias if t >= engine.config.vocab_size]
     if outside:
         raise APIError(400, f"'logit_bias': token ids {outside[:5]} are outside the vocabulary", param="logit_bias")
-    return SequenceSpec(list(ids), config, stop=list(body.stop or []), logprobs=logprobs,
-                        presence_penalty=body.presence_penalty or 0.0,
+    return SequenceSpec(list(ids), config, logprobs=logprobs, presence_penalty=body.presence_penalty or 0.0,
                         frequency_penalty=body.frequency_penalty or 0.0, logit_bias=bias)
 
 
@@ -455,7 +517,7 @@ def _check_choices(count: int, settings: ServerSettings, param: str) -> None:
                             f"at once", param=param, code="invalid_value")
 
 
-def _submit(scheduler: Scheduler, prefix: str, specs: list[SequenceSpec], settings: ServerSettings) -> Request:
+def _submit(scheduler: Scheduler, prefix: str, specs: list[SequenceSpec]) -> Request:
     request = Request(f"{prefix}-{secrets.token_hex(12)}", specs, asyncio.get_running_loop())
     try:
         scheduler.submit(request)
@@ -624,8 +686,7 @@ def _chat_logprobs(entries: list[dict]) -> list[dict]:
 # ---- running it --------------------------------------------------------------------------------
 
 def _parallel(engine) -> bool:
-    group = getattr(engine, "parallel", None)
-    return group is not None and group.world_size > 1
+    return engine.parallel is not None and engine.parallel.world_size > 1
 
 
 def serve(engine, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettings | None = None,
@@ -640,8 +701,6 @@ def serve(engine, host: str = "127.0.0.1", port: int = 8000, settings: ServerSet
                               f"the other ranks run llamascope.server.lockstep.follow")
     app = create_app(engine, settings)
     if _parallel(engine):
-        from .lockstep import serve_leader
-
         serve_leader(app, host, port, log_level)
         return
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -9,7 +9,8 @@ runs the model or changes the cache). Each loop it
   3. runs one decode forward over every active slot together: each row feeds its last token at
      its own position and sees only its own columns,
   4. chooses each row's next token with that row's own processors and generator, detokenises,
-     checks eos / stop strings / max_tokens, and hands the text to the request's asyncio queue.
+     stops it by `stopping.StopRules` (eos ids, stop strings, max_tokens: the rules generate()
+     stops by) and hands the text to the request's asyncio queue, stop strings cut out.
 A finished sequence frees its slot at once; the highest used slot moves into the hole so the
 used slots stay packed [0, active) and the decode batch is a plain slice of the cache.
 
@@ -28,6 +29,7 @@ gets, whatever else is running. Without a seed each choice gets a generator with
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import threading
@@ -42,6 +44,7 @@ from ..cache import KVCache, SlotKVCache
 from ..config import GenerationConfig
 from ..errors import LlamascopeError
 from ..sampling import apply_processors, build_processors, make_generator, select_next, token_logprobs
+from ..stopping import StopRules, StopText
 
 log = logging.getLogger("llamascope")
 
@@ -92,8 +95,8 @@ class SequenceSpec:
     """One choice to generate: its prompt and its own settings."""
 
     prompt_ids: list[int]
-    config: GenerationConfig  # resolved; max_new_tokens = max_tokens, seed = this choice's seed
-    stop: list[str] = field(default_factory=list)
+    # resolved; max_new_tokens = max_tokens, seed = this choice's seed, stop_strings = the request's stop
+    config: GenerationConfig
     logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -155,12 +158,15 @@ class _Sequence:
                  default_eos: list[int], device: torch.device):
         self.request, self.index, self.spec = request, index, spec
         config = spec.config
+        if default_eos and not config.eos_token_id:
+            config = dataclasses.replace(config, eos_token_id=list(default_eos))
         P = len(spec.prompt_ids)
         self.max_tokens = int(config.max_new_tokens)
         self.ids = torch.zeros(1, P + self.max_tokens, dtype=torch.long, device=device)  # [1, P + max_tokens]
         self.ids[0, :P] = torch.tensor(spec.prompt_ids, dtype=torch.long)
         self.length = P  # filled columns of self.ids
         self.prompt_length = P
+        self.sequence = list(spec.prompt_ids)  # the same tokens as a list, for the stop rules
         processors: list = []
         if spec.logit_bias:
             processors.append(LogitBias(spec.logit_bias, vocab_size))
@@ -171,10 +177,10 @@ class _Sequence:
         if config.do_sample:  # on the model's device, as generate() draws (same seed, same tokens)
             self.generator = make_generator(config, device) or \
                 torch.Generator(device=device).manual_seed(secrets.randbits(62))
-        self.eos = set(config.eos_token_id or default_eos)
+        self.rules = StopRules(config, tokenizer, self.max_tokens)
         self.tokenizer = tokenizer
         self.decoder = tokenizer.stream_decoder(spec.prompt_ids, skip_special_tokens=True)
-        self.held = ""  # text kept back because it may be the start of a stop string
+        self.text = StopText(config.stop_strings)
         self.slot: int | None = None
         self.generated = 0
         self.done = False  # left the scheduler (finished, cancelled or failed)
@@ -191,46 +197,23 @@ class _Sequence:
         self.ids[0, self.length] = token
         self.length += 1
         self.generated += 1
-        logprobs = None
-        if self.spec.logprobs is not None:
-            entry = token_logprobs(scores, token_tensor, self.spec.logprobs)[0]
-            decode = self.tokenizer.decode
-            logprobs = [{"id": token, "text": decode([token]), "logprob": entry["logprob"],
-                         "top": [dict(t, text=decode([t["id"]])) for t in entry["top"]]}]
-        finish = None
-        if token in self.eos:
-            finish, text = "stop", self.decoder.flush()
+        self.sequence.append(token)
+        reason = self.rules.reason(self.sequence, self.generated)
+        if reason == "eos":  # the eos token's text is left out
+            text = self.decoder.flush()
         else:
-            text = self.decoder.push(token)
-            if self.generated >= self.max_tokens:
-                finish = "length"
-                text += self.decoder.flush()
-        text, stopped = self._cut_at_stop(text, final=finish is not None)
-        if stopped:
-            finish = "stop"
-        return Delta(self.index, text, [token], logprobs, finish)
+            text = self.decoder.push(token) + (self.decoder.flush() if reason is not None else "")
+        finish = None if reason is None else "length" if reason == "length" else "stop"  # OpenAI's names
+        return Delta(self.index, self.text.push(text, reason), [token], self._logprobs(scores, token_tensor), finish)
 
-    def _cut_at_stop(self, text: str, final: bool) -> tuple[str, bool]:
-        """The text that may be sent now, and whether a stop string ended the sequence."""
-        stops = self.spec.stop
-        if not stops:
-            return text, False
-        pending = self.held + text
-        hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
-        if hits:
-            self.held = ""
-            return pending[:min(hits)], True
-        if final:
-            self.held = ""
-            return pending, False
-        keep = 0  # the longest end of `pending` that begins some stop string
-        for s in stops:
-            for k in range(min(len(s) - 1, len(pending)), keep, -1):
-                if s.startswith(pending[-k:]):
-                    keep = k
-                    break
-        self.held = pending[len(pending) - keep:] if keep else ""
-        return pending[:len(pending) - keep], False
+    def _logprobs(self, scores: torch.Tensor, token_tensor: torch.Tensor) -> list[dict] | None:
+        """The chosen token's log-probability and the most likely alternatives, when asked for."""
+        if self.spec.logprobs is None:
+            return None
+        entry = token_logprobs(scores, token_tensor, self.spec.logprobs)[0]
+        decode = self.tokenizer.decode
+        return [{"id": entry["id"], "text": decode([entry["id"]]), "logprob": entry["logprob"],
+                 "top": [dict(t, text=decode([t["id"]])) for t in entry["top"]]}]
 
 
 # ---- the model and its cache, as the scheduler uses them -----------------------------------------
@@ -318,7 +301,9 @@ class Scheduler:
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, slot_capacity: int | None = None,
                  default_eos: list[int] | None = None,
                  runner: Callable[[object, int, int], ModelRunner] = ModelRunner):
-        """`runner(model, max_batch, slot_capacity)` makes the ModelRunner the worker calls."""
+        """`runner(model, max_batch, slot_capacity)` makes the ModelRunner the worker calls.
+        `default_eos`: eos ids for a sequence whose settings have none (the app resolves settings
+        as `Engine` does and passes none)."""
         if max_batch < 1:
             raise LlamascopeError(f"max_batch must be >= 1, found {max_batch}")
         if max_queue < 0:
@@ -479,7 +464,8 @@ class Scheduler:
         for seq in admit:
             if seq.request.cancelled:
                 self._release_admitted(seq)
-            elif groups and groups[-1][0].request is seq.request and groups[-1][0].spec.prompt_ids == seq.spec.prompt_ids:
+            elif (groups and groups[-1][0].request is seq.request
+                  and groups[-1][0].spec.prompt_ids == seq.spec.prompt_ids):
                 groups[-1].append(seq)
             else:
                 groups.append([seq])
