@@ -68,6 +68,17 @@ def test_unknown_architecture_refused(tiny_model, tmp_path):
         load_model(folder)
 
 
+def test_every_rope_type_has_its_frequencies_and_its_required_keys():
+    from llamascope.config import ROPE_TYPES
+    from llamascope.model import ROPE_INIT
+
+    assert set(ROPE_INIT) == set(ROPE_TYPES)
+    with pytest.raises(LlamascopeError, match="rope_scaling of type 'llama3' needs key 'low_freq_factor'"):
+        ModelConfig.from_dict({"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+                               "num_hidden_layers": 1, "num_attention_heads": 2,
+                               "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+
+
 def test_unknown_rope_type_refused():
     with pytest.raises(LlamascopeError, match="rope_type 'mystery' is not supported"):
         ModelConfig.from_dict({"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
