@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PROMPT ?= Once upon a time
 
-.PHONY: run test setup clean
+.PHONY: run test lint setup clean
 
 setup: $(STAMP)
 
@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/llamascope generate --max-new-tokens 48 "$(PROMPT)"
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 clean:
 	rm -rf $(VENV)

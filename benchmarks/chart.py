@@ -27,8 +27,13 @@ def draw(files: list[Path], out: Path) -> None:
 
     rows = pooled_rows(files)  # [(model, precision, {system: {key: median}})] in first-seen order
     groups = [(model, precision) for model, precision, _ in rows]
-    med = {(model, precision, system, key): value for model, precision, by in rows
-           for system, values in by.items() for key, value in values.items() if value}
+    med = {
+        (model, precision, system, key): value
+        for model, precision, by in rows
+        for system, values in by.items()
+        for key, value in values.items()
+        if value
+    }
     fig, axes = plt.subplots(len(PANELS), 1, figsize=(max(8.0, 1.1 * len(groups) + 2), 7.5))
     width = 0.8 / len(SYSTEMS)
     for ax, (key, title) in zip(axes, PANELS):

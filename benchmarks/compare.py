@@ -30,30 +30,45 @@ WORK = HERE / ".work"
 VOCAB_GGUF = Path.home() / ".cache" / "llamascope" / "vocab" / "ggml-vocab-llama-spm.gguf"
 
 RANDOM_SHAPES = {  # llama2.c's 15M and 110M, and TinyLlama-1.1B
-    "random-15m": dict(hidden_size=288, intermediate_size=768, num_hidden_layers=6, num_attention_heads=6,
-                       num_key_value_heads=6),
-    "random-110m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                        num_key_value_heads=12),
-    "random-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                        num_key_value_heads=4),
+    "random-15m": dict(
+        hidden_size=288, intermediate_size=768, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6
+    ),
+    "random-110m": dict(
+        hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12
+    ),
+    "random-1.1b": dict(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4
+    ),
 }
 # (model, precision) -> which files each system runs; None: that system has no such precision.
 PLAN = {
-    "smollm2": [("fp32", "hf", "fp32", None), ("bf16", "hf", "bf16", None), ("Q4_1", "gguf", None, "Q4_1"),
-                ("Q4_K_M", "gguf", None, "Q4_K_M"),  # llama.cpp's re-quantisation of the Q4_1 file
-                ("int8", "hf", None, None), ("int4", "hf", None, None)],  # --quant from the float folder
+    "smollm2": [
+        ("fp32", "hf", "fp32", None),
+        ("bf16", "hf", "bf16", None),
+        ("Q4_1", "gguf", None, "Q4_1"),
+        ("Q4_K_M", "gguf", None, "Q4_K_M"),  # llama.cpp's re-quantisation of the Q4_1 file
+        ("int8", "hf", None, None),
+        ("int4", "hf", None, None),
+    ],  # --quant from the float folder
     "random-15m": [("fp32", "hf", "fp32", "F32")],
     "random-110m": [("fp32", "hf", "fp32", "F32")],
-    "random-1.1b": [("fp32", "hf", "fp32", "F32"), ("bf16", "hf", "bf16", "BF16"), ("Q8_0", "gguf", None, "Q8_0"),
-                    ("Q4_0", "gguf", None, "Q4_0"), ("Q4_K_M", "gguf", None, "Q4_K_M"),
-                    # (SmolLM2's 576-wide rows are no whole super-blocks: llama.cpp would store them as IQ4_NL)
-                    ("Q3_K_M", "gguf", None, "Q3_K_M"), ("Q2_K", "gguf", None, "Q2_K")],
+    "random-1.1b": [
+        ("fp32", "hf", "fp32", "F32"),
+        ("bf16", "hf", "bf16", "BF16"),
+        ("Q8_0", "gguf", None, "Q8_0"),
+        ("Q4_0", "gguf", None, "Q4_0"),
+        ("Q4_K_M", "gguf", None, "Q4_K_M"),
+        # (SmolLM2's 576-wide rows are no whole super-blocks: llama.cpp would store them as IQ4_NL)
+        ("Q3_K_M", "gguf", None, "Q3_K_M"),
+        ("Q2_K", "gguf", None, "Q2_K"),
+    ],
 }
 # llama.cpp's own K-quant mixes (llama_model_quantize's file types)
 K_MIXES = ("Q4_K_M", "Q3_K_M", "Q2_K")
 
 
 # ---- preparing the weights -------------------------------------------------------------------
+
 
 def prepare_smollm2() -> dict:
     from llamascope.convert import convert_gguf
@@ -75,8 +90,7 @@ def prepare_random(name: str, precisions: set[str]) -> dict:
 
     folder = WORK / f"{name}-hf"
     if not (folder / "config.json").exists():
-        config = LlamaConfig(vocab_size=32000, max_position_embeddings=2048, rope_theta=10000.0,
-                             **RANDOM_SHAPES[name])
+        config = LlamaConfig(vocab_size=32000, max_position_embeddings=2048, rope_theta=10000.0, **RANDOM_SHAPES[name])
         torch.manual_seed(0)
         LlamaForCausalLM(config).save_pretrained(folder)
     files = {"hf": folder}
@@ -85,8 +99,9 @@ def prepare_random(name: str, precisions: set[str]) -> dict:
             files[qtype] = write_gguf(folder, WORK / f"{name}-{qtype}.gguf", qtype)
     for mix in K_MIXES:
         if any(p[3] == mix and p[0] in precisions for p in PLAN[name]):
-            files[mix] = quantize_mix(write_gguf(folder, WORK / f"{name}-F32.gguf", "F32"),
-                                      WORK / f"{name}-{mix}.gguf", mix)
+            files[mix] = quantize_mix(
+                write_gguf(folder, WORK / f"{name}-F32.gguf", "F32"), WORK / f"{name}-{mix}.gguf", mix
+            )
     return files
 
 
@@ -143,11 +158,22 @@ def write_gguf(folder: Path, out: Path, qtype: str) -> Path:
             else:
                 writer.add_key_value(field.name, value, vtype)
     state = load_file(str(folder / "model.safetensors"))
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    parts = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    parts = {
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
     for hf_name, value in state.items():
         if hf_name in names:
             name = names[hf_name]
@@ -172,6 +198,7 @@ def write_gguf(folder: Path, out: Path, qtype: str) -> Path:
 
 # ---- one measurement (run in a subprocess) ----------------------------------------------------
 
+
 def token_ids(n: int, vocab: int, seed: int) -> list[int]:
     import random
 
@@ -179,8 +206,9 @@ def token_ids(n: int, vocab: int, seed: int) -> list[int]:
     return [rng.randrange(100, min(vocab, 30000)) for _ in range(n)]
 
 
-def measure(system: str, path: str, precision: str, prompt_tokens: int, new_tokens: int, prefill_tokens: int,
-            threads: int) -> dict:
+def measure(
+    system: str, path: str, precision: str, prompt_tokens: int, new_tokens: int, prefill_tokens: int, threads: int
+) -> dict:
     if system == "llamascope":  # as the llamascope command does, before PyTorch loads (startup.py)
         from llamascope.startup import allocate_in_huge_pages
 
@@ -227,9 +255,15 @@ def measure(system: str, path: str, precision: str, prompt_tokens: int, new_toke
             stamp = Stamp()
             t0 = time.perf_counter()
             with torch.inference_mode():
-                model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                               max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                               logits_processor=LogitsProcessorList([stamp]), pad_token_id=0)
+                model.generate(
+                    torch.tensor([ids]),
+                    attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    logits_processor=LogitsProcessorList([stamp]),
+                    pad_token_id=0,
+                )
             return stamp.times[0] - t0, (len(stamp.times) - 1) / (stamp.times[-1] - stamp.times[0]) if n > 1 else 0
 
         run(token_ids(prompt_tokens, vocab, 1), 4)
@@ -238,8 +272,7 @@ def measure(system: str, path: str, precision: str, prompt_tokens: int, new_toke
     elif system == "llama.cpp":
         from llama_cpp import Llama
 
-        llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512,
-                    verbose=False)
+        llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512, verbose=False)
         load = time.perf_counter() - start
         vocab = llm.n_vocab()
 
@@ -258,8 +291,13 @@ def measure(system: str, path: str, precision: str, prompt_tokens: int, new_toke
         prefill_seconds, _ = run(token_ids(prefill_tokens, vocab, 3), 1)
     else:
         raise SystemExit(f"unknown system {system}")
-    return {"load_s": load, "decode_tps": decode, "prefill_tps": prefill_tokens / prefill_seconds,
-            "peak_rss_mb": peak_rss_mb(), **quality}  # (quality's RSS reading, when taken, wins)
+    return {
+        "load_s": load,
+        "decode_tps": decode,
+        "prefill_tps": prefill_tokens / prefill_seconds,
+        "peak_rss_mb": peak_rss_mb(),
+        **quality,
+    }  # (quality's RSS reading, when taken, wins)
 
 
 def peak_rss_mb() -> float:
@@ -273,9 +311,20 @@ def peak_rss_mb() -> float:
 
 # ---- driver ---------------------------------------------------------------------------------
 
+
 def run_one(system: str, path: Path, precision: str, args) -> dict | None:
-    cmd = [sys.executable, __file__, "_measure", system, str(path), precision, str(args.prompt_tokens),
-           str(args.new_tokens), str(args.prefill_tokens), str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "_measure",
+        system,
+        str(path),
+        precision,
+        str(args.prompt_tokens),
+        str(args.new_tokens),
+        str(args.prefill_tokens),
+        str(args.threads),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if proc.returncode != 0:
         print(f"  {system} {precision} failed: {proc.stderr.strip()[-400:]}", file=sys.stderr)
@@ -295,13 +344,22 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=10)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefill-tokens", type=int, default=512)
-    parser.add_argument("--precisions", nargs="+", metavar="P",
-                        help="only these precisions of the chosen models (e.g. fp32 Q4_K_M; default: all)")
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        metavar="P",
+        help="only these precisions of the chosen models (e.g. fp32 Q4_K_M; default: all)",
+    )
     parser.add_argument("--systems", nargs="+", default=["llamascope", "transformers", "llama.cpp"])
     parser.add_argument("--json", type=Path, help="also write all measurements here")
-    parser.add_argument("--from-json", nargs="+", type=Path, metavar="FILE",
-                        help="measure nothing: print the table of the measurements in these --json files, pooled "
-                             "(medians over all their repeats)")
+    parser.add_argument(
+        "--from-json",
+        nargs="+",
+        type=Path,
+        metavar="FILE",
+        help="measure nothing: print the table of the measurements in these --json files, pooled "
+        "(medians over all their repeats)",
+    )
     args = parser.parse_args()
     if args.from_json:
         print_table(pooled_rows(args.from_json), args, repeats="all")
@@ -318,9 +376,11 @@ def main() -> None:
         wanted = {p[0] for _, p in jobs}
         files = {m: prepare_smollm2() if m == "smollm2" else prepare_random(m, wanted) for m in args.models}
         for model, (precision, ours, hf_precision, gguf_kind) in jobs:
-            targets = {"llamascope": files[model][ours if ours == "hf" else gguf_kind],
-                       "transformers": files[model]["hf"] if hf_precision else None,
-                       "llama.cpp": files[model].get(gguf_kind) if gguf_kind else None}
+            targets = {
+                "llamascope": files[model][ours if ours == "hf" else gguf_kind],
+                "transformers": files[model]["hf"] if hf_precision else None,
+                "llama.cpp": files[model].get(gguf_kind) if gguf_kind else None,
+            }
             results: dict[str, list[dict]] = {s: [] for s in args.systems}
             for r in range(args.repeats):
                 for system in args.systems:  # alternate systems within each repeat
@@ -364,19 +424,25 @@ def print_table(rows, args, repeats=None) -> None:
             return f"{med['llamascope'][key] / med[other][key]:.2f}x"
         return "–"
 
-    print(f"Decode: {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, greedy, {args.threads} threads; "
-          f"prefill: {args.prefill_tokens}-token prompt. Medians of {repeats or args.repeats} runs, tokens/s. Perplexity: "
-          f"llamascope on benchmarks/sample.txt (window 512, stride 256), trained models only.\n")
-    print("| model | precision | llamascope decode | transformers | llama.cpp | vs transformers | vs llama.cpp "
-          "| llamascope prefill | transformers | llama.cpp | llamascope load s | peak RSS MB | perplexity |")
+    print(
+        f"Decode: {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, greedy, {args.threads} threads; "
+        f"prefill: {args.prefill_tokens}-token prompt. Medians of {repeats or args.repeats} runs, tokens/s. "
+        f"Perplexity: llamascope on benchmarks/sample.txt (window 512, stride 256), trained models only.\n"
+    )
+    print(
+        "| model | precision | llamascope decode | transformers | llama.cpp | vs transformers | vs llama.cpp "
+        "| llamascope prefill | transformers | llama.cpp | llamascope load s | peak RSS MB | perplexity |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model, precision, med in rows:
-        print(f"| {model} | {precision} | {cell(med, 'llamascope', 'decode_tps')} | "
-              f"{cell(med, 'transformers', 'decode_tps')} | {cell(med, 'llama.cpp', 'decode_tps')} | "
-              f"{ratio(med, 'decode_tps', 'transformers')} | {ratio(med, 'decode_tps', 'llama.cpp')} | "
-              f"{cell(med, 'llamascope', 'prefill_tps')} | {cell(med, 'transformers', 'prefill_tps')} | "
-              f"{cell(med, 'llama.cpp', 'prefill_tps')} | {cell(med, 'llamascope', 'load_s')} | "
-              f"{cell(med, 'llamascope', 'peak_rss_mb')} | {cell(med, 'llamascope', 'perplexity', 2)} |")
+        print(
+            f"| {model} | {precision} | {cell(med, 'llamascope', 'decode_tps')} | "
+            f"{cell(med, 'transformers', 'decode_tps')} | {cell(med, 'llama.cpp', 'decode_tps')} | "
+            f"{ratio(med, 'decode_tps', 'transformers')} | {ratio(med, 'decode_tps', 'llama.cpp')} | "
+            f"{cell(med, 'llamascope', 'prefill_tps')} | {cell(med, 'transformers', 'prefill_tps')} | "
+            f"{cell(med, 'llama.cpp', 'prefill_tps')} | {cell(med, 'llamascope', 'load_s')} | "
+            f"{cell(med, 'llamascope', 'peak_rss_mb')} | {cell(med, 'llamascope', 'perplexity', 2)} |"
+        )
 
 
 if __name__ == "__main__":

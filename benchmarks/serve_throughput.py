@@ -1,9 +1,10 @@
 """Aggregate decode throughput of `llamascope serve` with 1, 4 and 8 concurrent clients.
 
 Starts the real server (`llamascope serve` in its own process, loopback only) on the default model
-(or --model), then for each client count runs that many streaming clients at once, each sending the same fixed
-number of streamed chat requests (completions when the model has no chat template), and prints a markdown table. Every request generates exactly
---max-tokens tokens (the eos ids get logit_bias -100), so rows are comparable.
+(or --model), then for each client count runs that many streaming clients at once, each sending the
+same fixed number of streamed chat requests (completions when the model has no chat template), and
+prints a markdown table. Every request generates exactly --max-tokens tokens (the eos ids get
+logit_bias -100), so rows are comparable.
 
     .venv/bin/python benchmarks/serve_throughput.py                 # default model
     .venv/bin/python benchmarks/serve_throughput.py --model DIR --clients 1,4,8 --max-tokens 64
@@ -48,8 +49,22 @@ def start_server(args, max_batch: int) -> tuple[subprocess.Popen, str, float]:
     """`llamascope serve` in its own process, as it is deployed: the clients here do not share its
     interpreter. -> (process, base URL, seconds until /health answered)."""
     port = free_port()
-    command = [sys.executable, "-m", "llamascope", "serve", "--port", str(port), "--dtype", args.dtype,
-               "--served-model-name", "bench", "--max-batch", str(max_batch), "--max-queue", str(4 * max_batch)]
+    command = [
+        sys.executable,
+        "-m",
+        "llamascope",
+        "serve",
+        "--port",
+        str(port),
+        "--dtype",
+        args.dtype,
+        "--served-model-name",
+        "bench",
+        "--max-batch",
+        str(max_batch),
+        "--max-queue",
+        str(4 * max_batch),
+    ]
     if args.model:
         command += ["--model", args.model]
     start = time.perf_counter()
@@ -69,14 +84,21 @@ def start_server(args, max_batch: int) -> tuple[subprocess.Popen, str, float]:
         time.sleep(0.1)
 
 
-async def one_request(client, model: str, prompt: str, max_tokens: int, no_eos: dict,
-                      chat: bool) -> tuple[int, float, float]:
+async def one_request(
+    client, model: str, prompt: str, max_tokens: int, no_eos: dict, chat: bool
+) -> tuple[int, float, float]:
     """-> (completion tokens, seconds to the first content, seconds in all)."""
     start = time.perf_counter()
     first = None
     tokens = 0
-    common = dict(model=model, max_tokens=max_tokens, temperature=0, logit_bias=no_eos, stream=True,
-                  stream_options={"include_usage": True})
+    common = dict(
+        model=model,
+        max_tokens=max_tokens,
+        temperature=0,
+        logit_bias=no_eos,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     if chat:
         stream = await client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **common)
     else:
@@ -90,23 +112,33 @@ async def one_request(client, model: str, prompt: str, max_tokens: int, no_eos: 
     return tokens, first if first is not None else float("nan"), time.perf_counter() - start
 
 
-async def run_level(base_url: str, model: str, clients: int, per_client: int, max_tokens: int,
-                    no_eos: dict, timeout: float, chat: bool) -> dict:
+async def run_level(
+    base_url: str, model: str, clients: int, per_client: int, max_tokens: int, no_eos: dict, timeout: float, chat: bool
+) -> dict:
     import openai
 
     async with openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=timeout) as client:
+
         async def worker(k: int):
-            return [await one_request(client, model, PROMPTS[(k + j) % len(PROMPTS)], max_tokens, no_eos, chat)
-                    for j in range(per_client)]
+            return [
+                await one_request(client, model, PROMPTS[(k + j) % len(PROMPTS)], max_tokens, no_eos, chat)
+                for j in range(per_client)
+            ]
 
         start = time.perf_counter()
         results = await asyncio.wait_for(asyncio.gather(*(worker(k) for k in range(clients))), timeout)
         seconds = time.perf_counter() - start
     flat = [r for rs in results for r in rs]
     tokens = sum(r[0] for r in flat)
-    return {"clients": clients, "requests": len(flat), "tokens": tokens, "seconds": seconds,
-            "tokens_per_s": tokens / seconds, "ttft": statistics.mean(r[1] for r in flat),
-            "per_request_tps": statistics.mean(r[0] / r[2] for r in flat)}
+    return {
+        "clients": clients,
+        "requests": len(flat),
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "ttft": statistics.mean(r[1] for r in flat),
+        "per_request_tps": statistics.mean(r[0] / r[2] for r in flat),
+    }
 
 
 def main() -> None:
@@ -130,8 +162,12 @@ def main() -> None:
     name = "bench"
     try:
         asyncio.run(run_level(base_url, name, 1, 1, 8, no_eos, args.timeout, chat))  # warm-up
-        rows = [asyncio.run(run_level(base_url, name, c, args.requests_per_client, args.max_tokens, no_eos,
-                                      args.timeout, chat)) for c in levels]
+        rows = [
+            asyncio.run(
+                run_level(base_url, name, c, args.requests_per_client, args.max_tokens, no_eos, args.timeout, chat)
+            )
+            for c in levels
+        ]
     finally:
         process.terminate()
         try:
@@ -140,14 +176,23 @@ def main() -> None:
             process.kill()
 
     base = rows[0]["tokens_per_s"]
-    print(f"\nmodel: {args.model or 'SmolLM2-135M-Instruct (default)'} (dtype {args.dtype}; server up in {start_s:.1f} s); "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs shared by server and clients; "
-          f"{args.requests_per_client} {'chat' if chat else 'completion'} requests per client, {args.max_tokens} tokens each, greedy\n")
-    print("| clients | requests | tokens | seconds | aggregate tokens/s | per-request tokens/s | mean TTFT (s) | vs 1 client |")
+    print(
+        f"\nmodel: {args.model or 'SmolLM2-135M-Instruct (default)'} (dtype {args.dtype}; "
+        f"server up in {start_s:.1f} s); "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs shared by server and clients; "
+        f"{args.requests_per_client} {'chat' if chat else 'completion'} requests per client, "
+        f"{args.max_tokens} tokens each, greedy\n"
+    )
+    print(
+        "| clients | requests | tokens | seconds | aggregate tokens/s | per-request tokens/s "
+        "| mean TTFT (s) | vs 1 client |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['clients']} | {r['requests']} | {r['tokens']} | {r['seconds']:.2f} | {r['tokens_per_s']:.1f} | "
-              f"{r['per_request_tps']:.1f} | {r['ttft']:.3f} | {r['tokens_per_s'] / base:.2f}x |")
+        print(
+            f"| {r['clients']} | {r['requests']} | {r['tokens']} | {r['seconds']:.2f} | {r['tokens_per_s']:.1f} | "
+            f"{r['per_request_tps']:.1f} | {r['ttft']:.3f} | {r['tokens_per_s'] / base:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -28,23 +28,42 @@ def build_tokenizer(folder: Path) -> None:
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(CORPUS, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", 1)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     fast.save_pretrained(folder)
 
 
-def make_model(folder: Path, dtype: torch.dtype = torch.float32, seed: int = 0, shard_size: str | None = None,
-               safe: bool = True, **overrides) -> Path:
+def make_model(
+    folder: Path,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    shard_size: str | None = None,
+    safe: bool = True,
+    **overrides,
+) -> Path:
     """Write a random LlamaForCausalLM (and the test tokenizer) to `folder`; returns the folder."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    settings = dict(vocab_size=TOKENIZER_VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                    bos_token_id=1, eos_token_id=2)
+    settings = dict(
+        vocab_size=TOKENIZER_VOCAB,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     settings.update(overrides)
     config = LlamaConfig(**settings)
     torch.manual_seed(seed)

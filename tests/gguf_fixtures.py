@@ -34,6 +34,7 @@ CASE_SEPARATOR = "\n__ggml_vocab_test__\n"
 
 # ---- llama.cpp's reference vocabularies ----------------------------------------------------------
 
+
 def fetch_reference_vocabularies(cache: Path = CACHE_DIR) -> Path:
     """The folder holding VOCAB_FILES; downloads the source archive only when one is missing."""
     if all((cache / name).is_file() for name in VOCAB_FILES):
@@ -41,9 +42,22 @@ def fetch_reference_vocabularies(cache: Path = CACHE_DIR) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-             LLAMA_CPP_PYTHON, "-d", tmp],
-            check=True, capture_output=True, timeout=900,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                LLAMA_CPP_PYTHON,
+                "-d",
+                tmp,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=900,
         )
         archive = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         with tarfile.open(archive) as tar:
@@ -66,8 +80,10 @@ def vocab_dir() -> Path:
         return fetch_reference_vocabularies()
     except (subprocess.SubprocessError, OSError, StopIteration) as e:
         detail = getattr(e, "stderr", b"") or b""
-        pytest.skip(f"cannot fetch {LLAMA_CPP_PYTHON} source (reference vocabularies): {e} "
-                    f"{detail.decode(errors='replace')[-300:]}")
+        pytest.skip(
+            f"cannot fetch {LLAMA_CPP_PYTHON} source (reference vocabularies): {e} "
+            f"{detail.decode(errors='replace')[-300:]}"
+        )
 
 
 def llama_cpp_cases(vocab: Path, name: str) -> list[tuple[str, list[int]]]:
@@ -76,12 +92,13 @@ def llama_cpp_cases(vocab: Path, name: str) -> list[tuple[str, list[int]]]:
     if texts and texts[-1] == "":
         texts.pop()  # the file ends with a separator
     lines = (vocab / f"{name}.out").read_text(encoding="utf-8").split("\n")
-    ids = [[int(x) for x in line.split()] for line in lines[:len(texts)]]
+    ids = [[int(x) for x in line.split()] for line in lines[: len(texts)]]
     assert len(texts) == len(ids) > 40, f"{name}: {len(texts)} inputs, {len(ids)} outputs"
     return list(zip(texts, ids))
 
 
 # ---- a SentencePiece model written by hand ---------------------------------------------------------
+
 
 def _varint(value: int) -> bytes:
     out = bytearray()
@@ -100,8 +117,9 @@ def _field(number: int, value: int | bytes | float) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(value)) + value
 
 
-def sentencepiece_model_bytes(pieces: list[str], scores: list[float], types: list[int],
-                              add_dummy_prefix: bool = True) -> bytes:
+def sentencepiece_model_bytes(
+    pieces: list[str], scores: list[float], types: list[int], add_dummy_prefix: bool = True
+) -> bytes:
     """A BPE ModelProto (byte fallback, identity normaliser, no whitespace cleaning: LLaMA's settings)."""
     out = bytearray()
     for piece, score, kind in zip(pieces, scores, types):
@@ -113,8 +131,9 @@ def sentencepiece_model_bytes(pieces: list[str], scores: list[float], types: lis
 
 # ---- ggml-quants.c, one block at a time ----------------------------------------------------------
 
+
 def _f16(block: np.ndarray, offset: int) -> np.float32:
-    return np.float32(block[offset:offset + 2].view(np.float16)[0])
+    return np.float32(block[offset : offset + 2].view(np.float16)[0])
 
 
 def ref_q8_0(block: np.ndarray) -> np.ndarray:
@@ -169,8 +188,8 @@ def ref_q2_k(block: np.ndarray) -> np.ndarray:
     for i in range(16):  # sub-block i: half i // 8, bit pair (i % 8) // 2, bytes 16 * (i % 2) ..
         half, pair, part = i // 8, (i % 8) // 2, i % 2
         dl, ml = d * np.float32(scales[i] & 0xF), dmin * np.float32(scales[i] >> 4)
-        q = (qs[32 * half + 16 * part:32 * half + 16 * part + 16] >> (2 * pair)) & 3
-        y[16 * i:16 * i + 16] = dl * q.astype(np.float32) - ml
+        q = (qs[32 * half + 16 * part : 32 * half + 16 * part + 16] >> (2 * pair)) & 3
+        y[16 * i : 16 * i + 16] = dl * q.astype(np.float32) - ml
     return y
 
 
@@ -192,10 +211,10 @@ def ref_q3_k(block: np.ndarray) -> np.ndarray:
     y = np.empty(256, np.float32)
     for i in range(16):
         half, pair, part = i // 8, (i % 8) // 2, i % 2
-        low = (qs[32 * half + 16 * part:32 * half + 16 * part + 16].astype(np.int32) >> (2 * pair)) & 3
-        high = (hmask[16 * part:16 * part + 16].astype(np.int32) >> (4 * half + pair)) & 1
+        low = (qs[32 * half + 16 * part : 32 * half + 16 * part + 16].astype(np.int32) >> (2 * pair)) & 3
+        high = (hmask[16 * part : 16 * part + 16].astype(np.int32) >> (4 * half + pair)) & 1
         q = low - np.where(high == 1, 0, 4)
-        y[16 * i:16 * i + 16] = (d * np.float32(sc[i])) * q.astype(np.float32)
+        y[16 * i : 16 * i + 16] = (d * np.float32(sc[i])) * q.astype(np.float32)
     return y
 
 
@@ -213,7 +232,7 @@ def ref_q4_k(block: np.ndarray) -> np.ndarray:
         d1, m1 = d * np.float32(sc), dmin * np.float32(m)
         sc, m = _scale_min_k4(2 * j + 1, scales)
         d2, m2 = d * np.float32(sc), dmin * np.float32(m)
-        chunk = q[32 * j:32 * j + 32]
+        chunk = q[32 * j : 32 * j + 32]
         y.append(d1 * (chunk & 0xF).astype(np.float32) - m1)
         y.append(d2 * (chunk >> 4).astype(np.float32) - m2)
     return np.concatenate(y)
@@ -229,7 +248,7 @@ def ref_q5_k(block: np.ndarray) -> np.ndarray:
         d1, m1 = d * np.float32(sc), dmin * np.float32(m)
         sc, m = _scale_min_k4(2 * j + 1, scales)
         d2, m2 = d * np.float32(sc), dmin * np.float32(m)
-        chunk = ql[32 * j:32 * j + 32]
+        chunk = ql[32 * j : 32 * j + 32]
         y.append(d1 * ((chunk & 0xF) + np.where(qh & u1, 16, 0)).astype(np.float32) - m1)
         y.append(d2 * ((chunk >> 4) + np.where(qh & u2, 16, 0)).astype(np.float32) - m2)
         u1, u2 = u1 << 2, u2 << 2
@@ -240,7 +259,7 @@ def ref_q6_k(block: np.ndarray) -> np.ndarray:
     ql, qh, sc, d = block[0:128], block[128:192], block[192:208].view(np.int8), _f16(block, 208)
     y = np.empty(256, np.float32)
     for half in range(2):
-        n, ql_h, qh_h, sc_h = 128 * half, ql[64 * half:], qh[32 * half:], sc[8 * half:]
+        n, ql_h, qh_h, sc_h = 128 * half, ql[64 * half :], qh[32 * half :], sc[8 * half :]
         for l in range(32):
             s = l // 16
             q1 = int((ql_h[l] & 0xF) | (((qh_h[l] >> 0) & 3) << 4)) - 32
@@ -285,16 +304,18 @@ def random_blocks(rng: np.random.Generator, rows: int, cols: int, type_name: str
         values = (rng.uniform(0.5, 1.5, size=blocks.shape[:2]) * scale).astype(np.float16)
         if type_name == "Q4_1" and offset == 2:
             values = -values * 8  # the minimum of a Q4_1 block
-        blocks[:, :, offset:offset + 2] = values.view(np.uint8).reshape(*blocks.shape[:2], 2)
+        blocks[:, :, offset : offset + 2] = values.view(np.uint8).reshape(*blocks.shape[:2], 2)
     return blocks.reshape(rows, -1)
 
 
 # ---- tiny LLaMA GGUF files -------------------------------------------------------------------------
 
+
 def permute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's LlamaModel.permute (conversion/llama.py), applied to rows of any storage."""
-    return (weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
-            .swapaxes(1, 2).reshape(weight.shape))
+    return (
+        weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
 
 
 @dataclass
@@ -312,13 +333,34 @@ class TinySpec:
 
 # HF name suffix -> stored type, per layer: together they cover every supported type.
 LAYER_TYPES = (
-    {"q_proj": "Q4_K", "k_proj": "Q5_K", "v_proj": "Q6_K", "o_proj": "Q4_0",
-     "gate_proj": "Q4_1", "up_proj": "F16", "down_proj": "BF16"},
-    {"q_proj": "Q8_0", "k_proj": "Q4_0", "v_proj": "Q4_1", "o_proj": "Q4_K",
-     "gate_proj": "Q5_K", "up_proj": "Q6_K", "down_proj": "F32"},
+    {
+        "q_proj": "Q4_K",
+        "k_proj": "Q5_K",
+        "v_proj": "Q6_K",
+        "o_proj": "Q4_0",
+        "gate_proj": "Q4_1",
+        "up_proj": "F16",
+        "down_proj": "BF16",
+    },
+    {
+        "q_proj": "Q8_0",
+        "k_proj": "Q4_0",
+        "v_proj": "Q4_1",
+        "o_proj": "Q4_K",
+        "gate_proj": "Q5_K",
+        "up_proj": "Q6_K",
+        "down_proj": "F32",
+    },
 )
-GGUF_BLOCK = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+GGUF_BLOCK = {
+    "q_proj": "attn_q",
+    "k_proj": "attn_k",
+    "v_proj": "attn_v",
+    "o_proj": "attn_output",
+    "gate_proj": "ffn_gate",
+    "up_proj": "ffn_up",
+    "down_proj": "ffn_down",
+}
 
 
 def tiny_vocabulary() -> tuple[list[str], list[float], list[int]]:
@@ -343,8 +385,9 @@ class TinyModel:
     types: dict[str, str] = field(default_factory=dict)  # GGUF name -> stored type
 
 
-def _stored(rng: np.random.Generator, shape: tuple[int, ...], type_name: str,
-            reference: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+def _stored(
+    rng: np.random.Generator, shape: tuple[int, ...], type_name: str, reference: bool = True
+) -> tuple[np.ndarray, np.ndarray | None]:
     """(what the file stores, row by row; the float32 values it means)."""
     if type_name in ("F32", "F16"):
         values = rng.normal(0, 0.05, size=shape).astype(np.float32)
@@ -364,10 +407,19 @@ def _gguf_type(type_name: str):
     return GGMLQuantizationType[type_name]
 
 
-def write_tiny_llama(path: Path, spec: TinySpec | None = None, seed: int = 0, *, arch: str = "llama",
-                     metadata: dict | None = None, drop: tuple[str, ...] = (), types: dict | None = None,
-                     extra_tensors: dict | None = None, tokenizer: bool = True,
-                     reference: bool = True) -> TinyModel:
+def write_tiny_llama(
+    path: Path,
+    spec: TinySpec | None = None,
+    seed: int = 0,
+    *,
+    arch: str = "llama",
+    metadata: dict | None = None,
+    drop: tuple[str, ...] = (),
+    types: dict | None = None,
+    extra_tensors: dict | None = None,
+    tokenizer: bool = True,
+    reference: bool = True,
+) -> TinyModel:
     """Write a tiny random LLaMA GGUF; `metadata` overrides keys (None removes one), `drop` leaves
     tensors out, `types` overrides stored types by GGUF name, `extra_tensors` adds F32 tensors.
     With `reference=False` the expected weights are not computed (files meant to be refused)."""
@@ -385,32 +437,56 @@ def write_tiny_llama(path: Path, spec: TinySpec | None = None, seed: int = 0, *,
         plan.append(("output.weight", "lm_head.weight", (vocab, spec.hidden), "Q6_K", None))
     q, kv = spec.heads * head_dim, spec.kv_heads * head_dim
     for n in range(spec.layers):
-        shapes = {"q_proj": (q, spec.hidden), "k_proj": (kv, spec.hidden), "v_proj": (kv, spec.hidden),
-                  "o_proj": (spec.hidden, q), "gate_proj": (spec.intermediate, spec.hidden),
-                  "up_proj": (spec.intermediate, spec.hidden), "down_proj": (spec.hidden, spec.intermediate)}
+        shapes = {
+            "q_proj": (q, spec.hidden),
+            "k_proj": (kv, spec.hidden),
+            "v_proj": (kv, spec.hidden),
+            "o_proj": (spec.hidden, q),
+            "gate_proj": (spec.intermediate, spec.hidden),
+            "up_proj": (spec.intermediate, spec.hidden),
+            "down_proj": (spec.hidden, spec.intermediate),
+        }
         for short, shape in shapes.items():
             module = "self_attn" if short in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
             heads = {"q_proj": spec.heads, "k_proj": spec.kv_heads}.get(short)
-            plan.append((f"blk.{n}.{GGUF_BLOCK[short]}.weight", f"model.layers.{n}.{module}.{short}.weight",
-                         shape, LAYER_TYPES[n % 2][short], heads))
+            plan.append(
+                (
+                    f"blk.{n}.{GGUF_BLOCK[short]}.weight",
+                    f"model.layers.{n}.{module}.{short}.weight",
+                    shape,
+                    LAYER_TYPES[n % 2][short],
+                    heads,
+                )
+            )
         for short, norm in (("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm")):
             plan.append((f"blk.{n}.{short}.weight", f"model.layers.{n}.{norm}.weight", (spec.hidden,), "F32", None))
 
     writer = GGUFWriter(str(path), arch)
     keys = {
-        f"{arch}.block_count": spec.layers, f"{arch}.context_length": spec.context,
-        f"{arch}.embedding_length": spec.hidden, f"{arch}.feed_forward_length": spec.intermediate,
-        f"{arch}.attention.head_count": spec.heads, f"{arch}.attention.head_count_kv": spec.kv_heads,
-        f"{arch}.attention.layer_norm_rms_epsilon": spec.rms_eps, f"{arch}.rope.freq_base": spec.rope_theta,
+        f"{arch}.block_count": spec.layers,
+        f"{arch}.context_length": spec.context,
+        f"{arch}.embedding_length": spec.hidden,
+        f"{arch}.feed_forward_length": spec.intermediate,
+        f"{arch}.attention.head_count": spec.heads,
+        f"{arch}.attention.head_count_kv": spec.kv_heads,
+        f"{arch}.attention.layer_norm_rms_epsilon": spec.rms_eps,
+        f"{arch}.rope.freq_base": spec.rope_theta,
         f"{arch}.rope.dimension_count": head_dim,
     }
     if tokenizer:
-        keys.update({
-            "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
-            "tokenizer.ggml.token_type": token_types, "tokenizer.ggml.bos_token_id": 1,
-            "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0,
-            "tokenizer.ggml.add_bos_token": True, "tokenizer.chat_template": TINY_CHAT_TEMPLATE,
-        })
+        keys.update(
+            {
+                "tokenizer.ggml.model": "llama",
+                "tokenizer.ggml.tokens": tokens,
+                "tokenizer.ggml.scores": scores,
+                "tokenizer.ggml.token_type": token_types,
+                "tokenizer.ggml.bos_token_id": 1,
+                "tokenizer.ggml.eos_token_id": 2,
+                "tokenizer.ggml.unknown_token_id": 0,
+                "tokenizer.ggml.add_bos_token": True,
+                "tokenizer.chat_template": TINY_CHAT_TEMPLATE,
+            }
+        )
     keys.update(metadata or {})
     _add_metadata(writer, keys)
 
@@ -496,7 +572,7 @@ def greedy_tokens(logits_of, prompt: list[int], new_tokens: int) -> list[int]:
             tokens = torch.tensor([ids])  # [1, T]
             positions = torch.arange(len(ids))[None]  # [1, T]
             ids.append(int(logits_of(tokens, positions)[0, -1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def hf_logits(model):

@@ -18,10 +18,10 @@ import torch
 from llamascope.engine import Engine
 from llamascope.errors import LlamascopeError
 from llamascope.generation import generate
+from llamascope.layers import QuantLinear
 from llamascope.loading import load_model, open_checkpoint
 from llamascope.model import Transformer
 from llamascope.parallel import finish, init_from_env
-from llamascope.layers import QuantLinear
 
 # Left-padded batch of two prompts (ids below the test tokenizer's 320).
 PROMPTS = [[1, 298, 307, 223, 87, 82, 81, 80, 269, 259, 75], [1, 44, 120, 5, 77]]
@@ -47,8 +47,13 @@ def run_model(model) -> dict:
         out["forward"] = model(ids, positions).float()  # [1, T, V]
     for use_cache in (True, False):
         logits = []
-        result = generate(model, PROMPTS, max_new_tokens=NEW_TOKENS, use_cache=use_cache,
-                          on_step=lambda step: logits.append(step.logits.clone()))
+        result = generate(
+            model,
+            PROMPTS,
+            max_new_tokens=NEW_TOKENS,
+            use_cache=use_cache,
+            on_step=lambda step, logits=logits: logits.append(step.logits.clone()),
+        )
         key = "cache" if use_cache else "no_cache"
         out[f"tokens_{key}"] = result.output_ids
         out[f"logits_{key}"] = torch.stack(logits)  # [steps, B, V]
@@ -82,10 +87,10 @@ def main(argv: list[str]) -> int:
             before = peak_rss_bytes()
             loaded = load_model(argv[2], parallel=group)
             after = peak_rss_bytes()
-            held = sum(t.numel() * t.element_size() for t in
-                       {p.data_ptr(): p for p in loaded.model.parameters()}.values())
-            (out_dir / f"rss.rank{rank}.json").write_text(json.dumps(
-                {"before": before, "after": after, "held": held}))
+            held = sum(
+                t.numel() * t.element_size() for t in {p.data_ptr(): p for p in loaded.model.parameters()}.values()
+            )
+            (out_dir / f"rss.rank{rank}.json").write_text(json.dumps({"before": before, "after": after, "held": held}))
         elif mode == "loop":
             engine = Engine.load(argv[2], parallel=group)
             engine.generate_ids(PROMPTS, max_new_tokens=2)

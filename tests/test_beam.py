@@ -34,17 +34,18 @@ def models(tiny_model):
 
 def hf_beam(hf_model, input_ids, attention_mask, **settings):
     with torch.no_grad():
-        out = hf_model.generate(input_ids, attention_mask=attention_mask, return_dict_in_generate=True,
-                                output_scores=True, **settings)
-    return out.sequences[:, input_ids.shape[1]:].tolist(), out.sequences_scores.tolist()
+        out = hf_model.generate(
+            input_ids, attention_mask=attention_mask, return_dict_in_generate=True, output_scores=True, **settings
+        )
+    return out.sequences[:, input_ids.shape[1] :].tolist(), out.sequences_scores.tolist()
 
 
 def assert_same_sequences(expected: list[list[int]], scores: list[float], result) -> None:
     """transformers pads shorter hypotheses to the longest one with one filler id; ours are unpadded."""
     assert len(result.output_ids) == len(expected)
     for row, (want, got) in enumerate(zip(expected, result.output_ids)):
-        assert got == want[:len(got)], f"sequence {row}"
-        assert len(set(want[len(got):])) <= 1, f"sequence {row} is cut short"
+        assert got == want[: len(got)], f"sequence {row}"
+        assert len(set(want[len(got) :])) <= 1, f"sequence {row} is cut short"
     assert result.sequence_scores == pytest.approx(scores, abs=1e-4)
 
 
@@ -53,8 +54,15 @@ def test_beam_search_matches_transformers(models, case, num_beams, length_penalt
     ours, hf_model = models
     text, eos = CASES[case]
     ids = ours.tokenizer.encode(text)
-    settings = dict(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
-                    num_return_sequences=num_beams, max_new_tokens=NEW_TOKENS, eos_token_id=eos, pad_token_id=0)
+    settings = dict(
+        num_beams=num_beams,
+        length_penalty=length_penalty,
+        early_stopping=early_stopping,
+        num_return_sequences=num_beams,
+        max_new_tokens=NEW_TOKENS,
+        eos_token_id=eos,
+        pad_token_id=0,
+    )
     x = torch.tensor([ids])
     expected, scores = hf_beam(hf_model, x, torch.ones_like(x), do_sample=False, **settings)
     result = generate(ours.model, ids, **settings)
@@ -73,9 +81,16 @@ def test_early_stopping_changes_the_result(models):
         ids = ours.tokenizer.encode(text)
         found = set()
         for early_stopping in EARLY_STOPPING:
-            r = generate(ours.model, ids, num_beams=num_beams, length_penalty=length_penalty,
-                         early_stopping=early_stopping, num_return_sequences=num_beams, max_new_tokens=NEW_TOKENS,
-                         eos_token_id=eos)
+            r = generate(
+                ours.model,
+                ids,
+                num_beams=num_beams,
+                length_penalty=length_penalty,
+                early_stopping=early_stopping,
+                num_return_sequences=num_beams,
+                max_new_tokens=NEW_TOKENS,
+                eos_token_id=eos,
+            )
             found.add((tuple(map(tuple, r.output_ids)), tuple(round(s, 5) for s in r.sequence_scores)))
         differing += len(found) > 1
     assert differing >= 3
@@ -89,8 +104,9 @@ def test_best_sequence_only(models):
     x = torch.tensor([ids])
     outputs = []
     for length_penalty in (-1.0, 0.0, 3.0):
-        settings = dict(num_beams=4, length_penalty=length_penalty, max_new_tokens=NEW_TOKENS, eos_token_id=eos,
-                        pad_token_id=0)
+        settings = dict(
+            num_beams=4, length_penalty=length_penalty, max_new_tokens=NEW_TOKENS, eos_token_id=eos, pad_token_id=0
+        )
         expected, scores = hf_beam(hf_model, x, torch.ones_like(x), **settings)
         result = generate(ours.model, ids, **settings)
         assert_same_sequences(expected, scores, result)
@@ -105,8 +121,16 @@ def test_left_padded_batch_with_penalties_matches_transformers(models, tiny_mode
     tok = AutoTokenizer.from_pretrained(tiny_model)
     tok.pad_token, tok.padding_side = "</s>", "left"
     enc = tok(prompts, return_tensors="pt", padding=True)
-    settings = dict(num_beams=3, num_return_sequences=2, max_new_tokens=12, eos_token_id=[179, 208, 31],
-                    pad_token_id=2, repetition_penalty=1.3, no_repeat_ngram_size=2, use_cache=use_cache)
+    settings = dict(
+        num_beams=3,
+        num_return_sequences=2,
+        max_new_tokens=12,
+        eos_token_id=[179, 208, 31],
+        pad_token_id=2,
+        repetition_penalty=1.3,
+        no_repeat_ngram_size=2,
+        use_cache=use_cache,
+    )
     expected, scores = hf_beam(hf_model, enc.input_ids, enc.attention_mask, do_sample=False, **settings)
     result = generate(ours.model, [ours.tokenizer.encode(p) for p in prompts], **settings)
     assert_same_sequences(expected, scores, result)
@@ -118,8 +142,16 @@ def test_seeded_beam_sampling_matches_transformers(models, seed):
     ours, hf_model = models
     text, eos = CASES[0]
     ids = ours.tokenizer.encode(text)
-    settings = dict(num_beams=3, do_sample=True, temperature=0.8, top_k=20, num_return_sequences=2,
-                    max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
+    settings = dict(
+        num_beams=3,
+        do_sample=True,
+        temperature=0.8,
+        top_k=20,
+        num_return_sequences=2,
+        max_new_tokens=12,
+        eos_token_id=eos,
+        pad_token_id=0,
+    )
     x = torch.tensor([ids])
     torch.manual_seed(seed)
     expected, scores = hf_beam(hf_model, x, torch.ones_like(x), **settings)
@@ -141,8 +173,9 @@ def test_beam_stop_strings_match_transformers(models, tiny_model):
     stop = pieces[middle - 1][-1] + pieces[middle][0]
     settings["stop_strings"] = [stop]
     x = torch.tensor([ids])
-    expected, scores = hf_beam(hf_model, x, torch.ones_like(x), tokenizer=AutoTokenizer.from_pretrained(tiny_model),
-                               **settings)
+    expected, scores = hf_beam(
+        hf_model, x, torch.ones_like(x), tokenizer=AutoTokenizer.from_pretrained(tiny_model), **settings
+    )
     result = generate(ours.model, ids, tokenizer=ours.tokenizer, **settings)
     assert_same_sequences(expected, scores, result)
     assert "stop" in result.finish_reasons
@@ -156,8 +189,17 @@ def test_beam_logprobs_add_up_to_the_score(models):
     ours, _ = models
     text, eos = CASES[0]
     ids = ours.tokenizer.encode(text)
-    result = generate(ours.model, ids, num_beams=4, num_return_sequences=4, length_penalty=1.5,
-                      max_new_tokens=NEW_TOKENS, eos_token_id=eos, output_logprobs=2, tokenizer=ours.tokenizer)
+    result = generate(
+        ours.model,
+        ids,
+        num_beams=4,
+        num_return_sequences=4,
+        length_penalty=1.5,
+        max_new_tokens=NEW_TOKENS,
+        eos_token_id=eos,
+        output_logprobs=2,
+        tokenizer=ours.tokenizer,
+    )
     for out, entries, score in zip(result.output_ids, result.logprobs, result.sequence_scores):
         assert [e["id"] for e in entries] == out
         total = sum(e["logprob"] for e in entries)
@@ -174,13 +216,37 @@ def test_num_return_sequences_above_num_beams_is_refused(models):
 
 
 def test_cli_beam_search(tiny_model, capsys):
-    args = ["generate", "--model", str(tiny_model), "--json", "--max-new-tokens", "8", "--num-beams", "3",
-            "--num-return-sequences", "2", "--length-penalty", "0.5", "--early-stopping", "never", "Once upon a time"]
+    args = [
+        "generate",
+        "--model",
+        str(tiny_model),
+        "--json",
+        "--max-new-tokens",
+        "8",
+        "--num-beams",
+        "3",
+        "--num-return-sequences",
+        "2",
+        "--length-penalty",
+        "0.5",
+        "--early-stopping",
+        "never",
+        "Once upon a time",
+    ]
     assert cli_main(args) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     ours = load_model(tiny_model)
-    expected = generate(ours.model, out["prompt_ids"], max_new_tokens=8, num_beams=3, num_return_sequences=2,
-                        length_penalty=0.5, early_stopping="never", eos_token_id=[2], bos_token_id=1)
+    expected = generate(
+        ours.model,
+        out["prompt_ids"],
+        max_new_tokens=8,
+        num_beams=3,
+        num_return_sequences=2,
+        length_penalty=0.5,
+        early_stopping="never",
+        eos_token_id=[2],
+        bos_token_id=1,
+    )
     assert [s["output_ids"] for s in out["sequences"]] == expected.output_ids
     assert [s["score"] for s in out["sequences"]] == pytest.approx(expected.sequence_scores)
     assert out["output_ids"] == expected.output_ids[0]

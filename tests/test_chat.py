@@ -10,15 +10,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import rewrite_json
 from transformers import AutoTokenizer
 
-from conftest import rewrite_json
 from llamascope import Engine
 from llamascope.cli import main
 
 BIN = Path(sys.executable).parent / "llamascope"
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +71,22 @@ def test_every_chat_reply_ends_at_the_end_of_turn(chat_model):
 
 
 def test_chat_command_is_multi_turn(chat_model):
-    proc = subprocess.run([str(BIN), "chat", "--model", str(chat_model), "--max-new-tokens", "5"],
-                          input="Hello there\nAnd again\n", capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(BIN), "chat", "--model", str(chat_model), "--max-new-tokens", "5"],
+        input="Hello there\nAnd again\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     # The second turn sees the first: its prompt holds both user messages and the first reply.
     engine = Engine.load(chat_model)
     first = "".join(engine.chat([{"role": "user", "content": "Hello there"}], max_new_tokens=5))
-    history = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": first.strip()},
-               {"role": "user", "content": "And again"}]
+    history = [
+        {"role": "user", "content": "Hello there"},
+        {"role": "assistant", "content": first.strip()},
+        {"role": "user", "content": "And again"},
+    ]
     second = "".join(engine.chat(history, max_new_tokens=5))
     assert second != "".join(engine.chat(history[2:], max_new_tokens=5))  # the history matters
     assert proc.stdout == first + "\n" + second + "\n"
@@ -85,8 +95,7 @@ def test_chat_command_is_multi_turn(chat_model):
 @pytest.mark.slow
 def test_default_model_knows_the_capital_of_france():
     engine = Engine.load()
-    reply = "".join(engine.chat([{"role": "user", "content": "What is the capital of France?"}],
-                                max_new_tokens=40))
+    reply = "".join(engine.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=40))
     assert "Paris" in reply
 
 
@@ -105,5 +114,7 @@ def test_convert_command(tmp_path, capsys):
     ids = [1, 5, 9, 3]
     from llamascope.generation import generate
 
-    assert generate(folder.model, ids, max_new_tokens=6, eos_token_id=[]).output_ids == \
-        generate(gguf_model.model, ids, max_new_tokens=6, eos_token_id=[]).output_ids
+    assert (
+        generate(folder.model, ids, max_new_tokens=6, eos_token_id=[]).output_ids
+        == generate(gguf_model.model, ids, max_new_tokens=6, eos_token_id=[]).output_ids
+    )

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import rewrite_json
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from conftest import rewrite_json
 from llamascope.cli import main
 
 BIN = Path(sys.executable).parent / "llamascope"
@@ -30,8 +30,17 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def test_generate_json_matches_transformers(tiny_model, capsys):
-    code, out, _ = run_cli(capsys, "generate", "--model", str(tiny_model), "--max-new-tokens", "10", "--json",
-                           "Once upon a time", "My name is")
+    code, out, _ = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny_model),
+        "--max-new-tokens",
+        "10",
+        "--json",
+        "Once upon a time",
+        "My name is",
+    )
     assert code == 0
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["prompt"] for r in rows] == ["Once upon a time", "My name is"]
@@ -40,13 +49,15 @@ def test_generate_json_matches_transformers(tiny_model, capsys):
     for row in rows:
         ids = ref_tok(row["prompt"], return_tensors="pt")
         assert row["prompt_ids"] == ids.input_ids[0].tolist()
-        expected = hf.generate(**ids, max_new_tokens=10, do_sample=False)[0, ids.input_ids.shape[1]:].tolist()
+        expected = hf.generate(**ids, max_new_tokens=10, do_sample=False)[0, ids.input_ids.shape[1] :].tolist()
         assert row["output_ids"] == expected
         assert row["text"] == ref_tok.decode(expected, skip_special_tokens=True)
 
 
 def test_generate_streams_the_same_text(tiny_model, capsys):
-    _, out_json, _ = run_cli(capsys, "generate", "--model", str(tiny_model), "--max-new-tokens", "12", "--json", "Hello")
+    _, out_json, _ = run_cli(
+        capsys, "generate", "--model", str(tiny_model), "--max-new-tokens", "12", "--json", "Hello"
+    )
     _, out_stream, _ = run_cli(capsys, "generate", "--model", str(tiny_model), "--max-new-tokens", "12", "Hello")
     assert out_stream == "Hello" + json.loads(out_json)["text"] + "\n"
 
@@ -67,10 +78,13 @@ def test_tokenize_json(tiny_model, capsys):
     assert json.loads(out)["ids"] == ref("My name").input_ids
 
 
-@pytest.mark.parametrize("args, message", [
-    (["generate", "--model", "/no/such/dir", "hi"], "no such file or folder"),
-    (["tokenize", "--tokenizer", "/no/such/tokenizer.json", "hi"], "no such file or folder"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "--model", "/no/such/dir", "hi"], "no such file or folder"),
+        (["tokenize", "--tokenizer", "/no/such/tokenizer.json", "hi"], "no such file or folder"),
+    ],
+)
 def test_errors_are_one_line(capsys, args, message):
     code, out, err = run_cli(capsys, *args)
     assert code == 1
@@ -126,7 +140,7 @@ def option_help(text: str, option: str) -> str | None:
     for i, line in enumerate(lines):
         if line.split()[:1] == [option] or line.split(",")[0].strip() == option:
             block = [line]
-            for following in lines[i + 1:]:
+            for following in lines[i + 1 :]:
                 if not following.strip() or len(following) - len(following.lstrip()) <= 2:
                     break
                 block.append(following)
@@ -164,8 +178,15 @@ def test_new_token_defaults_are_the_ones_used(tiny_model, capsys, monkeypatch):
     from llamascope.engine import Engine
 
     shown = {command: new_tokens_default(capsys, command) for command in ("generate", "trace", "chat")}
-    assert shown == {"generate": DEFAULT_MAX_NEW_TOKENS["cli"], "trace": DEFAULT_MAX_NEW_TOKENS["cli"],
-                     "chat": DEFAULT_MAX_NEW_TOKENS["chat"]} == {"generate": 32, "trace": 32, "chat": 256}
+    assert (
+        shown
+        == {
+            "generate": DEFAULT_MAX_NEW_TOKENS["cli"],
+            "trace": DEFAULT_MAX_NEW_TOKENS["cli"],
+            "chat": DEFAULT_MAX_NEW_TOKENS["chat"],
+        }
+        == {"generate": 32, "trace": 32, "chat": 256}
+    )
 
     code, out, _ = run_cli(capsys, "generate", "--model", str(tiny_model), "--json", "Once upon a time")
     row = json.loads(out)
@@ -233,12 +254,15 @@ def test_prompt_from_stdin_and_from_a_file(tiny_model, tmp_path, capsys, monkeyp
         assert json.loads(piped)["prompt"] == prompt
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--file", "/no/such/prompt.txt"], "/no/such/prompt.txt: no such file"),
-    (["--file", "PROMPT_FILE", "and an argument"], "not both"),
-    ([], "no prompt"),
-    (["-", "-"], "can be given once"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--file", "/no/such/prompt.txt"], "/no/such/prompt.txt: no such file"),
+        (["--file", "PROMPT_FILE", "and an argument"], "not both"),
+        ([], "no prompt"),
+        (["-", "-"], "can be given once"),
+    ],
+)
 @pytest.mark.parametrize("command", ["generate", "trace", "tokenize"])
 def test_prompt_errors_name_the_problem(tiny_model, tmp_path, capsys, command, args, message):
     path = tmp_path / "prompt.txt"
@@ -260,22 +284,27 @@ def test_version(capsys):
 
 
 def test_convert_refuses_what_is_not_a_gguf_file(tiny_model, tmp_path, capsys):
-    for source, message in ((tiny_model, "is a folder; convert takes a .gguf file"),
-                            (tiny_model / "config.json", "not a .gguf file"),
-                            (tmp_path / "missing.gguf", "no such file")):
+    for source, message in (
+        (tiny_model, "is a folder; convert takes a .gguf file"),
+        (tiny_model / "config.json", "not a .gguf file"),
+        (tmp_path / "missing.gguf", "no such file"),
+    ):
         code, out, err = run_cli(capsys, "convert", str(source), str(tmp_path / "out"))
         assert code == 1 and out == "" and f"{source}: {message}" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("args", [
-    ["generate", "--do-sample", "--top-p", "2", "Hi"],
-    ["generate", "--do-sample", "--top-p", "2", "--num-return-sequences", "2", "Hi"],
-    ["generate", "--do-sample", "--top-p", "2", "--logprobs", "1", "Hi"],
-    ["generate", "--json", "--do-sample", "--top-p", "2", "Hi"],
-    ["trace", "--do-sample", "--top-p", "2", "Hi"],
-    ["trace", "--num-beams", "2", "Hi"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["generate", "--do-sample", "--top-p", "2", "Hi"],
+        ["generate", "--do-sample", "--top-p", "2", "--num-return-sequences", "2", "Hi"],
+        ["generate", "--do-sample", "--top-p", "2", "--logprobs", "1", "Hi"],
+        ["generate", "--json", "--do-sample", "--top-p", "2", "Hi"],
+        ["trace", "--do-sample", "--top-p", "2", "Hi"],
+        ["trace", "--num-beams", "2", "Hi"],
+    ],
+)
 def test_nothing_on_stdout_before_an_error(tiny_model, capsys, args):
     code, out, err = run_cli(capsys, args[0], "--model", str(tiny_model), *args[1:])
     assert code == 1 and out == "" and err.startswith("llamascope: error:")
@@ -311,10 +340,13 @@ def test_logprobs_are_refused_where_they_are_not_shown(tiny_model, capsys, comma
     assert exit_.value.code == 2 and "--logprobs" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("settings", [
-    ["--num-beams", "3", "--num-return-sequences", "2"],
-    ["--do-sample", "--seed", "3", "--num-return-sequences", "3"],
-])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        ["--num-beams", "3", "--num-return-sequences", "2"],
+        ["--do-sample", "--seed", "3", "--num-return-sequences", "3"],
+    ],
+)
 def test_several_sequences_print_each_with_its_score(tiny_model, capsys, settings):
     args = ["--model", str(tiny_model), "--max-new-tokens", "6", *settings, "Once upon a time"]
     _, out, _ = run_cli(capsys, "generate", "--json", "--logprobs", "0", *args)
@@ -323,8 +355,11 @@ def test_several_sequences_print_each_with_its_score(tiny_model, capsys, setting
     assert code == 0
     expected = []
     for k, s in enumerate(sequences, 1):
-        score = (f"score {s['score']:.4f}" if "score" in s
-                 else f"log-probability {sum(e['logprob'] for e in s['logprobs']):.4f}")
+        score = (
+            f"score {s['score']:.4f}"
+            if "score" in s
+            else f"log-probability {sum(e['logprob'] for e in s['logprobs']):.4f}"
+        )
         expected += ["Once upon a time" + s["text"], f"--- sequence {k} of {len(sequences)}, {score} ---"]
     assert text.splitlines() == expected
 

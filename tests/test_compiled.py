@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from llamascope import kernels
 from llamascope.cache import KVCache
 from llamascope.cli import main
-from llamascope import kernels
 from llamascope.compiled import CAPACITY_STEP, CompiledDecode, NotApplicable
 from llamascope.errors import LlamascopeError
 from llamascope.generation import generate
@@ -41,12 +41,18 @@ def test_greedy_tokens_match_transformers_and_one_graph_serves_all_lengths(compi
     for new_tokens, prompt in ((24, PROMPTS[0]), (9, PROMPTS[1])):
         ids = compiled.tokenizer.encode(prompt)
         with torch.no_grad():
-            expected = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                   max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+            expected = hf.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
         before = _frames_compiled()
         result = generate(compiled.model, ids, max_new_tokens=new_tokens, eos_token_id=[])
         steps.append(_frames_compiled() - before)
-        assert result.output_ids[0] == expected[0, len(ids):].tolist(), prompt
+        assert result.output_ids[0] == expected[0, len(ids) :].tolist(), prompt
     assert steps[1] == 0  # another prompt and length (within a 256-column bucket): the same graph
 
 
@@ -55,11 +61,14 @@ def test_left_padded_batch_matches_transformers(compiled, tiny_model):
     ref.pad_token, ref.padding_side = "</s>", "left"
     enc = ref(PROMPTS, return_tensors="pt", padding=True)
     with torch.no_grad():
-        expected = LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval().generate(
-            **enc, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=2)
+        expected = (
+            LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+            .eval()
+            .generate(**enc, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=2)
+        )
     prompts = [compiled.tokenizer.encode(p) for p in PROMPTS]
     batch = generate(compiled.model, prompts, max_new_tokens=12, eos_token_id=[], pad_token_id=2)
-    assert batch.output_ids == expected[:, enc.input_ids.shape[1]:].tolist()
+    assert batch.output_ids == expected[:, enc.input_ids.shape[1] :].tolist()
 
 
 def test_step_logits_equal_the_plain_modules(compiled):
@@ -110,8 +119,11 @@ def test_applies_only_to_one_token_per_row_over_a_plain_cache(compiled):
 def test_refusals_and_fallbacks(tiny_model, model_factory, caplog):
     with pytest.raises(LlamascopeError, match="--backend compiled runs float weights; --quant int8"):
         load_model(tiny_model, backend="compiled", quant="int8")
-    folder = model_factory("rope_dynamic", max_position_embeddings=24,
-                           rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    folder = model_factory(
+        "rope_dynamic",
+        max_position_embeddings=24,
+        rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+    )
     with caplog.at_level(logging.WARNING, logger="llamascope"):
         loaded = load_model(folder, backend="compiled")
     assert loaded.model.decode_step is None and "dynamic RoPE" in caplog.text
@@ -121,8 +133,22 @@ def test_refusals_and_fallbacks(tiny_model, model_factory, caplog):
 
 
 def test_cli_generate_with_compile(tiny_model, capsys):
-    assert main(["generate", "--model", str(tiny_model), "--backend", "compiled", "--max-new-tokens", "4", "--json",
-                 PROMPTS[1]]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_model),
+                "--backend",
+                "compiled",
+                "--max-new-tokens",
+                "4",
+                "--json",
+                PROMPTS[1],
+            ]
+        )
+        == 0
+    )
     found = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     plain = load_model(tiny_model, backend="plain")
     expected = generate(plain.model, plain.tokenizer.encode(PROMPTS[1]), max_new_tokens=4).output_ids[0]
@@ -135,8 +161,9 @@ def test_past_the_recompile_limit_new_shapes_run_uncompiled(compiled, caplog):
     import torch._dynamo
 
     prompt = compiled.tokenizer.encode(PROMPTS[2])
-    expected = generate(load_model(compiled.checkpoint.path, backend="plain").model, [prompt] * 5, max_new_tokens=6,
-                        eos_token_id=[]).output_ids
+    expected = generate(
+        load_model(compiled.checkpoint.path, backend="plain").model, [prompt] * 5, max_new_tokens=6, eos_token_id=[]
+    ).output_ids
     generate(compiled.model, prompt, max_new_tokens=2, eos_token_id=[])  # (so that one graph exists)
     with torch._dynamo.config.patch(recompile_limit=1), caplog.at_level(logging.WARNING, logger="llamascope"):
         found = generate(compiled.model, [prompt] * 5, max_new_tokens=6, eos_token_id=[]).output_ids  # batch 5: new
@@ -150,5 +177,7 @@ def test_bfloat16_rounds_where_eager_pytorch_does(model_factory):
     plain = load_model(folder, backend="plain").model
     for prompt in PROMPTS:
         ids = load_model(folder, backend="plain").tokenizer.encode(prompt)
-        assert (generate(model, ids, max_new_tokens=24, eos_token_id=[]).output_ids
-                == generate(plain, ids, max_new_tokens=24, eos_token_id=[]).output_ids), prompt
+        assert (
+            generate(model, ids, max_new_tokens=24, eos_token_id=[]).output_ids
+            == generate(plain, ids, max_new_tokens=24, eos_token_id=[]).output_ids
+        ), prompt

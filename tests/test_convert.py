@@ -10,10 +10,15 @@ import json
 
 import pytest
 import torch
-
 from gguf_fixtures import (  # noqa: F401
-    TinySpec, llama_cpp_cases, tiny_vocabulary, vocab_dir, write_tiny_llama, write_vocab_gguf,
+    TinySpec,
+    llama_cpp_cases,
+    tiny_vocabulary,
+    vocab_dir,
+    write_tiny_llama,
+    write_vocab_gguf,
 )
+
 from llamascope.convert import convert_gguf, convert_gguf_tokenizer
 from llamascope.errors import LlamascopeError
 from llamascope.loading import default_model_path, load_model
@@ -49,8 +54,13 @@ def test_converted_default_model_runs_the_same_in_transformers(tmp_path):
 
     folder = convert_gguf(default_model_path(), tmp_path / "smollm2", dtype="float32")
     names = {p.name for p in folder.iterdir()}
-    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "model.safetensors"} <= names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+    } <= names
     config = json.loads((folder / "config.json").read_text())
     assert config["tie_word_embeddings"] and config["torch_dtype"] == "float32"
 
@@ -60,7 +70,7 @@ def test_converted_default_model_runs_the_same_in_transformers(tmp_path):
     assert type(hf_model).__name__ == "LlamaForCausalLM"
     with torch.inference_mode():
         out = hf_model.generate(torch.tensor([PROMPT_IDS]), max_new_tokens=16, do_sample=False)
-    assert out[0, len(PROMPT_IDS):].tolist() == GOLDEN_NEW_TOKENS  # = llamascope on the GGUF (test_gguf)
+    assert out[0, len(PROMPT_IDS) :].tolist() == GOLDEN_NEW_TOKENS  # = llamascope on the GGUF (test_gguf)
 
     from llamascope.generation import generate
 
@@ -68,7 +78,8 @@ def test_converted_default_model_runs_the_same_in_transformers(tmp_path):
     assert ours.tokenizer.encode("Once upon a time") == PROMPT_IDS
     assert generate(ours.model, PROMPT_IDS, max_new_tokens=16).output_ids[0] == GOLDEN_NEW_TOKENS
     assert ours.tokenizer.apply_chat_template(MESSAGES) == hf_tokenizer.apply_chat_template(
-        MESSAGES, tokenize=False, add_generation_prompt=True)
+        MESSAGES, tokenize=False, add_generation_prompt=True
+    )
 
 
 def test_converted_tiny_model_matches(tiny, tmp_path):
@@ -78,8 +89,9 @@ def test_converted_tiny_model_matches(tiny, tmp_path):
     tokens = torch.tensor([[1, 300, 301, 5, 310, 2, 7, 288]])  # [1, T]
     from_gguf = _logits(load_model(tiny.path, dtype="float32", quant="none").model, tokens)
     torch.testing.assert_close(_logits(_hf_model(folder), tokens), from_gguf, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(_logits(load_model(folder, dtype="float32").model, tokens), from_gguf,
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        _logits(load_model(folder, dtype="float32").model, tokens), from_gguf, rtol=1e-4, atol=1e-4
+    )
 
     ours = Tokenizer.from_file(tiny.path)
     theirs = AutoTokenizer.from_pretrained(folder)
@@ -106,9 +118,15 @@ def test_bfloat16_in_shards(tiny, tmp_path):
 
 def test_vocabulary_only_and_bad_arguments(tmp_path, tiny):
     tokens, scores, types = tiny_vocabulary()
-    vocab = write_vocab_gguf(tmp_path / "vocab.gguf", {
-        "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
-        "tokenizer.ggml.token_type": types})
+    vocab = write_vocab_gguf(
+        tmp_path / "vocab.gguf",
+        {
+            "tokenizer.ggml.model": "llama",
+            "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.scores": scores,
+            "tokenizer.ggml.token_type": types,
+        },
+    )
     with pytest.raises(LlamascopeError, match="no tensors"):
         convert_gguf(vocab, tmp_path / "v")
     folder = convert_gguf_tokenizer(vocab, tmp_path / "v")
@@ -121,9 +139,11 @@ def test_vocabulary_only_and_bad_arguments(tmp_path, tiny):
 
 
 def test_refuses_what_is_not_a_gguf_file_and_reports_progress(tiny, tmp_path):
-    for source, message in ((tmp_path, "is a folder; convert takes a .gguf file"),
-                            (tmp_path / "model.safetensors", "no such file"),
-                            (tiny.path.with_suffix(".txt"), "no such file")):
+    for source, message in (
+        (tmp_path, "is a folder; convert takes a .gguf file"),
+        (tmp_path / "model.safetensors", "no such file"),
+        (tiny.path.with_suffix(".txt"), "no such file"),
+    ):
         with pytest.raises(LlamascopeError, match=f"^{source}: {message}"):
             convert_gguf(source, tmp_path / "out")
     renamed = tmp_path / "tiny.bin"

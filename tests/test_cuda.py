@@ -54,8 +54,9 @@ def test_greedy_tokens_on_cuda_equal_transformers(tiny_model, use_cache):
     assert model.device.type == "cuda" and model.decode_step is None
     ours = generate(model, PROMPT, max_new_tokens=24, eos_token_id=[], use_cache=use_cache).output_ids[0]
     reference = LlamaForCausalLM.from_pretrained(tiny_model).eval()
-    theirs = reference.generate(torch.tensor([PROMPT]), max_new_tokens=24, do_sample=False, eos_token_id=None,
-                                pad_token_id=0)[0, len(PROMPT):].tolist()
+    theirs = reference.generate(
+        torch.tensor([PROMPT]), max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0
+    )[0, len(PROMPT) :].tolist()
     assert ours == theirs
 
 
@@ -92,7 +93,8 @@ def test_perplexity_and_trace_on_cuda(tiny_model):
     cpu, gpu = Engine.load(tiny_model), Engine.load(tiny_model, device="cuda")
     ids = list(range(3, 60))
     assert perplexity(gpu.model, ids, window=32, stride=16)[0] == pytest.approx(
-        perplexity(cpu.model, ids, window=32, stride=16)[0], rel=1e-4)
+        perplexity(cpu.model, ids, window=32, stride=16)[0], rel=1e-4
+    )
     record = trace(gpu, PROMPT, max_new_tokens=3, lens=True)
     on_cpu = trace(cpu, PROMPT, max_new_tokens=3)
     assert [s.chosen.id for s in record.steps] == [s.chosen.id for s in on_cpu.steps]
@@ -100,8 +102,27 @@ def test_perplexity_and_trace_on_cuda(tiny_model):
 
 @needs_cuda
 def test_bench_on_cuda(tiny_model, capsys):
-    assert main(["bench", "--model", str(tiny_model), "--device", "cuda", "--new-tokens", "4", "--prompt-tokens", "4",
-                 "--prefill-tokens", "16", "--repeats", "1", "--json"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                str(tiny_model),
+                "--device",
+                "cuda",
+                "--new-tokens",
+                "4",
+                "--prompt-tokens",
+                "4",
+                "--prefill-tokens",
+                "16",
+                "--repeats",
+                "1",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert '"device": "cuda:' in capsys.readouterr().out
 
 
@@ -117,6 +138,7 @@ def test_compiled_decode_on_cuda_equals_transformers(tiny_model):
     reference = LlamaForCausalLM.from_pretrained(tiny_model).eval()
     for prompt in (PROMPT, PROMPT[:3]):
         ours = generate(model, prompt, max_new_tokens=24, eos_token_id=[]).output_ids[0]
-        theirs = reference.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
-                                    pad_token_id=0)[0, len(prompt):].tolist()
+        theirs = reference.generate(
+            torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(prompt) :].tolist()
         assert ours == theirs

@@ -36,10 +36,13 @@ def _step_logits(model, native: bool, steps: int = 12) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("quant", [None, "int8", "int4", "q4_0"])
-@pytest.mark.parametrize("name,overrides", [
-    ("gqa", {}),
-    ("mha-bias", dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True)),
-])
+@pytest.mark.parametrize(
+    "name,overrides",
+    [
+        ("gqa", {}),
+        ("mha-bias", dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True)),
+    ],
+)
 def test_native_step_equals_module_path(model_factory, quant, name, overrides):
     """Same kernels in the same order on the same numbers: bit-identical logits, for float and
     block-format weights (8-bit activations make any difference visible, so this is strict)."""
@@ -58,8 +61,9 @@ def test_native_step_matches_plain_float_path_and_transformers_tokens(tiny_model
     assert (_step_logits(fast, True) - _step_logits(plain, False)).abs().max() < 1e-4
     ours = generate(fast, PROMPT, max_new_tokens=24, eos_token_id=[]).output_ids[0]
     reference = LlamaForCausalLM.from_pretrained(tiny_model).eval()
-    theirs = reference.generate(torch.tensor([PROMPT]), max_new_tokens=24, do_sample=False, eos_token_id=None,
-                                pad_token_id=0)[0, len(PROMPT):].tolist()
+    theirs = reference.generate(
+        torch.tensor([PROMPT]), max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0
+    )[0, len(PROMPT) :].tolist()
     assert ours == theirs
 
 
@@ -81,9 +85,9 @@ def test_step_applies_only_where_the_module_path_would_use_the_kernels(tiny_mode
     assert not step.applies(one, cache, None, {})  # capturing activations (trace)
     assert not step.applies(torch.tensor([[5, 6]]), cache, None, None)  # prefill
     assert step.applies(torch.tensor([[5], [6]]), KVCache.for_model(model, 2, 16), None, None)  # batch
-    assert not step.applies(torch.tensor([[5], [6]]), KVCache.for_model(model, 2, 16), torch.ones(2, 1, 1, 3,
-                                                                                                  dtype=torch.bool),
-                            None)  # left padding: the rows' columns differ from their positions
+    assert not step.applies(
+        torch.tensor([[5], [6]]), KVCache.for_model(model, 2, 16), torch.ones(2, 1, 1, 3, dtype=torch.bool), None
+    )  # left padding: the rows' columns differ from their positions
     assert not step.applies(torch.zeros(9, 1, dtype=torch.long), KVCache.for_model(model, 9, 16), None, None)
     assert not step.applies(one, None, None, None)  # no cache
     assert load_model(tiny_model, backend="plain").model.decode_step is None
@@ -92,8 +96,9 @@ def test_step_applies_only_where_the_module_path_would_use_the_kernels(tiny_mode
     assert bf16.decode_step.applies(one, KVCache.for_model(bf16, 1, 16), None, None)
 
 
-@pytest.mark.parametrize("name,overrides", [("gqa", {}), ("mha-bias", dict(num_key_value_heads=4,
-                                                                            attention_bias=True, mlp_bias=True))])
+@pytest.mark.parametrize(
+    "name,overrides", [("gqa", {}), ("mha-bias", dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True))]
+)
 def test_bfloat16_step_rounds_where_pytorch_rounds(model_factory, name, overrides):
     """The bfloat16 step rounds after the same operations as PyTorch in bfloat16; only float sums
     taken in another order differ. So logits agree to a few bfloat16 steps of their size, and the
@@ -104,12 +109,13 @@ def test_bfloat16_step_rounds_where_pytorch_rounds(model_factory, name, override
     model = load_model(model_factory(name, **overrides), dtype="bfloat16").model
     assert model.decode_step is not None and model.decode_step.dtype == torch.bfloat16
     native, modules = _step_logits(model, True).float(), _step_logits(model, False).float()
-    assert (native[0, 0] - modules[0, 0]).abs().max() <= 4 * 2 ** -8 * modules[0, 0].abs().max()
+    assert (native[0, 0] - modules[0, 0]).abs().max() <= 4 * 2**-8 * modules[0, 0].abs().max()
     logits = []
     with_step = generate(model, PROMPT, max_new_tokens=24, eos_token_id=[]).output_ids[0]
     saved, model.decode_step = model.decode_step, None
-    without = generate(model, PROMPT, max_new_tokens=24, eos_token_id=[],
-                       on_step=lambda step: logits.append(step.logits[0])).output_ids[0]
+    without = generate(
+        model, PROMPT, max_new_tokens=24, eos_token_id=[], on_step=lambda step: logits.append(step.logits[0])
+    ).output_ids[0]
     model.decode_step = saved
     assert_equal_until_near_tie(without, with_step, logits)
 
@@ -205,8 +211,9 @@ def _attention_reference(q, keys, values, scale):
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-@pytest.mark.parametrize("H,KVH,D,S", [(4, 2, 24, 1), (6, 6, 48, 17), (9, 3, 64, 100), (2, 1, 128, 40),
-                                       (8, 2, 80, 5000)])
+@pytest.mark.parametrize(
+    "H,KVH,D,S", [(4, 2, 24, 1), (6, 6, 48, 17), (9, 3, 64, 100), (2, 1, 128, 40), (8, 2, 80, 5000)]
+)
 def test_one_token_attention_kernel_matches_softmax_reference(H, KVH, D, S, bf16):
     """The native one-token attention (RoPE, cache write, softmax over the cache, product with the
     values) against the plain formulas in float64: head dims with a partial last vector (24, 80),
@@ -218,7 +225,7 @@ def test_one_token_attention_kernel_matches_softmax_reference(H, KVH, D, S, bf16
     fn = lib.decode_attention_bf16 if bf16 else lib.decode_attention_f32
     dtype = torch.bfloat16 if bf16 else torch.float32
     gen = torch.Generator().manual_seed(H * 1000 + S)
-    cap, col, scale = S + 3, S - 1, D ** -0.5
+    cap, col, scale = S + 3, S - 1, D**-0.5
     qkv = (torch.randn((H + 2 * KVH) * D, generator=gen) * 2).to(dtype).float()  # bfloat16-exact for bf16
     angle = torch.rand(D // 2, generator=gen) * 6
     cos, sin = torch.cat([angle.cos()] * 2).to(dtype).float(), torch.cat([angle.sin()] * 2).to(dtype).float()
@@ -227,17 +234,30 @@ def test_one_token_attention_kernel_matches_softmax_reference(H, KVH, D, S, bf16
     for threads in (1, 2):
         x, kc, vc = qkv.clone(), cache[0].clone(), cache[1].clone()
         out = torch.empty(H * D)
-        fn(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), kc.data_ptr(), vc.data_ptr(), col, cap, H, KVH, D, scale,
-           out.data_ptr(), threads)
+        fn(
+            x.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            kc.data_ptr(),
+            vc.data_ptr(),
+            col,
+            cap,
+            H,
+            KVH,
+            D,
+            scale,
+            out.data_ptr(),
+            threads,
+        )
         outputs.append(out)
     assert torch.equal(outputs[0], outputs[1])
-    q, k, v = qkv[:H * D].view(1, H, 1, D), qkv[H * D:(H + KVH) * D].view(1, KVH, 1, D), qkv[(H + KVH) * D:]
+    q, k, v = qkv[: H * D].view(1, H, 1, D), qkv[H * D : (H + KVH) * D].view(1, KVH, 1, D), qkv[(H + KVH) * D :]
     q_rot = apply_rope(q.to(dtype), cos.to(dtype)[None, None], sin.to(dtype)[None, None]).float()[0, :, 0]
     k_rot = apply_rope(k.to(dtype), cos.to(dtype)[None, None], sin.to(dtype)[None, None]).float()[0, :, 0]
     assert torch.equal(kc[:, col].float(), k_rot) and torch.equal(vc[:, col].float(), v.view(KVH, D))
-    assert torch.equal(kc[:, :col], cache[0, :, :col]) and torch.equal(kc[:, col + 1:], cache[0, :, col + 1:])
+    assert torch.equal(kc[:, :col], cache[0, :, :col]) and torch.equal(kc[:, col + 1 :], cache[0, :, col + 1 :])
     expected = _attention_reference(q_rot, kc[:, :S].float(), vc[:, :S].float(), scale).float().flatten()
-    tolerance = 2 ** -7 if bf16 else 2e-6  # bfloat16: rounded exponentials and output
+    tolerance = 2**-7 if bf16 else 2e-6  # bfloat16: rounded exponentials and output
     assert (outputs[0] - expected).abs().max() <= tolerance * expected.abs().max()
 
 
@@ -292,10 +312,18 @@ def test_prompt_rmsnorm_and_rope_kernels_give_pytorchs_numbers(rows):
     assert torch.equal(v, v_before)
 
 
-@pytest.mark.parametrize("T, start, H, KVH, D", [
-    (2, 0, 2, 2, 16), (37, 0, 4, 2, 64), (13, 20, 4, 1, 48), (130, 0, 9, 3, 64), (70, 60, 8, 8, 128),
-    (70, 2, 4, 2, 64), (9, 61, 4, 2, 80),  # tiles straddling a 64-column block edge
-])
+@pytest.mark.parametrize(
+    "T, start, H, KVH, D",
+    [
+        (2, 0, 2, 2, 16),
+        (37, 0, 4, 2, 64),
+        (13, 20, 4, 1, 48),
+        (130, 0, 9, 3, 64),
+        (70, 60, 8, 8, 128),
+        (70, 2, 4, 2, 64),
+        (9, 61, 4, 2, 80),  # tiles straddling a 64-column block edge
+    ],
+)
 def test_prompt_attention_kernel_matches_causal_softmax_reference(T, start, H, KVH, D):
     """A prompt's native attention: T queries after `start` cached columns over a [KVH, cap, D]
     cache, against float64 softmax(q k^T / sqrt(D)) v under the causal mask: GQA and MHA, head
@@ -311,15 +339,30 @@ def test_prompt_attention_kernel_matches_causal_softmax_reference(T, start, H, K
     outs = []
     for threads in (1, 2):
         out = torch.full((T, H * D), float("nan"))
-        status = lib.prefill_attention_f32(qkv.data_ptr(), qkv.shape[1], keys.data_ptr(), values.data_ptr(), cap, T,
-                                           start, H, KVH, D, D ** -0.5, out.data_ptr(), H * D, threads)
+        status = lib.prefill_attention_f32(
+            qkv.data_ptr(),
+            qkv.shape[1],
+            keys.data_ptr(),
+            values.data_ptr(),
+            cap,
+            T,
+            start,
+            H,
+            KVH,
+            D,
+            D**-0.5,
+            out.data_ptr(),
+            H * D,
+            threads,
+        )
         assert status == 0
         outs.append(out)
     assert torch.equal(outs[0], outs[1])
-    q = qkv[:, :H * D].view(T, H, D).transpose(0, 1)[None].double()  # [1, H, T, D]
+    q = qkv[:, : H * D].view(T, H, D).transpose(0, 1)[None].double()  # [1, H, T, D]
     visible = torch.arange(S)[None] <= torch.arange(start, S)[:, None]  # [T, S]
-    expected = F.scaled_dot_product_attention(q, keys[None, :, :S].double(), values[None, :, :S].double(),
-                                              attn_mask=visible, enable_gqa=H != KVH)  # [1, H, T, D]
+    expected = F.scaled_dot_product_attention(
+        q, keys[None, :, :S].double(), values[None, :, :S].double(), attn_mask=visible, enable_gqa=H != KVH
+    )  # [1, H, T, D]
     expected = expected[0].transpose(0, 1).reshape(T, H * D)
     assert (outs[0].double() - expected).abs().max() < 1e-5
 
@@ -418,8 +461,7 @@ def test_q8_0_embedding_rows_equal_the_modules_and_the_step_is_unchanged(tmp_pat
 
     float_layers = {f"blk.{n}.{block}.weight": "F32" for n in range(2) for block in GGUF_BLOCK.values()}
     float_layers["output.weight"] = "F32"  # (a kept Q6_K head has no bfloat16 step)
-    model = load_model(write_tiny_llama(tmp_path / "tiny.gguf", TinySpec(), types=float_layers).path,
-                       dtype=dtype).model
+    model = load_model(write_tiny_llama(tmp_path / "tiny.gguf", TinySpec(), types=float_layers).path, dtype=dtype).model
     step = model.decode_step
     assert isinstance(model.model.embed_tokens, QuantEmbedding) and step is not None and step._q8_embedding
     tokens = torch.tensor([[0], [319], [77]])
@@ -433,6 +475,7 @@ def test_q8_0_embedding_rows_equal_the_modules_and_the_step_is_unchanged(tmp_pat
 
 def test_a_token_outside_the_vocabulary_is_refused_by_name(tmp_path):
     from gguf_fixtures import write_tiny_llama
+
     from llamascope.errors import LlamascopeError
 
     model = load_model(write_tiny_llama(tmp_path / "tiny.gguf").path).model

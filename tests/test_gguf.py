@@ -13,11 +13,20 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from gguf_fixtures import (
-    BLOCK_TYPES, TinySpec, greedy_tokens, hf_llama, hf_logits, permute_rows, random_blocks,
-    reference_dequantize, tiny_vocabulary, write_tiny_llama, write_vocab_gguf,
+    BLOCK_TYPES,
+    TinySpec,
+    greedy_tokens,
+    hf_llama,
+    hf_logits,
+    permute_rows,
+    random_blocks,
+    reference_dequantize,
+    tiny_vocabulary,
+    write_tiny_llama,
+    write_vocab_gguf,
 )
+
 from llamascope.errors import LlamascopeError
 from llamascope.loading import default_model_path, load_model, open_checkpoint
 from llamascope.loading.gguf import llama3_rope_scaling, unpermute_rows
@@ -40,6 +49,7 @@ def tiny(tmp_path_factory):
 
 
 # ---- the default model -------------------------------------------------------------------------
+
 
 def test_default_model_config_comes_from_metadata(smollm):
     config = smollm.config
@@ -73,6 +83,7 @@ def test_default_model_golden_tokens(smollm):
 
 # ---- weights: dequantisation and the Q/K permutation -------------------------------------------
 
+
 def test_every_weight_matches_the_ggml_reference(tiny):
     """Each stored type (F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q4_K Q5_K Q6_K) dequantises exactly as
     ggml-quants.c does, and Q/K rows come back in Hugging Face order."""
@@ -85,8 +96,7 @@ def test_every_weight_matches_the_ggml_reference(tiny):
         np.testing.assert_array_equal(got.numpy(), expected, err_msg=name)
 
 
-@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
-                                       "Q6_K"])
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_block_dequantisation_against_ggml(type_name):
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
@@ -112,8 +122,13 @@ def test_slices_and_blocks_agree_with_full_reads(tiny):
     from llamascope import formats
 
     checkpoint = open_checkpoint(tiny.path)
-    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",
-                 "model.layers.0.mlp.down_proj.weight", "model.embed_tokens.weight", "model.norm.weight"):
+    for name in (
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.self_attn.k_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+    ):
         source = checkpoint.tensors[name]
         full = source.read()
         for dim in range(full.dim()):
@@ -148,8 +163,11 @@ def test_float_tensors_read_from_the_file_not_the_map(tmp_path, stored):
         heads = 4 if "q_proj" in name else 2 if "k_proj" in name else 1
         head_rows = expected.shape[0] // heads
         for dim, start, stop in ((0, head_rows, expected.shape[0]), (1, 5, 77), (1, 0, expected.shape[1])):
-            np.testing.assert_array_equal(source.read_slice(dim, start, stop).numpy(),
-                                          expected.take(range(start, stop), axis=dim), err_msg=f"{name} {dim}")
+            np.testing.assert_array_equal(
+                source.read_slice(dim, start, stop).numpy(),
+                expected.take(range(start, stop), axis=dim),
+                err_msg=f"{name} {dim}",
+            )
     import gguf.quants
 
     def no_dequantising(*args):
@@ -177,8 +195,12 @@ def test_auto_dtype_of_a_gguf_is_bfloat16_only_for_bfloat16_matrices(tmp_path):
     spec = TinySpec(layers=1)
     every = {f"blk.0.{short}.weight": "BF16" for short in GGUF_BLOCK.values()}
     every.update({"token_embd.weight": "BF16", "output.weight": "BF16"})
-    cases = [(every, torch.bfloat16), ({**every, "output.weight": "Q8_0"}, torch.float32),
-             ({name: "F16" for name in every}, torch.float32), ({}, torch.float32)]
+    cases = [
+        (every, torch.bfloat16),
+        ({**every, "output.weight": "Q8_0"}, torch.float32),
+        ({name: "F16" for name in every}, torch.float32),
+        ({}, torch.float32),
+    ]
     for n, (types, dtype) in enumerate(cases):
         checkpoint = open_checkpoint(write_tiny_llama(tmp_path / f"{n}.gguf", spec, types=types).path)
         assert resolve_dtype("auto", checkpoint.config, checkpoint) == dtype, types
@@ -197,8 +219,9 @@ def test_tiny_model_matches_transformers(tiny):
         ours = loaded.model(tokens, positions)
         theirs = reference(input_ids=tokens, position_ids=positions).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
-    assert greedy_tokens(lambda t, p: loaded.model(t, p), [1, 300], 10) == \
-        greedy_tokens(hf_logits(reference), [1, 300], 10)
+    assert greedy_tokens(lambda t, p: loaded.model(t, p), [1, 300], 10) == greedy_tokens(
+        hf_logits(reference), [1, 300], 10
+    )
 
 
 def test_tied_embeddings_without_output_tensor(tmp_path):
@@ -214,12 +237,19 @@ def test_attention_biases_are_unpermuted_too(tmp_path):
     spec = TinySpec(layers=1)
     rng = np.random.default_rng(5)
     q, kv = spec.heads * 64, spec.kv_heads * 64
-    biases = {"q_proj": rng.normal(size=q), "k_proj": rng.normal(size=kv), "v_proj": rng.normal(size=kv),
-              "o_proj": rng.normal(size=spec.hidden)}
+    biases = {
+        "q_proj": rng.normal(size=q),
+        "k_proj": rng.normal(size=kv),
+        "v_proj": rng.normal(size=kv),
+        "o_proj": rng.normal(size=spec.hidden),
+    }
     biases = {k: v.astype(np.float32) for k, v in biases.items()}
-    stored = {"blk.0.attn_q.bias": permute_rows(biases["q_proj"], spec.heads),
-              "blk.0.attn_k.bias": permute_rows(biases["k_proj"], spec.kv_heads),
-              "blk.0.attn_v.bias": biases["v_proj"], "blk.0.attn_output.bias": biases["o_proj"]}
+    stored = {
+        "blk.0.attn_q.bias": permute_rows(biases["q_proj"], spec.heads),
+        "blk.0.attn_k.bias": permute_rows(biases["k_proj"], spec.kv_heads),
+        "blk.0.attn_v.bias": biases["v_proj"],
+        "blk.0.attn_output.bias": biases["o_proj"],
+    }
     tiny = write_tiny_llama(tmp_path / "bias.gguf", spec, extra_tensors=stored)
     expected = dict(tiny.expected)
     expected.update({f"model.layers.0.self_attn.{k}.bias": v for k, v in biases.items()})
@@ -231,19 +261,28 @@ def test_attention_biases_are_unpermuted_too(tmp_path):
     tokens = torch.tensor([[1, 300, 5, 310, 2]])
     positions = torch.arange(5)[None]
     with torch.inference_mode():
-        torch.testing.assert_close(loaded.model(tokens, positions),
-                                   reference(input_ids=tokens, position_ids=positions).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            loaded.model(tokens, positions),
+            reference(input_ids=tokens, position_ids=positions).logits,
+            rtol=1e-4,
+            atol=1e-4,
+        )
 
 
 def test_end_of_generation_ids(tmp_path):
-    tiny = write_tiny_llama(tmp_path / "eot.gguf", TinySpec(layers=1), reference=False, metadata={
-        "tokenizer.ggml.eot_token_id": 5, "tokenizer.ggml.padding_token_id": 0xFFFFFFFF})
+    tiny = write_tiny_llama(
+        tmp_path / "eot.gguf",
+        TinySpec(layers=1),
+        reference=False,
+        metadata={"tokenizer.ggml.eot_token_id": 5, "tokenizer.ggml.padding_token_id": 0xFFFFFFFF},
+    )
     checkpoint = open_checkpoint(tiny.path)
     assert checkpoint.generation_json == {"bos_token_id": 1, "eos_token_id": [2, 5]}
     assert (checkpoint.config.eos_token_id, checkpoint.config.pad_token_id) == (2, None)
 
 
 # ---- rope scaling ------------------------------------------------------------------------------
+
 
 def llama_cpp_rope_factors(head_dim: int, theta: float, factor: float, low: float, high: float, old: int):
     """conversion/llama.py's generate_extra_tensors: the rope_freqs.weight llama.cpp writes."""
@@ -266,7 +305,10 @@ def llama_cpp_rope_factors(head_dim: int, theta: float, factor: float, low: floa
 def test_llama3_rope_scaling_recovered_from_rope_freqs(head_dim, factor):
     factors = llama_cpp_rope_factors(head_dim, 500000.0, factor, 1.0, 4.0, 8192)
     assert llama3_rope_scaling(factors, head_dim, 500000.0, "f.gguf") == {
-        "rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192,
     }
     assert llama3_rope_scaling(np.ones(head_dim // 2), head_dim, 500000.0, "f.gguf") is None
@@ -285,17 +327,26 @@ def test_llama3_rope_freqs_tensor_matches_transformers(tmp_path):
     tokens = torch.arange(3, 203)[None] % 320  # [1, 200], past the old context
     positions = torch.arange(200)[None]
     with torch.inference_mode():
-        torch.testing.assert_close(loaded.model(tokens, positions),
-                                   reference(input_ids=tokens, position_ids=positions).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            loaded.model(tokens, positions),
+            reference(input_ids=tokens, position_ids=positions).logits,
+            rtol=1e-4,
+            atol=1e-4,
+        )
 
 
 def test_linear_rope_scaling_from_metadata(tmp_path):
-    tiny = write_tiny_llama(tmp_path / "lin.gguf", TinySpec(layers=1), reference=False, metadata={
-        "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.0})
+    tiny = write_tiny_llama(
+        tmp_path / "lin.gguf",
+        TinySpec(layers=1),
+        reference=False,
+        metadata={"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.0},
+    )
     assert open_checkpoint(tiny.path).config.rope_scaling == {"rope_type": "linear", "factor": 2.0}
 
 
 # ---- the tokenizer in the metadata -------------------------------------------------------------
+
 
 def test_tokenizer_from_tiny_gguf(tiny):
     tokenizer = open_checkpoint(tiny.path).tokenizer_factory()
@@ -309,27 +360,42 @@ def test_tokenizer_from_tiny_gguf(tiny):
 
 def test_vocabulary_only_gguf_is_a_tokenizer_not_a_model(tmp_path):
     tokens, scores, types = tiny_vocabulary()
-    path = write_vocab_gguf(tmp_path / "vocab.gguf", {
-        "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
-        "tokenizer.ggml.token_type": types, "tokenizer.ggml.add_bos_token": False,
-    })
+    path = write_vocab_gguf(
+        tmp_path / "vocab.gguf",
+        {
+            "tokenizer.ggml.model": "llama",
+            "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.scores": scores,
+            "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.add_bos_token": False,
+        },
+    )
     with pytest.raises(LlamascopeError, match="no tensors"):
         open_checkpoint(path)
     tokenizer = Tokenizer.from_file(path)
     assert tokenizer.encode("the") == [316] and tokenizer.bos_token == "<s>" and not tokenizer.adds_bos
 
 
-@pytest.mark.parametrize("keys, message", [
-    ({"tokenizer.ggml.model": "bert"}, "'tokenizer.ggml.model' = 'bert'"),
-    ({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "mystery", "tokenizer.ggml.merges": ["a b"]},
-     "'tokenizer.ggml.pre' = 'mystery'"),
-    ({"tokenizer.ggml.bos_token_id": 5000}, "'tokenizer.ggml.bos_token_id' = 5000"),
-    ({"tokenizer.ggml.scores": [0.0]}, "'tokenizer.ggml.scores' has 1 entries"),
-])
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        ({"tokenizer.ggml.model": "bert"}, "'tokenizer.ggml.model' = 'bert'"),
+        (
+            {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "mystery", "tokenizer.ggml.merges": ["a b"]},
+            "'tokenizer.ggml.pre' = 'mystery'",
+        ),
+        ({"tokenizer.ggml.bos_token_id": 5000}, "'tokenizer.ggml.bos_token_id' = 5000"),
+        ({"tokenizer.ggml.scores": [0.0]}, "'tokenizer.ggml.scores' has 1 entries"),
+    ],
+)
 def test_bad_tokenizer_metadata(tmp_path, keys, message):
     tokens, scores, types = tiny_vocabulary()
-    base = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
-            "tokenizer.ggml.token_type": types}
+    base = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": scores,
+        "tokenizer.ggml.token_type": types,
+    }
     path = write_vocab_gguf(tmp_path / "bad.gguf", {**base, **keys})
     with pytest.raises(LlamascopeError) as error:
         Tokenizer.from_file(path)
@@ -337,6 +403,7 @@ def test_bad_tokenizer_metadata(tmp_path, keys, message):
 
 
 # ---- files that are not right ------------------------------------------------------------------
+
 
 def _error(path) -> str:
     with pytest.raises(LlamascopeError) as error:
@@ -363,8 +430,9 @@ def test_wrong_magic_and_empty_file(tiny, tmp_path):
 
 
 def test_unsupported_tensor_type(tmp_path):
-    tiny = write_tiny_llama(tmp_path / "iq4.gguf", TinySpec(layers=1), types={"blk.0.ffn_up.weight": "IQ4_NL"},
-                            reference=False)
+    tiny = write_tiny_llama(
+        tmp_path / "iq4.gguf", TinySpec(layers=1), types={"blk.0.ffn_up.weight": "IQ4_NL"}, reference=False
+    )
     message = _error(tiny.path)
     assert "'blk.0.ffn_up.weight'" in message and "IQ4_NL" in message
 
@@ -374,25 +442,31 @@ def test_unsupported_architecture(tmp_path):
     assert "general.architecture = 'gpt2'" in _error(tiny.path)
 
 
-@pytest.mark.parametrize("metadata, drop, expected", [
-    ({"llama.attention.head_count_kv": 4}, (), "'blk.0.attn_k.weight' has shape [128, 256]"),
-    ({"llama.feed_forward_length": 500}, (), "feed_forward_length"),
-    ({"llama.embedding_length": None}, (), "missing metadata key 'llama.embedding_length'"),
-    ({"llama.vocab_size": 321}, (), "'llama.vocab_size' says 321 tokens"),
-    ({"llama.block_count": 2}, ("blk.1.ffn_up.weight",), "missing tensor 'blk.1.ffn_up.weight'"),
-    ({"llama.block_count": 1}, (), "unexpected tensor 'blk.1."),
-    ({"llama.rope.scaling.type": "yarn"}, (), "'llama.rope.scaling.type' = 'yarn'"),
-    ({"llama.attention.head_count": 3}, (), "'llama.attention.head_count' = 3 is not a multiple"),
-])
+@pytest.mark.parametrize(
+    "metadata, drop, expected",
+    [
+        ({"llama.attention.head_count_kv": 4}, (), "'blk.0.attn_k.weight' has shape [128, 256]"),
+        ({"llama.feed_forward_length": 500}, (), "feed_forward_length"),
+        ({"llama.embedding_length": None}, (), "missing metadata key 'llama.embedding_length'"),
+        ({"llama.vocab_size": 321}, (), "'llama.vocab_size' says 321 tokens"),
+        ({"llama.block_count": 2}, ("blk.1.ffn_up.weight",), "missing tensor 'blk.1.ffn_up.weight'"),
+        ({"llama.block_count": 1}, (), "unexpected tensor 'blk.1."),
+        ({"llama.rope.scaling.type": "yarn"}, (), "'llama.rope.scaling.type' = 'yarn'"),
+        ({"llama.attention.head_count": 3}, (), "'llama.attention.head_count' = 3 is not a multiple"),
+    ],
+)
 def test_metadata_contradicting_tensors(tmp_path, metadata, drop, expected):
     tiny = write_tiny_llama(tmp_path / "bad.gguf", TinySpec(), metadata=metadata, drop=drop, reference=False)
     assert expected in _error(tiny.path)
 
 
 def test_unknown_tensor_is_named(tmp_path):
-    tiny = write_tiny_llama(tmp_path / "moe.gguf", TinySpec(layers=1),
-                            extra_tensors={"blk.0.ffn_gate_exps.weight": np.zeros((4, 32), np.float32)},
-                            reference=False)
+    tiny = write_tiny_llama(
+        tmp_path / "moe.gguf",
+        TinySpec(layers=1),
+        extra_tensors={"blk.0.ffn_gate_exps.weight": np.zeros((4, 32), np.float32)},
+        reference=False,
+    )
     assert "unexpected tensor 'blk.0.ffn_gate_exps.weight'" in _error(tiny.path)
 
 
@@ -477,8 +551,8 @@ def test_q5_0_is_kept_as_q8_0_and_q5_1_is_dequantised(tmp_path):
         blocks = source.read_blocks()  # Q8_0: 34 bytes a block
         assert source.blocks_type == "Q8_0" and blocks.shape == (expected.shape[0], expected.shape[1] // 32 * 34)
         heads_rows = 64  # the tiny model's head_dim: Q/K row slices are whole heads
-        assert torch.equal(source.read_blocks_slice(0, heads_rows, 2 * heads_rows), blocks[heads_rows:2 * heads_rows])
-        assert torch.equal(source.read_blocks_slice(1, 64, 192), blocks[:, 2 * 34:6 * 34])
+        assert torch.equal(source.read_blocks_slice(0, heads_rows, 2 * heads_rows), blocks[heads_rows : 2 * heads_rows])
+        assert torch.equal(source.read_blocks_slice(1, 64, 192), blocks[:, 2 * 34 : 6 * 34])
         if any(part in name for part in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
             continue  # fused: checked through the fused layer below
         module = model.get_submodule(name.removesuffix(".weight"))

@@ -71,7 +71,10 @@ def test_header_matches_gguf_reader(tmp_path, endian, alignment):
         assert mine.tensor_type == reference.tensor_type
         assert mine.shape == tuple(int(d) for d in reference.shape)
         assert (mine.n_elements, mine.n_bytes, mine.data_offset) == (
-            reference.n_elements, reference.n_bytes, reference.data_offset)
+            reference.n_elements,
+            reference.n_bytes,
+            reference.data_offset,
+        )
         assert mine.data.shape == reference.data.shape and mine.data.dtype == reference.data.dtype
         assert np.array_equal(mine.data, reference.data)
     assert {t.name: t.data.shape for t in ours.tensors}["q4k"] == (2, 288)
@@ -83,11 +86,18 @@ def test_default_model_header_matches_gguf_reader():
     """The real 49152-token vocabulary and merges, read both ways."""
     path = default_model_path()
     ours, theirs = GGUFFile(path), gguf.GGUFReader(str(path))
-    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
-                "general.architecture", "llama.rope.freq_base", "tokenizer.chat_template"):
+    for key in (
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.token_type",
+        "general.architecture",
+        "llama.rope.freq_base",
+        "tokenizer.chat_template",
+    ):
         assert ours.fields[key].contents() == theirs.fields[key].contents(), key
     assert [(t.name, t.data_offset, t.n_bytes) for t in ours.tensors] == [
-        (t.name, int(t.data_offset), int(t.n_bytes)) for t in theirs.tensors]
+        (t.name, int(t.data_offset), int(t.n_bytes)) for t in theirs.tensors
+    ]
 
 
 def test_damaged_headers(tmp_path):

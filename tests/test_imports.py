@@ -29,7 +29,7 @@ def _imported(module: str, path: Path, node: ast.Import | ast.ImportFrom, module
     else:
         base = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
         if node.level:
-            base = base[:len(base) - node.level + 1]
+            base = base[: len(base) - node.level + 1]
             prefix = ".".join(base + ([node.module] if node.module else []))
         else:
             prefix = node.module or ""
@@ -70,7 +70,7 @@ def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
         path.append(module)
         for other in sorted(graph[module]):
             if state.get(other) == "open":
-                circles.append(path[path.index(other):] + [other])
+                circles.append(path[path.index(other) :] + [other])
             elif other not in state:
                 visit(other)
         path.pop()
@@ -85,7 +85,8 @@ def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_package_has_no_import_circles():
     graph, _ = _graph()
     assert len(graph) > 30 and "llamascope.loading.load" in graph["llamascope.engine"] | {
-        m for deps in graph.values() for m in deps}
+        m for deps in graph.values() for m in deps
+    }
     assert _circles(graph) == []
 
 

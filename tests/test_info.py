@@ -11,9 +11,9 @@ import struct
 
 import pytest
 import torch
+from conftest import rewrite_json
 from rich.console import Console
 
-from conftest import rewrite_json
 from llamascope.cache import KVCache
 from llamascope.cli import main
 from llamascope.generation import generate
@@ -157,8 +157,17 @@ def test_default_gguf_model():
     assert {"Q4_1", "Q8_0", "F32"} <= set(info.tensor_types)
     # transformers' model for this architecture (built without weights) has the same parameters.
     rows = {key: value for key, value, _ in info.config_rows}
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "max_position_embeddings", "tie_word_embeddings")
+    keys = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+    )
     with torch.device("meta"):
         reference = LlamaForCausalLM(LlamaConfig(**{k: rows[k] for k in keys}))
     assert info.total_parameters == sum(p.numel() for p in reference.parameters()) == 134_515_008
@@ -167,6 +176,7 @@ def test_default_gguf_model():
 
 
 # ---- logging ------------------------------------------------------------------------------------
+
 
 def test_debug_log_has_one_record_per_stage_per_step(tiny_model, caplog):
     loaded = load_model(tiny_model)

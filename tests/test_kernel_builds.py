@@ -50,11 +50,14 @@ def test_avx2_library_has_no_avx512_instructions(tmp_path):
     """What an AVX2-only CPU would fault on: zmm registers, mask registers, EVEX-only operations."""
     library = tmp_path / "kernels-avx2.so"
     kernels.compile_library(library, kernels.build_flags("avx2"))
-    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(library)], capture_output=True, text=True,
-                             check=True).stdout
+    listing = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", str(library)], capture_output=True, text=True, check=True
+    ).stdout
     assert "vfmadd" in listing and "vpmaddubsw" in listing  # (it is the kernels' code)
-    avx512 = re.compile(r"%zmm|%k[0-7]|%[xy]mm(1[6-9]|2[0-9]|3[01])\b|vpmovu?s?[dq][bw]\b|vinserti32x4|vpermi2|\{%k|vpdpbusd|vdpbf16ps|vcvtneps2bf16|vscalef|vrndscale|vpternlog|vpmov\w*2m|"
-                        r"vpermt2|vpcompress|vexpand|vmovdqu(8|16|32|64)|vmovdqa(32|64)|vbroadcast[if](32x|64x)")
+    avx512 = re.compile(
+        r"%zmm|%k[0-7]|%[xy]mm(1[6-9]|2[0-9]|3[01])\b|vpmovu?s?[dq][bw]\b|vinserti32x4|vpermi2|\{%k|vpdpbusd|vdpbf16ps|vcvtneps2bf16|vscalef|vrndscale|vpternlog|vpmov\w*2m|"
+        r"vpermt2|vpcompress|vexpand|vmovdqu(8|16|32|64)|vmovdqa(32|64)|vbroadcast[if](32x|64x)"
+    )
     found = sorted({m.group(0) for m in avx512.finditer(listing)})
     assert not found, f"AVX-512 in the avx2 build: {found}"
     default = tmp_path / "kernels-avx512.so"
@@ -63,8 +66,10 @@ def test_avx2_library_has_no_avx512_instructions(tmp_path):
     assert avx512.search(subprocess.run(["objdump", "-d", str(default)], capture_output=True, text=True).stdout)
 
 
-@pytest.mark.skipif(not kernels.cpu_has("avx512_bf16") or not kernels.cpu_supported("avx512"),
-                    reason="compares against AVX512-BF16's instructions")
+@pytest.mark.skipif(
+    not kernels.cpu_has("avx512_bf16") or not kernels.cpu_supported("avx512"),
+    reason="compares against AVX512-BF16's instructions",
+)
 def test_avx512_without_bf16_gives_the_bf16_instructions_numbers(tmp_path):
     """An AVX-512 CPU without AVX512-BF16 (Ice Lake, Cascade Lake) gets an avx512 build without
     -mavx512bf16: its bfloat16 products as float32 FMAs and its bfloat16 rounding by integer
@@ -81,7 +86,9 @@ def test_avx512_without_bf16_gives_the_bf16_instructions_numbers(tmp_path):
         kernels.compile_library(path, kernels.BUILDS["avx512"][1] + extra)
         libraries[name] = kernels.bind(ctypes.CDLL(str(path)))
     if shutil.which("objdump"):
-        listing = subprocess.run(["objdump", "-d", str(tmp_path / "emulated.so")], capture_output=True, text=True).stdout
+        listing = subprocess.run(
+            ["objdump", "-d", str(tmp_path / "emulated.so")], capture_output=True, text=True
+        ).stdout
         assert "vdpbf16ps" not in listing and "vcvtneps2bf16" not in listing
     torch.manual_seed(0)
     N, K, T = 37, 320, 3
@@ -110,11 +117,21 @@ def test_avx2_build_passes_the_kernel_tests():
     env = dict(os.environ, LLAMASCOPE_KERNELS="avx2")
     env.pop("LLAMASCOPE_NO_KERNELS", None)
     files = ["test_quant.py", "test_decode_step.py", "test_sampling.py", "test_parity.py", "test_gguf.py"]
-    probe = subprocess.run([sys.executable, "-c", "from llamascope import kernels; print(kernels.load().build)"],
-                           env=env, capture_output=True, text=True, timeout=300)
+    probe = subprocess.run(
+        [sys.executable, "-c", "from llamascope import kernels; print(kernels.load().build)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert probe.stdout.strip() == "avx2", probe.stderr
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                          *(str(TESTS / f) for f in files)], env=env, capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *(str(TESTS / f) for f in files)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     tail = "\n".join(run.stdout.splitlines()[-25:])
     assert run.returncode == 0, tail
     assert re.search(r"\d+ passed", tail) and " failed" not in tail
@@ -160,8 +177,9 @@ def test_avx2_build_gives_the_avx512_numbers_for_k_quants(tmp_path):
 
 def _prefetches_by_product_function(library: Path, product: str) -> dict[str, tuple[int, int]]:
     """function -> (8-bit product instructions, prefetch instructions) in the library's listing."""
-    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(library)], capture_output=True, text=True,
-                             check=True).stdout
+    listing = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", str(library)], capture_output=True, text=True, check=True
+    ).stdout
     counts: dict[str, list[int]] = {}
     function = None
     for line in listing.splitlines():
@@ -189,8 +207,11 @@ def test_block_kernels_keep_their_weight_prefetches(tmp_path, build):
     kernels.compile_library(library, kernels.build_flags(build))
     product = "vpdpbusd" if build == "avx512" else "vpmaddubsw"
     activations_only = {"q8_corrections"}  # (products of the activations with a constant: no weights read)
-    functions = {name: counts for name, counts in _prefetches_by_product_function(library, product).items()
-                 if counts[0] > 1 and name.split(".")[0] not in activations_only}
+    functions = {
+        name: counts
+        for name, counts in _prefetches_by_product_function(library, product).items()
+        if counts[0] > 1 and name.split(".")[0] not in activations_only
+    }
     assert len(functions) >= 3, functions  # (the listing does hold the block kernels)
     missing = sorted(name for name, (_, prefetches) in functions.items() if prefetches == 0)
     assert not missing, f"block kernels that no longer prefetch their weights: {missing}"

@@ -18,8 +18,14 @@ from llamascope.formats import KEPT_FORMATS
 from llamascope.layers import LAYOUTS
 
 # C type (a value, not a pointer) -> its ctypes type; "void" only as a return type
-CTYPES = {"void": None, "int": ctypes.c_int, "int64_t": ctypes.c_int64, "float": ctypes.c_float,
-          "uint8_t": ctypes.c_uint8, "uint16_t": ctypes.c_uint16}
+CTYPES = {
+    "void": None,
+    "int": ctypes.c_int,
+    "int64_t": ctypes.c_int64,
+    "float": ctypes.c_float,
+    "uint8_t": ctypes.c_uint8,
+    "uint16_t": ctypes.c_uint16,
+}
 POINTER = "pointer"  # every pointer crosses as a c_void_p
 
 
@@ -93,7 +99,8 @@ def test_the_parser_reads_each_kind_of_declaration():
 
 def test_the_header_declares_the_kernels(prototypes):
     assert prototypes["decode_step_f32"] == Prototype(
-        "decode_step_f32", True, "int", (POINTER, "int", *[POINTER] * 7, "int", POINTER, "int"))
+        "decode_step_f32", True, "int", (POINTER, "int", *[POINTER] * 7, "int", POINTER, "int")
+    )
     assert not prototypes["quantize_act_q8"].python  # (called only from gemv.c and kquant.c)
 
 
@@ -143,8 +150,11 @@ def test_the_enums_read_from_the_header():
 def test_the_decode_step_structs_mirror_the_header():
     """decode_step.py's ctypes structs have kernels.h's fields, in its order."""
     text = re.sub(r"/\*.*?\*/", "", kernels.HEADER.read_text(), flags=re.DOTALL)
-    for struct, mirror in (("ls_linear_t", decode_step._Linear), ("ls_layer_t", decode_step._Layer),
-                           ("ls_stack_t", decode_step._Stack)):
+    for struct, mirror in (
+        ("ls_linear_t", decode_step._Linear),
+        ("ls_layer_t", decode_step._Layer),
+        ("ls_stack_t", decode_step._Stack),
+    ):
         body = re.search(r"typedef struct \{([^{}]*)\}\s*" + struct + ";", text).group(1)
         names = []
         for declaration in filter(None, (part.strip() for part in body.split(";"))):
@@ -170,8 +180,9 @@ def test_the_header_is_part_of_the_build():
     assert "-Wmissing-prototypes" in kernels.BUILDS["avx2"][1] and "-Wmissing-prototypes" in kernels.BUILDS["avx512"][1]
 
 
-@pytest.mark.parametrize("build, extra", [("avx512", ["-mavx512bf16"]), ("avx512", []), ("avx2", [])],
-                         ids=["avx512-bf16", "avx512", "avx2"])
+@pytest.mark.parametrize(
+    "build, extra", [("avx512", ["-mavx512bf16"]), ("avx512", []), ("avx2", [])], ids=["avx512-bf16", "avx512", "avx2"]
+)
 def test_each_build_compiles_without_warnings(tmp_path, build, extra):
     """-Wall -Wextra and -Wmissing-prototypes (an exported function kernels.h does not declare) as errors."""
     kernels.compile_library(tmp_path / "kernels.so", kernels.BUILDS[build][1] + extra + ["-Werror"])
@@ -189,7 +200,11 @@ def test_the_loaded_library_has_every_declared_function(prototypes):
 @needs_library
 @pytest.mark.skipif(shutil.which("nm") is None, reason="needs nm")
 def test_the_library_exports_exactly_the_declared_functions(prototypes):
-    listing = subprocess.run(["nm", "-D", "--defined-only", str(kernels.library_path(kernels.load().build))],
-                             capture_output=True, text=True, check=True).stdout
+    listing = subprocess.run(
+        ["nm", "-D", "--defined-only", str(kernels.library_path(kernels.load().build))],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     exported = {fields[2] for fields in map(str.split, listing.splitlines()) if len(fields) == 3 and fields[1] == "T"}
     assert exported == set(prototypes)

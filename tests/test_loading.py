@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_model, rewrite_json
+
 from llamascope.config import GenerationConfig, ModelConfig
 from llamascope.errors import LlamascopeError
 from llamascope.generation import generate
@@ -25,6 +25,7 @@ def copy_model(src: Path, dst: Path) -> Path:
 
 
 # ---- configs --------------------------------------------------------------------------------
+
 
 def test_transformers_4_layout_equals_5_layout(model_factory, tmp_path):
     """rope_theta + rope_scaling (4.x) and rope_parameters (5.x) describe the same model."""
@@ -44,9 +45,18 @@ def test_transformers_4_layout_equals_5_layout(model_factory, tmp_path):
 
 
 def test_old_style_rope_type_key_and_unknown_keys_kept():
-    config = ModelConfig.from_dict({"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
-                                    "num_hidden_layers": 1, "num_attention_heads": 2,
-                                    "rope_scaling": {"type": "linear", "factor": 4.0}, "my_custom_key": 7})
+    config = ModelConfig.from_dict(
+        {
+            "model_type": "llama",
+            "vocab_size": 10,
+            "hidden_size": 8,
+            "intermediate_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "rope_scaling": {"type": "linear", "factor": 4.0},
+            "my_custom_key": 7,
+        }
+    )
     assert config.rope_type == "linear"
     assert config.extra["my_custom_key"] == 7
     assert config.num_key_value_heads == 2 and config.head_dim == 4
@@ -74,19 +84,36 @@ def test_every_rope_type_has_its_frequencies_and_its_required_keys():
 
     assert set(ROPE_INIT) == set(ROPE_TYPES)
     with pytest.raises(LlamascopeError, match="rope_scaling of type 'llama3' needs key 'low_freq_factor'"):
-        ModelConfig.from_dict({"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
-                               "num_hidden_layers": 1, "num_attention_heads": 2,
-                               "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+        ModelConfig.from_dict(
+            {
+                "model_type": "llama",
+                "vocab_size": 10,
+                "hidden_size": 8,
+                "intermediate_size": 16,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "rope_scaling": {"rope_type": "llama3", "factor": 8.0},
+            }
+        )
 
 
 def test_unknown_rope_type_refused():
     with pytest.raises(LlamascopeError, match="rope_type 'mystery' is not supported"):
-        ModelConfig.from_dict({"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
-                               "num_hidden_layers": 1, "num_attention_heads": 2,
-                               "rope_scaling": {"rope_type": "mystery", "factor": 2}})
+        ModelConfig.from_dict(
+            {
+                "model_type": "llama",
+                "vocab_size": 10,
+                "hidden_size": 8,
+                "intermediate_size": 16,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "rope_scaling": {"rope_type": "mystery", "factor": 2},
+            }
+        )
 
 
 # ---- generation settings precedence ------------------------------------------------------------
+
 
 def test_generation_config_precedence(tiny_model):
     config = ModelConfig.from_file(tiny_model / "config.json")
@@ -116,6 +143,7 @@ def test_max_length_from_generation_config_is_obeyed(tiny_model, tmp_path):
 
 
 # ---- weights ---------------------------------------------------------------------------------
+
 
 def test_dtype_choice(tiny_model):
     assert load_model(tiny_model).model.dtype == torch.float32
@@ -166,7 +194,9 @@ def test_wrong_shape_missing_and_extra_tensors(tiny_model, tmp_path):
     bad = dict(state)
     bad["model.layers.1.mlp.up_proj.weight"] = torch.zeros(3, 3)
     save_file(bad, path)
-    with pytest.raises(LlamascopeError, match=r"'model.layers.1.mlp.up_proj.weight' has shape \[3, 3\], expected \[160, 64\]"):
+    with pytest.raises(
+        LlamascopeError, match=r"'model.layers.1.mlp.up_proj.weight' has shape \[3, 3\], expected \[160, 64\]"
+    ):
         load_model(folder)
     bad = dict(state)
     del bad["model.norm.weight"]
@@ -234,8 +264,12 @@ print(before, peak, tensor_bytes(loaded.model))
 
 def _load_growth(model: Path, dtype: str, warm_up: Path, quant: str = "") -> tuple[int, int]:
     """-> (peak RSS growth while loading `model`, its weight bytes), in a fresh process."""
-    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(model), dtype, str(warm_up), quant],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, str(model), dtype, str(warm_up), quant],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     before, peak, weights = map(int, out.stdout.split())
     return peak - before, weights
 
@@ -245,8 +279,16 @@ def _load_growth(model: Path, dtype: str, warm_up: Path, quant: str = "") -> tup
 def test_peak_rss_after_load_near_weight_bytes(tmp_path_factory, tiny_model, dtype):
     """A few hundred MB of weights: loading holds little beside them."""
     folder = tmp_path_factory.mktemp("big")
-    make_model(folder, hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=8,
-               num_key_value_heads=8, vocab_size=32000, shard_size="100MB")
+    make_model(
+        folder,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=12,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        shard_size="100MB",
+    )
     growth, weights = _load_growth(folder, dtype, tiny_model)
     assert weights > 100e6 if dtype == "float32" else weights > 50e6
     # Measured 1.02x and 1.22x. bfloat16 from float32 files: one 32 MB conversion slice
@@ -262,8 +304,15 @@ def test_quantising_while_loading_never_holds_the_float_model(tmp_path_factory, 
     """--quant quantises each matrix from slices of its rows as it is read: loading 296 MB of
     float32 weights grows by about the quantised weights, not by the float model."""
     folder = tmp_path_factory.mktemp("big-quant")
-    make_model(folder, hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=8,
-               num_key_value_heads=8, vocab_size=32000)
+    make_model(
+        folder,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=12,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=32000,
+    )
     growth, weights = _load_growth(folder, "float32", tiny_model, quant)
     assert weights < 0.3 * 296e6  # quantised, the embedding included
     # Measured 1.10x (int8) and 1.16x (int4: its rows repacked for the kernel). Quantising after
@@ -297,8 +346,7 @@ def test_gguf_loads_without_a_second_copy(tmp_path, qtype):
 
 
 @pytest.mark.parametrize("source", ["safetensors", "bin", "gguf"])
-def test_converting_a_large_tensor_slice_by_slice_gives_the_same_weights(model_factory, tmp_path, monkeypatch,
-                                                                         source):
+def test_converting_a_large_tensor_slice_by_slice_gives_the_same_weights(model_factory, tmp_path, monkeypatch, source):
     """A tensor that changes type on loading and is larger than CONVERT_CHUNK_BYTES is read in
     slices of rows straight into the result; with a tiny chunk size every weight goes that way
     (rows not dividing evenly included), and the model equals one loaded whole-tensor."""
@@ -316,8 +364,7 @@ def test_converting_a_large_tensor_slice_by_slice_gives_the_same_weights(model_f
     reads = []
     monkeypatch.setattr(build, "CONVERT_CHUNK_BYTES", 1000)
     original = TensorSource.read_slice
-    monkeypatch.setattr(TensorSource, "read_slice",
-                        lambda self, *a: reads.append(a) or original(self, *a))
+    monkeypatch.setattr(TensorSource, "read_slice", lambda self, *a: reads.append(a) or original(self, *a))
     sliced = load_model(path, dtype="bfloat16").model.state_dict()
     assert len(reads) > 2 * len(whole)  # the slice route was taken, several slices per tensor
     assert whole.keys() == sliced.keys()
@@ -331,8 +378,9 @@ def test_quantising_a_gguf_while_loading_reads_whole_heads(tmp_path, monkeypatch
     """--quant on a GGUF: each matrix is read in slices of whole heads (q and k rows are stored in
     llama.cpp's order within a head; a slice cutting a head fell back to reading and dequantising
     the whole matrix), and the blocks are those of quantising the float model after loading."""
-    import llamascope.loading.build as build_module
     from gguf_fixtures import write_tiny_llama
+
+    import llamascope.loading.build as build_module
     from llamascope.layers import QuantLinear, quantize_model
     from llamascope.loading.gguf import GGUFWeight
 
@@ -361,7 +409,7 @@ def _thp_eligible(address: int) -> bool:
         if "-" in head and all(c in "0123456789abcdef-" for c in head):
             start, end = (int(x, 16) for x in head.split("-"))
             if start <= address < end:
-                for entry in lines[i + 1:]:
+                for entry in lines[i + 1 :]:
                     if entry.startswith("THPeligible:"):
                         return entry.split()[1] == "1"
     raise AssertionError(f"no mapping holds {address:#x}")
@@ -399,8 +447,10 @@ def test_huge_pages_move_large_weights_and_keep_every_number(model_factory, monk
     for name, tensor in plain.state_dict().items():
         assert torch.equal(tensor, moved.state_dict()[name]), name
     prompt = [1, 17, 42, 99, 7]
-    assert generate(moved, prompt, max_new_tokens=16, eos_token_id=[]).output_ids == \
-        generate(plain, prompt, max_new_tokens=16, eos_token_id=[]).output_ids
+    assert (
+        generate(moved, prompt, max_new_tokens=16, eos_token_id=[]).output_ids
+        == generate(plain, prompt, max_new_tokens=16, eos_token_id=[]).output_ids
+    )
 
 
 def test_huge_pages_after_load_rebuild_the_decode_step(model_factory, monkeypatch):

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from gguf_fixtures import TinySpec, write_tiny_llama
+from parallel_worker import run_model
 
 from llamascope import cli
 from llamascope.errors import LlamascopeError
 from llamascope.loading import load_model, open_checkpoint
 from llamascope.loading.tensorfiles import SafetensorsFile
 from llamascope.parallel import ParallelGroup, init_from_env, shard_plan, split
-from gguf_fixtures import TinySpec, write_tiny_llama
-from parallel_worker import run_model
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 TOLERANCE = 1e-4  # float32 logits: max abs difference from the single-process model
@@ -44,8 +44,15 @@ MODELS = {
     "tp_gqa": dict(num_attention_heads=4, num_key_value_heads=2),
     "tp_gqa8": dict(num_attention_heads=8, num_key_value_heads=4),
     # Tied head, biases, and vocabulary / MLP sizes that do not divide evenly by 2 or 4.
-    "tp_tied_bias": dict(num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True,
-                         attention_bias=True, mlp_bias=True, intermediate_size=150, vocab_size=321),
+    "tp_tied_bias": dict(
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        mlp_bias=True,
+        intermediate_size=150,
+        vocab_size=321,
+    ),
 }
 # GGUF files (gguf_fixtures.write_tiny_llama), Q/K rows permuted as llama.cpp does: every stored
 # type (the kept Q8_0 / Q4_0 / Q4_1 blocks among them); all Q8_0, with its own LM head or tied to
@@ -57,14 +64,23 @@ GGUF_MODELS = {
     # Every supported type (K-quants on most projections): wide enough that each rank's share of a
     # row-parallel layer's input is whole 256-weight super-blocks, so K-quant layers stay kept.
     GGUF: dict(spec=TinySpec(hidden=512, intermediate=1024, heads=8, kv_heads=4)),
-    "tp_gguf_q8": dict(types={"output.weight": "Q8_0", **{f"blk.{n}.{p}.weight": "Q8_0"
-                                                           for n in range(2) for p in PROJECTIONS}}),
-    "tp_gguf_q8_tied": dict(spec=TinySpec(tied=True), types={f"blk.{n}.{p}.weight": "Q8_0"
-                                                               for n in range(2) for p in PROJECTIONS}),
-    "tp_gguf_q4": dict(spec=TinySpec(tied=True), types={
-        "token_embd.weight": "Q4_0",
-        **{f"blk.{n}.{p}.weight": ("Q4_0" if (p in ("attn_output", "ffn_down")) == (n == 1) else "Q4_1")
-           for n in range(2) for p in PROJECTIONS}}),
+    "tp_gguf_q8": dict(
+        types={"output.weight": "Q8_0", **{f"blk.{n}.{p}.weight": "Q8_0" for n in range(2) for p in PROJECTIONS}}
+    ),
+    "tp_gguf_q8_tied": dict(
+        spec=TinySpec(tied=True), types={f"blk.{n}.{p}.weight": "Q8_0" for n in range(2) for p in PROJECTIONS}
+    ),
+    "tp_gguf_q4": dict(
+        spec=TinySpec(tied=True),
+        types={
+            "token_embd.weight": "Q4_0",
+            **{
+                f"blk.{n}.{p}.weight": ("Q4_0" if (p in ("attn_output", "ffn_down")) == (n == 1) else "Q4_1")
+                for n in range(2)
+                for p in PROJECTIONS
+            },
+        },
+    ),
 }
 RUNS = {2: ["tp_mha", "tp_gqa", "tp_tied_bias", *GGUF_MODELS], 4: ["tp_mha", "tp_gqa8", "tp_tied_bias"]}
 
@@ -85,6 +101,7 @@ def _folder(model_factory, name: str) -> Path:
 @pytest.fixture(scope="module")
 def model_path(model_factory, tmp_path_factory):
     """name -> a Hugging Face folder (MODELS) or a GGUF file (GGUF_MODELS)."""
+
     def path(name: str) -> Path:
         if name not in GGUF_MODELS:
             return _folder(model_factory, name)
@@ -107,8 +124,9 @@ def tp_results(model_path, tmp_path_factory):
             folders = [str(model_path(name)) for name in RUNS[n]]
             proc = torchrun(n, str(WORKER), "compare", str(out), *folders)
             assert proc.returncode == 0, proc.stderr[-4000:]
-            done[n] = {name: [torch.load(out / f"model{i}.rank{r}.pt") for r in range(n)]
-                       for i, name in enumerate(RUNS[n])}
+            done[n] = {
+                name: [torch.load(out / f"model{i}.rank{r}.pt") for r in range(n)] for i, name in enumerate(RUNS[n])
+            }
         return done[n]
 
     return run
@@ -133,6 +151,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ---- the sharded model computes what the whole model computes ---------------------------------
+
 
 @pytest.mark.parametrize("n, name", [(n, name) for n, names in RUNS.items() for name in names])
 def test_logits_and_greedy_tokens_match_single_process(n, name, tp_results, reference):
@@ -160,19 +179,27 @@ def test_cli_generate_prints_once_and_matches_single_process(model_factory, caps
 
 # ---- each rank reads and holds only its part ---------------------------------------------------
 
+
 def test_each_rank_holds_about_one_nth_of_the_weights(model_factory, tmp_path):
     n = 2
-    folder = model_factory("tp_rss", hidden_size=1024, intermediate_size=2816, num_hidden_layers=3,
-                           num_attention_heads=8, num_key_value_heads=8)  # ~157 MB of float32
+    folder = model_factory(
+        "tp_rss",
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+    )  # ~157 MB of float32
     checkpoint = open_checkpoint(folder)
     total = sum(s.nbytes for s in checkpoint.tensors.values())
     proc = torchrun(n, str(WORKER), "rss", str(tmp_path), str(folder))
     assert proc.returncode == 0, proc.stderr[-4000:]
     for rank in range(n):
         plan = shard_plan(checkpoint.config, rank, n)
-        expected = sum(s.nbytes * (plan[name].stop - plan[name].start) // s.shape[plan[name].dim]
-                       if name in plan else s.nbytes
-                       for name, s in checkpoint.tensors.items())  # this rank's slices + replicated weights
+        expected = sum(
+            s.nbytes * (plan[name].stop - plan[name].start) // s.shape[plan[name].dim] if name in plan else s.nbytes
+            for name, s in checkpoint.tensors.items()
+        )  # this rank's slices + replicated weights
         assert expected < 0.55 * total
         report = json.loads((tmp_path / f"rss.rank{rank}.json").read_text())
         rise = report["after"] - report["before"]  # peak RSS (VmHWM) over loading
@@ -185,8 +212,12 @@ def test_each_rank_holds_about_one_nth_of_the_weights(model_factory, tmp_path):
 def test_safetensors_slices_read_only_their_part(tmp_path):
     from safetensors.torch import save_file
 
-    tensors = {"m": torch.randn(37, 300), "b": torch.randn(1000, 3).to(torch.bfloat16),
-               "v": torch.randn(50), "cube": torch.randn(4, 6, 5)}
+    tensors = {
+        "m": torch.randn(37, 300),
+        "b": torch.randn(1000, 3).to(torch.bfloat16),
+        "v": torch.randn(50),
+        "cube": torch.randn(4, 6, 5),
+    }
     save_file(tensors, tmp_path / "t.safetensors")
     st = SafetensorsFile(tmp_path / "t.safetensors")
     for name, full in tensors.items():
@@ -208,8 +239,14 @@ def test_gguf_slices_match_the_whole_weight(model_path):
         full = source.read()
         for dim in range(full.dim()):
             size = full.shape[dim]
-            cuts = {(0, size), (0, size // 2), (size // 2, size), (size // 4, size // 2), (head_dim, 3 * head_dim),
-                    (1, 3)}
+            cuts = {
+                (0, size),
+                (0, size // 2),
+                (size // 2, size),
+                (size // 4, size // 2),
+                (head_dim, 3 * head_dim),
+                (1, 3),
+            }
             for start, stop in sorted(c for c in cuts if c[1] <= size):
                 got = source.read_slice(dim, start, stop)
                 assert torch.equal(got, full.narrow(dim, start, stop - start)), (name, dim, start, stop)
@@ -232,9 +269,10 @@ def test_gguf_block_slices_match_the_whole_blocks(model_path):
         for start, stop in ((0, rows), (head_dim, min(3 * head_dim, rows)), (rows - head_dim, rows)):
             assert torch.equal(source.read_blocks_slice(0, start, stop), blocks[start:stop]), (name, start, stop)
         for start, stop in ((0, cols), (QK, min(3 * QK, cols)), (cols // 2 // QK * QK, cols)):
-            assert torch.equal(source.read_blocks_slice(1, start, stop),
-                               blocks[:, start // QK * size:stop // QK * size]), (name, start, stop)
-        with pytest.raises(LlamascopeError, match=rf"tensor '.*': columns \[16, 64\) do not fall on"):
+            assert torch.equal(
+                source.read_blocks_slice(1, start, stop), blocks[:, start // QK * size : stop // QK * size]
+            ), (name, start, stop)
+        with pytest.raises(LlamascopeError, match=r"tensor '.*': columns \[16, 64\) do not fall on"):
             source.read_blocks_slice(1, 16, 64)
         if "q_proj" in name or "k_proj" in name:
             with pytest.raises(LlamascopeError, match=r"rows \[1, 64\) are not whole heads"):
@@ -244,6 +282,7 @@ def test_gguf_block_slices_match_the_whole_blocks(model_path):
 
 
 # ---- GGUF blocks stay quantised under tensor parallelism ------------------------------------------
+
 
 def _rank_models(path: Path, n: int = 2) -> list:
     """Each rank's model, loaded in this process (loading needs no process group; the collectives
@@ -293,7 +332,7 @@ def test_gguf_split_layers_compute_the_whole_layers(name, model_path):
                 y = full(x)
                 cuts = torch.cumsum(torch.tensor([0] + [m.in_features for m in locals_]), 0).tolist()
                 total = sum(m(x[..., a:b]) for m, a, b in zip(locals_, cuts, cuts[1:]))
-                bound = (1e-6 if rows == 1 or not isinstance(full, QuantLinear) else 2 ** -7) * float(y.abs().max())
+                bound = (1e-6 if rows == 1 or not isinstance(full, QuantLinear) else 2**-7) * float(y.abs().max())
                 assert _max_diff(total, y) <= bound, (name, layer, module, rows)
     assert kept > 0
     h = torch.randn(1, 1, single.config.hidden_size)
@@ -314,12 +353,13 @@ def _held_bytes(modules) -> int:
 def test_gguf_ranks_read_and_hold_their_own_blocks(name, model_path, monkeypatch):
     """Per-rank weight memory is the replicated part plus 1/N of the rest, the split weights'
     blocks are read as slices (never whole), and the kernels are the quantised ones."""
-    from llamascope.loading import gguf
     from llamascope.layers import QuantLinear
+    from llamascope.loading import gguf
 
     single = load_model(model_path(name)).model
-    replicated = [single.model.embed_tokens, single.model.norm, single.model.rotary_emb] + \
-        [m for layer in single.model.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
+    replicated = [single.model.embed_tokens, single.model.norm, single.model.rotary_emb] + [
+        m for layer in single.model.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)
+    ]
     shared = _held_bytes(replicated)
     split_part = _held_bytes([single]) - shared
     whole_reads: list[str] = []
@@ -332,15 +372,21 @@ def test_gguf_ranks_read_and_hold_their_own_blocks(name, model_path, monkeypatch
 
         monkeypatch.setattr(gguf.GGUFWeight, method, recording)
     ranks = _rank_models(model_path(name))
-    assert set(whole_reads) <= {"token_embd.weight", "output_norm.weight"} | \
-        {f"blk.{n}.{norm}.weight" for n in range(2) for norm in ("attn_norm", "ffn_norm")}, whole_reads
+    assert set(whole_reads) <= {"token_embd.weight", "output_norm.weight"} | {
+        f"blk.{n}.{norm}.weight" for n in range(2) for norm in ("attn_norm", "ffn_norm")
+    }, whole_reads
     for model in ranks:
         assert abs(_held_bytes([model]) - shared - split_part / 2) <= 0.01 * split_part
-        projections = [model.get_submodule(f"model.layers.{n}.{p}") for n in range(2)
-                       for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
-                                 "mlp.up_proj")]
-        projections += [model.get_submodule(f"model.layers.{n}.{p}").local for n in range(2)
-                        for p in ("self_attn.o_proj", "mlp.down_proj")]
+        projections = [
+            model.get_submodule(f"model.layers.{n}.{p}")
+            for n in range(2)
+            for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+        ]
+        projections += [
+            model.get_submodule(f"model.layers.{n}.{p}").local
+            for n in range(2)
+            for p in ("self_attn.o_proj", "mlp.down_proj")
+        ]
         assert all(isinstance(m, QuantLinear) for m in projections + [model.lm_head.local])
 
 
@@ -352,9 +398,12 @@ def test_gguf_row_parallel_layer_off_block_boundaries_is_held_as_float(tmp_path,
     from llamascope.layers import QuantLinear
 
     file = tmp_path / "hd48.gguf"
-    write_tiny_llama(file, TinySpec(hidden=96, intermediate=192, heads=2, kv_heads=2, layers=1),
-                     types={"output.weight": "Q8_0", **{f"blk.0.{p}.weight": "Q8_0" for p in PROJECTIONS}},
-                     reference=False)
+    write_tiny_llama(
+        file,
+        TinySpec(hidden=96, intermediate=192, heads=2, kv_heads=2, layers=1),
+        types={"output.weight": "Q8_0", **{f"blk.0.{p}.weight": "Q8_0" for p in PROJECTIONS}},
+        reference=False,
+    )
     single = load_model(file, quant="none").model
     caplog.set_level(logging.INFO, logger="llamascope")
     ranks = _rank_models(file)
@@ -365,7 +414,7 @@ def test_gguf_row_parallel_layer_off_block_boundaries_is_held_as_float(tmp_path,
         attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
         assert not isinstance(attn.o_proj.local, QuantLinear)
         whole = single.model.layers[0].self_attn.o_proj.weight  # [96, 96] float
-        assert torch.equal(attn.o_proj.local.weight, whole[:, 48 * r:48 * (r + 1)])
+        assert torch.equal(attn.o_proj.local.weight, whole[:, 48 * r : 48 * (r + 1)])
         assert all(isinstance(m, QuantLinear) for m in (attn.q_proj, attn.k_proj, mlp.up_proj, mlp.down_proj.local))
 
 
@@ -375,8 +424,13 @@ def test_mlp_splits_fall_on_k_quant_super_blocks():
     from llamascope.parallel import _granule
 
     assert [_granule(n, parts) for n, parts in ((11008, 2), (5632, 4), (2816, 2), (14336, 8))] == [256] * 4
-    assert [_granule(n, parts) for n, parts in ((1376, 2), (2048 + 32, 2), (256, 2), (48, 2), (100, 2))] == \
-        [32, 32, 32, 1, 1]
+    assert [_granule(n, parts) for n, parts in ((1376, 2), (2048 + 32, 2), (256, 2), (48, 2), (100, 2))] == [
+        32,
+        32,
+        32,
+        1,
+        1,
+    ]
 
 
 def test_split_covers_every_index_once():
@@ -391,6 +445,7 @@ def test_split_covers_every_index_once():
 
 # ---- refusals and failures are quick and clear -------------------------------------------------
 
+
 def test_world_size_that_does_not_divide_the_heads_is_refused_before_loading(model_factory, monkeypatch):
     folder = _folder(model_factory, "tp_gqa")  # 4 heads, 2 KV heads
 
@@ -401,7 +456,9 @@ def test_world_size_that_does_not_divide_the_heads_is_refused_before_loading(mod
     monkeypatch.setattr(SafetensorsFile, "read_slice", no_reading)
     with pytest.raises(LlamascopeError, match=r"num_key_value_heads=2 is not divisible by 4"):
         load_model(folder, parallel=ParallelGroup(rank=0, world_size=4))
-    with pytest.raises(LlamascopeError, match=r"num_attention_heads=4 and num_key_value_heads=2 are not divisible by 3"):
+    with pytest.raises(
+        LlamascopeError, match=r"num_attention_heads=4 and num_key_value_heads=2 are not divisible by 3"
+    ):
         load_model(folder, parallel=ParallelGroup(rank=1, world_size=3))
 
 
@@ -441,8 +498,18 @@ def _wait_for(paths: list[Path], procs, timeout: float) -> list[int]:
 
 def test_killing_one_rank_under_torchrun_ends_the_others(model_factory, tmp_path):
     folder = str(_folder(model_factory, "tp_gqa"))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               str(WORKER), "loop", str(tmp_path), folder, "60"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        str(WORKER),
+        "loop",
+        str(tmp_path),
+        folder,
+        "60",
+    ]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
         pids = _wait_for([tmp_path / "ready.rank0", tmp_path / "ready.rank1"], [proc], 90)
@@ -467,10 +534,23 @@ def _start_ranks(folder: str, out: Path, n: int, timeout_s: float) -> list[subpr
     port = str(_free_port())
     procs = []
     for rank in range(n):
-        env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), "loop", str(out), folder, str(timeout_s)],
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+        env = _env(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(n),
+            LOCAL_WORLD_SIZE=str(n),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(WORKER), "loop", str(out), folder, str(timeout_s)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+        )
     return procs
 
 
@@ -504,8 +584,15 @@ def test_lockstep_messages_round_trip_and_garbage_is_refused():
     pytest.importorskip("fastapi")
     from llamascope.server.lockstep import HEADER, decode_message, encode
 
-    calls = [("start", 4, 256), ("free", 3), ("move", 5, 3), ("prefill", [[1, 2, 3], [4]], [2, 1]),
-             ("decode", [0, 1], [7, 8], [4, 5]), ("release",), ("stop",)]
+    calls = [
+        ("start", 4, 256),
+        ("free", 3),
+        ("move", 5, 3),
+        ("prefill", [[1, 2, 3], [4]], [2, 1]),
+        ("decode", [0, 1], [7, 8], [4, 5]),
+        ("release",),
+        ("stop",),
+    ]
     assert decode_message(encode(calls)) == calls
     assert decode_message(encode([])) == []
     long = [("prefill", [list(range(3 * HEADER)), [5]], [1, 1])]
@@ -530,9 +617,15 @@ def test_lockstep_follower_cache_tracks_rank_0(model_factory, monkeypatch):
     folder = _folder(model_factory, "tp_gqa")
     engine = Engine.load(folder)
     follower = lockstep.Follower(Engine.load(folder).model, ParallelGroup(rank=1, world_size=2))
-    scheduler = Scheduler(engine.model, engine.tokenizer, max_batch=3, max_queue=8, slot_capacity=128,
-                          default_eos=[2], runner=lockstep.leader_runner(ParallelGroup(rank=0, world_size=2,
-                                                                                        timeout_s=0.4)))
+    scheduler = Scheduler(
+        engine.model,
+        engine.tokenizer,
+        max_batch=3,
+        max_queue=8,
+        slot_capacity=128,
+        default_eos=[2],
+        runner=lockstep.leader_runner(ParallelGroup(rank=0, world_size=2, timeout_s=0.4)),
+    )
     seen: list[str] = []
     compared = []
 
@@ -541,7 +634,7 @@ def test_lockstep_follower_cache_tracks_rank_0(model_factory, monkeypatch):
         assert (a.lengths, a.in_use, a.rows, a.columns) == (b.lengths, b.in_use, b.rows, b.columns)
         for slot in (s for s, used in enumerate(a.in_use) if used):
             for mine, theirs in zip(a.keys + a.values, b.keys + b.values):
-                assert torch.equal(mine[slot, :, :a.lengths[slot]], theirs[slot, :, :a.lengths[slot]])
+                assert torch.equal(mine[slot, :, : a.lengths[slot]], theirs[slot, :, : a.lengths[slot]])
 
     def send(calls: list[tuple], group) -> None:
         calls = lockstep.decode_message(lockstep.encode(calls))
@@ -606,8 +699,13 @@ def test_lockstep_failed_model_call_on_rank_0_stops_the_server(model_factory, mo
         raise RuntimeError("boom\n(a long torch explanation)")
 
     monkeypatch.setattr(ModelRunner, "decode", broken)
-    scheduler = Scheduler(engine.model, engine.tokenizer, max_batch=2, slot_capacity=64,
-                          runner=lockstep.leader_runner(ParallelGroup(rank=0, world_size=2)))
+    scheduler = Scheduler(
+        engine.model,
+        engine.tokenizer,
+        max_batch=2,
+        slot_capacity=64,
+        runner=lockstep.leader_runner(ParallelGroup(rank=0, world_size=2)),
+    )
     told = []
     scheduler.on_fatal = told.append
 
@@ -627,15 +725,32 @@ def test_lockstep_failed_model_call_on_rank_0_stops_the_server(model_factory, mo
         assert not scheduler._thread.is_alive()  # the worker stopped by itself
     finally:
         scheduler.stop()
-    assert str(scheduler.error) == ("the server stopped: a model call failed on this rank, so the tensor-parallel "
-                                    "ranks may no longer agree (RuntimeError: boom)")
+    assert str(scheduler.error) == (
+        "the server stopped: a model call failed on this rank, so the tensor-parallel "
+        "ranks may no longer agree (RuntimeError: boom)"
+    )
     assert told == [scheduler.error] and str(scheduler.error) in failed.message
     assert sent[:3] == ["start", "prefill", "decode"] and "stop" not in sent
 
 
 def _serve_args(folder: Path, port: int, timeout_s: float) -> list[str]:
-    return ["-m", "llamascope", "serve", "--tp", "2", "--tp-timeout", str(timeout_s), "--model", str(folder),
-            "--port", str(port), "--served-model-name", "tp", "--max-batch", "4"]
+    return [
+        "-m",
+        "llamascope",
+        "serve",
+        "--tp",
+        "2",
+        "--tp-timeout",
+        str(timeout_s),
+        "--model",
+        str(folder),
+        "--port",
+        str(port),
+        "--served-model-name",
+        "tp",
+        "--max-batch",
+        "4",
+    ]
 
 
 def _wait_for_health(httpx, url: str, procs, timeout: float) -> dict:
@@ -682,9 +797,19 @@ def test_serve_tp_answers_like_one_process_and_stops_on_sigterm(model_factory, t
     url = f"http://127.0.0.1:{port}"
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                                 *_serve_args(folder, port, timeout_s)],
-                                stdout=log_file, stderr=subprocess.STDOUT, env=_env())
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node=2",
+                *_serve_args(folder, port, timeout_s),
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+        )
         try:
             _wait_for_health(httpx, url, [proc], 90)
             ranks = _children(proc.pid)
@@ -737,10 +862,23 @@ def test_serve_tp_stops_with_a_clear_error_when_a_follower_dies(model_factory, t
     port, master = _free_port(), str(_free_port())
     procs = []
     for rank in range(2):
-        env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=master)
-        procs.append(subprocess.Popen([sys.executable, *_serve_args(folder, port, 4)], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, text=True, env=env))
+        env = _env(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=master,
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, *_serve_args(folder, port, 4)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+        )
     try:
         _wait_for_health(httpx, f"http://127.0.0.1:{port}", procs, 90)
         procs[1].kill()
@@ -753,5 +891,6 @@ def test_serve_tp_stops_with_a_clear_error_when_a_follower_dies(model_factory, t
                 proc.kill()
             proc.communicate()
     assert procs[0].returncode == 1, err[-4000:]
-    assert "llamascope: error: [rank 0/2] tensor parallel rank 0 of 2: broadcast of the server's next step failed" \
-        in err, err[-4000:]
+    assert (
+        "llamascope: error: [rank 0/2] tensor parallel rank 0 of 2: broadcast of the server's next step failed" in err
+    ), err[-4000:]

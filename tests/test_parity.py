@@ -18,11 +18,19 @@ CASES = {
     "mqa": dict(num_attention_heads=4, num_key_value_heads=1),
     "head_dim": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24),
     "rope_linear": dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
-    "rope_llama3": dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
-                                         "rope_theta": 500000.0}),
-    "rope_dynamic": dict(max_position_embeddings=24,
-                         rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
+    "rope_llama3": dict(
+        rope_parameters={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+            "rope_theta": 500000.0,
+        }
+    ),
+    "rope_dynamic": dict(
+        max_position_embeddings=24, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    ),
     "tied": dict(tie_word_embeddings=True),
     "bias": dict(attention_bias=True, mlp_bias=True),
     "sharded": dict(shard_size="60KB"),
@@ -70,10 +78,16 @@ def test_greedy_32_tokens_match(case):
     ids = ours.tokenizer.encode(PROMPTS[0])
     hf = _hf(folder, dtype)
     with torch.no_grad():
-        expected = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                               max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
+        expected = hf.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=32,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
     result = generate(ours.model, ids, max_new_tokens=32, eos_token_id=[])
-    assert result.output_ids[0] == expected[0, len(ids):].tolist()
+    assert result.output_ids[0] == expected[0, len(ids) :].tolist()
 
 
 def test_cache_on_equals_cache_off(case):
@@ -87,10 +101,16 @@ def test_cache_on_equals_cache_off(case):
         # the old scaling, recomputed ones take the new one (transformers behaves the same way).
         hf = _hf(folder, dtype)
         with torch.no_grad():
-            hf_off = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, use_cache=False,
-                                 eos_token_id=None, pad_token_id=0,
-                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-        assert off.output_ids[0] == hf_off[0, len(ids):].tolist()
+            hf_off = hf.generate(
+                torch.tensor([ids]),
+                max_new_tokens=32,
+                do_sample=False,
+                use_cache=False,
+                eos_token_id=None,
+                pad_token_id=0,
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            )
+        assert off.output_ids[0] == hf_off[0, len(ids) :].tolist()
     else:
         assert on.output_ids[0] == off.output_ids[0]
 
@@ -108,8 +128,13 @@ def test_left_padded_batch_equals_each_alone(case):
     batch = generate(ours.model, prompts, max_new_tokens=new_tokens, eos_token_id=[])
     for row, prompt in enumerate(prompts):
         logits = []
-        alone = generate(ours.model, prompt, max_new_tokens=new_tokens, eos_token_id=[],
-                         on_step=lambda step: logits.append(step.logits[0]))
+        alone = generate(
+            ours.model,
+            prompt,
+            max_new_tokens=new_tokens,
+            eos_token_id=[],
+            on_step=lambda step, logits=logits: logits.append(step.logits[0]),
+        )
         if dtype == torch.float32:
             assert batch.output_ids[row] == alone.output_ids[0], f"prompt {row}"
         else:
@@ -122,7 +147,7 @@ def assert_equal_until_near_tie(expected: list[int], found: list[int], logits: l
     for i, (a, b) in enumerate(zip(expected, found)):
         if a != b:
             gap = (logits[i][a] - logits[i][b]).abs().item()
-            assert gap <= 4 * 2 ** -8 * logits[i].abs().max().item(), f"step {i}: {a} vs {b}, gap {gap}"
+            assert gap <= 4 * 2**-8 * logits[i].abs().max().item(), f"step {i}: {a} vs {b}, gap {gap}"
             return
     assert expected == found
 
@@ -133,11 +158,12 @@ def test_left_padded_batch_matches_transformers(tiny_model):
     ref.pad_token, ref.padding_side = "</s>", "left"
     enc = ref(PROMPTS, return_tensors="pt", padding=True)
     with torch.no_grad():
-        expected = _hf(tiny_model, torch.float32).generate(**enc, max_new_tokens=16, do_sample=False,
-                                                           eos_token_id=None, pad_token_id=2)
+        expected = _hf(tiny_model, torch.float32).generate(
+            **enc, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=2
+        )
     prompts = [ours.tokenizer.encode(p) for p in PROMPTS]
     batch = generate(ours.model, prompts, max_new_tokens=16, eos_token_id=[], pad_token_id=2)
-    assert batch.output_ids == expected[:, enc.input_ids.shape[1]:].tolist()
+    assert batch.output_ids == expected[:, enc.input_ids.shape[1] :].tolist()
 
 
 def test_eos_stops_generation(tiny_model):
@@ -147,20 +173,29 @@ def test_eos_stops_generation(tiny_model):
     stop_at = free[4]
     result = generate(ours.model, ids, max_new_tokens=12, eos_token_id=[stop_at])
     first = free.index(stop_at)
-    assert result.output_ids[0] == free[:first + 1]
+    assert result.output_ids[0] == free[: first + 1]
     assert result.finish_reasons == ["eos"]
     hf = _hf(tiny_model, torch.float32)
     with torch.no_grad():
-        expected = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                               max_new_tokens=12, do_sample=False, eos_token_id=stop_at, pad_token_id=0)
-    assert result.output_ids[0] == expected[0, len(ids):].tolist()
+        expected = hf.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=stop_at,
+            pad_token_id=0,
+        )
+    assert result.output_ids[0] == expected[0, len(ids) :].tolist()
 
 
-@pytest.mark.parametrize("prompts,message", [
-    ([[1, 5, 999999]], "prompt 0: token id 999999 is outside the vocabulary"),
-    ([[1, 2], [3, -4]], "prompt 1: token id -4 is outside the vocabulary"),
-    ([[1, 2], []], "every prompt needs at least one token"),
-])
+@pytest.mark.parametrize(
+    "prompts,message",
+    [
+        ([[1, 5, 999999]], "prompt 0: token id 999999 is outside the vocabulary"),
+        ([[1, 2], [3, -4]], "prompt 1: token id -4 is outside the vocabulary"),
+        ([[1, 2], []], "every prompt needs at least one token"),
+    ],
+)
 def test_bad_prompt_ids_are_refused_by_name(tiny_model, prompts, message):
     """Before any compute, not as an IndexError from inside torch's embedding lookup."""
     from llamascope.errors import LlamascopeError

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-import pytest
 import torch
 from transformers import LlamaForCausalLM
 
@@ -14,8 +13,10 @@ from llamascope.cli import main
 from llamascope.loading import load_model
 from llamascope.perplexity import perplexity
 
-TEXT = ("Once upon a time there was a little robot who liked to count: 1, 2, 3, 42, 1000. "
-        "The quick brown fox jumps over the lazy dog. My name is Mariama, my favorite color is blue. ") * 3
+TEXT = (
+    "Once upon a time there was a little robot who liked to count: 1, 2, 3, 42, 1000. "
+    "The quick brown fox jumps over the lazy dog. My name is Mariama, my favorite color is blue. "
+) * 3
 
 
 def reference_sliding_nll(hf, ids: list[int], window: int, stride: int) -> tuple[float, int]:
@@ -67,8 +68,23 @@ def test_perplexity_cli_and_quantisation_cost(tiny_model, tmp_path, capsys):
 
 
 def test_bench_json_report(tiny_model, capsys):
-    assert main(["bench", "--model", str(tiny_model), "--new-tokens", "8", "--prefill-tokens", "32",
-                 "--repeats", "1", "--json"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                str(tiny_model),
+                "--new-tokens",
+                "8",
+                "--prefill-tokens",
+                "32",
+                "--repeats",
+                "1",
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["decode_tokens_per_s"] > 0 and report["prefill_tokens_per_s"] > 0
     assert report["prefill_tokens"] == 32 and report["decode_tokens"] == 8
@@ -87,8 +103,25 @@ def test_bench_json_report(tiny_model, capsys):
     assert report["load_rss_per_weight_byte"] == (None if added is None else added / report["weight_bytes"])
     lib = kernels.load()
     assert report["kernels"] == (lib.build if lib is not None else "none")
-    assert main(["bench", "--model", str(tiny_model), "--new-tokens", "2", "--prefill-tokens", "8",
-                 "--repeats", "1", "--json", "--backend", "plain"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                str(tiny_model),
+                "--new-tokens",
+                "2",
+                "--prefill-tokens",
+                "8",
+                "--repeats",
+                "1",
+                "--json",
+                "--backend",
+                "plain",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["kernels"] == "none"
 
 
@@ -96,6 +129,7 @@ def test_load_added_rss_only_when_the_peak_is_loadings():
     """Peak RSS is a high-water mark: what loading added is known only if loading set it, or the
     process had never been above its RSS when loading began."""
     from types import SimpleNamespace
+
     from llamascope.bench import load_added_rss
 
     mb = 2**20
@@ -117,7 +151,11 @@ def test_bench_runs_on_weights_without_a_tokenizer(tiny_model, tmp_path, capsys)
     folder.mkdir()
     for name in ("config.json", "generation_config.json", "model.safetensors"):
         shutil.copy(tiny_model / name, folder / name)
-    assert main(["bench", "--model", str(folder), "--new-tokens", "4", "--prefill-tokens", "16",
-                 "--repeats", "1", "--json"]) == 0
+    assert (
+        main(
+            ["bench", "--model", str(folder), "--new-tokens", "4", "--prefill-tokens", "16", "--repeats", "1", "--json"]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["prefill_tokens"] == 16 and report["decode_tokens_per_s"] > 0

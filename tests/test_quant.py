@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from gguf import quants
 
 from llamascope import kernels
-from llamascope.generation import generate
-from llamascope.loading import load_model
 from llamascope.formats import dequantize, quantize
+from llamascope.generation import generate
 from llamascope.layers import FastLinear, QuantEmbedding, QuantLinear, quantize_model
+from llamascope.loading import load_model
 from llamascope.native import native_linear
 
 QTYPES = ["Q8_0", "Q4_0", "Q4_1"]
@@ -52,7 +52,7 @@ def test_quant_kernel_matches_plain_path(qtype, K, rows):
     assert fast.shape == plain.shape == (rows, 67)
     assert (fast - plain).abs().max() <= 0.02 * plain.abs().max()
     # Relative error per output, against the size of the exact dot product's terms.
-    scale = (x.abs() @ layer.dequantized().abs().t())
+    scale = x.abs() @ layer.dequantized().abs().t()
     assert ((fast - plain).abs() / scale).max() < 0.01
 
 
@@ -126,9 +126,14 @@ def test_quantized_model_kernel_vs_plain_path(tiny_model, quant, qtype):
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4", "q4_0"])
-@pytest.mark.parametrize("name,overrides", [("gqa", {}), ("tied", dict(tie_word_embeddings=True)),
-                                            ("mha-bias", dict(num_key_value_heads=4, attention_bias=True,
-                                                              mlp_bias=True))])
+@pytest.mark.parametrize(
+    "name,overrides",
+    [
+        ("gqa", {}),
+        ("tied", dict(tie_word_embeddings=True)),
+        ("mha-bias", dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True)),
+    ],
+)
 def test_quantising_while_loading_gives_the_transform_s_weights(model_factory, quant, name, overrides):
     """load_model(quant=...) quantises each matrix from slices of its rows as it reads them; the
     result is quantize_model's on the float model: the same blocks in every layer, the embedding
@@ -214,7 +219,7 @@ def test_long_inputs_match_plain_path(qtype):
     if kernels.cpu_has("avx512_bf16"):
         layer.long_inputs_in_bf16 = True
         error = ((layer(x) - plain).abs() / scale).max()
-        assert 1e-6 < error < 2 ** -7  # it does run in bfloat16, and within its rounding
+        assert 1e-6 < error < 2**-7  # it does run in bfloat16, and within its rounding
 
 
 @needs_kernels
@@ -232,7 +237,7 @@ def test_kernel_rows_are_independent(kind, K):
         head = kind.endswith("float-activations")
         layer, x = native_linear(QuantLinear.from_float(w, kind[:4]), kernels.load(), is_head=head), torch.randn(8, K)
         assert layer.float_activations == head
-    alone = torch.cat([layer(x[i:i + 1]) for i in range(8)])
+    alone = torch.cat([layer(x[i : i + 1]) for i in range(8)])
     for rows in (2, 5, 8):
         assert torch.equal(layer(x[:rows]), alone[:rows]), rows
 
@@ -283,7 +288,7 @@ def test_k_quant_rows_are_independent_and_nan_propagates(qtype):
     layer = _k_layer(qtype, 33, 512, seed=5)
     torch.manual_seed(5)
     x = torch.randn(8, 512)
-    alone = torch.cat([layer(x[i:i + 1]) for i in range(8)])
+    alone = torch.cat([layer(x[i : i + 1]) for i in range(8)])
     for rows in (2, 5, 8):
         assert torch.equal(layer(x[:rows]), alone[:rows]), rows
     x[1, 300] = float("nan")
@@ -312,8 +317,11 @@ def test_k_quant_needs_whole_super_blocks():
     with pytest.raises(LlamascopeError, match="Q4_K weights need an input size that is a multiple of 256, not 320"):
         QuantLinear(torch.zeros(4, 180, dtype=torch.uint8), "Q4_K", 320)
     # rows of the wrong length would send the kernel past the end of each row
-    with pytest.raises(LlamascopeError, match=r"Q6_K weights of input size 512 take 420 bytes a row, got blocks of "
-                                              r"shape \[4, 288\]"):
+    with pytest.raises(
+        LlamascopeError,
+        match=r"Q6_K weights of input size 512 take 420 bytes a row, got blocks of "
+        r"shape \[4, 288\]",
+    ):
         QuantLinear(torch.zeros(4, 288, dtype=torch.uint8), "Q6_K", 512)
     with pytest.raises(LlamascopeError, match=r"Q8_0 weights of input size 64 take 68 bytes a row"):
         QuantLinear(torch.zeros(4, 34, dtype=torch.uint8), "Q8_0", 64)
@@ -348,7 +356,7 @@ def test_block_packing_in_row_slices(qtype, K, monkeypatch):
     nbp = (nb + 3) // 4 * 4
     monkeypatch.setattr(quant, "CONVERT_ROWS_BYTES", 4 * 3 * nbp * size)  # 4 rows a slice
     packed = quant.pack_blocks(blocks, qtype, K)
-    one_by_one = torch.cat([quant.pack_blocks(blocks[r:r + 1], qtype, K) for r in range(N)])
+    one_by_one = torch.cat([quant.pack_blocks(blocks[r : r + 1], qtype, K) for r in range(N)])
     assert torch.equal(packed, one_by_one)
     assert torch.equal(quant.unpack_blocks(packed, qtype, K), blocks)
     group = {"Q8_0": 136, "Q4_0": 72, "Q4_1": 80}[qtype]
@@ -356,17 +364,21 @@ def test_block_packing_in_row_slices(qtype, K, monkeypatch):
     first = torch.cat([first, torch.zeros(4 - len(first), size, dtype=torch.uint8)])
     if qtype == "Q8_0":
         as_unsigned = (first[:, 2:].view(torch.int8).to(torch.int16) + 128).to(torch.uint8)  # [4, 32] q + 128
-        expect = torch.cat([as_unsigned[:, :16].reshape(-1), as_unsigned[:, 16:].reshape(-1), first[:, 0:2].reshape(-1)])
+        expect = torch.cat(
+            [as_unsigned[:, :16].reshape(-1), as_unsigned[:, 16:].reshape(-1), first[:, 0:2].reshape(-1)]
+        )
     else:
-        expect = torch.cat([first[:, -16:].reshape(-1), first[:, 0:2].reshape(-1)]
-                           + ([first[:, 2:4].reshape(-1)] if qtype == "Q4_1" else []))
+        expect = torch.cat(
+            [first[:, -16:].reshape(-1), first[:, 0:2].reshape(-1)]
+            + ([first[:, 2:4].reshape(-1)] if qtype == "Q4_1" else [])
+        )
     assert torch.equal(packed[5, :group], expect)
     if nb % 4:
         last = packed[5].reshape(-1, group)[-1]
         pad = 4 - nb % 4
         scales = 128 if qtype == "Q8_0" else 64
-        assert not last[scales + 8 - 2 * pad:scales + 8].any()  # padded blocks: d = 0
+        assert not last[scales + 8 - 2 * pad : scales + 8].any()  # padded blocks: d = 0
         if qtype == "Q8_0":  # and q = 0, stored as 128
-            assert (last[64 - 16 * pad:64] == 128).all() and (last[128 - 16 * pad:128] == 128).all()
+            assert (last[64 - 16 * pad : 64] == 128).all() and (last[128 - 16 * pad : 128] == 128).all()
         else:
-            assert not last[64 - 16 * pad:64].any()
+            assert not last[64 - 16 * pad : 64].any()

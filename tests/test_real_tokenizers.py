@@ -16,27 +16,53 @@ import gguf
 import pytest
 import sentencepiece
 import tokenizers
-
 from gguf_fixtures import llama_cpp_cases, sentencepiece_model_bytes, vocab_dir  # noqa: F401
+
 from llamascope.errors import LlamascopeError
 from llamascope.loading import default_model_path
-from llamascope.tokenizer import Tokenizer
 from llamascope.loading.spm import tokenizer_from_sentencepiece
+from llamascope.tokenizer import Tokenizer
 
 SPM = "ggml-vocab-llama-spm.gguf"
 BPE = "ggml-vocab-llama-bpe.gguf"
 
 EXTRA_TEXTS = [
-    "My name is Mariama, my favorite", "  leading spaces", "trailing spaces  ", "a  b   c    d",
-    "tabs\tand\nnewlines\r\n", "\n\n\n", "12345678901234 3.14159 1,000,000", "ünïcödé naïve café",
-    "日本語のテキスト 中文 한국어", "🦙🦙 emoji 👍🏽 families 👨‍👩‍👧", "don't I'll WE'VE they're",
-    "\u00a0no-break\u2009thin\u200bzero-width", "e\u0301 combining", "x" * 60, "", " ", "Ω≈ç√∫",
-    "def f(x):\n    return x ** 2  # comment\n", "<0x41> is not a byte token in text",
+    "My name is Mariama, my favorite",
+    "  leading spaces",
+    "trailing spaces  ",
+    "a  b   c    d",
+    "tabs\tand\nnewlines\r\n",
+    "\n\n\n",
+    "12345678901234 3.14159 1,000,000",
+    "ünïcödé naïve café",
+    "日本語のテキスト 中文 한국어",
+    "🦙🦙 emoji 👍🏽 families 👨‍👩‍👧",
+    "don't I'll WE'VE they're",
+    "\u00a0no-break\u2009thin\u200bzero-width",
+    "e\u0301 combining",
+    "x" * 60,
+    "",
+    " ",
+    "Ω≈ç√∫",
+    "def f(x):\n    return x ** 2  # comment\n",
+    "<0x41> is not a byte token in text",
 ]
 POOLS = [
-    "abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ", "0123456789", " ", "   ", "\n", "\t",
-    ".,!?'\"-()[]{}/\\@#$%^&*_+=~`|;:", "éèçñüößøåÄÖ", "日本語中文한국어", "🦙🚀😀👍🏽", "\u00a0\u2009\u200b",
-    "Привет", "ประเทศไทย", "\u0301",
+    "abcdefghijklmnopqrstuvwxyz",
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+    "0123456789",
+    " ",
+    "   ",
+    "\n",
+    "\t",
+    ".,!?'\"-()[]{}/\\@#$%^&*_+=~`|;:",
+    "éèçñüößøåÄÖ",
+    "日本語中文한국어",
+    "🦙🚀😀👍🏽",
+    "\u00a0\u2009\u200b",
+    "Привет",
+    "ประเทศไทย",
+    "\u0301",
 ]
 
 
@@ -53,6 +79,7 @@ def random_texts(count: int = 150, seed: int = 0, digits: bool = True) -> list[s
 
 # ---- LLaMA-1/2: SentencePiece BPE --------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def llama2(vocab_dir):  # noqa: F811
     return Tokenizer.from_gguf(vocab_dir / SPM)
@@ -62,8 +89,9 @@ def llama2(vocab_dir):  # noqa: F811
 def llama2_model_file(vocab_dir, tmp_path_factory):  # noqa: F811
     """tokenizer.model holding the GGUF's vocabulary, written without llamascope."""
     reader = gguf.GGUFReader(vocab_dir / SPM)
-    pieces, scores, types = (reader.fields[f"tokenizer.ggml.{key}"].contents()
-                             for key in ("tokens", "scores", "token_type"))
+    pieces, scores, types = (
+        reader.fields[f"tokenizer.ggml.{key}"].contents() for key in ("tokens", "scores", "token_type")
+    )
     path = tmp_path_factory.mktemp("spm") / "tokenizer.model"
     path.write_bytes(sentencepiece_model_bytes(pieces, scores, types))
     return path
@@ -107,8 +135,13 @@ def test_llama2_special_tokens_split_the_text(llama2, llama2_reference):
 def test_tokenizer_model_file(llama2, llama2_model_file, llama2_reference, vocab_dir):  # noqa: F811
     backend, settings = tokenizer_from_sentencepiece(llama2_model_file)
     assert isinstance(backend, tokenizers.Tokenizer)
-    assert settings == {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-                        "add_bos_token": True, "add_eos_token": False}
+    assert settings == {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+    }
     from_file = Tokenizer.from_file(llama2_model_file)
     from_folder = Tokenizer.from_file(llama2_model_file.parent)  # a folder with only tokenizer.model
     for text in [t for t, _ in llama_cpp_cases(vocab_dir, SPM)] + EXTRA_TEXTS:
@@ -130,11 +163,15 @@ def _train(tmp_path, name: str, **options) -> str:
     return str(prefix) + ".model"
 
 
-@pytest.mark.parametrize("options", [
-    {"model_type": "bpe", "normalization_rule_name": "identity", "remove_extra_whitespaces": False},
-    {"model_type": "bpe"},  # NFKC normalisation and whitespace cleaning
-    {"model_type": "bpe", "add_dummy_prefix": False, "byte_fallback": False, "vocab_size": 150},
-], ids=["llama-like", "nfkc", "no-prefix-no-fallback"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"model_type": "bpe", "normalization_rule_name": "identity", "remove_extra_whitespaces": False},
+        {"model_type": "bpe"},  # NFKC normalisation and whitespace cleaning
+        {"model_type": "bpe", "add_dummy_prefix": False, "byte_fallback": False, "vocab_size": 150},
+    ],
+    ids=["llama-like", "nfkc", "no-prefix-no-fallback"],
+)
 def test_trained_sentencepiece_models(tmp_path, options):
     path = _train(tmp_path, "m", **options)
     reference = sentencepiece.SentencePieceProcessor(model_file=path)
@@ -164,6 +201,7 @@ def test_not_a_sentencepiece_model(tmp_path):
 
 
 # ---- LLaMA-3: byte-level BPE -------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def llama3(vocab_dir):  # noqa: F811
@@ -209,6 +247,7 @@ def test_llama3_matches_transformers(llama3, llama3_reference, vocab_dir):  # no
 
 # ---- SmolLM2 (the default model) ---------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def smollm2():
     return Tokenizer.from_gguf(default_model_path())
@@ -239,4 +278,5 @@ def test_smollm2_matches_transformers_without_digits(smollm2):
         assert smollm2.decode(ids) == reference.decode(ids)
     messages = [{"role": "user", "content": "What is 2+2?"}]
     assert smollm2.apply_chat_template(messages) == reference.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True)
+        messages, tokenize=False, add_generation_prompt=True
+    )

@@ -53,22 +53,33 @@ PROCESSOR_CASES = {
     "repetition_penalty<1": (lambda: sampling.RepetitionPenalty(0.6), lambda: hf.RepetitionPenaltyLogitsProcessor(0.6)),
     "repetition_penalty_padding": (
         lambda: sampling.RepetitionPenalty(1.5, torch.tensor([0, 3, 0, 6, 1])),
-        lambda: hf.RepetitionPenaltyLogitsProcessor(1.5, prompt_ignore_length=torch.tensor([0, 3, 0, 6, 1]))),
+        lambda: hf.RepetitionPenaltyLogitsProcessor(1.5, prompt_ignore_length=torch.tensor([0, 3, 0, 6, 1])),
+    ),
     "no_repeat_ngram_1": (lambda: sampling.NoRepeatNGram(1), lambda: hf.NoRepeatNGramLogitsProcessor(1)),
     "no_repeat_ngram_2": (lambda: sampling.NoRepeatNGram(2), lambda: hf.NoRepeatNGramLogitsProcessor(2)),
     "no_repeat_ngram_3": (lambda: sampling.NoRepeatNGram(3), lambda: hf.NoRepeatNGramLogitsProcessor(3)),
-    "no_repeat_ngram_longer_than_sequence": (lambda: sampling.NoRepeatNGram(20),
-                                             lambda: hf.NoRepeatNGramLogitsProcessor(20)),
-    "bad_words": (lambda: sampling.NoBadWords([[5], [7, 3], [7, 8, 9], [2], [1, 1, 1, 1, 1]], [2, 40]),
-                  lambda: hf.NoBadWordsLogitsProcessor([[5], [7, 3], [7, 8, 9], [2], [1, 1, 1, 1, 1]], [2, 40])),
+    "no_repeat_ngram_longer_than_sequence": (
+        lambda: sampling.NoRepeatNGram(20),
+        lambda: hf.NoRepeatNGramLogitsProcessor(20),
+    ),
+    "bad_words": (
+        lambda: sampling.NoBadWords([[5], [7, 3], [7, 8, 9], [2], [1, 1, 1, 1, 1]], [2, 40]),
+        lambda: hf.NoBadWordsLogitsProcessor([[5], [7, 3], [7, 8, 9], [2], [1, 1, 1, 1, 1]], [2, 40]),
+    ),
     "min_length_active": (lambda: sampling.MinLength(20, [2, 3]), lambda: hf.MinLengthLogitsProcessor(20, [2, 3])),
     "min_length_reached": (lambda: sampling.MinLength(14, [2, 3]), lambda: hf.MinLengthLogitsProcessor(14, [2, 3])),
-    "min_new_tokens_active": (lambda: sampling.MinNewTokens(8, 7, [2]),
-                              lambda: hf.MinNewTokensLengthLogitsProcessor(8, 7, [2])),
-    "min_new_tokens_reached": (lambda: sampling.MinNewTokens(8, 6, [2]),
-                               lambda: hf.MinNewTokensLengthLogitsProcessor(8, 6, [2])),
-    "suppress_tokens": (lambda: sampling.SuppressTokens([1, 4, 9, 63]),
-                        lambda: hf.SuppressTokensLogitsProcessor([1, 4, 9, 63])),
+    "min_new_tokens_active": (
+        lambda: sampling.MinNewTokens(8, 7, [2]),
+        lambda: hf.MinNewTokensLengthLogitsProcessor(8, 7, [2]),
+    ),
+    "min_new_tokens_reached": (
+        lambda: sampling.MinNewTokens(8, 6, [2]),
+        lambda: hf.MinNewTokensLengthLogitsProcessor(8, 6, [2]),
+    ),
+    "suppress_tokens": (
+        lambda: sampling.SuppressTokens([1, 4, 9, 63]),
+        lambda: hf.SuppressTokensLogitsProcessor([1, 4, 9, 63]),
+    ),
     "temperature": (lambda: sampling.Temperature(0.7), lambda: hf.TemperatureLogitsWarper(0.7)),
     "top_k": (lambda: sampling.TopK(5), lambda: hf.TopKLogitsWarper(5)),
     "top_k_tie_at_k": (lambda: sampling.TopK(1), lambda: hf.TopKLogitsWarper(1)),
@@ -110,16 +121,38 @@ def hf_processor_list(hf_model, settings: dict, ids: torch.Tensor, mask: torch.T
     if gc.min_new_tokens is not None:
         gc.min_length = gc.min_new_tokens + ids.shape[1]
     return hf_model._get_logits_processor(
-        generation_config=gc, input_ids_seq_length=ids.shape[1], encoder_input_ids=ids,
-        logits_processor=hf.LogitsProcessorList(), device="cpu",
-        model_kwargs={"attention_mask": mask} if mask is not None else {})
+        generation_config=gc,
+        input_ids_seq_length=ids.shape[1],
+        encoder_input_ids=ids,
+        logits_processor=hf.LogitsProcessorList(),
+        device="cpu",
+        model_kwargs={"attention_mask": mask} if mask is not None else {},
+    )
 
 
 FULL_SETTINGS = [
-    dict(repetition_penalty=1.3, no_repeat_ngram_size=2, bad_words_ids=[[5], [7, 3]], min_new_tokens=3,
-         suppress_tokens=[9], eos_token_id=[2, 3]),
-    dict(do_sample=True, temperature=0.7, top_k=10, top_p=0.9, min_p=0.05, typical_p=0.9, repetition_penalty=0.8,
-         no_repeat_ngram_size=3, bad_words_ids=[[1, 2]], min_length=30, suppress_tokens=[4], eos_token_id=[2]),
+    dict(
+        repetition_penalty=1.3,
+        no_repeat_ngram_size=2,
+        bad_words_ids=[[5], [7, 3]],
+        min_new_tokens=3,
+        suppress_tokens=[9],
+        eos_token_id=[2, 3],
+    ),
+    dict(
+        do_sample=True,
+        temperature=0.7,
+        top_k=10,
+        top_p=0.9,
+        min_p=0.05,
+        typical_p=0.9,
+        repetition_penalty=0.8,
+        no_repeat_ngram_size=3,
+        bad_words_ids=[[1, 2]],
+        min_length=30,
+        suppress_tokens=[4],
+        eos_token_id=[2],
+    ),
     dict(do_sample=True, temperature=1.5, top_k=0, top_p=0.5, eos_token_id=[2]),
     dict(do_sample=True, num_beams=3, top_k=2, top_p=0.3, min_p=0.9, typical_p=0.1, eos_token_id=[2, 3, 4]),
     dict(do_sample=True, num_beams=2, top_k=1, eos_token_id=None),
@@ -160,13 +193,19 @@ def test_greedy_with_processors_matches_transformers(name, models):
     for text in PROMPTS[:2]:
         ids = ours.tokenizer.encode(text)
         with torch.no_grad():
-            expected = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                         max_new_tokens=24, do_sample=False, eos_token_id=eos or None,
-                                         pad_token_id=0, **settings)
-        expected = expected[0, len(ids):].tolist()
+            expected = hf_model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=24,
+                do_sample=False,
+                eos_token_id=eos or None,
+                pad_token_id=0,
+                **settings,
+            )
+        expected = expected[0, len(ids) :].tolist()
         found = generate(ours.model, ids, max_new_tokens=24, eos_token_id=eos, pad_token_id=0, **settings)
-        assert found.output_ids[0] == expected[:len(found.output_ids[0])]
-        assert all(t == 0 for t in expected[len(found.output_ids[0]):])
+        assert found.output_ids[0] == expected[: len(found.output_ids[0])]
+        assert all(t == 0 for t in expected[len(found.output_ids[0]) :])
 
 
 def test_greedy_changes_with_penalties(models):
@@ -192,22 +231,26 @@ def test_left_padded_batch_repetition_penalty_matches_transformers(models, tiny_
     settings = dict(repetition_penalty=1.5, no_repeat_ngram_size=2, max_new_tokens=16)
     with torch.no_grad():
         expected = hf_model.generate(**enc, do_sample=False, eos_token_id=None, pad_token_id=2, **settings)
-    found = generate(ours.model, [ours.tokenizer.encode(p) for p in PROMPTS], eos_token_id=[], pad_token_id=2,
-                     **settings)
-    assert found.output_ids == expected[:, enc.input_ids.shape[1]:].tolist()
+    found = generate(
+        ours.model, [ours.tokenizer.encode(p) for p in PROMPTS], eos_token_id=[], pad_token_id=2, **settings
+    )
+    assert found.output_ids == expected[:, enc.input_ids.shape[1] :].tolist()
 
 
 # ---- sampling ----------------------------------------------------------------------------------
 
-SAMPLING = dict(do_sample=True, temperature=0.7, top_k=30, top_p=0.9, min_p=0.02, typical_p=0.95,
-                repetition_penalty=1.2)
+SAMPLING = dict(
+    do_sample=True, temperature=0.7, top_k=30, top_p=0.9, min_p=0.02, typical_p=0.95, repetition_penalty=1.2
+)
 
 
 def test_seeded_sampling_is_reproducible(models):
     ours, _ = models
     ids = ours.tokenizer.encode(PROMPTS[1])
-    runs = [generate(ours.model, ids, max_new_tokens=24, eos_token_id=[], seed=seed, **SAMPLING).output_ids[0]
-            for seed in (7, 7, 8)]
+    runs = [
+        generate(ours.model, ids, max_new_tokens=24, eos_token_id=[], seed=seed, **SAMPLING).output_ids[0]
+        for seed in (7, 7, 8)
+    ]
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
     # a batch of several sequences per prompt, reproducible too
@@ -223,12 +266,17 @@ def test_seeded_sampling_draws_like_transformers(models, seed):
     ids = ours.tokenizer.encode(PROMPTS[1])
     torch.manual_seed(seed)
     with torch.no_grad():
-        expected = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                     max_new_tokens=20, eos_token_id=None, pad_token_id=0, num_return_sequences=3,
-                                     **SAMPLING)
-    found = generate(ours.model, ids, max_new_tokens=20, eos_token_id=[], seed=seed, num_return_sequences=3,
-                     **SAMPLING)
-    assert found.output_ids == expected[:, len(ids):].tolist()
+        expected = hf_model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=20,
+            eos_token_id=None,
+            pad_token_id=0,
+            num_return_sequences=3,
+            **SAMPLING,
+        )
+    found = generate(ours.model, ids, max_new_tokens=20, eos_token_id=[], seed=seed, num_return_sequences=3, **SAMPLING)
+    assert found.output_ids == expected[:, len(ids) :].tolist()
 
 
 def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -293,12 +341,24 @@ def test_frequency_test_rejects_a_wrong_distribution(one_step_draws):
 
 # ---- log-probabilities -------------------------------------------------------------------------
 
+
 def test_logprobs_are_log_softmax_of_processed_scores(models):
     ours, _ = models
     ids = ours.tokenizer.encode(PROMPTS[0])
     steps = []
-    result = generate(ours.model, ids, max_new_tokens=6, eos_token_id=[], output_logprobs=3, do_sample=True,
-                      temperature=0.8, top_k=5, seed=0, tokenizer=ours.tokenizer, on_step=steps.append)
+    result = generate(
+        ours.model,
+        ids,
+        max_new_tokens=6,
+        eos_token_id=[],
+        output_logprobs=3,
+        do_sample=True,
+        temperature=0.8,
+        top_k=5,
+        seed=0,
+        tokenizer=ours.tokenizer,
+        on_step=steps.append,
+    )
     entries = result.logprobs[0]
     assert [e["id"] for e in entries] == result.output_ids[0]
     for entry, step in zip(entries, steps):
@@ -308,14 +368,38 @@ def test_logprobs_are_log_softmax_of_processed_scores(models):
         assert entry["token"] == ours.tokenizer.decode([entry["id"]])
         assert all(alt["logprob"] <= 0 and alt["token"] is not None for alt in entry["top"])
     # top_k=5 leaves 5 possible tokens: asking for more lists only those (no -inf entries)
-    wide = generate(ours.model, ids, max_new_tokens=2, eos_token_id=[], output_logprobs=10, do_sample=True,
-                    temperature=0.8, top_k=5, seed=0)
+    wide = generate(
+        ours.model,
+        ids,
+        max_new_tokens=2,
+        eos_token_id=[],
+        output_logprobs=10,
+        do_sample=True,
+        temperature=0.8,
+        top_k=5,
+        seed=0,
+    )
     assert all(len(e["top"]) == 5 and e["token"] is None for e in wide.logprobs[0])
 
 
 def test_cli_generate_json_has_logprobs(tiny_model, capsys):
-    code = cli_main(["generate", "--model", str(tiny_model), "--json", "--max-new-tokens", "4", "--logprobs", "2",
-                     "--repetition-penalty", "1.3", "--no-repeat-ngram-size", "2", "Once upon a time"])
+    code = cli_main(
+        [
+            "generate",
+            "--model",
+            str(tiny_model),
+            "--json",
+            "--max-new-tokens",
+            "4",
+            "--logprobs",
+            "2",
+            "--repetition-penalty",
+            "1.3",
+            "--no-repeat-ngram-size",
+            "2",
+            "Once upon a time",
+        ]
+    )
     assert code == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(out["logprobs"]) == len(out["output_ids"]) == 4
@@ -325,18 +409,54 @@ def test_cli_generate_json_has_logprobs(tiny_model, capsys):
 
 
 def test_cli_sampling_settings_reach_the_engine(tiny_model, capsys):
-    args = ["generate", "--model", str(tiny_model), "--json", "--max-new-tokens", "6", "--do-sample", "--seed", "5",
-            "--temperature", "0.9", "--top-k", "20", "--top-p", "0.9", "--min-p", "0.01", "--typical-p", "0.99",
-            "--min-new-tokens", "6", "--num-return-sequences", "2", "Once upon a time"]
+    args = [
+        "generate",
+        "--model",
+        str(tiny_model),
+        "--json",
+        "--max-new-tokens",
+        "6",
+        "--do-sample",
+        "--seed",
+        "5",
+        "--temperature",
+        "0.9",
+        "--top-k",
+        "20",
+        "--top-p",
+        "0.9",
+        "--min-p",
+        "0.01",
+        "--typical-p",
+        "0.99",
+        "--min-new-tokens",
+        "6",
+        "--num-return-sequences",
+        "2",
+        "Once upon a time",
+    ]
     assert cli_main(args) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert cli_main(args) == 0
     second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert first == second and len(first["sequences"]) == 2
     ours = load_model(tiny_model)
-    expected = generate(ours.model, first["prompt_ids"], max_new_tokens=6, do_sample=True, seed=5, temperature=0.9,
-                        top_k=20, top_p=0.9, min_p=0.01, typical_p=0.99, min_new_tokens=6, num_return_sequences=2,
-                        eos_token_id=[2], bos_token_id=1)
+    expected = generate(
+        ours.model,
+        first["prompt_ids"],
+        max_new_tokens=6,
+        do_sample=True,
+        seed=5,
+        temperature=0.9,
+        top_k=20,
+        top_p=0.9,
+        min_p=0.01,
+        typical_p=0.99,
+        min_new_tokens=6,
+        num_return_sequences=2,
+        eos_token_id=[2],
+        bos_token_id=1,
+    )
     assert [s["output_ids"] for s in first["sequences"]] == expected.output_ids
 
 
@@ -405,8 +525,9 @@ def test_sampling_settings_are_ignored_with_a_warning_when_greedy(models, caplog
 def test_generation_config_precedence(models, tiny_model):
     ours, _ = models
     config = ours.config
-    with_file = GenerationConfig.resolve(config, {"temperature": 0.6, "eos_token_id": [7, 8], "do_sample": True},
-                                         top_p=0.5)
+    with_file = GenerationConfig.resolve(
+        config, {"temperature": 0.6, "eos_token_id": [7, 8], "do_sample": True}, top_p=0.5
+    )
     assert (with_file.temperature, with_file.eos_token_id, with_file.top_p) == (0.6, [7, 8], 0.5)
     assert with_file.sources["temperature"] == "generation_config.json" and with_file.sources["top_p"] == "call"
     # without generation_config.json, generation keys of config.json count (transformers' fallback)
@@ -459,10 +580,15 @@ def test_default_length_is_twenty_new_tokens_capped_at_context(models):
     ours, hf_model = models
     ids = ours.tokenizer.encode(PROMPTS[0])
     with torch.no_grad():
-        expected = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                     do_sample=False, eos_token_id=None, pad_token_id=0)
+        expected = hf_model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
     found = generate(ours.model, ids, eos_token_id=[])
-    assert len(found.output_ids[0]) == 20 and found.output_ids[0] == expected[0, len(ids):].tolist()
+    assert len(found.output_ids[0]) == 20 and found.output_ids[0] == expected[0, len(ids) :].tolist()
     assert GenerationConfig().max_length_for(250, context=256) == 256
     assert GenerationConfig(max_length=30).max_length_for(10, context=256) == 30
 
@@ -480,7 +606,7 @@ def test_native_argmax_follows_torch_rules(cols):
     rows = torch.randn(8, cols, generator=gen)
     rows[1] = torch.randint(0, 3, (cols,), generator=gen).float()  # many ties
     rows[2] = float("-inf")
-    rows[3, cols // 2:] = float("nan")
+    rows[3, cols // 2 :] = float("nan")
     rows[4] = 7.0  # all equal: column 0
     rows[5, -1] = 100.0  # the last column, in the partial vector
     rows[6] = float("-inf")

@@ -17,8 +17,8 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-
 from conftest import rewrite_json
+
 from llamascope import Engine
 from llamascope.cache import KVCache, SlotKVCache
 from llamascope.config import DEFAULT_MAX_NEW_TOKENS, ContextLengthError
@@ -32,8 +32,10 @@ from llamascope.server import ServerSettings, create_app  # noqa: E402
 from llamascope.server.scheduler import AdditivePenalties  # noqa: E402
 
 MODEL = "tiny-server"
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 PROMPTS = ["Once upon a time", "My name is Mariama, my favorite", "def forward(self, x):", "The quick brown fox"]
 EOS = 2
 
@@ -107,6 +109,7 @@ def finish(reason: str) -> str:
 
 # ---- the per-slot cache: batched decode equals each sequence alone ---------------------------
 
+
 def test_slot_cache_batch_decode_matches_each_sequence_alone(engine):
     """Slots of different lengths, in a row order that is not a plain slice, decode together
     (one token, then three) and give each sequence the logits it gets alone with a KVCache."""
@@ -157,6 +160,7 @@ def test_additive_penalties_are_openai_formula():
 
 # ---- answers equal Engine.generate -----------------------------------------------------------
 
+
 def test_models_and_health(server, client):
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
@@ -190,8 +194,9 @@ def test_completion_of_token_ids_and_several_prompts(client, engine):
 def test_chat_equals_engine_with_chat_template(client, engine):
     for prompt in PROMPTS[:3]:
         expected = engine.generate(prompt, chat=True, max_new_tokens=12, do_sample=False)
-        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
-                                           max_tokens=12, temperature=0)
+        r = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=12, temperature=0
+        )
         assert r.object == "chat.completion"
         assert r.choices[0].message.role == "assistant"
         assert r.choices[0].message.content == expected.text
@@ -202,16 +207,25 @@ def test_chat_equals_engine_with_chat_template(client, engine):
 def test_streaming_equals_non_streaming(client):
     for prompt in PROMPTS[:2]:
         whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=25, temperature=0)
-        chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=25, temperature=0,
-                                                stream=True, stream_options={"include_usage": True}))
+        chunks = list(
+            client.completions.create(
+                model=MODEL,
+                prompt=prompt,
+                max_tokens=25,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
         assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
         assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
         messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompt}]
         whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
-        chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20,
-                                                     temperature=0, stream=True))
+        chunks = list(
+            client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0, stream=True)
+        )
         assert chunks[0].choices[0].delta.role == "assistant"
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
         assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
@@ -231,8 +245,10 @@ def test_raw_stream_is_openai_sse(server):
 def test_seeded_sampling_equals_engine_and_repeats(client, engine):
     settings = dict(temperature=0.8, top_p=0.9)
     for seed in (0, 7):
-        expected = [engine.generate(PROMPTS[1], max_new_tokens=15, do_sample=True, top_k=0, seed=seed + i,
-                                    **settings).text for i in range(2)]
+        expected = [
+            engine.generate(PROMPTS[1], max_new_tokens=15, do_sample=True, top_k=0, seed=seed + i, **settings).text
+            for i in range(2)
+        ]
         r = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=15, seed=seed, n=2, **settings)
         assert [c.text for c in r.choices] == expected
     assert expected[0] != expected[1]
@@ -241,11 +257,12 @@ def test_seeded_sampling_equals_engine_and_repeats(client, engine):
 def test_stop_strings_cut_the_text(client, engine):
     full = engine.generate(PROMPTS[0], max_new_tokens=30, do_sample=False).text
     stop = full[10:13]
-    cut = full[:full.index(stop)]
+    cut = full[: full.index(stop)]
     r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=30, temperature=0, stop=[stop, "§§"])
     assert (r.choices[0].text, r.choices[0].finish_reason) == (cut, "stop")
-    chunks = list(client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=30, temperature=0,
-                                            stop=stop, stream=True))
+    chunks = list(
+        client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=30, temperature=0, stop=stop, stream=True)
+    )
     assert "".join(c.choices[0].text for c in chunks) == cut
     assert chunks[-1].choices[0].finish_reason == "stop"
 
@@ -254,13 +271,19 @@ def test_logprobs(client, engine):
     r = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=6, temperature=0, logprobs=3)
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens
-    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+    for value, top in zip(lp.token_logprobs, lp.top_logprobs):
         assert value <= 0 and len(top) <= 3
         assert value >= max(top.values()) - 1e-5  # greedy: the chosen token is the most likely
     assert "".join(lp.tokens) == r.choices[0].text or "\ufffd" in "".join(lp.tokens)
 
-    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROMPTS[2]}],
-                                       max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": PROMPTS[2]}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens
     assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob == pytest.approx(c.logprob) for c in content)
@@ -268,12 +291,14 @@ def test_logprobs(client, engine):
 
 def test_logit_bias_and_penalties(client, engine):
     token = engine.tokenizer.encode("fox", add_special_tokens=False)[0]
-    r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=5, temperature=0,
-                                  logit_bias={str(token): 100})
+    r = client.completions.create(
+        model=MODEL, prompt=PROMPTS[0], max_tokens=5, temperature=0, logit_bias={str(token): 100}
+    )
     assert r.choices[0].text == engine.tokenizer.decode([token] * 5)
     plain = client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=40, temperature=0)
-    penalised = client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=40, temperature=0,
-                                          frequency_penalty=2.0, presence_penalty=2.0)
+    penalised = client.completions.create(
+        model=MODEL, prompt=PROMPTS[3], max_tokens=40, temperature=0, frequency_penalty=2.0, presence_penalty=2.0
+    )
     assert penalised.usage.completion_tokens >= 1
     assert penalised.choices[0].text != plain.choices[0].text or plain.choices[0].finish_reason == "stop"
 
@@ -292,8 +317,17 @@ def test_concurrent_streams_each_get_their_own_tokens(server, engine):
         if s["temperature"] == 0:
             expected.append(engine.generate(prompt, max_new_tokens=max_tokens, do_sample=False).text)
         else:
-            expected.append(engine.generate(prompt, max_new_tokens=max_tokens, do_sample=True, top_k=0,
-                                            temperature=s["temperature"], top_p=s["top_p"], seed=s["seed"]).text)
+            expected.append(
+                engine.generate(
+                    prompt,
+                    max_new_tokens=max_tokens,
+                    do_sample=True,
+                    top_k=0,
+                    temperature=s["temperature"],
+                    top_p=s["top_p"],
+                    seed=s["seed"],
+                ).text
+            )
 
     server[1].state.scheduler.peak_batch = 0
 
@@ -312,6 +346,7 @@ def test_concurrent_streams_each_get_their_own_tokens(server, engine):
 
 
 # ---- bad input: a 4xx naming the field, and the server goes on -------------------------------
+
 
 def _error(response: httpx.Response, status: int, param=None) -> dict:
     assert response.status_code == status, response.text
@@ -351,18 +386,29 @@ def test_bad_requests_get_openai_errors(server, engine):
     _error(post("/v1/completions", json={**ok, "seed": 1.5}), 400, "seed")
     assert _error(post("/v1/completions", json={**ok, "model": "gpt-9"}), 404, "model")["code"] == "model_not_found"
     long_prompt = list(range(3, 300)) * 14  # 4158 tokens > 4096 positions
-    assert _error(post("/v1/completions", json={**ok, "prompt": long_prompt}), 400,
-                  "prompt")["code"] == "context_length_exceeded"
+    assert (
+        _error(post("/v1/completions", json={**ok, "prompt": long_prompt}), 400, "prompt")["code"]
+        == "context_length_exceeded"
+    )
     _error(post("/v1/completions", json={**ok, "max_tokens": 5000}), 400, "max_tokens")
     _error(post("/v1/chat/completions", json={**chat, "messages": "hi"}), 400, "messages")
     _error(post("/v1/chat/completions", json={**chat, "messages": []}), 400, "messages")
-    _error(post("/v1/chat/completions", json={**chat, "messages": [{"role": "wizard", "content": "x"}]}), 400,
-           "messages[0].role")
-    _error(post("/v1/chat/completions", json={**chat, "messages": [{"role": "user", "content": 3}]}), 400,
-           "messages[0].content")
+    _error(
+        post("/v1/chat/completions", json={**chat, "messages": [{"role": "wizard", "content": "x"}]}),
+        400,
+        "messages[0].role",
+    )
+    _error(
+        post("/v1/chat/completions", json={**chat, "messages": [{"role": "user", "content": 3}]}),
+        400,
+        "messages[0].content",
+    )
     _error(post("/v1/chat/completions", json={**chat, "top_logprobs": 2}), 400, "top_logprobs")
-    _error(post("/v1/chat/completions", json={**chat, "messages": [{"role": "user", "content": "x " * 5000}]}),
-           400, "messages")
+    _error(
+        post("/v1/chat/completions", json={**chat, "messages": [{"role": "user", "content": "x " * 5000}]}),
+        400,
+        "messages",
+    )
     _error(httpx.get(url + "/v1/nowhere", timeout=10), 404)
     _error(httpx.get(url + "/v1/completions", timeout=10), 405)
 
@@ -403,15 +449,18 @@ def test_a_failing_request_does_not_harm_the_others(server, engine, monkeypatch)
 
     async def main():
         async with openai.AsyncOpenAI(base_url=server[0] + "/v1", api_key="x", max_retries=0, timeout=60) as client:
+
             async def good():
-                stream = await client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=60,
-                                                         temperature=0, stream=True)
+                stream = await client.completions.create(
+                    model=MODEL, prompt=PROMPTS[1], max_tokens=60, temperature=0, stream=True
+                )
                 return "".join([c.choices[0].text async for c in stream])
 
             async def bad(stream: bool):
                 await asyncio.sleep(0.01)
-                r = await client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=30, temperature=0,
-                                                    presence_penalty=1.25, stream=stream)
+                r = await client.completions.create(
+                    model=MODEL, prompt=PROMPTS[0], max_tokens=30, temperature=0, presence_penalty=1.25, stream=stream
+                )
                 if stream:
                     return "".join([c.choices[0].text async for c in r])
                 return r
@@ -428,6 +477,7 @@ def test_a_failing_request_does_not_harm_the_others(server, engine, monkeypatch)
 
 # ---- queueing, disconnects, load -------------------------------------------------------------
 
+
 def _no_eos() -> dict:
     return {str(EOS): -100}
 
@@ -435,15 +485,27 @@ def _no_eos() -> dict:
 def test_full_queue_gets_429_and_disconnect_frees_the_slot(model_dir, caplog):
     caplog.set_level(logging.INFO, logger="llamascope")
     with running(model_dir, max_batch=1, max_queue=1) as (url, app):
-        body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 3000, "temperature": 0, "stream": True,
-                "logit_bias": _no_eos()}
+        body = {
+            "model": MODEL,
+            "prompt": PROMPTS[0],
+            "max_tokens": 3000,
+            "temperature": 0,
+            "stream": True,
+            "logit_bias": _no_eos(),
+        }
         with httpx.Client(timeout=30) as http:
             with http.stream("POST", url + "/v1/completions", json=body) as long_stream:
                 lines = long_stream.iter_lines()
                 assert next(lines).startswith("data: ")  # generating: it holds the only slot
                 waiter = {}
-                thread = threading.Thread(target=lambda: waiter.setdefault("r", httpx.post(
-                    url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3}, timeout=30)))
+                thread = threading.Thread(
+                    target=lambda: waiter.setdefault(
+                        "r",
+                        httpx.post(
+                            url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3}, timeout=30
+                        ),
+                    )
+                )
                 thread.start()
                 wait_for(lambda: health(url)["waiting"] == 1, what="a waiting request")
                 full = http.post(url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3})
@@ -475,8 +537,12 @@ def test_load_16_concurrent_clients(server, engine):
     """16 clients x 3 requests (completions and chat, streamed or not) against 8 slots: every
     response complete and equal to the answer alone, nothing lost, no error."""
     lengths = (6, 17)
-    expected = {(p, m, chat): engine.generate(p, chat=chat, max_new_tokens=m, do_sample=False).text
-                for p in PROMPTS for m in lengths for chat in (False, True)}
+    expected = {
+        (p, m, chat): engine.generate(p, chat=chat, max_new_tokens=m, do_sample=False).text
+        for p in PROMPTS
+        for m in lengths
+        for chat in (False, True)
+    }
 
     async def client_task(client, k):
         results = []
@@ -484,16 +550,22 @@ def test_load_16_concurrent_clients(server, engine):
             prompt, max_tokens = PROMPTS[(k + j) % 4], lengths[(k + j) % 2]
             chat, stream = (k + j) % 3 == 0, (k * 3 + j) % 2 == 0
             if chat:
-                kwargs = dict(model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-                              temperature=0, stream=stream)
+                kwargs = dict(
+                    model=MODEL,
+                    messages=[{"role": "user", "content": prompt}],
+                    max_tokens=max_tokens,
+                    temperature=0,
+                    stream=stream,
+                )
                 r = await client.chat.completions.create(**kwargs)
                 if stream:
                     text = "".join([c.choices[0].delta.content or "" async for c in r])
                 else:
                     text = r.choices[0].message.content
             else:
-                r = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens,
-                                                    temperature=0, stream=stream)
+                r = await client.completions.create(
+                    model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=stream
+                )
                 text = "".join([c.choices[0].text async for c in r]) if stream else r.choices[0].text
             results.append(text == expected[(prompt, max_tokens, chat)])
         return results
@@ -527,8 +599,10 @@ def test_one_log_line_per_request(client, caplog):
 # ---- one rule each, the same as the Python API's ------------------------------------------------
 
 END = 2  # "</s>": the end of a turn in TURN_TEMPLATE
-TURN_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '</s>' }}{% endfor %}"
-                 "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+TURN_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '</s>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
 SAMPLING = {"do_sample": True, "temperature": 0.7, "top_k": 5, "top_p": 0.9, "repetition_penalty": 1.3}
 
 
@@ -563,13 +637,14 @@ def test_context_limit_is_the_apis(short_context, caplog):
     context = engine.config.max_position_embeddings
     tokens = list(range(3, 3 + context + 1))
     with running(short_context, max_batch=2) as (url, _):
+
         def complete(ids, **extra):
             body = {"model": MODEL, "prompt": ids, "temperature": 0, **extra}
             return httpx.post(url + "/v1/completions", json=body, timeout=30)
 
         assert health(url)["slot_capacity"] == context
-        alone = engine.generate_ids(tokens[:context - 1], max_new_tokens=1).output_ids[0]
-        r = complete(tokens[:context - 1], max_tokens=1)
+        alone = engine.generate_ids(tokens[: context - 1], max_new_tokens=1).output_ids[0]
+        r = complete(tokens[: context - 1], max_tokens=1)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == len(alone) == 1
         assert r.json()["choices"][0]["text"] == engine.tokenizer.decode(alone, skip_special_tokens=True)
         for length in (context, context + 1):
@@ -577,14 +652,16 @@ def test_context_limit_is_the_apis(short_context, caplog):
                 engine.generate_ids(tokens[:length], max_new_tokens=1)
             assert _error(complete(tokens[:length], max_tokens=1), 400, "prompt")["code"] == "context_length_exceeded"
 
-        assert _error(complete(tokens[:context - 1], max_tokens=2), 400, "max_tokens")["code"] == \
-            "context_length_exceeded"
-        clipped = complete(tokens[:context - 3]).json()  # the default of 16, clipped to the room of 3
-        alone = engine.generate_ids(tokens[:context - 3], max_new_tokens=3, do_sample=False)
+        assert (
+            _error(complete(tokens[: context - 1], max_tokens=2), 400, "max_tokens")["code"]
+            == "context_length_exceeded"
+        )
+        clipped = complete(tokens[: context - 3]).json()  # the default of 16, clipped to the room of 3
+        alone = engine.generate_ids(tokens[: context - 3], max_new_tokens=3, do_sample=False)
         assert clipped["usage"]["completion_tokens"] == len(alone.output_ids[0])
         assert clipped["choices"][0]["finish_reason"] == finish(alone.finish_reasons[0])
     with caplog.at_level(logging.WARNING, logger="llamascope"):
-        past = engine.generate_ids(tokens[:context - 1], max_new_tokens=3, eos_token_id=[])
+        past = engine.generate_ids(tokens[: context - 1], max_new_tokens=3, eos_token_id=[])
     assert len(past.output_ids[0]) == 3 and "past the model's context of 24 positions" in caplog.text
 
 
@@ -601,19 +678,27 @@ def test_server_stops_on_the_stop_strings_generate_stops_on(client, engine):
     prompt = PROMPTS[0]
     free = engine.generate(prompt, max_new_tokens=30, do_sample=False)
     pieces = [engine.tokenizer.decode([t]) for t in free.output_ids]
-    across = next(a[-1] + b[0] for i, (a, b) in enumerate(zip(pieces[3:], pieces[4:]), start=3)
-                  if a and b and (a[-1] + b[0]).isprintable() and "\ufffd" not in a + b and a[-1] + b[0] not in b
-                  and a[-1] + b[0] not in prompt + "".join(pieces[:i + 1]))
+    across = next(
+        a[-1] + b[0]
+        for i, (a, b) in enumerate(zip(pieces[3:], pieces[4:]), start=3)
+        if a
+        and b
+        and (a[-1] + b[0]).isprintable()
+        and "\ufffd" not in a + b
+        and a[-1] + b[0] not in b
+        and a[-1] + b[0] not in prompt + "".join(pieces[: i + 1])
+    )
     from_prompt = prompt[-1] + pieces[0][0]
     for stop in (across, from_prompt):
         alone = engine.generate(prompt, max_new_tokens=30, do_sample=False, stop_strings=[stop])
-        assert alone.finish_reason == "stop" and alone.output_ids == free.output_ids[:len(alone.output_ids)]
-        text = alone.text[:alone.text.find(stop)] if stop in alone.text else ""
+        assert alone.finish_reason == "stop" and alone.output_ids == free.output_ids[: len(alone.output_ids)]
+        text = alone.text[: alone.text.find(stop)] if stop in alone.text else ""
         r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0, stop=stop)
         assert (r.choices[0].text, r.choices[0].finish_reason) == (text, "stop")
         assert r.usage.completion_tokens == len(alone.output_ids)
-        chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0, stop=stop,
-                                                stream=True))
+        chunks = list(
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0, stop=stop, stream=True)
+        )
         assert "".join(c.choices[0].text for c in chunks) == text
     assert len(engine.generate(prompt, max_new_tokens=30, do_sample=False, stop_strings=[from_prompt]).output_ids) == 1
 
@@ -623,12 +708,15 @@ def test_server_chat_ends_at_the_end_of_turn_ids_of_engine_chat(turn_model):
     assert engine.generation_config().eos_token_id == [0]
     assert engine.end_of_turn_ids() == [END] and engine.generation_config(chat=True).eos_token_id == [0, END]
     ended = 0
-    with running(turn_model, max_batch=2) as (url, _), \
-            openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60) as client:
+    with (
+        running(turn_model, max_batch=2) as (url, _),
+        openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60) as client,
+    ):
         for prompt in PROMPTS:
             messages = [{"role": "user", "content": prompt}]
-            free = engine.generate_ids(engine.tokenizer.encode_chat(messages), max_new_tokens=20,
-                                       do_sample=False).output_ids[0]  # eos 0 alone: past the end of turn
+            free = engine.generate_ids(
+                engine.tokenizer.encode_chat(messages), max_new_tokens=20, do_sample=False
+            ).output_ids[0]  # eos 0 alone: past the end of turn
             reply = "".join(engine.chat(messages, max_new_tokens=20, do_sample=False))
             completion = engine.generate(prompt, chat=True, max_new_tokens=20, do_sample=False)
             r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
@@ -655,8 +743,10 @@ def test_server_resolves_settings_like_the_api(model_dir, tmp_path, where):
     engine = Engine.load(folder)
     config = engine.generation_config()
     assert {k: getattr(config, k) for k in SAMPLING} == SAMPLING and config.sources["top_k"] == where
-    with running(folder, max_batch=2) as (url, _), \
-            openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60) as client:
+    with (
+        running(folder, max_batch=2) as (url, _),
+        openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60) as client,
+    ):
         for seed, request in ((3, {}), (4, {"top_p": 0.5}), (5, {"temperature": 1.2}), (6, {"temperature": 0})):
             call = {"do_sample": False} if request.get("temperature") == 0 else request
             expected = engine.generate(PROMPTS[1], max_new_tokens=12, seed=seed, **call).text
@@ -666,6 +756,7 @@ def test_server_resolves_settings_like_the_api(model_dir, tmp_path, where):
 
 # ---- the command line --------------------------------------------------------------------------
 
+
 def test_llamascope_serve_command(tiny_model):
     """`llamascope serve` in its own process: API key, KV budget, and a model without a chat template."""
     import subprocess
@@ -674,11 +765,28 @@ def test_llamascope_serve_command(tiny_model):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "llamascope", "serve", "--model", str(tiny_model), "--port", str(port),
-               "--max-batch", "2", "--kv-budget-mb", "0.125", "--api-key", "k", "--served-model-name", "m"]
+    command = [
+        sys.executable,
+        "-m",
+        "llamascope",
+        "serve",
+        "--model",
+        str(tiny_model),
+        "--port",
+        str(port),
+        "--max-batch",
+        "2",
+        "--kv-budget-mb",
+        "0.125",
+        "--api-key",
+        "k",
+        "--served-model-name",
+        "m",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
+
         def up():
             assert process.poll() is None, process.stdout.read()
             try:

@@ -34,8 +34,9 @@ else:
 
 def run(code: str, **env: str) -> str:
     environ = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**environ, **env},
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**environ, **env}, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
@@ -56,14 +57,18 @@ def test_the_allocator_advises_huge_pages_only_when_asked_before_torch_loads():
 
 
 def test_a_users_setting_wins():
-    code = ("import os\nfrom llamascope.startup import allocate_in_huge_pages\n"
-            "print(allocate_in_huge_pages(), os.environ['THP_MEM_ALLOC_ENABLE'])")
+    code = (
+        "import os\nfrom llamascope.startup import allocate_in_huge_pages\n"
+        "print(allocate_in_huge_pages(), os.environ['THP_MEM_ALLOC_ENABLE'])"
+    )
     assert run(code, THP_MEM_ALLOC_ENABLE="0") == "False 0"
     assert run(code) == "True 1"
 
 
 def test_the_command_asks_first():
-    code = ("import os\nfrom llamascope import cli\n"
-            "status = cli.main(['info', '--model', '/nonexistent/model.gguf'])\n"
-            "print(status, os.environ.get('THP_MEM_ALLOC_ENABLE'))")
+    code = (
+        "import os\nfrom llamascope import cli\n"
+        "status = cli.main(['info', '--model', '/nonexistent/model.gguf'])\n"
+        "print(status, os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+    )
     assert run(code) == "1 1"

@@ -41,7 +41,7 @@ def straddling_stop(tokenizer, prompt: list[int], out: list[int], start: int = 3
             continue
         candidate = a[-1] + b[0]
         # the pair must not be one token's text, and must not occur before it straddles
-        if candidate not in tokenizer.decode(prompt + out[:i + 1]) and candidate not in b:
+        if candidate not in tokenizer.decode(prompt + out[: i + 1]) and candidate not in b:
             return candidate, i + 1
     raise AssertionError("no token boundary to straddle")
 
@@ -54,35 +54,48 @@ def test_stop_string_across_token_boundary(models, tiny_model):
         stop, last = straddling_stop(ours.tokenizer, ids, free)
         # the string is in neither token alone: it straddles tokens `last - 1` and `last`
         assert stop not in ours.tokenizer.decode([free[last - 1]]) and stop not in ours.tokenizer.decode([free[last]])
-        result = generate(ours.model, ids, max_new_tokens=24, eos_token_id=[], stop_strings=[stop],
-                          tokenizer=ours.tokenizer)
-        assert result.output_ids[0] == free[:last + 1]
+        result = generate(
+            ours.model, ids, max_new_tokens=24, eos_token_id=[], stop_strings=[stop], tokenizer=ours.tokenizer
+        )
+        assert result.output_ids[0] == free[: last + 1]
         assert result.finish_reasons == ["stop"]
         with torch.no_grad():
-            expected = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                         max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0,
-                                         stop_strings=[stop], tokenizer=reference_tokenizer)
-        assert result.output_ids[0] == expected[0, len(ids):].tolist()
+            expected = hf_model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=24,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+                stop_strings=[stop],
+                tokenizer=reference_tokenizer,
+            )
+        assert result.output_ids[0] == expected[0, len(ids) :].tolist()
 
 
 def test_stop_string_inside_one_token_and_several_strings(models):
     ours, _ = models
     ids, free = free_run(ours, PROMPTS[1])
     pieces = [ours.tokenizer.decode([t]) for t in free]
-    i = next(i for i in range(2, len(free)) if len(pieces[i].strip()) >= 2
-             and pieces[i].strip() not in ours.tokenizer.decode(ids + free[:i]))
+    i = next(
+        i
+        for i in range(2, len(free))
+        if len(pieces[i].strip()) >= 2 and pieces[i].strip() not in ours.tokenizer.decode(ids + free[:i])
+    )
     inside = pieces[i].strip()
     never = "\u2603 not generated"
-    result = generate(ours.model, ids, max_new_tokens=24, eos_token_id=[], stop_strings=[never, inside],
-                      tokenizer=ours.tokenizer)
-    assert result.output_ids[0] == free[:i + 1] and result.finish_reasons == ["stop"]
+    result = generate(
+        ours.model, ids, max_new_tokens=24, eos_token_id=[], stop_strings=[never, inside], tokenizer=ours.tokenizer
+    )
+    assert result.output_ids[0] == free[: i + 1] and result.finish_reasons == ["stop"]
 
 
 def test_stop_string_seen_only_in_the_prompt_does_not_stop(models):
     ours, _ = models
     ids, free = free_run(ours, PROMPTS[0], n=12)
-    result = generate(ours.model, ids, max_new_tokens=12, eos_token_id=[], stop_strings=["Mariama"],
-                      tokenizer=ours.tokenizer)
+    result = generate(
+        ours.model, ids, max_new_tokens=12, eos_token_id=[], stop_strings=["Mariama"], tokenizer=ours.tokenizer
+    )
     assert result.output_ids[0] == free and result.finish_reasons == ["length"]
 
 
@@ -91,9 +104,16 @@ def test_stop_strings_in_a_batch_stop_each_row(models):
     prompts = [ours.tokenizer.encode(p) for p in PROMPTS]
     free = generate(ours.model, prompts, max_new_tokens=20, eos_token_id=[], pad_token_id=2).output_ids
     stop, last = straddling_stop(ours.tokenizer, prompts[1], free[1])
-    result = generate(ours.model, prompts, max_new_tokens=20, eos_token_id=[], pad_token_id=2,
-                      stop_strings=[stop], tokenizer=ours.tokenizer)
-    assert result.output_ids[1] == free[1][:last + 1] and result.finish_reasons[1] == "stop"
+    result = generate(
+        ours.model,
+        prompts,
+        max_new_tokens=20,
+        eos_token_id=[],
+        pad_token_id=2,
+        stop_strings=[stop],
+        tokenizer=ours.tokenizer,
+    )
+    assert result.output_ids[1] == free[1][: last + 1] and result.finish_reasons[1] == "stop"
     for row in (0, 2):  # the other rows run on (or stop where the string appears in them)
         cut = len(result.output_ids[row])
         assert result.output_ids[row] == free[row][:cut]
@@ -110,7 +130,7 @@ def test_stop_string_matcher_unit(models):
     fired = [k for k in range(1, len(ids) + 1) if matcher.match(ids[:k])]
     assert len(fired) == 1
     k = fired[0]
-    assert "a little" in tok.decode(ids[:k]) and "a little" not in tok.decode(ids[:k - 1])
+    assert "a little" in tok.decode(ids[:k]) and "a little" not in tok.decode(ids[: k - 1])
     assert "a little" in text
 
 
@@ -120,9 +140,9 @@ def test_streaming_stops_at_stop_string(models):
     stop, last = straddling_stop(ours.tokenizer, ids, free)
     config = Engine(ours).generation_config(max_new_tokens=24, eos_token_id=[], stop_strings=[stop])
     pieces = list(stream(ours.model, ours.tokenizer, ids, config))
-    assert [token for token, _ in pieces] == free[:last + 1]
+    assert [token for token, _ in pieces] == free[: last + 1]
     streamed = "".join(delta for _, delta in pieces)
-    assert streamed == ours.tokenizer.decode(free[:last + 1], skip_special_tokens=True)
+    assert streamed == ours.tokenizer.decode(free[: last + 1], skip_special_tokens=True)
     assert stop in streamed
 
 
@@ -133,11 +153,17 @@ def test_several_eos_ids(models, tiny_model):
     eos = [free[9], free[4], 319]
     first = min(free.index(e) for e in eos if e in free)
     result = generate(ours.model, ids, max_new_tokens=24, eos_token_id=eos)
-    assert result.output_ids[0] == free[:first + 1] and result.finish_reasons == ["eos"]
+    assert result.output_ids[0] == free[: first + 1] and result.finish_reasons == ["eos"]
     with torch.no_grad():
-        expected = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                     max_new_tokens=24, do_sample=False, eos_token_id=eos, pad_token_id=0)
-    assert result.output_ids[0] == expected[0, len(ids):].tolist()
+        expected = hf_model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=0,
+        )
+    assert result.output_ids[0] == expected[0, len(ids) :].tolist()
 
 
 def test_several_eos_ids_in_a_batch_match_transformers(models, tiny_model):
@@ -155,7 +181,7 @@ def test_several_eos_ids_in_a_batch_match_transformers(models, tiny_model):
     for row in range(3):
         want = expected[row, T:].tolist()
         got = result.output_ids[row]
-        assert want[:len(got)] == got and all(t == 2 for t in want[len(got):])
+        assert want[: len(got)] == got and all(t == 2 for t in want[len(got) :])
         assert (result.finish_reasons[row] == "eos") == (got[-1] in eos)
     assert result.finish_reasons[0] == result.finish_reasons[2] == "eos"
 
@@ -169,21 +195,29 @@ def test_eos_ids_from_generation_config_json(models, tiny_model):
     engine.generation_json = dict(engine.generation_json or {}, eos_token_id=eos)
     first = min(free.index(e) for e in eos)
     result = engine.generate_ids(ids, max_new_tokens=24)
-    assert result.output_ids[0] == free[:first + 1] and result.finish_reasons == ["eos"]
+    assert result.output_ids[0] == free[: first + 1] and result.finish_reasons == ["eos"]
 
 
 def test_max_time(models):
     ours, _ = models
     ids = ours.tokenizer.encode(PROMPTS[0])
     start = time.perf_counter()
-    result = generate(ours.model, ids, max_new_tokens=200, eos_token_id=[], max_time=0.15,
-                      on_step=lambda step: time.sleep(0.05))
+    result = generate(
+        ours.model, ids, max_new_tokens=200, eos_token_id=[], max_time=0.15, on_step=lambda step: time.sleep(0.05)
+    )
     elapsed = time.perf_counter() - start
     assert result.finish_reasons == ["time"]
     assert 1 <= len(result.output_ids[0]) <= 5 and elapsed < 2.0
     # in beam search too
-    beams = generate(ours.model, ids, max_new_tokens=200, eos_token_id=[], max_time=0.15, num_beams=2,
-                     on_step=lambda step: time.sleep(0.05))
+    beams = generate(
+        ours.model,
+        ids,
+        max_new_tokens=200,
+        eos_token_id=[],
+        max_time=0.15,
+        num_beams=2,
+        on_step=lambda step: time.sleep(0.05),
+    )
     assert beams.finish_reasons == ["time"] and 1 <= len(beams.output_ids[0]) <= 5
     # a generous limit changes nothing
     assert generate(ours.model, ids, max_new_tokens=8, eos_token_id=[], max_time=60.0).finish_reasons == ["length"]
@@ -194,16 +228,33 @@ def test_engine_and_cli_stop_strings(models, tiny_model, capsys):
     ids, free = free_run(ours, PROMPTS[1])
     stop, last = straddling_stop(ours.tokenizer, ids, free)
     completion = Engine(ours).generate(PROMPTS[1], max_new_tokens=24, eos_token_id=[], stop_strings=stop)
-    assert completion.output_ids == free[:last + 1] and completion.finish_reason == "stop"
+    assert completion.output_ids == free[: last + 1] and completion.finish_reason == "stop"
     assert stop in PROMPTS[1] + completion.text
-    assert cli_main(["generate", "--model", str(tiny_model), "--json", "--max-new-tokens", "24", "--stop", stop,
-                     "--stop", "\u2603", PROMPTS[1]]) == 0
+    assert (
+        cli_main(
+            [
+                "generate",
+                "--model",
+                str(tiny_model),
+                "--json",
+                "--max-new-tokens",
+                "24",
+                "--stop",
+                stop,
+                "--stop",
+                "\u2603",
+                PROMPTS[1],
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["finish_reason"] in ("stop", "eos")
-    assert out["finish_reason"] == "eos" or out["output_ids"] == free[:last + 1]
+    assert out["finish_reason"] == "eos" or out["output_ids"] == free[: last + 1]
 
 
 # ---- the context: one limit, the same everywhere (config.room_for_new_tokens) ---------------------
+
 
 @pytest.fixture(scope="module")
 def short(model_factory):
@@ -245,8 +296,14 @@ def test_past_the_context_generation_goes_on_as_in_transformers(short, caplog):
         found = generate(ours.model, prompt, max_new_tokens=8, eos_token_id=[])
     assert "past the model's context of 24 positions" in caplog.text
     with torch.no_grad():
-        expected = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 20, dtype=torch.long),
-                                     max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+        expected = hf_model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, 20, dtype=torch.long),
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
     assert found.output_ids[0] == expected[0, 20:].tolist() and len(found.output_ids[0]) == 8
     caplog.clear()
     with caplog.at_level("WARNING", logger="llamascope"):
@@ -259,9 +316,16 @@ def test_context_rule_unit():
     for length in (24, 25):
         with pytest.raises(ContextLengthError):
             room_for_new_tokens(length, 24)
-    assert room_for_new_tokens(10 ** 6, None) is None  # no limit
-    base = dict(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
-                max_position_embeddings=24, model_type="llama")
+    assert room_for_new_tokens(10**6, None) is None  # no limit
+    base = dict(
+        vocab_size=8,
+        hidden_size=8,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        max_position_embeddings=24,
+        model_type="llama",
+    )
     assert ModelConfig.from_dict(base).context_limit == 24
     dynamic = ModelConfig.from_dict(dict(base, rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
     assert dynamic.context_limit is None  # dynamic NTK scaling stretches RoPE to any length

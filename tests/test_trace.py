@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import rewrite_json
 from rich.console import Console
 
-from conftest import rewrite_json
 from llamascope.cli import main
 from llamascope.engine import Engine
 from llamascope.errors import LlamascopeError
@@ -44,6 +44,7 @@ def _render(t, width=160) -> str:
 
 
 # ---- the numbers ----------------------------------------------------------------------------------
+
 
 def test_per_position_predictions_equal_full_forward_and_transformers(engine, traced, tiny_model):
     from transformers import LlamaForCausalLM
@@ -82,8 +83,11 @@ def test_lens_at_the_last_layer_equals_the_models_logits_exactly(engine, traced)
 
 def test_trace_on_and_off_give_the_same_tokens(engine):
     ids = engine.encode(PROMPT)
-    for settings in (dict(max_new_tokens=8), dict(max_new_tokens=8, use_cache=False),
-                     dict(max_new_tokens=8, do_sample=True, seed=7, top_k=20, temperature=0.8)):
+    for settings in (
+        dict(max_new_tokens=8),
+        dict(max_new_tokens=8, use_cache=False),
+        dict(max_new_tokens=8, do_sample=True, seed=7, top_k=20, temperature=0.8),
+    ):
         plain = generate(engine.model, ids, engine.generation_config(**settings)).output_ids[0]
         traced = trace(engine, PROMPT, lens=True, **settings)
         assert traced.output_ids == plain, settings
@@ -131,14 +135,16 @@ def test_warns_when_settings_contradict_the_tokenizer(model_factory, tmp_path):
 
 
 def test_activation_recorder(engine):
-    recorder = ActivationRecorder(["layers.*.input", "layers.*.attn_out", "layers.*.mlp_out", "layers.*.output",
-                                   "layers.0.attn_weights"])
+    recorder = ActivationRecorder(
+        ["layers.*.input", "layers.*.attn_out", "layers.*.mlp_out", "layers.*.output", "layers.0.attn_weights"]
+    )
     ids = engine.encode(PROMPT)
     generate(engine.model, ids, max_new_tokens=2, capture=recorder)
     first, second = recorder.steps
     T = len(ids)
     assert set(first) == {f"layers.{i}.{n}" for i in range(2) for n in ("input", "attn_out", "mlp_out", "output")} | {
-        "layers.0.attn_weights"}
+        "layers.0.attn_weights"
+    }
     assert first["layers.0.attn_weights"].shape == (1, 4, T, T)
     assert second["layers.0.attn_weights"].shape == (1, 4, 1, T + 1)
     assert torch.allclose(first["layers.0.attn_weights"].sum(-1), torch.ones(1, 4, T))
@@ -152,10 +158,20 @@ def test_activation_recorder(engine):
 
 # ---- rendering --------------------------------------------------------------------------------
 
+
 def test_text_rendering_order_and_content(traced):
     text = _render(traced)
-    order = ["1. tokenization", "2. generation settings", "3. decoding strategy", "step 0 (prefill",
-             "per-position predictions", "step 1 (decode", "step 3 (decode", "result", "logit lens"]
+    order = [
+        "1. tokenization",
+        "2. generation settings",
+        "3. decoding strategy",
+        "step 0 (prefill",
+        "per-position predictions",
+        "step 1 (decode",
+        "step 3 (decode",
+        "result",
+        "logit lens",
+    ]
     positions = [text.index(heading) for heading in order]
     assert positions == sorted(positions)
     T = traced.prompt_length
@@ -196,17 +212,24 @@ def test_cli_trace_writes_json_and_html(tiny_model, tmp_path, capsys):
 
 # ---- the HTML report in a real browser ----------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def chromium() -> str:
     path = shutil.which("chromium")
     if path is None and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "chromium"],
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=900)
+        subprocess.run(
+            ["apt-get", "install", "-y", "chromium"],
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=900,
+        )
         path = shutil.which("chromium")
     if path is None:
-        pytest.skip("headless Chromium is not installed (Debian package `chromium`; the test installs it with "
-                    "apt-get only when running as root)")
+        pytest.skip(
+            "headless Chromium is not installed (Debian package `chromium`; the test installs it with "
+            "apt-get only when running as root)"
+        )
     return path
 
 
@@ -230,19 +253,37 @@ def test_html_heat_map_in_headless_chromium(chromium, traced, tmp_path):
     report.write_text(page.replace("</body>", PROBE + "</body>"), encoding="utf-8")
     profile = tmp_path / "profile"
     run = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", f"--user-data-dir={profile}", "--dump-dom",
-         report.as_uri()],
-        capture_output=True, text=True, timeout=120)
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--no-first-run",
+            f"--user-data-dir={profile}",
+            "--dump-dom",
+            report.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     match = re.search(r'<pre id="probe">(.*?)</pre>', run.stdout)
     assert match, run.stderr[-2000:]
     found = json.loads(match.group(1).replace("&quot;", '"'))
     expected = len(traced.lens.layers) * len(traced.lens.positions)
-    assert found == {"cells": expected, "shown": expected, "tinted": expected, "hiddenTips": expected,
-                     "rows": len(traced.lens.layers)}
+    assert found == {
+        "cells": expected,
+        "shown": expected,
+        "tinted": expected,
+        "hiddenTips": expected,
+        "rows": len(traced.lens.layers),
+    }
 
 
 # ---- golden output on the default model ---------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def default_engine():
@@ -267,8 +308,14 @@ def test_golden_trace_on_the_default_model(default_engine):
     # structure
     T, H, V, L = len(t.prompt_ids), golden["hidden_size"], golden["vocab_size"], golden["num_hidden_layers"]
     assert len(t.steps) == golden["max_new_tokens"] and t.finish_reason == "length"
-    assert t.steps[0].shapes == {"embed": [1, T, H], "decoder_output": [1, T, H], "norm": [1, T, H],
-                                 "logits": [1, 1, V], "next_token_logits": [1, V], "all_position_logits": [1, T, V]}
+    assert t.steps[0].shapes == {
+        "embed": [1, T, H],
+        "decoder_output": [1, T, H],
+        "norm": [1, T, H],
+        "logits": [1, 1, V],
+        "next_token_logits": [1, V],
+        "all_position_logits": [1, T, V],
+    }
     for k, s in enumerate(t.steps[1:], 1):
         assert s.cache_length == T + k - 1 and s.position_ids == [[T + k - 1]] and s.shapes["embed"] == [1, 1, H]
     assert t.settings.sources["eos_token_id"] == "GGUF metadata" and t.warnings == []

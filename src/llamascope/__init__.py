@@ -16,8 +16,15 @@ if TYPE_CHECKING:
     from .generation import generate
     from .loading import load_model
 
-_HOMES = {"Completion": "engine", "Engine": "engine", "GenerationConfig": "config", "ModelConfig": "config",
-          "LlamascopeError": "errors", "generate": "generation", "load_model": "loading"}
+_HOMES = {
+    "Completion": "engine",
+    "Engine": "engine",
+    "GenerationConfig": "config",
+    "ModelConfig": "config",
+    "LlamascopeError": "errors",
+    "generate": "generation",
+    "load_model": "loading",
+}
 
 __all__ = sorted(_HOMES)
 

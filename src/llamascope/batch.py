@@ -75,8 +75,12 @@ def add_token_text(logprobs: list[list[dict]], tokenizer) -> None:
 
 def logprob_entry(raw: dict) -> dict:
     """One token's entry of GenerationResult.logprobs from sampling.token_logprobs' row ("token" filled later)."""
-    return {"token": None, "id": raw["id"], "logprob": raw["logprob"],
-            "top": [{"token": None, "id": alt["id"], "logprob": alt["logprob"]} for alt in raw["top"]]}
+    return {
+        "token": None,
+        "id": raw["id"],
+        "logprob": raw["logprob"],
+        "top": [{"token": None, "id": alt["id"], "logprob": alt["logprob"]} for alt in raw["top"]],
+    }
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,8 +91,8 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     input_ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), T), dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        input_ids[row, T - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        attention_mask[row, T - len(prompt):] = 1
+        input_ids[row, T - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, T - len(prompt) :] = 1
     return input_ids, attention_mask
 
 
@@ -129,7 +133,12 @@ def prepare_batch(model: torch.nn.Module, prompts: list[list[int]], config: Gene
     room = room_for_new_tokens(T0, context)
     max_length = config.max_length_for(T0, model.config.max_position_embeddings)
     if room is not None and max_length - T0 > room:
-        log.warning("up to %d new tokens after a prompt of %d go past the model's context of %d positions; "
-                    "generation goes on (as in transformers), but positions from %d on were not trained",
-                    max_length - T0, T0, context, context)
+        log.warning(
+            "up to %d new tokens after a prompt of %d go past the model's context of %d positions; "
+            "generation goes on (as in transformers), but positions from %d on were not trained",
+            max_length - T0,
+            T0,
+            context,
+            context,
+        )
     return pad_id, input_ids, attention_mask, max_length

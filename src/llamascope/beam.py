@@ -130,9 +130,13 @@ class _BeamSearch:
     def empty_result(self) -> GenerationResult:
         """The result when max_length leaves no room for a new token."""
         rows = [p for p in self.prompts for _ in range(self.n_return)]
-        return GenerationResult(rows, [[] for _ in rows], ["length"] * len(rows),
-                                logprobs=[[] for _ in rows] if self.want_logprobs else None,
-                                sequence_scores=[0.0] * len(rows))
+        return GenerationResult(
+            rows,
+            [[] for _ in rows],
+            ["length"] * len(rows),
+            logprobs=[[] for _ in rows] if self.want_logprobs else None,
+            sequence_scores=[0.0] * len(rows),
+        )
 
     # ---- the stages of a step -----------------------------------------------------------------
     def start_beams(self) -> None:
@@ -140,8 +144,9 @@ class _BeamSearch:
         the KV cache and the positions."""
         B, K, L, T0, device = self.B, self.num_beams, self.max_length, self.T0, self.device
         self.padding_lengths = (self.rows_mask == 0).sum(dim=1)  # [BK]
-        self.processors = build_processors(self.config, T0, self.padding_lengths, num_beams=K,
-                                           vocab_size=self.model.config.vocab_size)
+        self.processors = build_processors(
+            self.config, T0, self.padding_lengths, num_beams=K, vocab_size=self.model.config.vocab_size
+        )
         self.generator = make_generator(self.config, device) if self.config.do_sample else None
         self.running = torch.full((B, K, L), self.pad_id, dtype=torch.long, device=device)  # [B, K, L]
         self.running[:, :, :T0] = self.input_ids.to(device)[:, None, :]
@@ -194,7 +199,7 @@ class _BeamSearch:
         """Why each candidate stops, by the StopRules: [B, n_keep] index into REASONS, -1: runs on."""
         out_of_time = self.rules.out_of_time()
         first = max(0, cur_len + 1 - self.rules.tail)  # the columns the rules look at
-        window = candidates.sequences[:, :, first:cur_len + 1].tolist()
+        window = candidates.sequences[:, :, first : cur_len + 1].tolist()
         new_tokens = cur_len + 1 - self.T0
         codes = []
         for b in range(self.B):
@@ -224,8 +229,9 @@ class _BeamSearch:
         self.running_scores = _take(open_scores, keep)
         if self.want_logprobs:
             n_keep = self.n_keep
-            self.running_logprobs = [candidates.logprobs[b * n_keep + i]
-                                     for b in range(self.B) for i in keep[b].tolist()]
+            self.running_logprobs = [
+                candidates.logprobs[b * n_keep + i] for b in range(self.B) for i in keep[b].tolist()
+            ]
         return _take(candidates.parent_rows, keep)
 
     def finish(self, candidates: _Candidates, cur_len: int) -> None:
@@ -248,7 +254,7 @@ class _BeamSearch:
         self.finished_lengths = _take(torch.cat((self.finished_lengths, new_lengths), dim=1), best)
         self.finished_reasons = _take(torch.cat((self.finished_reasons, candidates.reasons.clamp(min=0)), dim=1), best)
         if self.want_logprobs:
-            merged = [self.finished_logprobs[b] + candidates.logprobs[b * n_keep:(b + 1) * n_keep] for b in range(B)]
+            merged = [self.finished_logprobs[b] + candidates.logprobs[b * n_keep : (b + 1) * n_keep] for b in range(B)]
             self.finished_logprobs = [[merged[b][i] for i in best[b].tolist()] for b in range(B)]
 
     def advance(self, next_parent_rows: torch.Tensor) -> None:
@@ -267,9 +273,8 @@ class _BeamSearch:
             best_length = self.max_length - self.T0
         else:
             best_length = cur_len - self.T0
-        best_running = self.running_scores[:, :1] / (best_length ** length_penalty)  # [B, 1]
-        worst_finished = torch.where(self.finished_flags, self.finished_scores.min(dim=1, keepdim=True)[0],
-                                     IMPOSSIBLE)
+        best_running = self.running_scores[:, :1] / (best_length**length_penalty)  # [B, 1]
+        worst_finished = torch.where(self.finished_flags, self.finished_scores.min(dim=1, keepdim=True)[0], IMPOSSIBLE)
         self.can_improve = self.can_improve & (best_running > worst_finished).any(dim=-1, keepdim=True)
         all_full = bool(self.finished_flags.all()) and self.config.early_stopping is True
         return not bool(self.can_improve.any()) or all_full or bool((candidates.reasons >= 0).all())
@@ -280,7 +285,7 @@ class _BeamSearch:
         for b in range(self.B):
             for i in range(self.n_return):
                 length = int(self.finished_lengths[b, i])
-                outputs.append(self.finished[b, i, self.T0:self.T0 + length].tolist())
+                outputs.append(self.finished[b, i, self.T0 : self.T0 + length].tolist())
                 reasons.append(REASONS[int(self.finished_reasons[b, i])])
                 scores.append(float(self.finished_scores[b, i]))
                 if self.want_logprobs:
@@ -288,5 +293,13 @@ class _BeamSearch:
         if self.want_logprobs:
             add_token_text(logprobs, self.tokenizer)
         rows = [p for p in self.prompts for _ in range(self.n_return)]
-        return GenerationResult(rows, outputs, reasons, steps, prefill_seconds, decode_seconds,
-                                logprobs if self.want_logprobs else None, scores)
+        return GenerationResult(
+            rows,
+            outputs,
+            reasons,
+            steps,
+            prefill_seconds,
+            decode_seconds,
+            logprobs if self.want_logprobs else None,
+            scores,
+        )

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -131,14 +131,22 @@ def time_decode(model: nn.Module, ids: list[int], new_tokens: int) -> tuple[floa
     """-> (prefill seconds, decode tokens/s over the steps after the first)."""
     stamps: list[float] = []
     start = time.perf_counter()
-    generate(model, ids, max_new_tokens=new_tokens, eos_token_id=[], on_step=lambda s: stamps.append(time.perf_counter()))
+    generate(
+        model, ids, max_new_tokens=new_tokens, eos_token_id=[], on_step=lambda s: stamps.append(time.perf_counter())
+    )
     prefill = stamps[0] - start
     decode = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
     return prefill, decode
 
 
-def run(engine, prompt_tokens: int = 10, new_tokens: int = 128, prefill_tokens: int = 512, repeats: int = 3,
-        progress: Callable[[str, int, int], None] | None = None) -> BenchResult:
+def run(
+    engine,
+    prompt_tokens: int = 10,
+    new_tokens: int = 128,
+    prefill_tokens: int = 512,
+    repeats: int = 3,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> BenchResult:
     """Median of `repeats` runs of each measurement, after one warm-up."""
     model, tokenizer = engine.model, engine.tokenizer
     rss_after_load = peak_rss_bytes()  # before the benchmark's own buffers
@@ -166,11 +174,18 @@ def run(engine, prompt_tokens: int = 10, new_tokens: int = 128, prefill_tokens: 
         prefill_rates.append(len(long_ids) / prefill_seconds)
         tick("prefill")
     return BenchResult(
-        load_seconds=engine.loaded.load_seconds, peak_rss_bytes=rss_after_load,
-        weight_bytes=tensor_bytes(model), bytes_per_token=bytes_read_per_token(model),
-        prefill_tokens=len(long_ids), prefill_tokens_per_s=statistics.median(prefill_rates),
-        decode_tokens=new_tokens, decode_tokens_per_s=statistics.median(decode_rates),
-        bandwidth_bytes_per_s=bandwidth, threads=torch.get_num_threads(), device=str(model.device),
-        kernels=kernel_build(model), rss_before_load_bytes=engine.loaded.rss_before_bytes,
+        load_seconds=engine.loaded.load_seconds,
+        peak_rss_bytes=rss_after_load,
+        weight_bytes=tensor_bytes(model),
+        bytes_per_token=bytes_read_per_token(model),
+        prefill_tokens=len(long_ids),
+        prefill_tokens_per_s=statistics.median(prefill_rates),
+        decode_tokens=new_tokens,
+        decode_tokens_per_s=statistics.median(decode_rates),
+        bandwidth_bytes_per_s=bandwidth,
+        threads=torch.get_num_threads(),
+        device=str(model.device),
+        kernels=kernel_build(model),
+        rss_before_load_bytes=engine.loaded.rss_before_bytes,
         load_added_rss_bytes=load_added_rss(engine.loaded, rss_after_load) if model.device.type == "cpu" else None,
     )

@@ -31,13 +31,12 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     @classmethod
-    def for_model(cls, model, batch_size: int, capacity: int) -> "KVCache":
+    def for_model(cls, model, batch_size: int, capacity: int) -> KVCache:
         """A cache for `model`, of at least `capacity` columns (a compiled decode step rounds it up)."""
         c = model.config
         if model.decode_step is not None:
             capacity = model.decode_step.capacity_for(capacity)
-        return cls(c.num_hidden_layers, batch_size, model.kv_heads, c.head_dim, capacity,
-                   model.dtype, model.device)
+        return cls(c.num_hidden_layers, batch_size, model.kv_heads, c.head_dim, capacity, model.dtype, model.device)
 
     @property
     def batch_size(self) -> int:
@@ -51,8 +50,8 @@ class KVCache:
         T = k.shape[2]
         end = self.length + T
         self.check_room(T)
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def check_room(self, T: int) -> None:
@@ -94,8 +93,10 @@ class SlotKVCache:
         device: torch.device | str = "cpu",
     ):
         if num_slots < 1 or slot_capacity < 1:
-            raise LlamascopeError(f"SlotKVCache needs at least one slot and one column "
-                                  f"(num_slots={num_slots}, slot_capacity={slot_capacity})")
+            raise LlamascopeError(
+                f"SlotKVCache needs at least one slot and one column "
+                f"(num_slots={num_slots}, slot_capacity={slot_capacity})"
+            )
         self.num_layers, self.num_slots, self.slot_capacity = num_layers, num_slots, slot_capacity
         self.kv_heads, self.head_dim, self.dtype, self.device = kv_heads, head_dim, dtype, torch.device(device)
         self.lengths = [0] * num_slots  # filled columns of each slot
@@ -106,10 +107,9 @@ class SlotKVCache:
         self.storage_version = 0  # bumped whenever the key/value tensors are replaced (not written)
 
     @classmethod
-    def for_model(cls, model, num_slots: int, slot_capacity: int) -> "SlotKVCache":
+    def for_model(cls, model, num_slots: int, slot_capacity: int) -> SlotKVCache:
         c = model.config
-        return cls(c.num_hidden_layers, num_slots, model.kv_heads, c.head_dim, slot_capacity,
-                   model.dtype, model.device)
+        return cls(c.num_hidden_layers, num_slots, model.kv_heads, c.head_dim, slot_capacity, model.dtype, model.device)
 
     # ---- memory ----------------------------------------------------------------------------
     @staticmethod
@@ -129,20 +129,22 @@ class SlotKVCache:
     def reserve(self, rows: int, columns: int) -> None:
         """Make storage hold at least `rows` slots of `columns` positions (doubling as it grows)."""
         if rows > self.num_slots or columns > self.slot_capacity:
-            raise LlamascopeError(f"KV cache: {rows} slots x {columns} positions asked, "
-                                  f"limit {self.num_slots} x {self.slot_capacity}")
+            raise LlamascopeError(
+                f"KV cache: {rows} slots x {columns} positions asked, limit {self.num_slots} x {self.slot_capacity}"
+            )
         if rows <= self.rows and columns <= self.columns:
             return
         new_rows = self.rows if rows <= self.rows else min(self.num_slots, max(rows, 2 * self.rows))
-        new_columns = self.columns if columns <= self.columns else \
-            min(self.slot_capacity, max(columns, 2 * self.columns, 16))
+        new_columns = (
+            self.columns if columns <= self.columns else min(self.slot_capacity, max(columns, 2 * self.columns, 16))
+        )
         shape = (new_rows, self.kv_heads, new_columns, self.head_dim)
         self.storage_version += 1  # first: should an allocation fail, the layers before it are replaced already
         for store in (self.keys, self.values):
             for layer in range(self.num_layers):
                 grown = torch.zeros(shape, dtype=self.dtype, device=self.device)  # [rows, KVH, columns, D]
                 if layer < len(store):
-                    grown[:self.rows, :, :self.columns] = store[layer]
+                    grown[: self.rows, :, : self.columns] = store[layer]
                     store[layer] = grown
                 else:
                     store.append(grown)
@@ -201,7 +203,7 @@ class SlotKVCache:
             self.values[layer][slot, :, :n] = cache.values[layer][row, :, :n]
         self.lengths[slot] = n
 
-    def batch(self, slots: list[int], T: int) -> "SlotBatch":
+    def batch(self, slots: list[int], T: int) -> SlotBatch:
         """A view over `slots` (in this row order) for one forward pass of T new tokens each."""
         if not slots:
             raise LlamascopeError("KV cache: a batch needs at least one slot")

@@ -28,20 +28,27 @@ log = logging.getLogger("llamascope")
 
 PIPE_WIDTH = 10_000  # columns of output that is not a terminal: wide enough that nothing wraps
 MODEL_HELP = "Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct)"
-GENERATION_EPILOG = ("Generation settings left unset come from the model's generation_config.json (or its GGUF "
-                     "metadata), else its config.json, else the default shown (transformers').")
+GENERATION_EPILOG = (
+    "Generation settings left unset come from the model's generation_config.json (or its GGUF "
+    "metadata), else its config.json, else the default shown (transformers')."
+)
 
 
 # ---- options -----------------------------------------------------------------------------------
 
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help=MODEL_HELP)
     _add_dtype_arg(p)
-    p.add_argument("--quant", default=None, choices=["none", "int8", "int4", "q8_0", "q4_0", "q4_1"],
-                   help="weight format: as stored when omitted (GGUF blocks stay quantised where the native "
-                        "kernels read them); none: all float "
-                        "at --dtype; int8 / int4: group-wise weight-only quantisation (blocks of 32 weights; "
-                        "the LM head and token embedding in 8 bits), each matrix quantised as it is read")
+    p.add_argument(
+        "--quant",
+        default=None,
+        choices=["none", "int8", "int4", "q8_0", "q4_0", "q4_1"],
+        help="weight format: as stored when omitted (GGUF blocks stay quantised where the native "
+        "kernels read them); none: all float "
+        "at --dtype; int8 / int4: group-wise weight-only quantisation (blocks of 32 weights; "
+        "the LM head and token embedding in 8 bits), each matrix quantised as it is read",
+    )
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: PyTorch's choice)")
     _add_device_arg(p)
     _add_backend_arg(p)
@@ -50,47 +57,76 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_dtype_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights and activations dtype (default %(default)s: the checkpoint's; for a GGUF, "
-                        "bfloat16 where its matrices are BF16, else float32)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and activations dtype (default %(default)s: the checkpoint's; for a GGUF, "
+        "bfloat16 where its matrices are BF16, else float32)",
+    )
 
 
 def _add_device_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto",
-                   help="cpu, cuda or cuda:N (default %(default)s: CUDA when PyTorch sees a GPU, else the CPU)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda or cuda:N (default %(default)s: CUDA when PyTorch sees a GPU, else the CPU)",
+    )
 
 
 def _add_backend_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="native", choices=["native", "plain", "compiled"],
-                   help="how the layers compute (default %(default)s): native (the C kernels), plain (PyTorch's "
-                        "operations only: the reference path; the greedy pick's native argmax, exact to "
-                        "torch.argmax, still runs), compiled (plain layers with the decode step compiled by "
-                        "torch.compile, for a GPU or a CPU the kernels do not run on; the first step takes a "
-                        "minute or so)")
+    p.add_argument(
+        "--backend",
+        default="native",
+        choices=["native", "plain", "compiled"],
+        help="how the layers compute (default %(default)s): native (the C kernels), plain (PyTorch's "
+        "operations only: the reference path; the greedy pick's native argmax, exact to "
+        "torch.argmax, still runs), compiled (plain layers with the decode step compiled by "
+        "torch.compile, for a GPU or a CPU the kernels do not run on; the first step takes a "
+        "minute or so)",
+    )
 
 
 def _load_options(args: argparse.Namespace):
     """The LoadOptions a command's model arguments ask for."""
     from .loading import LoadOptions
 
-    return LoadOptions(dtype=args.dtype, device=args.device, quant=getattr(args, "quant", None),
-                       backend=args.backend, huge_pages=args.huge_pages)
+    return LoadOptions(
+        dtype=args.dtype,
+        device=args.device,
+        quant=getattr(args, "quant", None),
+        backend=args.backend,
+        huge_pages=args.huge_pages,
+    )
 
 
 def _add_huge_pages_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--huge-pages", action="store_true",
-                   help="also copy the weights of 4 MB or more into 2 MB pages after loading (the command already "
-                        "allocates tensors of 2 MB or more in them unless THP_MEM_ALLOC_ENABLE=0; this mostly "
-                        "serves the Python API); slower load")
+    p.add_argument(
+        "--huge-pages",
+        action="store_true",
+        help="also copy the weights of 4 MB or more into 2 MB pages after loading (the command already "
+        "allocates tensors of 2 MB or more in them unless THP_MEM_ALLOC_ENABLE=0; this mostly "
+        "serves the Python API); slower load",
+    )
 
 
 def _add_parallel_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tp", type=int, default=1, metavar="N",
-                   help="tensor parallelism over N processes started by "
-                        "`torchrun --nproc-per-node N -m llamascope ...` (gloo on CPU, nccl on GPU; "
-                        "default %(default)s)")
-    p.add_argument("--tp-timeout", type=float, default=None, metavar="SECONDS",
-                   help="with --tp: fail when another rank does not answer for this long (default 300)")
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="tensor parallelism over N processes started by "
+        "`torchrun --nproc-per-node N -m llamascope ...` (gloo on CPU, nccl on GPU; "
+        "default %(default)s)",
+    )
+    p.add_argument(
+        "--tp-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="with --tp: fail when another rank does not answer for this long (default 300)",
+    )
 
 
 def _start_parallel(args: argparse.Namespace):
@@ -102,8 +138,7 @@ def _start_parallel(args: argparse.Namespace):
     from . import parallel
 
     timeout = args.tp_timeout if args.tp_timeout is not None else parallel.DEFAULT_TIMEOUT_S
-    group = parallel.init_from_env(args.tp, device=None if args.device == "auto" else args.device,
-                                   timeout_s=timeout)
+    group = parallel.init_from_env(args.tp, device=None if args.device == "auto" else args.device, timeout_s=timeout)
     args.parallel_group = group
     if group is not None and not group.is_main:
         sys.stdout = open(os.devnull, "w")
@@ -122,44 +157,96 @@ def _add_generation_args(p: argparse.ArgumentParser, new_tokens: int, logprobs: 
     """The generation options; `new_tokens`: this command's default number of new tokens.
     `logprobs`: offer --logprobs (only where the command shows them)."""
     p.set_defaults(default_new_tokens=new_tokens)
-    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
-                   help=f"tokens to generate (default {new_tokens})")
-    p.add_argument("--min-new-tokens", type=int, metavar="N",
-                   help=f"no eos before this many new tokens {_model_default('min_new_tokens')}")
-    p.add_argument("--max-time", type=float, metavar="SECONDS",
-                   help=f"stop after this much time {_model_default('max_time')}")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None, metavar="N", help=f"tokens to generate (default {new_tokens})"
+    )
+    p.add_argument(
+        "--min-new-tokens",
+        type=int,
+        metavar="N",
+        help=f"no eos before this many new tokens {_model_default('min_new_tokens')}",
+    )
+    p.add_argument(
+        "--max-time", type=float, metavar="SECONDS", help=f"stop after this much time {_model_default('max_time')}"
+    )
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
-    p.add_argument("--do-sample", action="store_true", default=None,
-                   help=f"sample instead of greedy search {_model_default('do_sample')}")
-    p.add_argument("--temperature", type=float, metavar="T",
-                   help=f"sampling temperature, with --do-sample {_model_default('temperature')}")
-    p.add_argument("--top-k", type=int, metavar="K",
-                   help=f"sample among the K most likely tokens; 0: off {_model_default('top_k')}")
-    p.add_argument("--top-p", type=float, metavar="P",
-                   help=f"nucleus sampling: smallest set with this probability mass {_model_default('top_p')}")
-    p.add_argument("--min-p", type=float, metavar="P",
-                   help=f"drop tokens below P times the top probability {_model_default('min_p')}")
-    p.add_argument("--typical-p", type=float, metavar="P",
-                   help=f"locally typical sampling mass {_model_default('typical_p')}")
-    p.add_argument("--repetition-penalty", type=float, metavar="R",
-                   help=f"penalty for tokens already in the sequence; 1: off {_model_default('repetition_penalty')}")
-    p.add_argument("--no-repeat-ngram-size", type=int, metavar="N",
-                   help=f"never repeat an n-gram of this size; 0: off {_model_default('no_repeat_ngram_size')}")
-    p.add_argument("--num-beams", type=int, metavar="N",
-                   help=f"beam search with this many beams {_model_default('num_beams')}")
-    p.add_argument("--length-penalty", type=float, metavar="L",
-                   help=f"beam score = log-prob sum / length ** L {_model_default('length_penalty')}")
-    p.add_argument("--early-stopping", choices=["true", "false", "never"],
-                   help=f"when beam search stops {_model_default('early_stopping')}")
-    p.add_argument("--num-return-sequences", type=int, metavar="N",
-                   help=f"sequences per prompt, each printed with its score {_model_default('num_return_sequences')}")
+    p.add_argument(
+        "--do-sample",
+        action="store_true",
+        default=None,
+        help=f"sample instead of greedy search {_model_default('do_sample')}",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        metavar="T",
+        help=f"sampling temperature, with --do-sample {_model_default('temperature')}",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        metavar="K",
+        help=f"sample among the K most likely tokens; 0: off {_model_default('top_k')}",
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        metavar="P",
+        help=f"nucleus sampling: smallest set with this probability mass {_model_default('top_p')}",
+    )
+    p.add_argument(
+        "--min-p",
+        type=float,
+        metavar="P",
+        help=f"drop tokens below P times the top probability {_model_default('min_p')}",
+    )
+    p.add_argument(
+        "--typical-p", type=float, metavar="P", help=f"locally typical sampling mass {_model_default('typical_p')}"
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        metavar="R",
+        help=f"penalty for tokens already in the sequence; 1: off {_model_default('repetition_penalty')}",
+    )
+    p.add_argument(
+        "--no-repeat-ngram-size",
+        type=int,
+        metavar="N",
+        help=f"never repeat an n-gram of this size; 0: off {_model_default('no_repeat_ngram_size')}",
+    )
+    p.add_argument(
+        "--num-beams", type=int, metavar="N", help=f"beam search with this many beams {_model_default('num_beams')}"
+    )
+    p.add_argument(
+        "--length-penalty",
+        type=float,
+        metavar="L",
+        help=f"beam score = log-prob sum / length ** L {_model_default('length_penalty')}",
+    )
+    p.add_argument(
+        "--early-stopping",
+        choices=["true", "false", "never"],
+        help=f"when beam search stops {_model_default('early_stopping')}",
+    )
+    p.add_argument(
+        "--num-return-sequences",
+        type=int,
+        metavar="N",
+        help=f"sequences per prompt, each printed with its score {_model_default('num_return_sequences')}",
+    )
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop when the text contains TEXT (repeatable)")
-    p.add_argument("--seed", type=int, metavar="N",
-                   help=f"random seed for reproducible sampling {_model_default('seed')}")
+    p.add_argument(
+        "--seed", type=int, metavar="N", help=f"random seed for reproducible sampling {_model_default('seed')}"
+    )
     if logprobs:
-        p.add_argument("--logprobs", type=int, metavar="N",
-                       help="each token's log-probability and the N most likely alternatives: a table after "
-                            "the text, or in the JSON with --json (default: not shown)")
+        p.add_argument(
+            "--logprobs",
+            type=int,
+            metavar="N",
+            help="each token's log-probability and the N most likely alternatives: a table after "
+            "the text, or in the JSON with --json (default: not shown)",
+        )
     else:
         p.set_defaults(logprobs=None)
     p.epilog = GENERATION_EPILOG
@@ -170,13 +257,23 @@ def _option_settings(args: argparse.Namespace) -> dict:
     early_stopping = {"true": True, "false": False, "never": "never", None: None}[args.early_stopping]
     settings = {
         "max_new_tokens": args.max_new_tokens,
-        "min_new_tokens": args.min_new_tokens, "max_time": args.max_time,
+        "min_new_tokens": args.min_new_tokens,
+        "max_time": args.max_time,
         "use_cache": False if args.no_cache else None,
-        "do_sample": args.do_sample, "temperature": args.temperature, "top_k": args.top_k,
-        "top_p": args.top_p, "min_p": args.min_p, "typical_p": args.typical_p,
-        "repetition_penalty": args.repetition_penalty, "no_repeat_ngram_size": args.no_repeat_ngram_size,
-        "num_beams": args.num_beams, "length_penalty": args.length_penalty, "early_stopping": early_stopping,
-        "num_return_sequences": args.num_return_sequences, "stop_strings": args.stop, "seed": args.seed,
+        "do_sample": args.do_sample,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "min_p": args.min_p,
+        "typical_p": args.typical_p,
+        "repetition_penalty": args.repetition_penalty,
+        "no_repeat_ngram_size": args.no_repeat_ngram_size,
+        "num_beams": args.num_beams,
+        "length_penalty": args.length_penalty,
+        "early_stopping": early_stopping,
+        "num_return_sequences": args.num_return_sequences,
+        "stop_strings": args.stop,
+        "seed": args.seed,
         "output_logprobs": args.logprobs,
     }
     return {k: v for k, v in settings.items() if v is not None}
@@ -192,9 +289,16 @@ def _generation_settings(args: argparse.Namespace) -> dict:
 
 
 def _add_prompt_args(p: argparse.ArgumentParser, several: bool = False, metavar: str = "PROMPT") -> None:
-    p.add_argument("prompt", nargs="*" if several else "?", metavar=metavar,
-                   help=("the prompts, generated one after another; - reads one from stdin" if several
-                         else f"the {metavar.lower()}; - reads it from stdin"))
+    p.add_argument(
+        "prompt",
+        nargs="*" if several else "?",
+        metavar=metavar,
+        help=(
+            "the prompts, generated one after another; - reads one from stdin"
+            if several
+            else f"the {metavar.lower()}; - reads it from stdin"
+        ),
+    )
     p.add_argument("--file", metavar="PATH", help=f"read the {metavar.lower()} from this file (as llama-cli's -f)")
 
 
@@ -242,6 +346,7 @@ def _write_text(path: str, text: str) -> None:
 
 
 # ---- output ------------------------------------------------------------------------------------
+
 
 def _console():
     """A rich Console on stdout; where stdout is not a terminal, wide and soft-wrapped, so that
@@ -292,6 +397,7 @@ def _load_engine(args: argparse.Namespace):
 
 # ---- commands ----------------------------------------------------------------------------------
 
+
 def cmd_generate(args: argparse.Namespace) -> int:
     prompts = _prompts(args.prompt, args.file)
     engine = _load_engine(args)
@@ -303,8 +409,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if settings.get("output_logprobs") is None:
             settings["output_logprobs"] = 0  # each sampled sequence's log-probability, shown as its score
         for prompt in prompts:
-            _print_completion(engine.generate(prompt, chat=args.chat, **settings), args.chat,
-                              show_logprobs=args.logprobs is not None)
+            _print_completion(
+                engine.generate(prompt, chat=args.chat, **settings), args.chat, show_logprobs=args.logprobs is not None
+            )
     else:
         for prompt in prompts:
             _stream(engine.stream(prompt, chat=args.chat, **settings), "" if args.chat else prompt)
@@ -360,8 +467,14 @@ def _logprobs_table(entries: list[dict]):
         table.add_column(column, justify="left" if column in ("token", "most likely (logprob)") else "right")
     for step, entry in enumerate(entries):
         alternatives = ", ".join(f"{alt['token']!r} {alt['logprob']:.4f}" for alt in entry["top"])
-        table.add_row(str(step), escape(repr(entry["token"])), str(entry["id"]), f"{entry['logprob']:.4f}",
-                      f"{math.exp(entry['logprob']):.4f}", escape(alternatives))
+        table.add_row(
+            str(step),
+            escape(repr(entry["token"])),
+            str(entry["id"]),
+            f"{entry['logprob']:.4f}",
+            f"{math.exp(entry['logprob']):.4f}",
+            escape(alternatives),
+        )
     return table
 
 
@@ -394,8 +507,16 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
     prompt = _one_prompt(args)
     engine = _load_engine(args)
-    result = trace(engine, prompt, chat=args.chat, top=args.top, lens=args.lens or bool(args.html),
-                   defaults=_command_defaults(args), defaults_source="default (CLI)", **_option_settings(args))
+    result = trace(
+        engine,
+        prompt,
+        chat=args.chat,
+        top=args.top,
+        lens=args.lens or bool(args.html),
+        defaults=_command_defaults(args),
+        defaults_source="default (CLI)",
+        **_option_settings(args),
+    )
     if args.json_file:
         _write_text(args.json_file, json.dumps(result.to_json(), ensure_ascii=False, indent=1))
         log.info("wrote the trace as JSON to %s", args.json_file)
@@ -430,8 +551,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .server import ServerSettings, serve
         from .server.app import default_model_name
     except ModuleNotFoundError as e:
-        raise LlamascopeError(f"`llamascope serve` needs the server extra ({e.name} is missing): "
-                              "pip install 'llamascope[server]'") from None
+        raise LlamascopeError(
+            f"`llamascope serve` needs the server extra ({e.name} is missing): pip install 'llamascope[server]'"
+        ) from None
     from .engine import Engine
 
     if args.max_batch < 1 or args.max_queue < 0 or args.kv_budget_mb <= 0:
@@ -440,18 +562,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     main_rank = group is None or group.is_main
     if args.verbose == 0 and args.log_level is None and main_rank:
         log.setLevel(logging.INFO)  # one line per request
-    engine = Engine.load(args.model, _load_options(args),
-                         progress=_progress_bar("loading weights") if main_rank else None, parallel=group)
+    engine = Engine.load(
+        args.model,
+        _load_options(args),
+        progress=_progress_bar("loading weights") if main_rank else None,
+        parallel=group,
+    )
     if not main_rank:
         from .server.lockstep import follow
 
         follow(engine.model, group)
         return 0
-    settings = ServerSettings(model_name=args.served_model_name or default_model_name(engine),
-                              max_batch=args.max_batch, max_queue=args.max_queue,
-                              kv_budget_bytes=int(args.kv_budget_mb * 2**20), api_key=args.api_key)
-    serve(engine, host=args.host, port=args.port, settings=settings,
-          log_level=(args.log_level or ("debug" if args.verbose > 1 else "info")).lower())
+    settings = ServerSettings(
+        model_name=args.served_model_name or default_model_name(engine),
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        kv_budget_bytes=int(args.kv_budget_mb * 2**20),
+        api_key=args.api_key,
+    )
+    serve(
+        engine,
+        host=args.host,
+        port=args.port,
+        settings=settings,
+        log_level=(args.log_level or ("debug" if args.verbose > 1 else "info")).lower(),
+    )
     return 0
 
 
@@ -533,14 +668,19 @@ def _bench_table(engine, result):
     table = Table(title=f"llamascope bench: {engine.loaded.checkpoint.path.name}", show_header=False)
     rows = [
         ("load", f"{result.load_seconds:.2f} s"),
-        ("peak RSS", f"{result.peak_rss_bytes / 2**20:.0f} MiB (weights in memory {result.weight_bytes / 2**20:.0f} MiB)"),
+        (
+            "peak RSS",
+            f"{result.peak_rss_bytes / 2**20:.0f} MiB (weights in memory {result.weight_bytes / 2**20:.0f} MiB)",
+        ),
         ("  runtime, before loading", _load_rss_text(result)),
         (f"prefill ({result.prefill_tokens} tokens)", f"{result.prefill_tokens_per_s:.1f} tokens/s"),
         (f"decode ({result.decode_tokens} tokens)", f"{result.decode_tokens_per_s:.1f} tokens/s"),
         ("weight bytes per token", f"{result.bytes_per_token / 2**20:.1f} MiB"),
         ("read bandwidth (measured)", f"{result.bandwidth_bytes_per_s / 1e9:.1f} GB/s"),
-        ("decode vs bandwidth limit", f"{100 * result.decode_share_of_limit:.0f}% of "
-                                      f"{result.bandwidth_limit_tokens_per_s:.0f} tokens/s"),
+        (
+            "decode vs bandwidth limit",
+            f"{100 * result.decode_share_of_limit:.0f}% of {result.bandwidth_limit_tokens_per_s:.0f} tokens/s",
+        ),
         ("threads", str(result.threads)),
         ("device", result.device),
         ("native kernels", result.kernels),
@@ -557,7 +697,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     engine = _load_engine(args)
     ids = engine.tokenizer.encode(text)
     if args.max_tokens:
-        ids = ids[:args.max_tokens]
+        ids = ids[: args.max_tokens]
     value, scored = perplexity(engine.model, ids, args.window, args.stride)
     if args.json:
         _print_json({"perplexity": value, "tokens": scored, "window": args.window, "stride": args.stride})
@@ -568,12 +708,17 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
 
 # ---- the parser --------------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llamascope", description="Run LLaMA-family models and see every step.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('llamascope')}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: INFO logging, -vv: DEBUG")
-    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=None,
-                        help="(default: WARNING, INFO with -v, DEBUG with -vv)")
+    parser.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        default=None,
+        help="(default: WARNING, INFO with -v, DEBUG with -vv)",
+    )
     parser.set_defaults(parallel_group=None)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate_commands(sub)
@@ -589,8 +734,11 @@ def _add_generate_commands(sub) -> None:
     _add_model_args(p)
     _add_generation_args(p, DEFAULT_MAX_NEW_TOKENS["cli"], logprobs=True)
     p.add_argument("--chat", action="store_true", help="apply the chat template to each prompt as a user message")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object per prompt (prompt_ids, output_ids, text, ...) on stdout")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per prompt (prompt_ids, output_ids, text, ...) on stdout",
+    )
     _add_prompt_args(p, several=True)
     p.set_defaults(func=cmd_generate)
 
@@ -616,8 +764,11 @@ def _add_generate_commands(sub) -> None:
 def _add_inspect_commands(sub) -> None:
     p = sub.add_parser("tokenize", help="print token ids and pieces")
     p.add_argument("--model", default=None, help=MODEL_HELP)
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer source: folder, tokenizer.json, tokenizer.model or .gguf (default: the model's)")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer source: folder, tokenizer.json, tokenizer.model or .gguf (default: the model's)",
+    )
     p.add_argument("--no-special", action="store_true", help="do not add BOS/EOS")
     p.add_argument("--json", action="store_true", help='print {"ids", "tokens"} as JSON on stdout')
     _add_prompt_args(p, metavar="TEXT")
@@ -638,12 +789,23 @@ def _add_serve_command(sub) -> None:
     _add_huge_pages_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
-    p.add_argument("--max-batch", type=int, default=8, metavar="N",
-                   help="sequences decoded together (default %(default)s)")
-    p.add_argument("--max-queue", type=int, default=64, metavar="N",
-                   help="sequences that may wait for a slot; more get 429 (default %(default)s)")
-    p.add_argument("--kv-budget-mb", type=float, default=1024, metavar="MB",
-                   help="most memory the KV cache may take; bounds each slot's positions (default %(default)s)")
+    p.add_argument(
+        "--max-batch", type=int, default=8, metavar="N", help="sequences decoded together (default %(default)s)"
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        metavar="N",
+        help="sequences that may wait for a slot; more get 429 (default %(default)s)",
+    )
+    p.add_argument(
+        "--kv-budget-mb",
+        type=float,
+        default=1024,
+        metavar="MB",
+        help="most memory the KV cache may take; bounds each slot's positions (default %(default)s)",
+    )
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: file or folder name)")
     _add_parallel_args(p)
@@ -653,13 +815,16 @@ def _add_serve_command(sub) -> None:
 def _add_bench_commands(sub) -> None:
     p = sub.add_parser("bench", help="load time, peak memory, prefill and decode tokens/s")
     _add_model_args(p)
-    p.add_argument("--prompt-tokens", type=int, default=10,
-                   help="prompt length for the decode runs (default %(default)s)")
+    p.add_argument(
+        "--prompt-tokens", type=int, default=10, help="prompt length for the decode runs (default %(default)s)"
+    )
     p.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per run (default %(default)s)")
-    p.add_argument("--prefill-tokens", type=int, default=512,
-                   help="prompt length for the prefill runs (default %(default)s)")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="runs per measurement, the median is shown (default %(default)s)")
+    p.add_argument(
+        "--prefill-tokens", type=int, default=512, help="prompt length for the prefill runs (default %(default)s)"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=3, help="runs per measurement, the median is shown (default %(default)s)"
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.set_defaults(func=cmd_bench)
 
@@ -667,8 +832,9 @@ def _add_bench_commands(sub) -> None:
     _add_model_args(p)
     p.add_argument("--window", type=int, default=512, help="tokens per window (default %(default)s)")
     p.add_argument("--stride", type=int, default=256, help="tokens each window advances (default %(default)s)")
-    p.add_argument("--max-tokens", type=int, default=None,
-                   help="score only the first N tokens of the file (default: all)")
+    p.add_argument(
+        "--max-tokens", type=int, default=None, help="score only the first N tokens of the file (default: all)"
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("file")
     p.set_defaults(func=cmd_perplexity)
@@ -678,16 +844,19 @@ def _add_convert_command(sub) -> None:
     p = sub.add_parser("convert", help="write a GGUF model as a Hugging Face folder that transformers loads")
     p.add_argument("gguf_file", help="the .gguf model file")
     p.add_argument("out_dir", help="the folder to write")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="type of the written weights (default %(default)s)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="type of the written weights (default %(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="print the folder and its files as JSON on stdout")
     p.set_defaults(func=cmd_convert)
 
 
 def _configure_logging(args: argparse.Namespace) -> None:
     level = args.log_level or {0: "WARNING", 1: "INFO"}.get(args.verbose, "DEBUG")
-    logging.basicConfig(level=getattr(logging, level), format="%(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=getattr(logging, level), format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
 def _rank_tag() -> str:

@@ -76,8 +76,9 @@ class CompiledDecode:
         self.model = model
         self.dtype = model.dtype
         self.device = model.device
-        self._graph = torch.compile(self._forward, fullgraph=True, dynamic=False,
-                                    options={"emulate_precision_casts": True})
+        self._graph = torch.compile(
+            self._forward, fullgraph=True, dynamic=False, options={"emulate_precision_casts": True}
+        )
         self._uncompiled: set[tuple] = set()  # graph keys past PyTorch's recompile limit
         self._inputs: tuple | None = None  # ((B, capacity), ids, column, pad) of the latest generation
 
@@ -91,8 +92,12 @@ class CompiledDecode:
         if capture is not None or tokens.dim() != 2 or tokens.shape[1] != 1 or type(cache) is not KVCache:
             return False
         store = cache.keys[0]
-        return (store.shape[0] == tokens.shape[0] and store.dtype == self.dtype and store.device == self.device
-                and (mask is None or (mask.dtype == torch.bool and mask.shape[-1] == cache.length + 1)))
+        return (
+            store.shape[0] == tokens.shape[0]
+            and store.dtype == self.dtype
+            and store.device == self.device
+            and (mask is None or (mask.dtype == torch.bool and mask.shape[-1] == cache.length + 1))
+        )
 
     def _forward(self, tokens, positions, keys, values, column, pad):
         capacity = keys[0].shape[2]
@@ -101,8 +106,9 @@ class CompiledDecode:
         h = self.model.hidden_states(tokens, positions, _StaticColumns(keys, values, column), allowed)  # [B, 1, hidden]
         return self.model.lm_head(h)  # [B, 1, vocab]
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, capacity = tokens.shape[0], cache.capacity
         cache.check_room(1)
         check_token_ids(tokens.view(-1).tolist(), self.model.config.vocab_size)
@@ -116,7 +122,7 @@ class CompiledDecode:
         ids[1].copy_(positions)
         column.fill_(cache.length)
         if mask is not None:  # left padding: [B, 1, 1, length + 1]
-            pad[..., :cache.length + 1].copy_(mask)
+            pad[..., : cache.length + 1].copy_(mask)
         else:
             pad.fill_(True)
         graph_key = (B, capacity, cache.keys[0].is_inference())
@@ -126,8 +132,12 @@ class CompiledDecode:
             try:
                 logits = self._graph(ids[0], ids[1], cache.keys, cache.values, column, pad)  # [B, 1, vocab]
             except torch._dynamo.exc.FailOnRecompileLimitHit:  # (raised before anything runs)
-                log.warning("--backend compiled: PyTorch's limit of compiled graphs is reached; batch %d with a %d-column "
-                            "cache runs uncompiled", B, capacity)
+                log.warning(
+                    "--backend compiled: PyTorch's limit of compiled graphs is reached; batch %d with a %d-column "
+                    "cache runs uncompiled",
+                    B,
+                    capacity,
+                )
                 self._uncompiled.add(graph_key)
                 logits = self._forward(ids[0], ids[1], cache.keys, cache.values, column, pad)
         cache.advance(1)

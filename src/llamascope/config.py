@@ -120,7 +120,7 @@ class ModelConfig:
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict, source: str = "config.json") -> "ModelConfig":
+    def from_dict(cls, data: dict, source: str = "config.json") -> ModelConfig:
         data = dict(data)
         model_type = data.get("model_type")
         archs = data.get("architectures") or []
@@ -162,7 +162,7 @@ class ModelConfig:
         return config
 
     @classmethod
-    def from_file(cls, path: Path) -> "ModelConfig":
+    def from_file(cls, path: Path) -> ModelConfig:
         return cls.from_dict(read_json(path), source=str(path))
 
     def validate(self, source: str = "config") -> None:
@@ -209,6 +209,7 @@ class ModelConfig:
 
 # ---- the context-length rule ----------------------------------------------------------------
 
+
 class ContextLengthError(LlamascopeError):
     """A prompt leaves no room for a new token in the context (see `room_for_new_tokens`)."""
 
@@ -234,7 +235,8 @@ def room_for_new_tokens(prompt_length: int, context: int | None) -> int | None:
     if prompt_length >= context:
         raise ContextLengthError(
             f"prompt of {prompt_length} tokens leaves no room for a new token in the model's context of "
-            f"{context} positions (at most {context - 1} prompt tokens)")
+            f"{context} positions (at most {context - 1} prompt tokens)"
+        )
     return context - prompt_length
 
 
@@ -303,15 +305,24 @@ SETTING_RULES = (
 # Settings that must agree with others, each (setting, test of the whole config, why), checked
 # after SETTING_RULES; `why` may name other settings as {config.name}.
 AGREEMENT_RULES = (
-    ("num_return_sequences", lambda c: not (c.num_beams == 1 and not c.do_sample and c.num_return_sequences > 1),
-     "greedy search returns one sequence: use do_sample=True or num_beams >= num_return_sequences"),
-    ("num_return_sequences", lambda c: not (c.num_beams > 1 and c.num_return_sequences > c.num_beams),
-     "cannot exceed num_beams={config.num_beams}"),
+    (
+        "num_return_sequences",
+        lambda c: not (c.num_beams == 1 and not c.do_sample and c.num_return_sequences > 1),
+        "greedy search returns one sequence: use do_sample=True or num_beams >= num_return_sequences",
+    ),
+    (
+        "num_return_sequences",
+        lambda c: not (c.num_beams > 1 and c.num_return_sequences > c.num_beams),
+        "cannot exceed num_beams={config.num_beams}",
+    ),
 )
 # Checked only when sampling; otherwise these settings are ignored (with a warning, see SAMPLING_ONLY).
 SAMPLING_RULES = (
-    ("temperature", lambda v: _is_number(v) and v > 0,
-     "must be a positive number when sampling (for greedy search use do_sample=False)"),
+    (
+        "temperature",
+        lambda v: _is_number(v) and v > 0,
+        "must be a positive number when sampling (for greedy search use do_sample=False)",
+    ),
     ("top_k", _optional(_int_at_least(0)), "must be an integer >= 0 (0: off)"),
     ("top_p", _number_in(0, 1, include_low=False), "must be in (0, 1]"),
     ("min_p", _optional(_number_in(0, 1)), "must be in [0, 1]"),
@@ -378,7 +389,7 @@ class GenerationConfig:
         generation_source: str = "generation_config.json",
         defaults: dict | None = None,
         **call: Any,
-    ) -> "GenerationConfig":
+    ) -> GenerationConfig:
         """The settings in force, each from the first of: the call's arguments, generation_config.json,
         config.json, `defaults`, transformers' defaults (the dataclass's). This is the one place
         where that precedence is written: the Python API, the CLI and the server all come here.
@@ -442,9 +453,13 @@ class GenerationConfig:
         mode and the setting came from the model's files; a default (`resolve`'s `defaults`
         included) is never worth a warning."""
         mode_from_call = self.sources.get(mode_name) == "call"
-        ignored = [name for name, default in settings.items()
-                   if getattr(self, name) != default and self.sources.get(name) != "default"
-                   and not (mode_from_call and self.sources.get(name) != "call")]
+        ignored = [
+            name
+            for name, default in settings.items()
+            if getattr(self, name) != default
+            and self.sources.get(name) != "default"
+            and not (mode_from_call and self.sources.get(name) != "call")
+        ]
         if ignored:
             listed = ", ".join(f"{name}={getattr(self, name)!r}" for name in ignored)
             log.warning("generation settings %s are ignored: %s", listed, why)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -70,8 +70,11 @@ def convert_gguf_tokenizer(gguf_path: str | Path, out_dir: str | Path) -> Path:
 def _shard_plan(checkpoint: Checkpoint, dtype: torch.dtype, max_shard_bytes: int) -> list[list[str]]:
     """HF tensor names grouped into shards of at most `max_shard_bytes` (a larger tensor gets its own)."""
     element = torch.empty((), dtype=dtype).element_size()
-    names = [n for n in expected_shapes(checkpoint.config)
-             if not (n == "lm_head.weight" and checkpoint.config.tie_word_embeddings)]
+    names = [
+        n
+        for n in expected_shapes(checkpoint.config)
+        if not (n == "lm_head.weight" and checkpoint.config.tie_word_embeddings)
+    ]
     shards: list[list[str]] = [[]]
     size = 0
     for name in names:
@@ -84,9 +87,13 @@ def _shard_plan(checkpoint: Checkpoint, dtype: torch.dtype, max_shard_bytes: int
     return shards
 
 
-def write_weights(checkpoint: Checkpoint, out_dir: Path, dtype: torch.dtype,
-                  max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                  progress: Callable[[int, int], None] | None = None) -> list[Path]:
+def write_weights(
+    checkpoint: Checkpoint,
+    out_dir: Path,
+    dtype: torch.dtype,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Path]:
     """model.safetensors, or model-0000k-of-0000n.safetensors shards with their index.
     `progress(done, total)` is called after each tensor is converted."""
     shards = _shard_plan(checkpoint, dtype, max_shard_bytes)
@@ -109,25 +116,31 @@ def write_weights(checkpoint: Checkpoint, out_dir: Path, dtype: torch.dtype,
         log.info("wrote %s (%d tensors)", path, len(names))
         del state
     if len(files) > 1:
-        _write_json(out_dir / "model.safetensors.index.json",
-                    {"metadata": {"total_size": total}, "weight_map": weight_map})
+        _write_json(
+            out_dir / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
+        )
     return files
 
 
 def check_gguf_input(path: Path) -> None:
     """Refuse what is not a .gguf file, naming the path (a folder is what convert writes)."""
     if path.is_dir():
-        raise LlamascopeError(f"{path}: is a folder; convert takes a .gguf file (a Hugging Face folder needs "
-                              f"no converting)")
+        raise LlamascopeError(
+            f"{path}: is a folder; convert takes a .gguf file (a Hugging Face folder needs no converting)"
+        )
     if not path.exists():
         raise LlamascopeError(f"{path}: no such file")
     if path.suffix.lower() != ".gguf":
         raise LlamascopeError(f"{path}: not a .gguf file; convert takes a GGUF model file")
 
 
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32",
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 progress: Callable[[int, int], None] | None = None) -> Path:
+def convert_gguf(
+    gguf_path: str | Path,
+    out_dir: str | Path,
+    dtype: str = "float32",
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
     """Write the Hugging Face folder for a `llama` GGUF; returns `out_dir`.
 
     dtype: "float32", "bfloat16" or "float16", the type of the written weights.

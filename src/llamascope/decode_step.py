@@ -30,27 +30,52 @@ from torch import nn
 from . import kernels
 from .cache import KVCache, SlotBatch
 from .errors import LlamascopeError
-from .model import check_token_ids
 from .layers import KERNEL_MAX_ROWS, FastLinear, QuantEmbedding, QuantLinear
+from .model import check_token_ids
 
 _p, _i, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 
 
 # The structs of csrc/kernels.h (ls_linear_t, ls_layer_t, ls_stack_t), field for field.
 class _Linear(ctypes.Structure):
-    _fields_ = [("format", _i), ("layout", _i), ("float_activations", _i), ("N", _i), ("K", _i), ("w", _p),
-                ("bias", _p)]
+    _fields_ = [
+        ("format", _i),
+        ("layout", _i),
+        ("float_activations", _i),
+        ("N", _i),
+        ("K", _i),
+        ("w", _p),
+        ("bias", _p),
+    ]
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [("attn_norm", _p), ("mlp_norm", _p), ("qkv", _Linear * 3), ("n_qkv", _i), ("o", _Linear),
-                ("gate_up", _Linear * 2), ("n_gate_up", _i), ("down", _Linear)]
+    _fields_ = [
+        ("attn_norm", _p),
+        ("mlp_norm", _p),
+        ("qkv", _Linear * 3),
+        ("n_qkv", _i),
+        ("o", _Linear),
+        ("gate_up", _Linear * 2),
+        ("n_gate_up", _i),
+        ("down", _Linear),
+    ]
 
 
 class _Stack(ctypes.Structure):
-    _fields_ = [("n_layers", _i), ("hidden", _i), ("H", _i), ("KVH", _i), ("D", _i), ("I", _i),
-                ("eps", _f), ("scale", _f), ("layers", ctypes.POINTER(_Layer)), ("final_norm", _p),
-                ("head", _Linear)]
+    _fields_ = [
+        ("n_layers", _i),
+        ("hidden", _i),
+        ("H", _i),
+        ("KVH", _i),
+        ("D", _i),
+        ("I", _i),
+        ("eps", _f),
+        ("scale", _f),
+        ("layers", ctypes.POINTER(_Layer)),
+        ("final_norm", _p),
+        ("head", _Linear),
+    ]
 
 
 class NotApplicable(Exception):
@@ -84,8 +109,15 @@ def _describe(module: nn.Module, keep: list, what: str, bf16: bool = False) -> _
         raise NotApplicable(f"{what}: no native step for {desc.format} weights in the {desc.layout} layout")
     bias = None if desc.bias is None else desc.bias.detach().float().contiguous()  # (exact from bfloat16)
     keep += [desc.weight, bias]
-    return _Linear(kernels.format_code(desc.format), kernels.layout_code(desc.layout), desc.float_activations,
-                   desc.out_features, desc.in_features, desc.weight.data_ptr(), _float32(bias, what))
+    return _Linear(
+        kernels.format_code(desc.format),
+        kernels.layout_code(desc.layout),
+        desc.float_activations,
+        desc.out_features,
+        desc.in_features,
+        desc.weight.data_ptr(),
+        _float32(bias, what),
+    )
 
 
 class DecodeStep:
@@ -124,9 +156,19 @@ class DecodeStep:
         head = _describe(model.lm_head, self._keep, "lm_head", bf16)
         self.vocab = head.N
         self._layers = layers
-        self.stack = _Stack(config.num_hidden_layers, config.hidden_size, self.heads, self.kv_heads,
-                            self.head_dim, config.intermediate_size, config.rms_norm_eps, self.head_dim ** -0.5,
-                            layers, norm(model.model.norm.weight, "final norm"), head)
+        self.stack = _Stack(
+            config.num_hidden_layers,
+            config.hidden_size,
+            self.heads,
+            self.kv_heads,
+            self.head_dim,
+            config.intermediate_size,
+            config.rms_norm_eps,
+            self.head_dim**-0.5,
+            layers,
+            norm(model.model.norm.weight, "final norm"),
+            head,
+        )
         self._fn = lib.decode_step_bf16 if bf16 else lib.decode_step_f32
         # RoPE tables by position, computed by the model's own rotary module (so the same numbers
         # as the module path) for every position up to the longest asked for; "dynamic" scaling
@@ -135,7 +177,9 @@ class DecodeStep:
         # (the cache, its storage_version, keys array, values array) of the last step
         self._cache_arrays: tuple = (lambda: None, -1, None, None)
         embed = model.model.embed_tokens
-        self._q8_embedding = isinstance(embed, QuantEmbedding) and embed.qtype == "Q8_0" and embed.out_dtype == self.dtype
+        self._q8_embedding = (
+            isinstance(embed, QuantEmbedding) and embed.qtype == "Q8_0" and embed.out_dtype == self.dtype
+        )
         self._vocab_rows = embed.blocks.shape[0] if isinstance(embed, QuantEmbedding) else embed.weight.shape[0]
         self.lib = lib  # the kernel library the step runs on
 
@@ -196,8 +240,9 @@ class DecodeStep:
         x = torch.empty(len(ids), 1, K, dtype=self.dtype)  # [B, 1, hidden]
         step, base = K * x.element_size(), embed.blocks.data_ptr()
         for b, token in enumerate(ids):
-            self.lib.dequant_q8_0(base + token * row_bytes, 1, K, x.data_ptr() + b * step,
-                                   int(self.dtype == torch.bfloat16), 1)
+            self.lib.dequant_q8_0(
+                base + token * row_bytes, 1, K, x.data_ptr() + b * step, int(self.dtype == torch.bfloat16), 1
+            )
         return x
 
     def _cache_pointers(self, store) -> tuple:
@@ -211,8 +256,13 @@ class DecodeStep:
             self._cache_arrays = (weakref.ref(store), store.storage_version, keys, values)
         return keys, values
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | SlotBatch,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | SlotBatch,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         # (`mask` is None for a KVCache, see `applies`; a SlotBatch's says what its columns say)
         B = tokens.shape[0]
         ids, at = tokens.view(-1).tolist(), positions.reshape(-1).tolist()
@@ -225,8 +275,20 @@ class DecodeStep:
             store, slots, cols, capacity = cache.cache, cache.slots, cache.lengths, cache.cache.columns
         keys, values = self._cache_pointers(store)
         logits = torch.empty(B, 1, self.vocab)  # [B, 1, vocab]
-        status = self._fn(ctypes.byref(self.stack), B, x.data_ptr(), cos, sin, keys, values,
-                          (_i * B)(*slots), (_i * B)(*cols), capacity, logits.data_ptr(), torch.get_num_threads())
+        status = self._fn(
+            ctypes.byref(self.stack),
+            B,
+            x.data_ptr(),
+            cos,
+            sin,
+            keys,
+            values,
+            (_i * B)(*slots),
+            (_i * B)(*cols),
+            capacity,
+            logits.data_ptr(),
+            torch.get_num_threads(),
+        )
         if status != 0:
             raise MemoryError("decode step: out of memory for its scratch buffers")
         cache.advance(1)

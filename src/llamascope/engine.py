@@ -1,18 +1,18 @@
 """The Python API in one object: a loaded model with its tokenizer and generation settings.
 
-    from llamascope import Engine
-    engine = Engine.load("path/to/hf-folder-or.gguf")       # None: the default SmolLM2 model
-    print(engine.generate("Once upon a time", max_new_tokens=16).text)
-    for delta in engine.stream("Once upon a time", max_new_tokens=16):
-        print(delta, end="")
+from llamascope import Engine
+engine = Engine.load("path/to/hf-folder-or.gguf")       # None: the default SmolLM2 model
+print(engine.generate("Once upon a time", max_new_tokens=16).text)
+for delta in engine.stream("Once upon a time", max_new_tokens=16):
+    print(delta, end="")
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 from .batch import GenerationResult
 from .config import GenerationConfig
@@ -33,15 +33,22 @@ class Completion:
     logprobs: list[dict] | None = None
     score: float | None = None  # beam search: the sequence's score
     # num_return_sequences > 1: all the prompt's sequences, best (this one) first
-    sequences: list["Completion"] | None = None
+    sequences: list[Completion] | None = None
 
     def to_json(self) -> dict:
-        out = {"prompt": self.prompt, "prompt_ids": self.prompt_ids, "output_ids": self.output_ids,
-               "text": self.text, "finish_reason": self.finish_reason}
+        out = {
+            "prompt": self.prompt,
+            "prompt_ids": self.prompt_ids,
+            "output_ids": self.output_ids,
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+        }
         out.update(self._extras())
         if self.sequences is not None:
-            out["sequences"] = [{"output_ids": c.output_ids, "text": c.text, "finish_reason": c.finish_reason,
-                                 **c._extras()} for c in self.sequences]
+            out["sequences"] = [
+                {"output_ids": c.output_ids, "text": c.text, "finish_reason": c.finish_reason, **c._extras()}
+                for c in self.sequences
+            ]
         return out
 
     def _extras(self) -> dict:
@@ -68,9 +75,15 @@ class Engine:
         self.parallel = parallel
 
     @classmethod
-    def load(cls, path: str | Path | None = None, options: LoadOptions | None = None, *,
-             progress: Callable[[int, int], None] | None = None, parallel: ParallelGroup | None = None,
-             **option_fields) -> "Engine":
+    def load(
+        cls,
+        path: str | Path | None = None,
+        options: LoadOptions | None = None,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+        parallel: ParallelGroup | None = None,
+        **option_fields,
+    ) -> Engine:
         """Load `path` (None: the default model) as `options` says (a LoadOptions; keyword
         arguments set its fields: `Engine.load(path, dtype="bfloat16", quant="int8")`).
         `parallel` (from `parallel.init_from_env`): load this rank's shard on the group's device."""
@@ -89,8 +102,10 @@ class Engine:
         if self.parallel is not None:
             # Ranks must choose the same tokens at the same steps.
             if config.max_time is not None:
-                raise LlamascopeError("max_time is not supported with tensor parallelism "
-                                      "(each rank's clock would stop it at a different step)")
+                raise LlamascopeError(
+                    "max_time is not supported with tensor parallelism "
+                    "(each rank's clock would stop it at a different step)"
+                )
             if config.do_sample and config.seed is None:
                 config.seed = shared_seed(self.parallel)
                 config.sources["seed"] = "rank 0"
@@ -100,8 +115,9 @@ class Engine:
         """`generation_config` for tokens chosen in this process alone (the tensor-parallel server
         samples on rank 0 only): no seed is shared with the other ranks, no collective runs."""
         source = "GGUF metadata" if self.loaded.checkpoint.format == "gguf" else "generation_config.json"
-        config = GenerationConfig.resolve(self.config, self.generation_json, generation_source=source,
-                                          defaults=defaults, **call)
+        config = GenerationConfig.resolve(
+            self.config, self.generation_json, generation_source=source, defaults=defaults, **call
+        )
         extra = [i for i in self.end_of_turn_ids() if i not in config.eos_token_id] if chat else []
         if extra:
             config.eos_token_id = config.eos_token_id + extra
@@ -120,7 +136,8 @@ class Engine:
         tokenizer = self._need_tokenizer()
         if chat:
             messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": prompt}]
+                {"role": "user", "content": prompt}
+            ]
             return tokenizer.encode_chat(messages)
         return tokenizer.encode(prompt)
 
@@ -132,17 +149,23 @@ class Engine:
         ids = [self.encode(t, chat=chat) for t in texts]
         result = generate(self.model, ids, self.generation_config(chat, **settings), tokenizer=self.tokenizer)
         n = len(result.output_ids) // len(texts)  # sequences per prompt (num_return_sequences)
-        completions = [self._completion(text, p, result, range(i * n, (i + 1) * n))
-                       for i, (text, p) in enumerate(zip(texts, ids))]
+        completions = [
+            self._completion(text, p, result, range(i * n, (i + 1) * n)) for i, (text, p) in enumerate(zip(texts, ids))
+        ]
         return completions[0] if single else completions
 
     def _completion(self, text: str, prompt_ids: list[int], result: GenerationResult, rows: range) -> Completion:
         """A prompt's Completion from its rows of `result`: the best, with all of them when there are several."""
         completions = [
-            Completion(text, prompt_ids, result.output_ids[r],
-                       self.tokenizer.decode(result.output_ids[r], skip_special_tokens=True), result.finish_reasons[r],
-                       result.logprobs[r] if result.logprobs is not None else None,
-                       result.sequence_scores[r] if result.sequence_scores is not None else None)
+            Completion(
+                text,
+                prompt_ids,
+                result.output_ids[r],
+                self.tokenizer.decode(result.output_ids[r], skip_special_tokens=True),
+                result.finish_reasons[r],
+                result.logprobs[r] if result.logprobs is not None else None,
+                result.sequence_scores[r] if result.sequence_scores is not None else None,
+            )
             for r in rows
         ]
         if len(completions) > 1:

@@ -50,6 +50,7 @@ QUANTIZE_ROWS_BYTES = 2 << 20
 
 # ---- block formats: quantise and dequantise (the plain path) -------------------------------
 
+
 def block_layout(qtype: str) -> tuple[int, int]:
     """(weights, bytes) of one block of a kept format (a K-quant's super-block)."""
     if qtype in BLOCK_BYTES:
@@ -95,7 +96,7 @@ def quantize(w: torch.Tensor, qtype: str) -> torch.Tensor:
     out = torch.empty(N, K // QK * BLOCK_BYTES[qtype], dtype=torch.uint8, device=w.device)  # [N, row bytes]
     rows = max(1, QUANTIZE_ROWS_BYTES // (K * 4))
     for r in range(0, N, rows):
-        out[r:r + rows] = _quantize_rows(w[r:r + rows], qtype)
+        out[r : r + rows] = _quantize_rows(w[r : r + rows], qtype)
     return out
 
 
@@ -157,10 +158,10 @@ def q5_0_as_q8_0(blocks: torch.Tensor, K: int) -> torch.Tensor:
     shifts = torch.arange(8, dtype=torch.uint8)
     rows = max(1, CONVERT_ROWS_BYTES // max(1, nb * 34 * 8))  # bounded temporaries, in uint8 throughout
     for r in range(0, N, rows):
-        b = src[r:r + rows]  # [n, nb, 22]
+        b = src[r : r + rows]  # [n, nb, 22]
         fifth = ((b[..., 2:6, None] >> shifts) & 1).reshape(*b.shape[:2], 32) << 4  # [n, nb, 32]: bit j of qh
         qs = b[..., 6:22]  # [n, nb, 16]
-        q = out[r:r + rows, :, 2:]  # [n, nb, 32]
+        q = out[r : r + rows, :, 2:]  # [n, nb, 32]
         q[..., :16] = (qs & 0x0F) | fifth[..., :16]
         q[..., 16:] = (qs >> 4) | fifth[..., 16:]
         q -= 16  # (uint8 wraps to the int8 two's complement of q - 16)
@@ -186,9 +187,9 @@ def pack_blocks(blocks: torch.Tensor, qtype: str, K: int) -> torch.Tensor:
     rows = max(1, CONVERT_ROWS_BYTES // max(1, 3 * nbp * size))  # (three temporaries a slice)
     for r in range(0, N, rows):
         n = min(rows, N - r)
-        b = F.pad(blocks[r:r + n].reshape(n, nb, size), (0, 0, 0, nbp - nb))  # [n, nbp, bytes]
+        b = F.pad(blocks[r : r + n].reshape(n, nb, size), (0, 0, 0, nbp - nb))  # [n, nbp, bytes]
         groups = b.reshape(n, nbp // 4, 4, size)  # [n, G, 4, bytes]
-        dest = out[r:r + n].view(n, nbp // 4, group_bytes)  # [n, G, group bytes]
+        dest = out[r : r + n].view(n, nbp // 4, group_bytes)  # [n, G, group bytes]
         if qtype == "Q8_0":
             dest[..., :64] = groups[..., 2:18].reshape(n, nbp // 4, 64) ^ 0x80  # (int8 q + 128 as uint8)
             dest[..., 64:128] = groups[..., 18:34].reshape(n, nbp // 4, 64) ^ 0x80

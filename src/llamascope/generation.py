@@ -48,8 +48,9 @@ class _Columns:
     on the model's device. Each step sees views of the columns so far, which later steps never
     write, so a yielded Step stays valid."""
 
-    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_length: int, pad_id: int,
-                 device: torch.device):
+    def __init__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_length: int, pad_id: int, device: torch.device
+    ):
         B, T0 = input_ids.shape
         columns = max(max_length, T0)
         self.ids = torch.full((B, columns), pad_id, dtype=torch.long, device=device)  # [B, columns]
@@ -69,8 +70,9 @@ class _Columns:
         return self.ids[:, first:S], self.positions[:, first:S], self.mask[:, :S]
 
 
-def _stop_reasons(rules: StopRules, sequences: list[list[int]], chosen: list[int], running: list[bool],
-                  new_tokens: int) -> list[str | None]:
+def _stop_reasons(
+    rules: StopRules, sequences: list[list[int]], chosen: list[int], running: list[bool], new_tokens: int
+) -> list[str | None]:
     """Append each running row's chosen token to its sequence; -> why each row stops at it (None:
     it goes on, or it had stopped before)."""
     out_of_time = rules.out_of_time()
@@ -119,9 +121,16 @@ def generate_steps(
             mask = attention_mask_4d(mask_2d, tokens.shape[1]) if padded else None
             debug = log.isEnabledFor(logging.DEBUG)
             if debug:
-                _log_stage("inputs", step, "input_ids %s position_ids %s attention_mask %s, cache %s, use_cache=%s",
-                           list(tokens.shape), list(step_positions.shape), list(mask_2d.shape),
-                           "off" if cache is None else f"holding {cache_length} positions", cache is not None)
+                _log_stage(
+                    "inputs",
+                    step,
+                    "input_ids %s position_ids %s attention_mask %s, cache %s, use_cache=%s",
+                    list(tokens.shape),
+                    list(step_positions.shape),
+                    list(mask_2d.shape),
+                    "off" if cache is None else f"holding {cache_length} positions",
+                    cache is not None,
+                )
             acts = capture(step) if capture is not None else None
             logits = model(tokens, step_positions, cache, mask, capture=acts, last_only=True)  # [B, 1, V]
             logits = logits[:, -1].float()  # [B, V]
@@ -171,8 +180,13 @@ def generate(
     return _collect(generate_steps(model, prompts, config, capture, tokenizer), prompts, config, tokenizer, on_step)
 
 
-def _collect(steps: Iterator[Step], prompts: list[list[int]], config: GenerationConfig, tokenizer,
-             on_step: Callable[[Step], None] | None) -> GenerationResult:
+def _collect(
+    steps: Iterator[Step],
+    prompts: list[list[int]],
+    config: GenerationConfig,
+    tokenizer,
+    on_step: Callable[[Step], None] | None,
+) -> GenerationResult:
     """Each row's new tokens (and log-probabilities) up to the step where it stopped, and why."""
     B = len(prompts)
     outputs: list[list[int]] = [[] for _ in range(B)]
@@ -201,8 +215,12 @@ def _collect(steps: Iterator[Step], prompts: list[list[int]], config: Generation
         add_token_text(logprobs, tokenizer)
     result = GenerationResult(prompts, outputs, reasons, count, prefill_seconds, total - prefill_seconds, logprobs)
     if count > 1:
-        log.info("generated %d tokens: prefill %.3f s, decode %.1f tokens/s", sum(map(len, outputs)),
-                 prefill_seconds, (count - 1) / max(total - prefill_seconds, 1e-9))
+        log.info(
+            "generated %d tokens: prefill %.3f s, decode %.1f tokens/s",
+            sum(map(len, outputs)),
+            prefill_seconds,
+            (count - 1) / max(total - prefill_seconds, 1e-9),
+        )
     return result
 
 
@@ -219,8 +237,12 @@ def _log_speed(steps: Iterator[Step]) -> Iterator[Step]:
     finally:
         if count > 1:
             decode_seconds = max(time.perf_counter() - start - prefill_seconds, 1e-9)
-            log.info("generated %d tokens: prefill %.3f s, decode %.1f tokens/s", count, prefill_seconds,
-                     (count - 1) / decode_seconds)
+            log.info(
+                "generated %d tokens: prefill %.3f s, decode %.1f tokens/s",
+                count,
+                prefill_seconds,
+                (count - 1) / decode_seconds,
+            )
 
 
 def stream(

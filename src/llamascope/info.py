@@ -38,6 +38,7 @@ RULE_WIDTH = 100  # the widest section rule in output that is not a terminal
 
 # ---- contradictions ---------------------------------------------------------------------------
 
+
 @dataclass
 class Contradiction:
     kind: str  # "bos", "eos", "pad" or "vocab"
@@ -106,17 +107,24 @@ def find_contradictions(
     stop_ids = eos.get("the call", eos.get(in_force, []))
     if tok_eos is not None and eos and tok_eos not in stop_ids:
         names = ", ".join(f"{i}{_token_name(tokenizer, i)}" for i in stop_ids) or "none"
-        found.append(Contradiction(
-            "eos", f"generation stops at EOS id(s) {names} but the tokenizer's EOS {tokenizer.eos_token!r} "
-                   f"is {tok_eos}: generation will run past the tokenizer's end-of-text"))
+        found.append(
+            Contradiction(
+                "eos",
+                f"generation stops at EOS id(s) {names} but the tokenizer's EOS {tokenizer.eos_token!r} "
+                f"is {tok_eos}: generation will run past the tokenizer's end-of-text",
+            )
+        )
 
     # PAD: must be a real token id; sources should agree with each other and with the tokenizer.
     pad = claims("pad_token_id")
     for src, ids in pad.items():
         for i in ids:
             if i < 0 or i >= vocab:
-                found.append(Contradiction(
-                    "pad", f"pad_token_id={i} in {src} is not a token id (the embedding has rows 0..{vocab - 1})"))
+                found.append(
+                    Contradiction(
+                        "pad", f"pad_token_id={i} in {src} is not a token id (the embedding has rows 0..{vocab - 1})"
+                    )
+                )
     tok_pad = tokenizer.pad_id if tokenizer is not None else None
     distinct = {tuple(v) for v in pad.values()} | ({(tok_pad,)} if tok_pad is not None else set())
     if len(distinct) > 1:
@@ -128,16 +136,22 @@ def find_contradictions(
         for src, ids in sources.items():
             for i in ids:
                 if i < 0 or i >= vocab:
-                    found.append(Contradiction(
-                        "vocab", f"{key}={i} in {src} is outside the embedding (vocab_size={vocab})"))
+                    found.append(
+                        Contradiction("vocab", f"{key}={i} in {src} is outside the embedding (vocab_size={vocab})")
+                    )
     if tokenizer is not None and tokenizer.vocab_size > vocab:
-        found.append(Contradiction(
-            "vocab", f"the tokenizer has {tokenizer.vocab_size} tokens but the embedding has {vocab} rows "
-                     f"({config_label} vocab_size): ids {vocab}..{tokenizer.vocab_size - 1} cannot be fed"))
+        found.append(
+            Contradiction(
+                "vocab",
+                f"the tokenizer has {tokenizer.vocab_size} tokens but the embedding has {vocab} rows "
+                f"({config_label} vocab_size): ids {vocab}..{tokenizer.vocab_size - 1} cannot be fed",
+            )
+        )
     return found
 
 
 # ---- the layer table --------------------------------------------------------------------------
+
 
 @dataclass
 class ModuleRow:
@@ -152,9 +166,15 @@ class ModuleRow:
     note: str = ""
 
     def to_json(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "count": self.count, "parameters": self.parameters,
-                "bytes": self.nbytes, "note": self.note,
-                "tensors": [{"name": n, "shape": list(s), "type": t} for n, s, t in self.tensors]}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "count": self.count,
+            "parameters": self.parameters,
+            "bytes": self.nbytes,
+            "note": self.note,
+            "tensors": [{"name": n, "shape": list(s), "type": t} for n, s, t in self.tensors],
+        }
 
 
 def _module_kind(module: str) -> str:
@@ -180,7 +200,8 @@ def layer_table(checkpoint) -> list[ModuleRow]:
     for name, source in checkpoint.tensors.items():
         module, _, leaf = name.rpartition(".")
         modules.setdefault(module, []).append(
-            (leaf, tuple(source.shape), source.stored_type, int(source.nbytes), name in used))
+            (leaf, tuple(source.shape), source.stored_type, int(source.nbytes), name in used)
+        )
 
     def row(name: str, module_names: list[str]) -> ModuleRow:
         first = modules[module_names[0]]
@@ -193,8 +214,15 @@ def layer_table(checkpoint) -> list[ModuleRow]:
                 note = "saved, but tied: the model uses model.embed_tokens"
             elif name.endswith(IGNORED_SUFFIXES[0].rsplit(".", 1)[0]):
                 note = "derived by the model; not a parameter"
-        return ModuleRow(name, _module_kind(name), [(leaf, s, t) for leaf, s, t, _, _ in first],
-                         len(module_names), params, nbytes, note)
+        return ModuleRow(
+            name,
+            _module_kind(name),
+            [(leaf, s, t) for leaf, s, t, _, _ in first],
+            len(module_names),
+            params,
+            nbytes,
+            note,
+        )
 
     layers: dict[int, dict[str, str]] = {}  # layer -> {sub-module: full module name}
     top: list[str] = []
@@ -206,11 +234,21 @@ def layer_table(checkpoint) -> list[ModuleRow]:
             top.append(module)
 
     def signature(index: int) -> tuple:
-        return tuple(sorted((sub, tuple((l, s, t) for l, s, t, _, _ in modules[m]))
-                            for sub, m in layers[index].items()))
+        return tuple(
+            sorted((sub, tuple((l, s, t) for l, s, t, _, _ in modules[m])) for sub, m in layers[index].items())
+        )
 
-    sub_order = ["input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                 "self_attn.o_proj", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    sub_order = [
+        "input_layernorm",
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "post_attention_layernorm",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ]
 
     rows: list[ModuleRow] = []
     head_order = ["model.embed_tokens"]
@@ -238,6 +276,7 @@ def layer_table(checkpoint) -> list[ModuleRow]:
 
 # ---- the whole picture ------------------------------------------------------------------------
 
+
 @dataclass
 class ModelInfo:
     path: str
@@ -259,11 +298,16 @@ class ModelInfo:
 
     def to_json(self) -> dict:
         return {
-            "source": {"path": self.path, "format": self.format,
-                       "files": [{"name": n, "bytes": b} for n, b in self.files],
-                       "tensor_types": self.tensor_types},
-            "config": {"source": self.config_source,
-                       "keys": [{"key": k, "value": _jsonable(v), "from": s} for k, v, s in self.config_rows]},
+            "source": {
+                "path": self.path,
+                "format": self.format,
+                "files": [{"name": n, "bytes": b} for n, b in self.files],
+                "tensor_types": self.tensor_types,
+            },
+            "config": {
+                "source": self.config_source,
+                "keys": [{"key": k, "value": _jsonable(v), "from": s} for k, v, s in self.config_rows],
+            },
             "derived": _jsonable(self.derived),
             "generation": generation_rows_json(self.generation),
             "tokenizer": self.tokenizer,
@@ -286,8 +330,11 @@ def _jsonable(value: Any) -> Any:
 
 def generation_rows(generation: GenerationConfig) -> list[tuple[str, Any, str]]:
     """(setting, value, source) for every generation setting, in the dataclass's order."""
-    return [(f.name, getattr(generation, f.name), generation.sources.get(f.name, "default"))
-            for f in dataclasses.fields(generation) if f.name != "sources"]
+    return [
+        (f.name, getattr(generation, f.name), generation.sources.get(f.name, "default"))
+        for f in dataclasses.fields(generation)
+        if f.name != "sources"
+    ]
 
 
 def generation_rows_json(generation: GenerationConfig) -> list[dict]:
@@ -313,8 +360,11 @@ def tokenizer_facts(tokenizer) -> dict:
 
 def derived_facts(config: ModelConfig) -> dict[str, Any]:
     group = config.gqa_group_size
-    attention = "multi-head (MHA)" if group == 1 else (
-        "multi-query (MQA)" if config.num_key_value_heads == 1 else "grouped-query (GQA)")
+    attention = (
+        "multi-head (MHA)"
+        if group == 1
+        else ("multi-query (MQA)" if config.num_key_value_heads == 1 else "grouped-query (GQA)")
+    )
     facts: dict[str, Any] = {
         "head_dim": config.head_dim,
         "head_dim_from": "config" if "head_dim" not in config.defaulted else "hidden_size / num_attention_heads",
@@ -335,8 +385,15 @@ def derived_facts(config: ModelConfig) -> dict[str, Any]:
 
 def kv_cache_bytes(config: ModelConfig, positions: int, bytes_per_element: int, batch: int = 1) -> int:
     """Keys and values of every layer: 2 * layers * kv_heads * head_dim * positions * bytes."""
-    return (2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * positions
-            * bytes_per_element * batch)
+    return (
+        2
+        * config.num_hidden_layers
+        * config.num_key_value_heads
+        * config.head_dim
+        * positions
+        * bytes_per_element
+        * batch
+    )
 
 
 def describe(path: str | Path | None = None) -> ModelInfo:
@@ -364,8 +421,14 @@ def describe(path: str | Path | None = None) -> ModelInfo:
 
     tokenizer = checkpoint.tokenizer_factory() if checkpoint.tokenizer_factory is not None else None
     generation = GenerationConfig.resolve(config, checkpoint.generation_json, generation_source=generation_source)
-    contradictions = find_contradictions(config, checkpoint.config_dict, checkpoint.generation_json, tokenizer,
-                                         config_label=config_source, generation_label=generation_source)
+    contradictions = find_contradictions(
+        config,
+        checkpoint.config_dict,
+        checkpoint.generation_json,
+        tokenizer,
+        config_label=config_source,
+        generation_label=generation_source,
+    )
     rows = layer_table(checkpoint)
     total_parameters = sum(r.parameters for r in rows)
     total_bytes = sum(r.nbytes for r in rows)
@@ -374,17 +437,26 @@ def describe(path: str | Path | None = None) -> ModelInfo:
     kv = {name: kv_cache_bytes(config, context, b) for name, b in KV_DTYPES.items()}
     kv["positions"] = context
     return ModelInfo(
-        path=str(checkpoint.path), format=checkpoint.format,
+        path=str(checkpoint.path),
+        format=checkpoint.format,
         files=[(str(p), int(size)) for p, size in checkpoint.files],
-        tensor_types=tensor_types, config_source=config_source, config_rows=config_rows,
-        derived=derived_facts(config), generation=generation,
+        tensor_types=tensor_types,
+        config_source=config_source,
+        config_rows=config_rows,
+        derived=derived_facts(config),
+        generation=generation,
         tokenizer=tokenizer_facts(tokenizer) if tokenizer is not None else None,
-        contradictions=contradictions, layers=rows, total_parameters=total_parameters,
-        total_bytes=total_bytes, memory=memory, kv_cache=kv,
+        contradictions=contradictions,
+        layers=rows,
+        total_parameters=total_parameters,
+        total_bytes=total_bytes,
+        memory=memory,
+        kv_cache=kv,
     )
 
 
 # ---- rendering --------------------------------------------------------------------------------
+
 
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -421,8 +493,15 @@ def settings_table(generation: GenerationConfig, title: str = "generation settin
 def render_info(info: ModelInfo, console=None) -> None:
     """Print `info` as rich tables (to `console`, default: a new Console on stdout)."""
     console = console or Console()
-    for step in (_render_source, _render_config, _render_generation, _render_tokenizer, _render_contradictions,
-                 _render_layers, _render_memory):
+    for step in (
+        _render_source,
+        _render_config,
+        _render_generation,
+        _render_tokenizer,
+        _render_contradictions,
+        _render_layers,
+        _render_memory,
+    ):
         step(info, console)
 
 
@@ -475,10 +554,14 @@ def _render_tokenizer(info: ModelInfo, console) -> None:
         console.print("no tokenizer in this checkpoint")
         return
     t = info.tokenizer
-    console.print(f"{t['type']} (pre-tokenizer {t['pre_tokenizer']}, decoder {t['decoder']}), "
-                  f"{t['vocab_size']} tokens, from {t['source']}")
-    console.print(f"adds BOS: {t['adds_bos']}   adds EOS: {t['adds_eos']}   chat template: "
-                  + (f"yes ({t['chat_template_chars']} characters)" if t["chat_template"] else "no"))
+    console.print(
+        f"{t['type']} (pre-tokenizer {t['pre_tokenizer']}, decoder {t['decoder']}), "
+        f"{t['vocab_size']} tokens, from {t['source']}"
+    )
+    console.print(
+        f"adds BOS: {t['adds_bos']}   adds EOS: {t['adds_eos']}   chat template: "
+        + (f"yes ({t['chat_template_chars']} characters)" if t["chat_template"] else "no")
+    )
     table = Table(title="special tokens", title_justify="left")
     table.add_column("role")
     table.add_column("token")
@@ -514,8 +597,10 @@ def _render_layers(info: ModelInfo, console) -> None:
         cells = [r.name, r.kind, tensors, str(r.count), f"{r.parameters:,}", f"{r.nbytes:,}"]
         table.add_row(*cells + ([r.note] if notes else []))
     console.print(table)
-    console.print(f"{info.total_parameters:,} parameters ({human_count(info.total_parameters)}), "
-                  f"{human_bytes(info.total_bytes)} of tensors in the files")
+    console.print(
+        f"{info.total_parameters:,} parameters ({human_count(info.total_parameters)}), "
+        f"{human_bytes(info.total_bytes)} of tensors in the files"
+    )
 
 
 def _render_memory(info: ModelInfo, console) -> None:

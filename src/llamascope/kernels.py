@@ -45,9 +45,10 @@ HEADERS = [HEADER, CSRC / "simd.h", CSRC / "avx2.h"]
 _BASE_CFLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp", "-Wall", "-Wextra", "-Wmissing-prototypes"]
 # build -> (CPU flags it needs, compiler flags)
 BUILDS = {
-    "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma"),
-               _BASE_CFLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni",
-                               "-mf16c", "-mfma"]),
+    "avx512": (
+        ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma"),
+        _BASE_CFLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mf16c", "-mfma"],
+    ),
     "avx2": (("avx2", "f16c", "fma"), _BASE_CFLAGS + ["-mavx2", "-mf16c", "-mfma", "-DLLAMASCOPE_AVX2"]),
 }
 
@@ -190,8 +191,9 @@ def compile_library(target: Path, cflags: list[str]) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
     os.close(fd)
     try:
-        subprocess.run([compiler, *cflags, *map(str, SOURCES), "-o", tmp, "-lm"], check=True, capture_output=True,
-                       text=True)
+        subprocess.run(
+            [compiler, *cflags, *map(str, SOURCES), "-o", tmp, "-lm"], check=True, capture_output=True, text=True
+        )
         os.replace(tmp, target)  # atomic: concurrent builders (tensor-parallel ranks) never see half a file
     except subprocess.CalledProcessError as e:
         raise RuntimeError(f"compiling the kernels failed: {e.stderr.strip()[:500]}") from None

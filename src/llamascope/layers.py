@@ -21,8 +21,17 @@ from torch import nn
 
 from . import kernels
 from .errors import LlamascopeError
-from .formats import (HIGH_QTYPE, K_QUANT_BYTES, PACKED_QTYPES, block_layout, dequantize, pack_blocks, quant_format,
-                      quantize, unpack_blocks)
+from .formats import (
+    HIGH_QTYPE,
+    K_QUANT_BYTES,
+    PACKED_QTYPES,
+    block_layout,
+    dequantize,
+    pack_blocks,
+    quant_format,
+    quantize,
+    unpack_blocks,
+)
 
 # Up to this many activation rows per call, the batch-1 kernels beat dequantise + matmul.
 KERNEL_MAX_ROWS = 8
@@ -78,8 +87,16 @@ def linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 class QuantLinear(nn.Module):
     """y = x @ W^T (+ b) with W kept in a block format, in the layout `layout` names."""
 
-    def __init__(self, qweight: torch.Tensor, qtype: str, in_features: int, bias: torch.Tensor | None = None,
-                 *, layout: str = "rows", float_activations: bool = False):
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        qtype: str,
+        in_features: int,
+        bias: torch.Tensor | None = None,
+        *,
+        layout: str = "rows",
+        float_activations: bool = False,
+    ):
         """`qweight`: uint8 [N, row bytes] in `layout`. `float_activations`: the native product keeps
         the activations in float32 (Q8_0 only; for an LM head, where 8-bit activations next to the
         final hidden state's outlier channels can swap the top candidates)."""
@@ -90,8 +107,10 @@ class QuantLinear(nn.Module):
         if layout not in LAYOUTS or (layout == "packed" and qtype not in PACKED_QTYPES):
             raise LlamascopeError(f"{qtype} weights have no {layout!r} layout")
         if layout == "rows" and (qweight.dim() != 2 or qweight.shape[1] != in_features // size * nbytes):
-            raise LlamascopeError(f"{qtype} weights of input size {in_features} take {in_features // size * nbytes} "
-                                  f"bytes a row, got blocks of shape {list(qweight.shape)}")
+            raise LlamascopeError(
+                f"{qtype} weights of input size {in_features} take {in_features // size * nbytes} "
+                f"bytes a row, got blocks of shape {list(qweight.shape)}"
+            )
         if float_activations and (qtype != "Q8_0" or layout != "rows"):
             raise LlamascopeError(f"float activations are for Q8_0 weights in rows, not {qtype} {layout}")
         self.qtype, self.layout, self.float_activations = qtype, layout, float_activations
@@ -104,11 +123,12 @@ class QuantLinear(nn.Module):
         self.long_inputs_in_bf16 = False
 
     @classmethod
-    def from_float(cls, linear: nn.Linear | torch.Tensor, qtype: str) -> "QuantLinear":
+    def from_float(cls, linear: nn.Linear | torch.Tensor, qtype: str) -> QuantLinear:
         weight = linear.weight if isinstance(linear, nn.Linear) else linear
         bias = linear.bias if isinstance(linear, nn.Linear) else None
-        return cls(quantize(weight.detach(), qtype), qtype, weight.shape[1],
-                   None if bias is None else bias.detach().float())
+        return cls(
+            quantize(weight.detach(), qtype), qtype, weight.shape[1], None if bias is None else bias.detach().float()
+        )
 
     @property
     def blocks(self) -> torch.Tensor:
@@ -117,7 +137,7 @@ class QuantLinear(nn.Module):
             return unpack_blocks(self.qweight, self.qtype, self.in_features)
         return self.qweight
 
-    def in_layout(self, layout: str, float_activations: bool = False) -> "QuantLinear":
+    def in_layout(self, layout: str, float_activations: bool = False) -> QuantLinear:
         """The same weights in `layout` (self where nothing changes); the kernel library carries over."""
         if layout == self.layout and float_activations == self.float_activations:
             return self
@@ -126,23 +146,33 @@ class QuantLinear(nn.Module):
         else:
             qweight = self.blocks
         bias = None if self.bias is None else self.bias.data
-        layer = QuantLinear(qweight, self.qtype, self.in_features, bias, layout=layout,
-                            float_activations=float_activations)
+        layer = QuantLinear(
+            qweight, self.qtype, self.in_features, bias, layout=layout, float_activations=float_activations
+        )
         layer.native, layer.long_inputs_in_bf16 = self.native, self.long_inputs_in_bf16
         return layer
 
     def native_weight(self) -> NativeWeight | None:
         if self.native is None:
             return None
-        return NativeWeight(self.qtype, self.layout, self.qweight, self.bias, self.out_features, self.in_features,
-                            self.float_activations)
+        return NativeWeight(
+            self.qtype,
+            self.layout,
+            self.qweight,
+            self.bias,
+            self.out_features,
+            self.in_features,
+            self.float_activations,
+        )
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.blocks, self.qtype, self.in_features, dtype)  # [N, K]
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}, "
-                f"layout={self.layout}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}, "
+            f"layout={self.layout}"
+        )
 
     def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -189,8 +219,11 @@ class QuantLinear(nn.Module):
         if self.float_activations:
             lib.gemv_q8_0_exact_f32(w, N, K, xf.data_ptr(), rows, y.data_ptr(), threads)
         else:
-            product = lib.gemv_packed_f32 if self.layout == "packed" else (
-                lib.gemv_kquant_f32 if self.qtype in K_QUANT_BYTES else lib.gemv_blocks_f32)
+            product = (
+                lib.gemv_packed_f32
+                if self.layout == "packed"
+                else (lib.gemv_kquant_f32 if self.qtype in K_QUANT_BYTES else lib.gemv_blocks_f32)
+            )
             if product(self.format_code, w, N, K, xf.data_ptr(), rows, y.data_ptr(), threads):
                 raise MemoryError(f"{self.qtype} product: out of memory for the kernel's scratch buffers")
         if self.bias is not None:
@@ -262,21 +295,31 @@ class QuantEmbedding(nn.Module):
         if self.qtype in K_QUANT_BYTES and lib is not None and self.out_dtype in (torch.float32, torch.bfloat16):
             # the native dequantiser (gguf-py's numbers, tested) rather than numpy on every lookup
             out = torch.empty(rows.shape[0], self.embedding_dim, dtype=self.out_dtype)  # [B*T, dim]
-            lib.dequant_kquant(kernels.format_code(self.qtype), rows.data_ptr(), rows.shape[0], self.embedding_dim,
-                               out.data_ptr(), int(self.out_dtype == torch.bfloat16), 1)
+            lib.dequant_kquant(
+                kernels.format_code(self.qtype),
+                rows.data_ptr(),
+                rows.shape[0],
+                self.embedding_dim,
+                out.data_ptr(),
+                int(self.out_dtype == torch.bfloat16),
+                1,
+            )
             return out.reshape(*tokens.shape, -1)
         return dequantize(rows, self.qtype, self.embedding_dim, self.out_dtype).reshape(*tokens.shape, -1)
 
 
 # ---- whole-model transforms over these layers ---------------------------------------------------
 
+
 def linear_slots(model: nn.Module):
     """(parent module, attribute name) of each projection and of the LM head; under tensor
     parallelism the slot of a LocalPart's `local` module."""
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        for parent, names in ((attn, attn.input_projections() + ("o_proj",)),
-                              (mlp, mlp.input_projections() + ("down_proj",))):
+        for parent, names in (
+            (attn, attn.input_projections() + ("o_proj",)),
+            (mlp, mlp.input_projections() + ("down_proj",)),
+        ):
             for name in names:
                 yield local_slot(parent, name)
     yield local_slot(model, "lm_head")
@@ -306,8 +349,11 @@ def quantize_model(model: nn.Module, quant: str) -> nn.Module:
         layer_qtype = HIGH_QTYPE if (parent, name) == head else qtype
         if isinstance(module, (nn.Linear, FastLinear)):
             bias = None if module.bias is None else module.bias.detach().float()
-            setattr(parent, name, QuantLinear(quantize(module.weight.detach(), layer_qtype), layer_qtype,
-                                              module.in_features, bias))
+            setattr(
+                parent,
+                name,
+                QuantLinear(quantize(module.weight.detach(), layer_qtype), layer_qtype, module.in_features, bias),
+            )
     if float_embedding:
         blocks = quantize(embed.weight.detach(), HIGH_QTYPE)
         model.model.embed_tokens = QuantEmbedding(blocks, HIGH_QTYPE, embed.embedding_dim, embed.weight.dtype)

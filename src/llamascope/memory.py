@@ -43,7 +43,6 @@ def load_added_rss(loaded, peak_after: int) -> int | None:
     return None
 
 
-
 @contextlib.contextmanager
 def freed_memory_returned():
     """While loading, large freed buffers go back to the system at once (glibc only).

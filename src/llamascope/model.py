@@ -29,8 +29,8 @@ from .config import ModelConfig
 from .errors import LlamascopeError
 from .layers import Linear
 
-
 # ---- rotary embeddings: one function per rope_type ---------------------------------------------
+
 
 def _default_inv_freq(config: ModelConfig, seq_len: int | None = None) -> torch.Tensor:
     dim = config.head_dim
@@ -116,6 +116,7 @@ def check_token_ids(ids: list[int], vocab_size: int, where: str = "") -> None:
 
 # ---- blocks ------------------------------------------------------------------------------------
 
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -124,11 +125,23 @@ class RMSNorm(nn.Module):
         self.native = None  # the kernel library (native.attach sets it): float32 rows natively
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native is not None and x.dtype == torch.float32 and x.is_contiguous() and not x.requires_grad \
-                and x.device.type == "cpu":
+        if (
+            self.native is not None
+            and x.dtype == torch.float32
+            and x.is_contiguous()
+            and not x.requires_grad
+            and x.device.type == "cpu"
+        ):
             out = torch.empty_like(x)
-            self.native.rmsnorm_rows_f32(x.data_ptr(), self.weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1],
-                        x.shape[-1], self.eps, torch.get_num_threads())
+            self.native.rmsnorm_rows_f32(
+                x.data_ptr(),
+                self.weight.data_ptr(),
+                out.data_ptr(),
+                x.numel() // x.shape[-1],
+                x.shape[-1],
+                self.eps,
+                torch.get_num_threads(),
+            )
             return out
         dtype = x.dtype
         h = x.float()
@@ -185,9 +198,18 @@ class Attention(nn.Module):
         capture: dict | None,
     ) -> torch.Tensor:  # [B, T, hidden]
         B, T, _ = x.shape
-        if (self.native is not None and B == 1 and T == 1 and mask is None and capture is None
-                and self.qkv_proj is not None and x.dtype == torch.float32 and type(cache) is KVCache
-                and x.device.type == "cpu" and self._native_cache(cache)):
+        if (
+            self.native is not None
+            and B == 1
+            and T == 1
+            and mask is None
+            and capture is None
+            and self.qkv_proj is not None
+            and x.dtype == torch.float32
+            and type(cache) is KVCache
+            and x.device.type == "cpu"
+            and self._native_cache(cache)
+        ):
             return self.o_proj(self._decode_one(x, cos, sin, cache))
         # H, KVH: the heads this module holds (this rank's share under tensor parallelism)
         qkv, roped = self._projections(x, cos, sin)  # [B, T, (H + 2 KVH) * D], or None when unfused
@@ -214,24 +236,48 @@ class Attention(nn.Module):
             return None, False
         qkv = self.qkv_proj(x)  # [B, T, (H + 2 KVH) * D]
         B, T, _ = x.shape
-        if not (self.native is not None and qkv.dtype == cos.dtype == torch.float32 and qkv.device.type == "cpu"
-                and not qkv.requires_grad and qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
-                and cos.shape == (B, T, self.head_dim)):
+        if not (
+            self.native is not None
+            and qkv.dtype == cos.dtype == torch.float32
+            and qkv.device.type == "cpu"
+            and not qkv.requires_grad
+            and qkv.is_contiguous()
+            and cos.is_contiguous()
+            and sin.is_contiguous()
+            and cos.shape == (B, T, self.head_dim)
+        ):
             return qkv, False
         # q and k, side by side at the start of each row
-        self.native.rope_rows_f32(qkv.data_ptr(), B * T, qkv.shape[-1], self.heads + self.kv_heads, self.head_dim,
-                                  cos.data_ptr(), sin.data_ptr(), torch.get_num_threads())
+        self.native.rope_rows_f32(
+            qkv.data_ptr(),
+            B * T,
+            qkv.shape[-1],
+            self.heads + self.kv_heads,
+            self.head_dim,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            torch.get_num_threads(),
+        )
         return qkv, True
 
     def _prefill_runs_natively(self, B: int, T: int, S: int, mask, cache, capture) -> bool:
         """A float32 prompt of one sequence without padding, over at most PREFILL_NATIVE_COLUMNS
         cache columns, when attention weights are not asked for."""
-        return (self.native is not None and B == 1 and T > 1 and mask is None and type(cache) is KVCache
-                and S <= PREFILL_NATIVE_COLUMNS and self.head_dim % 16 == 0 and self._native_cache(cache)
-                and not (capture is not None and capture.get("_attention_weights")))
+        return (
+            self.native is not None
+            and B == 1
+            and T > 1
+            and mask is None
+            and type(cache) is KVCache
+            and S <= PREFILL_NATIVE_COLUMNS
+            and self.head_dim % 16 == 0
+            and self._native_cache(cache)
+            and not (capture is not None and capture.get("_attention_weights"))
+        )
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                capture: dict | None) -> torch.Tensor:
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, capture: dict | None
+    ) -> torch.Tensor:
         """softmax(q k^T / sqrt(D) + mask) v: q [B, H, T, D], k, v [B, KVH, S, D] -> [B, H, T, D]
         (GQA: each group of query heads shares a KV head). With `_attention_weights` in `capture`,
         an explicit softmax whose weights [B, H, T, S] are stored; otherwise PyTorch's SDPA."""
@@ -259,8 +305,10 @@ class Attention(nn.Module):
         """Whether this layer's cache is what the native attention reads: one sequence's float32
         [1, KVH, cap, D] keys and values, contiguous, in CPU memory."""
         keys, values = cache.keys[self.layer_index], cache.values[self.layer_index]
-        return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() and t.shape[0] == 1
-                   for t in (keys, values))
+        return all(
+            t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() and t.shape[0] == 1
+            for t in (keys, values)
+        )
 
     def _prefill(self, qkv: torch.Tensor, cache: KVCache, T: int, S: int) -> torch.Tensor:
         """softmax(q k^T / sqrt(D) + causal mask) v for one sequence's T new queries (roped, in qkv
@@ -268,9 +316,22 @@ class Attention(nn.Module):
         keys, values = cache.keys[self.layer_index], cache.values[self.layer_index]  # [1, KVH, cap, D]
         heads, D = self.heads, self.head_dim
         out = torch.empty(1, T, heads * D)  # [1, T, H*D]
-        status = self.native.prefill_attention_f32(qkv.data_ptr(), qkv.shape[-1], keys.data_ptr(), values.data_ptr(), keys.shape[2],
-                                     T, S - T, heads, self.kv_heads, D, D ** -0.5, out.data_ptr(), heads * D,
-                                     torch.get_num_threads())
+        status = self.native.prefill_attention_f32(
+            qkv.data_ptr(),
+            qkv.shape[-1],
+            keys.data_ptr(),
+            values.data_ptr(),
+            keys.shape[2],
+            T,
+            S - T,
+            heads,
+            self.kv_heads,
+            D,
+            D**-0.5,
+            out.data_ptr(),
+            heads * D,
+            torch.get_num_threads(),
+        )
         if status != 0:
             raise LlamascopeError(f"out of memory for the attention of a {T}-token prompt")
         return out
@@ -284,9 +345,21 @@ class Attention(nn.Module):
         cache.check_room(1)
         out = torch.empty(1, 1, heads * D)  # [1, 1, H*D]
         cos, sin = cos.contiguous(), sin.contiguous()
-        self.native.decode_attention_f32(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(),
-                           cache.length, cache.capacity, heads, kv_heads, D, D ** -0.5, out.data_ptr(),
-                           torch.get_num_threads())
+        self.native.decode_attention_f32(
+            qkv.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            keys.data_ptr(),
+            values.data_ptr(),
+            cache.length,
+            cache.capacity,
+            heads,
+            kv_heads,
+            D,
+            D**-0.5,
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
         return out
 
 
@@ -325,8 +398,13 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, hidden] -> [B, T, hidden]
         if self.gate_up_proj is not None:
             gate_up = self.gate_up_proj(x)  # [B, T, 2I]
-            if self.native is not None and gate_up.dtype == torch.float32 and gate_up.is_contiguous() \
-                    and not gate_up.requires_grad and gate_up.device.type == "cpu":
+            if (
+                self.native is not None
+                and gate_up.dtype == torch.float32
+                and gate_up.is_contiguous()
+                and not gate_up.requires_grad
+                and gate_up.device.type == "cpu"
+            ):
                 rows, width = gate_up.numel() // gate_up.shape[-1], gate_up.shape[-1] // 2
                 act = gate_up.new_empty(*gate_up.shape[:-1], width)  # [B, T, I]
                 self.native.silu_mul_rows_f32(gate_up.data_ptr(), rows, width, act.data_ptr(), torch.get_num_threads())
@@ -362,8 +440,9 @@ class DecoderStack(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         # weights come from the checkpoint: allocated, never randomly initialised
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
-                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
+        self.embed_tokens = nn.Embedding(
+            config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size)
+        )
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)

@@ -106,11 +106,19 @@ def _fused(modules: list[nn.Module]) -> nn.Module | None:
     bias = None if biases[0] is None else torch.cat([b.detach().float() for b in biases])
     first = modules[0]
     if isinstance(first, QuantLinear) and all(
-            isinstance(m, QuantLinear) and (m.qtype, m.layout, m.float_activations)
-            == (first.qtype, first.layout, first.float_activations) for m in modules):
+        isinstance(m, QuantLinear)
+        and (m.qtype, m.layout, m.float_activations) == (first.qtype, first.layout, first.float_activations)
+        for m in modules
+    ):
         # rows are independent in every layout, so the fused rows are the parts' rows stacked
-        layer = QuantLinear(torch.cat([m.qweight for m in modules]), first.qtype, first.in_features, bias,
-                            layout=first.layout, float_activations=first.float_activations)
+        layer = QuantLinear(
+            torch.cat([m.qweight for m in modules]),
+            first.qtype,
+            first.in_features,
+            bias,
+            layout=first.layout,
+            float_activations=first.float_activations,
+        )
         layer.native, layer.long_inputs_in_bf16 = first.native, first.long_inputs_in_bf16
         return layer
     float_kinds = (Linear, FastLinear)

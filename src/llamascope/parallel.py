@@ -31,9 +31,9 @@ stops the remaining ranks as soon as one exits with an error).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Mapping
 
 import torch
 import torch.distributed as dist
@@ -82,6 +82,7 @@ class ParallelGroup:
 
 # ---- the process group --------------------------------------------------------------------------
 
+
 def init_from_env(
     world_size: int = 1,
     device: str | torch.device | None = None,
@@ -125,9 +126,13 @@ def init_from_env(
     group = ParallelGroup(rank, world_size, local_rank, device, backend, timeout_s)
     if not dist.is_initialized():
         try:
-            dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                    timeout=timedelta(seconds=timeout_s),
-                                    device_id=device if backend == "nccl" else None)
+            dist.init_process_group(
+                backend,
+                rank=rank,
+                world_size=world_size,
+                timeout=timedelta(seconds=timeout_s),
+                device_id=device if backend == "nccl" else None,
+            )
         except (RuntimeError, ValueError) as e:
             where = f"{env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')}"
             raise group.failure(f"joining the process group at {where}", e) from e
@@ -141,6 +146,7 @@ def finish(group: ParallelGroup | None) -> None:
 
 
 # ---- how the weights are split ------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -170,8 +176,7 @@ def _granule(n: int, parts: int) -> int:
 
 def check_world_size(config: ModelConfig, world_size: int, source: str = "config") -> None:
     """Each rank gets whole attention heads: both head counts must be multiples of world_size."""
-    counts = {"num_attention_heads": config.num_attention_heads,
-              "num_key_value_heads": config.num_key_value_heads}
+    counts = {"num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads}
     bad = [f"{name}={value}" for name, value in counts.items() if value % world_size]
     if bad:
         given = ", ".join(f"{name}={value}" for name, value in counts.items())
@@ -182,8 +187,9 @@ def check_world_size(config: ModelConfig, world_size: int, source: str = "config
         )
     for name in ("intermediate_size", "vocab_size"):
         if getattr(config, name) < world_size:
-            raise LlamascopeError(f"{source}: {name}={getattr(config, name)} is smaller than the "
-                                  f"{world_size} ranks to split it over")
+            raise LlamascopeError(
+                f"{source}: {name}={getattr(config, name)} is smaller than the {world_size} ranks to split it over"
+            )
 
 
 def shard_plan(config: ModelConfig, rank: int, world_size: int) -> dict[str, Shard]:
@@ -196,9 +202,13 @@ def shard_plan(config: ModelConfig, rank: int, world_size: int) -> dict[str, Sha
     plan: dict[str, Shard] = {}
     for n in range(config.num_hidden_layers):
         p = f"model.layers.{n}."
-        for name, shard in (("self_attn.q_proj", Shard(0, q0, q1)), ("self_attn.k_proj", Shard(0, kv0, kv1)),
-                            ("self_attn.v_proj", Shard(0, kv0, kv1)), ("mlp.gate_proj", Shard(0, m0, m1)),
-                            ("mlp.up_proj", Shard(0, m0, m1))):
+        for name, shard in (
+            ("self_attn.q_proj", Shard(0, q0, q1)),
+            ("self_attn.k_proj", Shard(0, kv0, kv1)),
+            ("self_attn.v_proj", Shard(0, kv0, kv1)),
+            ("mlp.gate_proj", Shard(0, m0, m1)),
+            ("mlp.up_proj", Shard(0, m0, m1)),
+        ):
             plan[p + name + ".weight"] = plan[p + name + ".bias"] = shard
         plan[p + "self_attn.o_proj.weight"] = Shard(1, q0, q1)
         plan[p + "mlp.down_proj.weight"] = Shard(1, m0, m1)
@@ -220,8 +230,9 @@ def narrow_linears(model: nn.Module, plan: dict[str, Shard]) -> None:
             out_features = shard.stop - shard.start
         else:
             in_features = shard.stop - shard.start
-        new = nn.Linear(in_features, out_features, bias=old.bias is not None,
-                        device=old.weight.device, dtype=old.weight.dtype)
+        new = nn.Linear(
+            in_features, out_features, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype
+        )
         parent_name, _, child = module_name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -232,11 +243,13 @@ def attach_collectives(model: nn.Module, group: ParallelGroup) -> None:
         layer.self_attn.o_proj = RowParallelLinear(layer.self_attn.o_proj, group)
         layer.mlp.down_proj = RowParallelLinear(layer.mlp.down_proj, group)
     vocab = model.config.vocab_size
-    model.lm_head = VocabParallelHead(model.lm_head, [split(vocab, group.world_size, r)
-                                                      for r in range(group.world_size)], group)
+    model.lm_head = VocabParallelHead(
+        model.lm_head, [split(vocab, group.world_size, r) for r in range(group.world_size)], group
+    )
 
 
 # ---- layers with collectives --------------------------------------------------------------------
+
 
 class RowParallelLinear(LocalPart):
     """A linear layer whose input features are split across ranks: each rank multiplies its slice

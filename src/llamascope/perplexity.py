@@ -8,7 +8,7 @@ as in Hugging Face's perplexity guide.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +16,13 @@ import torch.nn.functional as F
 from .errors import LlamascopeError
 
 
-def perplexity(model: torch.nn.Module, ids: list[int], window: int = 512, stride: int = 256,
-               progress: Callable[[int, int], None] | None = None) -> tuple[float, int]:
+def perplexity(
+    model: torch.nn.Module,
+    ids: list[int],
+    window: int = 512,
+    stride: int = 256,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[float, int]:
     """-> (perplexity, number of tokens scored)."""
     if len(ids) < 2:
         raise LlamascopeError("perplexity needs a text of at least 2 tokens")
@@ -34,7 +39,7 @@ def perplexity(model: torch.nn.Module, ids: list[int], window: int = 512, stride
             logits = model(chunk, positions).float()  # [1, T, V]
             first_new = max(previous_end, start + 1)  # index of the first token not yet scored
             targets = tokens[first_new:end]  # predicted by positions first_new-1 .. end-2
-            predictions = logits[0, first_new - 1 - start:end - 1 - start]  # [n, V]
+            predictions = logits[0, first_new - 1 - start : end - 1 - start]  # [n, V]
             nll += F.cross_entropy(predictions, targets, reduction="sum").item()
             scored += len(targets)
             previous_end = end

@@ -42,6 +42,7 @@ NEG_INF = float("-inf")
 
 # ---- processors that apply in every decoding mode ----------------------------------------------
 
+
 class RepetitionPenalty:
     """Each distinct token already in the sequence (prompt included) is penalised once:
     a negative score is multiplied by `penalty`, a positive one divided by it.
@@ -78,7 +79,7 @@ class NoRepeatNGram:
             return scores
         V = scores.shape[-1]
         windows = input_ids.unfold(1, self.n, 1)  # [B, S - n + 1, n] every complete n-gram
-        prefix = input_ids[:, S - (self.n - 1):]  # [B, n - 1] what the next token would follow
+        prefix = input_ids[:, S - (self.n - 1) :]  # [B, n - 1] what the next token would follow
         match = (windows[..., :-1] == prefix[:, None, :]).all(dim=-1)  # [B, S - n + 1]
         # A matching window bans its last token; the others point at a spare column past the vocabulary.
         followers = torch.where(match, windows[..., -1].clamp(max=V), V)
@@ -107,7 +108,7 @@ class NoBadWords:
             prefix = word[:-1]
             if len(prefix) > S:
                 continue
-            tail = input_ids[:, S - len(prefix):]  # [B, len(prefix)]
+            tail = input_ids[:, S - len(prefix) :]  # [B, len(prefix)]
             rows = (tail == torch.tensor(prefix, device=input_ids.device)).all(dim=-1)  # [B]
             banned[rows, word[-1]] = True
         return scores.masked_fill(banned, NEG_INF)
@@ -159,6 +160,7 @@ def _ban(scores: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
 
 # ---- warpers: sampling only --------------------------------------------------------------------
 
+
 class Temperature:
     def __init__(self, temperature: float):
         self.temperature = float(temperature)
@@ -189,7 +191,7 @@ class TopP:
         ascending, order = torch.sort(scores, descending=False)  # [B, V]
         cumulative = ascending.softmax(-1).cumsum(-1)  # [B, V] probability mass up to each token
         drop = cumulative <= (1 - self.top_p)
-        drop[:, -self.min_tokens_to_keep:] = False  # the most likely tokens always stay
+        drop[:, -self.min_tokens_to_keep :] = False  # the most likely tokens always stay
         drop = drop.scatter(1, order, drop)  # back to vocabulary order
         return scores.masked_fill(drop, NEG_INF)
 
@@ -224,12 +226,13 @@ class Typical:
         cumulative = scores.gather(-1, order).softmax(-1).cumsum(-1)  # [B, V]
         last = (cumulative < self.mass).sum(dim=1).clamp(max=scores.shape[-1] - 1)  # [B]
         drop = distance_sorted > distance_sorted.gather(1, last[:, None])
-        drop[:, :self.min_tokens_to_keep] = False
+        drop[:, : self.min_tokens_to_keep] = False
         drop = drop.scatter(1, order, drop)
         return scores.masked_fill(drop, NEG_INF)
 
 
 # ---- the list, in transformers' order ----------------------------------------------------------
+
 
 def build_processors(
     config: GenerationConfig,
@@ -249,7 +252,8 @@ def build_processors(
         outside = sorted({t for word in config.bad_words_ids for t in word if t >= vocab_size})
         if outside:
             raise LlamascopeError(
-                f"generation setting bad_words_ids: token ids {outside} are outside the vocabulary ({vocab_size} ids)")
+                f"generation setting bad_words_ids: token ids {outside} are outside the vocabulary ({vocab_size} ids)"
+            )
     processors: list = []
     eos = list(config.eos_token_id or [])
     if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
@@ -312,8 +316,14 @@ def argmax(scores: torch.Tensor) -> torch.Tensor:
     """scores [B, V] -> [B] int64, as `scores.argmax(-1)` (first index on ties, NaN wins); float32
     rows on the CPU go through the native kernel, many times faster than torch's at batch 1."""
     lib = kernels.load()
-    if (lib is None or scores.dim() != 2 or scores.dtype != torch.float32 or scores.device.type != "cpu"
-            or not scores.is_contiguous() or scores.shape[1] == 0):
+    if (
+        lib is None
+        or scores.dim() != 2
+        or scores.dtype != torch.float32
+        or scores.device.type != "cpu"
+        or not scores.is_contiguous()
+        or scores.shape[1] == 0
+    ):
         return scores.argmax(-1)
     out = torch.empty(scores.shape[0], dtype=torch.long)
     lib.argmax_rows_f32(scores.data_ptr(), scores.shape[0], scores.shape[1], out.data_ptr())
@@ -321,6 +331,7 @@ def argmax(scores: torch.Tensor) -> torch.Tensor:
 
 
 # ---- log-probabilities -------------------------------------------------------------------------
+
 
 def token_logprobs(scores: torch.Tensor, chosen: torch.Tensor, top_n: int) -> list[dict]:
     """Per row: the chosen token's log-probability and the `top_n` most likely tokens.
@@ -336,7 +347,10 @@ def token_logprobs(scores: torch.Tensor, chosen: torch.Tensor, top_n: int) -> li
     top_values, top_ids = torch.topk(logp, n, dim=-1) if n > 0 else (logp[:, :0], logp[:, :0].long())
     out = []
     for row, token in enumerate(chosen.tolist()):
-        top = [{"id": int(i), "logprob": float(v)}
-               for v, i in zip(top_values[row].tolist(), top_ids[row].tolist()) if not math.isinf(v)]
+        top = [
+            {"id": int(i), "logprob": float(v)}
+            for v, i in zip(top_values[row].tolist(), top_ids[row].tolist())
+            if not math.isinf(v)
+        ]
         out.append({"id": int(token), "logprob": float(chosen_lp[row]), "top": top})
     return out

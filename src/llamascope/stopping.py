@@ -41,14 +41,14 @@ class StopStrings:
 
     def match(self, ids: Sequence[int]) -> str | None:
         """The stop string that the last token of `ids` completes, or None."""
-        tail = list(ids[-self.window:])
+        tail = list(ids[-self.window :])
         if not tail:
             return None
         before = self.tokenizer.decode(tail[:-1], skip_special_tokens=False)
         after = self.tokenizer.decode(tail, skip_special_tokens=False)
         settled = len(os.path.commonprefix([before, after]))  # characters that were there before
         for text in self.strings:
-            if text in after[max(0, settled - len(text) + 1):]:
+            if text in after[max(0, settled - len(text) + 1) :]:
                 return text
         return None
 
@@ -103,10 +103,17 @@ class StopText:
         stops at it (None: it goes on)."""
         pending, self.held = self.held + text, ""
         if reason == "stop":  # a stop string that began in the prompt leaves nothing to send
-            return pending[:min((i for i in map(pending.find, self.strings) if i >= 0), default=0)]
+            return pending[: min((i for i in map(pending.find, self.strings) if i >= 0), default=0)]
         if reason is not None:
             return pending
-        keep = max((k for s in self.strings for k in range(1, min(len(s) - 1, len(pending)) + 1)
-                    if s.startswith(pending[-k:])), default=0)  # the longest end that begins a stop string
-        self.held = pending[len(pending) - keep:]
-        return pending[:len(pending) - keep]
+        keep = max(
+            (
+                k
+                for s in self.strings
+                for k in range(1, min(len(s) - 1, len(pending)) + 1)
+                if s.startswith(pending[-k:])
+            ),
+            default=0,
+        )  # the longest end that begins a stop string
+        self.held = pending[len(pending) - keep :]
+        return pending[: len(pending) - keep]

@@ -7,9 +7,10 @@ folders, plus tokenizer_config.json), or GGUF metadata (see `loading/gguf_tokeni
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import tokenizers
 from jinja2.exceptions import TemplateError
@@ -61,10 +62,15 @@ class Tokenizer:
         bos = [(self.bos_token, self.token_to_id(self.bos_token))] if add_bos and self.bos_token else []
         eos = [(self.eos_token, self.token_to_id(self.eos_token))] if add_eos and self.eos_token else []
         single = " ".join([t for t, _ in bos] + ["$A:0"] + [t for t, _ in eos])
-        pair = " ".join([t for t, _ in bos] + ["$A:0"] + [t for t, _ in eos] + [t + ":1" for t, _ in bos]
-                        + ["$B:1"] + [t + ":1" for t, _ in eos])
-        self.backend.post_processor = processors.TemplateProcessing(single=single, pair=pair,
-                                                                    special_tokens=bos + eos)
+        pair = " ".join(
+            [t for t, _ in bos]
+            + ["$A:0"]
+            + [t for t, _ in eos]
+            + [t + ":1" for t, _ in bos]
+            + ["$B:1"]
+            + [t + ":1" for t, _ in eos]
+        )
+        self.backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=bos + eos)
 
     # ---- ids of special tokens -----------------------------------------------------------
     def token_to_id(self, token: str | None) -> int | None:
@@ -104,7 +110,7 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def stream_decoder(self, prompt_ids: list[int] | None = None, skip_special_tokens: bool = False) -> "StreamDecoder":
+    def stream_decoder(self, prompt_ids: list[int] | None = None, skip_special_tokens: bool = False) -> StreamDecoder:
         return StreamDecoder(self, prompt_ids or [], skip_special_tokens)
 
     # ---- chat ----------------------------------------------------------------------------
@@ -112,20 +118,26 @@ class Tokenizer:
         """Render messages the way transformers' apply_chat_template does (sandboxed jinja2)."""
         if not self.chat_template:
             raise LlamascopeError(f"{self.source or 'tokenizer'}: this model has no chat template")
+
         def raise_exception(message: str):
             raise TemplateError(message)
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
         env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, separators=None, sort_keys=False: json.dumps(
-            x, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
+            x, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys
+        )
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
             template = env.from_string(self.chat_template)
             return template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-                pad_token=self.pad_token or "", unk_token=self.unk_token or "", **extra,
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+                pad_token=self.pad_token or "",
+                unk_token=self.unk_token or "",
+                **extra,
             )
         except TemplateError as e:
             raise LlamascopeError(f"chat template: {e}") from None
@@ -136,7 +148,7 @@ class Tokenizer:
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
-    def from_hf_folder(cls, folder: Path, config=None) -> "Tokenizer":
+    def from_hf_folder(cls, folder: Path, config=None) -> Tokenizer:
         folder = Path(folder)
         settings: dict = {}
         if (folder / "special_tokens_map.json").is_file():
@@ -159,7 +171,7 @@ class Tokenizer:
         return cls.from_settings(backend, settings, source=str(folder))
 
     @classmethod
-    def from_settings(cls, backend: tokenizers.Tokenizer, settings: dict, source: str) -> "Tokenizer":
+    def from_settings(cls, backend: tokenizers.Tokenizer, settings: dict, source: str) -> Tokenizer:
         """Special tokens, add-BOS/EOS flags and the chat template, keyed as in tokenizer_config.json."""
         chat_template = settings.get("chat_template")
         if isinstance(chat_template, list):  # several named templates: take "default"
@@ -177,14 +189,14 @@ class Tokenizer:
         )
 
     @classmethod
-    def from_gguf(cls, path_or_reader) -> "Tokenizer":
+    def from_gguf(cls, path_or_reader) -> Tokenizer:
         """The tokenizer a GGUF file describes (a model or a vocabulary-only file), from its path or
         its parsed header (loading.gguf_file.GGUFFile)."""
         backend, settings, source = tokenizer_settings_from_gguf(path_or_reader)
         return cls.from_settings(backend, settings, source=source)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Tokenizer":
+    def from_file(cls, path: str | Path) -> Tokenizer:
         """A --tokenizer argument: a folder, a tokenizer.json, a tokenizer.model or a GGUF file."""
         path = Path(path)
         if not path.exists():
@@ -201,7 +213,7 @@ class Tokenizer:
         raise LlamascopeError(f"{path}: not a tokenizer (expected a folder, tokenizer.json, tokenizer.model or .gguf)")
 
     @classmethod
-    def from_hf_folder_files(cls, tokenizer_json: Path) -> "Tokenizer":
+    def from_hf_folder_files(cls, tokenizer_json: Path) -> Tokenizer:
         """A lone tokenizer.json: its sibling tokenizer_config.json is used when present."""
         folder = tokenizer_json.parent
         if tokenizer_json.name == "tokenizer.json":
@@ -229,16 +241,16 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        text = self._decode(self.ids[self.prefix_offset:])
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset :])
         if len(text) > len(prefix) and not text.endswith("\ufffd"):
-            delta = text[len(prefix):]
+            delta = text[len(prefix) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return delta
         return ""
 
     def flush(self) -> str:
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        text = self._decode(self.ids[self.prefix_offset:])
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
-        return text[len(prefix):] if text.startswith(prefix) else ""
+        return text[len(prefix) :] if text.startswith(prefix) else ""

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import fnmatch
 import html
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -83,8 +84,11 @@ class ActivationRecorder:
         return acts
 
     def select(self, acts: dict) -> dict[str, torch.Tensor]:
-        return {name: value for name, value in acts.items()
-                if not name.startswith("_") and any(fnmatch.fnmatchcase(name, p) for p in self.patterns)}
+        return {
+            name: value
+            for name, value in acts.items()
+            if not name.startswith("_") and any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
+        }
 
     def _compact(self) -> None:
         if self._raw:
@@ -96,8 +100,9 @@ class ActivationRecorder:
         return self._raw
 
 
-def capture_activations(model: torch.nn.Module, ids: Sequence[int], names: Iterable[str] = ("*",),
-                        attention_weights: bool = False) -> dict[str, torch.Tensor]:
+def capture_activations(
+    model: torch.nn.Module, ids: Sequence[int], names: Iterable[str] = ("*",), attention_weights: bool = False
+) -> dict[str, torch.Tensor]:
     """One forward pass over `ids` (no cache): the named activations, each [1, T, ...]."""
     recorder = ActivationRecorder(names, attention_weights)
     tokens = torch.tensor([list(ids)], dtype=torch.long, device=model.device)  # [1, T]
@@ -112,6 +117,7 @@ def capture_activations(model: torch.nn.Module, ids: Sequence[int], names: Itera
 
 # ---- what a trace holds -----------------------------------------------------------------------
 
+
 @dataclass
 class TokenChoice:
     id: int
@@ -121,8 +127,7 @@ class TokenChoice:
     logit: float
 
     def to_json(self) -> dict:
-        return {"id": self.id, "text": self.text, "prob": self.prob, "model_prob": self.model_prob,
-                "logit": self.logit}
+        return {"id": self.id, "text": self.text, "prob": self.prob, "model_prob": self.model_prob, "logit": self.logit}
 
 
 @dataclass
@@ -148,12 +153,20 @@ class StepTrace:
 
     def to_json(self) -> dict:
         return {
-            "index": self.index, "phase": "prefill" if self.index == 0 else "decode",
-            "input_ids": self.input_ids, "input_ids_shape": _shape(self.input_ids),
-            "position_ids": self.position_ids, "position_ids_shape": _shape(self.position_ids),
-            "attention_mask": self.attention_mask, "attention_mask_shape": _shape(self.attention_mask),
-            "use_cache": self.use_cache, "cache_length": self.cache_length, "cache_state": self.cache_state,
-            "shapes": self.shapes, "chosen": self.chosen.to_json(), "top": [c.to_json() for c in self.top],
+            "index": self.index,
+            "phase": "prefill" if self.index == 0 else "decode",
+            "input_ids": self.input_ids,
+            "input_ids_shape": _shape(self.input_ids),
+            "position_ids": self.position_ids,
+            "position_ids_shape": _shape(self.position_ids),
+            "attention_mask": self.attention_mask,
+            "attention_mask_shape": _shape(self.attention_mask),
+            "use_cache": self.use_cache,
+            "cache_length": self.cache_length,
+            "cache_state": self.cache_state,
+            "shapes": self.shapes,
+            "chosen": self.chosen.to_json(),
+            "top": [c.to_json() for c in self.top],
             "activations": {name: list(t.shape) for name, t in self.activations.items()},
         }
 
@@ -169,10 +182,16 @@ class PositionPrediction:
     next_id: int | None  # the prompt token that follows (None at the last position)
 
     def to_json(self) -> dict:
-        return {"position": self.position, "token_id": self.token_id, "token": self.token_text,
-                "predicted_id": self.predicted_id, "predicted": self.predicted_text, "prob": self.prob,
-                "next_id": self.next_id,
-                "correct": None if self.next_id is None else self.predicted_id == self.next_id}
+        return {
+            "position": self.position,
+            "token_id": self.token_id,
+            "token": self.token_text,
+            "predicted_id": self.predicted_id,
+            "predicted": self.predicted_text,
+            "prob": self.prob,
+            "next_id": self.next_id,
+            "correct": None if self.next_id is None else self.predicted_id == self.next_id,
+        }
 
 
 @dataclass
@@ -187,10 +206,14 @@ class Lens:
     final_layer_max_abs_diff: float  # |lens at the last layer - the model's logits|, max over steps
 
     def to_json(self) -> dict:
-        return {"layers": self.layers, "positions": self.positions, "tokens": self.tokens,
-                "next_ids": self.next_ids, "final_layer_max_abs_diff": self.final_layer_max_abs_diff,
-                "cells": [[[{"id": i, "text": t, "prob": p} for i, t, p in cell] for cell in row]
-                          for row in self.cells]}
+        return {
+            "layers": self.layers,
+            "positions": self.positions,
+            "tokens": self.tokens,
+            "next_ids": self.next_ids,
+            "final_layer_max_abs_diff": self.final_layer_max_abs_diff,
+            "cells": [[[{"id": i, "text": t, "prob": p} for i, t, p in cell] for cell in row] for row in self.cells],
+        }
 
 
 @dataclass
@@ -228,10 +251,15 @@ class Trace:
     def to_json(self) -> dict:
         return {
             "prompt": self.prompt,
-            "tokenization": {"input_ids": [self.prompt_ids], "input_ids_shape": [1, self.prompt_length],
-                             "pieces": self.pieces, "texts": self.texts,
-                             "attention_mask": [self.attention_mask],
-                             "attention_mask_shape": [1, self.prompt_length], "adds_bos": self.adds_bos},
+            "tokenization": {
+                "input_ids": [self.prompt_ids],
+                "input_ids_shape": [1, self.prompt_length],
+                "pieces": self.pieces,
+                "texts": self.texts,
+                "attention_mask": [self.attention_mask],
+                "attention_mask_shape": [1, self.prompt_length],
+                "adds_bos": self.adds_bos,
+            },
             "settings": generation_rows_json(self.settings),
             "max_length": self.max_length,
             "max_length_rule": _max_length_rule(self),
@@ -258,38 +286,54 @@ def _shape(nested: list) -> list[int]:
 def _max_length_rule(t: Trace) -> str:
     s = t.settings
     if s.max_new_tokens is not None:
-        return (f"max_length = prompt length {t.prompt_length} + max_new_tokens {s.max_new_tokens} "
-                f"({s.sources['max_new_tokens']}) = {t.max_length}")
+        return (
+            f"max_length = prompt length {t.prompt_length} + max_new_tokens {s.max_new_tokens} "
+            f"({s.sources['max_new_tokens']}) = {t.max_length}"
+        )
     if s.max_length is not None:
         return f"max_length = {t.max_length} ({s.sources['max_length']}; max_new_tokens not set)"
-    return (f"max_length = min(prompt length {t.prompt_length} + 20, context {t.context}) = {t.max_length} "
-            f"(transformers' default when neither max_new_tokens nor max_length is set)")
+    return (
+        f"max_length = min(prompt length {t.prompt_length} + 20, context {t.context}) = {t.max_length} "
+        f"(transformers' default when neither max_new_tokens nor max_length is set)"
+    )
 
 
 def decoding_strategy(settings: GenerationConfig) -> tuple[str, str]:
     """transformers' generation mode for these settings, and the settings that chose it."""
+
     def said(name: str) -> str:
         return f"{name}={getattr(settings, name)!r} ({settings.sources.get(name, 'default')})"
 
     if settings.num_beams > 1:
         if settings.do_sample:
             return "beam sampling", f"{said('num_beams')} > 1 and {said('do_sample')}"
-        return "beam search", (f"{said('num_beams')} > 1 and {said('do_sample')}: keeps the best beams by "
-                               f"log-probability")
+        return "beam search", (
+            f"{said('num_beams')} > 1 and {said('do_sample')}: keeps the best beams by log-probability"
+        )
     if settings.do_sample:
-        return "sampling", (f"{said('do_sample')} and {said('num_beams')}: the next token is drawn from the "
-                            f"softmax of the processed logits")
-    return "greedy search", (f"{said('do_sample')} and {said('num_beams')}: the next token is the argmax "
-                             f"of the logits")
+        return "sampling", (
+            f"{said('do_sample')} and {said('num_beams')}: the next token is drawn from the "
+            f"softmax of the processed logits"
+        )
+    return "greedy search", (f"{said('do_sample')} and {said('num_beams')}: the next token is the argmax of the logits")
 
 
 # ---- recording --------------------------------------------------------------------------------
 
+
 class _Recorder:
     """on_step / capture callbacks for generate(): keeps what the trace shows, drops the rest."""
 
-    def __init__(self, model, tokenizer, settings: GenerationConfig, prompt_ids: list[int], top: int,
-                 lens: bool, activations: ActivationRecorder | None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        settings: GenerationConfig,
+        prompt_ids: list[int],
+        top: int,
+        lens: bool,
+        activations: ActivationRecorder | None,
+    ):
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.prompt_ids, self.top, self.want_lens = prompt_ids, top, lens
         self.activations = activations
@@ -302,8 +346,7 @@ class _Recorder:
 
     def text(self, token_id: int) -> str:
         if token_id not in self._texts:
-            self._texts[token_id] = (self.tokenizer.decode([token_id]) if self.tokenizer is not None
-                                     else f"<{token_id}>")
+            self._texts[token_id] = self.tokenizer.decode([token_id]) if self.tokenizer is not None else f"<{token_id}>"
         return self._texts[token_id]
 
     def capture(self, step_index: int) -> dict:
@@ -334,13 +377,20 @@ class _Recorder:
         }
         if "logits" in acts:
             shapes["all_position_logits"] = list(acts["logits"].shape)
-        self.steps.append(StepTrace(
-            index=step.index, input_ids=step.input_ids.tolist(), position_ids=step.position_ids.tolist(),
-            attention_mask=step.attention_mask.tolist(), use_cache=step.cache_length is not None,
-            cache_length=step.cache_length, shapes=shapes, chosen=choice(chosen_id),
-            top=[choice(i) for i in top_ids],
-            activations=self.activations.select(acts) if self.activations is not None else {},
-        ))
+        self.steps.append(
+            StepTrace(
+                index=step.index,
+                input_ids=step.input_ids.tolist(),
+                position_ids=step.position_ids.tolist(),
+                attention_mask=step.attention_mask.tolist(),
+                use_cache=step.cache_length is not None,
+                cache_length=step.cache_length,
+                shapes=shapes,
+                chosen=choice(chosen_id),
+                top=[choice(i) for i in top_ids],
+                activations=self.activations.select(acts) if self.activations is not None else {},
+            )
+        )
         if step.index == 0:
             self._predictions(acts["logits"][0].float())  # [T, V]
         if self.want_lens:
@@ -351,8 +401,11 @@ class _Recorder:
         best = probs.max(-1)
         ids = self.prompt_ids
         for t, (p, i) in enumerate(zip(best.values.tolist(), best.indices.tolist())):
-            self.predictions.append(PositionPrediction(
-                t, ids[t], self.text(ids[t]), i, self.text(i), p, ids[t + 1] if t + 1 < len(ids) else None))
+            self.predictions.append(
+                PositionPrediction(
+                    t, ids[t], self.text(ids[t]), i, self.text(i), p, ids[t + 1] if t + 1 < len(ids) else None
+                )
+            )
 
     def _lens(self, step, acts: dict) -> None:
         """Final norm + LM head on the residual stream after each layer, at this step's new positions."""
@@ -427,13 +480,20 @@ def trace(
     config = _settings_in_force(engine, settings, defaults or {}, defaults_source, chat)
     strategy, reason = decoding_strategy(config)
     if config.num_beams > 1:
-        raise LlamascopeError(f"trace follows greedy search and sampling step by step; these settings choose "
-                              f"{strategy} ({reason}). Pass num_beams=1 to trace.")
+        raise LlamascopeError(
+            f"trace follows greedy search and sampling step by step; these settings choose "
+            f"{strategy} ({reason}). Pass num_beams=1 to trace."
+        )
     gguf = engine.loaded.checkpoint.format == "gguf"
     warnings = find_contradictions(
-        engine.config, engine.loaded.checkpoint.config_dict, engine.generation_json, tokenizer, generation=config,
+        engine.config,
+        engine.loaded.checkpoint.config_dict,
+        engine.generation_json,
+        tokenizer,
+        generation=config,
         config_label="GGUF metadata" if gguf else "config.json",
-        generation_label="GGUF metadata" if gguf else "generation_config.json")
+        generation_label="GGUF metadata" if gguf else "generation_config.json",
+    )
     recorder = ActivationRecorder(activations, attention_weights) if (activations or attention_weights) else None
     record = _Recorder(engine.model, tokenizer, config, ids, top, lens, recorder)
     result = generate(engine.model, [ids], config, on_step=record.on_step, capture=record.capture)
@@ -446,21 +506,41 @@ def trace(
         next_ids = [sequence[p + 1] if p + 1 < len(sequence) else None for p in record.lens_positions]
         lens_result = Lens(
             layers=["embed"] + [str(i) for i in range(engine.config.num_hidden_layers)],
-            positions=record.lens_positions, tokens=[record.text(sequence[p]) for p in record.lens_positions],
-            next_ids=next_ids, cells=record.lens_cells, final_layer_max_abs_diff=record.lens_max_diff,
+            positions=record.lens_positions,
+            tokens=[record.text(sequence[p]) for p in record.lens_positions],
+            next_ids=next_ids,
+            cells=record.lens_cells,
+            final_layer_max_abs_diff=record.lens_max_diff,
         )
     pieces = tokenizer.tokens(ids) if tokenizer is not None else [str(i) for i in ids]
     text = tokenizer.decode(output_ids, skip_special_tokens=True) if tokenizer is not None else ""
     return Trace(
-        prompt=text_prompt, prompt_ids=ids, pieces=pieces, texts=[record.text(i) for i in ids],
+        prompt=text_prompt,
+        prompt_ids=ids,
+        pieces=pieces,
+        texts=[record.text(i) for i in ids],
         attention_mask=record.steps[0].attention_mask[0] if record.steps else [1] * len(ids),
-        adds_bos=bool(text_prompt is not None and not chat and tokenizer is not None and tokenizer.adds_bos
-                      and ids[0] == tokenizer.bos_id),
-        settings=config, max_length=config.max_length_for(len(ids), engine.config.max_position_embeddings),
-        context=engine.config.max_position_embeddings, warnings=warnings,
-        strategy=strategy, strategy_reason=reason, processors=processors, steps=record.steps,
-        predictions=record.predictions, output_ids=output_ids, text=text,
-        finish_reason=result.finish_reasons[0], top=top, lens=lens_result,
+        adds_bos=bool(
+            text_prompt is not None
+            and not chat
+            and tokenizer is not None
+            and tokenizer.adds_bos
+            and ids[0] == tokenizer.bos_id
+        ),
+        settings=config,
+        max_length=config.max_length_for(len(ids), engine.config.max_position_embeddings),
+        context=engine.config.max_position_embeddings,
+        warnings=warnings,
+        strategy=strategy,
+        strategy_reason=reason,
+        processors=processors,
+        steps=record.steps,
+        predictions=record.predictions,
+        output_ids=output_ids,
+        text=text,
+        finish_reason=result.finish_reasons[0],
+        top=top,
+        lens=lens_result,
     )
 
 
@@ -480,6 +560,7 @@ def _describe_processor(processor) -> str:
 
 
 # ---- rendering: terminal ----------------------------------------------------------------------
+
 
 def _tensor(rows: list[list[int]]) -> str:
     return "tensor([" + ", ".join("[" + ", ".join(map(str, r)) + "]" for r in rows) + "])"
@@ -504,8 +585,10 @@ def render_trace(t: Trace, console=None, lens: bool = True) -> None:
     if t.adds_bos:
         out(f"the tokenizer adds BOS {t.pieces[0]!r} (id {t.prompt_ids[0]}) in front")
     out(f"input_ids      = {_tensor([t.prompt_ids])}  shape {_shape_text([1, t.prompt_length])}  int64")
-    out(f"attention_mask = {_tensor([t.attention_mask])}  shape {_shape_text([1, t.prompt_length])}  "
-        f"(1 = a real token, 0 = padding)")
+    out(
+        f"attention_mask = {_tensor([t.attention_mask])}  shape {_shape_text([1, t.prompt_length])}  "
+        f"(1 = a real token, 0 = padding)"
+    )
     table = Table()
     for column in ("position", "id", "piece", "text"):
         table.add_column(column, justify="right" if column in ("position", "id") else "left")
@@ -525,8 +608,11 @@ def render_trace(t: Trace, console=None, lens: bool = True) -> None:
 
     L = len(t.lens.layers) - 1 if t.lens is not None else None
     for s in t.steps:
-        phase = "prefill: the whole prompt in one forward pass" if s.index == 0 else (
-            "decode: one new token with the cache" if s.use_cache else "decode: the whole sequence again")
+        phase = (
+            "prefill: the whole prompt in one forward pass"
+            if s.index == 0
+            else ("decode: one new token with the cache" if s.use_cache else "decode: the whole sequence again")
+        )
         section(console, f"step {s.index} ({phase})")
         table = Table(title="prepared inputs", title_justify="left")
         table.add_column("input")
@@ -546,8 +632,9 @@ def render_trace(t: Trace, console=None, lens: bool = True) -> None:
         table.add_row("hidden states after the final norm", _shape_text(s.shapes["norm"]))
         table.add_row("logits (last position only)", _shape_text(s.shapes["logits"]))
         if "all_position_logits" in s.shapes:
-            table.add_row("logits at every position (captured for the trace)",
-                          _shape_text(s.shapes["all_position_logits"]))
+            table.add_row(
+                "logits at every position (captured for the trace)", _shape_text(s.shapes["all_position_logits"])
+            )
         table.add_row("next-token logits", _shape_text(s.shapes["next_token_logits"]))
         for name, tensor in s.activations.items():
             table.add_row(f"captured {name}", _shape_text(list(tensor.shape)))
@@ -558,8 +645,11 @@ def render_trace(t: Trace, console=None, lens: bool = True) -> None:
         for column in ["rank", "id", "token", "p"] + (["p (model)"] if sampled else []) + ["logit"]:
             table.add_column(column, justify="left" if column == "token" else "right")
         for rank, c in enumerate(s.top, 1):
-            row = [str(rank), str(c.id), _q(c.text), f"{c.prob:.4f}"] + (
-                [f"{c.model_prob:.4f}"] if sampled else []) + [f"{c.logit:.3f}"]
+            row = (
+                [str(rank), str(c.id), _q(c.text), f"{c.prob:.4f}"]
+                + ([f"{c.model_prob:.4f}"] if sampled else [])
+                + [f"{c.logit:.3f}"]
+            )
             table.add_row(*row, style="bold" if c.id == s.chosen.id else None)
         console.print(table)
         if s.index == 0 and t.predictions:
@@ -577,9 +667,12 @@ def render_trace(t: Trace, console=None, lens: bool = True) -> None:
 
 def _render_predictions(t: Trace, console) -> None:
     section(console, "per-position predictions (from the prefill's logits)")
-    console.print("Each position sees the tokens up to itself and predicts the token that follows it: the "
-                  "prediction at position t lines up with the prompt token at t + 1, and the prediction at "
-                  "the last position is the first generated token.", highlight=False)
+    console.print(
+        "Each position sees the tokens up to itself and predicts the token that follows it: the "
+        "prediction at position t lines up with the prompt token at t + 1, and the prediction at "
+        "the last position is the first generated token.",
+        highlight=False,
+    )
     table = Table()
     for column in ("position", "token", "predicts next", "p", "actual next"):
         table.add_column(column, justify="right" if column in ("position", "p") else "left")
@@ -597,8 +690,10 @@ def _render_predictions(t: Trace, console) -> None:
 
 def _render_lens(lens: Lens, console, L: int | None) -> None:
     section(console, "logit lens (final norm + LM head after each layer; top token and p)")
-    console.print(f"the last row is the model's own output: max |lens - logits| = {lens.final_layer_max_abs_diff}",
-                  highlight=False)
+    console.print(
+        f"the last row is the model's own output: max |lens - logits| = {lens.final_layer_max_abs_diff}",
+        highlight=False,
+    )
     cell_width = 16
     per_chunk = max(1, (console.width - 10) // (cell_width + 3))
     for start in range(0, len(lens.positions), per_chunk):
@@ -654,9 +749,13 @@ def render_html(t: Trace) -> str:
     """A self-contained HTML report (inline CSS, no scripts, no network): the lens heat map
     (layer x position, hover for the top-K), the per-position predictions and the steps."""
     e = html.escape
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             "<title>llamascope trace</title>", f"<style>{_CSS}</style></head><body>",
-             "<h1>llamascope trace</h1>"]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        "<title>llamascope trace</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>llamascope trace</h1>",
+    ]
     if t.prompt is not None:
         parts.append(f"<p>prompt: <code>{e(repr(t.prompt))}</code></p>")
     parts.append(f"<p>input_ids <code>{e(_tensor([t.prompt_ids]))}</code> shape [1, {t.prompt_length}]</p>")
@@ -668,10 +767,12 @@ def render_html(t: Trace) -> str:
     if t.lens is not None:
         lens = t.lens
         parts.append("<h2>logit lens</h2>")
-        parts.append("<p>Each cell: the top token when the final norm and LM head are applied to the residual "
-                     "stream after that layer, at that position; colour = its probability. Hover for the top "
-                     f"{t.top}. A framed cell predicts the token that actually came next. The top row is the "
-                     "model's own output.</p>")
+        parts.append(
+            "<p>Each cell: the top token when the final norm and LM head are applied to the residual "
+            "stream after that layer, at that position; colour = its probability. Hover for the top "
+            f"{t.top}. A framed cell predicts the token that actually came next. The top row is the "
+            "model's own output.</p>"
+        )
         parts.append('<table class="heatmap" id="lens"><thead><tr><th></th>')
         for pos, token in zip(lens.positions, lens.tokens):
             parts.append(f'<th class="pos" title="position {pos}">{pos}<br>{e(repr(token))}</th>')
@@ -692,31 +793,40 @@ def render_html(t: Trace) -> str:
                     f' data-token-id="{top_id}" data-prob="{top_p:.6f}"'
                     f' style="background:{_heat(top_p)};color:{color}">'
                     f'{e(label)}<div class="tip"><b>layer {e(lens.layers[row])}, position {lens.positions[col]}</b>'
-                    f"<br>{tip}</div></td>")
+                    f"<br>{tip}</div></td>"
+                )
             parts.append("</tr>")
         parts.append("</tbody></table>")
 
     if t.predictions:
         parts.append("<h2>per-position predictions (prefill)</h2>")
         parts.append("<p>Each position predicts the token that follows it.</p>")
-        parts.append('<table class="grid"><tr><th>position</th><th>token</th><th>predicts next</th><th>p</th>'
-                     "<th>actual next</th></tr>")
+        parts.append(
+            '<table class="grid"><tr><th>position</th><th>token</th><th>predicts next</th><th>p</th>'
+            "<th>actual next</th></tr>"
+        )
         for p in t.predictions:
             actual = "(generated)" if p.next_id is None else e(repr(t.texts[p.position + 1]))
-            parts.append(f"<tr><td>{p.position}</td><td class=tok>{e(repr(p.token_text))}</td>"
-                         f"<td class=tok>{e(repr(p.predicted_text))}</td><td>{p.prob:.3f}</td>"
-                         f"<td class=tok>{actual}</td></tr>")
+            parts.append(
+                f"<tr><td>{p.position}</td><td class=tok>{e(repr(p.token_text))}</td>"
+                f"<td class=tok>{e(repr(p.predicted_text))}</td><td>{p.prob:.3f}</td>"
+                f"<td class=tok>{actual}</td></tr>"
+            )
         parts.append("</table>")
         parts.append(f"<p>reads as: <code>{e(repr(t.predictions_text))}</code></p>")
 
     parts.append("<h2>steps</h2>")
-    parts.append('<table class="grid"><tr><th>step</th><th>input_ids</th><th>position_ids</th><th>cache</th>'
-                 "<th>logits</th><th>next token</th><th>p</th></tr>")
+    parts.append(
+        '<table class="grid"><tr><th>step</th><th>input_ids</th><th>position_ids</th><th>cache</th>'
+        "<th>logits</th><th>next token</th><th>p</th></tr>"
+    )
     for s in t.steps:
-        parts.append(f"<tr><td>{s.index}</td><td><code>{e(str(_shape(s.input_ids)))}</code></td>"
-                     f"<td><code>{e(str(s.position_ids[0]))}</code></td><td>{e(s.cache_state)}</td>"
-                     f"<td><code>{e(str(s.shapes['logits']))}</code></td>"
-                     f"<td class=tok>{e(repr(s.chosen.text))} ({s.chosen.id})</td><td>{s.chosen.prob:.4f}</td></tr>")
+        parts.append(
+            f"<tr><td>{s.index}</td><td><code>{e(str(_shape(s.input_ids)))}</code></td>"
+            f"<td><code>{e(str(s.position_ids[0]))}</code></td><td>{e(s.cache_state)}</td>"
+            f"<td><code>{e(str(s.shapes['logits']))}</code></td>"
+            f"<td class=tok>{e(repr(s.chosen.text))} ({s.chosen.id})</td><td>{s.chosen.prob:.4f}</td></tr>"
+        )
     parts.append("</table>")
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -37,8 +37,14 @@ def main() -> None:
     tokens = torch.tensor([ids])
     with torch.no_grad():
         probs = model(tokens).logits[0].float().softmax(-1)  # [T, V]
-        out = model.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=MAX_NEW_TOKENS,
-                             do_sample=False, eos_token_id=None, pad_token_id=2)
+        out = model.generate(
+            tokens,
+            attention_mask=torch.ones_like(tokens),
+            max_new_tokens=MAX_NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=2,
+        )
     best = probs.max(-1)
     top = torch.topk(probs[-1], TOP)
     golden = {
@@ -50,8 +56,8 @@ def main() -> None:
         "predicted_ids": best.indices.tolist(),
         "predicted_probs": [round(p, 5) for p in best.values.tolist()],
         "predictions_text": "".join(tokenizer.decode([i]) for i in best.indices.tolist()),
-        "output_ids": out[0, len(ids):].tolist(),
-        "text": tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True),
+        "output_ids": out[0, len(ids) :].tolist(),
+        "text": tokenizer.decode(out[0, len(ids) :].tolist(), skip_special_tokens=True),
         "first_step_top_ids": top.indices.tolist(),
         "first_step_top_probs": [round(p, 5) for p in top.values.tolist()],
         "hidden_size": config.hidden_size,

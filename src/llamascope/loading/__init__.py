@@ -24,15 +24,35 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .build import build_model
-    from .checkpoint import (IGNORED_SUFFIXES, Checkpoint, TensorSource, check_tensors, default_model_path,
-                             expected_shapes, resolve_dtype)
+    from .checkpoint import (
+        IGNORED_SUFFIXES,
+        Checkpoint,
+        TensorSource,
+        check_tensors,
+        default_model_path,
+        expected_shapes,
+        resolve_dtype,
+    )
     from .load import LoadedModel, load_model, open_checkpoint
     from .options import BACKENDS, DTYPES, LoadOptions, resolve_device
 
-_HOMES = {"build_model": "build", "IGNORED_SUFFIXES": "checkpoint", "Checkpoint": "checkpoint", "TensorSource": "checkpoint",
-          "check_tensors": "checkpoint", "default_model_path": "checkpoint", "expected_shapes": "checkpoint",
-          "resolve_dtype": "checkpoint", "LoadedModel": "load", "load_model": "load", "open_checkpoint": "load",
-          "BACKENDS": "options", "DTYPES": "options", "LoadOptions": "options", "resolve_device": "options"}
+_HOMES = {
+    "build_model": "build",
+    "IGNORED_SUFFIXES": "checkpoint",
+    "Checkpoint": "checkpoint",
+    "TensorSource": "checkpoint",
+    "check_tensors": "checkpoint",
+    "default_model_path": "checkpoint",
+    "expected_shapes": "checkpoint",
+    "resolve_dtype": "checkpoint",
+    "LoadedModel": "load",
+    "load_model": "load",
+    "open_checkpoint": "load",
+    "BACKENDS": "options",
+    "DTYPES": "options",
+    "LoadOptions": "options",
+    "resolve_device": "options",
+}
 
 __all__ = sorted(_HOMES)
 

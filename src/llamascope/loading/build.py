@@ -5,7 +5,7 @@ its block format or quantised as it is read, and only this rank's share under te
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -19,10 +19,15 @@ from .checkpoint import Checkpoint, TensorSource, check_tensors, expected_shapes
 log = logging.getLogger("llamascope")
 
 
-def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: str | torch.device = "cpu",
-                progress: Callable[[int, int], None] | None = None,
-                parallel: ParallelGroup | None = None, keep_blocks: bool = False,
-                quantize_to: str | None = None) -> torch.nn.Module:
+def build_model(
+    checkpoint: Checkpoint,
+    dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+    parallel: ParallelGroup | None = None,
+    keep_blocks: bool = False,
+    quantize_to: str | None = None,
+) -> torch.nn.Module:
     """The model with plain layers, each weight read once at `dtype`: create it without allocating,
     read the weights, place them.
 
@@ -53,13 +58,24 @@ def _shard_plan(checkpoint: Checkpoint, device, parallel: ParallelGroup | None) 
         return {}
     check_world_size(checkpoint.config, parallel.world_size, source=str(checkpoint.path))
     if torch.device(device).type != parallel.device.type:
-        raise LlamascopeError(f"tensor parallel over {parallel.backend} runs on {parallel.device.type}, "
-                              f"but the model was asked for on {device}")
+        raise LlamascopeError(
+            f"tensor parallel over {parallel.backend} runs on {parallel.device.type}, "
+            f"but the model was asked for on {device}"
+        )
     return shard_plan(checkpoint.config, parallel.rank, parallel.world_size)
 
 
-def _read_weights(model, checkpoint: Checkpoint, dtype, device, plan: dict, parallel, keep_blocks: bool,
-                  quantize_to: str | None, progress) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, torch.Tensor]]]:
+def _read_weights(
+    model,
+    checkpoint: Checkpoint,
+    dtype,
+    device,
+    plan: dict,
+    parallel,
+    keep_blocks: bool,
+    quantize_to: str | None,
+    progress,
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, torch.Tensor]]]:
     """Read every weight once: float ones into the returned state dict; those kept in a block
     format (as stored, or quantised to `quantize_to` as read) into their layers at once where they
     can go there (so loading never holds the whole model twice), else into the returned `kept`
@@ -100,8 +116,9 @@ def _place_weights(model, checkpoint: Checkpoint, state: dict, kept: dict, dtype
     # Kept weights are not in `state`: their layers (installed or still to come) own them.
     owners = {name.removesuffix(".weight") for name in kept} | ({"lm_head"} if tied_kept else set())
     if unexpected or [key for key in missing if key.rpartition(".")[0] not in owners]:
-        raise LlamascopeError(f"{checkpoint.path}: internal error placing weights: missing {missing}, "
-                              f"unexpected {unexpected}")
+        raise LlamascopeError(
+            f"{checkpoint.path}: internal error placing weights: missing {missing}, unexpected {unexpected}"
+        )
     blocks = {name: entry for name, entry in kept.items() if entry is not None}
     if blocks:
         # Under tensor parallelism a kept embedding is replicated but a tied head takes only this
@@ -125,8 +142,13 @@ def _read_at(source: TensorSource, dtype: torch.dtype, device, shard) -> torch.T
     embedding read as bfloat16 is 262 MB read plus 131 MB kept. A large tensor that changes type,
     read whole or in row shards, is instead read in slices of rows into the result."""
     start, stop = (0, source.shape[0]) if shard is None else (shard.start, shard.stop)
-    chunked = (source.slice_reader is not None and len(source.shape) >= 1 and source.shape[0] > 1
-               and source.nbytes > CONVERT_CHUNK_BYTES and (shard is None or shard.dim == 0))
+    chunked = (
+        source.slice_reader is not None
+        and len(source.shape) >= 1
+        and source.shape[0] > 1
+        and source.nbytes > CONVERT_CHUNK_BYTES
+        and (shard is None or shard.dim == 0)
+    )
     if chunked:
         first = source.read_slice(0, start, start + 1)  # [1, ...] as stored
         chunked = first.dtype != dtype or torch.device(device).type != "cpu"
@@ -137,7 +159,7 @@ def _read_at(source: TensorSource, dtype: torch.dtype, device, shard) -> torch.T
     out = torch.empty((stop - start, *source.shape[1:]), dtype=dtype, device=device)
     for begin in range(start, stop, rows):
         end = min(stop, begin + rows)
-        out[begin - start:end - start].copy_(source.read_slice(0, begin, end))
+        out[begin - start : end - start].copy_(source.read_slice(0, begin, end))
     return out
 
 
@@ -158,7 +180,7 @@ def _read_quantized(source: TensorSource, qtype: str, shard, head_dim: int) -> t
     out = torch.empty(stop - start, source.shape[1] // size * nbytes, dtype=torch.uint8)  # [rows, row bytes]
     for begin in range(start, stop, rows):
         end = min(stop, begin + rows)
-        out[begin - start:end - start] = quantize(source.read_slice(0, begin, end), qtype)
+        out[begin - start : end - start] = quantize(source.read_slice(0, begin, end), qtype)
     return out
 
 
@@ -192,23 +214,34 @@ def _kept_blocks(checkpoint: Checkpoint, name: str, shard, parallel) -> torch.Te
         return source.read_blocks_slice(0, shard.start, shard.stop)
     if shard.start % QK == 0 and shard.stop % QK == 0:
         return source.read_blocks_slice(1, shard.start, shard.stop)
-    log.info("%s: %s (%s) is held as float on %s: its share of the input, columns [%d, %d), does not fall "
-             "on %d-weight block boundaries", checkpoint.path, name, source.stored_type,
-             parallel.describe(), shard.start, shard.stop, QK)
+    log.info(
+        "%s: %s (%s) is held as float on %s: its share of the input, columns [%d, %d), does not fall "
+        "on %d-weight block boundaries",
+        checkpoint.path,
+        name,
+        source.stored_type,
+        parallel.describe(),
+        shard.start,
+        shard.stop,
+        QK,
+    )
     return None
 
 
-def _install_sharded_embedding(model: torch.nn.Module, qtype: str, data: torch.Tensor, dtype: torch.dtype,
-                               head) -> None:
+def _install_sharded_embedding(
+    model: torch.nn.Module, qtype: str, data: torch.Tensor, dtype: torch.dtype, head
+) -> None:
     """A kept (replicated) token embedding, and a tied LM head holding this rank's vocabulary rows
     of the same blocks (a view where the format allows)."""
     config = model.config
     model.model.embed_tokens = QuantEmbedding(data, qtype, config.hidden_size, dtype)
     if config.tie_word_embeddings:
-        model.lm_head = QuantLinear(data[head.start:head.stop], qtype, config.hidden_size)
+        model.lm_head = QuantLinear(data[head.start : head.stop], qtype, config.hidden_size)
 
 
-def install_block_weights(model: torch.nn.Module, blocks: dict[str, tuple[str, torch.Tensor]], dtype: torch.dtype) -> None:
+def install_block_weights(
+    model: torch.nn.Module, blocks: dict[str, tuple[str, torch.Tensor]], dtype: torch.dtype
+) -> None:
     """Put weights kept in a block format into the model: projections and the LM head become
     QuantLinear, the token embedding a QuantEmbedding (a tied LM head shares its blocks)."""
     config = model.config

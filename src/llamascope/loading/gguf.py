@@ -34,8 +34,7 @@ from .tensorfiles import read_array, read_array_slice
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 # Stored types that dequantise to float32 (gguf.quants implements each; see tests/test_gguf.py).
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
-                   "Q6_K")
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # Stored types whose blocks are kept in another format with the same numbers: (that format, the
 # conversion of blocks [rows, row bytes] with `columns` weights a row).
 KEPT_AS = {"Q5_0": ("Q8_0", q5_0_as_q8_0)}
@@ -47,9 +46,15 @@ TOP_LEVEL_NAMES = {
     "output.weight": "lm_head.weight",
 }
 BLOCK_NAMES = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
 }
 BLOCK_PATTERN = re.compile(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias)")
 ROPE_FREQS = "rope_freqs.weight"
@@ -57,6 +62,7 @@ ROPE_FREQS = "rope_freqs.weight"
 IGNORED_TENSORS = re.compile(r"blk\.\d+\.attn_rot_embd(\.weight)?")
 
 # ---- names and layouts -------------------------------------------------------------------------
+
 
 def hf_tensor_name(name: str) -> str | None:
     """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None for unknown names."""
@@ -146,8 +152,13 @@ class GGUFWeight:
         # Plain file reads, not the memory map: mapped pages once touched stay resident beside the
         # copy (two copies at peak); a read leaves only the tensor.
         rows = self.shape[0]
-        raw = read_array(self.path, int(self.tensor.data_offset), torch.uint8,
-                         (rows, int(self.tensor.n_bytes) // rows), self.tensor.name)  # [out, row bytes]
+        raw = read_array(
+            self.path,
+            int(self.tensor.data_offset),
+            torch.uint8,
+            (rows, int(self.tensor.n_bytes) // rows),
+            self.tensor.name,
+        )  # [out, row bytes]
         return self._kept(self._unpermute(raw), self.shape[1])
 
     def _kept(self, blocks: torch.Tensor, columns: int) -> torch.Tensor:
@@ -188,14 +199,18 @@ class GGUFWeight:
         if dim == 0:
             head_rows = rows // self.heads if self.heads else 1
             if not 0 <= start <= stop <= rows or start % head_rows or stop % head_rows:
-                raise LlamascopeError(f"{self.path}: tensor {name!r}: rows [{start}, {stop}) are not whole heads "
-                                      f"of {head_rows} rows within its {rows} rows")
+                raise LlamascopeError(
+                    f"{self.path}: tensor {name!r}: rows [{start}, {stop}) are not whole heads "
+                    f"of {head_rows} rows within its {rows} rows"
+                )
             out = torch.empty((stop - start, row_bytes), dtype=torch.uint8)  # [rows, row bytes]
             spans = [(int(self.tensor.data_offset) + start * row_bytes, out.numpy().reshape(-1))]
         elif dim == 1 and len(self.shape) == 2:
             if not 0 <= start <= stop <= self.shape[1] or start % block or stop % block:
-                raise LlamascopeError(f"{self.path}: tensor {name!r}: columns [{start}, {stop}) do not fall on "
-                                      f"its {block}-weight block boundaries")
+                raise LlamascopeError(
+                    f"{self.path}: tensor {name!r}: columns [{start}, {stop}) do not fall on "
+                    f"its {block}-weight block boundaries"
+                )
             first, last = start // block * type_size, stop // block * type_size
             out = torch.empty((rows, last - first), dtype=torch.uint8)  # [rows, slice bytes]
             view = out.numpy()
@@ -221,10 +236,11 @@ class GGUFWeight:
             return None
         if self.type_name in ("F32", "F16"):  # the reader gives typed values, not bytes
             return data[:, start:stop]
-        return data[:, start // block * type_size:stop // block * type_size]
+        return data[:, start // block * type_size : stop // block * type_size]
 
 
 # ---- metadata to config ------------------------------------------------------------------------
+
 
 def _vocab_size(meta: GGUFMetadata, tensors: dict, arch: str) -> int:
     """Vocabulary size from the embedding rows, the token list and `{arch}.vocab_size`, which must agree."""
@@ -237,8 +253,9 @@ def _vocab_size(meta: GGUFMetadata, tensors: dict, arch: str) -> int:
     if meta.has(f"{arch}.vocab_size"):
         sources.append((f"metadata key '{arch}.vocab_size'", meta.integer(f"{arch}.vocab_size")))
     if not sources:
-        raise LlamascopeError(f"{meta.path}: no vocabulary size (no token_embd.weight, tokenizer.ggml.tokens "
-                              f"or {arch}.vocab_size)")
+        raise LlamascopeError(
+            f"{meta.path}: no vocabulary size (no token_embd.weight, tokenizer.ggml.tokens or {arch}.vocab_size)"
+        )
     first_name, first = sources[0]
     for name, size in sources[1:]:
         if size != first:
@@ -273,8 +290,9 @@ def llama3_rope_scaling(factors: np.ndarray, head_dim: int, rope_theta: float, s
     """
     factors = np.asarray(factors, dtype=np.float64).reshape(-1)  # [D/2]
     if factors.shape[0] != head_dim // 2:
-        raise LlamascopeError(f"{source}: tensor {ROPE_FREQS!r} has {factors.shape[0]} entries, "
-                              f"expected head_dim / 2 = {head_dim // 2}")
+        raise LlamascopeError(
+            f"{source}: tensor {ROPE_FREQS!r} has {factors.shape[0]} entries, expected head_dim / 2 = {head_dim // 2}"
+        )
     if np.allclose(factors, 1.0, rtol=0, atol=1e-6):
         return None
     inv_freq = 1.0 / rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # [D/2]
@@ -290,13 +308,17 @@ def llama3_rope_scaling(factors: np.ndarray, head_dim: int, rope_theta: float, s
             span = 1 / b  # high - low with low = 1
             old = a * span
             scaling = {
-                "rope_type": "llama3", "factor": _round(factor),
-                "low_freq_factor": 1.0, "high_freq_factor": _round(1 + span),
+                "rope_type": "llama3",
+                "factor": _round(factor),
+                "low_freq_factor": 1.0,
+                "high_freq_factor": _round(1 + span),
                 "original_max_position_embeddings": int(round(old)) if abs(old - round(old)) < 1e-3 * old else old,
             }
     if scaling is None or not np.allclose(_llama3_factors(scaling, wavelength), factors, rtol=1e-4, atol=1e-6):
-        raise LlamascopeError(f"{source}: tensor {ROPE_FREQS!r} does not follow LLaMA-3 rope scaling "
-                              f"(llamascope cannot run other per-frequency rope factors)")
+        raise LlamascopeError(
+            f"{source}: tensor {ROPE_FREQS!r} does not follow LLaMA-3 rope scaling "
+            f"(llamascope cannot run other per-frequency rope factors)"
+        )
     return scaling
 
 
@@ -331,17 +353,23 @@ def _attention_sizes(meta: GGUFMetadata, arch: str) -> tuple[int, int, int, int]
     heads = meta.integer(p + "attention.head_count")
     kv_heads = meta.integer(p + "attention.head_count_kv", heads)
     if heads % kv_heads:
-        raise LlamascopeError(f"{meta.path}: metadata key '{p}attention.head_count' = {heads} is not a multiple "
-                              f"of '{p}attention.head_count_kv' = {kv_heads}")
+        raise LlamascopeError(
+            f"{meta.path}: metadata key '{p}attention.head_count' = {heads} is not a multiple "
+            f"of '{p}attention.head_count_kv' = {kv_heads}"
+        )
     head_dim = meta.integer(p + "attention.key_length", hidden // heads if hidden % heads == 0 else None)
     if head_dim is None:
-        raise LlamascopeError(f"{meta.path}: '{p}embedding_length' = {hidden} is not a multiple of "
-                              f"'{p}attention.head_count' = {heads} and there is no '{p}attention.key_length'")
+        raise LlamascopeError(
+            f"{meta.path}: '{p}embedding_length' = {hidden} is not a multiple of "
+            f"'{p}attention.head_count' = {heads} and there is no '{p}attention.key_length'"
+        )
     for key in (p + "attention.value_length", p + "rope.dimension_count"):
         value = meta.integer(key, head_dim)
         if value != head_dim:
-            raise LlamascopeError(f"{meta.path}: metadata key {key!r} = {value} differs from the head size "
-                                  f"{head_dim} (partial or asymmetric heads are not supported)")
+            raise LlamascopeError(
+                f"{meta.path}: metadata key {key!r} = {value} differs from the head size "
+                f"{head_dim} (partial or asymmetric heads are not supported)"
+            )
     if head_dim % 2:
         raise LlamascopeError(f"{meta.path}: head size {head_dim} is odd; rotary embeddings need an even size")
     return hidden, heads, kv_heads, head_dim
@@ -417,12 +445,14 @@ def generation_settings(meta: GGUFMetadata) -> dict | None:
 # ---- tensors -----------------------------------------------------------------------------------
 
 SHAPE_KEYS = {
-    "embed_tokens": "embedding_length and the vocabulary size", "lm_head": "embedding_length and the vocabulary size",
+    "embed_tokens": "embedding_length and the vocabulary size",
+    "lm_head": "embedding_length and the vocabulary size",
     "q_proj": "embedding_length, attention.head_count and the head size",
     "o_proj": "embedding_length, attention.head_count and the head size",
     "k_proj": "embedding_length, attention.head_count_kv and the head size",
     "v_proj": "embedding_length, attention.head_count_kv and the head size",
-    "gate_proj": "embedding_length and feed_forward_length", "up_proj": "embedding_length and feed_forward_length",
+    "gate_proj": "embedding_length and feed_forward_length",
+    "up_proj": "embedding_length and feed_forward_length",
     "down_proj": "embedding_length and feed_forward_length",
 }
 
@@ -442,8 +472,9 @@ def _map_tensors(reader, path: Path) -> dict[str, Any]:
         if IGNORED_TENSORS.fullmatch(name):
             continue
         if name != ROPE_FREQS and hf_tensor_name(name) is None:
-            raise LlamascopeError(f"{path}: unexpected tensor {name!r} (shape {list(map(int, tensor.shape))}): "
-                                  f"not part of a LLaMA model")
+            raise LlamascopeError(
+                f"{path}: unexpected tensor {name!r} (shape {list(map(int, tensor.shape))}): not part of a LLaMA model"
+            )
         if tensor.tensor_type.name not in SUPPORTED_TYPES:
             raise LlamascopeError(
                 f"{path}: tensor {name!r} is stored as {tensor.tensor_type.name}, which llamascope cannot "
@@ -461,8 +492,10 @@ def _check_shapes(tensors: dict, config: ModelConfig, arch: str, path: Path) -> 
         if hf_name is None:
             continue
         if hf_name not in expected:
-            raise LlamascopeError(f"{path}: unexpected tensor {name!r}: the metadata ({arch}.block_count = "
-                                  f"{config.num_hidden_layers}) has no place for it")
+            raise LlamascopeError(
+                f"{path}: unexpected tensor {name!r}: the metadata ({arch}.block_count = "
+                f"{config.num_hidden_layers}) has no place for it"
+            )
         shape = tuple(int(d) for d in reversed(tensor.shape))
         if shape != expected[hf_name]:
             raise LlamascopeError(
@@ -472,8 +505,10 @@ def _check_shapes(tensors: dict, config: ModelConfig, arch: str, path: Path) -> 
     present = {hf_tensor_name(n) for n in tensors}
     for hf_name, shape in expected.items():
         if hf_name not in present:
-            raise LlamascopeError(f"{path}: missing tensor {gguf_tensor_name(hf_name)!r} (expected shape "
-                                  f"{list(shape)} from the metadata; {arch}.block_count = {config.num_hidden_layers})")
+            raise LlamascopeError(
+                f"{path}: missing tensor {gguf_tensor_name(hf_name)!r} (expected shape "
+                f"{list(shape)} from the metadata; {arch}.block_count = {config.num_hidden_layers})"
+            )
 
 
 def _tensor_sources(tensors: dict, config: ModelConfig, path: Path) -> dict[str, TensorSource]:
@@ -492,11 +527,17 @@ def _tensor_sources(tensors: dict, config: ModelConfig, path: Path) -> dict[str,
         # Block formats quant.py computes with directly can stay quantised (load_model's default).
         kept_type = KEPT_AS[weight.type_name][0] if weight.type_name in KEPT_AS else weight.type_name
         has_blocks = kept_type in KEPT_FORMATS and len(shape) == 2
-        sources[hf_name] = TensorSource(shape, weight.type_name, path, int(tensor.n_bytes), weight.read,
-                                        kept_type=kept_type,
-                                        slice_reader=weight.read_slice,
-                                        read_blocks=weight.read_blocks if has_blocks else None,
-                                        blocks_slice_reader=weight.read_blocks_slice if has_blocks else None)
+        sources[hf_name] = TensorSource(
+            shape,
+            weight.type_name,
+            path,
+            int(tensor.n_bytes),
+            weight.read,
+            kept_type=kept_type,
+            slice_reader=weight.read_slice,
+            read_blocks=weight.read_blocks if has_blocks else None,
+            blocks_slice_reader=weight.read_blocks_slice if has_blocks else None,
+        )
     return sources
 
 
@@ -506,11 +547,14 @@ def open_gguf(path: Path) -> Checkpoint:
     reader = read_gguf(path)
     meta = GGUFMetadata(reader, path)
     if reader.byte_order != "<":
-        raise LlamascopeError(f"{path}: a big-endian GGUF; llamascope reads the weights of little-endian "
-                              f"files only (convert it with gguf-py's gguf_convert_endian)")
+        raise LlamascopeError(
+            f"{path}: a big-endian GGUF; llamascope reads the weights of little-endian "
+            f"files only (convert it with gguf-py's gguf_convert_endian)"
+        )
     if not reader.tensors:
-        raise LlamascopeError(f"{path}: the file holds no tensors (a vocabulary-only GGUF can serve as a "
-                              f"tokenizer, not as a model)")
+        raise LlamascopeError(
+            f"{path}: the file holds no tensors (a vocabulary-only GGUF can serve as a tokenizer, not as a model)"
+        )
     tensors = _map_tensors(reader, path)
     config_dict = gguf_config_dict(meta, tensors)
     config = ModelConfig.from_dict(config_dict, source=str(path))
@@ -525,8 +569,12 @@ def open_gguf(path: Path) -> Checkpoint:
         return Tokenizer.from_gguf(source)
 
     return Checkpoint(
-        path=path, format="gguf", config=config, config_dict=config_dict,
-        generation_json=generation_settings(meta), tensors=_tensor_sources(tensors, config, path),
+        path=path,
+        format="gguf",
+        config=config,
+        config_dict=config_dict,
+        generation_json=generation_settings(meta),
+        tensors=_tensor_sources(tensors, config, path),
         files=[(path, path.stat().st_size)],
         tokenizer_factory=tokenizer_factory if meta.has("tokenizer.ggml.model") else None,
     )

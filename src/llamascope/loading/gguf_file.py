@@ -34,18 +34,28 @@ SUPPORTED_VERSIONS = (2, 3)
 
 # value type -> (struct code, numpy dtype) of the fixed-size scalars
 _SCALARS = {
-    GGUFValueType.UINT8: ("B", np.uint8), GGUFValueType.INT8: ("b", np.int8),
-    GGUFValueType.UINT16: ("H", np.uint16), GGUFValueType.INT16: ("h", np.int16),
-    GGUFValueType.UINT32: ("I", np.uint32), GGUFValueType.INT32: ("i", np.int32),
-    GGUFValueType.FLOAT32: ("f", np.float32), GGUFValueType.UINT64: ("Q", np.uint64),
-    GGUFValueType.INT64: ("q", np.int64), GGUFValueType.FLOAT64: ("d", np.float64),
+    GGUFValueType.UINT8: ("B", np.uint8),
+    GGUFValueType.INT8: ("b", np.int8),
+    GGUFValueType.UINT16: ("H", np.uint16),
+    GGUFValueType.INT16: ("h", np.int16),
+    GGUFValueType.UINT32: ("I", np.uint32),
+    GGUFValueType.INT32: ("i", np.int32),
+    GGUFValueType.FLOAT32: ("f", np.float32),
+    GGUFValueType.UINT64: ("Q", np.uint64),
+    GGUFValueType.INT64: ("q", np.int64),
+    GGUFValueType.FLOAT64: ("d", np.float64),
     GGUFValueType.BOOL: ("?", np.bool_),
 }
 # tensor types whose data is typed values rather than bytes of blocks (as gguf's reader gives them)
-_TYPED_DATA = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16,
-               GGMLQuantizationType.F64: np.float64, GGMLQuantizationType.I8: np.int8,
-               GGMLQuantizationType.I16: np.int16, GGMLQuantizationType.I32: np.int32,
-               GGMLQuantizationType.I64: np.int64}
+_TYPED_DATA = {
+    GGMLQuantizationType.F32: np.float32,
+    GGMLQuantizationType.F16: np.float16,
+    GGMLQuantizationType.F64: np.float64,
+    GGMLQuantizationType.I8: np.int8,
+    GGMLQuantizationType.I16: np.int16,
+    GGMLQuantizationType.I32: np.int32,
+    GGMLQuantizationType.I64: np.int64,
+}
 
 
 class GGUFFormatError(ValueError):
@@ -136,8 +146,9 @@ class GGUFFile:
         e = self.byte_order
         n_tensors, n_fields = struct.unpack_from(e + "QQ", buf, 8)
         if n_tensors > self.size or n_fields > self.size:
-            raise GGUFFormatError(f"announces {n_tensors} tensors and {n_fields} metadata items "
-                                  f"in {self.size} bytes", truncated=True)
+            raise GGUFFormatError(
+                f"announces {n_tensors} tensors and {n_fields} metadata items in {self.size} bytes", truncated=True
+            )
         offset = 24
         self.fields: dict[str, GGUFField] = {}
         for _ in range(n_fields):
@@ -163,8 +174,9 @@ class GGUFFile:
         if "general.alignment" in self.fields:
             align = self.fields["general.alignment"]
             if align.types != [GGUFValueType.UINT32] or align.value <= 0 or align.value & (align.value - 1):
-                raise GGUFFormatError(f"metadata key 'general.alignment' must be a power of two as uint32, "
-                                      f"found {align.value!r}")
+                raise GGUFFormatError(
+                    f"metadata key 'general.alignment' must be a power of two as uint32, found {align.value!r}"
+                )
             alignment = align.value
         described = []
         for _ in range(n_tensors):
@@ -188,18 +200,29 @@ class GGUFFile:
             try:
                 tensor_type = GGMLQuantizationType(raw_type)
             except ValueError:
-                raise GGUFFormatError(f"tensor {name!r} has type {raw_type}, which the gguf package "
-                                      f"does not know") from None
+                raise GGUFFormatError(
+                    f"tensor {name!r} has type {raw_type}, which the gguf package does not know"
+                ) from None
             block, size = GGML_QUANT_SIZES[tensor_type]
             elements = math.prod(dims)  # (Python integers: damaged dimensions cannot wrap around)
             if not dims and block > 1:
                 raise GGUFFormatError(f"tensor {name!r} has no dimensions but the block type {tensor_type.name}")
             if dims and dims[0] % block:
-                raise GGUFFormatError(f"tensor {name!r}: rows of {dims[0]} values are not whole "
-                                      f"{tensor_type.name} blocks of {block}")
-            self.tensors.append(GGUFTensor(name, tensor_type, tuple(int(d) for d in dims), elements,
-                                           elements // block * size, self.data_offset + relative, self.path,
-                                           self.byte_order))
+                raise GGUFFormatError(
+                    f"tensor {name!r}: rows of {dims[0]} values are not whole {tensor_type.name} blocks of {block}"
+                )
+            self.tensors.append(
+                GGUFTensor(
+                    name,
+                    tensor_type,
+                    tuple(int(d) for d in dims),
+                    elements,
+                    elements // block * size,
+                    self.data_offset + relative,
+                    self.path,
+                    self.byte_order,
+                )
+            )
 
     def _value_type(self, raw: int, key: str) -> GGUFValueType:
         try:
@@ -214,7 +237,7 @@ class GGUFFile:
         end = offset + 8 + length
         if end > self.size:
             raise IndexError(f"a string of {length} bytes at byte {offset}")
-        raw = buf[offset + 8:end]
+        raw = buf[offset + 8 : end]
         try:
             return raw.decode("utf-8"), end
         except UnicodeDecodeError as e:

@@ -29,8 +29,11 @@ def read_gguf(path: Path) -> GGUFFile:
     try:
         header = GGUFFile(path)
     except GGUFFormatError as e:
-        problem = (f"file is truncated or damaged ({e}; it has {size} bytes)" if e.truncated
-                   else f"not a readable GGUF file: {e}")
+        problem = (
+            f"file is truncated or damaged ({e}; it has {size} bytes)"
+            if e.truncated
+            else f"not a readable GGUF file: {e}"
+        )
         raise LlamascopeError(f"{path}: {problem}") from None
     except (OSError, ValueError, OverflowError, MemoryError) as e:  # (mapping it, a value out of range)
         raise LlamascopeError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None

@@ -39,10 +39,12 @@ def _smollm_pre(add_prefix_space: bool) -> pre_tokenizers.PreTokenizer:
 
 def _llama3_pre(add_prefix_space: bool) -> pre_tokenizers.PreTokenizer:
     """LLaMA-3: its regex split, then bytes to the byte-level alphabet without a second regex."""
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, trim_offsets=True, use_regex=False),
-    ])
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, trim_offsets=True, use_regex=False),
+        ]
+    )
 
 
 # tokenizer.ggml.pre -> (pre-tokenizer, ignore_merges, adds BOS when the file does not say)
@@ -61,8 +63,9 @@ def _added_tokens(tokens: list[str], types: list[int] | None) -> tuple[list[Adde
     """(special, plain): unknown and control tokens are special, user-defined ones plain."""
     if types is None:
         return [], []
-    special = [AddedToken(t, normalized=False, special=True)
-               for t, kind in zip(tokens, types) if kind in (UNKNOWN, CONTROL)]
+    special = [
+        AddedToken(t, normalized=False, special=True) for t, kind in zip(tokens, types) if kind in (UNKNOWN, CONTROL)
+    ]
     plain = [AddedToken(t, normalized=False, special=False) for t, kind in zip(tokens, types) if kind == USER_DEFINED]
     return special, plain
 
@@ -70,21 +73,26 @@ def _added_tokens(tokens: list[str], types: list[int] | None) -> tuple[list[Adde
 def _token_types(meta: GGUFMetadata, count: int) -> list[int] | None:
     types = meta.array("tokenizer.ggml.token_type", None)
     if types is not None and len(types) != count:
-        raise LlamascopeError(f"{meta.path}: metadata key 'tokenizer.ggml.token_type' has {len(types)} entries "
-                              f"for {count} tokens")
+        raise LlamascopeError(
+            f"{meta.path}: metadata key 'tokenizer.ggml.token_type' has {len(types)} entries for {count} tokens"
+        )
     return types
 
 
 def _spm_backend(meta: GGUFMetadata, tokens: list[str]) -> tokenizers.Tokenizer:
     scores = meta.array("tokenizer.ggml.scores")
     if len(scores) != len(tokens):
-        raise LlamascopeError(f"{meta.path}: metadata key 'tokenizer.ggml.scores' has {len(scores)} entries "
-                              f"for {len(tokens)} tokens")
+        raise LlamascopeError(
+            f"{meta.path}: metadata key 'tokenizer.ggml.scores' has {len(scores)} entries for {len(tokens)} tokens"
+        )
     types = _token_types(meta, len(tokens)) or [1] * len(tokens)
     vocab = SpmVocabulary(
-        pieces=tokens, scores=[float(s) for s in scores], types=types,
+        pieces=tokens,
+        scores=[float(s) for s in scores],
+        types=types,
         add_prefix_space=meta.flag("tokenizer.ggml.add_space_prefix", True),
-        byte_fallback=BYTE in types, source=str(meta.path),
+        byte_fallback=BYTE in types,
+        source=str(meta.path),
     )
     return spm_tokenizer(vocab)
 
@@ -95,9 +103,11 @@ def _merges(meta: GGUFMetadata) -> list[tuple[str, str]]:
     for index, merge in enumerate(meta.array("tokenizer.ggml.merges")):
         cut = merge.find(" ", 1)
         if cut < 0:
-            raise LlamascopeError(f"{meta.path}: metadata key 'tokenizer.ggml.merges' entry {index} "
-                                  f"({merge!r}) is not two tokens separated by a space")
-        merges.append((merge[:cut], merge[cut + 1:]))
+            raise LlamascopeError(
+                f"{meta.path}: metadata key 'tokenizer.ggml.merges' entry {index} "
+                f"({merge!r}) is not two tokens separated by a space"
+            )
+        merges.append((merge[:cut], merge[cut + 1 :]))
     return merges
 
 
@@ -126,14 +136,20 @@ def _settings(meta: GGUFMetadata, tokens: list[str], kind: str, pre: str | None)
     settings: dict = {}
     # llama.cpp's defaults when a SentencePiece file names no ids: unk 0, bos 1, eos 2.
     defaults = {"unk_token": 0, "bos_token": 1, "eos_token": 2} if kind == "llama" else {}
-    for role, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+    for role, key in (
+        ("bos_token", "bos_token_id"),
+        ("eos_token", "eos_token_id"),
+        ("unk_token", "unknown_token_id"),
+        ("pad_token", "padding_token_id"),
+    ):
         index = token_id(meta, f"tokenizer.ggml.{key}", defaults.get(role))
         if index is None:
             continue
         if not 0 <= index < len(tokens):
-            raise LlamascopeError(f"{meta.path}: metadata key 'tokenizer.ggml.{key}' = {index} is outside the "
-                                  f"vocabulary of {len(tokens)} tokens")
+            raise LlamascopeError(
+                f"{meta.path}: metadata key 'tokenizer.ggml.{key}' = {index} is outside the "
+                f"vocabulary of {len(tokens)} tokens"
+            )
         settings[role] = tokens[index]
     adds_bos_by_default = kind == "llama" or (pre in PRE_TOKENIZERS and PRE_TOKENIZERS[pre][2])
     settings["add_bos_token"] = meta.flag("tokenizer.ggml.add_bos_token", adds_bos_by_default)
@@ -160,8 +176,9 @@ def tokenizer_backend_from_gguf(meta: GGUFMetadata) -> tuple[tokenizers.Tokenize
     elif kind == "gpt2":
         backend = _bpe_backend(meta, tokens, pre or "default")
     else:
-        raise LlamascopeError(f"{meta.path}: metadata key 'tokenizer.ggml.model' = {kind!r} is not supported "
-                              f"(supported: llama, gpt2)")
+        raise LlamascopeError(
+            f"{meta.path}: metadata key 'tokenizer.ggml.model' = {kind!r} is not supported (supported: llama, gpt2)"
+        )
     return backend, _settings(meta, tokens, kind, pre)
 
 

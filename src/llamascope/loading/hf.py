@@ -38,8 +38,7 @@ def _weight_files(folder: Path) -> tuple[str, list[Path]]:
     if (folder / "pytorch_model.bin").is_file():
         return "bin", [folder / "pytorch_model.bin"]
     raise LlamascopeError(
-        f"{folder}: no weights found (expected model.safetensors, model.safetensors.index.json "
-        f"or pytorch_model.bin)"
+        f"{folder}: no weights found (expected model.safetensors, model.safetensors.index.json or pytorch_model.bin)"
     )
 
 
@@ -53,9 +52,14 @@ def _bin_tensors(path: Path) -> dict[str, TensorSource]:
     for name, t in state.items():
         # Slices of the memory-mapped tensor touch only their own pages (for rows; a column
         # block of a matrix touches every row's pages, which the kernel may drop again).
-        out[name] = TensorSource(tuple(t.shape), TORCH_TYPE_NAMES.get(t.dtype, str(t.dtype)), path,
-                                 t.numel() * t.element_size(), functools.partial(lambda t: t, t),
-                                 functools.partial(_bin_slice, t))
+        out[name] = TensorSource(
+            tuple(t.shape),
+            TORCH_TYPE_NAMES.get(t.dtype, str(t.dtype)),
+            path,
+            t.numel() * t.element_size(),
+            functools.partial(lambda t: t, t),
+            functools.partial(_bin_slice, t),
+        )
     return out
 
 
@@ -74,9 +78,14 @@ def open_hf_folder(folder: Path) -> Checkpoint:
         if fmt == "safetensors":
             st = SafetensorsFile(path)
             for name in st.names():
-                tensors[name] = TensorSource(st.shape(name), TORCH_TYPE_NAMES.get(st.dtype(name), str(st.dtype(name))),
-                                             path, st.nbytes(name), functools.partial(st.read, name),
-                                             functools.partial(st.read_slice, name))
+                tensors[name] = TensorSource(
+                    st.shape(name),
+                    TORCH_TYPE_NAMES.get(st.dtype(name), str(st.dtype(name))),
+                    path,
+                    st.nbytes(name),
+                    functools.partial(st.read, name),
+                    functools.partial(st.read_slice, name),
+                )
         else:
             tensors.update(_bin_tensors(path))
 
@@ -85,7 +94,12 @@ def open_hf_folder(folder: Path) -> Checkpoint:
 
     has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
     return Checkpoint(
-        path=folder, format=fmt, config=config, config_dict=config_dict, generation_json=generation_json,
-        tensors=tensors, files=[(p, p.stat().st_size) for p in files],
+        path=folder,
+        format=fmt,
+        config=config,
+        config_dict=config_dict,
+        generation_json=generation_json,
+        tensors=tensors,
+        files=[(p, p.stat().st_size) for p in files],
         tokenizer_factory=tokenizer_factory if has_tokenizer else None,
     )

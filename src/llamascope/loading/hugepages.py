@@ -37,14 +37,14 @@ THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 def thp_mode() -> str:
-    """"always", "madvise" or "never" (the bracketed word); "" where the kernel has no THP."""
+    """ "always", "madvise" or "never" (the bracketed word); "" where the kernel has no THP."""
     try:
         with open(THP_ENABLED) as f:
             text = f.read()
     except OSError:
         return ""
     start, end = text.find("["), text.find("]")
-    return text[start + 1:end] if 0 <= start < end else ""
+    return text[start + 1 : end] if 0 <= start < end else ""
 
 
 def _advise(libc, address: int, nbytes: int) -> bool:
@@ -82,8 +82,13 @@ def _move(model: nn.Module, min_bytes: int) -> int:
     moved, seen, start = 0, set(), time.perf_counter()
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         nbytes = tensor.numel() * tensor.element_size()
-        if (id(tensor) in seen or nbytes < min_bytes or tensor.device.type != "cpu" or tensor._base is not None
-                or not tensor.is_contiguous()):
+        if (
+            id(tensor) in seen
+            or nbytes < min_bytes
+            or tensor.device.type != "cpu"
+            or tensor._base is not None
+            or not tensor.is_contiguous()
+        ):
             continue
         seen.add(id(tensor))
         fresh = torch.empty_like(tensor, memory_format=torch.contiguous_format)

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -17,11 +17,11 @@ from ..config import ModelConfig
 from ..errors import LlamascopeError
 from ..memory import freed_memory_returned, peak_rss_bytes, rss_bytes
 from ..parallel import ParallelGroup
+from . import hugepages
 from .build import build_model
 from .checkpoint import Checkpoint, default_model_path, resolve_dtype
 from .gguf import open_gguf
 from .hf import open_hf_folder
-from . import hugepages
 from .options import LoadOptions, resolve_device
 
 log = logging.getLogger("llamascope")
@@ -60,9 +60,14 @@ def _has_gguf_magic(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def load_model(path: str | Path | None = None, options: LoadOptions | None = None, *,
-               progress: Callable[[int, int], None] | None = None, parallel: ParallelGroup | None = None,
-               **option_fields) -> LoadedModel:
+def load_model(
+    path: str | Path | None = None,
+    options: LoadOptions | None = None,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    parallel: ParallelGroup | None = None,
+    **option_fields,
+) -> LoadedModel:
     """Load a model, its tokenizer and generation settings from a folder or GGUF file (None: the
     default model), as `options` says; keyword arguments set LoadOptions' fields
     (`load_model(path, backend="plain")`).
@@ -83,27 +88,46 @@ def load_model(path: str | Path | None = None, options: LoadOptions | None = Non
     for file, size in checkpoint.files:
         log.info("reading %s (%d bytes)", file, size)
     dtype = resolve_dtype(options.dtype, checkpoint.config, checkpoint)
-    log.info("loading %s (%s, %d tensors) as %s%s", checkpoint.path, checkpoint.format, len(checkpoint.tensors),
-             str(dtype).removeprefix("torch."), f", tensor parallel {parallel.describe()}" if parallel else "")
+    log.info(
+        "loading %s (%s, %d tensors) as %s%s",
+        checkpoint.path,
+        checkpoint.format,
+        len(checkpoint.tensors),
+        str(dtype).removeprefix("torch."),
+        f", tensor parallel {parallel.describe()}" if parallel else "",
+    )
     lib = kernels.load() if options.backend == "native" and device.type == "cpu" else None
     keep_blocks = options.quant is None and checkpoint.format == "gguf"
     if keep_blocks and lib is None:
         where = f"with --backend {options.backend}" if options.backend != "native" else f"on {device} here"
-        log.info("no native kernel reads GGUF block formats %s: weights dequantised to %s at load",
-                 where, str(dtype).removeprefix("torch."))
+        log.info(
+            "no native kernel reads GGUF block formats %s: weights dequantised to %s at load",
+            where,
+            str(dtype).removeprefix("torch."),
+        )
         keep_blocks = False
     # before the weights: a GGUF tokenizer's parsed metadata is then freed before they take memory
     tokenizer = checkpoint.tokenizer_factory() if checkpoint.tokenizer_factory else None
     with freed_memory_returned():
-        model = build_model(checkpoint, dtype, device, progress, parallel, keep_blocks=keep_blocks,
-                            quantize_to=options.quant_format)
+        model = build_model(
+            checkpoint, dtype, device, progress, parallel, keep_blocks=keep_blocks, quantize_to=options.quant_format
+        )
         _give_backend(model, options.backend, lib, one_process=not several)
         if options.huge_pages and device.type == "cpu":
             hugepages.move_to_huge_pages(model)  # (it rebuilds the decode step on the moved weights)
     seconds = time.perf_counter() - start
     log.info("loaded in %.2f s", seconds)
-    return LoadedModel(model, checkpoint.config, tokenizer, checkpoint.generation_json, checkpoint, options,
-                       seconds, rss_before, peak_before)
+    return LoadedModel(
+        model,
+        checkpoint.config,
+        tokenizer,
+        checkpoint.generation_json,
+        checkpoint,
+        options,
+        seconds,
+        rss_before,
+        peak_before,
+    )
 
 
 def _give_backend(model: torch.nn.Module, backend: str, lib, one_process: bool) -> None:

@@ -4,11 +4,13 @@
 
 `backend` is the one choice of how the layers compute:
 
-| backend    | layers                                   | for                                        |
-|------------|------------------------------------------|--------------------------------------------|
-| "native"   | the C kernels (csrc/), one call per decode step | the CPU (the default; where no kernel build runs, the plain layers) |
-| "plain"    | PyTorch's operations only                | the reference every fast path is tested against |
-| "compiled" | the plain layers, decode step compiled by `torch.compile` | a GPU, or a CPU the kernels do not run on |
+| backend    | layers                                                | for                                     |
+|------------|-------------------------------------------------------|-----------------------------------------|
+| "native"   | the C kernels (csrc/), one call per decode step       | the CPU (the default)                   |
+| "plain"    | PyTorch's operations only                             | the reference of every fast path        |
+| "compiled" | plain layers, decode step compiled by `torch.compile` | a GPU, or a CPU without the kernels     |
+
+Where no kernel build runs (a GPU, a CPU without AVX2) "native" gives the plain layers.
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ class LoadOptions:
         if self.quant is not None and self.quant.lower() != "none" and self.quant.lower() not in QUANT_CHOICES:
             raise LlamascopeError(f"--quant {self.quant!r}: expected one of none, {', '.join(QUANT_CHOICES)}")
         if self.backend == "compiled" and self.quant_format is not None:
-            raise LlamascopeError(f"--backend compiled runs float weights; --quant {self.quant} runs on the "
-                                  "native kernels")
+            raise LlamascopeError(
+                f"--backend compiled runs float weights; --quant {self.quant} runs on the native kernels"
+            )
 
     @property
     def quant_format(self) -> str | None:
@@ -57,7 +60,7 @@ class LoadOptions:
         return None if self.quant is None or self.quant.lower() == "none" else quant_format(self.quant)
 
     @classmethod
-    def build(cls, options: "LoadOptions | None" = None, **overrides) -> "LoadOptions":
+    def build(cls, options: LoadOptions | None = None, **overrides) -> LoadOptions:
         """`options` with `overrides` (LoadOptions' field names) applied; unknown names are refused."""
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - names)
@@ -68,7 +71,7 @@ class LoadOptions:
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
-    """"auto": the first CUDA device when PyTorch sees one, else the CPU; or "cpu", "cuda", "cuda:N"."""
+    """ "auto": the first CUDA device when PyTorch sees one, else the CPU; or "cpu", "cuda", "cuda:N"."""
     if isinstance(name, str) and name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -80,11 +83,14 @@ def resolve_device(name: str | torch.device) -> torch.device:
     if device.type != "cuda":
         raise LlamascopeError(f"--device {name!r}: llamascope runs on cpu or cuda")
     if not torch.cuda.is_available():
-        raise LlamascopeError(f"--device {name}: PyTorch sees no CUDA device here (torch {torch.__version__}, "
-                              f"built {'with CUDA ' + torch.version.cuda if torch.version.cuda else 'for the CPU only'})")
+        raise LlamascopeError(
+            f"--device {name}: PyTorch sees no CUDA device here (torch {torch.__version__}, "
+            f"built {'with CUDA ' + torch.version.cuda if torch.version.cuda else 'for the CPU only'})"
+        )
     count = torch.cuda.device_count()
     index = torch.cuda.current_device() if device.index is None else device.index
     if index >= count:
-        raise LlamascopeError(f"--device {name}: there {'is' if count == 1 else 'are'} {count} CUDA device(s), "
-                              f"numbered from 0")
+        raise LlamascopeError(
+            f"--device {name}: there {'is' if count == 1 else 'are'} {count} CUDA device(s), numbered from 0"
+        )
     return torch.device("cuda", index)

@@ -78,7 +78,7 @@ def spm_normalizer(vocab: SpmVocabulary) -> normalizers.Normalizer:
 
 
 def spm_decoder(vocab: SpmVocabulary) -> decoders.Decoder:
-    """"▁" back to spaces, <0xNN> pieces back to bytes, and the prefix space dropped."""
+    """ "▁" back to spaces, <0xNN> pieces back to bytes, and the prefix space dropped."""
     steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     if vocab.add_prefix_space:
         steps.append(decoders.Strip(content=" ", left=1, right=0))
@@ -96,21 +96,27 @@ def spm_tokenizer(vocab: SpmVocabulary) -> tokenizers.Tokenizer:
     for index, piece in enumerate(vocab.pieces):
         ids.setdefault(piece, index)
     unk = next((p for p, t in zip(vocab.pieces, vocab.types) if t == UNKNOWN), None)
-    model = models.BPE(vocab=ids, merges=spm_merges(vocab), unk_token=unk, fuse_unk=True,
-                       byte_fallback=vocab.byte_fallback)
+    model = models.BPE(
+        vocab=ids, merges=spm_merges(vocab), unk_token=unk, fuse_unk=True, byte_fallback=vocab.byte_fallback
+    )
     tokenizer = tokenizers.Tokenizer(model)
     tokenizer.normalizer = spm_normalizer(vocab)
     tokenizer.decoder = spm_decoder(vocab)
-    special = [AddedToken(p, normalized=False, special=True)
-               for p, t in zip(vocab.pieces, vocab.types) if t in (UNKNOWN, CONTROL)]
-    user = [AddedToken(p, normalized=False, special=False)
-            for p, t in zip(vocab.pieces, vocab.types) if t == USER_DEFINED]
+    special = [
+        AddedToken(p, normalized=False, special=True)
+        for p, t in zip(vocab.pieces, vocab.types)
+        if t in (UNKNOWN, CONTROL)
+    ]
+    user = [
+        AddedToken(p, normalized=False, special=False) for p, t in zip(vocab.pieces, vocab.types) if t == USER_DEFINED
+    ]
     tokenizer.add_special_tokens(special)
     tokenizer.add_tokens(user)
     return tokenizer
 
 
 # ---- tokenizer.model files ---------------------------------------------------------------------
+
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
     value, shift = 0, 0
@@ -135,10 +141,10 @@ def proto_fields(buf: bytes) -> list[tuple[int, int | bytes]]:
             value, pos = _varint(buf, pos)
         elif wire in (1, 5):
             size = 8 if wire == 1 else 4
-            value, pos = buf[pos:pos + size], pos + size
+            value, pos = buf[pos : pos + size], pos + size
         elif wire == 2:
             size, pos = _varint(buf, pos)
-            value, pos = buf[pos:pos + size], pos + size
+            value, pos = buf[pos : pos + size], pos + size
         else:
             raise ValueError(f"unsupported protobuf wire type {wire}")
         if pos > len(buf):
@@ -202,8 +208,12 @@ def read_sentencepiece(path: Path) -> tuple[SpmVocabulary, dict]:
         precompiled_charsmap=spec["precompiled_charsmap"],
         source=str(path),
     )
-    roles = {"bos_token": processor.bos_id(), "eos_token": processor.eos_id(),
-             "unk_token": processor.unk_id(), "pad_token": processor.pad_id()}
+    roles = {
+        "bos_token": processor.bos_id(),
+        "eos_token": processor.eos_id(),
+        "unk_token": processor.unk_id(),
+        "pad_token": processor.pad_id(),
+    }
     settings: dict = {role: vocab.pieces[i] for role, i in roles.items() if 0 <= i < size}
     settings.update(add_bos_token=True, add_eos_token=False)
     return vocab, settings

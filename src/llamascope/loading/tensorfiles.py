@@ -23,8 +23,15 @@ from ..errors import LlamascopeError
 SLICE_BUFFER_BYTES = 4 << 20
 
 SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 
@@ -107,8 +114,9 @@ def read_array(path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ..
     return out
 
 
-def read_array_slice(path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...], dim: int, start: int,
-                     stop: int, name: str) -> torch.Tensor:
+def read_array_slice(
+    path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...], dim: int, start: int, stop: int, name: str
+) -> torch.Tensor:
     """Indices [start, stop) along `dim` of the array `read_array` would give, reading only
     those bytes.
 
@@ -118,14 +126,15 @@ def read_array_slice(path: Path, offset: int, dtype: torch.dtype, shape: tuple[i
     through a buffer of at most `SLICE_BUFFER_BYTES`.
     """
     if not 0 <= dim < len(shape) or not 0 <= start <= stop <= shape[dim]:
-        raise LlamascopeError(f"{path}: tensor {name!r} of shape {list(shape)} has no slice "
-                              f"[{start}:{stop}] along dim {dim}")
+        raise LlamascopeError(
+            f"{path}: tensor {name!r} of shape {list(shape)} has no slice [{start}:{stop}] along dim {dim}"
+        )
     item = torch.empty((), dtype=dtype).element_size()
     outer = int(np.prod(shape[:dim], dtype=np.int64))  # independent ranges
-    inner = int(np.prod(shape[dim + 1:], dtype=np.int64)) * item  # bytes per index along dim
+    inner = int(np.prod(shape[dim + 1 :], dtype=np.int64)) * item  # bytes per index along dim
     row = shape[dim] * inner  # bytes per outer index
     piece = (stop - start) * inner  # bytes wanted per outer index
-    out = torch.empty(shape[:dim] + (stop - start,) + shape[dim + 1:], dtype=dtype)
+    out = torch.empty(shape[:dim] + (stop - start,) + shape[dim + 1 :], dtype=dtype)
     if out.numel() == 0:
         return out
     dst = out.view(-1).view(torch.uint8).numpy().reshape(outer, piece)  # [outer, piece] bytes of out
@@ -143,7 +152,7 @@ def read_array_slice(path: Path, offset: int, dtype: torch.dtype, shape: tuple[i
             for o in range(0, outer, block):
                 n = min(block, outer - o)
                 _pread(fd, buffer[:n].reshape(-1), offset + o * row, path, name)
-                dst[o:o + n] = buffer[:n, start * inner:stop * inner]
+                dst[o : o + n] = buffer[:n, start * inner : stop * inner]
     return out
 
 

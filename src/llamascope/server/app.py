@@ -62,16 +62,30 @@ OPENAI_DEFAULTS = {"do_sample": True, "top_k": 0}
 
 # ---- errors ------------------------------------------------------------------------------------
 
+
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error", headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
         self.headers = headers
 
 
-def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None, headers: dict | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict | None = None,
+) -> JSONResponse:
     body = {"error": {"message": message, "type": type, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -94,23 +108,24 @@ def _validation_error(errors: list[dict]) -> JSONResponse:
         loc = loc[1:]
     if error.get("type") == "json_invalid":
         detail = (error.get("ctx") or {}).get("error", "")
-        return error_response(400, f"the request body is not valid JSON{': ' + detail if detail else ''}",
-                              code="invalid_json")
+        return error_response(
+            400, f"the request body is not valid JSON{': ' + detail if detail else ''}", code="invalid_json"
+        )
     if not loc:
         if error.get("type") == "missing":
             return error_response(400, "the request needs a JSON object body", code="invalid_body")
-        return error_response(400, f"the request body must be a JSON object: {error.get('msg')}",
-                              code="invalid_body")
+        return error_response(400, f"the request body must be a JSON object: {error.get('msg')}", code="invalid_body")
     param = _param_name(loc)
     message = str(error.get("msg", "invalid value"))
     if message.startswith("Value error, "):
-        message = message[len("Value error, "):]
+        message = message[len("Value error, ") :]
     if error.get("type") == "missing":
         message = "this field is required"
     return error_response(400, f"'{param}': {message}", param=param, code="invalid_value")
 
 
 # ---- request schemas ---------------------------------------------------------------------------
+
 
 class _Schema(BaseModel):
     # strict: "5" is not a number and true is not 1; fields the server does not know are ignored.
@@ -130,7 +145,7 @@ class _Sampling(_Schema):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: Any = None
-    seed: int | None = Field(None, ge=-(2 ** 63), lt=2 ** 64)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
@@ -173,6 +188,7 @@ class CompletionRequest(_Sampling):
     @classmethod
     def _prompt(cls, value: Any) -> list:
         """-> a list of prompts, each a string or a list of token ids."""
+
         def ids(v: Any) -> bool:
             return isinstance(v, list) and len(v) > 0 and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
 
@@ -182,8 +198,9 @@ class CompletionRequest(_Sampling):
             return [value]
         if isinstance(value, list) and value and all(isinstance(p, str) or ids(p) for p in value):
             return value
-        raise ValueError("expected a string, a list of strings, a list of token ids or a list of lists of "
-                         "token ids (not empty)")
+        raise ValueError(
+            "expected a string, a list of strings, a list of token ids or a list of lists of token ids (not empty)"
+        )
 
 
 class ChatMessage(_Schema):
@@ -203,7 +220,7 @@ class ChatMessage(_Schema):
             texts = []
             for part in value:
                 if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                    raise ValueError("only text content parts ({\"type\": \"text\", \"text\": ...}) are supported")
+                    raise ValueError('only text content parts ({"type": "text", "text": ...}) are supported')
                 texts.append(part["text"])
             return "".join(texts)
         raise ValueError("expected a string or a list of text parts")
@@ -219,6 +236,7 @@ class ChatRequest(_Sampling):
 
 
 # ---- the app -----------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class ServerSettings:
@@ -240,10 +258,12 @@ class BearerAuth:
             header = dict(scope.get("headers") or []).get(b"authorization", b"")
             scheme, _, token = header.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
-                message = ("missing API key: send the header 'Authorization: Bearer <key>'" if not header
-                           else "incorrect API key")
-                response = error_response(401, message, code="invalid_api_key",
-                                          headers={"WWW-Authenticate": "Bearer"})
+                message = (
+                    "missing API key: send the header 'Authorization: Bearer <key>'"
+                    if not header
+                    else "incorrect API key"
+                )
+                response = error_response(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -262,7 +282,8 @@ def slot_capacity_for(engine, settings: ServerSettings) -> int:
     if capacity < 16:
         raise LlamascopeError(
             f"KV budget of {settings.kv_budget_bytes / 2**20:.1f} MiB is too small for {settings.max_batch} "
-            f"sequences ({per_token} bytes per position); raise it or lower --max-batch")
+            f"sequences ({per_token} bytes per position); raise it or lower --max-batch"
+        )
     return capacity
 
 
@@ -273,8 +294,14 @@ def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
         raise LlamascopeError(f"{engine.loaded.checkpoint.path}: the server needs a tokenizer")
     # rank 0 of a tensor-parallel group: the other ranks repeat its model calls
     runner = leader_runner(engine.parallel) if _parallel(engine) else ModelRunner
-    scheduler = Scheduler(engine.model, engine.tokenizer, settings.max_batch, settings.max_queue,
-                          slot_capacity_for(engine, settings), runner=runner)
+    scheduler = Scheduler(
+        engine.model,
+        engine.tokenizer,
+        settings.max_batch,
+        settings.max_queue,
+        slot_capacity_for(engine, settings),
+        runner=runner,
+    )
     app = FastAPI(title="llamascope", lifespan=_lifespan(scheduler, settings))
     app.state.engine, app.state.scheduler, app.state.settings = engine, scheduler, settings
     if settings.api_key:
@@ -289,8 +316,13 @@ def _lifespan(scheduler: Scheduler, settings: ServerSettings):
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         scheduler.start()
-        log.info("serving %s: up to %d sequences of %d positions, queue of %d", settings.model_name,
-                 settings.max_batch, scheduler.slot_capacity, settings.max_queue)
+        log.info(
+            "serving %s: up to %d sequences of %d positions, queue of %d",
+            settings.model_name,
+            settings.max_batch,
+            scheduler.slot_capacity,
+            settings.max_queue,
+        )
         try:
             yield
         finally:
@@ -326,8 +358,13 @@ def _add_model_routes(app: FastAPI, scheduler: Scheduler, settings: ServerSettin
     created = int(time.time())
 
     def model_card() -> dict:
-        return {"id": settings.model_name, "object": "model", "created": created, "owned_by": "llamascope",
-                "max_model_len": scheduler.slot_capacity}
+        return {
+            "id": settings.model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "llamascope",
+            "max_model_len": scheduler.slot_capacity,
+        }
 
     @app.get("/health")
     async def health():
@@ -372,33 +409,62 @@ def _add_generation_routes(app: FastAPI, engine, scheduler: Scheduler, settings:
 
 def _check_model(name: str, settings: ServerSettings) -> None:
     if name != settings.model_name:
-        raise APIError(404, f"the model '{name}' does not exist; this server has '{settings.model_name}'",
-                       param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"the model '{name}' does not exist; this server has '{settings.model_name}'",
+            param="model",
+            code="model_not_found",
+        )
 
 
-def _completion_body(request: Request, model: str, choices: list[_Choice], usage: dict, echo: list[str],
-                     logprobs: bool) -> dict:
-    return {"id": request.id, "object": "text_completion", "created": int(time.time()),
-            "model": model, "system_fingerprint": None,
-            "choices": [{"index": c.index, "text": echo[c.index] + c.text,
-                         "logprobs": _completion_logprobs(c.logprobs, len(echo[c.index])) if logprobs else None,
-                         "finish_reason": c.finish_reason} for c in choices],
-            "usage": usage}
+def _completion_body(
+    request: Request, model: str, choices: list[_Choice], usage: dict, echo: list[str], logprobs: bool
+) -> dict:
+    return {
+        "id": request.id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": c.index,
+                "text": echo[c.index] + c.text,
+                "logprobs": _completion_logprobs(c.logprobs, len(echo[c.index])) if logprobs else None,
+                "finish_reason": c.finish_reason,
+            }
+            for c in choices
+        ],
+        "usage": usage,
+    }
 
 
 def _chat_body(request: Request, model: str, choices: list[_Choice], usage: dict, logprobs: bool) -> dict:
-    return {"id": request.id, "object": "chat.completion", "created": int(time.time()),
-            "model": model, "system_fingerprint": None,
-            "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                         "logprobs": {"content": _chat_logprobs(c.logprobs)} if logprobs else None,
-                         "finish_reason": c.finish_reason} for c in choices],
-            "usage": usage}
+    return {
+        "id": request.id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": {"content": _chat_logprobs(c.logprobs)} if logprobs else None,
+                "finish_reason": c.finish_reason,
+            }
+            for c in choices
+        ],
+        "usage": usage,
+    }
 
 
 # ---- building a request ------------------------------------------------------------------------
 
-async def _completion_specs(engine, body: CompletionRequest, capacity: int,
-                            settings: ServerSettings) -> tuple[list[SequenceSpec], list[str]]:
+
+async def _completion_specs(
+    engine, body: CompletionRequest, capacity: int, settings: ServerSettings
+) -> tuple[list[SequenceSpec], list[str]]:
     """One spec per choice (prompts x n, prompt by prompt), and the text each choice echoes."""
     if body.suffix:
         raise APIError(400, "'suffix' is not supported", param="suffix", code="unsupported")
@@ -409,8 +475,9 @@ async def _completion_specs(engine, body: CompletionRequest, capacity: int,
     prompts = await asyncio.to_thread(_encode_prompts, engine, body.prompt)
     specs, echo = [], []
     for i, (text, ids) in enumerate(prompts):
-        max_tokens = _max_tokens(len(ids), body.max_tokens, DEFAULT_MAX_NEW_TOKENS["server_completion"], capacity,
-                                 "prompt")
+        max_tokens = _max_tokens(
+            len(ids), body.max_tokens, DEFAULT_MAX_NEW_TOKENS["server_completion"], capacity, "prompt"
+        )
         for j in range(n):
             specs.append(_spec(engine, body, ids, max_tokens, i * n + j, body.logprobs, chat=False))
             echo.append(text if body.echo else "")
@@ -422,8 +489,9 @@ async def _chat_specs(engine, body: ChatRequest, capacity: int, settings: Server
     if body.tools:
         raise APIError(400, "'tools' are not supported", param="tools", code="unsupported")
     if body.response_format and body.response_format.get("type", "text") != "text":
-        raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format",
-                       code="unsupported")
+        raise APIError(
+            400, "only response_format {'type': 'text'} is supported", param="response_format", code="unsupported"
+        )
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     _check_choices(body.n or 1, settings, "n")
@@ -452,14 +520,16 @@ def _encode_prompts(engine, prompts: list) -> list[tuple[str, list[int]]]:
         else:
             bad = [t for t in prompt if not 0 <= t < vocab]
             if bad:
-                raise APIError(400, f"'{param}': token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})",
-                               param=param)
+                raise APIError(
+                    400, f"'{param}': token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})", param=param
+                )
             out.append((engine.tokenizer.decode(prompt), list(prompt)))
     return out
 
 
-def _max_tokens(prompt_tokens: int, requested: int | None, default: int | None, capacity: int,
-                prompt_param: str) -> int:
+def _max_tokens(
+    prompt_tokens: int, requested: int | None, default: int | None, capacity: int, prompt_param: str
+) -> int:
     """The new tokens of a request by the context rule (config.room_for_new_tokens, over the slot
     capacity): a max_tokens the client gave must fit, else 400 context_length_exceeded; the
     server's own default (None: the rest of the context) is clipped to the room."""
@@ -476,16 +546,20 @@ def _max_tokens(prompt_tokens: int, requested: int | None, default: int | None, 
 
 def _context_error(prompt_tokens: int, max_tokens: int, capacity: int, prompt_param: str, param: str) -> APIError:
     return APIError(
-        400, f"this model's maximum context length is {capacity} tokens; you asked for "
-             f"{prompt_tokens + max_tokens} ({prompt_tokens} in the {prompt_param}, {max_tokens} to generate); "
-             f"shorten the {prompt_param} or lower max_tokens", param=param, code="context_length_exceeded")
+        400,
+        f"this model's maximum context length is {capacity} tokens; you asked for "
+        f"{prompt_tokens + max_tokens} ({prompt_tokens} in the {prompt_param}, {max_tokens} to generate); "
+        f"shorten the {prompt_param} or lower max_tokens",
+        param=param,
+        code="context_length_exceeded",
+    )
 
 
 def _openai_settings(body: _Sampling, max_tokens: int, choice: int) -> dict[str, Any]:
     """A request's OpenAI settings as the call's generation settings (see the module's docstring)."""
     call: dict[str, Any] = {"max_new_tokens": max_tokens, "stop_strings": body.stop or None}
     if body.seed is not None:
-        call["seed"] = (body.seed + choice) % 2 ** 64
+        call["seed"] = (body.seed + choice) % 2**64
     if body.temperature == 0:  # greedy search: temperature 0 is not a transformers setting
         call["do_sample"] = False
         return call
@@ -495,8 +569,9 @@ def _openai_settings(body: _Sampling, max_tokens: int, choice: int) -> dict[str,
     return call
 
 
-def _spec(engine, body: _Sampling, ids: list[int], max_tokens: int, choice: int, logprobs: int | None,
-          chat: bool) -> SequenceSpec:
+def _spec(
+    engine, body: _Sampling, ids: list[int], max_tokens: int, choice: int, logprobs: int | None, chat: bool
+) -> SequenceSpec:
     try:  # tokens are chosen here (rank 0) alone
         config = engine.local_generation_config(chat, OPENAI_DEFAULTS, **_openai_settings(body, max_tokens, choice))
     except LlamascopeError as e:
@@ -505,16 +580,26 @@ def _spec(engine, body: _Sampling, ids: list[int], max_tokens: int, choice: int,
     outside = [t for t in bias if t >= engine.config.vocab_size]
     if outside:
         raise APIError(400, f"'logit_bias': token ids {outside[:5]} are outside the vocabulary", param="logit_bias")
-    return SequenceSpec(list(ids), config, logprobs=logprobs, presence_penalty=body.presence_penalty or 0.0,
-                        frequency_penalty=body.frequency_penalty or 0.0, logit_bias=bias)
+    return SequenceSpec(
+        list(ids),
+        config,
+        logprobs=logprobs,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        logit_bias=bias,
+    )
 
 
 def _check_choices(count: int, settings: ServerSettings, param: str) -> None:
     """A request may not ask for more sequences than the server can hold at once (slots + queue)."""
     limit = settings.max_batch + settings.max_queue
     if count > limit:
-        raise APIError(400, f"'{param}': {count} choices asked (prompts x n), this server holds at most {limit} "
-                            f"at once", param=param, code="invalid_value")
+        raise APIError(
+            400,
+            f"'{param}': {count} choices asked (prompts x n), this server holds at most {limit} at once",
+            param=param,
+            code="invalid_value",
+        )
 
 
 def _submit(scheduler: Scheduler, prefix: str, specs: list[SequenceSpec]) -> Request:
@@ -530,6 +615,7 @@ def _submit(scheduler: Scheduler, prefix: str, specs: list[SequenceSpec]) -> Req
 
 # ---- collecting and streaming results ----------------------------------------------------------
 
+
 @dataclasses.dataclass
 class _Choice:
     index: int
@@ -543,8 +629,11 @@ class _Disconnected:
 
 
 def _usage(done: Done) -> dict:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens}
+    return {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_tokens": done.prompt_tokens + done.completion_tokens,
+    }
 
 
 async def _watch_disconnect(http: HTTPRequest, scheduler: Scheduler, request: Request) -> None:
@@ -600,15 +689,21 @@ def _stream(http: HTTPRequest, scheduler: Scheduler, request: Request, chunks, b
                     return
                 elif isinstance(event, Failed):
                     finished = True
-                    yield "data: " + json.dumps({"error": {"message": event.message, "type": "server_error",
-                                                           "param": None, "code": None}}) + "\n\n"
+                    yield (
+                        "data: "
+                        + json.dumps(
+                            {"error": {"message": event.message, "type": "server_error", "param": None, "code": None}}
+                        )
+                        + "\n\n"
+                    )
                     return
         finally:
             if not finished:  # the client went away (the task was cancelled) or the stream was closed
                 scheduler.cancel(request)
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 def _sse(chunk: dict, include_usage: bool) -> str:
@@ -624,12 +719,21 @@ class _CompletionChunks:
         self.offsets = [len(e) for e in echo]
 
     def _chunk(self, choices: list[dict]) -> dict:
-        return {"id": self.request.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "system_fingerprint": None, "choices": choices}
+        return {
+            "id": self.request.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
 
     def opening(self) -> list[dict]:
-        return [self._chunk([{"index": i, "text": e, "logprobs": None, "finish_reason": None}])
-                for i, e in enumerate(self.echo) if e]
+        return [
+            self._chunk([{"index": i, "text": e, "logprobs": None, "finish_reason": None}])
+            for i, e in enumerate(self.echo)
+            if e
+        ]
 
     def delta(self, d: Delta) -> dict:
         logprobs = None
@@ -648,12 +752,22 @@ class _ChatChunks:
         self.created = int(time.time())
 
     def _chunk(self, choices: list[dict]) -> dict:
-        return {"id": self.request.id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.model, "system_fingerprint": None, "choices": choices}
+        return {
+            "id": self.request.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
 
     def opening(self) -> list[dict]:
-        return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}]) for i in range(len(self.request.sequences))]
+        return [
+            self._chunk(
+                [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+            )
+            for i in range(len(self.request.sequences))
+        ]
 
     def delta(self, d: Delta) -> dict:
         logprobs = {"content": _chat_logprobs(d.logprobs or [])} if self.logprobs else None
@@ -685,20 +799,24 @@ def _chat_logprobs(entries: list[dict]) -> list[dict]:
 
 # ---- running it --------------------------------------------------------------------------------
 
+
 def _parallel(engine) -> bool:
     return engine.parallel is not None and engine.parallel.world_size > 1
 
 
-def serve(engine, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettings | None = None,
-          log_level: str = "info") -> None:
+def serve(
+    engine, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettings | None = None, log_level: str = "info"
+) -> None:
     """Run the server until interrupted (uvicorn, one process; the model runs on one worker thread).
 
     Under tensor parallelism this is rank 0's part; the other ranks run `lockstep.follow`."""
     import uvicorn
 
     if _parallel(engine) and not engine.parallel.is_main:
-        raise LlamascopeError(f"tensor parallel {engine.parallel.describe()}: only rank 0 serves; "
-                              f"the other ranks run llamascope.server.lockstep.follow")
+        raise LlamascopeError(
+            f"tensor parallel {engine.parallel.describe()}: only rank 0 serves; "
+            f"the other ranks run llamascope.server.lockstep.follow"
+        )
     app = create_app(engine, settings)
     if _parallel(engine):
         serve_leader(app, host, port, log_level)

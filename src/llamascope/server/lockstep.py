@@ -64,6 +64,7 @@ _CODES = {name: code for code, name in enumerate(CALLS)}
 
 # ---- messages ----------------------------------------------------------------------------------
 
+
 def encode(calls: list[tuple]) -> list[int]:
     """[(name, arg, ...), ...] -> flat integers. Each value is written as (0, int) or
     (1, length, items...), so arguments may be integers or nested lists of them."""
@@ -109,11 +110,11 @@ def send(calls: list[tuple], group: ParallelGroup) -> None:
     values = encode(calls)
     head = torch.zeros(HEADER, dtype=torch.int64)
     head[0] = len(values)
-    first = values[:HEADER - 1]
-    head[1:1 + len(first)] = torch.tensor(first, dtype=torch.int64)
+    first = values[: HEADER - 1]
+    head[1 : 1 + len(first)] = torch.tensor(first, dtype=torch.int64)
     broadcast(head.to(group.device), group, "broadcast of the server's next step")
     if len(values) > HEADER - 1:
-        rest = torch.tensor(values[HEADER - 1:], dtype=torch.int64, device=group.device)
+        rest = torch.tensor(values[HEADER - 1 :], dtype=torch.int64, device=group.device)
         broadcast(rest, group, "broadcast of the server's next step")
 
 
@@ -123,7 +124,7 @@ def receive(group: ParallelGroup) -> list[tuple]:
     broadcast(head, group, "waiting for rank 0's next step")
     head = head.cpu()
     n = int(head[0])
-    values = head[1:1 + min(n, HEADER - 1)].tolist()
+    values = head[1 : 1 + min(n, HEADER - 1)].tolist()
     if n > HEADER - 1:
         rest = torch.empty(n - (HEADER - 1), dtype=torch.int64, device=group.device)
         broadcast(rest, group, "waiting for rank 0's next step")
@@ -132,6 +133,7 @@ def receive(group: ParallelGroup) -> list[tuple]:
 
 
 # ---- rank 0 --------------------------------------------------------------------------------------
+
 
 class LeaderRunner(ModelRunner):
     """Rank 0's ModelRunner: sends each call to the other ranks, then makes it here."""
@@ -191,6 +193,7 @@ class LeaderRunner(ModelRunner):
 
 def leader_runner(group: ParallelGroup):
     """The Scheduler's `runner` factory for rank 0."""
+
     def make(model, max_batch: int, slot_capacity: int) -> LeaderRunner:
         return LeaderRunner(model, max_batch, slot_capacity, group)
 
@@ -208,12 +211,13 @@ def serve_leader(app, host: str, port: int, log_level: str) -> None:
     import uvicorn
 
     scheduler = app.state.scheduler
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                           timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5))
     scheduler.on_fatal = lambda error: setattr(server, "should_exit", True)
     received: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     started = True
     try:
         try:
@@ -228,13 +232,15 @@ def serve_leader(app, host: str, port: int, log_level: str) -> None:
     if scheduler.error is not None:
         raise scheduler.error
     if not stopped:
-        raise LlamascopeError("tensor parallel rank 0: the scheduler did not stop: a model call still waits "
-                              "for the other ranks")
+        raise LlamascopeError(
+            "tensor parallel rank 0: the scheduler did not stop: a model call still waits for the other ranks"
+        )
     if not started:
         raise LlamascopeError(f"cannot serve on {host}:{port} (see uvicorn's message above)")
 
 
 # ---- the other ranks -----------------------------------------------------------------------------
+
 
 class Follower:
     """A rank other than 0: its own ModelRunner, driven by rank 0's messages."""
@@ -259,8 +265,10 @@ class Follower:
                 slots, tokens, lengths = args
                 here = [runner.cache.lengths[s] if 0 <= s < runner.cache.num_slots else None for s in slots]
                 if here != lengths:
-                    raise LlamascopeError(f"{where}: out of step with rank 0 (slots {slots} hold {here} "
-                                          f"positions here, {lengths} on rank 0)")
+                    raise LlamascopeError(
+                        f"{where}: out of step with rank 0 (slots {slots} hold {here} "
+                        f"positions here, {lengths} on rank 0)"
+                    )
                 args = [slots, tokens]
             try:
                 getattr(runner, name)(*args)
@@ -268,8 +276,9 @@ class Follower:
                 raise
             except Exception as e:  # noqa: BLE001 - one line, not a torch traceback
                 reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-                raise LlamascopeError(f"{where}: repeating rank 0's {name} failed "
-                                      f"({type(e).__name__}: {reason})") from None
+                raise LlamascopeError(
+                    f"{where}: repeating rank 0's {name} failed ({type(e).__name__}: {reason})"
+                ) from None
         return True
 
 
@@ -317,8 +326,9 @@ def follow(model, group: ParallelGroup, grace_s: float = STOP_GRACE_S) -> None:
             thread.join(0.2)
             if signals and time.monotonic() - signals[0][1] > grace_s:
                 name = signal.Signals(signals[0][0]).name
-                _exit_now(group, f"stopped by {name}: rank 0 did not end the server within {grace_s:g} s",
-                          128 + signals[0][0])
+                _exit_now(
+                    group, f"stopped by {name}: rank 0 did not end the server within {grace_s:g} s", 128 + signals[0][0]
+                )
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

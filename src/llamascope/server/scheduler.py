@@ -35,8 +35,8 @@ import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -59,6 +59,7 @@ class QueueFull(LlamascopeError):
 
 # ---- OpenAI's additive settings, as processors -------------------------------------------------
 
+
 class AdditivePenalties:
     """OpenAI's presence and frequency penalties over the tokens generated so far (not the prompt):
     score[j] -= presence * (count[j] > 0) + frequency * count[j]."""
@@ -67,7 +68,7 @@ class AdditivePenalties:
         self.presence, self.frequency, self.prompt_length = float(presence), float(frequency), prompt_length
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        generated = input_ids[:, self.prompt_length:]  # [B, G]
+        generated = input_ids[:, self.prompt_length :]  # [B, G]
         if generated.shape[1] == 0:
             return scores
         counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
@@ -89,6 +90,7 @@ class LogitBias:
 
 
 # ---- what the asyncio side submits and receives -----------------------------------------------
+
 
 @dataclass
 class SequenceSpec:
@@ -153,9 +155,18 @@ class Request:
 
 # ---- worker-side state of one sequence ---------------------------------------------------------
 
+
 class _Sequence:
-    def __init__(self, request: Request, index: int, spec: SequenceSpec, tokenizer, vocab_size: int,
-                 default_eos: list[int], device: torch.device):
+    def __init__(
+        self,
+        request: Request,
+        index: int,
+        spec: SequenceSpec,
+        tokenizer,
+        vocab_size: int,
+        default_eos: list[int],
+        device: torch.device,
+    ):
         self.request, self.index, self.spec = request, index, spec
         config = spec.config
         if default_eos and not config.eos_token_id:
@@ -175,8 +186,9 @@ class _Sequence:
         self.processors = processors + build_processors(config, P, vocab_size=vocab_size)
         self.generator = None
         if config.do_sample:  # on the model's device, as generate() draws (same seed, same tokens)
-            self.generator = make_generator(config, device) or \
-                torch.Generator(device=device).manual_seed(secrets.randbits(62))
+            self.generator = make_generator(config, device) or torch.Generator(device=device).manual_seed(
+                secrets.randbits(62)
+            )
         self.rules = StopRules(config, tokenizer, self.max_tokens)
         self.tokenizer = tokenizer
         self.decoder = tokenizer.stream_decoder(spec.prompt_ids, skip_special_tokens=True)
@@ -191,7 +203,7 @@ class _Sequence:
 
     def choose(self, logits: torch.Tensor) -> Delta:
         """logits [1, V] float32 of the last position -> the next token, as a Delta."""
-        scores = apply_processors(self.processors, self.ids[:, :self.length], logits)  # [1, V]
+        scores = apply_processors(self.processors, self.ids[:, : self.length], logits)  # [1, V]
         token_tensor = select_next(scores, self.spec.config, self.generator)  # [1]
         token = int(token_tensor[0])
         self.ids[0, self.length] = token
@@ -212,11 +224,18 @@ class _Sequence:
             return None
         entry = token_logprobs(scores, token_tensor, self.spec.logprobs)[0]
         decode = self.tokenizer.decode
-        return [{"id": entry["id"], "text": decode([entry["id"]]), "logprob": entry["logprob"],
-                 "top": [dict(t, text=decode([t["id"]])) for t in entry["top"]]}]
+        return [
+            {
+                "id": entry["id"],
+                "text": decode([entry["id"]]),
+                "logprob": entry["logprob"],
+                "top": [dict(t, text=decode([t["id"]])) for t in entry["top"]],
+            }
+        ]
 
 
 # ---- the model and its cache, as the scheduler uses them -----------------------------------------
+
 
 class ModelRunner:
     """Every call of the scheduler that runs the model or changes the KV cache.
@@ -251,7 +270,7 @@ class ModelRunner:
         device = self.model.device
         tokens = torch.zeros((B, T), dtype=torch.long)  # [B, T], padding id 0
         for row, prompt in enumerate(prompts):
-            tokens[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+            tokens[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
         tokens = tokens.to(device)
         positions = torch.arange(T, device=device)[None, :].expand(B, T)  # [B, T]
         cache = KVCache.for_model(self.model, B, T)
@@ -297,10 +316,18 @@ class ModelRunner:
 
 # ---- the scheduler -----------------------------------------------------------------------------
 
+
 class Scheduler:
-    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, slot_capacity: int | None = None,
-                 default_eos: list[int] | None = None,
-                 runner: Callable[[object, int, int], ModelRunner] = ModelRunner):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        slot_capacity: int | None = None,
+        default_eos: list[int] | None = None,
+        runner: Callable[[object, int, int], ModelRunner] = ModelRunner,
+    ):
         """`runner(model, max_batch, slot_capacity)` makes the ModelRunner the worker calls.
         `default_eos`: eos ids for a sequence whose settings have none (the app resolves settings
         as `Engine` does and passes none)."""
@@ -350,15 +377,18 @@ class Scheduler:
 
     def submit(self, request: Request) -> None:
         """Queue a request's sequences; QueueFull when more would wait than max_queue."""
-        sequences = [_Sequence(request, i, spec, self.tokenizer, self.vocab_size, self.default_eos,
-                               self.model.device) for i, spec in enumerate(request.sequences)]
+        sequences = [
+            _Sequence(request, i, spec, self.tokenizer, self.vocab_size, self.default_eos, self.model.device)
+            for i, spec in enumerate(request.sequences)
+        ]
         with self._cond:
             if self._stopping:
                 raise LlamascopeError("the server is shutting down")
             free = self.max_batch - self._admitted
             if len(self._waiting) + len(sequences) > self.max_queue + free:
-                raise QueueFull(f"the queue is full ({len(self._waiting)} sequences wait, "
-                                f"{self._admitted} generate); retry later")
+                raise QueueFull(
+                    f"the queue is full ({len(self._waiting)} sequences wait, {self._admitted} generate); retry later"
+                )
             self._waiting.extend(sequences)
             self._cond.notify_all()
 
@@ -373,10 +403,19 @@ class Scheduler:
     def stats(self) -> dict:
         with self._cond:
             waiting, admitted = len(self._waiting), self._admitted
-        return {"active": admitted, "waiting": waiting, "max_batch": self.max_batch, "max_queue": self.max_queue,
-                "slot_capacity": self.slot_capacity, "kv_bytes": self.cache.nbytes(),
-                "kv_budget_bytes": self.cache.max_bytes(), "completed": self.completed,
-                "cancelled": self.cancelled, "failed": self.failed, "peak_batch": self.peak_batch}
+        return {
+            "active": admitted,
+            "waiting": waiting,
+            "max_batch": self.max_batch,
+            "max_queue": self.max_queue,
+            "slot_capacity": self.slot_capacity,
+            "kv_bytes": self.cache.nbytes(),
+            "kv_budget_bytes": self.cache.max_bytes(),
+            "completed": self.completed,
+            "cancelled": self.cancelled,
+            "failed": self.failed,
+            "peak_batch": self.peak_batch,
+        }
 
     # ---- worker ----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -435,8 +474,10 @@ class Scheduler:
         else:
             log.debug("model call failed", exc_info=True)  # the traceback with -vv; one line below
             reason = (str(error).strip().splitlines() or [""])[0][:300]
-            self.error = LlamascopeError(f"the server stopped: a model call failed on this rank, so the tensor-"
-                                         f"parallel ranks may no longer agree ({type(error).__name__}: {reason})")
+            self.error = LlamascopeError(
+                f"the server stopped: a model call failed on this rank, so the tensor-"
+                f"parallel ranks may no longer agree ({type(error).__name__}: {reason})"
+            )
         log.error("%s", self.error)
         with self._cond:
             self._stopping = True
@@ -464,8 +505,9 @@ class Scheduler:
         for seq in admit:
             if seq.request.cancelled:
                 self._release_admitted(seq)
-            elif (groups and groups[-1][0].request is seq.request
-                  and groups[-1][0].spec.prompt_ids == seq.spec.prompt_ids):
+            elif (
+                groups and groups[-1][0].request is seq.request and groups[-1][0].spec.prompt_ids == seq.spec.prompt_ids
+            ):
                 groups[-1].append(seq)
             else:
                 groups.append([seq])
@@ -499,7 +541,7 @@ class Scheduler:
             return
         for row, group in enumerate(groups):
             for seq in group:
-                self._choose_and_deliver(seq, logits[row:row + 1])
+                self._choose_and_deliver(seq, logits[row : row + 1])
 
     def _decode_step(self) -> None:
         active = sorted(self._active, key=lambda s: s.slot)
@@ -514,7 +556,7 @@ class Scheduler:
                 self._fail(seq, f"generation failed: {e}")
             return
         for row, seq in enumerate(active):
-            self._choose_and_deliver(seq, logits[row:row + 1])
+            self._choose_and_deliver(seq, logits[row : row + 1])
 
     def _choose_and_deliver(self, seq: _Sequence, logits: torch.Tensor) -> None:
         """Pick seq's next token from its logits [1, V] and send it; a failure ends only this sequence."""
@@ -578,11 +620,20 @@ class Scheduler:
             self.failed += 1
             outcome = "failed"
         # tokens/s: the request's own pace after its first token (what a streaming client sees)
-        decode_rate = (request.completion_tokens - len(request.sequences)) / max(now - first, 1e-9) \
-            if first is not None and request.completion_tokens > len(request.sequences) else 0.0
-        log.info("request %s: %d tokens in, %d out, first token %s, %.1f tokens/s, %s", request.id,
-                 request.prompt_tokens, request.completion_tokens,
-                 f"{first - request.submitted:.3f} s" if first is not None else "none", decode_rate, outcome)
+        decode_rate = (
+            (request.completion_tokens - len(request.sequences)) / max(now - first, 1e-9)
+            if first is not None and request.completion_tokens > len(request.sequences)
+            else 0.0
+        )
+        log.info(
+            "request %s: %d tokens in, %d out, first token %s, %.1f tokens/s, %s",
+            request.id,
+            request.prompt_tokens,
+            request.completion_tokens,
+            f"{first - request.submitted:.3f} s" if first is not None else "none",
+            decode_rate,
+            outcome,
+        )
 
     def _fail(self, seq: _Sequence, message: str) -> None:
         """The sequence cannot go on: the request fails, and its other sequences are dropped."""
