@@ -124,38 +124,23 @@ class DecodeStep:
     """`step(tokens [B, 1], positions [B, 1], cache) -> logits [B, 1, vocab]` in one native call."""
 
     def __init__(self, model: nn.Module, lib: ctypes.CDLL):
+        """Describe `model` to csrc/decode_step.c once: its layers, final norm and LM head as the
+        structs of csrc/kernels.h, pointing at the tensors the modules hold (no copy). Raises
+        NotApplicable where a part has no native form."""
         config = model.config
         self.dtype = model.dtype
         if model.device.type != "cpu":
             raise NotApplicable(f"the model is on {model.device}")
         if self.dtype not in (torch.float32, torch.bfloat16):
             raise NotApplicable(f"activations are {self.dtype}")
-        bf16 = self.dtype == torch.bfloat16
-        self.model = model
+        self.model, self.lib = model, lib  # (the kernel library the step runs on)
+        self._bf16 = self.dtype == torch.bfloat16
         self._keep: list = []  # every tensor the structs point at stays alive with them
-
-        def norm(weight: torch.Tensor, what: str) -> int:
-            return _float_copy(weight, self._keep) if bf16 else _float32(weight, what)
-
-        layers = (_Layer * config.num_hidden_layers)()
-        for i, block in enumerate(model.model.layers):
-            attn, mlp, L = block.self_attn, block.mlp, layers[i]
-            L.attn_norm = norm(block.input_layernorm.weight, f"layer {i} input_layernorm")
-            L.mlp_norm = norm(block.post_attention_layernorm.weight, f"layer {i} post_attention_layernorm")
-            qkv = [getattr(attn, name) for name in attn.input_projections()]
-            gate_up = [getattr(mlp, name) for name in mlp.input_projections()]
-            L.n_qkv, L.n_gate_up = len(qkv), len(gate_up)
-            for j, part in enumerate(qkv):
-                L.qkv[j] = _describe(part, self._keep, f"layer {i} attention input", bf16)
-            for j, part in enumerate(gate_up):
-                L.gate_up[j] = _describe(part, self._keep, f"layer {i} gate/up", bf16)
-            L.o = _describe(attn.o_proj, self._keep, f"layer {i} o_proj", bf16)
-            L.down = _describe(mlp.down_proj, self._keep, f"layer {i} down_proj", bf16)
         attn = model.model.layers[0].self_attn
         self.heads, self.kv_heads, self.head_dim = attn.heads, attn.kv_heads, attn.head_dim
-        head = _describe(model.lm_head, self._keep, "lm_head", bf16)
+        self._layers = (_Layer * config.num_hidden_layers)(*map(self._describe_layer, model.model.layers))
+        head = _describe(model.lm_head, self._keep, "lm_head", self._bf16)
         self.vocab = head.N
-        self._layers = layers
         self.stack = _Stack(
             config.num_hidden_layers,
             config.hidden_size,
@@ -165,11 +150,11 @@ class DecodeStep:
             config.intermediate_size,
             config.rms_norm_eps,
             self.head_dim**-0.5,
-            layers,
-            norm(model.model.norm.weight, "final norm"),
+            self._layers,
+            self._norm(model.model.norm.weight, "final norm"),
             head,
         )
-        self._fn = lib.decode_step_bf16 if bf16 else lib.decode_step_f32
+        self._fn = lib.decode_step_bf16 if self._bf16 else lib.decode_step_f32
         # RoPE tables by position, computed by the model's own rotary module (so the same numbers
         # as the module path) for every position up to the longest asked for; "dynamic" scaling
         # depends on the sequence length and computes them each step instead.
@@ -181,7 +166,29 @@ class DecodeStep:
             isinstance(embed, QuantEmbedding) and embed.qtype == "Q8_0" and embed.out_dtype == self.dtype
         )
         self._vocab_rows = embed.blocks.shape[0] if isinstance(embed, QuantEmbedding) else embed.weight.shape[0]
-        self.lib = lib  # the kernel library the step runs on
+
+    def _norm(self, weight: torch.Tensor, what: str) -> int:
+        """The address of a norm's float32 weight (a bfloat16 model's: an exact float32 copy)."""
+        return _float_copy(weight, self._keep) if self._bf16 else _float32(weight, what)
+
+    def _describe_layer(self, block: nn.Module) -> _Layer:
+        """One decoder layer as ls_layer_t: its norms and projections (q/k/v and gate/up fused or not)."""
+        i, attn, mlp = block.index, block.self_attn, block.mlp
+        qkv = [getattr(attn, name) for name in attn.input_projections()]
+        gate_up = [getattr(mlp, name) for name in mlp.input_projections()]
+        layer = _Layer(
+            attn_norm=self._norm(block.input_layernorm.weight, f"layer {i} input_layernorm"),
+            mlp_norm=self._norm(block.post_attention_layernorm.weight, f"layer {i} post_attention_layernorm"),
+            n_qkv=len(qkv),
+            n_gate_up=len(gate_up),
+        )
+        for j, part in enumerate(qkv):
+            layer.qkv[j] = _describe(part, self._keep, f"layer {i} attention input", self._bf16)
+        for j, part in enumerate(gate_up):
+            layer.gate_up[j] = _describe(part, self._keep, f"layer {i} gate/up", self._bf16)
+        layer.o = _describe(attn.o_proj, self._keep, f"layer {i} o_proj", self._bf16)
+        layer.down = _describe(mlp.down_proj, self._keep, f"layer {i} down_proj", self._bf16)
+        return layer
 
     @staticmethod
     def capacity_for(capacity: int) -> int:

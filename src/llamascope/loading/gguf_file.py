@@ -133,6 +133,22 @@ class GGUFFile:
             header.close()
 
     def _parse(self, buf: mmap.mmap) -> None:
+        """The header in its file order: magic and version, the metadata, the tensor infos."""
+        n_tensors, n_fields = self._read_version(buf)
+        offset = self._read_fields(buf, 24, n_fields)
+        alignment = self._alignment()
+        described, offset = self._read_tensor_infos(buf, offset, n_tensors)
+        self.data_offset = -(-offset // alignment) * alignment
+        self.tensors: list[GGUFTensor] = []
+        names = set()
+        for name, dims, raw_type, relative in described:
+            if name in names:
+                raise GGUFFormatError(f"tensor {name!r} appears twice")
+            names.add(name)
+            self.tensors.append(self._tensor(name, dims, raw_type, relative))
+
+    def _read_version(self, buf: mmap.mmap) -> tuple[int, int]:
+        """Magic, byte order and version; returns the announced tensor and metadata counts."""
         if buf[:4] != b"GGUF":
             raise GGUFFormatError(f"starts with {buf[:4]!r}, expected b'GGUF'")
         self.byte_order, self._bad_text = "<", None
@@ -143,13 +159,16 @@ class GGUFFile:
         if version not in SUPPORTED_VERSIONS:
             raise GGUFFormatError(f"unsupported GGUF version {version} (supported: 2, 3)")
         self.version = version
-        e = self.byte_order
-        n_tensors, n_fields = struct.unpack_from(e + "QQ", buf, 8)
+        n_tensors, n_fields = struct.unpack_from(self.byte_order + "QQ", buf, 8)
         if n_tensors > self.size or n_fields > self.size:
             raise GGUFFormatError(
                 f"announces {n_tensors} tensors and {n_fields} metadata items in {self.size} bytes", truncated=True
             )
-        offset = 24
+        return n_tensors, n_fields
+
+    def _read_fields(self, buf: mmap.mmap, offset: int, n_fields: int) -> int:
+        """The key/value metadata into `fields`; returns the offset after it."""
+        e = self.byte_order
         self.fields: dict[str, GGUFField] = {}
         for _ in range(n_fields):
             key, offset = self._string(buf, offset, what="a metadata key")
@@ -169,16 +188,22 @@ class GGUFFile:
             # A value that is not UTF-8 fails when it is read (as with gguf-py), naming its key:
             # an unused one (a description) does not make the file unreadable.
             self.fields[key] = GGUFField(key, types, value, self._bad_text)
+        return offset
 
-        alignment = GGUF_DEFAULT_ALIGNMENT
-        if "general.alignment" in self.fields:
-            align = self.fields["general.alignment"]
-            if align.types != [GGUFValueType.UINT32] or align.value <= 0 or align.value & (align.value - 1):
-                raise GGUFFormatError(
-                    f"metadata key 'general.alignment' must be a power of two as uint32, found {align.value!r}"
-                )
-            alignment = align.value
-        described = []
+    def _alignment(self) -> int:
+        """The data section's alignment: general.alignment (a power of two) or GGUF's default."""
+        if "general.alignment" not in self.fields:
+            return GGUF_DEFAULT_ALIGNMENT
+        align = self.fields["general.alignment"]
+        if align.types != [GGUFValueType.UINT32] or align.value <= 0 or align.value & (align.value - 1):
+            raise GGUFFormatError(
+                f"metadata key 'general.alignment' must be a power of two as uint32, found {align.value!r}"
+            )
+        return align.value
+
+    def _read_tensor_infos(self, buf: mmap.mmap, offset: int, n_tensors: int) -> tuple[list[tuple], int]:
+        """Each tensor's (name, dims, raw type, offset in the data section); and the offset after them."""
+        e, described = self.byte_order, []
         for _ in range(n_tensors):
             name, offset = self._string(buf, offset, what="a tensor name")
             (n_dims,), offset = struct.unpack_from(e + "I", buf, offset), offset + 4
@@ -189,40 +214,34 @@ class GGUFFile:
             raw_type, relative = struct.unpack_from(e + "IQ", buf, offset)
             offset += 12
             described.append((name, dims, raw_type, relative))
-        self.data_offset = -(-offset // alignment) * alignment
+        return described, offset
 
-        self.tensors: list[GGUFTensor] = []
-        names = set()
-        for name, dims, raw_type, relative in described:
-            if name in names:
-                raise GGUFFormatError(f"tensor {name!r} appears twice")
-            names.add(name)
-            try:
-                tensor_type = GGMLQuantizationType(raw_type)
-            except ValueError:
-                raise GGUFFormatError(
-                    f"tensor {name!r} has type {raw_type}, which the gguf package does not know"
-                ) from None
-            block, size = GGML_QUANT_SIZES[tensor_type]
-            elements = math.prod(dims)  # (Python integers: damaged dimensions cannot wrap around)
-            if not dims and block > 1:
-                raise GGUFFormatError(f"tensor {name!r} has no dimensions but the block type {tensor_type.name}")
-            if dims and dims[0] % block:
-                raise GGUFFormatError(
-                    f"tensor {name!r}: rows of {dims[0]} values are not whole {tensor_type.name} blocks of {block}"
-                )
-            self.tensors.append(
-                GGUFTensor(
-                    name,
-                    tensor_type,
-                    tuple(int(d) for d in dims),
-                    elements,
-                    elements // block * size,
-                    self.data_offset + relative,
-                    self.path,
-                    self.byte_order,
-                )
+    def _tensor(self, name: str, dims: tuple[int, ...], raw_type: int, relative: int) -> GGUFTensor:
+        """One tensor's description, checked: a known type and rows of whole blocks."""
+        try:
+            tensor_type = GGMLQuantizationType(raw_type)
+        except ValueError:
+            raise GGUFFormatError(
+                f"tensor {name!r} has type {raw_type}, which the gguf package does not know"
+            ) from None
+        block, size = GGML_QUANT_SIZES[tensor_type]
+        elements = math.prod(dims)  # (Python integers: damaged dimensions cannot wrap around)
+        if not dims and block > 1:
+            raise GGUFFormatError(f"tensor {name!r} has no dimensions but the block type {tensor_type.name}")
+        if dims and dims[0] % block:
+            raise GGUFFormatError(
+                f"tensor {name!r}: rows of {dims[0]} values are not whole {tensor_type.name} blocks of {block}"
             )
+        return GGUFTensor(
+            name,
+            tensor_type,
+            tuple(int(d) for d in dims),
+            elements,
+            elements // block * size,
+            self.data_offset + relative,
+            self.path,
+            self.byte_order,
+        )
 
     def _value_type(self, raw: int, key: str) -> GGUFValueType:
         try:
