@@ -6,8 +6,9 @@ start) does not import PyTorch: see startup.py for what must happen before it lo
 
 from __future__ import annotations
 
-from importlib import import_module
 from typing import TYPE_CHECKING
+
+from .exports import lazy_exports
 
 if TYPE_CHECKING:
     from .config import GenerationConfig, ModelConfig
@@ -29,20 +30,4 @@ _HOMES = {
 __all__ = sorted(_HOMES)
 
 
-def __getattr__(name: str):
-    """An exported name, or a submodule (`llamascope.loading` after `import llamascope`), on first use."""
-    if name in _HOMES:
-        value = getattr(import_module(f".{_HOMES[name]}", __name__), name)
-    else:
-        try:
-            value = import_module(f".{name}", __name__)
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{name}":
-                raise
-            raise AttributeError(f"module 'llamascope' has no attribute {name!r}") from None
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES, globals())
