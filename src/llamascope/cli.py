@@ -146,6 +146,25 @@ def _start_parallel(args: argparse.Namespace):
     return group
 
 
+# The generation settings that take one value: (flag, type, metavar, help); the setting is the
+# flag's name, and its help ends with the default in force (`_model_default`).
+GENERATION_OPTIONS = (
+    ("--min-new-tokens", int, "N", "no eos before this many new tokens"),
+    ("--max-time", float, "SECONDS", "stop after this much time"),
+    ("--temperature", float, "T", "sampling temperature, with --do-sample"),
+    ("--top-k", int, "K", "sample among the K most likely tokens; 0: off"),
+    ("--top-p", float, "P", "nucleus sampling: smallest set with this probability mass"),
+    ("--min-p", float, "P", "drop tokens below P times the top probability"),
+    ("--typical-p", float, "P", "locally typical sampling mass"),
+    ("--repetition-penalty", float, "R", "penalty for tokens already in the sequence; 1: off"),
+    ("--no-repeat-ngram-size", int, "N", "never repeat an n-gram of this size; 0: off"),
+    ("--num-beams", int, "N", "beam search with this many beams"),
+    ("--length-penalty", float, "L", "beam score = log-prob sum / length ** L"),
+    ("--num-return-sequences", int, "N", "sequences per prompt, each printed with its score"),
+    ("--seed", int, "N", "random seed for reproducible sampling"),
+)
+
+
 def _model_default(name: str) -> str:
     """'(default: the model's setting, else X)', X being GenerationConfig's own default for `name`."""
     value = {f.name: f.default for f in dataclasses.fields(GenerationConfig)}[name]
@@ -160,15 +179,9 @@ def _add_generation_args(p: argparse.ArgumentParser, new_tokens: int, logprobs: 
     p.add_argument(
         "--max-new-tokens", type=int, default=None, metavar="N", help=f"tokens to generate (default {new_tokens})"
     )
-    p.add_argument(
-        "--min-new-tokens",
-        type=int,
-        metavar="N",
-        help=f"no eos before this many new tokens {_model_default('min_new_tokens')}",
-    )
-    p.add_argument(
-        "--max-time", type=float, metavar="SECONDS", help=f"stop after this much time {_model_default('max_time')}"
-    )
+    for flag, kind, metavar, help_text in GENERATION_OPTIONS:
+        setting = flag.removeprefix("--").replace("-", "_")
+        p.add_argument(flag, type=kind, metavar=metavar, help=f"{help_text} {_model_default(setting)}")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
     p.add_argument(
         "--do-sample",
@@ -177,68 +190,11 @@ def _add_generation_args(p: argparse.ArgumentParser, new_tokens: int, logprobs: 
         help=f"sample instead of greedy search {_model_default('do_sample')}",
     )
     p.add_argument(
-        "--temperature",
-        type=float,
-        metavar="T",
-        help=f"sampling temperature, with --do-sample {_model_default('temperature')}",
-    )
-    p.add_argument(
-        "--top-k",
-        type=int,
-        metavar="K",
-        help=f"sample among the K most likely tokens; 0: off {_model_default('top_k')}",
-    )
-    p.add_argument(
-        "--top-p",
-        type=float,
-        metavar="P",
-        help=f"nucleus sampling: smallest set with this probability mass {_model_default('top_p')}",
-    )
-    p.add_argument(
-        "--min-p",
-        type=float,
-        metavar="P",
-        help=f"drop tokens below P times the top probability {_model_default('min_p')}",
-    )
-    p.add_argument(
-        "--typical-p", type=float, metavar="P", help=f"locally typical sampling mass {_model_default('typical_p')}"
-    )
-    p.add_argument(
-        "--repetition-penalty",
-        type=float,
-        metavar="R",
-        help=f"penalty for tokens already in the sequence; 1: off {_model_default('repetition_penalty')}",
-    )
-    p.add_argument(
-        "--no-repeat-ngram-size",
-        type=int,
-        metavar="N",
-        help=f"never repeat an n-gram of this size; 0: off {_model_default('no_repeat_ngram_size')}",
-    )
-    p.add_argument(
-        "--num-beams", type=int, metavar="N", help=f"beam search with this many beams {_model_default('num_beams')}"
-    )
-    p.add_argument(
-        "--length-penalty",
-        type=float,
-        metavar="L",
-        help=f"beam score = log-prob sum / length ** L {_model_default('length_penalty')}",
-    )
-    p.add_argument(
         "--early-stopping",
         choices=["true", "false", "never"],
         help=f"when beam search stops {_model_default('early_stopping')}",
     )
-    p.add_argument(
-        "--num-return-sequences",
-        type=int,
-        metavar="N",
-        help=f"sequences per prompt, each printed with its score {_model_default('num_return_sequences')}",
-    )
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop when the text contains TEXT (repeatable)")
-    p.add_argument(
-        "--seed", type=int, metavar="N", help=f"random seed for reproducible sampling {_model_default('seed')}"
-    )
     if logprobs:
         p.add_argument(
             "--logprobs",
