@@ -131,13 +131,21 @@ def test_a_full_cache_is_refused_before_the_native_call(tiny_model):
             model(torch.tensor([[3]]), torch.tensor([[2]]), cache)
 
 
-def test_replacing_layers_drops_the_stale_step(tiny_model):
-    from llamascope.layers import quantize_model
+def test_replacing_layers_replaces_the_stale_step(tiny_model):
+    """Quantising a model on the native backend keeps it there: the new layers get the kernels, and
+    the decode step (which pointed at the float weights just replaced) is made again over them."""
+    from llamascope.layers import QuantLinear
+    from llamascope.transforms import quantize_model
 
     model = load_model(tiny_model).model
-    assert model.decode_step is not None
+    stale = model.decode_step
+    assert stale is not None
     quantize_model(model, "int8")
-    assert model.decode_step is None  # it pointed at the float weights just replaced
+    assert model.decode_step is not None and model.decode_step is not stale
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.native is not None for m in layers)
+    assert model.lm_head.float_activations and model.model.layers[0].self_attn.qkv_proj.layout == "packed"
+    assert torch.equal(_step_logits(model, True), _step_logits(model, False))
 
 
 def _alone(model, prompt: list[int], steps: int) -> list[torch.Tensor]:

@@ -381,8 +381,9 @@ def test_quantising_a_gguf_while_loading_reads_whole_heads(tmp_path, monkeypatch
     from gguf_fixtures import write_tiny_llama
 
     import llamascope.loading.build as build_module
-    from llamascope.layers import QuantLinear, quantize_model
+    from llamascope.layers import QuantLinear
     from llamascope.loading.gguf import GGUFWeight
+    from llamascope.transforms import quantize_model
 
     path = tmp_path / "tiny.gguf"
     write_tiny_llama(path)  # (hidden 256, 4 heads of 64; q and k in Q8_0 / K-quant blocks)

@@ -13,12 +13,23 @@ from gguf import quants
 from llamascope import kernels
 from llamascope.formats import dequantize, quantize
 from llamascope.generation import generate
-from llamascope.layers import FastLinear, QuantEmbedding, QuantLinear, quantize_model
+from llamascope.layers import FastLinear, QuantEmbedding, QuantLinear
 from llamascope.loading import load_model
 from llamascope.native import native_linear
+from llamascope.transforms import quantize_model
 
 QTYPES = ["Q8_0", "Q4_0", "Q4_1"]
 needs_kernels = pytest.mark.skipif(kernels.load() is None, reason="native kernels unavailable on this machine")
+
+
+def test_block_sizes_are_ggmls():
+    """Each kept format's weights and bytes per block are the gguf package's (ggml's own table);
+    csrc/kernels.h gives each of them a format code."""
+    from llamascope.formats import KEPT_FORMATS, block_layout
+
+    for qtype in KEPT_FORMATS:
+        assert block_layout(qtype) == gguf.GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, qtype)], qtype
+        assert kernels.format_code(qtype) >= 0
 
 
 @pytest.mark.parametrize("qtype", QTYPES)

@@ -22,13 +22,11 @@ from torch import nn
 from . import kernels
 from .errors import LlamascopeError
 from .formats import (
-    HIGH_QTYPE,
     K_QUANT_BYTES,
     PACKED_QTYPES,
     block_layout,
     dequantize,
     pack_blocks,
-    quant_format,
     quantize,
     unpack_blocks,
 )
@@ -282,6 +280,7 @@ class QuantEmbedding(nn.Module):
         super().__init__()
         self.qtype, self.embedding_dim, self.out_dtype = qtype, dim, dtype
         self.register_buffer("blocks", blocks.contiguous())  # [V, dim/32 * bytes]
+        self.format_code = kernels.format_code(qtype)  # (kernels.h's enum ls_format)
         self.native: ctypes.CDLL | None = None  # the kernel library (native.attach sets it)
 
     @property
@@ -296,7 +295,7 @@ class QuantEmbedding(nn.Module):
             # the native dequantiser (gguf-py's numbers, tested) rather than numpy on every lookup
             out = torch.empty(rows.shape[0], self.embedding_dim, dtype=self.out_dtype)  # [B*T, dim]
             lib.dequant_kquant(
-                kernels.format_code(self.qtype),
+                self.format_code,
                 rows.data_ptr(),
                 rows.shape[0],
                 self.embedding_dim,
@@ -329,34 +328,3 @@ def local_slot(parent: nn.Module, name: str) -> tuple[nn.Module, str]:
     """The slot a transform replaces: (parent, name), or the `local` of a LocalPart there."""
     module = getattr(parent, name)
     return (module, "local") if isinstance(module, LocalPart) else (parent, name)
-
-
-def quantize_model(model: nn.Module, quant: str) -> nn.Module:
-    """Replace each float projection with a QuantLinear in `quant`'s format (a `--quant` name), the LM head with a
-    Q8_0 one and the token embedding with a Q8_0 QuantEmbedding (a tied head shares its blocks):
-    the weights `load_model(quant=...)` builds while reading, from a plain model already in memory
-    (before `native.attach`)."""
-    qtype = quant_format(quant)
-    model.decode_step = None  # it points at the modules being replaced (native.attach makes it again)
-    head = local_slot(model, "lm_head")
-    embed = model.model.embed_tokens
-    float_embedding = type(embed) is nn.Embedding
-    tied = float_embedding and head == (model, "lm_head") and model.lm_head.weight.data_ptr() == embed.weight.data_ptr()
-    for parent, name in linear_slots(model):
-        module = getattr(parent, name)
-        if (parent, name) == head and tied:
-            continue  # it becomes the embedding's blocks below
-        layer_qtype = HIGH_QTYPE if (parent, name) == head else qtype
-        if isinstance(module, (nn.Linear, FastLinear)):
-            bias = None if module.bias is None else module.bias.detach().float()
-            setattr(
-                parent,
-                name,
-                QuantLinear(quantize(module.weight.detach(), layer_qtype), layer_qtype, module.in_features, bias),
-            )
-    if float_embedding:
-        blocks = quantize(embed.weight.detach(), HIGH_QTYPE)
-        model.model.embed_tokens = QuantEmbedding(blocks, HIGH_QTYPE, embed.embedding_dim, embed.weight.dtype)
-        if tied:
-            model.lm_head = QuantLinear(blocks, HIGH_QTYPE, embed.embedding_dim)
-    return model
