@@ -54,6 +54,13 @@ def _token_name(tokenizer, token_id: int) -> str:
     return f" ({tokenizer.tokens([token_id])[0]!r})"
 
 
+def source_labels(checkpoint_format: str) -> tuple[str, str]:
+    """Names, for messages, of where the model config and the generation settings were read."""
+    if checkpoint_format == "gguf":
+        return "GGUF metadata", "GGUF metadata"
+    return "config.json", "generation_config.json"
+
+
 def find_contradictions(
     config: ModelConfig,
     config_dict: dict | None,
@@ -70,40 +77,64 @@ def find_contradictions(
     from generation_config.json when it exists, and from config.json only when it does not.
     """
     config_dict = config_dict or {}
-    vocab = config.vocab_size
-    found: list[Contradiction] = []
-
-    def claims(key: str) -> dict[str, list[int]]:
-        out: dict[str, list[int]] = {}
-        if config_dict.get(key) is not None:
-            out[config_label] = as_id_list(config_dict[key])
-        if generation_json and generation_json.get(key) is not None:
-            out[generation_label] = as_id_list(generation_json[key])
-        if generation is not None and generation.sources.get(key) == "call":
-            out["the call"] = as_id_list(getattr(generation, key))
-        return out
-
-    def said(sources: dict[str, list[int]]) -> str:
-        return ", ".join(f"{src} says {ids[0] if len(ids) == 1 else ids}" for src, ids in sources.items())
-
+    labels = (config_label, generation_label)
+    bos, eos, pad = (
+        _claims(key, config_dict, generation_json, generation, labels)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id")
+    )
     in_force = generation_label if generation_json is not None else config_label
+    vocab = config.vocab_size
+    return [
+        *_bos_contradictions(bos, tokenizer),
+        *_eos_contradictions(eos, tokenizer, in_force),
+        *_pad_contradictions(pad, tokenizer, vocab),
+        *_vocab_contradictions(bos, eos, tokenizer, vocab, config_label),
+    ]
 
-    # BOS: every source that names one should name the same id as the tokenizer.
-    bos = claims("bos_token_id")
+
+def _claims(
+    key: str,
+    config_dict: dict,
+    generation_json: dict | None,
+    generation: GenerationConfig | None,
+    labels: tuple[str, str],
+) -> dict[str, list[int]]:
+    """What each source says the token id setting `key` is: {source label: ids}, in precedence order."""
+    config_label, generation_label = labels
+    out: dict[str, list[int]] = {}
+    if config_dict.get(key) is not None:
+        out[config_label] = as_id_list(config_dict[key])
+    if generation_json and generation_json.get(key) is not None:
+        out[generation_label] = as_id_list(generation_json[key])
+    if generation is not None and generation.sources.get(key) == "call":
+        out["the call"] = as_id_list(getattr(generation, key))
+    return out
+
+
+def _said(sources: dict[str, list[int]]) -> str:
+    """The claims as one phrase: "config.json says 1, generation_config.json says [1, 2]"."""
+    return ", ".join(f"{src} says {ids[0] if len(ids) == 1 else ids}" for src, ids in sources.items())
+
+
+def _bos_contradictions(bos: dict[str, list[int]], tokenizer) -> list[Contradiction]:
+    """BOS: every source that names one should name the same id as the tokenizer."""
     tok_bos = tokenizer.bos_id if tokenizer is not None else None
     distinct = {tuple(v) for v in bos.values()} | ({(tok_bos,)} if tok_bos is not None else set())
-    if len(distinct) > 1:
-        tail = f"; the tokenizer's BOS {tokenizer.bos_token!r} is {tok_bos}" if tok_bos is not None else ""
-        adds = ""
-        if tokenizer is not None and tokenizer.adds_bos:
-            adds = f" (prompts start with {tok_bos}, which is what the model sees)"
-        found.append(Contradiction("bos", f"BOS token id differs: {said(bos)}{tail}{adds}"))
+    if len(distinct) <= 1:
+        return []
+    tail = f"; the tokenizer's BOS {tokenizer.bos_token!r} is {tok_bos}" if tok_bos is not None else ""
+    adds = ""
+    if tokenizer is not None and tokenizer.adds_bos:
+        adds = f" (prompts start with {tok_bos}, which is what the model sees)"
+    return [Contradiction("bos", f"BOS token id differs: {_said(bos)}{tail}{adds}")]
 
-    # EOS: the tokenizer's EOS should be among the ids generation stops at; sources should agree.
-    eos = claims("eos_token_id")
+
+def _eos_contradictions(eos: dict[str, list[int]], tokenizer, in_force: str) -> list[Contradiction]:
+    """EOS: the tokenizer's EOS should be among the ids generation stops at; sources should agree."""
+    found: list[Contradiction] = []
     tok_eos = tokenizer.eos_id if tokenizer is not None else None
     if len({tuple(sorted(v)) for v in eos.values()}) > 1:
-        found.append(Contradiction("eos", f"EOS token ids differ: {said(eos)} (transformers uses {in_force}'s)"))
+        found.append(Contradiction("eos", f"EOS token ids differ: {_said(eos)} (transformers uses {in_force}'s)"))
     stop_ids = eos.get("the call", eos.get(in_force, []))
     if tok_eos is not None and eos and tok_eos not in stop_ids:
         names = ", ".join(f"{i}{_token_name(tokenizer, i)}" for i in stop_ids) or "none"
@@ -114,31 +145,36 @@ def find_contradictions(
                 f"is {tok_eos}: generation will run past the tokenizer's end-of-text",
             )
         )
+    return found
 
-    # PAD: must be a real token id; sources should agree with each other and with the tokenizer.
-    pad = claims("pad_token_id")
-    for src, ids in pad.items():
-        for i in ids:
-            if i < 0 or i >= vocab:
-                found.append(
-                    Contradiction(
-                        "pad", f"pad_token_id={i} in {src} is not a token id (the embedding has rows 0..{vocab - 1})"
-                    )
-                )
+
+def _pad_contradictions(pad: dict[str, list[int]], tokenizer, vocab: int) -> list[Contradiction]:
+    """PAD: must be a real token id; sources should agree with each other and with the tokenizer."""
+    found = [
+        Contradiction("pad", f"pad_token_id={i} in {src} is not a token id (the embedding has rows 0..{vocab - 1})")
+        for src, ids in pad.items()
+        for i in ids
+        if i < 0 or i >= vocab
+    ]
     tok_pad = tokenizer.pad_id if tokenizer is not None else None
     distinct = {tuple(v) for v in pad.values()} | ({(tok_pad,)} if tok_pad is not None else set())
     if len(distinct) > 1:
         tail = f"; the tokenizer's pad {tokenizer.pad_token!r} is {tok_pad}" if tok_pad is not None else ""
-        found.append(Contradiction("pad", f"pad token id differs: {said(pad)}{tail}"))
+        found.append(Contradiction("pad", f"pad token id differs: {_said(pad)}{tail}"))
+    return found
 
-    # Vocabulary: every id the tokenizer can produce needs an embedding row.
-    for key, sources in (("bos_token_id", bos), ("eos_token_id", eos)):
-        for src, ids in sources.items():
-            for i in ids:
-                if i < 0 or i >= vocab:
-                    found.append(
-                        Contradiction("vocab", f"{key}={i} in {src} is outside the embedding (vocab_size={vocab})")
-                    )
+
+def _vocab_contradictions(
+    bos: dict[str, list[int]], eos: dict[str, list[int]], tokenizer, vocab: int, config_label: str
+) -> list[Contradiction]:
+    """Vocabulary: every id the tokenizer can produce needs an embedding row."""
+    found = [
+        Contradiction("vocab", f"{key}={i} in {src} is outside the embedding (vocab_size={vocab})")
+        for key, sources in (("bos_token_id", bos), ("eos_token_id", eos))
+        for src, ids in sources.items()
+        for i in ids
+        if i < 0 or i >= vocab
+    ]
     if tokenizer is not None and tokenizer.vocab_size > vocab:
         found.append(
             Contradiction(
@@ -189,41 +225,53 @@ def _module_kind(module: str) -> str:
 
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_SUB_ORDER = (  # a decoder layer's sub-modules in the order they compute
+    "input_layernorm",
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "post_attention_layernorm",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+_Tensors = list[tuple[str, tuple[int, ...], str, int, bool]]  # [(leaf, shape, type, nbytes, used)]
 
 
 def layer_table(checkpoint) -> list[ModuleRow]:
     """Rows in model order; consecutive decoder layers with identical tensors share rows."""
     config = checkpoint.config
-    used = set(expected_shapes(config))
-    # module -> [(leaf, shape, type, nbytes, used)]
-    modules: dict[str, list[tuple[str, tuple[int, ...], str, int, bool]]] = {}
+    tied = config.tie_word_embeddings
+    modules = _tensors_by_module(checkpoint)
+    layers, top = _split_layers(modules)
+    head = ["model.embed_tokens"] + sorted(m for m in top if m not in ("model.embed_tokens", "model.norm", "lm_head"))
+    rows = [_module_row(module, [modules[module]], tied) for module in head if module in modules]
+    for run in _identical_runs(layers, modules):
+        rows.extend(_run_rows(run, layers, modules, tied))
+    rows.extend(
+        _module_row(module, [modules[module]], tied) for module in ("model.norm", "lm_head") if module in modules
+    )
+    if tied and "lm_head" not in modules:
+        rows.append(ModuleRow("lm_head", "Linear", [], 1, 0, 0, "tied: shares model.embed_tokens.weight"))
+    return rows
+
+
+def _tensors_by_module(checkpoint) -> dict[str, _Tensors]:
+    """The checkpoint's tensors grouped by module, each marked whether the model uses it."""
+    used = set(expected_shapes(checkpoint.config))
+    modules: dict[str, _Tensors] = {}  # module -> [(leaf, shape, type, nbytes, used)]
     for name, source in checkpoint.tensors.items():
         module, _, leaf = name.rpartition(".")
         modules.setdefault(module, []).append(
             (leaf, tuple(source.shape), source.stored_type, int(source.nbytes), name in used)
         )
+    return modules
 
-    def row(name: str, module_names: list[str]) -> ModuleRow:
-        first = modules[module_names[0]]
-        params = sum(math.prod(s) for mod in module_names for _, s, _, _, u in modules[mod] if u)
-        nbytes = sum(b for mod in module_names for _, _, _, b, _ in modules[mod])
-        note = ""
-        if not any(u for _, _, _, _, u in first):
-            note = "not used by the model"
-            if name == "lm_head" and config.tie_word_embeddings:
-                note = "saved, but tied: the model uses model.embed_tokens"
-            elif name.endswith(IGNORED_SUFFIXES[0].rsplit(".", 1)[0]):
-                note = "derived by the model; not a parameter"
-        return ModuleRow(
-            name,
-            _module_kind(name),
-            [(leaf, s, t) for leaf, s, t, _, _ in first],
-            len(module_names),
-            params,
-            nbytes,
-            note,
-        )
 
+def _split_layers(modules: dict[str, _Tensors]) -> tuple[dict[int, dict[str, str]], list[str]]:
+    """The decoder layers' modules ({layer: {sub-module: full module name}}) and the others."""
     layers: dict[int, dict[str, str]] = {}  # layer -> {sub-module: full module name}
     top: list[str] = []
     for module in modules:
@@ -232,46 +280,50 @@ def layer_table(checkpoint) -> list[ModuleRow]:
             layers.setdefault(int(match.group(1)), {})[match.group(2)] = module
         else:
             top.append(module)
+    return layers, top
+
+
+def _identical_runs(layers: dict[int, dict[str, str]], modules: dict[str, _Tensors]) -> list[list[int]]:
+    """The layer indices in runs of consecutive layers whose tensors (names, shapes, types) agree."""
 
     def signature(index: int) -> tuple:
         return tuple(
             sorted((sub, tuple((l, s, t) for l, s, t, _, _ in modules[m])) for sub, m in layers[index].items())
         )
 
-    sub_order = [
-        "input_layernorm",
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "post_attention_layernorm",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    ]
+    runs: list[list[int]] = []
+    for i in sorted(layers):
+        if runs and i == runs[-1][-1] + 1 and signature(i) == signature(runs[-1][0]):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
 
-    rows: list[ModuleRow] = []
-    head_order = ["model.embed_tokens"]
-    for module in head_order + sorted(m for m in top if m not in head_order + ["model.norm", "lm_head"]):
-        if module in modules:
-            rows.append(row(module, [module]))
-    indices = sorted(layers)
-    run: list[int] = []
-    for i in indices + [None]:  # type: ignore[list-item]
-        if run and (i is None or i != run[-1] + 1 or signature(i) != signature(run[0])):
-            label = f"{run[0]}" if len(run) == 1 else f"{run[0]}-{run[-1]}"
-            subs = sorted(layers[run[0]], key=lambda s: (sub_order.index(s) if s in sub_order else 99, s))
-            for sub in subs:
-                rows.append(row(f"model.layers.{label}.{sub}", [layers[j][sub] for j in run]))
-            run = []
-        if i is not None:
-            run.append(i)
-    for module in ("model.norm", "lm_head"):
-        if module in modules:
-            rows.append(row(module, [module]))
-    if config.tie_word_embeddings and "lm_head" not in modules:
-        rows.append(ModuleRow("lm_head", "Linear", [], 1, 0, 0, "tied: shares model.embed_tokens.weight"))
-    return rows
+
+def _run_rows(
+    run: list[int], layers: dict[int, dict[str, str]], modules: dict[str, _Tensors], tied: bool
+) -> list[ModuleRow]:
+    """One row per sub-module of a run of identical layers ("model.layers.0-29.self_attn.q_proj")."""
+    label = f"{run[0]}" if len(run) == 1 else f"{run[0]}-{run[-1]}"
+    subs = sorted(layers[run[0]], key=lambda s: (_SUB_ORDER.index(s) if s in _SUB_ORDER else 99, s))
+    return [_module_row(f"model.layers.{label}.{sub}", [modules[layers[j][sub]] for j in run], tied) for sub in subs]
+
+
+def _module_row(name: str, tensors: list[_Tensors], tied: bool) -> ModuleRow:
+    """The row `name` for one module, or for the same module of several layers (one entry each)."""
+    first = tensors[0]
+    params = sum(math.prod(s) for module in tensors for _, s, _, _, u in module if u)
+    nbytes = sum(b for module in tensors for _, _, _, b, _ in module)
+    note = ""
+    if not any(u for _, _, _, _, u in first):
+        note = "not used by the model"
+        if name == "lm_head" and tied:
+            note = "saved, but tied: the model uses model.embed_tokens"
+        elif name.endswith(IGNORED_SUFFIXES[0].rsplit(".", 1)[0]):
+            note = "derived by the model; not a parameter"
+    return ModuleRow(
+        name, _module_kind(name), [(leaf, s, t) for leaf, s, t, _, _ in first], len(tensors), params, nbytes, note
+    )
 
 
 # ---- the whole picture ------------------------------------------------------------------------
@@ -400,25 +452,9 @@ def describe(path: str | Path | None = None) -> ModelInfo:
     """Everything `llamascope info` shows, from headers and metadata (no weights are read)."""
     checkpoint = open_checkpoint(path)
     config = checkpoint.config
-    config_source = "GGUF metadata" if checkpoint.format == "gguf" else "config.json"
-    generation_source = "GGUF metadata" if checkpoint.format == "gguf" else "generation_config.json"
-
-    config_rows: list[tuple[str, Any, str]] = [(k, v, config_source) for k, v in checkpoint.config_dict.items()]
-    for name in config.defaulted:
-        how = "default"
-        if name == "head_dim":
-            how = "default: hidden_size / num_attention_heads"
-        elif name == "num_key_value_heads":
-            how = "default: num_attention_heads"
-        config_rows.append((name, getattr(config, name), how))
-
-    tensor_types: dict[str, dict] = {}
-    for source in checkpoint.tensors.values():
-        entry = tensor_types.setdefault(source.stored_type, {"tensors": 0, "parameters": 0, "bytes": 0})
-        entry["tensors"] += 1
-        entry["parameters"] += math.prod(source.shape)
-        entry["bytes"] += int(source.nbytes)
-
+    config_source, generation_source = source_labels(checkpoint.format)
+    config_rows = _config_rows(checkpoint, config_source)
+    tensor_types = _tensor_types(checkpoint)
     tokenizer = checkpoint.tokenizer_factory() if checkpoint.tokenizer_factory is not None else None
     generation = GenerationConfig.resolve(config, checkpoint.generation_json, generation_source=generation_source)
     contradictions = find_contradictions(
@@ -431,11 +467,6 @@ def describe(path: str | Path | None = None) -> ModelInfo:
     )
     rows = layer_table(checkpoint)
     total_parameters = sum(r.parameters for r in rows)
-    total_bytes = sum(r.nbytes for r in rows)
-    memory = {name: int(total_parameters * b) for name, b in BYTES_PER_PARAMETER.items()}
-    context = config.max_position_embeddings
-    kv = {name: kv_cache_bytes(config, context, b) for name, b in KV_DTYPES.items()}
-    kv["positions"] = context
     return ModelInfo(
         path=str(checkpoint.path),
         format=checkpoint.format,
@@ -449,10 +480,43 @@ def describe(path: str | Path | None = None) -> ModelInfo:
         contradictions=contradictions,
         layers=rows,
         total_parameters=total_parameters,
-        total_bytes=total_bytes,
-        memory=memory,
-        kv_cache=kv,
+        total_bytes=sum(r.nbytes for r in rows),
+        memory={name: int(total_parameters * b) for name, b in BYTES_PER_PARAMETER.items()},
+        kv_cache=_full_context_kv_cache(config),
     )
+
+
+def _config_rows(checkpoint, config_source: str) -> list[tuple[str, Any, str]]:
+    """Each key as read, then each key the config filled in with a default (and which default)."""
+    config = checkpoint.config
+    config_rows: list[tuple[str, Any, str]] = [(k, v, config_source) for k, v in checkpoint.config_dict.items()]
+    for name in config.defaulted:
+        how = "default"
+        if name == "head_dim":
+            how = "default: hidden_size / num_attention_heads"
+        elif name == "num_key_value_heads":
+            how = "default: num_attention_heads"
+        config_rows.append((name, getattr(config, name), how))
+    return config_rows
+
+
+def _tensor_types(checkpoint) -> dict[str, dict]:
+    """Stored type -> {"tensors": n, "parameters": n, "bytes": n} over the checkpoint's tensors."""
+    tensor_types: dict[str, dict] = {}
+    for source in checkpoint.tensors.values():
+        entry = tensor_types.setdefault(source.stored_type, {"tensors": 0, "parameters": 0, "bytes": 0})
+        entry["tensors"] += 1
+        entry["parameters"] += math.prod(source.shape)
+        entry["bytes"] += int(source.nbytes)
+    return tensor_types
+
+
+def _full_context_kv_cache(config: ModelConfig) -> dict[str, int]:
+    """The KV cache's bytes for the full context at each cache dtype, batch 1, and the positions."""
+    context = config.max_position_embeddings
+    kv = {name: kv_cache_bytes(config, context, b) for name, b in KV_DTYPES.items()}
+    kv["positions"] = context
+    return kv
 
 
 # ---- rendering --------------------------------------------------------------------------------

@@ -37,7 +37,14 @@ from rich.table import Table
 from .config import GenerationConfig, room_for_new_tokens
 from .errors import LlamascopeError
 from .generation import generate
-from .info import Contradiction, find_contradictions, generation_rows_json, section, settings_table
+from .info import (
+    Contradiction,
+    find_contradictions,
+    generation_rows_json,
+    section,
+    settings_table,
+    source_labels,
+)
 from .sampling import build_processors
 
 # ---- capturing activations by name ------------------------------------------------------------
@@ -357,7 +364,30 @@ class _Recorder:
 
     def on_step(self, step) -> None:
         acts = step.capture
-        L = self.model.config.num_hidden_layers
+        self.steps.append(self._step_trace(step, acts))
+        if step.index == 0:
+            self._predictions(acts["logits"][0].float())  # [T, V]
+        if self.want_lens:
+            self._lens(step, acts)
+
+    def _step_trace(self, step, acts: dict) -> StepTrace:
+        """What the step took in, the shapes the model returned, the chosen token and the top ones."""
+        chosen, top = self._choices(step)
+        return StepTrace(
+            index=step.index,
+            input_ids=step.input_ids.tolist(),
+            position_ids=step.position_ids.tolist(),
+            attention_mask=step.attention_mask.tolist(),
+            use_cache=step.cache_length is not None,
+            cache_length=step.cache_length,
+            shapes=_step_shapes(step, acts, self.model.config.num_hidden_layers),
+            chosen=chosen,
+            top=top,
+            activations=self.activations.select(acts) if self.activations is not None else {},
+        )
+
+    def _choices(self, step) -> tuple[TokenChoice, list[TokenChoice]]:
+        """The chosen token and the `top` most probable ones under the processed scores."""
         logits = step.logits[0]  # [V] float32, last position, before the processors
         scores = step.scores[0]  # [V] after the processors
         probs, model_probs = scores.softmax(-1), logits.softmax(-1)  # [V]
@@ -368,33 +398,7 @@ class _Recorder:
 
         k = min(self.top, probs.shape[-1])
         top_ids = torch.topk(probs, k).indices.tolist()
-        shapes = {
-            "embed": list(acts["embed"].shape),
-            "decoder_output": list(acts[f"layers.{L - 1}.output"].shape),
-            "norm": list(acts["norm"].shape),
-            "logits": [step.logits.shape[0], 1, step.logits.shape[1]],
-            "next_token_logits": list(step.logits.shape),
-        }
-        if "logits" in acts:
-            shapes["all_position_logits"] = list(acts["logits"].shape)
-        self.steps.append(
-            StepTrace(
-                index=step.index,
-                input_ids=step.input_ids.tolist(),
-                position_ids=step.position_ids.tolist(),
-                attention_mask=step.attention_mask.tolist(),
-                use_cache=step.cache_length is not None,
-                cache_length=step.cache_length,
-                shapes=shapes,
-                chosen=choice(chosen_id),
-                top=[choice(i) for i in top_ids],
-                activations=self.activations.select(acts) if self.activations is not None else {},
-            )
-        )
-        if step.index == 0:
-            self._predictions(acts["logits"][0].float())  # [T, V]
-        if self.want_lens:
-            self._lens(step, acts)
+        return choice(chosen_id), [choice(i) for i in top_ids]
 
     def _predictions(self, all_logits: torch.Tensor) -> None:
         probs = all_logits.softmax(-1)  # [T, V]
@@ -430,6 +434,20 @@ class _Recorder:
                 for row, (vs_row, ids_row) in enumerate(zip(values.tolist(), indices.tolist())):
                     for vs, ids in zip(vs_row, ids_row):
                         self.lens_cells[row].append([(i, self.text(i), p) for i, p in zip(ids, vs)])
+
+
+def _step_shapes(step, acts: dict, layers: int) -> dict[str, list[int]]:
+    """The shape of what the model returned at each stage of this step's forward pass."""
+    shapes = {
+        "embed": list(acts["embed"].shape),
+        "decoder_output": list(acts[f"layers.{layers - 1}.output"].shape),
+        "norm": list(acts["norm"].shape),
+        "logits": [step.logits.shape[0], 1, step.logits.shape[1]],
+        "next_token_logits": list(step.logits.shape),
+    }
+    if "logits" in acts:
+        shapes["all_position_logits"] = list(acts["logits"].shape)
+    return shapes
 
 
 def lens_logits(model, stream: torch.Tensor, positions: int | None = None) -> torch.Tensor:
@@ -468,7 +486,30 @@ def trace(
     `defaults_source` ("default (CLI)") rather than "call".
     `activations`: glob patterns of capture names to keep per step (off by default).
     """
-    tokenizer = engine.tokenizer
+    plan = _plan(engine, prompt, chat, settings, defaults or {}, defaults_source)
+    recorder = ActivationRecorder(activations, attention_weights) if (activations or attention_weights) else None
+    record = _Recorder(engine.model, engine.tokenizer, plan.settings, plan.ids, top, lens, recorder)
+    result = generate(engine.model, [plan.ids], plan.settings, on_step=record.on_step, capture=record.capture)
+    return _assemble(engine, plan, record, result, top, lens)
+
+
+@dataclass
+class _Plan:
+    """What is settled before generation: the prompt's ids, the settings in force and what they imply."""
+
+    prompt: str | None  # None: the prompt was given as token ids
+    ids: list[int]
+    chat: bool
+    settings: GenerationConfig
+    strategy: str
+    strategy_reason: str
+    warnings: list[Contradiction]
+
+
+def _plan(
+    engine, prompt: str | Sequence[int], chat: bool, settings: dict, defaults: dict, defaults_source: str
+) -> _Plan:
+    """Encode the prompt and settle the settings; refuse, before anything runs, what trace cannot follow."""
     if isinstance(prompt, str):
         text_prompt: str | None = prompt
         ids = engine.encode(prompt, chat=chat)
@@ -477,62 +518,51 @@ def trace(
     if not ids:
         raise LlamascopeError("the prompt encodes to no tokens: nothing to trace")
     room_for_new_tokens(len(ids), engine.config.context_limit)  # (before anything is computed or shown)
-    config = _settings_in_force(engine, settings, defaults or {}, defaults_source, chat)
+    config = _settings_in_force(engine, settings, defaults, defaults_source, chat)
     strategy, reason = decoding_strategy(config)
     if config.num_beams > 1:
         raise LlamascopeError(
             f"trace follows greedy search and sampling step by step; these settings choose "
             f"{strategy} ({reason}). Pass num_beams=1 to trace."
         )
-    gguf = engine.loaded.checkpoint.format == "gguf"
-    warnings = find_contradictions(
+    return _Plan(text_prompt, ids, chat, config, strategy, reason, _contradictions_in_force(engine, config))
+
+
+def _contradictions_in_force(engine, config: GenerationConfig) -> list[Contradiction]:
+    """The engine's files, the settings in force and the tokenizer, checked against each other."""
+    config_label, generation_label = source_labels(engine.loaded.checkpoint.format)
+    return find_contradictions(
         engine.config,
         engine.loaded.checkpoint.config_dict,
         engine.generation_json,
-        tokenizer,
+        engine.tokenizer,
         generation=config,
-        config_label="GGUF metadata" if gguf else "config.json",
-        generation_label="GGUF metadata" if gguf else "generation_config.json",
+        config_label=config_label,
+        generation_label=generation_label,
     )
-    recorder = ActivationRecorder(activations, attention_weights) if (activations or attention_weights) else None
-    record = _Recorder(engine.model, tokenizer, config, ids, top, lens, recorder)
-    result = generate(engine.model, [ids], config, on_step=record.on_step, capture=record.capture)
+
+
+def _assemble(engine, plan: _Plan, record: _Recorder, result, top: int, lens: bool) -> Trace:
+    """The Trace: the plan, what the recorder kept of each step and the generation's result."""
+    tokenizer, ids, config = engine.tokenizer, plan.ids, plan.settings
     output_ids = result.output_ids[0]
     processors = [_describe_processor(p) for p in build_processors(config, len(ids))]
-
-    lens_result = None
-    if lens:
-        sequence = ids + output_ids
-        next_ids = [sequence[p + 1] if p + 1 < len(sequence) else None for p in record.lens_positions]
-        lens_result = Lens(
-            layers=["embed"] + [str(i) for i in range(engine.config.num_hidden_layers)],
-            positions=record.lens_positions,
-            tokens=[record.text(sequence[p]) for p in record.lens_positions],
-            next_ids=next_ids,
-            cells=record.lens_cells,
-            final_layer_max_abs_diff=record.lens_max_diff,
-        )
+    lens_result = _lens_of(record, ids + output_ids, engine.config.num_hidden_layers) if lens else None
     pieces = tokenizer.tokens(ids) if tokenizer is not None else [str(i) for i in ids]
     text = tokenizer.decode(output_ids, skip_special_tokens=True) if tokenizer is not None else ""
     return Trace(
-        prompt=text_prompt,
+        prompt=plan.prompt,
         prompt_ids=ids,
         pieces=pieces,
         texts=[record.text(i) for i in ids],
         attention_mask=record.steps[0].attention_mask[0] if record.steps else [1] * len(ids),
-        adds_bos=bool(
-            text_prompt is not None
-            and not chat
-            and tokenizer is not None
-            and tokenizer.adds_bos
-            and ids[0] == tokenizer.bos_id
-        ),
+        adds_bos=_adds_bos(tokenizer, plan),
         settings=config,
         max_length=config.max_length_for(len(ids), engine.config.max_position_embeddings),
         context=engine.config.max_position_embeddings,
-        warnings=warnings,
-        strategy=strategy,
-        strategy_reason=reason,
+        warnings=plan.warnings,
+        strategy=plan.strategy,
+        strategy_reason=plan.strategy_reason,
         processors=processors,
         steps=record.steps,
         predictions=record.predictions,
@@ -541,6 +571,30 @@ def trace(
         finish_reason=result.finish_reasons[0],
         top=top,
         lens=lens_result,
+    )
+
+
+def _lens_of(record: _Recorder, sequence: list[int], layers: int) -> Lens:
+    """The lens the recorder gathered, with the token fed and the token that came next at each position."""
+    next_ids = [sequence[p + 1] if p + 1 < len(sequence) else None for p in record.lens_positions]
+    return Lens(
+        layers=["embed"] + [str(i) for i in range(layers)],
+        positions=record.lens_positions,
+        tokens=[record.text(sequence[p]) for p in record.lens_positions],
+        next_ids=next_ids,
+        cells=record.lens_cells,
+        final_layer_max_abs_diff=record.lens_max_diff,
+    )
+
+
+def _adds_bos(tokenizer, plan: _Plan) -> bool:
+    """Whether the tokenizer put its BOS in front of a text prompt (outside a chat template)."""
+    return bool(
+        plan.prompt is not None
+        and not plan.chat
+        and tokenizer is not None
+        and tokenizer.adds_bos
+        and plan.ids[0] == tokenizer.bos_id
     )
 
 
@@ -577,17 +631,33 @@ def _q(text: str) -> str:
 def render_trace(t: Trace, console=None, lens: bool = True) -> None:
     """Print the trace as rich text and tables, in the order generation happens."""
     console = console or Console()
-    out = lambda *a, **k: console.print(*a, highlight=False, **k)  # noqa: E731
+    _render_tokenization(t, console)
+    _render_settings(t, console)
+    _render_strategy(t, console)
+    for s in t.steps:
+        _render_step(t, s, console)
+    _render_result(t, console)
+    if lens and t.lens is not None:
+        _render_lens(t.lens, console)
 
+
+def _line(console, text: str) -> None:
+    """Print a line as written (rich markup applies; no automatic highlighting)."""
+    console.print(text, highlight=False)
+
+
+def _render_tokenization(t: Trace, console) -> None:
+    """The prompt, input_ids and attention_mask as tensors, and each token's piece and text."""
     section(console, "1. tokenization")
     if t.prompt is not None:
-        out(f"prompt: {t.prompt!r}")
+        _line(console, f"prompt: {t.prompt!r}")
     if t.adds_bos:
-        out(f"the tokenizer adds BOS {t.pieces[0]!r} (id {t.prompt_ids[0]}) in front")
-    out(f"input_ids      = {_tensor([t.prompt_ids])}  shape {_shape_text([1, t.prompt_length])}  int64")
-    out(
+        _line(console, f"the tokenizer adds BOS {t.pieces[0]!r} (id {t.prompt_ids[0]}) in front")
+    _line(console, f"input_ids      = {_tensor([t.prompt_ids])}  shape {_shape_text([1, t.prompt_length])}  int64")
+    _line(
+        console,
         f"attention_mask = {_tensor([t.attention_mask])}  shape {_shape_text([1, t.prompt_length])}  "
-        f"(1 = a real token, 0 = padding)"
+        f"(1 = a real token, 0 = padding)",
     )
     table = Table()
     for column in ("position", "id", "piece", "text"):
@@ -596,76 +666,101 @@ def render_trace(t: Trace, console=None, lens: bool = True) -> None:
         table.add_row(str(pos), str(i), piece, _q(text))
     console.print(table)
 
+
+def _render_settings(t: Trace, console) -> None:
+    """The generation settings in force, how max_length follows from them, and the warnings."""
     section(console, "2. generation settings")
     console.print(settings_table(t.settings))
-    out(_max_length_rule(t))
+    _line(console, _max_length_rule(t))
     for w in t.warnings:
-        out(f"[yellow]warning[/yellow] ({w.kind}): {w.message}")
+        _line(console, f"[yellow]warning[/yellow] ({w.kind}): {w.message}")
 
+
+def _render_strategy(t: Trace, console) -> None:
+    """The decoding strategy, why these settings chose it, and the logits processors."""
     section(console, "3. decoding strategy")
-    out(f"[bold]{t.strategy}[/bold]: {t.strategy_reason}")
-    out("logits processors: " + (", ".join(t.processors) if t.processors else "none (the scores are the logits)"))
+    _line(console, f"[bold]{t.strategy}[/bold]: {t.strategy_reason}")
+    _line(
+        console,
+        "logits processors: " + (", ".join(t.processors) if t.processors else "none (the scores are the logits)"),
+    )
 
-    L = len(t.lens.layers) - 1 if t.lens is not None else None
-    for s in t.steps:
-        phase = (
-            "prefill: the whole prompt in one forward pass"
-            if s.index == 0
-            else ("decode: one new token with the cache" if s.use_cache else "decode: the whole sequence again")
+
+def _render_step(t: Trace, s: StepTrace, console) -> None:
+    """One step: its prepared inputs, the forward pass's shapes, the chosen token and the top ones."""
+    section(console, f"step {s.index} ({_phase(s)})")
+    console.print(_inputs_table(s))
+    console.print(_forward_table(s))
+    _line(console, f"next token: [bold]{s.chosen.text!r}[/bold] (id {s.chosen.id}), p = {s.chosen.prob:.4f}")
+    console.print(_top_table(s, sampled=t.settings.do_sample))
+    if s.index == 0 and t.predictions:
+        _render_predictions(t, console)
+
+
+def _phase(s: StepTrace) -> str:
+    """What kind of forward pass the step made."""
+    if s.index == 0:
+        return "prefill: the whole prompt in one forward pass"
+    return "decode: one new token with the cache" if s.use_cache else "decode: the whole sequence again"
+
+
+def _inputs_table(s: StepTrace) -> Table:
+    """The inputs prepared for the step's forward pass, with their shapes, and the cache's state."""
+    table = Table(title="prepared inputs", title_justify="left")
+    table.add_column("input")
+    table.add_column("value", overflow="fold")
+    table.add_column("shape")
+    table.add_row("input_ids", _tensor(s.input_ids), _shape_text(_shape(s.input_ids)))
+    table.add_row("position_ids", _tensor(s.position_ids), _shape_text(_shape(s.position_ids)))
+    table.add_row("attention_mask", _tensor(s.attention_mask), _shape_text(_shape(s.attention_mask)))
+    table.add_row("cache", s.cache_state, "")
+    table.add_row("use_cache", str(s.use_cache), "")
+    return table
+
+
+def _forward_table(s: StepTrace) -> Table:
+    """The shape of the hidden states and logits at each stage, and of each captured activation."""
+    table = Table(title="forward pass", title_justify="left")
+    table.add_column("stage")
+    table.add_column("shape")
+    table.add_row("hidden states after the embeddings", _shape_text(s.shapes["embed"]))
+    table.add_row("hidden states after the decoder layers", _shape_text(s.shapes["decoder_output"]))
+    table.add_row("hidden states after the final norm", _shape_text(s.shapes["norm"]))
+    table.add_row("logits (last position only)", _shape_text(s.shapes["logits"]))
+    if "all_position_logits" in s.shapes:
+        table.add_row("logits at every position (captured for the trace)", _shape_text(s.shapes["all_position_logits"]))
+    table.add_row("next-token logits", _shape_text(s.shapes["next_token_logits"]))
+    for name, tensor in s.activations.items():
+        table.add_row(f"captured {name}", _shape_text(list(tensor.shape)))
+    return table
+
+
+def _top_table(s: StepTrace, sampled: bool) -> Table:
+    """The most probable tokens, the chosen one in bold (when sampled, also the model's own p)."""
+    table = Table(title=f"top {len(s.top)}", title_justify="left")
+    for column in ["rank", "id", "token", "p"] + (["p (model)"] if sampled else []) + ["logit"]:
+        table.add_column(column, justify="left" if column == "token" else "right")
+    for rank, c in enumerate(s.top, 1):
+        row = (
+            [str(rank), str(c.id), _q(c.text), f"{c.prob:.4f}"]
+            + ([f"{c.model_prob:.4f}"] if sampled else [])
+            + [f"{c.logit:.3f}"]
         )
-        section(console, f"step {s.index} ({phase})")
-        table = Table(title="prepared inputs", title_justify="left")
-        table.add_column("input")
-        table.add_column("value", overflow="fold")
-        table.add_column("shape")
-        table.add_row("input_ids", _tensor(s.input_ids), _shape_text(_shape(s.input_ids)))
-        table.add_row("position_ids", _tensor(s.position_ids), _shape_text(_shape(s.position_ids)))
-        table.add_row("attention_mask", _tensor(s.attention_mask), _shape_text(_shape(s.attention_mask)))
-        table.add_row("cache", s.cache_state, "")
-        table.add_row("use_cache", str(s.use_cache), "")
-        console.print(table)
-        table = Table(title="forward pass", title_justify="left")
-        table.add_column("stage")
-        table.add_column("shape")
-        table.add_row("hidden states after the embeddings", _shape_text(s.shapes["embed"]))
-        table.add_row("hidden states after the decoder layers", _shape_text(s.shapes["decoder_output"]))
-        table.add_row("hidden states after the final norm", _shape_text(s.shapes["norm"]))
-        table.add_row("logits (last position only)", _shape_text(s.shapes["logits"]))
-        if "all_position_logits" in s.shapes:
-            table.add_row(
-                "logits at every position (captured for the trace)", _shape_text(s.shapes["all_position_logits"])
-            )
-        table.add_row("next-token logits", _shape_text(s.shapes["next_token_logits"]))
-        for name, tensor in s.activations.items():
-            table.add_row(f"captured {name}", _shape_text(list(tensor.shape)))
-        console.print(table)
-        out(f"next token: [bold]{s.chosen.text!r}[/bold] (id {s.chosen.id}), p = {s.chosen.prob:.4f}")
-        sampled = t.settings.do_sample
-        table = Table(title=f"top {len(s.top)}", title_justify="left")
-        for column in ["rank", "id", "token", "p"] + (["p (model)"] if sampled else []) + ["logit"]:
-            table.add_column(column, justify="left" if column == "token" else "right")
-        for rank, c in enumerate(s.top, 1):
-            row = (
-                [str(rank), str(c.id), _q(c.text), f"{c.prob:.4f}"]
-                + ([f"{c.model_prob:.4f}"] if sampled else [])
-                + [f"{c.logit:.3f}"]
-            )
-            table.add_row(*row, style="bold" if c.id == s.chosen.id else None)
-        console.print(table)
-        if s.index == 0 and t.predictions:
-            _render_predictions(t, console)
+        table.add_row(*row, style="bold" if c.id == s.chosen.id else None)
+    return table
 
+
+def _render_result(t: Trace, console) -> None:
+    """The new token ids, why generation stopped, and the text."""
     section(console, "result")
-    out(f"output_ids = {t.output_ids}  ({len(t.output_ids)} new tokens, finish reason: {t.finish_reason})")
-    out(f"text: {t.text!r}")
+    _line(console, f"output_ids = {t.output_ids}  ({len(t.output_ids)} new tokens, finish reason: {t.finish_reason})")
+    _line(console, f"text: {t.text!r}")
     if t.prompt is not None:
-        out(f"prompt + text: {t.prompt + t.text!r}")
-
-    if lens and t.lens is not None:
-        _render_lens(t.lens, console, L)
+        _line(console, f"prompt + text: {t.prompt + t.text!r}")
 
 
 def _render_predictions(t: Trace, console) -> None:
+    """What the prefill predicted at each prompt position, against the token that followed."""
     section(console, "per-position predictions (from the prefill's logits)")
     console.print(
         "Each position sees the tokens up to itself and predicts the token that follows it: the "
@@ -688,7 +783,8 @@ def _render_predictions(t: Trace, console) -> None:
     console.print(f"predictions:     {t.predictions_text!r}", highlight=False)
 
 
-def _render_lens(lens: Lens, console, L: int | None) -> None:
+def _render_lens(lens: Lens, console) -> None:
+    """The lens as tables of layer x position (the last layer on top), as many positions as fit."""
     section(console, "logit lens (final norm + LM head after each layer; top token and p)")
     console.print(
         f"the last row is the model's own output: max |lens - logits| = {lens.final_layer_max_abs_diff}",
@@ -748,6 +844,18 @@ def _heat(p: float) -> str:
 def render_html(t: Trace) -> str:
     """A self-contained HTML report (inline CSS, no scripts, no network): the lens heat map
     (layer x position, hover for the top-K), the per-position predictions and the steps."""
+    parts = _html_summary(t)
+    if t.lens is not None:
+        parts += _html_lens(t.lens, t.top)
+    if t.predictions:
+        parts += _html_predictions(t)
+    parts += _html_steps(t)
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _html_summary(t: Trace) -> list[str]:
+    """The document's head, then the prompt, its ids, the decoding strategy, warnings and output."""
     e = html.escape
     parts = [
         "<!DOCTYPE html>",
@@ -763,63 +871,86 @@ def render_html(t: Trace) -> str:
     for w in t.warnings:
         parts.append(f'<p class="warn">warning ({e(w.kind)}): {e(w.message)}</p>')
     parts.append(f"<p>output: <code>{e(repr(t.text))}</code> ({len(t.output_ids)} tokens, {e(t.finish_reason)})</p>")
+    return parts
 
-    if t.lens is not None:
-        lens = t.lens
-        parts.append("<h2>logit lens</h2>")
-        parts.append(
-            "<p>Each cell: the top token when the final norm and LM head are applied to the residual "
-            "stream after that layer, at that position; colour = its probability. Hover for the top "
-            f"{t.top}. A framed cell predicts the token that actually came next. The top row is the "
-            "model's own output.</p>"
-        )
-        parts.append('<table class="heatmap" id="lens"><thead><tr><th></th>')
-        for pos, token in zip(lens.positions, lens.tokens):
-            parts.append(f'<th class="pos" title="position {pos}">{pos}<br>{e(repr(token))}</th>')
-        parts.append("</tr></thead><tbody>")
-        for row in reversed(range(len(lens.layers))):
-            parts.append(f'<tr><th class="layer">{e(lens.layers[row])}</th>')
-            for col, cell in enumerate(lens.cells[row]):
-                top_id, top_text, top_p = cell[0]
-                framed = " next" if lens.next_ids[col] == top_id else ""
-                tip = "<br>".join(f"{e(repr(text))} (id {i}) {p:.4f}" for i, text, p in cell)
-                label = repr(top_text)[1:-1]
-                label = label if len(label) <= 8 else label[:7] + "…"
-                if not label.strip():
-                    label = "␣" * len(label)  # a token of spaces, made visible
-                color = "#fff" if top_p > 0.55 else "#222"
-                parts.append(
-                    f'<td class="cell{framed}" data-layer="{e(lens.layers[row])}" data-position="{lens.positions[col]}"'
-                    f' data-token-id="{top_id}" data-prob="{top_p:.6f}"'
-                    f' style="background:{_heat(top_p)};color:{color}">'
-                    f'{e(label)}<div class="tip"><b>layer {e(lens.layers[row])}, position {lens.positions[col]}</b>'
-                    f"<br>{tip}</div></td>"
-                )
-            parts.append("</tr>")
-        parts.append("</tbody></table>")
 
-    if t.predictions:
-        parts.append("<h2>per-position predictions (prefill)</h2>")
-        parts.append("<p>Each position predicts the token that follows it.</p>")
-        parts.append(
-            '<table class="grid"><tr><th>position</th><th>token</th><th>predicts next</th><th>p</th>'
-            "<th>actual next</th></tr>"
-        )
-        for p in t.predictions:
-            actual = "(generated)" if p.next_id is None else e(repr(t.texts[p.position + 1]))
-            parts.append(
-                f"<tr><td>{p.position}</td><td class=tok>{e(repr(p.token_text))}</td>"
-                f"<td class=tok>{e(repr(p.predicted_text))}</td><td>{p.prob:.3f}</td>"
-                f"<td class=tok>{actual}</td></tr>"
-            )
-        parts.append("</table>")
-        parts.append(f"<p>reads as: <code>{e(repr(t.predictions_text))}</code></p>")
+def _html_lens(lens: Lens, top: int) -> list[str]:
+    """The lens heat map: a row per layer (the last on top), a column per position."""
+    e = html.escape
+    parts = [
+        "<h2>logit lens</h2>",
+        "<p>Each cell: the top token when the final norm and LM head are applied to the residual "
+        "stream after that layer, at that position; colour = its probability. Hover for the top "
+        f"{top}. A framed cell predicts the token that actually came next. The top row is the "
+        "model's own output.</p>",
+        '<table class="heatmap" id="lens"><thead><tr><th></th>',
+    ]
+    for pos, token in zip(lens.positions, lens.tokens):
+        parts.append(f'<th class="pos" title="position {pos}">{pos}<br>{e(repr(token))}</th>')
+    parts.append("</tr></thead><tbody>")
+    for row in reversed(range(len(lens.layers))):
+        parts.append(f'<tr><th class="layer">{e(lens.layers[row])}</th>')
+        parts += [_html_lens_cell(lens, row, col) for col in range(len(lens.cells[row]))]
+        parts.append("</tr>")
+    parts.append("</tbody></table>")
+    return parts
 
-    parts.append("<h2>steps</h2>")
-    parts.append(
-        '<table class="grid"><tr><th>step</th><th>input_ids</th><th>position_ids</th><th>cache</th>'
-        "<th>logits</th><th>next token</th><th>p</th></tr>"
+
+def _html_lens_cell(lens: Lens, row: int, col: int) -> str:
+    """One cell of the heat map: the top token coloured by its p, the top-K in a hover tip."""
+    e = html.escape
+    cell = lens.cells[row][col]
+    top_id, top_text, top_p = cell[0]
+    framed = " next" if lens.next_ids[col] == top_id else ""
+    tip = "<br>".join(f"{e(repr(text))} (id {i}) {p:.4f}" for i, text, p in cell)
+    color = "#fff" if top_p > 0.55 else "#222"
+    return (
+        f'<td class="cell{framed}" data-layer="{e(lens.layers[row])}" data-position="{lens.positions[col]}"'
+        f' data-token-id="{top_id}" data-prob="{top_p:.6f}"'
+        f' style="background:{_heat(top_p)};color:{color}">'
+        f'{e(_cell_label(top_text))}<div class="tip"><b>layer {e(lens.layers[row])}, position {lens.positions[col]}</b>'
+        f"<br>{tip}</div></td>"
     )
+
+
+def _cell_label(text: str) -> str:
+    """A token as its literal without quotes, at most 8 characters; a token of spaces made visible."""
+    label = repr(text)[1:-1]
+    label = label if len(label) <= 8 else label[:7] + "…"
+    if not label.strip():
+        label = "␣" * len(label)  # a token of spaces, made visible
+    return label
+
+
+def _html_predictions(t: Trace) -> list[str]:
+    """The prefill's prediction at each prompt position, against the token that followed."""
+    e = html.escape
+    parts = [
+        "<h2>per-position predictions (prefill)</h2>",
+        "<p>Each position predicts the token that follows it.</p>",
+        '<table class="grid"><tr><th>position</th><th>token</th><th>predicts next</th><th>p</th>'
+        "<th>actual next</th></tr>",
+    ]
+    for p in t.predictions:
+        actual = "(generated)" if p.next_id is None else e(repr(t.texts[p.position + 1]))
+        parts.append(
+            f"<tr><td>{p.position}</td><td class=tok>{e(repr(p.token_text))}</td>"
+            f"<td class=tok>{e(repr(p.predicted_text))}</td><td>{p.prob:.3f}</td>"
+            f"<td class=tok>{actual}</td></tr>"
+        )
+    parts.append("</table>")
+    parts.append(f"<p>reads as: <code>{e(repr(t.predictions_text))}</code></p>")
+    return parts
+
+
+def _html_steps(t: Trace) -> list[str]:
+    """A row per step: the input and position ids, the cache, the logits' shape and the chosen token."""
+    e = html.escape
+    parts = [
+        "<h2>steps</h2>",
+        '<table class="grid"><tr><th>step</th><th>input_ids</th><th>position_ids</th><th>cache</th>'
+        "<th>logits</th><th>next token</th><th>p</th></tr>",
+    ]
     for s in t.steps:
         parts.append(
             f"<tr><td>{s.index}</td><td><code>{e(str(_shape(s.input_ids)))}</code></td>"
@@ -828,5 +959,4 @@ def render_html(t: Trace) -> str:
             f"<td class=tok>{e(repr(s.chosen.text))} ({s.chosen.id})</td><td>{s.chosen.prob:.4f}</td></tr>"
         )
     parts.append("</table>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return parts
