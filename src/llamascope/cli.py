@@ -30,7 +30,8 @@ PIPE_WIDTH = 10_000  # columns of output that is not a terminal: wide enough tha
 MODEL_HELP = "Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct)"
 GENERATION_EPILOG = (
     "Generation settings left unset come from the model's generation_config.json (or its GGUF "
-    "metadata), else its config.json, else the default shown (transformers')."
+    "metadata), else its config.json, else the default shown (transformers'); the number of new "
+    "tokens is the command's own default unless --max-new-tokens says otherwise."
 )
 
 
@@ -40,6 +41,15 @@ GENERATION_EPILOG = (
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help=MODEL_HELP)
     _add_dtype_arg(p)
+    _add_quant_arg(p)
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: PyTorch's choice)")
+    _add_device_arg(p)
+    _add_backend_arg(p)
+    _add_huge_pages_arg(p)
+    _add_parallel_args(p)
+
+
+def _add_quant_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quant",
         default=None,
@@ -49,11 +59,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "at --dtype; int8 / int4: group-wise weight-only quantisation (blocks of 32 weights; "
         "the LM head and token embedding in 8 bits), each matrix quantised as it is read",
     )
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: PyTorch's choice)")
-    _add_device_arg(p)
-    _add_backend_arg(p)
-    _add_huge_pages_arg(p)
-    _add_parallel_args(p)
 
 
 def _add_dtype_arg(p: argparse.ArgumentParser) -> None:
@@ -94,7 +99,7 @@ def _load_options(args: argparse.Namespace):
     return LoadOptions(
         dtype=args.dtype,
         device=args.device,
-        quant=getattr(args, "quant", None),
+        quant=args.quant,
         backend=args.backend,
         huge_pages=args.huge_pages,
     )
@@ -180,8 +185,7 @@ def _add_generation_args(p: argparse.ArgumentParser, new_tokens: int, logprobs: 
         "--max-new-tokens", type=int, default=None, metavar="N", help=f"tokens to generate (default {new_tokens})"
     )
     for flag, kind, metavar, help_text in GENERATION_OPTIONS:
-        setting = flag.removeprefix("--").replace("-", "_")
-        p.add_argument(flag, type=kind, metavar=metavar, help=f"{help_text} {_model_default(setting)}")
+        p.add_argument(flag, type=kind, metavar=metavar, help=f"{help_text} {_model_default(_setting(flag))}")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
     p.add_argument(
         "--do-sample",
@@ -211,28 +215,21 @@ def _add_generation_args(p: argparse.ArgumentParser, new_tokens: int, logprobs: 
 def _option_settings(args: argparse.Namespace) -> dict:
     """The generation settings the options set (None: not set)."""
     early_stopping = {"true": True, "false": False, "never": "never", None: None}[args.early_stopping]
-    settings = {
-        "max_new_tokens": args.max_new_tokens,
-        "min_new_tokens": args.min_new_tokens,
-        "max_time": args.max_time,
-        "use_cache": False if args.no_cache else None,
-        "do_sample": args.do_sample,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "min_p": args.min_p,
-        "typical_p": args.typical_p,
-        "repetition_penalty": args.repetition_penalty,
-        "no_repeat_ngram_size": args.no_repeat_ngram_size,
-        "num_beams": args.num_beams,
-        "length_penalty": args.length_penalty,
-        "early_stopping": early_stopping,
-        "num_return_sequences": args.num_return_sequences,
-        "stop_strings": args.stop,
-        "seed": args.seed,
-        "output_logprobs": args.logprobs,
-    }
+    settings = {_setting(flag): getattr(args, _setting(flag)) for flag, *_ in GENERATION_OPTIONS}
+    settings.update(
+        max_new_tokens=args.max_new_tokens,
+        use_cache=False if args.no_cache else None,
+        do_sample=args.do_sample,
+        early_stopping=early_stopping,
+        stop_strings=args.stop,
+        output_logprobs=args.logprobs,
+    )
     return {k: v for k, v in settings.items() if v is not None}
+
+
+def _setting(flag: str) -> str:
+    """The generation setting (and argparse destination) a --flag-name sets: flag_name."""
+    return flag.removeprefix("--").replace("-", "_")
 
 
 def _command_defaults(args: argparse.Namespace) -> dict:
@@ -740,6 +737,7 @@ def _add_serve_command(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat) with continuous batching")
     p.add_argument("--model", default=None, help=MODEL_HELP)
     _add_dtype_arg(p)
+    _add_quant_arg(p)
     _add_device_arg(p)
     _add_backend_arg(p)
     _add_huge_pages_arg(p)

@@ -296,6 +296,8 @@ class DecodeStep:
             logits.data_ptr(),
             torch.get_num_threads(),
         )
+        if status == -2:
+            raise LlamascopeError("decode step: a layer's weight format is not one csrc/decode_step.c runs")
         if status != 0:
             raise MemoryError("decode step: out of memory for its scratch buffers")
         cache.advance(1)

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import decode_step, kernels
 from .formats import PACKED_QTYPES
-from .layers import FastLinear, Linear, QuantEmbedding, QuantLinear, linear_from, linear_slots, local_slot
+from .layers import FastLinear, QuantEmbedding, QuantLinear, linear_from, linear_slots, local_slot
 from .model import MLP, Attention, RMSNorm
 
 # Modules that compute natively once they hold the library
@@ -121,8 +121,7 @@ def _fused(modules: list[nn.Module]) -> nn.Module | None:
         )
         layer.native, layer.long_inputs_in_bf16 = first.native, first.long_inputs_in_bf16
         return layer
-    float_kinds = (Linear, FastLinear)
-    if all(isinstance(m, float_kinds) for m in modules) and len({m.weight.dtype for m in modules}) == 1:
+    if all(isinstance(m, (nn.Linear, FastLinear)) for m in modules) and len({m.weight.dtype for m in modules}) == 1:
         weight = torch.cat([m.weight.detach() for m in modules])
         bias = None if bias is None else bias.to(weight.dtype)
         if isinstance(first, FastLinear):

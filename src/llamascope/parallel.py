@@ -20,7 +20,7 @@ computes the local product, so a quantised layer put in its place keeps the coll
 block weights (Q8_0, Q4_0, Q4_1, Q5_0 as Q8_0, and the K-quants) stay in their blocks: a rank
 reads whole rows of blocks for a column-parallel layer and, for a row-parallel one, each row's
 blocks over its input columns, which must start and stop on block boundaries (else that layer
-is float on that rank; see `loading._kept_blocks`). `llamascope serve --tp N` keeps the ranks in
+is float on that rank; see `loading.build._kept_blocks`). `llamascope serve --tp N` keeps the ranks in
 step through server/lockstep.py.
 
 The process group is gloo on CPU and nccl on GPU, with a timeout: a rank that dies or stops
@@ -167,7 +167,7 @@ def split(n: int, parts: int, index: int, granule: int = 1) -> tuple[int, int]:
 
 def _granule(n: int, parts: int) -> int:
     """Cut on multiples of 256 (else 32) whenever n allows, so that each rank's columns hold whole
-    quantisation blocks: ggml's K-quant super-blocks, quant.py's 32-weight blocks. The parts may
+    quantisation blocks: ggml's K-quant super-blocks, formats.py's 32-weight blocks. The parts may
     then differ by one granule (Llama-2-7B's 11008 over 2 ranks: 5632 and 5376)."""
     if n % 256 == 0 and n >= 256 * parts:
         return 256
@@ -258,7 +258,7 @@ class RowParallelLinear(LocalPart):
 
     def __init__(self, local: nn.Module, group: ParallelGroup):
         super().__init__()
-        bias = getattr(local, "bias", None)
+        bias = local.bias  # (a Linear or QuantLinear: None or [out])
         if bias is not None:
             local.bias = None  # added here, once, after the sum
         self.local = local  # [.., in/N] -> [.., out], no bias

@@ -39,6 +39,7 @@ static int linear(const ls_linear_t *l, const float *x, int T, float *y, int nth
     case LS_Q2_K: case LS_Q3_K: case LS_Q4_K: case LS_Q5_K: case LS_Q6_K:
         status = gemv_kquant_f32(l->format, blocks, l->N, l->K, x, T, y, nthreads);
         break;
+    default: return -2;  /* a format decode_step.py never describes */
     }
     if (l->bias)
         for (int t = 0; t < T; t++)

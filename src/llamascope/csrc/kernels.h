@@ -9,7 +9,8 @@
  *
  * Conventions: W [N, K] a weight matrix, x [T, K] activations, y [T, N] = x W^T, float32 unless
  * said; bfloat16 values travel as their raw uint16 bits. `nthreads` is the OpenMP thread count.
- * Functions returning int return 0, or -1 when their scratch memory ran out.
+ * Functions returning int return 0, or -1 when their scratch memory ran out (decode_step_f32: -2
+ * for a layer whose format it does not run).
  */
 #ifndef LLAMASCOPE_KERNELS_H
 #define LLAMASCOPE_KERNELS_H

@@ -1,6 +1,6 @@
 """Build the model from a checkpoint: plain layers, each weight read once at its dtype, kept in
 its block format or quantised as it is read, and only this rank's share under tensor parallelism.
-(The backend's transform comes after: native.attach or compiled.enable, in loading/__init__.py.)"""
+(The backend comes after: native.attach or compiled.enable, in load.py.)"""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def build_model(
     head and embedding to formats.HIGH_QTYPE: the float weights are never held whole.
     """
     check_tensors(checkpoint)
-    plan = _shard_plan(checkpoint, device, parallel)
+    plan = _shard_plan(checkpoint, parallel)
     with torch.device("meta"):
         model = Transformer(checkpoint.config)
         if plan:
@@ -52,16 +52,12 @@ def build_model(
     return model.eval().requires_grad_(False)
 
 
-def _shard_plan(checkpoint: Checkpoint, device, parallel: ParallelGroup | None) -> dict:
-    """This rank's slice of each split weight (parallel.shard_plan), or {} in one process."""
+def _shard_plan(checkpoint: Checkpoint, parallel: ParallelGroup | None) -> dict:
+    """This rank's slice of each split weight (parallel.shard_plan), or {} in one process. (The
+    device is the group's: load.py checks the one asked for.)"""
     if parallel is None or parallel.world_size == 1:
         return {}
     check_world_size(checkpoint.config, parallel.world_size, source=str(checkpoint.path))
-    if torch.device(device).type != parallel.device.type:
-        raise LlamascopeError(
-            f"tensor parallel over {parallel.backend} runs on {parallel.device.type}, "
-            f"but the model was asked for on {device}"
-        )
     return shard_plan(checkpoint.config, parallel.rank, parallel.world_size)
 
 

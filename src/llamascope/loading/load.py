@@ -1,5 +1,5 @@
 """`load_model`: open the checkpoint (checkpoint.py, gguf.py, hf.py: config and tensor index, no
-weights), build the model with plain layers (build.py), then give it its backend (options.py:
+weights), build the model with plain layers (build.py), then give it its backend (`_give_backend`:
 native kernels, plain PyTorch, or a compiled decode step)."""
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def load_model(
     several = parallel is not None and parallel.world_size > 1
     if several and options.backend == "compiled":
         raise LlamascopeError("--backend compiled does not run under tensor parallelism (--tp)")
-    device = parallel.device if parallel is not None else resolve_device(options.device)
+    device = _device(options.device, parallel)
     checkpoint = open_checkpoint(path)
     for file, size in checkpoint.files:
         log.info("reading %s (%d bytes)", file, size)
@@ -128,6 +128,19 @@ def load_model(
         rss_before,
         peak_before,
     )
+
+
+def _device(name: str | torch.device, parallel: ParallelGroup | None) -> torch.device:
+    """The device to load on: the option's, or under tensor parallelism the group's (an explicit
+    --device of another kind is refused)."""
+    if parallel is None:
+        return resolve_device(name)
+    if name != "auto" and resolve_device(name).type != parallel.device.type:
+        raise LlamascopeError(
+            f"tensor parallel over {parallel.backend} runs on {parallel.device.type}, but the model was asked "
+            f"for on {name}"
+        )
+    return parallel.device
 
 
 def _give_backend(model: torch.nn.Module, backend: str, lib, one_process: bool) -> None:

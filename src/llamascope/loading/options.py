@@ -7,7 +7,7 @@
 | backend    | layers                                                | for                                     |
 |------------|-------------------------------------------------------|-----------------------------------------|
 | "native"   | the C kernels (csrc/), one call per decode step       | the CPU (the default)                   |
-| "plain"    | PyTorch's operations only                             | the reference of every fast path        |
+| "plain"    | PyTorch's operations only in the model                | the reference of every fast path        |
 | "compiled" | plain layers, decode step compiled by `torch.compile` | a GPU, or a CPU without the kernels     |
 
 Where no kernel build runs (a GPU, a CPU without AVX2) "native" gives the plain layers.
@@ -45,8 +45,8 @@ class LoadOptions:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise LlamascopeError(f"--backend {self.backend!r}: expected one of {', '.join(BACKENDS)}")
-        if not isinstance(self.dtype, torch.dtype) and self.dtype != "auto" and self.dtype not in DTYPES:
-            raise LlamascopeError(f"--dtype {self.dtype!r}: expected one of auto, {', '.join(DTYPES)}")
+        if not isinstance(self.dtype, torch.dtype) and self.dtype != "auto":
+            named_dtype(self.dtype)
         if self.quant is not None and self.quant.lower() != "none" and self.quant.lower() not in QUANT_CHOICES:
             raise LlamascopeError(f"--quant {self.quant!r}: expected one of none, {', '.join(QUANT_CHOICES)}")
         if self.backend == "compiled" and self.quant_format is not None:
@@ -62,12 +62,21 @@ class LoadOptions:
     @classmethod
     def build(cls, options: LoadOptions | None = None, **overrides) -> LoadOptions:
         """`options` with `overrides` (LoadOptions' field names) applied; unknown names are refused."""
+        if options is not None and not isinstance(options, LoadOptions):
+            raise TypeError(f"options must be a LoadOptions, not {options!r}; pass dtype=, quant=, ... as keywords")
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise TypeError(f"unknown load option(s) {', '.join(unknown)}; LoadOptions has {', '.join(sorted(names))}")
         base = options if options is not None else cls()
         return cls(**{name: overrides.get(name, getattr(base, name)) for name in names})
+
+
+def named_dtype(name: str) -> torch.dtype:
+    """The torch dtype a --dtype name other than "auto" stands for."""
+    if name not in DTYPES:
+        raise LlamascopeError(f"--dtype {name!r}: expected one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
