@@ -85,27 +85,10 @@ def load_model(
         raise LlamascopeError("--backend compiled does not run under tensor parallelism (--tp)")
     device = _device(options.device, parallel)
     checkpoint = open_checkpoint(path)
-    for file, size in checkpoint.files:
-        log.info("reading %s (%d bytes)", file, size)
     dtype = resolve_dtype(options.dtype, checkpoint.config, checkpoint)
-    log.info(
-        "loading %s (%s, %d tensors) as %s%s",
-        checkpoint.path,
-        checkpoint.format,
-        len(checkpoint.tensors),
-        str(dtype).removeprefix("torch."),
-        f", tensor parallel {parallel.describe()}" if parallel else "",
-    )
+    _log_start(checkpoint, dtype, parallel)
     lib = kernels.load() if options.backend == "native" and device.type == "cpu" else None
-    keep_blocks = options.quant is None and checkpoint.format == "gguf"
-    if keep_blocks and lib is None:
-        where = f"with --backend {options.backend}" if options.backend != "native" else f"on {device} here"
-        log.info(
-            "no native kernel reads GGUF block formats %s: weights dequantised to %s at load",
-            where,
-            str(dtype).removeprefix("torch."),
-        )
-        keep_blocks = False
+    keep_blocks = _keeps_blocks(checkpoint, options, lib, device, dtype)
     # before the weights: a GGUF tokenizer's parsed metadata is then freed before they take memory
     tokenizer = checkpoint.tokenizer_factory() if checkpoint.tokenizer_factory else None
     with freed_memory_returned():
@@ -128,6 +111,33 @@ def load_model(
         rss_before,
         peak_before,
     )
+
+
+def _log_start(checkpoint: Checkpoint, dtype: torch.dtype, parallel: ParallelGroup | None) -> None:
+    for file, size in checkpoint.files:
+        log.info("reading %s (%d bytes)", file, size)
+    log.info(
+        "loading %s (%s, %d tensors) as %s%s",
+        checkpoint.path,
+        checkpoint.format,
+        len(checkpoint.tensors),
+        str(dtype).removeprefix("torch."),
+        f", tensor parallel {parallel.describe()}" if parallel else "",
+    )
+
+
+def _keeps_blocks(checkpoint: Checkpoint, options: LoadOptions, lib, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a GGUF's block formats stay blocks: where a native kernel reads them and --quant
+    does not ask for other weights; elsewhere they become float at load (a line says so)."""
+    keep = options.quant is None and checkpoint.format == "gguf"
+    if keep and lib is None:
+        where = f"with --backend {options.backend}" if options.backend != "native" else f"on {device} here"
+        log.info(
+            "no native kernel reads GGUF block formats %s: weights dequantised to %s at load",
+            where,
+            str(dtype).removeprefix("torch."),
+        )
+    return keep and lib is not None
 
 
 def _device(name: str | torch.device, parallel: ParallelGroup | None) -> torch.device:
