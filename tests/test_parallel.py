@@ -623,7 +623,6 @@ def test_lockstep_follower_cache_tracks_rank_0(model_factory, monkeypatch):
         max_batch=3,
         max_queue=8,
         slot_capacity=128,
-        default_eos=[2],
         runner=lockstep.leader_runner(ParallelGroup(rank=0, world_size=2, timeout_s=0.4)),
     )
     seen: list[str] = []

@@ -29,7 +29,6 @@ gets, whatever else is running. Without a seed each choice gets a generator with
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import secrets
 import threading
@@ -164,13 +163,10 @@ class _Sequence:
         spec: SequenceSpec,
         tokenizer,
         vocab_size: int,
-        default_eos: list[int],
         device: torch.device,
     ):
         self.request, self.index, self.spec = request, index, spec
         config = spec.config
-        if default_eos and not config.eos_token_id:
-            config = dataclasses.replace(config, eos_token_id=list(default_eos))
         P = len(spec.prompt_ids)
         self.max_tokens = int(config.max_new_tokens)
         self.ids = torch.zeros(1, P + self.max_tokens, dtype=torch.long, device=device)  # [1, P + max_tokens]
@@ -325,12 +321,10 @@ class Scheduler:
         max_batch: int = 8,
         max_queue: int = 64,
         slot_capacity: int | None = None,
-        default_eos: list[int] | None = None,
         runner: Callable[[object, int, int], ModelRunner] = ModelRunner,
     ):
-        """`runner(model, max_batch, slot_capacity)` makes the ModelRunner the worker calls.
-        `default_eos`: eos ids for a sequence whose settings have none (the app resolves settings
-        as `Engine` does and passes none)."""
+        """`runner(model, max_batch, slot_capacity)` makes the ModelRunner the worker calls. Each
+        sequence stops by its own settings (SequenceSpec.config, resolved as `Engine` resolves them)."""
         if max_batch < 1:
             raise LlamascopeError(f"max_batch must be >= 1, found {max_batch}")
         if max_queue < 0:
@@ -342,7 +336,6 @@ class Scheduler:
         self.runner = runner(model, max_batch, self.slot_capacity)
         self.cache = self.runner.cache  # read-only here: changes go through the runner
         self.vocab_size = model.config.vocab_size
-        self.default_eos = list(default_eos or [])
         self._cond = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
         self._admitted = 0  # sequences taken from the queue and not yet finished (under _cond)
@@ -378,7 +371,7 @@ class Scheduler:
     def submit(self, request: Request) -> None:
         """Queue a request's sequences; QueueFull when more would wait than max_queue."""
         sequences = [
-            _Sequence(request, i, spec, self.tokenizer, self.vocab_size, self.default_eos, self.model.device)
+            _Sequence(request, i, spec, self.tokenizer, self.vocab_size, self.model.device)
             for i, spec in enumerate(request.sequences)
         ]
         with self._cond:
