@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import torch
+from hf_reference import hf_generate
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from llamascope import kernels
@@ -40,15 +41,7 @@ def test_greedy_tokens_match_transformers_and_one_graph_serves_all_lengths(compi
     steps = []
     for new_tokens, prompt in ((24, PROMPTS[0]), (9, PROMPTS[1])):
         ids = compiled.tokenizer.encode(prompt)
-        with torch.no_grad():
-            expected = hf.generate(
-                torch.tensor([ids]),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=new_tokens,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
+        expected = hf_generate(hf, ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
         before = _frames_compiled()
         result = generate(compiled.model, ids, max_new_tokens=new_tokens, eos_token_id=[])
         steps.append(_frames_compiled() - before)

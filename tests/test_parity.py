@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hf_reference import hf_generate
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from llamascope.generation import generate
@@ -77,15 +78,7 @@ def test_greedy_32_tokens_match(case):
     ours = load_model(folder)
     ids = ours.tokenizer.encode(PROMPTS[0])
     hf = _hf(folder, dtype)
-    with torch.no_grad():
-        expected = hf.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=32,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
+    expected = hf_generate(hf, ids, max_new_tokens=32, do_sample=False, eos_token_id=None)
     result = generate(ours.model, ids, max_new_tokens=32, eos_token_id=[])
     assert result.output_ids[0] == expected[0, len(ids) :].tolist()
 
@@ -176,15 +169,7 @@ def test_eos_stops_generation(tiny_model):
     assert result.output_ids[0] == free[: first + 1]
     assert result.finish_reasons == ["eos"]
     hf = _hf(tiny_model, torch.float32)
-    with torch.no_grad():
-        expected = hf.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=12,
-            do_sample=False,
-            eos_token_id=stop_at,
-            pad_token_id=0,
-        )
+    expected = hf_generate(hf, ids, max_new_tokens=12, do_sample=False, eos_token_id=stop_at)
     assert result.output_ids[0] == expected[0, len(ids) :].tolist()
 
 

@@ -13,6 +13,7 @@ import logging
 
 import pytest
 import torch
+from hf_reference import hf_generate
 from transformers import AutoTokenizer, LlamaForCausalLM
 from transformers import GenerationConfig as HFGenerationConfig
 from transformers.generation import logits_process as hf
@@ -192,16 +193,7 @@ def test_greedy_with_processors_matches_transformers(name, models):
     eos = settings.pop("eos_token_id", [])
     for text in PROMPTS[:2]:
         ids = ours.tokenizer.encode(text)
-        with torch.no_grad():
-            expected = hf_model.generate(
-                torch.tensor([ids]),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=24,
-                do_sample=False,
-                eos_token_id=eos or None,
-                pad_token_id=0,
-                **settings,
-            )
+        expected = hf_generate(hf_model, ids, max_new_tokens=24, do_sample=False, eos_token_id=eos or None, **settings)
         expected = expected[0, len(ids) :].tolist()
         found = generate(ours.model, ids, max_new_tokens=24, eos_token_id=eos, pad_token_id=0, **settings)
         assert found.output_ids[0] == expected[: len(found.output_ids[0])]
@@ -265,16 +257,7 @@ def test_seeded_sampling_draws_like_transformers(models, seed):
     ours, hf_model = models
     ids = ours.tokenizer.encode(PROMPTS[1])
     torch.manual_seed(seed)
-    with torch.no_grad():
-        expected = hf_model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=20,
-            eos_token_id=None,
-            pad_token_id=0,
-            num_return_sequences=3,
-            **SAMPLING,
-        )
+    expected = hf_generate(hf_model, ids, max_new_tokens=20, eos_token_id=None, num_return_sequences=3, **SAMPLING)
     found = generate(ours.model, ids, max_new_tokens=20, eos_token_id=[], seed=seed, num_return_sequences=3, **SAMPLING)
     assert found.output_ids == expected[:, len(ids) :].tolist()
 
@@ -579,14 +562,7 @@ def test_default_length_is_twenty_new_tokens_capped_at_context(models):
     """transformers 5: with neither max_new_tokens nor max_length, 20 new tokens (within the context)."""
     ours, hf_model = models
     ids = ours.tokenizer.encode(PROMPTS[0])
-    with torch.no_grad():
-        expected = hf_model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
+    expected = hf_generate(hf_model, ids, do_sample=False, eos_token_id=None)
     found = generate(ours.model, ids, eos_token_id=[])
     assert len(found.output_ids[0]) == 20 and found.output_ids[0] == expected[0, len(ids) :].tolist()
     assert GenerationConfig().max_length_for(250, context=256) == 256

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from hf_reference import hf_generate
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from llamascope.cli import main as cli_main
@@ -59,17 +60,15 @@ def test_stop_string_across_token_boundary(models, tiny_model):
         )
         assert result.output_ids[0] == free[: last + 1]
         assert result.finish_reasons == ["stop"]
-        with torch.no_grad():
-            expected = hf_model.generate(
-                torch.tensor([ids]),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=24,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-                stop_strings=[stop],
-                tokenizer=reference_tokenizer,
-            )
+        expected = hf_generate(
+            hf_model,
+            ids,
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=None,
+            stop_strings=[stop],
+            tokenizer=reference_tokenizer,
+        )
         assert result.output_ids[0] == expected[0, len(ids) :].tolist()
 
 
@@ -154,15 +153,7 @@ def test_several_eos_ids(models, tiny_model):
     first = min(free.index(e) for e in eos if e in free)
     result = generate(ours.model, ids, max_new_tokens=24, eos_token_id=eos)
     assert result.output_ids[0] == free[: first + 1] and result.finish_reasons == ["eos"]
-    with torch.no_grad():
-        expected = hf_model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=24,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=0,
-        )
+    expected = hf_generate(hf_model, ids, max_new_tokens=24, do_sample=False, eos_token_id=eos)
     assert result.output_ids[0] == expected[0, len(ids) :].tolist()
 
 
