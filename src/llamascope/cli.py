@@ -20,6 +20,7 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
+from .choices import BACKENDS, DTYPE_NAMES, QUANT_CHOICES
 from .config import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
 from .errors import LlamascopeError
 from .startup import allocate_in_huge_pages
@@ -53,7 +54,7 @@ def _add_quant_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quant",
         default=None,
-        choices=["none", "int8", "int4", "q8_0", "q4_0", "q4_1"],
+        choices=["none", *QUANT_CHOICES],
         help="weight format: as stored when omitted (GGUF blocks stay quantised where the native "
         "kernels read them); none: all float "
         "at --dtype; int8 / int4: group-wise weight-only quantisation (blocks of 32 weights; "
@@ -65,7 +66,7 @@ def _add_dtype_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
+        choices=["auto", *DTYPE_NAMES],
         help="weights and activations dtype (default %(default)s: the checkpoint's; for a GGUF, "
         "bfloat16 where its matrices are BF16, else float32)",
     )
@@ -83,7 +84,7 @@ def _add_backend_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend",
         default="native",
-        choices=["native", "plain", "compiled"],
+        choices=BACKENDS,
         help="how the layers compute (default %(default)s): native (the C kernels), plain (PyTorch's "
         "operations only: the reference path; the greedy pick's native argmax, exact to "
         "torch.argmax, still runs), compiled (plain layers with the decode step compiled by "
@@ -801,7 +802,7 @@ def _add_convert_command(sub) -> None:
     p.add_argument(
         "--dtype",
         default="float32",
-        choices=["float32", "bfloat16", "float16"],
+        choices=DTYPE_NAMES,
         help="type of the written weights (default %(default)s)",
     )
     p.add_argument("--json", action="store_true", help="print the folder and its files as JSON on stdout")

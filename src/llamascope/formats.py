@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
+from .choices import QUANT_CHOICES
 from .errors import LlamascopeError
 
 QK = 32
@@ -39,8 +40,6 @@ KEPT_FORMATS = frozenset(BLOCK_BYTES) | frozenset(K_QUANT_BYTES)  # what QuantLi
 # token embedding (a tied head is the same table) keep 8 bits.
 HIGH_QTYPE = "Q8_0"
 HIGH_WEIGHTS = ("lm_head.weight", "model.embed_tokens.weight")
-# --quant names and the block format each gives the projections
-QUANT_CHOICES = {"int8": "Q8_0", "int4": "Q4_1", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1"}
 # Temporaries of a format conversion at load stay near this many bytes (rows at a time).
 CONVERT_ROWS_BYTES = 16 << 20
 # quantize() takes rows of this many float32 bytes at a time; its temporaries come to about five

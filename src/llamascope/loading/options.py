@@ -19,11 +19,11 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from ..choices import BACKENDS, DTYPE_NAMES, QUANT_CHOICES
 from ..errors import LlamascopeError
-from ..formats import QUANT_CHOICES, quant_format
+from ..formats import quant_format
 
-BACKENDS = ("native", "plain", "compiled")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 @dataclass(frozen=True)
