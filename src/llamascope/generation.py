@@ -86,6 +86,25 @@ def _stop_reasons(
     return reasons
 
 
+def _log_inputs(step: int, tokens, positions, mask_2d, cache: KVCache | None) -> None:
+    _log_stage(
+        "inputs",
+        step,
+        "input_ids %s position_ids %s attention_mask %s, cache %s, use_cache=%s",
+        list(tokens.shape),
+        list(positions.shape),
+        list(mask_2d.shape),
+        "off" if cache is None else f"holding {cache.length} positions",
+        cache is not None,
+    )
+
+
+def _padded(chosen: list[int], running: list[bool], pad_id: int, device) -> tuple[list[int], torch.Tensor]:
+    """The step's choices with padding for the rows that stopped before it (as transformers feeds them)."""
+    chosen = [token if going else pad_id for token, going in zip(chosen, running)]
+    return chosen, torch.tensor(chosen, dtype=torch.long, device=device)
+
+
 def generate_steps(
     model: torch.nn.Module,
     prompts: list[list[int]],
@@ -121,16 +140,7 @@ def generate_steps(
             mask = attention_mask_4d(mask_2d, tokens.shape[1]) if padded else None
             debug = log.isEnabledFor(logging.DEBUG)
             if debug:
-                _log_stage(
-                    "inputs",
-                    step,
-                    "input_ids %s position_ids %s attention_mask %s, cache %s, use_cache=%s",
-                    list(tokens.shape),
-                    list(step_positions.shape),
-                    list(mask_2d.shape),
-                    "off" if cache is None else f"holding {cache_length} positions",
-                    cache is not None,
-                )
+                _log_inputs(step, tokens, step_positions, mask_2d, cache)
             acts = capture(step) if capture is not None else None
             logits = model(tokens, step_positions, cache, mask, capture=acts, last_only=True)  # [B, 1, V]
             logits = logits[:, -1].float()  # [B, V]
@@ -140,8 +150,7 @@ def generate_steps(
             next_tokens = select_next(scores, config, generator)  # [B]
             chosen = next_tokens.tolist()
             if not all(running):  # rows that stopped get padding
-                chosen = [token if going else pad_id for token, going in zip(chosen, running)]
-                next_tokens = torch.tensor(chosen, dtype=torch.long, device=next_tokens.device)
+                chosen, next_tokens = _padded(chosen, running, pad_id, next_tokens.device)
             if debug:
                 _log_stage("choice", step, "%s chose %s", "sampling" if config.do_sample else "argmax", chosen)
             stopped = _stop_reasons(rules, sequences, chosen, running, step + 1)
