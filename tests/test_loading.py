@@ -44,19 +44,19 @@ def test_transformers_4_layout_equals_5_layout(model_factory, tmp_path):
     assert generate(a.model, ids, max_new_tokens=8).output_ids == generate(b.model, ids, max_new_tokens=8).output_ids
 
 
+# The smallest config.json a LLaMA needs (required keys only).
+SMALL_CONFIG = {
+    "model_type": "llama",
+    "vocab_size": 10,
+    "hidden_size": 8,
+    "intermediate_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+}
+
+
 def test_old_style_rope_type_key_and_unknown_keys_kept():
-    config = ModelConfig.from_dict(
-        {
-            "model_type": "llama",
-            "vocab_size": 10,
-            "hidden_size": 8,
-            "intermediate_size": 16,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "rope_scaling": {"type": "linear", "factor": 4.0},
-            "my_custom_key": 7,
-        }
-    )
+    config = ModelConfig.from_dict(dict(SMALL_CONFIG, rope_scaling={"type": "linear", "factor": 4.0}, my_custom_key=7))
     assert config.rope_type == "linear"
     assert config.extra["my_custom_key"] == 7
     assert config.num_key_value_heads == 2 and config.head_dim == 4
@@ -84,32 +84,12 @@ def test_every_rope_type_has_its_frequencies_and_its_required_keys():
 
     assert set(ROPE_INIT) == set(ROPE_TYPES)
     with pytest.raises(LlamascopeError, match="rope_scaling of type 'llama3' needs key 'low_freq_factor'"):
-        ModelConfig.from_dict(
-            {
-                "model_type": "llama",
-                "vocab_size": 10,
-                "hidden_size": 8,
-                "intermediate_size": 16,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 2,
-                "rope_scaling": {"rope_type": "llama3", "factor": 8.0},
-            }
-        )
+        ModelConfig.from_dict(dict(SMALL_CONFIG, rope_scaling={"rope_type": "llama3", "factor": 8.0}))
 
 
 def test_unknown_rope_type_refused():
     with pytest.raises(LlamascopeError, match="rope_type 'mystery' is not supported"):
-        ModelConfig.from_dict(
-            {
-                "model_type": "llama",
-                "vocab_size": 10,
-                "hidden_size": 8,
-                "intermediate_size": 16,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 2,
-                "rope_scaling": {"rope_type": "mystery", "factor": 2},
-            }
-        )
+        ModelConfig.from_dict(dict(SMALL_CONFIG, rope_scaling={"rope_type": "mystery", "factor": 2}))
 
 
 # ---- generation settings precedence ------------------------------------------------------------
