@@ -42,13 +42,15 @@ import torch
 from ..cache import KVCache, SlotKVCache
 from ..config import GenerationConfig
 from ..errors import LlamascopeError
+from ..layers import KERNEL_MAX_ROWS
 from ..sampling import apply_processors, build_processors, make_generator, select_next, token_logprobs
 from ..stopping import StopRules, StopText
 
 log = logging.getLogger("llamascope")
 
 
-# Padded prompt tokens (rows x longest prompt) one prefill forward may take.
+# Prompt tokens one call of the runner's prefill may take (its prompts are prefilled one by one;
+# their first tokens go out when the call returns).
 PREFILL_TOKENS = 2048
 
 
@@ -258,41 +260,50 @@ class ModelRunner:
         """Called while idle, at least every keepalive_s seconds."""
 
     def prefill(self, prompts: list[list[int]], copies: list[int]) -> tuple[torch.Tensor, list[list[int]]]:
-        """One forward over the prompts (right-padded: padding sits after each prompt, where causal
-        attention never looks) into a `KVCache`; row b's keys and values are then loaded into
-        copies[b] free slots. Returns the logits [B, V] of each prompt's last position and the slots."""
-        lengths = [len(p) for p in prompts]
-        B, T = len(prompts), max(lengths)
-        device = self.model.device
-        tokens = torch.zeros((B, T), dtype=torch.long)  # [B, T], padding id 0
-        for row, prompt in enumerate(prompts):
-            tokens[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-        tokens = tokens.to(device)
-        positions = torch.arange(T, device=device)[None, :].expand(B, T)  # [B, T]
-        cache = KVCache.for_model(self.model, B, T)
-        if len(set(lengths)) == 1:  # no padding: exactly generate()'s prefill
-            logits = self.model(tokens, positions, cache, None, last_only=True)[:, -1].float()  # [B, V]
-        else:
-            hidden = self.model.hidden_states(tokens, positions, cache, None)  # [B, T, hidden]
-            last = hidden[torch.arange(B, device=device), torch.tensor(lengths, device=device) - 1]  # [B, hidden]
-            logits = self.model.lm_head(last[:, None])[:, -1].float()  # [B, V]
-        slots: list[list[int]] = []
+        """Each prompt's own forward, exactly generate()'s prefill of it alone, into a `KVCache`
+        whose keys and values then go into copies[b] free slots. Returns the logits [B, V] of each
+        prompt's last position and the slots.
+
+        Prompts are never batched together: several rows take other numeric paths than one (the
+        products' row blocking, padding, batched attention), and a request must get the tokens it
+        gets alone whatever else arrives with it."""
+        logits, slots = [], []
         try:
-            for row, n in enumerate(copies):
+            for prompt, n in zip(prompts, copies):
+                row_logits, cache = self._prefill_one(prompt)  # [1, V]
+                logits.append(row_logits)
                 slots.append([])
                 for _ in range(n):
-                    slot = self.cache.allocate()
-                    slots[-1].append(slot)
-                    self.cache.load(slot, cache, row, lengths[row])
+                    slots[-1].append(self.cache.allocate())
+                    self.cache.load(slots[-1][-1], cache)
         except Exception:
             for slot in (s for row_slots in slots for s in row_slots):
                 self.cache.free(slot)
             raise
-        return logits, slots
+        return torch.cat(logits), slots
+
+    def _prefill_one(self, prompt: list[int]) -> tuple[torch.Tensor, KVCache]:
+        device = self.model.device
+        tokens = torch.tensor([prompt], dtype=torch.long, device=device)  # [1, T]
+        positions = torch.arange(len(prompt), device=device)[None]  # [1, T]
+        cache = KVCache.for_model(self.model, 1, len(prompt))
+        logits = self.model(tokens, positions, cache, None, last_only=True)[:, -1].float()  # [1, V]
+        return logits, cache
 
     def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
-        """One decode forward: row b feeds tokens[b] at the next position of slot slots[b] and sees
-        only that slot's columns. Returns the logits [B, V]."""
+        """One decode step: row b feeds tokens[b] at the next position of slot slots[b] and sees
+        only that slot's columns. Returns the logits [B, V].
+
+        Rows go through the model KERNEL_MAX_ROWS at a time: up to that many, the native decode step
+        gives each row bit for bit what it gets alone (one sequence's generate)."""
+        return torch.cat(
+            [
+                self._decode_rows(slots[i : i + KERNEL_MAX_ROWS], tokens[i : i + KERNEL_MAX_ROWS])
+                for i in range(0, len(slots), KERNEL_MAX_ROWS)
+            ]
+        )
+
+    def _decode_rows(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
         batch = self.cache.batch(slots, 1)
         ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.model.device)  # [B, 1]
         positions = batch.positions(1)  # [B, 1]
@@ -493,7 +504,8 @@ class Scheduler:
 
     def _admit(self, admit: list[_Sequence]) -> None:
         """Prefill the new prompts and put each choice in a free slot (choices sharing a prompt are
-        prefilled once). Prompts admitted together share one forward, up to PREFILL_TOKENS padded tokens."""
+        prefilled once). Prompts admitted together go to the runner in calls of up to PREFILL_TOKENS
+        tokens (each prompt is still prefilled alone), so that their first tokens are not held back long."""
         groups: list[list[_Sequence]] = []
         for seq in admit:
             if seq.request.cancelled:
@@ -506,8 +518,8 @@ class Scheduler:
                 groups.append([seq])
         chunk: list[list[_Sequence]] = []
         for group in groups:
-            longest = max(len(g[0].spec.prompt_ids) for g in chunk + [group])
-            if chunk and (len(chunk) + 1) * longest > PREFILL_TOKENS:
+            tokens = sum(len(g[0].spec.prompt_ids) for g in chunk + [group])
+            if chunk and tokens > PREFILL_TOKENS:
                 self._prefill(chunk)
                 chunk = []
             chunk.append(group)
@@ -515,7 +527,7 @@ class Scheduler:
             self._prefill(chunk)
 
     def _prefill(self, groups: list[list[_Sequence]]) -> None:
-        """One forward over the groups' prompts; each row is then copied into a slot per choice."""
+        """The groups' prompts, each prefilled alone; each is then copied into a slot per choice."""
         prompts = [list(group[0].spec.prompt_ids) for group in groups]
         log.debug("prefill of %d prompts (%s tokens)", len(prompts), ", ".join(str(len(p)) for p in prompts))
         try:
