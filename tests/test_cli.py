@@ -171,6 +171,19 @@ def test_help_shows_the_default_each_option_takes(capsys, command):
     assert checked or command in ("tokenize", "info")  # these two have no option with a default
 
 
+@pytest.mark.parametrize("command", ["generate", "chat", "trace", "serve", "bench", "perplexity"])
+def test_every_command_that_loads_a_model_takes_every_load_option(command):
+    """The load options (LoadOptions' fields, --threads, --model) are the same on each command."""
+    from dataclasses import fields
+
+    from llamascope.cli import build_parser
+    from llamascope.loading import LoadOptions
+
+    args = vars(build_parser().parse_args([command] + POSITIONALS.get(command, [])))
+    wanted = {f.name for f in fields(LoadOptions)} | {"threads", "model"}
+    assert wanted <= set(args), f"{command} lacks {sorted(wanted - set(args))}"
+
+
 def test_new_token_defaults_are_the_ones_used(tiny_model, capsys, monkeypatch):
     """generate and trace: 32 new tokens (config.DEFAULT_MAX_NEW_TOKENS["cli"]), chat 256, as --help says;
     the trace names the CLI's default as its source, not the call."""

@@ -43,11 +43,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help=MODEL_HELP)
     _add_dtype_arg(p)
     _add_quant_arg(p)
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: PyTorch's choice)")
+    _add_threads_arg(p)
     _add_device_arg(p)
     _add_backend_arg(p)
     _add_huge_pages_arg(p)
     _add_parallel_args(p)
+
+
+def _add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: PyTorch's choice)")
 
 
 def _add_quant_arg(p: argparse.ArgumentParser) -> None:
@@ -337,14 +341,19 @@ def _progress_bar(description: str):
     return update
 
 
-def _load_engine(args: argparse.Namespace):
+def _set_threads(args: argparse.Namespace) -> None:
+    """--threads: PyTorch's thread count, which the native kernels use too."""
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def _load_engine(args: argparse.Namespace):
     from .engine import Engine
 
     group = _start_parallel(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     progress = _progress_bar("loading weights") if group is None or group.is_main else None
     return Engine.load(args.model, _load_options(args), progress=progress, parallel=group)
 
@@ -516,6 +525,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     main_rank = group is None or group.is_main
     if args.verbose == 0 and args.log_level is None and main_rank:
         log.setLevel(logging.INFO)  # one line per request
+    _set_threads(args)
     engine = Engine.load(
         args.model,
         _load_options(args),
@@ -739,6 +749,7 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--model", default=None, help=MODEL_HELP)
     _add_dtype_arg(p)
     _add_quant_arg(p)
+    _add_threads_arg(p)
     _add_device_arg(p)
     _add_backend_arg(p)
     _add_huge_pages_arg(p)
