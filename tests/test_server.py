@@ -150,6 +150,32 @@ def test_slot_cache_batch_decode_matches_each_sequence_alone(engine):
         assert slots.nbytes() == 0
 
 
+def test_each_sequence_context_is_chosen_said_and_checked(engine, caplog):
+    """Positions per sequence: the model's context where the KV budget holds max_batch of them, else
+    what the budget allows; an explicit context is used, or refused at start-up when the model or the
+    budget cannot hold it. The choice is logged."""
+    from llamascope.errors import LlamascopeError
+    from llamascope.server.app import slot_capacity_for
+
+    c = engine.config
+    per_position = SlotKVCache.token_bytes(c.num_hidden_layers, engine.model.kv_heads, c.head_dim, engine.model.dtype)
+    settings = ServerSettings(model_name=MODEL, max_batch=8)
+    with caplog.at_level(logging.INFO, logger="llamascope"):
+        assert slot_capacity_for(engine, settings) == 4096
+        assert "each of 8 sequences may use 4096 positions (the model's)" in caplog.text
+        small = ServerSettings(model_name=MODEL, max_batch=8, kv_budget_bytes=8 * 100 * per_position)
+        assert slot_capacity_for(engine, small) == 100
+        assert "may use 100 positions (--kv-budget-mb" in caplog.text
+        assert slot_capacity_for(engine, ServerSettings(model_name=MODEL, context=64)) == 64
+        assert "may use 64 positions (as asked)" in caplog.text
+    with pytest.raises(LlamascopeError, match="--context 5000: the model's context is 4096"):
+        slot_capacity_for(engine, ServerSettings(model_name=MODEL, context=5000))
+    with pytest.raises(LlamascopeError, match=r"--context 200 does not fit .* 100 positions each"):
+        slot_capacity_for(
+            engine, ServerSettings(model_name=MODEL, max_batch=8, kv_budget_bytes=small.kv_budget_bytes, context=200)
+        )
+
+
 def test_additive_penalties_are_openai_formula():
     scores = torch.zeros(1, 6)
     ids = torch.tensor([[4, 4, 1, 2, 2, 2, 5]])  # prompt [4, 4], generated [1, 2, 2, 2, 5]

@@ -519,8 +519,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ) from None
     from .engine import Engine
 
-    if args.max_batch < 1 or args.max_queue < 0 or args.kv_budget_mb <= 0:
-        raise LlamascopeError("--max-batch must be >= 1, --max-queue >= 0 and --kv-budget-mb > 0")
+    if args.max_batch < 1 or args.max_queue < 0 or args.kv_budget_mb <= 0 or (args.context or 1) < 1:
+        raise LlamascopeError("--max-batch must be >= 1, --max-queue >= 0, --kv-budget-mb > 0 and --context >= 1")
     group = _start_parallel(args)
     main_rank = group is None or group.is_main
     if args.verbose == 0 and args.log_level is None and main_rank:
@@ -543,6 +543,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         kv_budget_bytes=int(args.kv_budget_mb * 2**20),
         api_key=args.api_key,
+        context=args.context,
     )
     serve(
         engine,
@@ -771,6 +772,14 @@ def _add_serve_command(sub) -> None:
         default=1024,
         metavar="MB",
         help="most memory the KV cache may take; bounds each slot's positions (default %(default)s)",
+    )
+    p.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        metavar="N",
+        help="positions each sequence may use, refused at start-up where the KV budget cannot hold "
+        "--max-batch of them (default: the model's context, or what the budget allows; the choice is logged)",
     )
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: file or folder name)")

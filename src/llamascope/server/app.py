@@ -245,6 +245,7 @@ class ServerSettings:
     max_queue: int = 64
     kv_budget_bytes: int = 1 << 30
     api_key: str | None = None
+    context: int | None = None  # positions each sequence may use; None: the model's, or what the budget allows
 
 
 class BearerAuth:
@@ -275,15 +276,24 @@ def default_model_name(engine) -> str:
 
 
 def slot_capacity_for(engine, settings: ServerSettings) -> int:
-    """Positions per slot: the model's context, or less so that max_batch slots fit the KV budget."""
+    """Positions per slot: `settings.context` (refused where the model or the KV budget cannot
+    hold it), else the model's context, or less so that max_batch slots fit the KV budget. Logged."""
     c = engine.config
     per_token = SlotKVCache.token_bytes(c.num_hidden_layers, engine.model.kv_heads, c.head_dim, engine.model.dtype)
-    capacity = min(c.max_position_embeddings, settings.kv_budget_bytes // (settings.max_batch * per_token))
-    if capacity < 16:
+    fits = settings.kv_budget_bytes // (settings.max_batch * per_token)
+    budget = f"--kv-budget-mb {settings.kv_budget_bytes / 2**20:g} for --max-batch {settings.max_batch}"
+    if settings.context is not None and settings.context > c.max_position_embeddings:
+        raise LlamascopeError(f"--context {settings.context}: the model's context is {c.max_position_embeddings}")
+    if settings.context is not None and settings.context > fits:
         raise LlamascopeError(
-            f"KV budget of {settings.kv_budget_bytes / 2**20:.1f} MiB is too small for {settings.max_batch} "
-            f"sequences ({per_token} bytes per position); raise it or lower --max-batch"
+            f"--context {settings.context} does not fit {budget} ({per_token} bytes a position: {fits} positions "
+            f"each); raise the budget, or lower --max-batch or --context"
         )
+    capacity = settings.context or min(c.max_position_embeddings, fits)
+    if capacity < 16:
+        raise LlamascopeError(f"{budget} leaves {capacity} positions a sequence; raise it or lower --max-batch")
+    why = "as asked" if settings.context else "the model's" if capacity == c.max_position_embeddings else budget
+    log.info("each of %d sequences may use %d positions (%s)", settings.max_batch, capacity, why)
     return capacity
 
 
