@@ -280,6 +280,30 @@ def test_seeded_sampling_equals_engine_and_repeats(client, engine):
     assert expected[0] != expected[1]
 
 
+def test_vllm_and_llama_server_fields_equal_engine_settings(client, engine):
+    """top_k, min_p, repetition_penalty, min_tokens and ignore_eos (fields vLLM and llama-server take
+    beside OpenAI's) are the engine's generation settings of those names."""
+    fields = dict(top_k=5, min_p=0.05, repetition_penalty=1.3)
+    expected = engine.generate(PROMPTS[2], max_new_tokens=12, do_sample=True, temperature=0.9, seed=3, **fields).text
+    r = client.completions.create(
+        model=MODEL, prompt=PROMPTS[2], max_tokens=12, temperature=0.9, seed=3, extra_body=fields
+    )
+    assert r.choices[0].text == expected
+    eos_first = {"logit_bias": {str(EOS): 100}}  # eos is every step's choice
+    stopped = client.completions.create(
+        model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0, extra_body=eos_first
+    )
+    assert (stopped.choices[0].finish_reason, stopped.usage.completion_tokens) == ("stop", 1)
+    ignored = client.completions.create(
+        model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0, extra_body={**eos_first, "ignore_eos": True}
+    )
+    assert (ignored.choices[0].finish_reason, ignored.usage.completion_tokens) == ("length", 12)
+    late = client.completions.create(
+        model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0, extra_body={**eos_first, "min_tokens": 5}
+    )
+    assert (late.choices[0].finish_reason, late.usage.completion_tokens) == ("stop", 6)  # eos banned for 5
+
+
 def test_stop_strings_cut_the_text(client, engine):
     full = engine.generate(PROMPTS[0], max_new_tokens=30, do_sample=False).text
     stop = full[10:13]

@@ -150,6 +150,12 @@ class _Sampling(_Schema):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # fields vLLM and llama-server take beside OpenAI's
+    top_k: int | None = Field(None, ge=-1)  # 0 or -1: off
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    min_tokens: int | None = Field(None, ge=0)
+    ignore_eos: bool | None = False
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -568,6 +574,11 @@ def _context_error(prompt_tokens: int, max_tokens: int, capacity: int, prompt_pa
 def _openai_settings(body: _Sampling, max_tokens: int, choice: int) -> dict[str, Any]:
     """A request's OpenAI settings as the call's generation settings (see the module's docstring)."""
     call: dict[str, Any] = {"max_new_tokens": max_tokens, "stop_strings": body.stop or None}
+    call.update(
+        repetition_penalty=body.repetition_penalty,
+        min_new_tokens=body.min_tokens or None,
+        eos_token_id=[] if body.ignore_eos else None,
+    )
     if body.seed is not None:
         call["seed"] = (body.seed + choice) % 2**64
     if body.temperature == 0:  # greedy search: temperature 0 is not a transformers setting
@@ -575,7 +586,7 @@ def _openai_settings(body: _Sampling, max_tokens: int, choice: int) -> dict[str,
         return call
     if body.temperature is not None:
         call.update(do_sample=True, temperature=body.temperature)
-    call["top_p"] = body.top_p
+    call.update(top_p=body.top_p, min_p=body.min_p, top_k=None if body.top_k is None else max(body.top_k, 0))
     return call
 
 
@@ -586,6 +597,8 @@ def _spec(
         config = engine.local_generation_config(chat, OPENAI_DEFAULTS, **_openai_settings(body, max_tokens, choice))
     except LlamascopeError as e:
         raise APIError(400, str(e)) from None
+    if body.ignore_eos:  # (a chat's end-of-turn ids too)
+        config.eos_token_id = []
     bias = {int(t): b for t, b in (body.logit_bias or {}).items()}
     outside = [t for t in bias if t >= engine.config.vocab_size]
     if outside:
