@@ -29,6 +29,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from llamascope.server import ServerSettings, create_app  # noqa: E402
+from llamascope.server.app import SERVER_DEFAULTS  # noqa: E402
 from llamascope.server.scheduler import AdditivePenalties  # noqa: E402
 
 MODEL = "tiny-server"
@@ -272,12 +273,25 @@ def test_seeded_sampling_equals_engine_and_repeats(client, engine):
     settings = dict(temperature=0.8, top_p=0.9)
     for seed in (0, 7):
         expected = [
-            engine.generate(PROMPTS[1], max_new_tokens=15, do_sample=True, top_k=0, seed=seed + i, **settings).text
+            engine.generate(
+                PROMPTS[1], max_new_tokens=15, do_sample=True, top_k=SERVER_DEFAULTS["top_k"], seed=seed + i, **settings
+            ).text
             for i in range(2)
         ]
         r = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=15, seed=seed, n=2, **settings)
         assert [c.text for c in r.choices] == expected
     assert expected[0] != expected[1]
+
+
+def test_a_request_without_sampling_fields_gets_the_server_defaults(client, engine):
+    """Where the model's files set no sampling, a request that sets none samples at temperature 0.8,
+    top-k 40, top-p 0.95 (llama-server's), not at temperature 1 over the whole vocabulary."""
+    assert SERVER_DEFAULTS == {"do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.95}
+    config = engine.local_generation_config(False, SERVER_DEFAULTS)
+    assert {k: getattr(config, k) for k in SERVER_DEFAULTS} == SERVER_DEFAULTS  # (the test model sets none)
+    expected = engine.generate(PROMPTS[3], max_new_tokens=10, seed=11, **SERVER_DEFAULTS).text
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=10, seed=11)
+    assert r.choices[0].text == expected
 
 
 def test_vllm_and_llama_server_fields_equal_engine_settings(client, engine):
@@ -372,7 +386,7 @@ def test_concurrent_streams_each_get_their_own_tokens(server, engine):
                     prompt,
                     max_new_tokens=max_tokens,
                     do_sample=True,
-                    top_k=0,
+                    top_k=SERVER_DEFAULTS["top_k"],
                     temperature=s["temperature"],
                     top_p=s["top_p"],
                     seed=s["seed"],

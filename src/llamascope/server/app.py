@@ -5,12 +5,12 @@ Endpoints: `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/completions`,
 `stream: true` answers with server-sent events in OpenAI's chunk format, ending in `data: [DONE]`.
 
 Generation settings, per request and per choice, resolve as in `Engine.generate`
-(`GenerationConfig.resolve`: the request over generation_config.json over config.json over
-OpenAI's defaults over transformers'); the request's fields map to settings as follows:
+(`GenerationConfig.resolve`: the request over generation_config.json over config.json over the
+server's defaults, SERVER_DEFAULTS, over transformers'); the request's fields map to settings:
   temperature  0 means greedy search (do_sample false); another value samples at it; without it,
-               generation_config.json's do_sample and temperature, else sampling at 1.0
-  top_p        the request's, else generation_config.json's, else 1.0
-  top_k        generation_config.json's, else off (OpenAI has no top_k)
+               generation_config.json's do_sample and temperature, else sampling at 0.8
+  top_p        the request's, else generation_config.json's, else 0.95
+  top_k        the request's (0 or -1: off), else generation_config.json's, else 40
   stop         stop strings, stopping as in `generate` (stopping.py); the text ends before them
   seed         choice i draws from a generator seeded seed + i (see scheduler.py)
   max_tokens   must fit the context with the prompt (`config.room_for_new_tokens`); without it,
@@ -55,9 +55,10 @@ from .scheduler import Delta, Done, Failed, ModelRunner, QueueFull, Request, Sch
 log = logging.getLogger("llamascope")
 
 MAX_STOP_STRINGS = 16
-# OpenAI's defaults where they differ from transformers': a request samples unless it says
-# temperature 0, and there is no top_k. They rank below the model's files (GenerationConfig.resolve).
-OPENAI_DEFAULTS = {"do_sample": True, "top_k": 0}
+# What a request that sets no sampling field gets where the model's files say nothing: sampling
+# (OpenAI's), at llama-server's temperature, top-k and top-p rather than temperature 1 over the whole
+# vocabulary. They rank below the model's files (GenerationConfig.resolve).
+SERVER_DEFAULTS = {"do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.95}
 
 
 # ---- errors ------------------------------------------------------------------------------------
@@ -594,7 +595,7 @@ def _spec(
     engine, body: _Sampling, ids: list[int], max_tokens: int, choice: int, logprobs: int | None, chat: bool
 ) -> SequenceSpec:
     try:  # tokens are chosen here (rank 0) alone
-        config = engine.local_generation_config(chat, OPENAI_DEFAULTS, **_openai_settings(body, max_tokens, choice))
+        config = engine.local_generation_config(chat, SERVER_DEFAULTS, **_openai_settings(body, max_tokens, choice))
     except LlamascopeError as e:
         raise APIError(400, str(e)) from None
     if body.ignore_eos:  # (a chat's end-of-turn ids too)
