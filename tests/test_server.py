@@ -283,6 +283,45 @@ def test_seeded_sampling_equals_engine_and_repeats(client, engine):
     assert expected[0] != expected[1]
 
 
+def _metric(text: str, name: str, absent: float | None = None) -> float:
+    """The value of the sample `name` (with its labels as written) in Prometheus text; `absent`
+    where there is none yet (a labelled counter appears when first counted)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    assert absent is not None, f"no sample {name} in /metrics"
+    return absent
+
+
+def test_metrics_count_requests_tokens_latencies_and_statuses(server, client):
+    """GET /metrics (Prometheus text): requests by outcome, prompt and completion tokens, time to
+    first token and inter-token latency histograms, HTTP responses by status, and the scheduler's
+    queue, running sequences and KV cache read when scraped."""
+    url = server[0]
+    before = httpx.get(url + "/metrics", timeout=10).text
+    r = client.completions.create(
+        model=MODEL, prompt=PROMPTS[0], max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert httpx.post(url + "/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=10).status_code == 404
+    response = httpx.get(url + "/metrics", timeout=10)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    after = response.text
+
+    def grew(name: str) -> float:
+        return _metric(after, name) - _metric(before, name, absent=0.0)
+
+    assert grew('llamascope_requests_total{outcome="finished"}') == 1
+    assert grew("llamascope_prompt_tokens_total") == r.usage.prompt_tokens
+    assert grew("llamascope_completion_tokens_total") == 6
+    assert grew("llamascope_time_to_first_token_seconds_count") == 1
+    assert grew("llamascope_inter_token_latency_seconds_count") == 5  # six tokens, five gaps
+    assert grew('llamascope_http_responses_total{status="404"}') == 1
+    assert grew('llamascope_http_responses_total{status="200"}') >= 2  # the completion and the first scrape
+    for gauge in ("llamascope_queue_sequences", "llamascope_running_sequences", "llamascope_kv_cache_budget_bytes"):
+        assert _metric(after, gauge) >= 0
+    assert _metric(after, "llamascope_kv_cache_budget_bytes") > 0
+
+
 def test_a_request_without_sampling_fields_gets_the_server_defaults(client, engine):
     """Where the model's files set no sampling, a request that sets none samples at temperature 0.8,
     top-k 40, top-p 0.95 (llama-server's), not at temperature 1 over the whole vocabulary."""

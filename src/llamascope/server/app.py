@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP face over an `Engine`: FastAPI app, request schemas, streaming.
 
 Endpoints: `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/completions`,
-`POST /v1/chat/completions` (the chat template applied with `Tokenizer.encode_chat`), `GET /health`.
+`POST /v1/chat/completions` (the chat template applied with `Tokenizer.encode_chat`), `GET /health`,
+`GET /metrics` (Prometheus text: server/metrics.py).
 `stream: true` answers with server-sent events in OpenAI's chunk format, ending in `data: [DONE]`.
 
 Generation settings, per request and per choice, resolve as in `Engine.generate`
@@ -42,7 +43,7 @@ from typing import Any, Literal
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -50,6 +51,8 @@ from ..cache import SlotKVCache
 from ..config import DEFAULT_MAX_NEW_TOKENS, ContextLengthError, room_for_new_tokens
 from ..errors import LlamascopeError
 from .lockstep import leader_runner, serve_leader
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import ServerMetrics
 from .scheduler import Delta, Done, Failed, ModelRunner, QueueFull, Request, Scheduler, SequenceSpec
 
 log = logging.getLogger("llamascope")
@@ -277,6 +280,24 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
+class StatusCounter:
+    """ASGI middleware: counts every HTTP response by status code (ServerMetrics.response)."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                self.metrics.response(message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
 def default_model_name(engine) -> str:
     path = Path(engine.loaded.checkpoint.path)
     return path.stem if path.is_file() else path.name
@@ -319,12 +340,15 @@ def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
         slot_capacity_for(engine, settings),
         runner=runner,
     )
+    scheduler.metrics = metrics = ServerMetrics(scheduler.stats)
     app = FastAPI(title="llamascope", lifespan=_lifespan(scheduler, settings))
     app.state.engine, app.state.scheduler, app.state.settings = engine, scheduler, settings
     if settings.api_key:
         app.add_middleware(BearerAuth, api_key=settings.api_key)
+    app.add_middleware(StatusCounter, metrics=metrics)  # (outermost: it sees the 401s too)
     _add_error_handlers(app)
     _add_model_routes(app, scheduler, settings)
+    _add_metrics_route(app, metrics)
     _add_generation_routes(app, engine, scheduler, settings)
     return app
 
@@ -368,6 +392,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def _crash(request, e: Exception):
         log.exception("unexpected error in %s", request.url.path)
         return error_response(500, f"internal error: {type(e).__name__}", type="server_error")
+
+
+def _add_metrics_route(app: FastAPI, metrics: ServerMetrics) -> None:
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
 
 def _add_model_routes(app: FastAPI, scheduler: Scheduler, settings: ServerSettings) -> None:

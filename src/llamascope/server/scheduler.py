@@ -168,6 +168,7 @@ class _Sequence:
         device: torch.device,
     ):
         self.request, self.index, self.spec = request, index, spec
+        self.last_delivery: float | None = None  # when its latest token went out (inter-token latency)
         config = spec.config
         P = len(spec.prompt_ids)
         self.max_tokens = int(config.max_new_tokens)
@@ -355,6 +356,8 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.completed = self.cancelled = self.failed = 0
         self.peak_batch = 0  # the most sequences one decode step has run
+        # told of first tokens, token gaps and ended requests (server/metrics.py; the app sets it)
+        self.metrics = None
         # A model call failed where the server cannot go on (tensor parallelism): the error, and
         # who to tell (lockstep.serve_leader: it stops uvicorn).
         self.error: LlamascopeError | None = None
@@ -574,9 +577,16 @@ class Scheduler:
         self._deliver(seq, delta)
 
     def _deliver(self, seq: _Sequence, delta: Delta) -> None:
-        request = seq.request
+        request, now = seq.request, time.perf_counter()
         if request.first_token is None:
-            request.first_token = time.perf_counter()
+            request.first_token = now
+            if self.metrics is not None:
+                self.metrics.first_token(now - request.submitted)
+        if self.metrics is not None:
+            self.metrics.tokens(len(delta.token_ids))
+            if seq.last_delivery is not None:
+                self.metrics.token_gap(now - seq.last_delivery)
+        seq.last_delivery = now
         request.completion_tokens += len(delta.token_ids)
         request.push(delta)
         if delta.finish_reason is not None:
@@ -624,6 +634,8 @@ class Scheduler:
         else:
             self.failed += 1
             outcome = "failed"
+        if self.metrics is not None:
+            self.metrics.request_ended(outcome.split(" ")[0].replace("finish", "finished"), request.prompt_tokens)
         # tokens/s: the request's own pace after its first token (what a streaming client sees)
         decode_rate = (
             (request.completion_tokens - len(request.sequences)) / max(now - first, 1e-9)
