@@ -254,21 +254,23 @@ def _load_growth(model: Path, dtype: str, warm_up: Path, quant: str = "") -> tup
     return peak - before, weights
 
 
+# A model of a few hundred MB (296 MB in float32) for the memory tests.
+LARGER_SHAPE = dict(
+    hidden_size=512,
+    intermediate_size=1536,
+    num_hidden_layers=12,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    vocab_size=32000,
+)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_peak_rss_after_load_near_weight_bytes(tmp_path_factory, tiny_model, dtype):
     """A few hundred MB of weights: loading holds little beside them."""
     folder = tmp_path_factory.mktemp("big")
-    make_model(
-        folder,
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=12,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        vocab_size=32000,
-        shard_size="100MB",
-    )
+    make_model(folder, **LARGER_SHAPE, shard_size="100MB")
     growth, weights = _load_growth(folder, dtype, tiny_model)
     assert weights > 100e6 if dtype == "float32" else weights > 50e6
     # Measured 1.02x and 1.22x. bfloat16 from float32 files: one 32 MB conversion slice
@@ -284,15 +286,7 @@ def test_quantising_while_loading_never_holds_the_float_model(tmp_path_factory, 
     """--quant quantises each matrix from slices of its rows as it is read: loading 296 MB of
     float32 weights grows by about the quantised weights, not by the float model."""
     folder = tmp_path_factory.mktemp("big-quant")
-    make_model(
-        folder,
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=12,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        vocab_size=32000,
-    )
+    make_model(folder, **LARGER_SHAPE)
     growth, weights = _load_growth(folder, "float32", tiny_model, quant)
     assert weights < 0.3 * 296e6  # quantised, the embedding included
     # Measured 1.10x (int8) and 1.16x (int4: its rows repacked for the kernel). Quantising after
