@@ -411,8 +411,8 @@ def test_prompt_attention_runs_natively_and_matches_the_plain_path(tiny_model):
 
 
 def test_prompt_attention_leaves_long_prompts_to_pytorch(tiny_model, monkeypatch):
-    """Past PREFILL_NATIVE_COLUMNS cache columns (where PyTorch's attention is faster) a prompt's
-    attention is PyTorch's; the logits match the plain model's either way."""
+    """Past PREFILL_NATIVE_QUERIES new positions in one call (where PyTorch's attention is faster)
+    a prompt's attention is PyTorch's; the logits match the plain model's either way."""
     import llamascope.model as model_module
 
     fast = load_model(tiny_model).model
@@ -420,14 +420,14 @@ def test_prompt_attention_leaves_long_prompts_to_pytorch(tiny_model, monkeypatch
     calls = []
     for layer in fast.model.layers:
         layer.self_attn.native = _PrefillSpy(layer.self_attn.native, calls)
-    monkeypatch.setattr(model_module, "PREFILL_NATIVE_COLUMNS", 20)
+    monkeypatch.setattr(model_module, "PREFILL_NATIVE_QUERIES", 20)
     prompt = list(range(3, 40))
     with torch.inference_mode():
         results = []
         for model in (fast, plain):
             cache = KVCache.for_model(model, 1, 64)
-            short = model(torch.tensor([prompt[:12]]), torch.arange(12)[None], cache)  # 12 columns: native
-            long = model(torch.tensor([prompt[12:]]), torch.arange(12, 37)[None], cache)  # 37: PyTorch's
+            short = model(torch.tensor([prompt[:12]]), torch.arange(12)[None], cache)  # 12 positions: native
+            long = model(torch.tensor([prompt[12:]]), torch.arange(12, 37)[None], cache)  # 25: PyTorch's
             results.append(torch.cat([short, long], dim=1))
     assert calls == [(12, 0)] * len(fast.model.layers)
     assert (results[0] - results[1]).abs().max() < 1e-4 * results[1].abs().max()

@@ -13,6 +13,8 @@ matrix product.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -119,6 +121,9 @@ class QuantLinear(nn.Module):
         self.native: ctypes.CDLL | None = None  # the kernel library (native.attach sets it)
         # Prefill's product in bfloat16 (native.attach sets it where the CPU has AVX512-BF16)
         self.long_inputs_in_bf16 = False
+        # Inside `dequantized_once`: the dequantised weight, kept for the next pieces of one prompt
+        self.held: torch.Tensor | None = None
+        self.holding = False
 
     @classmethod
     def from_float(cls, linear: nn.Linear | torch.Tensor, qtype: str) -> QuantLinear:
@@ -199,10 +204,19 @@ class QuantLinear(nn.Module):
         activations and the result is no coarser than the decode kernels' 8-bit activation blocks
         (llama.cpp runs prefill in 8 bits too); see docs/performance.md. The plain path stays float32."""
         if x.dtype == torch.float32 and self.long_inputs_in_bf16:
-            y = F.linear(x.to(torch.bfloat16), self.dequantized_fast(torch.bfloat16)).float()  # [..., N]
+            y = F.linear(x.to(torch.bfloat16), self._long_weight(torch.bfloat16)).float()  # [..., N]
             return y if self.bias is None else y + self.bias
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized_fast(x.dtype), bias)
+        return F.linear(x, self._long_weight(x.dtype), bias)
+
+    def _long_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantised weight [N, K] for forward_long: made anew each call, or kept while holding."""
+        if self.held is not None and self.held.dtype == dtype:
+            return self.held
+        weight = self.dequantized_fast(dtype)
+        if self.holding:
+            self.held = weight
+        return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]
         rows = x.numel() // self.in_features
@@ -328,3 +342,18 @@ def local_slot(parent: nn.Module, name: str) -> tuple[nn.Module, str]:
     """The slot a transform replaces: (parent, name), or the `local` of a LocalPart there."""
     module = getattr(parent, name)
     return (module, "local") if isinstance(module, LocalPart) else (parent, name)
+
+
+@contextmanager
+def dequantized_once(module: nn.Module) -> Iterator[None]:
+    """Inside, each QuantLinear in `module` dequantises its weight at most once, however many
+    pieces of a prompt go through it (the same numbers as dequantising for each), and lets it go
+    on leaving: the model's layer-by-layer prefill holds one layer's weights at a time."""
+    linears = [m for m in module.modules() if isinstance(m, QuantLinear)]
+    for linear in linears:
+        linear.holding = True
+    try:
+        yield
+    finally:
+        for linear in linears:
+            linear.holding, linear.held = False, None
