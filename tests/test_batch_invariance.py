@@ -1,19 +1,26 @@
 """Batch invariance of the server's scheduler, as a property: a request at temperature 0, or sampled
 with a seed, gets exactly the tokens it gets alone (`generate` on its prompt), whatever else runs
 beside it: any mix of prompt lengths, arriving together or one after another, more sequences than
-slots, n > 1; on float32, bfloat16 and GGUF block weights."""
+slots, n > 1, long prompts prefilled piece by piece between other sequences' steps, prompts that
+begin alike taken partly from the prefix cache (small enough here that blocks are evicted); on
+float32, bfloat16 and GGUF block weights. Below them, the rule that makes it hold: a prompt's
+pieces give the same numbers in one call or piece by piece."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
-from gguf_fixtures import write_tiny_llama
+import torch
+from gguf_fixtures import TinySpec, write_tiny_llama
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llamascope import Engine
+from llamascope.cache import KVCache
 from llamascope.generation import generate
+from llamascope.model import PREFILL_PIECE, prefill_spans
 from llamascope.server.scheduler import Delta, Done, Request, Scheduler, SequenceSpec
 
 VOCAB = 250  # token ids drawn below this (both test models' vocabularies are larger)
@@ -27,6 +34,14 @@ one_request = st.tuples(
     st.integers(1, 2),
 )
 requests = st.lists(one_request, min_size=1, max_size=7)
+# Long prompts that begin alike: (how much of a shared beginning, own ending, new tokens, seed)
+one_long_request = st.tuples(
+    st.integers(0, 2 * PREFILL_PIECE + 100),
+    st.lists(st.integers(3, VOCAB - 1), min_size=1, max_size=30),
+    st.integers(1, 6),
+    st.one_of(st.none(), st.integers(0, 2**16)),
+)
+PREFIX_CACHE_BYTES = 48 << 20  # a few of the default model's blocks (12 MB each): some are evicted
 
 
 @pytest.fixture(scope="module", params=["default-model", "float32", "bfloat16", "gguf-blocks"])
@@ -37,11 +52,19 @@ def served(request, model_factory, tmp_path_factory):
     if request.param == "default-model":
         engine = Engine.load()
     elif request.param == "gguf-blocks":  # Q8_0 / Q4_0 / Q4_1 / K-quant matrices
-        engine = Engine.load(write_tiny_llama(tmp_path_factory.mktemp("gguf") / "tiny.gguf").path)
+        spec = TinySpec(context=1024)
+        engine = Engine.load(write_tiny_llama(tmp_path_factory.mktemp("gguf") / "tiny.gguf", spec).path)
     else:
-        engine = Engine.load(model_factory("invariance", max_position_embeddings=512), dtype=request.param)
+        engine = Engine.load(model_factory("invariance", max_position_embeddings=1024), dtype=request.param)
     max_batch = 10 if request.param == "float32" else 4
-    scheduler = Scheduler(engine.model, engine.tokenizer, max_batch=max_batch, max_queue=64, slot_capacity=128)
+    scheduler = Scheduler(
+        engine.model,
+        engine.tokenizer,
+        max_batch=max_batch,
+        max_queue=64,
+        slot_capacity=1024,
+        prefix_cache_bytes=PREFIX_CACHE_BYTES,
+    )
     scheduler.start()
     yield engine, scheduler
     assert scheduler.stop() and scheduler.error is None
@@ -97,3 +120,64 @@ def test_each_request_gets_its_tokens_alone(served, cases, staggered):
     for (prompt, new_tokens, seed, _), choices in zip(cases, got):
         # the same tokens with the same log-probabilities to the last bit: the same numbers
         assert choices == [_alone(engine, prompt, new_tokens, seed)] * len(choices), (prompt, new_tokens, seed)
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32), cases=st.lists(one_long_request, min_size=2, max_size=4), staggered=st.booleans())
+def test_long_prompts_that_begin_alike_get_their_tokens_alone(served, seed, cases, staggered):
+    """Prompts of up to several hundred tokens sharing beginnings of any length: pieces run between
+    the decode steps of the requests sent before (staggered), whole pieces come from the prefix
+    cache; each request's tokens and log-probabilities are still those of its prompt alone."""
+    engine, scheduler = served
+    shared = [random.Random(seed).randrange(3, VOCAB) for _ in range(2 * PREFILL_PIECE + 100)]
+    prompts = [shared[:length] + ending for length, ending, _, _ in cases]
+    specs = [
+        [SequenceSpec(prompt, _config(engine, new_tokens, sample_seed), logprobs=1)]
+        for prompt, (_, _, new_tokens, sample_seed) in zip(prompts, cases)
+    ]
+    got = asyncio.run(_serve(scheduler, specs, staggered))
+    for prompt, (_, _, new_tokens, sample_seed), choices in zip(prompts, cases, got):
+        assert choices == [_alone(engine, prompt, new_tokens, sample_seed)], (len(prompt), new_tokens, sample_seed)
+
+
+def test_a_shared_beginning_comes_from_the_prefix_cache(served):
+    """The second of two prompts sharing 600 positions loads the whole pieces among them (two
+    pieces of 256) instead of computing them, and gets its tokens alone."""
+    engine, scheduler = served
+    shared = [random.Random(7).randrange(3, VOCAB) for _ in range(600)]
+    prefix_cache = scheduler.runner.prefix_cache
+    for ending in ([5, 6, 7], [8, 9]):
+        hits = prefix_cache.hit
+        spec = SequenceSpec(shared + ending, _config(engine, 3, None), logprobs=1)
+        got = asyncio.run(_serve(scheduler, [[spec]], staggered=False))
+        assert got == [[_alone(engine, shared + ending, 3, None)]]
+    assert prefix_cache.hit - hits == 2 * PREFILL_PIECE
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(length=st.integers(1, 3 * PREFILL_PIECE + 10), start=st.integers(0, 2 * PREFILL_PIECE), data=st.data())
+def test_a_prompt_gives_the_same_numbers_in_one_call_or_piece_by_piece(served, length, start, data):
+    """The rule under the server's invariance: with `start` positions cached, the rest of a prompt
+    in one call (layer by layer over its pieces) gives the logits and keys/values of calling the
+    model piece by piece at the boundaries of `prefill_spans`, to the bit."""
+    engine, _ = served
+    model = engine.model
+    tokens = torch.tensor(
+        [data.draw(st.lists(st.integers(3, VOCAB - 1), min_size=start + length, max_size=start + length))]
+    )
+    positions = torch.arange(start + length)[None]
+    caches, logits = [], []
+    with torch.inference_mode():
+        for pieces in (False, True):
+            cache = KVCache.for_model(model, 1, start + length)
+            if start:
+                model(tokens[:, :start], positions[:, :start], cache)
+            spans = prefill_spans(start, start + length) if pieces else [(start, start + length)]
+            for a, b in spans:
+                out = model(tokens[:, a:b], positions[:, a:b], cache, last_only=True)
+            caches.append(cache)
+            logits.append(out)
+    assert torch.equal(logits[0], logits[1])
+    for layer in range(len(caches[0].keys)):
+        assert torch.equal(caches[0].keys[layer], caches[1].keys[layer])
+        assert torch.equal(caches[0].values[layer], caches[1].values[layer])

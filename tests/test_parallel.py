@@ -585,17 +585,20 @@ def test_lockstep_messages_round_trip_and_garbage_is_refused():
     from llamascope.server.lockstep import HEADER, decode_message, encode
 
     calls = [
-        ("start", 4, 256),
+        ("start", 4, 256, 1 << 20),
         ("free", 3),
         ("move", 5, 3),
-        ("prefill", [[1, 2, 3], [4]], [2, 1]),
+        ("begin_prefill", 7, [1, 2, 3]),
+        ("prefill", 7, 1),
+        ("place", 7, 2),
+        ("drop", 8),
         ("decode", [0, 1], [7, 8], [4, 5]),
         ("release",),
         ("stop",),
     ]
     assert decode_message(encode(calls)) == calls
     assert decode_message(encode([])) == []
-    long = [("prefill", [list(range(3 * HEADER)), [5]], [1, 1])]
+    long = [("begin_prefill", 9, list(range(3 * HEADER)))]
     assert decode_message(encode(long)) == long
     for bad in ([], [0], [0, 5], [1, 1, 5], [1, 1, 1, 1, 0, 99], encode(calls) + [0, 1]):
         with pytest.raises(LlamascopeError, match="a message from rank 0 is malformed"):
@@ -639,7 +642,7 @@ def test_lockstep_follower_cache_tracks_rank_0(model_factory, monkeypatch):
         calls = lockstep.decode_message(lockstep.encode(calls))
         seen.extend(name for name, *_ in calls)
         waiting = 0  # cache calls rank 0 has made already travel first
-        while waiting < len(calls) and calls[waiting][0] in ("free", "move"):
+        while waiting < len(calls) and calls[waiting][0] in ("free", "move", "drop"):
             waiting += 1
         assert follower.apply(calls[:waiting])
         if follower.runner is not None:
@@ -673,7 +676,7 @@ def test_lockstep_follower_cache_tracks_rank_0(model_factory, monkeypatch):
     finally:
         scheduler.stop()
     assert texts == [[engine.generate(prompt, max_new_tokens=k).text] * n for prompt, n, k in cases]
-    assert {"start", "prefill", "decode", "free", "move", "release"} <= set(seen)
+    assert {"start", "begin_prefill", "prefill", "place", "decode", "free", "move", "release"} <= set(seen)
     assert len(compared) > seen.count("decode") + seen.count("prefill")
     assert seen[-2:] == ["stop", "stopped"] and scheduler.error is None
     assert follower.runner.cache.rows == 0  # released with rank 0's
@@ -729,7 +732,7 @@ def test_lockstep_failed_model_call_on_rank_0_stops_the_server(model_factory, mo
         "ranks may no longer agree (RuntimeError: boom)"
     )
     assert told == [scheduler.error] and str(scheduler.error) in failed.message
-    assert sent[:3] == ["start", "prefill", "decode"] and "stop" not in sent
+    assert sent[:5] == ["start", "begin_prefill", "prefill", "place", "decode"] and "stop" not in sent
 
 
 def _serve_args(folder: Path, port: int, timeout_s: float) -> list[str]:

@@ -74,7 +74,7 @@ class SlotKVCache:
 
     `num_slots` slots, each holding one sequence with its own length: slot s fills columns
     [0, lengths[s]) of row s. Storage per layer is one [rows, kv_heads, columns, head_dim] tensor
-    that grows on demand (doubling, copying what is held) up to `num_slots` rows and
+    that grows on demand (doubling, columns to a power of two, copying what is held) up to `num_slots` rows and
     `slot_capacity` columns, so memory never exceeds
     `num_slots * slot_capacity * bytes_per_token()`; `release()` gives it back when no slot is in
     use. A forward pass over some slots goes through `batch(slots, T)`, a view with the same
@@ -135,8 +135,11 @@ class SlotKVCache:
         if rows <= self.rows and columns <= self.columns:
             return
         new_rows = self.rows if rows <= self.rows else min(self.num_slots, max(rows, 2 * self.rows))
+        # columns to a power of two: a long prompt placed in a slot leaves room for its first steps
         new_columns = (
-            self.columns if columns <= self.columns else min(self.slot_capacity, max(columns, 2 * self.columns, 16))
+            self.columns
+            if columns <= self.columns
+            else min(self.slot_capacity, max(1 << (columns - 1).bit_length(), 2 * self.columns, 16))
         )
         shape = (new_rows, self.kv_heads, new_columns, self.head_dim)
         self.storage_version += 1  # first: should an allocation fail, the layers before it are replaced already

@@ -521,6 +521,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.max_batch < 1 or args.max_queue < 0 or args.kv_budget_mb <= 0 or (args.context or 1) < 1:
         raise LlamascopeError("--max-batch must be >= 1, --max-queue >= 0, --kv-budget-mb > 0 and --context >= 1")
+    if args.prefix_cache_mb < 0:
+        raise LlamascopeError(
+            f"--prefix-cache-mb must be >= 0 (0 turns the prefix cache off), not {args.prefix_cache_mb:g}"
+        )
     group = _start_parallel(args)
     main_rank = group is None or group.is_main
     if args.verbose == 0 and args.log_level is None and main_rank:
@@ -542,6 +546,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         kv_budget_bytes=int(args.kv_budget_mb * 2**20),
+        prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
         api_key=args.api_key,
         context=args.context,
     )
@@ -772,6 +777,14 @@ def _add_serve_command(sub) -> None:
         default=1024,
         metavar="MB",
         help="most memory the KV cache may take; bounds each slot's positions (default %(default)s)",
+    )
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=256,
+        metavar="MB",
+        help="memory for the keys and values of prompt beginnings that later prompts share, least recently "
+        "used first out; 0 turns it off (default %(default)s)",
     )
     p.add_argument(
         "--context",

@@ -254,6 +254,7 @@ class ServerSettings:
     max_batch: int = 8
     max_queue: int = 64
     kv_budget_bytes: int = 1 << 30
+    prefix_cache_bytes: int = 256 << 20  # whole prompt pieces kept for later prompts; 0: no prefix cache
     api_key: str | None = None
     context: int | None = None  # positions each sequence may use; None: the model's, or what the budget allows
 
@@ -339,6 +340,7 @@ def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
         settings.max_queue,
         slot_capacity_for(engine, settings),
         runner=runner,
+        prefix_cache_bytes=settings.prefix_cache_bytes,
     )
     scheduler.metrics = metrics = ServerMetrics(scheduler.stats)
     app = FastAPI(title="llamascope", lifespan=_lifespan(scheduler, settings))

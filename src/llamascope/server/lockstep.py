@@ -5,8 +5,9 @@
 Under tensor parallelism every forward pass contains collectives (all-reduces, an all-gather), so
 every rank must run the same forward passes with the same shapes in the same order. Rank 0 alone
 binds the port and runs the FastAPI app and the scheduler; its scheduler talks to the model
-through a `LeaderRunner`, which sends each call (`ModelRunner.prefill`, `decode`, and the cache
-calls `free`, `move`, `release`) to the other ranks before making it itself. The other ranks run
+through a `LeaderRunner`, which sends each call (`ModelRunner.begin_prefill`, `prefill`, `place`,
+`decode`, and the cache calls `drop`, `free`, `move`, `release`) to the other ranks before making
+it itself. The other ranks run
 `follow`: receive a message, make the same calls on their own shard and cache, repeat. Sampling,
 detokenising and stop strings happen on rank 0 only; the followers' logits are dropped.
 
@@ -14,8 +15,10 @@ Messages. A message is a list of calls, each a name and arguments that are integ
 lists of integers (token ids, slot numbers, lengths), sent as int64 tensors with
 `torch.distributed.broadcast`: a fixed-size first tensor (`HEADER` values) holds the length and,
 for a decode step of up to about 35 sequences, the whole message; the rest of a longer one (a
-prefill's prompts) follows in a second tensor. No pickle crosses the wire. Cache calls that need
-no forward (`free`, `move`) wait and travel with the next message. A decode call carries rank 0's
+prefill's prompt) follows in a second tensor. No pickle crosses the wire. Cache calls that need
+no forward (`drop`, `free`, `move`) wait and travel with the next message. Each rank keeps its
+own prefix cache of its own shard of keys and values; the same calls in the same order keep the
+caches alike. A decode call carries rank 0's
 lengths of its slots: a follower whose cache disagrees stops with an error instead of computing
 something else.
 
@@ -58,7 +61,7 @@ HEADER = 256  # int64s in a message's first broadcast: its length, then up to HE
 STOP_GRACE_S = 20.0  # a signalled follower waits this long for rank 0's "stop"
 
 # Call names, by their number on the wire.
-CALLS = ("stop", "start", "prefill", "decode", "free", "move", "release")
+CALLS = ("stop", "start", "begin_prefill", "prefill", "place", "drop", "decode", "free", "move", "release")
 _CODES = {name: code for code, name in enumerate(CALLS)}
 
 
@@ -140,10 +143,10 @@ class LeaderRunner(ModelRunner):
 
     lockstep = True
 
-    def __init__(self, model, max_batch: int, slot_capacity: int, group: ParallelGroup):
-        super().__init__(model, max_batch, slot_capacity)
+    def __init__(self, model, max_batch: int, slot_capacity: int, prefix_cache_bytes: int, group: ParallelGroup):
+        super().__init__(model, max_batch, slot_capacity, prefix_cache_bytes)
         self.group = group
-        self.max_batch, self.slot_capacity = max_batch, slot_capacity
+        self.max_batch, self.slot_capacity, self.prefix_cache_bytes = max_batch, slot_capacity, prefix_cache_bytes
         self.keepalive_s = group.timeout_s / 4
         self._pending: list[tuple] = []  # cache calls made here, sent with the next message
         self._last_sent = time.monotonic()
@@ -155,7 +158,7 @@ class LeaderRunner(ModelRunner):
 
     def open(self) -> None:
         _use_device(self.group)
-        self._send(("start", self.max_batch, self.slot_capacity))
+        self._send(("start", self.max_batch, self.slot_capacity, self.prefix_cache_bytes))
 
     def close(self, clean: bool = True) -> None:
         if not clean:
@@ -169,9 +172,21 @@ class LeaderRunner(ModelRunner):
         if time.monotonic() - self._last_sent >= self.keepalive_s / 2:
             self._send()
 
-    def prefill(self, prompts: list[list[int]], copies: list[int]):
-        self._send(("prefill", prompts, copies))
-        return super().prefill(prompts, copies)
+    def begin_prefill(self, key: int, prompt: list[int]) -> int:
+        self._send(("begin_prefill", key, prompt))
+        return super().begin_prefill(key, prompt)
+
+    def prefill(self, key: int, whole: bool) -> torch.Tensor | None:
+        self._send(("prefill", key, whole))
+        return super().prefill(key, whole)
+
+    def place(self, key: int, copies: int) -> list[int]:
+        self._send(("place", key, copies))
+        return super().place(key, copies)
+
+    def drop(self, key: int) -> None:
+        super().drop(key)
+        self._pending.append(("drop", key))
 
     def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
         self._send(("decode", slots, tokens, [self.cache.lengths[s] for s in slots]))
@@ -194,8 +209,8 @@ class LeaderRunner(ModelRunner):
 def leader_runner(group: ParallelGroup):
     """The Scheduler's `runner` factory for rank 0."""
 
-    def make(model, max_batch: int, slot_capacity: int) -> LeaderRunner:
-        return LeaderRunner(model, max_batch, slot_capacity, group)
+    def make(model, max_batch: int, slot_capacity: int, prefix_cache_bytes: int) -> LeaderRunner:
+        return LeaderRunner(model, max_batch, slot_capacity, prefix_cache_bytes, group)
 
     return make
 

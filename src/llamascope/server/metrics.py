@@ -1,7 +1,8 @@
 """The server's Prometheus metrics, served as text at `GET /metrics` (prometheus-client).
 
 One registry per app. The HTTP layer counts responses by status; the scheduler reports each
-request's end, its first token and the gaps between a sequence's tokens; queue depth, running
+request's end, its first token, the gaps between a sequence's tokens and each prompt's prefix
+cache look-up; queue depth, running
 sequences and KV-cache use are read from the scheduler when scraped.
 """
 
@@ -37,17 +38,28 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.prefix_cache_queries = Counter(
+            "llamascope_prefix_cache_queries", "prompt positions looked up in the prefix cache", registry=r
+        )
+        self.prefix_cache_hits = Counter(
+            "llamascope_prefix_cache_hits", "prompt positions the prefix cache held (not computed)", registry=r
+        )
         for name, key, text in (
             ("llamascope_queue_sequences", "waiting", "sequences waiting for a slot"),
             ("llamascope_running_sequences", "active", "sequences admitted and not finished"),
             ("llamascope_kv_cache_bytes", "kv_bytes", "bytes the KV cache holds"),
             ("llamascope_kv_cache_budget_bytes", "kv_budget_bytes", "bytes the KV cache may take"),
+            ("llamascope_prefix_cache_bytes", "prefix_cache_bytes", "bytes the prefix cache holds"),
         ):
             Gauge(name, text, registry=r).set_function(lambda key=key: stats()[key])
 
     def request_ended(self, outcome: str, prompt_tokens: int) -> None:
         self.requests.labels(outcome).inc()
         self.prompt_tokens.inc(prompt_tokens)
+
+    def prefix_cache(self, queried: int, hit: int) -> None:
+        self.prefix_cache_queries.inc(queried)
+        self.prefix_cache_hits.inc(hit)
 
     def tokens(self, count: int) -> None:
         self.completion_tokens.inc(count)

@@ -3,12 +3,15 @@
 One worker thread owns the model and a `SlotKVCache`, through a `ModelRunner` (every call that
 runs the model or changes the cache). Each loop it
   1. drops the sequences of cancelled requests (their slots are free for the next admission),
-  2. admits waiting sequences while slots are free: one prefill forward of the new prompts (not
-     the running ones; once for the n choices of one prompt), each row's keys/values copied into
-     a free slot, the first token chosen,
-  3. runs one decode forward over every active slot together: each row feeds its last token at
+  2. admits waiting sequences while slots are free: each new prompt (once for the n choices of
+     one request) starts a prefill, the whole pieces it shares with an earlier prompt loaded from
+     the prefix cache (prefix_cache.py),
+  3. prefills: while sequences decode, one piece's worth of positions (chunked prefill: a long
+     prompt holds the running streams up a piece at a time); with none decoding, whole prompts.
+     A finished prompt's keys/values go into a free slot per choice and its first token is chosen,
+  4. runs one decode forward over every active slot together: each row feeds its last token at
      its own position and sees only its own columns,
-  4. chooses each row's next token with that row's own processors and generator, detokenises,
+  5. chooses each row's next token with that row's own processors and generator, detokenises,
      stops it by `stopping.StopRules` (eos ids, stop strings, max_tokens: the rules generate()
      stops by) and hands the text to the request's asyncio queue, stop strings cut out.
 A finished sequence frees its slot at once; the highest used slot moves into the hole so the
@@ -29,6 +32,7 @@ gets, whatever else is running. Without a seed each choice gets a generator with
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import secrets
 import threading
@@ -43,15 +47,12 @@ from ..cache import KVCache, SlotKVCache
 from ..config import GenerationConfig
 from ..errors import LlamascopeError
 from ..layers import KERNEL_MAX_ROWS
+from ..model import PREFILL_PIECE, prefill_spans
 from ..sampling import apply_processors, build_processors, make_generator, select_next, token_logprobs
 from ..stopping import StopRules, StopText
+from .prefix_cache import PrefixCache
 
 log = logging.getLogger("llamascope")
-
-
-# Prompt tokens one call of the runner's prefill may take (its prompts are prefilled one by one;
-# their first tokens go out when the call returns).
-PREFILL_TOKENS = 2048
 
 
 class QueueFull(LlamascopeError):
@@ -237,19 +238,28 @@ class _Sequence:
 
 
 class ModelRunner:
-    """Every call of the scheduler that runs the model or changes the KV cache.
+    """Every call of the scheduler that runs the model or changes the KV caches.
 
-    Each call's effect depends only on its arguments and on the cache's state, so a second runner
+    Each call's effect depends only on its arguments and on the caches' state, so a second runner
     over another rank's shard of the model that makes the same calls in the same order stays in
     step with this one (the tensor-parallel server, lockstep.py). Logits are float32 [B, V].
+
+    A prompt is prefilled under a key the scheduler picks: `begin_prefill` (its cached prefix
+    loaded), `prefill` piece by piece or all at once until it returns the logits, `place` into
+    slots; `drop` forgets an unfinished one. Its numbers are generate()'s for that prompt alone
+    in every case: the model cuts a prompt into the same pieces however it arrives
+    (`model.prefill_spans`), and prompts are never batched together (several rows take other
+    numeric paths than one: the products' row blocking, padding, batched attention).
     """
 
     lockstep = False  # True where other processes repeat these calls: a failed call stops the server
     keepalive_s: float | None = None  # while idle, call keepalive() at least this often (None: no need)
 
-    def __init__(self, model, max_batch: int, slot_capacity: int):
+    def __init__(self, model, max_batch: int, slot_capacity: int, prefix_cache_bytes: int = 0):
         self.model = model
         self.cache = SlotKVCache.for_model(model, max_batch, slot_capacity)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.prefills: dict[int, tuple[list[int], KVCache, int]] = {}  # key -> (prompt, its cache, cached positions)
 
     def open(self) -> None:
         """The worker thread starts."""
@@ -260,36 +270,46 @@ class ModelRunner:
     def keepalive(self) -> None:
         """Called while idle, at least every keepalive_s seconds."""
 
-    def prefill(self, prompts: list[list[int]], copies: list[int]) -> tuple[torch.Tensor, list[list[int]]]:
-        """Each prompt's own forward, exactly generate()'s prefill of it alone, into a `KVCache`
-        whose keys and values then go into copies[b] free slots. Returns the logits [B, V] of each
-        prompt's last position and the slots.
+    def begin_prefill(self, key: int, prompt: list[int]) -> int:
+        """Start prefilling `prompt` under `key` -> how many of its positions the prefix cache held."""
+        # the slots' storage grows now if the prompt needs it, not when its first token is due
+        slots = self.cache.num_slots - self.cache.free_slots()
+        self.cache.reserve(min(slots + 1, self.cache.num_slots), len(prompt) + 1)
+        cache = KVCache.for_model(self.model, 1, len(prompt))
+        cached = self.prefix_cache.load(prompt, cache)
+        self.prefills[key] = (prompt, cache, cached)
+        return cached
 
-        Prompts are never batched together: several rows take other numeric paths than one (the
-        products' row blocking, padding, batched attention), and a request must get the tokens it
-        gets alone whatever else arrives with it."""
-        logits, slots = [], []
+    def prefill(self, key: int, whole: bool) -> torch.Tensor | None:
+        """The next piece of `key`'s prompt, or all that is left (`whole`) -> the logits [1, V] of
+        its last position once the prompt is done, else None."""
+        prompt, cache, cached = self.prefills[key]
+        start = cache.length
+        stop = len(prompt) if whole else prefill_spans(start, len(prompt))[0][1]
+        device = self.model.device
+        tokens = torch.tensor([prompt[start:stop]], dtype=torch.long, device=device)  # [1, t]
+        positions = torch.arange(start, stop, device=device)[None]  # [1, t]
+        logits = self.model(tokens, positions, cache, None, last_only=True)[:, -1].float()  # [1, V]
+        self.prefix_cache.store(prompt, cache, cached)
+        return logits if stop == len(prompt) else None
+
+    def place(self, key: int, copies: int) -> list[int]:
+        """`key`'s prefilled prompt into `copies` free slots, which are returned; the key is done."""
+        _, cache, _ = self.prefills.pop(key)
+        slots: list[int] = []
         try:
-            for prompt, n in zip(prompts, copies):
-                row_logits, cache = self._prefill_one(prompt)  # [1, V]
-                logits.append(row_logits)
-                slots.append([])
-                for _ in range(n):
-                    slots[-1].append(self.cache.allocate())
-                    self.cache.load(slots[-1][-1], cache)
+            for _ in range(copies):
+                slots.append(self.cache.allocate())
+                self.cache.load(slots[-1], cache)
         except Exception:
-            for slot in (s for row_slots in slots for s in row_slots):
+            for slot in slots:
                 self.cache.free(slot)
             raise
-        return torch.cat(logits), slots
+        return slots
 
-    def _prefill_one(self, prompt: list[int]) -> tuple[torch.Tensor, KVCache]:
-        device = self.model.device
-        tokens = torch.tensor([prompt], dtype=torch.long, device=device)  # [1, T]
-        positions = torch.arange(len(prompt), device=device)[None]  # [1, T]
-        cache = KVCache.for_model(self.model, 1, len(prompt))
-        logits = self.model(tokens, positions, cache, None, last_only=True)[:, -1].float()  # [1, V]
-        return logits, cache
+    def drop(self, key: int) -> None:
+        """Forget `key`'s prefill (its request went away or failed)."""
+        self.prefills.pop(key, None)
 
     def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
         """One decode step: row b feeds tokens[b] at the next position of slot slots[b] and sees
@@ -318,11 +338,21 @@ class ModelRunner:
         self.cache.move(source, target)
 
     def release(self) -> None:
-        """No slot is in use: give the cache storage back."""
+        """No slot is in use: give the slot cache's storage back (the prefix cache stays)."""
         self.cache.release()
 
 
 # ---- the scheduler -----------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Prefill:
+    """A prompt being prefilled for its group: the n choices of one request."""
+
+    key: int  # the runner's
+    group: list[_Sequence]
+    length: int  # prompt positions
+    done: int = 0  # positions in its cache (from the prefix cache or computed)
 
 
 class Scheduler:
@@ -333,10 +363,12 @@ class Scheduler:
         max_batch: int = 8,
         max_queue: int = 64,
         slot_capacity: int | None = None,
-        runner: Callable[[object, int, int], ModelRunner] = ModelRunner,
+        runner: Callable[[object, int, int, int], ModelRunner] = ModelRunner,
+        prefix_cache_bytes: int = 0,
     ):
-        """`runner(model, max_batch, slot_capacity)` makes the ModelRunner the worker calls. Each
-        sequence stops by its own settings (SequenceSpec.config, resolved as `Engine` resolves them)."""
+        """`runner(model, max_batch, slot_capacity, prefix_cache_bytes)` makes the ModelRunner the
+        worker calls (prefix_cache_bytes 0: no prefix cache). Each sequence stops by its own
+        settings (SequenceSpec.config, resolved as `Engine` resolves them)."""
         if max_batch < 1:
             raise LlamascopeError(f"max_batch must be >= 1, found {max_batch}")
         if max_queue < 0:
@@ -345,13 +377,15 @@ class Scheduler:
         self.max_batch, self.max_queue = max_batch, max_queue
         context = model.config.max_position_embeddings
         self.slot_capacity = min(context, slot_capacity or context)
-        self.runner = runner(model, max_batch, self.slot_capacity)
+        self.runner = runner(model, max_batch, self.slot_capacity, prefix_cache_bytes)
         self.cache = self.runner.cache  # read-only here: changes go through the runner
         self.vocab_size = model.config.vocab_size
         self._cond = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
         self._admitted = 0  # sequences taken from the queue and not yet finished (under _cond)
         self._active: list[_Sequence] = []  # worker only; ordered by slot
+        self._prefilling: deque[_Prefill] = deque()  # worker only; admitted prompts not yet in slots
+        self._keys = itertools.count()  # the runner's prefill keys
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.completed = self.cancelled = self.failed = 0
@@ -417,6 +451,8 @@ class Scheduler:
             "max_queue": self.max_queue,
             "slot_capacity": self.slot_capacity,
             "kv_bytes": self.cache.nbytes(),
+            "prefix_cache_bytes": self.runner.prefix_cache.nbytes,
+            "prefix_cache_budget_bytes": self.runner.prefix_cache.max_bytes,
             "kv_budget_bytes": self.cache.max_bytes(),
             "completed": self.completed,
             "cancelled": self.cancelled,
@@ -443,10 +479,9 @@ class Scheduler:
                         while self._waiting and self._admitted < self.max_batch:
                             admit.append(self._waiting.popleft())
                             self._admitted += 1
-                    for seq in list(self._active):
-                        if seq.request.cancelled:
-                            self._leave(seq, None)
+                    self._drop_cancelled_running()
                     self._admit(admit)
+                    self._prefill_some()
                     if self._active:
                         self._decode_step()
                 except Exception as e:  # noqa: BLE001 - a bug here must not leave requests hanging
@@ -454,7 +489,7 @@ class Scheduler:
                         self._fatal(e, admit)
                         break
                     log.exception("scheduler step failed")
-                    for seq in list(self._active) + [s for s in admit if not s.done]:
+                    for seq in self._in_hand(admit):
                         self._fail(seq, f"generation failed: {e}")
             self._shutdown()
             self.runner.close(clean=self.error is None)
@@ -465,7 +500,7 @@ class Scheduler:
         work (or the scheduler stops)."""
         with self._cond:
             self._drop_cancelled_waiting()
-            if self._waiting or self._active or self._stopping:
+            if self._waiting or self._active or self._prefilling or self._stopping:
                 return False
         self.runner.release()  # outside the lock: under tensor parallelism this talks to the other ranks
         with self._cond:
@@ -489,7 +524,7 @@ class Scheduler:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        for seq in list(self._active) + [s for s in admit if not s.done]:
+        for seq in self._in_hand(admit):
             self._fail(seq, f"generation failed: {self.error}")
         if self.on_fatal is not None:
             self.on_fatal(self.error)
@@ -505,10 +540,24 @@ class Scheduler:
                     kept.append(seq)
             self._waiting = kept
 
+    def _in_hand(self, admit: list[_Sequence]) -> list[_Sequence]:
+        """The worker's unfinished sequences: running, being prefilled, just admitted."""
+        prefilling = [seq for job in self._prefilling for seq in job.group]
+        return [seq for seq in self._active + prefilling + admit if not seq.done]
+
+    def _drop_cancelled_running(self) -> None:
+        """Cancelled requests' sequences leave their slots and their unfinished prefills."""
+        for seq in list(self._active):
+            if seq.request.cancelled:
+                self._leave(seq, None)
+        for job in [job for job in self._prefilling if job.group[0].request.cancelled]:
+            self._end_prefill(job)
+            for seq in job.group:
+                self._release_admitted(seq)
+
     def _admit(self, admit: list[_Sequence]) -> None:
-        """Prefill the new prompts and put each choice in a free slot (choices sharing a prompt are
-        prefilled once). Prompts admitted together go to the runner in calls of up to PREFILL_TOKENS
-        tokens (each prompt is still prefilled alone), so that their first tokens are not held back long."""
+        """Start a prefill for each new prompt, its cached prefix loaded; the n choices of one
+        request share their prompt's prefill."""
         groups: list[list[_Sequence]] = []
         for seq in admit:
             if seq.request.cancelled:
@@ -519,37 +568,68 @@ class Scheduler:
                 groups[-1].append(seq)
             else:
                 groups.append([seq])
-        chunk: list[list[_Sequence]] = []
         for group in groups:
-            tokens = sum(len(g[0].spec.prompt_ids) for g in chunk + [group])
-            if chunk and tokens > PREFILL_TOKENS:
-                self._prefill(chunk)
-                chunk = []
-            chunk.append(group)
-        if chunk:
-            self._prefill(chunk)
+            prompt = list(group[0].spec.prompt_ids)
+            job = _Prefill(next(self._keys), group, len(prompt))
+            try:
+                cached = self.runner.begin_prefill(job.key, prompt)
+            except Exception as e:  # noqa: BLE001 - one bad request must not stop the others
+                self._prefill_failed(job, e)
+                continue
+            job.done = cached
+            if self.metrics is not None:
+                self.metrics.prefix_cache(len(prompt), cached)
+            self._prefilling.append(job)
 
-    def _prefill(self, groups: list[list[_Sequence]]) -> None:
-        """The groups' prompts, each prefilled alone; each is then copied into a slot per choice."""
-        prompts = [list(group[0].spec.prompt_ids) for group in groups]
-        log.debug("prefill of %d prompts (%s tokens)", len(prompts), ", ".join(str(len(p)) for p in prompts))
+    def _prefill_some(self) -> None:
+        """Run the waiting prefills, first come first served. While sequences decode, at most
+        PREFILL_PIECE positions (at least one piece) go before their next step, so a long prompt
+        holds them up a piece at a time, not for its whole prefill; with none decoding a prompt
+        runs to its end in one call (the same numbers: `model.prefill_spans`)."""
+        budget = PREFILL_PIECE
+        while self._prefilling and (budget > 0 or not self._active):
+            job = self._prefilling[0]
+            whole = not self._active
+            stop = job.length if whole else prefill_spans(job.done, job.length)[0][1]
+            log.debug("prefill of %s: positions %d to %d of %d", job.group[0].request.id, job.done, stop, job.length)
+            try:
+                logits = self.runner.prefill(job.key, whole)  # [1, V] once the prompt is done
+            except Exception as e:  # noqa: BLE001
+                if self.runner.lockstep:
+                    raise
+                self._prefill_failed(job, e)
+                continue
+            budget -= stop - job.done
+            job.done = stop
+            if logits is not None:
+                self._place(job, logits)
+
+    def _place(self, job: _Prefill, logits: torch.Tensor) -> None:
+        """A finished prefill: each choice gets a slot and its first token."""
+        self._prefilling.popleft()
         try:
-            logits, slots = self.runner.prefill(prompts, [len(group) for group in groups])  # [B, V]
-            for group, row_slots in zip(groups, slots):
-                for seq, slot in zip(group, row_slots):
-                    seq.slot = slot
-                    self._active.append(seq)
-        except Exception as e:  # noqa: BLE001 - one bad request must not stop the others
+            slots = self.runner.place(job.key, len(job.group))
+        except Exception as e:  # noqa: BLE001
             if self.runner.lockstep:
                 raise
-            log.exception("prefill of %s failed", ", ".join(g[0].request.id for g in groups))
-            for group in groups:
-                for seq in group:
-                    self._fail(seq, f"generation failed: {e}")
+            self._prefill_failed(job, e)
             return
-        for row, group in enumerate(groups):
-            for seq in group:
-                self._choose_and_deliver(seq, logits[row : row + 1])
+        for seq, slot in zip(job.group, slots):
+            seq.slot = slot
+            self._active.append(seq)
+        for seq in job.group:
+            self._choose_and_deliver(seq, logits)
+
+    def _prefill_failed(self, job: _Prefill, error: Exception) -> None:
+        log.exception("prefill of %s failed", job.group[0].request.id, exc_info=error)
+        self._end_prefill(job)
+        for seq in job.group:
+            self._fail(seq, f"generation failed: {error}")
+
+    def _end_prefill(self, job: _Prefill) -> None:
+        if job in self._prefilling:
+            self._prefilling.remove(job)
+        self.runner.drop(job.key)
 
     def _decode_step(self) -> None:
         active = sorted(self._active, key=lambda s: s.slot)
@@ -661,7 +741,7 @@ class Scheduler:
         self._leave(seq, None)
 
     def _shutdown(self) -> None:
-        for seq in list(self._active):
+        for seq in self._in_hand([]):
             self._fail(seq, "the server is shutting down")
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
