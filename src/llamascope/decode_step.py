@@ -16,11 +16,16 @@ kernel there); for several sequences the module path's attention is PyTorch's, e
 rounding. A bfloat16 model gets its own step (bfloat16 weights on AVX512-BF16) that rounds to
 bfloat16 at every point where PyTorch does; only float summation order differs. Anything else
 (prefill, tracing, tensor parallelism) takes the module path, which stays the reference.
+
+Each step runs on as many of torch.get_num_threads() as its `ThreadTuner` picks from the measured
+step times: all of them on a quiet machine, fewer where other work contends for the cores
+(thread_tuner.py). The count never changes a number.
 """
 
 from __future__ import annotations
 
 import ctypes
+import time
 import weakref
 
 import torch
@@ -32,6 +37,7 @@ from .cache import KVCache, SlotBatch
 from .errors import LlamascopeError
 from .layers import KERNEL_MAX_ROWS, FastLinear, QuantEmbedding, QuantLinear
 from .model import check_token_ids
+from .thread_tuner import ThreadTuner
 
 _p, _i, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 
@@ -161,6 +167,8 @@ class DecodeStep:
         self._rope_table = None if config.rope_type == "dynamic" else (torch.empty(0), torch.empty(0))
         # (the cache, its storage_version, keys array, values array) of the last step
         self._cache_arrays: tuple = (lambda: None, -1, None, None)
+        # how many of torch.get_num_threads() each step uses: fewer where cores are contended
+        self.tuner = ThreadTuner()
         embed = model.model.embed_tokens
         self._q8_embedding = (
             isinstance(embed, QuantEmbedding) and embed.qtype == "Q8_0" and embed.out_dtype == self.dtype
@@ -282,6 +290,8 @@ class DecodeStep:
             store, slots, cols, capacity = cache.cache, cache.slots, cache.lengths, cache.cache.columns
         keys, values = self._cache_pointers(store)
         logits = torch.empty(B, 1, self.vocab)  # [B, 1, vocab]
+        threads = self.tuner.threads(torch.get_num_threads())
+        start = time.perf_counter()
         status = self._fn(
             ctypes.byref(self.stack),
             B,
@@ -294,8 +304,9 @@ class DecodeStep:
             (_i * B)(*cols),
             capacity,
             logits.data_ptr(),
-            torch.get_num_threads(),
+            threads,
         )
+        self.tuner.record(time.perf_counter() - start, B)
         if status == -2:
             raise LlamascopeError("decode step: a layer's weight format is not one csrc/decode_step.c runs")
         if status != 0:
