@@ -88,6 +88,7 @@ def test_bench_json_report(tiny_model, capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["decode_tokens_per_s"] > 0 and report["prefill_tokens_per_s"] > 0
     assert report["prefill_tokens"] == 32 and report["decode_tokens"] == 8
+    assert report["other_cores"] >= 0 and isinstance(report["machine_busy"], bool)
     model = load_model(tiny_model).model
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # RoPE frequencies
@@ -159,3 +160,21 @@ def test_bench_runs_on_weights_without_a_tokenizer(tiny_model, tmp_path, capsys)
     )
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["prefill_tokens"] == 16 and report["decode_tokens_per_s"] > 0
+
+
+def test_bench_counts_other_processes_busy_time_and_not_its_own():
+    """A child process spinning for a second is one busy core; this process spinning is none."""
+    import subprocess
+    import sys
+    import time
+
+    from llamascope.bench import BUSY_CORES, OtherLoad
+
+    spin = "import time\nend = time.perf_counter() + 1.0\nwhile time.perf_counter() < end: pass"
+    with OtherLoad() as busy:
+        subprocess.run([sys.executable, "-c", spin], check=True)
+    with OtherLoad() as own:
+        end = time.perf_counter() + 1.0
+        while time.perf_counter() < end:
+            pass
+    assert busy.cores > 0.6 and own.cores < BUSY_CORES

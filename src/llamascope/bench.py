@@ -1,13 +1,17 @@
 """Measure what users pick an engine by: load time, peak memory, prefill and decode tokens/s, and
 decode speed as a share of the memory-bandwidth limit (weight bytes per token over a read
-bandwidth measured here)."""
+bandwidth measured here). It also says how busy the machine was meanwhile: the cores that other
+processes kept busy while decode and prefill were measured (/proc/stat's busy time less this
+process's own), since on a small machine any other work lowers the figures."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -42,6 +46,14 @@ class BenchResult:
     # what loading raised resident memory to, over the RSS before it; None where that is not known (no
     # /proc, weights on a GPU, or the process had a higher peak before loading than since)
     load_added_rss_bytes: int | None = None
+    # cores other processes kept busy, on average, while decode and prefill were measured (None: no /proc)
+    other_cores: float | None = None
+    cores: int = 1  # the machine's (os.cpu_count())
+
+    @property
+    def machine_busy(self) -> bool:
+        """Other work took a quarter of a core or more while measuring: the figures are below the machine's own."""
+        return self.other_cores is not None and self.other_cores >= BUSY_CORES
 
     @property
     def load_rss_per_weight_byte(self) -> float | None:
@@ -63,7 +75,44 @@ class BenchResult:
         out["bandwidth_limit_tokens_per_s"] = self.bandwidth_limit_tokens_per_s
         out["decode_share_of_limit"] = self.decode_share_of_limit
         out["load_rss_per_weight_byte"] = self.load_rss_per_weight_byte
+        out["machine_busy"] = self.machine_busy
         return out
+
+
+BUSY_CORES = 0.25
+
+
+def _machine_cpu_seconds() -> float | None:
+    """CPU seconds every process has run since boot (/proc/stat's first line, time stolen by a
+    hypervisor included); None without /proc."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields)
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """`with OtherLoad() as load:` ... then `load.cores`: the cores other processes kept busy on
+    average meanwhile (None without /proc)."""
+
+    def __enter__(self) -> OtherLoad:
+        self.cores: float | None = None
+        self._machine, self._own, self._wall = _machine_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        machine, wall = _machine_cpu_seconds(), time.perf_counter() - self._wall
+        if machine is None or self._machine is None or wall <= 0:
+            return
+        others = (machine - self._machine) - (_own_cpu_seconds() - self._own)
+        self.cores = max(0.0, others / wall)
+
+
+def _own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
 def kernel_build(model: nn.Module) -> str:
@@ -167,12 +216,13 @@ def run(
     bandwidth = measure_read_bandwidth(device=model.device)
     tick("bandwidth")
     decode_rates, prefill_rates = [], []
-    for _ in range(repeats):
-        decode_rates.append(time_decode(model, decode_ids, new_tokens)[1])
-        tick("decode")
-        prefill_seconds, _ = time_decode(model, long_ids, 1)
-        prefill_rates.append(len(long_ids) / prefill_seconds)
-        tick("prefill")
+    with OtherLoad() as load:
+        for _ in range(repeats):
+            decode_rates.append(time_decode(model, decode_ids, new_tokens)[1])
+            tick("decode")
+            prefill_seconds, _ = time_decode(model, long_ids, 1)
+            prefill_rates.append(len(long_ids) / prefill_seconds)
+            tick("prefill")
     return BenchResult(
         load_seconds=engine.loaded.load_seconds,
         peak_rss_bytes=rss_after_load,
@@ -188,4 +238,6 @@ def run(
         kernels=kernel_build(model),
         rss_before_load_bytes=engine.loaded.rss_before_bytes,
         load_added_rss_bytes=load_added_rss(engine.loaded, rss_after_load) if model.device.type == "cpu" else None,
+        other_cores=load.cores,
+        cores=os.cpu_count() or 1,
     )

@@ -652,12 +652,20 @@ def _bench_table(engine, result):
             f"{100 * result.decode_share_of_limit:.0f}% of {result.bandwidth_limit_tokens_per_s:.0f} tokens/s",
         ),
         ("threads", str(result.threads)),
+        ("other processes", _other_load_text(result)),
         ("device", result.device),
         ("native kernels", result.kernels),
     ]
     for key, value in rows:
         table.add_row(key, value)
     return table
+
+
+def _other_load_text(result) -> str:
+    if result.other_cores is None:
+        return "unknown (no /proc)"
+    used = f"{result.other_cores:.2f} of {result.cores} cores busy while measuring"
+    return f"{used}: BUSY, the figures are below this machine's own" if result.machine_busy else f"{used} (quiet)"
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
