@@ -916,3 +916,55 @@ def test_llamascope_serve_command(tiny_model):
             process.kill()
             output = process.communicate()[0]
     assert "tokens in, 5 out, first token" in output  # the per-request log line, on by default
+
+
+def test_a_scheduler_failure_during_a_prefill_leaves_nothing_behind(engine, monkeypatch):
+    """A step of the scheduler fails (a bug, injected) while one sequence decodes and a long prompt
+    is half prefilled: both requests fail once, the unfinished prefill is dropped, every admitted
+    sequence is let go exactly once, and the next request gets exactly its tokens alone."""
+    from llamascope.server.scheduler import Delta, Done, Failed, Request, Scheduler, SequenceSpec
+
+    original, raised = Scheduler._decode_step, []
+
+    def broken(self):
+        if self._prefilling and not raised:
+            raised.append(True)
+            raise RuntimeError("injected failure")
+        return original(self)
+
+    monkeypatch.setattr(Scheduler, "_decode_step", broken)
+    scheduler = Scheduler(engine.model, engine.tokenizer, max_batch=4, slot_capacity=2048, prefix_cache_bytes=1 << 24)
+    config = engine.local_generation_config(max_new_tokens=40, do_sample=False)
+    beside = engine.encode(PROMPTS[1])
+
+    async def last_event(request: Request):
+        while isinstance(event := await asyncio.wait_for(request.events.get(), 60), Delta):
+            pass
+        return event
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        running = Request("beside", [SequenceSpec(beside, config)], loop)
+        scheduler.submit(running)
+        assert isinstance(await asyncio.wait_for(running.events.get(), 60), Delta)
+        doomed = Request("long", [SequenceSpec(list(range(3, 700)), config)], loop)
+        scheduler.submit(doomed)
+        ended = [await last_event(running), await last_event(doomed)]
+        wait_for(lambda: scheduler.stats()["active"] == 0, what="every sequence let go")
+        again = Request("again", [SequenceSpec(beside, config)], loop)
+        scheduler.submit(again)
+        tokens = []
+        while not isinstance(event := await asyncio.wait_for(again.events.get(), 60), Done):
+            tokens += event.token_ids
+        return ended, tokens
+
+    scheduler.start()
+    try:
+        ended, tokens = asyncio.run(main())
+        assert raised and all(isinstance(e, Failed) and "injected failure" in e.message for e in ended)
+        assert tokens == engine.generate_ids(beside, max_new_tokens=40, do_sample=False).output_ids[0]
+        state = wait_for(lambda: (s := scheduler.stats())["active"] == 0 and s, what="idle")
+        assert (state["waiting"], state["failed"], state["completed"]) == (0, 2, 1)
+        assert scheduler.runner.prefills == {}
+    finally:
+        assert scheduler.stop()

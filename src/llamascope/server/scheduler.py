@@ -553,7 +553,8 @@ class Scheduler:
         for job in [job for job in self._prefilling if job.group[0].request.cancelled]:
             self._end_prefill(job)
             for seq in job.group:
-                self._release_admitted(seq)
+                if not seq.done:  # (a failed request's sequences were released when they failed)
+                    self._release_admitted(seq)
 
     def _admit(self, admit: list[_Sequence]) -> None:
         """Start a prefill for each new prompt, its cached prefix loaded; the n choices of one
