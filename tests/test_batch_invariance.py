@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from llamascope import Engine
 from llamascope.cache import KVCache
 from llamascope.generation import generate
-from llamascope.model import PREFILL_PIECE, prefill_spans
+from llamascope.model import PREFILL_PIECE, PREFILL_TAIL, prefill_spans
 from llamascope.server.scheduler import Delta, Done, Request, Scheduler, SequenceSpec
 
 VOCAB = 250  # token ids drawn below this (both test models' vocabularies are larger)
@@ -181,3 +181,16 @@ def test_a_prompt_gives_the_same_numbers_in_one_call_or_piece_by_piece(served, l
     for layer in range(len(caches[0].keys)):
         assert torch.equal(caches[0].keys[layer], caches[1].keys[layer])
         assert torch.equal(caches[0].values[layer], caches[1].values[layer])
+
+
+@given(start=st.integers(0, 3 * PREFILL_PIECE), length=st.integers(1, 3 * PREFILL_PIECE))
+def test_prompt_pieces_are_cut_at_multiples_and_never_end_in_a_short_tail(start, length):
+    """The cut rule itself: contiguous pieces over [start, stop), inner cuts at multiples of the
+    piece size, and a last piece (of several) of at least PREFILL_TAIL positions."""
+    stop = start + length
+    spans = prefill_spans(start, stop)
+    assert spans[0][0] == start and spans[-1][1] == stop
+    assert all(a < b for a, b in spans) and all(spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1))
+    assert all(b % PREFILL_PIECE == 0 for _, b in spans[:-1])
+    assert all(b - a <= PREFILL_PIECE for a, b in spans[:-1])
+    assert len(spans) == 1 or spans[-1][1] - spans[-1][0] >= PREFILL_TAIL

@@ -34,7 +34,7 @@ def _load(prefix_cache: PrefixCache, prompt: list[int]) -> tuple[int, KVCache]:
 
 
 def test_whole_pieces_before_the_last_position_are_found_with_their_keys_and_values():
-    prefix_cache = PrefixCache(100 * _block_bytes(), piece=PIECE)
+    prefix_cache = PrefixCache(100 * _block_bytes(), piece=PIECE, tail=1)
     first = list(range(10, 21))  # 11 positions: two whole pieces, then 3
     prefix_cache.store(first, _computed(first), start=0)
     assert len(prefix_cache.blocks) == 2 and prefix_cache.nbytes == 2 * _block_bytes()
@@ -50,14 +50,14 @@ def test_whole_pieces_before_the_last_position_are_found_with_their_keys_and_val
 
 def test_a_piece_is_found_only_after_the_same_beginning():
     """The same four tokens after another beginning are another block (their keys differ)."""
-    prefix_cache = PrefixCache(100 * _block_bytes(), piece=PIECE)
+    prefix_cache = PrefixCache(100 * _block_bytes(), piece=PIECE, tail=1)
     prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9]
     prefix_cache.store(prompt, _computed(prompt), start=0)
     assert _load(prefix_cache, [0, 2, 3, 4, 5, 6, 7, 8, 9])[0] == 0
 
 
 def test_it_keeps_to_its_bound_and_evicts_the_least_recently_used_deepest_first():
-    prefix_cache = PrefixCache(3 * _block_bytes(), piece=PIECE)
+    prefix_cache = PrefixCache(3 * _block_bytes(), piece=PIECE, tail=1)
     a = [1] * 8 + [0]  # two pieces
     b = [2] * 8 + [0]
     prefix_cache.store(a, _computed(a), start=0)
@@ -71,12 +71,25 @@ def test_it_keeps_to_its_bound_and_evicts_the_least_recently_used_deepest_first(
 
 
 def test_pieces_loaded_from_it_are_not_stored_again_and_zero_bytes_turn_it_off():
-    prefix_cache = PrefixCache(100 * _block_bytes(), piece=PIECE)
+    prefix_cache = PrefixCache(100 * _block_bytes(), piece=PIECE, tail=1)
     prompt = list(range(1, 14))
     prefix_cache.store(prompt, _computed(prompt), start=0)
     before = dict(prefix_cache.blocks)
     prefix_cache.store(prompt, _computed(prompt), start=8)
     assert prefix_cache.blocks == before
-    off = PrefixCache(0, piece=PIECE)
+    off = PrefixCache(0, piece=PIECE, tail=1)
     off.store(prompt, _computed(prompt), start=0)
     assert off.blocks == {} and _load(off, prompt)[0] == 0
+
+
+def test_a_piece_that_ran_on_past_a_multiple_is_not_kept_nor_split_by_a_lookup():
+    """With a tail of 3: a 10-position prompt is cut [0, 4) [4, 10) (two positions after 8 are too
+    few), so only [0, 4) is kept, and a lookup of a 10-position prompt takes only that piece, as
+    its own prefill would cut it."""
+    prefix_cache = PrefixCache(100 * _block_bytes(), piece=PIECE, tail=3)
+    prompt = list(range(1, 11))
+    prefix_cache.store(prompt, _computed(prompt), start=0)
+    assert [len(b.tokens) for b in prefix_cache.blocks.values()] == [4]
+    longer = list(range(1, 14))  # cut [0, 4) [4, 8) [8, 13)
+    prefix_cache.store(longer, _computed(longer), start=0)
+    assert _load(prefix_cache, prompt)[0] == 4 and _load(prefix_cache, longer)[0] == 8

@@ -27,7 +27,7 @@ from torch import nn
 from .cache import KVCache
 from .config import ModelConfig
 from .errors import LlamascopeError
-from .layers import Linear, dequantized_once
+from .layers import KERNEL_MAX_ROWS, Linear, dequantized_once
 
 # ---- rotary embeddings: one function per rope_type ---------------------------------------------
 
@@ -595,15 +595,22 @@ class Transformer(nn.Module):
 # (absolute cache columns): the same prompt then takes the same arithmetic whether it runs in one
 # call (generate), piece by piece between other sequences' decode steps (the server), or resumes
 # after a cached prefix of whole pieces. Pieces of 256 rows keep the matrix products near their
-# full speed and bound what one piece holds up a server's running streams (docs/serving.md).
+# full speed and bound what one piece holds up a server's running streams (docs/serving.md). No
+# last piece is shorter than PREFILL_TAIL positions (where fewer would follow a multiple, the piece
+# before runs on to the end): up to KERNEL_MAX_ROWS rows a product takes the decode kernels and
+# their 8-bit activations, which a prompt longer than that should not get for its last positions.
 PREFILL_PIECE = 256
+PREFILL_TAIL = KERNEL_MAX_ROWS + 1
 
 
-def prefill_spans(start: int, stop: int, piece: int = PREFILL_PIECE) -> list[tuple[int, int]]:
-    """Cache columns [start, stop) cut at the multiples of `piece`: [(start, b1), (b1, b2), ...]."""
+def prefill_spans(start: int, stop: int, piece: int = PREFILL_PIECE, tail: int = PREFILL_TAIL) -> list[tuple[int, int]]:
+    """Cache columns [start, stop) cut at the multiples of `piece` after which at least `tail`
+    positions are left: [(start, b1), (b1, b2), ...]."""
     spans = []
     while start < stop:
-        end = min(stop, (start // piece + 1) * piece)
+        end = (start // piece + 1) * piece
+        if stop - end < tail:
+            end = stop
         spans.append((start, end))
         start = end
     return spans

@@ -1,7 +1,8 @@
 """Prefix caching: the keys and values of whole prompt pieces, kept for later prompts that begin alike.
 
 A prompt reaches the model in pieces of PREFILL_PIECE positions cut at its multiples
-(`model.prefill_spans`), and a piece's arithmetic depends only on its tokens and the cache before
+(`model.prefill_spans`; a last piece of fewer than PREFILL_TAIL positions joins the one before, and
+such a longer piece is not kept), and a piece's arithmetic depends only on its tokens and the cache before
 it. So the keys and values of the whole pieces a prompt begins with are exactly those of any
 other prompt that begins with the same tokens, up to the end of a whole piece: a later prompt
 loads them and resumes at the first piece it does not share, and gets, to the bit, what it gets
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cache import KVCache
-from ..model import PREFILL_PIECE
+from ..model import PREFILL_PIECE, PREFILL_TAIL, prefill_spans
 
 
 @dataclass
@@ -48,15 +49,20 @@ def _chain(prompt: list[int], count: int, piece: int) -> list[bytes]:
 
 
 class PrefixCache:
-    def __init__(self, max_bytes: int, piece: int = PREFILL_PIECE):
-        self.max_bytes, self.piece = max_bytes, piece
+    def __init__(self, max_bytes: int, piece: int = PREFILL_PIECE, tail: int = PREFILL_TAIL):
+        self.max_bytes, self.piece, self.tail = max_bytes, piece, tail
         self.blocks: OrderedDict[bytes, Block] = OrderedDict()  # least recently used first
         self.nbytes = 0
         self.queried = self.hit = 0  # prompt positions looked up, and found
 
+    def _whole_pieces(self, prompt: list[int]) -> list[tuple[int, int]]:
+        """The pieces `prefill_spans` cuts `prompt` into that end at a multiple of the piece size
+        (all but a last one that runs past it): [(0, PIECE), (PIECE, 2 PIECE), ...]."""
+        return [span for span in prefill_spans(0, len(prompt), self.piece, self.tail) if span[1] % self.piece == 0]
+
     def reusable(self, prompt: list[int]) -> int:
         """Whole pieces of `prompt` that may come from here: all those before its last position."""
-        return (len(prompt) - 1) // self.piece if self.max_bytes > 0 else 0
+        return sum(end < len(prompt) for _, end in self._whole_pieces(prompt)) if self.max_bytes > 0 else 0
 
     def load(self, prompt: list[int], cache: KVCache) -> int:
         """Copy the cached whole pieces `prompt` begins with into row 0 of an empty `cache`, which
@@ -83,7 +89,8 @@ class PrefixCache:
         """Keep the whole pieces of `prompt` that `cache` computed from column `start` on (row 0)."""
         if self.max_bytes <= 0:
             return
-        first, count = -(-start // self.piece), cache.length // self.piece
+        first = -(-start // self.piece)
+        count = sum(end <= cache.length for _, end in self._whole_pieces(prompt))
         chain = _chain(prompt, count, self.piece)
         for k, digest in enumerate(chain):
             if k < first or digest in self.blocks:
