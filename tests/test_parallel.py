@@ -589,7 +589,7 @@ def test_lockstep_messages_round_trip_and_garbage_is_refused():
         ("free", 3),
         ("move", 5, 3),
         ("begin_prefill", 7, [1, 2, 3]),
-        ("prefill", 7, 1),
+        ("prefill", 7, 3),
         ("place", 7, 2),
         ("drop", 8),
         ("decode", [0, 1], [7, 8], [4, 5]),

@@ -176,9 +176,9 @@ class LeaderRunner(ModelRunner):
         self._send(("begin_prefill", key, prompt))
         return super().begin_prefill(key, prompt)
 
-    def prefill(self, key: int, whole: bool) -> torch.Tensor | None:
-        self._send(("prefill", key, whole))
-        return super().prefill(key, whole)
+    def prefill(self, key: int, stop: int) -> torch.Tensor | None:
+        self._send(("prefill", key, stop))
+        return super().prefill(key, stop)
 
     def place(self, key: int, copies: int) -> list[int]:
         self._send(("place", key, copies))

@@ -67,18 +67,18 @@ class PrefixCache:
     def load(self, prompt: list[int], cache: KVCache) -> int:
         """Copy the cached whole pieces `prompt` begins with into row 0 of an empty `cache`, which
         then holds them -> how many positions that is."""
-        found: list[Block] = []
+        found: list[tuple[bytes, Block]] = []
         for k, digest in enumerate(_chain(prompt, self.reusable(prompt), self.piece)):
             block = self.blocks.get(digest)
             if block is None or block.tokens != tuple(prompt[k * self.piece : (k + 1) * self.piece]):
                 break
-            found.append(block)
-        for k, block in enumerate(found):
+            found.append((digest, block))
+        for k, (_, block) in enumerate(found):
             columns = slice(k * self.piece, (k + 1) * self.piece)
             for layer, (keys, values) in enumerate(zip(block.keys, block.values)):
                 cache.keys[layer][0, :, columns] = keys
                 cache.values[layer][0, :, columns] = values
-        self._touch(_chain(prompt, len(found), self.piece))
+        self._touch([digest for digest, _ in found])
         positions = len(found) * self.piece
         cache.length = positions
         self.queried += len(prompt)
@@ -116,7 +116,3 @@ class PrefixCache:
         while self.nbytes > self.max_bytes:
             _, block = self.blocks.popitem(last=False)
             self.nbytes -= block.nbytes
-
-    def clear(self) -> None:
-        self.blocks.clear()
-        self.nbytes = 0

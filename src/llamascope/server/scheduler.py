@@ -245,7 +245,7 @@ class ModelRunner:
     step with this one (the tensor-parallel server, lockstep.py). Logits are float32 [B, V].
 
     A prompt is prefilled under a key the scheduler picks: `begin_prefill` (its cached prefix
-    loaded), `prefill` piece by piece or all at once until it returns the logits, `place` into
+    loaded), `prefill` to the end of a piece or of the prompt until it returns the logits, `place` into
     slots; `drop` forgets an unfinished one. Its numbers are generate()'s for that prompt alone
     in every case: the model cuts a prompt into the same pieces however it arrives
     (`model.prefill_spans`), and prompts are never batched together (several rows take other
@@ -280,12 +280,12 @@ class ModelRunner:
         self.prefills[key] = (prompt, cache, cached)
         return cached
 
-    def prefill(self, key: int, whole: bool) -> torch.Tensor | None:
-        """The next piece of `key`'s prompt, or all that is left (`whole`) -> the logits [1, V] of
-        its last position once the prompt is done, else None."""
+    def prefill(self, key: int, stop: int) -> torch.Tensor | None:
+        """`key`'s prompt on from where its cache ends, to column `stop` (the end of a piece
+        `model.prefill_spans` cuts, or of the prompt) -> the logits [1, V] of its last position once
+        the prompt is done, else None."""
         prompt, cache, cached = self.prefills[key]
         start = cache.length
-        stop = len(prompt) if whole else prefill_spans(start, len(prompt))[0][1]
         device = self.model.device
         tokens = torch.tensor([prompt[start:stop]], dtype=torch.long, device=device)  # [1, t]
         positions = torch.arange(start, stop, device=device)[None]  # [1, t]
@@ -590,11 +590,10 @@ class Scheduler:
         budget = PREFILL_PIECE
         while self._prefilling and (budget > 0 or not self._active):
             job = self._prefilling[0]
-            whole = not self._active
-            stop = job.length if whole else prefill_spans(job.done, job.length)[0][1]
+            stop = prefill_spans(job.done, job.length)[0][1] if self._active else job.length
             log.debug("prefill of %s: positions %d to %d of %d", job.group[0].request.id, job.done, stop, job.length)
             try:
-                logits = self.runner.prefill(job.key, whole)  # [1, V] once the prompt is done
+                logits = self.runner.prefill(job.key, stop)  # [1, V] once the prompt is done
             except Exception as e:  # noqa: BLE001
                 if self.runner.lockstep:
                     raise
