@@ -279,24 +279,36 @@ def print_tables(runs: list[dict], args, model: Path) -> None:
                 cells.append(f"{row['ttft_p50']:.3f} / {row['ttft_p95']:.3f}")
                 cells.append(f"{1000 * row['gap_p50']:.1f} / {1000 * row['gap_p95']:.1f}")
             print(f"| {clients} | " + " | ".join(cells) + " |")
-    if all("long_prompt" in r for r in runs):
-        print("\n| a 2,000-token prompt beside 4 streams | " + " | ".join(systems) + " |")
-        print("|---" + "|---:" * len(systems) + "|")
-        for key, text, unit in (
+    _scenario_table(
+        runs,
+        "long_prompt",
+        "a 2,000-token prompt beside 4 streams",
+        (
             ("max_gap_over_median", "streams' longest gap / median gap", "{:.1f}x"),
             ("max_gap", "streams' longest gap (s)", "{:.3f}"),
             ("long_ttft", "long prompt's time to first token (s)", "{:.2f}"),
-        ):
-            print(f"| {text} | " + " | ".join(unit.format(r["long_prompt"][key]) for r in runs) + " |")
-    if all("prefix" in r for r in runs):
-        print("\n| a 1,000-token shared beginning | " + " | ".join(systems) + " |")
-        print("|---" + "|---:" * len(systems) + "|")
-        for key, text, unit in (
+        ),
+    )
+    _scenario_table(
+        runs,
+        "prefix",
+        "a 1,000-token shared beginning",
+        (
             ("cold_ttft", "first request's time to first token (s)", "{:.3f}"),
             ("warm_ttft", "second request's (s)", "{:.3f}"),
             ("speedup", "ratio", "{:.1f}x"),
-        ):
-            print(f"| {text} | " + " | ".join(unit.format(r["prefix"][key]) for r in runs) + " |")
+        ),
+    )
+
+
+def _scenario_table(runs: list[dict], scenario: str, title: str, rows: tuple) -> None:
+    """One column per system, one row per (key, text, format) of `rows`, where every run has the scenario."""
+    if not all(scenario in r for r in runs):
+        return
+    print(f"\n| {title} | " + " | ".join(r["system"] for r in runs) + " |")
+    print("|---" + "|---:" * len(runs) + "|")
+    for key, text, unit in rows:
+        print(f"| {text} | " + " | ".join(unit.format(r[scenario][key]) for r in runs) + " |")
 
 
 def main() -> None:
