@@ -203,10 +203,11 @@ def long_text(tokenizer, tokens: int, seed: int) -> str:
 
 
 async def long_prompt(client, tokenizer, no_eos: dict) -> dict:
+    text = long_text(tokenizer, 2000, seed=1)  # (before the streams: making it blocks this event loop)
     started = [asyncio.Event() for _ in range(4)]
     streams = [asyncio.create_task(complete(client, PROMPTS[k], 160, no_eos, started[k])) for k in range(4)]
     await asyncio.gather(*(e.wait() for e in started))
-    long = await complete(client, long_text(tokenizer, 2000, seed=1), 8, no_eos)
+    long = await complete(client, text, 8, no_eos)
     done = await asyncio.gather(*streams)
     ratios = [max(s.gaps()) / statistics.median(s.gaps()) for s in done]
     return {"max_gap_over_median": max(ratios), "long_ttft": long.first, "max_gap": max(max(s.gaps()) for s in done)}

@@ -9,6 +9,7 @@ pieces give the same numbers in one call or piece by piece."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 
 import pytest
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 from llamascope import Engine
 from llamascope.cache import KVCache
 from llamascope.generation import generate
-from llamascope.model import PREFILL_PIECE, PREFILL_TAIL, prefill_spans
+from llamascope.prefill import PREFILL_PIECE, PREFILL_TAIL, PrefillRun, prefill_spans
 from llamascope.server.scheduler import Delta, Done, Request, Scheduler, SequenceSpec
 
 VOCAB = 250  # token ids drawn below this (both test models' vocabularies are larger)
@@ -156,31 +157,52 @@ def test_a_shared_beginning_comes_from_the_prefix_cache(served):
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(length=st.integers(1, 3 * PREFILL_PIECE + 10), start=st.integers(0, 2 * PREFILL_PIECE), data=st.data())
-def test_a_prompt_gives_the_same_numbers_in_one_call_or_piece_by_piece(served, length, start, data):
+def test_a_prompt_gives_the_same_numbers_in_one_call_piece_by_piece_or_in_stages(served, length, start, data):
     """The rule under the server's invariance: with `start` positions cached, the rest of a prompt
     in one call (layer by layer over its pieces) gives the logits and keys/values of calling the
-    model piece by piece at the boundaries of `prefill_spans`, to the bit."""
+    model piece by piece at the boundaries of `prefill_spans`, and of a `PrefillRun` advanced a few
+    stages at a time with another sequence's decode steps in between (as the server spreads it), to
+    the bit."""
     engine, _ = served
     model = engine.model
     tokens = torch.tensor(
         [data.draw(st.lists(st.integers(3, VOCAB - 1), min_size=start + length, max_size=start + length))]
     )
     positions = torch.arange(start + length)[None]
+    steps = data.draw(st.lists(st.integers(1, 40), min_size=1, max_size=200))  # stages between decode steps
     caches, logits = [], []
     with torch.inference_mode():
-        for pieces in (False, True):
+        for way in ("one call", "pieces", "stages"):
             cache = KVCache.for_model(model, 1, start + length)
             if start:
                 model(tokens[:, :start], positions[:, :start], cache)
-            spans = prefill_spans(start, start + length) if pieces else [(start, start + length)]
-            for a, b in spans:
-                out = model(tokens[:, a:b], positions[:, a:b], cache, last_only=True)
+            if way == "stages":
+                out = _in_stages(model, tokens[:, start:], positions[:, start:], cache, steps)
+            else:
+                spans = prefill_spans(start, start + length) if way == "pieces" else [(start, start + length)]
+                for a, b in spans:
+                    out = model(tokens[:, a:b], positions[:, a:b], cache, last_only=True)
             caches.append(cache)
             logits.append(out)
-    assert torch.equal(logits[0], logits[1])
-    for layer in range(len(caches[0].keys)):
-        assert torch.equal(caches[0].keys[layer], caches[1].keys[layer])
-        assert torch.equal(caches[0].values[layer], caches[1].values[layer])
+    for other in (1, 2):
+        assert torch.equal(logits[0], logits[other])
+        assert caches[other].length == start + length
+        for layer in range(len(caches[0].keys)):
+            assert torch.equal(caches[0].keys[layer], caches[other].keys[layer])
+            assert torch.equal(caches[0].values[layer], caches[other].values[layer])
+
+
+def _in_stages(model, tokens, positions, cache, steps: list[int]) -> torch.Tensor:
+    """A PrefillRun advanced by steps[0], steps[1], ... stages (the last repeated), another sequence
+    decoding one token between -> its logits [1, 1, V]."""
+    other = KVCache.for_model(model, 1, 64)
+    model(torch.tensor([[5, 6, 7]]), torch.arange(3)[None], other)
+    run = PrefillRun(model, tokens, positions, cache)
+    for k in itertools.count():
+        if run.advance(steps[min(k, len(steps) - 1)]):
+            return run.logits
+        if other.length < 64:
+            model(torch.tensor([[k % 200 + 3]]), torch.tensor([[other.length]]), other)
 
 
 @given(start=st.integers(0, 3 * PREFILL_PIECE), length=st.integers(1, 3 * PREFILL_PIECE))

@@ -147,8 +147,6 @@ def test_slot_cache_batch_decode_matches_each_sequence_alone(engine):
         assert slots.in_use == [True, True, False, True] and slots.lengths[3] == len(prompts[0]) + 4
         for slot in (0, 1, 3):
             slots.free(slot)
-        slots.release()
-        assert slots.nbytes() == 0
 
 
 def test_each_sequence_context_is_chosen_said_and_checked(engine, caplog):
@@ -621,7 +619,7 @@ def test_full_queue_gets_429_and_disconnect_frees_the_slot(model_dir, caplog):
             assert waiter["r"].status_code == 200
         state = wait_for(lambda: (s := health(url))["active"] == 0 and s["cancelled"] == 1 and s, what="slot freed")
         assert state["completed"] == 1
-        assert wait_for(lambda: health(url)["kv_bytes"] == 0, what="KV memory released")
+        assert state["kv_bytes"] == state["kv_budget_bytes"]  # the storage allocated at start-up, kept
     cancelled = [r.getMessage() for r in caplog.records if "cancelled" in r.getMessage()]
     assert len(cancelled) == 1
     assert int(cancelled[0].split(" out,")[0].split()[-1]) < 3000  # it stopped long before max_tokens
@@ -947,7 +945,7 @@ def test_a_scheduler_failure_during_a_prefill_leaves_nothing_behind(engine, monk
         running = Request("beside", [SequenceSpec(beside, config)], loop)
         scheduler.submit(running)
         assert isinstance(await asyncio.wait_for(running.events.get(), 60), Delta)
-        doomed = Request("long", [SequenceSpec(list(range(3, 700)), config)], loop)
+        doomed = Request("long", [SequenceSpec([3 + i % 200 for i in range(700)], config)], loop)
         scheduler.submit(doomed)
         ended = [await last_event(running), await last_event(doomed)]
         wait_for(lambda: scheduler.stats()["active"] == 0, what="every sequence let go")

@@ -74,10 +74,10 @@ class SlotKVCache:
 
     `num_slots` slots, each holding one sequence with its own length: slot s fills columns
     [0, lengths[s]) of row s. Storage per layer is one [rows, kv_heads, columns, head_dim] tensor
-    that grows on demand (doubling, columns to a power of two, copying what is held) up to `num_slots` rows and
-    `slot_capacity` columns, so memory never exceeds
-    `num_slots * slot_capacity * bytes_per_token()`; `release()` gives it back when no slot is in
-    use. A forward pass over some slots goes through `batch(slots, T)`, a view with the same
+    that grows on demand (doubling, columns to a power of two, copying what is held) up to
+    `num_slots` rows and `slot_capacity` columns, so memory never exceeds
+    `num_slots * slot_capacity * bytes_per_token()` (the server reserves it all at start-up). A
+    forward pass over some slots goes through `batch(slots, T)`, a view with the same
     `update` / `advance` calls as `KVCache`: row b writes its T new keys at its own columns
     [lengths[b], lengths[b] + T), and `mask(T)` hides each row's unused columns.
     """
@@ -152,13 +152,6 @@ class SlotKVCache:
                 else:
                     store.append(grown)
         self.rows, self.columns = new_rows, new_columns
-
-    def release(self) -> None:
-        """Give the storage back when no slot is in use (the next reserve allocates afresh)."""
-        if not any(self.in_use):
-            self.keys, self.values = [], []
-            self.rows = self.columns = 0
-            self.storage_version += 1
 
     # ---- slots -----------------------------------------------------------------------------
     def allocate(self) -> int:

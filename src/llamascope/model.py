@@ -27,7 +27,8 @@ from torch import nn
 from .cache import KVCache
 from .config import ModelConfig
 from .errors import LlamascopeError
-from .layers import KERNEL_MAX_ROWS, Linear, dequantized_once
+from .layers import Linear
+from .prefill import PrefillRun, prefill_spans
 
 # ---- rotary embeddings: one function per rope_type ---------------------------------------------
 
@@ -366,7 +367,7 @@ class Attention(nn.Module):
 # Up to this many new positions in one call a prompt's float32 attention runs natively
 # (csrc/attention.c), over any number of cached columns; past it PyTorch's flash attention, whose
 # larger blocks win when a thousand queries and more come at once (docs/performance.md). Prompts
-# reach the model in pieces of PREFILL_PIECE positions, so this is for calls without a cache.
+# reach the model in pieces of prefill.PREFILL_PIECE positions, so this is for calls without a cache.
 PREFILL_NATIVE_QUERIES = 1024
 
 
@@ -519,9 +520,10 @@ class Transformer(nn.Module):
         if self.decode_step is not None and self.decode_step.applies(tokens, cache, mask, capture):
             return self.decode_step(tokens, positions, cache, mask)  # [B, 1, vocab]
         if type(cache) is KVCache and mask is None and capture is None:
-            spans = prefill_spans(cache.length, cache.length + tokens.shape[1])
-            if len(spans) > 1:
-                return self._forward_in_pieces(tokens, positions, cache, spans, last_only)
+            if len(prefill_spans(cache.length, cache.length + tokens.shape[1])) > 1:
+                run = PrefillRun(self, tokens, positions, cache, last_only)
+                run.advance()
+                return run.logits  # (layer by layer over the pieces, to the bit as piece by piece)
         h = self.hidden_states(tokens, positions, cache, mask, capture)
         if capture is not None and capture.get("_all_logits"):
             capture["logits"] = self.lm_head(h)  # [B, T, vocab]
@@ -530,87 +532,3 @@ class Transformer(nn.Module):
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h)
-
-    def _forward_in_pieces(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        cache: KVCache,
-        spans: list[tuple[int, int]],
-        last_only: bool,
-    ) -> torch.Tensor:
-        """forward() over each span of cache columns in turn, to the bit, but layer by layer (every
-        piece through a layer before the next layer) so that a quantised layer dequantises its
-        weight once rather than once a piece. A piece of one token (first or last) goes through
-        forward() itself, as it would alone (the native decode step).
-        -> logits [B, T, vocab] or [B, 1, vocab]."""
-        offset = cache.length
-        logits = []
-
-        def alone(span: tuple[int, int]) -> None:
-            piece = slice(span[0] - offset, span[1] - offset)
-            out = self.forward(tokens[:, piece], positions[:, piece], cache, last_only=last_only)
-            logits.append(out)
-
-        head = spans[0] if spans[0][1] - spans[0][0] == 1 else None
-        tail = spans[-1] if spans[-1][1] - spans[-1][0] == 1 else None
-        if head is not None:
-            alone(head)
-        layered = spans[head is not None : len(spans) - (tail is not None)]
-        if layered:
-            logits.append(self._layers_over_pieces(tokens, positions, cache, layered, offset, last_only))
-        if tail is not None:
-            alone(tail)
-        if last_only:
-            return logits[-1]  # [B, 1, vocab]
-        return torch.cat(logits, dim=1)  # [B, T, vocab]
-
-    def _layers_over_pieces(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        cache: KVCache,
-        spans: list[tuple[int, int]],
-        offset: int,
-        last_only: bool,
-    ) -> torch.Tensor:
-        """The pieces `spans` (cache columns; tokens[:, 0] sits at column `offset`) through the
-        layers, one layer at a time -> their logits [B, t, vocab], or the last one's [B, 1, vocab]."""
-        stack = self.model
-        pieces = [slice(start - offset, stop - offset) for start, stop in spans]
-        xs = [stack.embed_tokens(tokens[:, piece]) for piece in pieces]  # [B, t, hidden] each
-        ropes = [stack.rotary_emb(positions[:, piece], xs[0].dtype) for piece in pieces]  # ([B, t, D], [B, t, D])
-        for layer in stack.layers:
-            with dequantized_once(layer):
-                for i, (start, _) in enumerate(spans):
-                    cache.length = start  # this piece's columns, in this layer (every layer writes them)
-                    xs[i] = layer(xs[i], *ropes[i], None, cache, None)
-        cache.length = spans[-1][1]
-        if last_only:
-            return self.lm_head(stack.norm(xs[-1])[:, -1:])  # [B, 1, vocab]
-        return torch.cat([self.lm_head(stack.norm(x)) for x in xs], dim=1)  # [B, t, vocab]
-
-
-# A prompt goes through the model PREFILL_PIECE positions at a time, cut at multiples of it
-# (absolute cache columns): the same prompt then takes the same arithmetic whether it runs in one
-# call (generate), piece by piece between other sequences' decode steps (the server), or resumes
-# after a cached prefix of whole pieces. Pieces of 256 rows keep the matrix products near their
-# full speed and bound what one piece holds up a server's running streams (docs/serving.md). No
-# last piece is shorter than PREFILL_TAIL positions (where fewer would follow a multiple, the piece
-# before runs on to the end): up to KERNEL_MAX_ROWS rows a product takes the decode kernels and
-# their 8-bit activations, which a prompt longer than that should not get for its last positions.
-PREFILL_PIECE = 256
-PREFILL_TAIL = KERNEL_MAX_ROWS + 1
-
-
-def prefill_spans(start: int, stop: int, piece: int = PREFILL_PIECE, tail: int = PREFILL_TAIL) -> list[tuple[int, int]]:
-    """Cache columns [start, stop) cut at the multiples of `piece` after which at least `tail`
-    positions are left: [(start, b1), (b1, b2), ...]."""
-    spans = []
-    while start < stop:
-        end = (start // piece + 1) * piece
-        if stop - end < tail:
-            end = stop
-        spans.append((start, end))
-        start = end
-    return spans

@@ -6,7 +6,7 @@ Under tensor parallelism every forward pass contains collectives (all-reduces, a
 every rank must run the same forward passes with the same shapes in the same order. Rank 0 alone
 binds the port and runs the FastAPI app and the scheduler; its scheduler talks to the model
 through a `LeaderRunner`, which sends each call (`ModelRunner.begin_prefill`, `prefill`, `place`,
-`decode`, and the cache calls `drop`, `free`, `move`, `release`) to the other ranks before making
+`decode`, and the cache calls `drop`, `free`, `move`) to the other ranks before making
 it itself. The other ranks run
 `follow`: receive a message, make the same calls on their own shard and cache, repeat. Sampling,
 detokenising and stop strings happen on rank 0 only; the followers' logits are dropped.
@@ -61,7 +61,7 @@ HEADER = 256  # int64s in a message's first broadcast: its length, then up to HE
 STOP_GRACE_S = 20.0  # a signalled follower waits this long for rank 0's "stop"
 
 # Call names, by their number on the wire.
-CALLS = ("stop", "start", "begin_prefill", "prefill", "place", "drop", "decode", "free", "move", "release")
+CALLS = ("stop", "start", "begin_prefill", "prefill", "place", "drop", "decode", "free", "move")
 _CODES = {name: code for code, name in enumerate(CALLS)}
 
 
@@ -176,9 +176,9 @@ class LeaderRunner(ModelRunner):
         self._send(("begin_prefill", key, prompt))
         return super().begin_prefill(key, prompt)
 
-    def prefill(self, key: int, stop: int) -> torch.Tensor | None:
-        self._send(("prefill", key, stop))
-        return super().prefill(key, stop)
+    def prefill(self, key: int, stages: int | None = None) -> torch.Tensor | None:
+        self._send(("prefill", key, stages or 0))
+        return super().prefill(key, stages)
 
     def place(self, key: int, copies: int) -> list[int]:
         self._send(("place", key, copies))
@@ -199,11 +199,6 @@ class LeaderRunner(ModelRunner):
     def move(self, source: int, target: int) -> None:
         super().move(source, target)
         self._pending.append(("move", source, target))
-
-    def release(self) -> None:
-        if self.cache.rows or self._pending:
-            self._send(("release",))
-            super().release()
 
 
 def leader_runner(group: ParallelGroup):

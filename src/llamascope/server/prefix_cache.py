@@ -1,7 +1,7 @@
 """Prefix caching: the keys and values of whole prompt pieces, kept for later prompts that begin alike.
 
 A prompt reaches the model in pieces of PREFILL_PIECE positions cut at its multiples
-(`model.prefill_spans`; a last piece of fewer than PREFILL_TAIL positions joins the one before, and
+(`prefill.prefill_spans`; a last piece of fewer than PREFILL_TAIL positions joins the one before, and
 such a longer piece is not kept), and a piece's arithmetic depends only on its tokens and the cache before
 it. So the keys and values of the whole pieces a prompt begins with are exactly those of any
 other prompt that begins with the same tokens, up to the end of a whole piece: a later prompt
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cache import KVCache
-from ..model import PREFILL_PIECE, PREFILL_TAIL, prefill_spans
+from ..prefill import PREFILL_PIECE, PREFILL_TAIL, prefill_spans
 
 
 @dataclass

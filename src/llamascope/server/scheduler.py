@@ -47,12 +47,17 @@ from ..cache import KVCache, SlotKVCache
 from ..config import GenerationConfig
 from ..errors import LlamascopeError
 from ..layers import KERNEL_MAX_ROWS
-from ..model import PREFILL_PIECE, prefill_spans
+from ..prefill import PrefillRun
 from ..sampling import apply_processors, build_processors, make_generator, select_next, token_logprobs
 from ..stopping import StopRules, StopText
 from .prefix_cache import PrefixCache
 
 log = logging.getLogger("llamascope")
+
+# While sequences decode, prompts are prefilled for about this share of a decode step's time
+# between two steps: the running streams' gaps grow by about that share (plus at most one stage),
+# and a prompt gets about half the time of one core set while it waits.
+PREFILL_SHARE = 1.0
 
 
 class QueueFull(LlamascopeError):
@@ -237,6 +242,15 @@ class _Sequence:
 # ---- the model and its cache, as the scheduler uses them -----------------------------------------
 
 
+@dataclass
+class _PromptRun:
+    """A prompt the runner is prefilling."""
+
+    tokens: list[int]
+    cached: int  # positions the prefix cache held
+    run: PrefillRun  # over the rest, into its own KVCache (run.cache)
+
+
 class ModelRunner:
     """Every call of the scheduler that runs the model or changes the KV caches.
 
@@ -245,11 +259,16 @@ class ModelRunner:
     step with this one (the tensor-parallel server, lockstep.py). Logits are float32 [B, V].
 
     A prompt is prefilled under a key the scheduler picks: `begin_prefill` (its cached prefix
-    loaded), `prefill` to the end of a piece or of the prompt until it returns the logits, `place` into
-    slots; `drop` forgets an unfinished one. Its numbers are generate()'s for that prompt alone
-    in every case: the model cuts a prompt into the same pieces however it arrives
-    (`model.prefill_spans`), and prompts are never batched together (several rows take other
-    numeric paths than one: the products' row blocking, padding, batched attention).
+    loaded), `prefill` a few stages at a time until it returns the logits, `place` into slots;
+    `drop` forgets an unfinished one. Its numbers are generate()'s for that prompt alone in every
+    case: the model takes a prompt in the same pieces however it arrives and however its stages
+    are spread (`prefill.PrefillRun`), and prompts are never batched together (several rows take
+    other numeric paths than one: the products' row blocking, padding, batched attention).
+
+    The slots' storage is allocated whole when the runner is made (max_batch slots of
+    slot_capacity positions, the server's KV budget) and kept: growing it while streams run would
+    hold them up for the copy, and a server that has its memory at start-up cannot run out of it
+    halfway through a request.
     """
 
     lockstep = False  # True where other processes repeat these calls: a failed call stops the server
@@ -258,8 +277,9 @@ class ModelRunner:
     def __init__(self, model, max_batch: int, slot_capacity: int, prefix_cache_bytes: int = 0):
         self.model = model
         self.cache = SlotKVCache.for_model(model, max_batch, slot_capacity)
+        self.cache.reserve(max_batch, slot_capacity)
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
-        self.prefills: dict[int, tuple[list[int], KVCache, int]] = {}  # key -> (prompt, its cache, cached positions)
+        self.prefills: dict[int, _PromptRun] = {}
 
     def open(self) -> None:
         """The worker thread starts."""
@@ -272,30 +292,26 @@ class ModelRunner:
 
     def begin_prefill(self, key: int, prompt: list[int]) -> int:
         """Start prefilling `prompt` under `key` -> how many of its positions the prefix cache held."""
-        # the slots' storage grows now if the prompt needs it, not when its first token is due
-        slots = self.cache.num_slots - self.cache.free_slots()
-        self.cache.reserve(min(slots + 1, self.cache.num_slots), len(prompt) + 1)
         cache = KVCache.for_model(self.model, 1, len(prompt))
         cached = self.prefix_cache.load(prompt, cache)
-        self.prefills[key] = (prompt, cache, cached)
+        device = self.model.device
+        tokens = torch.tensor([prompt[cached:]], dtype=torch.long, device=device)  # [1, t]
+        positions = torch.arange(cached, len(prompt), device=device)[None]  # [1, t]
+        self.prefills[key] = _PromptRun(prompt, cached, PrefillRun(self.model, tokens, positions, cache))
         return cached
 
-    def prefill(self, key: int, stop: int) -> torch.Tensor | None:
-        """`key`'s prompt on from where its cache ends, to column `stop` (the end of a piece
-        `model.prefill_spans` cuts, or of the prompt) -> the logits [1, V] of its last position once
-        the prompt is done, else None."""
-        prompt, cache, cached = self.prefills[key]
-        start = cache.length
-        device = self.model.device
-        tokens = torch.tensor([prompt[start:stop]], dtype=torch.long, device=device)  # [1, t]
-        positions = torch.arange(start, stop, device=device)[None]  # [1, t]
-        logits = self.model(tokens, positions, cache, None, last_only=True)[:, -1].float()  # [1, V]
-        self.prefix_cache.store(prompt, cache, cached)
-        return logits if stop == len(prompt) else None
+    def prefill(self, key: int, stages: int | None = None) -> torch.Tensor | None:
+        """`key`'s prompt on by up to `stages` stages (`prefill.PrefillRun`; None or 0: to its
+        end) -> the logits [1, V] of its last position once the prompt is done, else None."""
+        prompt = self.prefills[key]
+        if not prompt.run.advance(stages or None):
+            return None
+        self.prefix_cache.store(prompt.tokens, prompt.run.cache, prompt.cached)
+        return prompt.run.logits[:, -1].float()  # [1, V]
 
     def place(self, key: int, copies: int) -> list[int]:
         """`key`'s prefilled prompt into `copies` free slots, which are returned; the key is done."""
-        _, cache, _ = self.prefills.pop(key)
+        cache = self.prefills.pop(key).run.cache
         slots: list[int] = []
         try:
             for _ in range(copies):
@@ -309,7 +325,9 @@ class ModelRunner:
 
     def drop(self, key: int) -> None:
         """Forget `key`'s prefill (its request went away or failed)."""
-        self.prefills.pop(key, None)
+        prompt = self.prefills.pop(key, None)
+        if prompt is not None:
+            prompt.run.close()
 
     def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
         """One decode step: row b feeds tokens[b] at the next position of slot slots[b] and sees
@@ -337,10 +355,6 @@ class ModelRunner:
     def move(self, source: int, target: int) -> None:
         self.cache.move(source, target)
 
-    def release(self) -> None:
-        """No slot is in use: give the slot cache's storage back (the prefix cache stays)."""
-        self.cache.release()
-
 
 # ---- the scheduler -----------------------------------------------------------------------------
 
@@ -352,7 +366,6 @@ class _Prefill:
     key: int  # the runner's
     group: list[_Sequence]
     length: int  # prompt positions
-    done: int = 0  # positions in its cache (from the prefix cache or computed)
 
 
 class Scheduler:
@@ -390,6 +403,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.completed = self.cancelled = self.failed = 0
         self.peak_batch = 0  # the most sequences one decode step has run
+        self._step_s = self._step_end = 0.0  # how long the last decode step took, and when it ended
         # told of first tokens, token gaps and ended requests (server/metrics.py; the app sets it)
         self.metrics = None
         # A model call failed where the server cannot go on (tensor parallelism): the error, and
@@ -495,17 +509,14 @@ class Scheduler:
             self.runner.close(clean=self.error is None)
 
     def _idle(self) -> bool:
-        """With nothing waiting or running: give the cache storage back and sleep until a request
-        comes, waking every runner.keepalive_s seconds for runner.keepalive(). False when there is
-        work (or the scheduler stops)."""
+        """With nothing waiting or running: sleep until a request comes, waking every
+        runner.keepalive_s seconds for runner.keepalive(). False when there is work (or the
+        scheduler stops)."""
         with self._cond:
             self._drop_cancelled_waiting()
             if self._waiting or self._active or self._prefilling or self._stopping:
                 return False
-        self.runner.release()  # outside the lock: under tensor parallelism this talks to the other ranks
-        with self._cond:
-            if not self._waiting and not self._stopping:
-                self._cond.wait(self.runner.keepalive_s)
+            self._cond.wait(self.runner.keepalive_s)
         self.runner.keepalive()
         return True
 
@@ -577,31 +588,32 @@ class Scheduler:
             except Exception as e:  # noqa: BLE001 - one bad request must not stop the others
                 self._prefill_failed(job, e)
                 continue
-            job.done = cached
             if self.metrics is not None:
                 self.metrics.prefix_cache(len(prompt), cached)
             self._prefilling.append(job)
 
     def _prefill_some(self) -> None:
-        """Run the waiting prefills, first come first served. While sequences decode, at most
-        PREFILL_PIECE positions (at least one piece) go before their next step, so a long prompt
-        holds them up a piece at a time, not for its whole prefill; with none decoding a prompt
-        runs to its end in one call (the same numbers: `model.prefill_spans`)."""
-        budget = PREFILL_PIECE
-        while self._prefilling and (budget > 0 or not self._active):
+        """Run the waiting prefills, first come first served. While sequences decode, a prompt goes
+        on a stage at a time (one piece through one layer: `prefill.PrefillRun`) until about
+        PREFILL_SHARE of a decode step's time has passed since their last step (at least one stage),
+        so that a long prompt delays their next token by milliseconds, not by its whole prefill;
+        with none decoding a prompt runs to its end in one call (the same numbers either way)."""
+        budget, stage_s = PREFILL_SHARE * self._step_s, None
+        while self._prefilling:
+            if stage_s is not None and self._active and time.perf_counter() - self._step_end + stage_s > budget:
+                break  # (the next stage would likely take about as long as the last)
             job = self._prefilling[0]
-            stop = prefill_spans(job.done, job.length)[0][1] if self._active else job.length
-            log.debug("prefill of %s: positions %d to %d of %d", job.group[0].request.id, job.done, stop, job.length)
+            began = time.perf_counter()
             try:
-                logits = self.runner.prefill(job.key, stop)  # [1, V] once the prompt is done
+                logits = self.runner.prefill(job.key, 1 if self._active else None)  # [1, V] once done
             except Exception as e:  # noqa: BLE001
                 if self.runner.lockstep:
                     raise
                 self._prefill_failed(job, e)
-                continue
-            budget -= stop - job.done
-            job.done = stop
+                logits = None
+            stage_s = time.perf_counter() - began
             if logits is not None:
+                log.debug("prefill of %s done (%d positions)", job.group[0].request.id, job.length)
                 self._place(job, logits)
 
     def _place(self, job: _Prefill, logits: torch.Tensor) -> None:
@@ -634,8 +646,11 @@ class Scheduler:
     def _decode_step(self) -> None:
         active = sorted(self._active, key=lambda s: s.slot)
         self.peak_batch = max(self.peak_batch, len(active))
+        began = time.perf_counter()
         try:
             logits = self.runner.decode([s.slot for s in active], [s.last_token for s in active])  # [B, V]
+            self._step_end = time.perf_counter()
+            self._step_s = self._step_end - began
         except Exception as e:  # noqa: BLE001
             if self.runner.lockstep:
                 raise
