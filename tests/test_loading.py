@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -195,6 +197,60 @@ def test_missing_shard(model_factory, tmp_path):
     first = sorted(set(index["weight_map"].values()))[0]
     (folder / first).unlink()
     with pytest.raises(LlamascopeError, match=f"shard '{first}' is listed but missing"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/hostname", "sub/../../outside.safetensors", ""])
+def test_a_shard_named_outside_the_folder_is_refused(model_factory, tmp_path, name):
+    """An index entry that leads out of the model folder is refused before anything is opened,
+    even where that file exists (here: a valid shard copied beside the folder)."""
+    folder = copy_model(model_factory("sharded", shard_size="60KB"), tmp_path / "m")
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    (tmp_path / "outside.safetensors").write_bytes((folder / first).read_bytes())
+    index["weight_map"] = {key: name if shard == first else shard for key, shard in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(LlamascopeError, match=f"shard '{re.escape(name)}' is not a file inside the model folder"):
+        load_model(folder)
+
+
+def _rewrite_header(path: Path, edit) -> None:
+    """Rewrite a safetensors file's JSON header through `edit(header)`, keeping its data."""
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    edit(header)
+    head = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(head)) + head + data[8 + length :])
+
+
+@pytest.mark.parametrize("layout", ["negative", "overlap", "gap"])
+def test_safetensors_offsets_must_tile_the_data(tiny_model, tmp_path, layout):
+    """Tensor bytes must lie in the data region, in order, with neither overlap nor gap (the
+    format's rule): else a tensor reads the header's or another tensor's bytes as its weights."""
+    folder = copy_model(tiny_model, tmp_path / "m")
+    names = {}
+
+    def edit(header):
+        entries = sorted((v["data_offsets"], k) for k, v in header.items() if k != "__metadata__")
+        (a, b), first = entries[0]
+        (c, d), second = entries[1]
+        if layout == "negative":  # the first tensor moved into the header, its size kept
+            header[first]["data_offsets"] = [a - 64, b - 64]
+        elif layout == "overlap":  # the second tensor reads the first one's last bytes
+            header[second]["data_offsets"] = [c - 4, d - 4]
+        else:
+            header[second]["data_offsets"] = [c + 4, d + 4]
+        names.update(first=first, second=second)
+
+    _rewrite_header(folder / "model.safetensors", edit)
+    message = {
+        "negative": f"tensor '{re.escape(names['first'])}' has data_offsets \\[-64",
+        "overlap": f"tensor '{re.escape(names['second'])}' .*overlaps the tensor before it",
+        "gap": f"tensor '{re.escape(names['second'])}' .*leaves a gap before it",
+    }[layout]
+    with pytest.raises(LlamascopeError, match=message):
         load_model(folder)
 
 

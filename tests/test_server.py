@@ -531,8 +531,22 @@ def test_api_key(model_dir):
         # the key is checked before the body, so a malformed body without a key is a 401 too
         _error(httpx.post(url + "/v1/completions", content=b"{", timeout=10), 401)
         assert httpx.get(url + "/health", timeout=10).status_code == 200
+        # two Authorization headers, the right key in either: refused, whichever a proxy would pass on
+        for keys in (["wrong", "sekret"], ["sekret", "wrong"], ["sekret", "sekret"]):
+            headers = [("Authorization", f"Bearer {key}") for key in keys]
+            reply = httpx.get(url + "/v1/models", headers=headers, timeout=10)
+            assert "2 Authorization headers" in _error(reply, 401)["message"]
         with openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0) as good:
             assert good.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens >= 1
+
+
+@pytest.mark.parametrize("key", ["", "  "])
+def test_an_empty_api_key_is_refused_at_start_up(engine, key):
+    """An empty key would turn authentication off without a word: refused by name instead."""
+    from llamascope.errors import LlamascopeError
+
+    with pytest.raises(LlamascopeError, match="--api-key is empty"):
+        create_app(engine, ServerSettings(model_name=MODEL, api_key=key))
 
 
 def test_a_failing_request_does_not_harm_the_others(server, engine, monkeypatch):

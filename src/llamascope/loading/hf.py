@@ -17,6 +17,18 @@ from .tensorfiles import SafetensorsFile, load_bin
 TORCH_TYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
+def _shard_path(folder: Path, index_path: Path, shard: str) -> Path:
+    """A shard the index names: a file in the model folder, by a name that cannot lead out of it (no
+    absolute path, no ".."). A symbolic link there is followed, as for model.safetensors itself:
+    Hugging Face's cache links each snapshot's files to blobs beside it."""
+    path, parts = folder / shard, Path(shard).parts
+    if not parts or Path(shard).is_absolute() or ".." in parts or "\\" in shard:
+        raise LlamascopeError(f"{index_path}: shard {shard!r} is not a file inside the model folder {folder}")
+    if not path.is_file():
+        raise LlamascopeError(f"{index_path}: shard {shard!r} is listed but missing")
+    return path
+
+
 def _weight_files(folder: Path) -> tuple[str, list[Path]]:
     for index_name, fmt in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
         index_path = folder / index_name
@@ -25,11 +37,9 @@ def _weight_files(folder: Path) -> tuple[str, list[Path]]:
             weight_map = index.get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise LlamascopeError(f"{index_path}: missing or empty 'weight_map'")
-            shards = sorted(set(weight_map.values()))
-            for shard in shards:
-                if not (folder / shard).is_file():
-                    raise LlamascopeError(f"{index_path}: shard {shard!r} is listed but missing")
-            return fmt, [folder / s for s in shards]
+            if not all(isinstance(shard, str) for shard in weight_map.values()):
+                raise LlamascopeError(f"{index_path}: every 'weight_map' value must be a shard's file name")
+            return fmt, [_shard_path(folder, index_path, shard) for shard in sorted(set(weight_map.values()))]
     if (folder / "model.safetensors").is_file():
         return "safetensors", [folder / "model.safetensors"]
     singles = sorted(folder.glob("*.safetensors"))

@@ -68,6 +68,11 @@ class SafetensorsFile:
                 begin, end = (int(o) for o in info["data_offsets"])
             except (KeyError, TypeError, ValueError):
                 raise LlamascopeError(f"{self.path}: tensor {name!r} has a malformed header entry") from None
+            if begin < 0 or end < begin or any(s < 0 for s in shape):
+                raise LlamascopeError(
+                    f"{self.path}: tensor {name!r} has data_offsets {[begin, end]} and shape {list(shape)}: "
+                    f"offsets must satisfy 0 <= begin <= end, and sizes must not be negative"
+                )
             expected = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
             if end - begin != expected:
                 raise LlamascopeError(
@@ -80,6 +85,20 @@ class SafetensorsFile:
                     f"file has {size} bytes"
                 )
             self.entries[name] = (dtype, shape, begin, end)
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        """The safetensors format's rule: the tensors' bytes tile the data region in order, from its
+        start, with neither overlap nor gap (else one tensor could read another's bytes)."""
+        position = 0
+        for name, (_, _, begin, end) in sorted(self.entries.items(), key=lambda item: item[1][2:]):
+            if begin != position:
+                what = "overlaps the tensor before it" if begin < position else "leaves a gap before it"
+                raise LlamascopeError(
+                    f"{self.path}: tensor {name!r} starts at data byte {begin}, where the tensor before it "
+                    f"ends at {position}: it {what} (the format forbids both)"
+                )
+            position = end
 
     def names(self) -> list[str]:
         return list(self.entries)

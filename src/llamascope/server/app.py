@@ -267,12 +267,15 @@ class BearerAuth:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            header = dict(scope.get("headers") or []).get(b"authorization", b"")
+            headers = [value for name, value in scope.get("headers") or [] if name.lower() == b"authorization"]
+            header = headers[0] if len(headers) == 1 else b""
             scheme, _, token = header.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
                 message = (
                     "missing API key: send the header 'Authorization: Bearer <key>'"
-                    if not header
+                    if not headers
+                    else f"{len(headers)} Authorization headers: send one"
+                    if len(headers) > 1
                     else "incorrect API key"
                 )
                 response = error_response(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
@@ -345,7 +348,9 @@ def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
     scheduler.metrics = metrics = ServerMetrics(scheduler.stats)
     app = FastAPI(title="llamascope", lifespan=_lifespan(scheduler, settings))
     app.state.engine, app.state.scheduler, app.state.settings = engine, scheduler, settings
-    if settings.api_key:
+    if settings.api_key is not None:
+        if not settings.api_key.strip():
+            raise LlamascopeError("--api-key is empty: give a key, or leave the option out to serve without one")
         app.add_middleware(BearerAuth, api_key=settings.api_key)
     app.add_middleware(StatusCounter, metrics=metrics)  # (outermost: it sees the 401s too)
     _add_error_handlers(app)
