@@ -25,15 +25,12 @@ the same however the stages are spread (docs/serving.md).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from .cache import KVCache
 from .layers import KERNEL_MAX_ROWS, dequantized_once
-
-if TYPE_CHECKING:
-    from .model import Transformer
 
 PREFILL_PIECE = 256
 PREFILL_TAIL = KERNEL_MAX_ROWS + 1
@@ -63,7 +60,7 @@ class PrefillRun:
 
     def __init__(
         self,
-        model: Transformer,
+        model: nn.Module,  # a model.Transformer (not imported here: model.py imports this module)
         tokens: torch.Tensor,  # [B, T] int64
         positions: torch.Tensor,  # [B, T] int64
         cache: KVCache,
