@@ -13,11 +13,16 @@ from dataclasses import dataclass
 
 import torch
 
+from .cache import SlotKVCache
 from .config import GenerationConfig, room_for_new_tokens
 from .errors import LlamascopeError
+from .memory import available_bytes
 from .model import check_token_ids
 
 log = logging.getLogger("llamascope")
+# Copies of a step's float32 scores [rows, vocab] that generation holds at once (logits, processed
+# scores, their log-softmax): what `check_memory_fits` counts beside the KV cache.
+LOGITS_COPIES = 3
 
 
 @dataclass
@@ -141,4 +146,28 @@ def prepare_batch(model: torch.nn.Module, prompts: list[list[int]], config: Gene
             context,
             context,
         )
+    check_memory_fits(model, input_ids.shape[0] * config.num_beams, max_length if config.use_cache else 0)
     return pad_id, input_ids, attention_mask, max_length
+
+
+def check_memory_fits(model: torch.nn.Module, rows: int, positions: int) -> None:
+    """Refuse, before allocating anything, a run of `rows` sequences x `positions` whose KV cache
+    and logits the device's free memory cannot hold (max_new_tokens, num_beams and the number of
+    sequences size them), saying what would fit."""
+    c = model.config
+    per_position = SlotKVCache.token_bytes(c.num_hidden_layers, model.kv_heads, c.head_dim, model.dtype)
+    logits = LOGITS_COPIES * rows * c.vocab_size * 4  # float32 scores, processed and normalised
+    available = available_bytes(model.device)
+    if available is None or logits + rows * positions * per_position <= available:
+        return
+    need = (logits + rows * positions * per_position) / 2**30
+    fit = max(0, (available - logits) // (rows * per_position))
+    raise LlamascopeError(
+        f"{rows} sequence(s) x {positions} positions need {need:.3g} GiB for the KV cache and logits, and "
+        f"{available / 2**30:.3g} GiB of memory is free: "
+        + (
+            f"at most {fit} positions per sequence fit (lower max_new_tokens)"
+            if fit
+            else "lower num_beams or the number of sequences"
+        )
+    )

@@ -27,6 +27,7 @@ from .startup import allocate_in_huge_pages
 
 log = logging.getLogger("llamascope")
 
+THREADS_PER_CPU = 8  # --threads may ask for up to this many per CPU
 PIPE_WIDTH = 10_000  # columns of output that is not a terminal: wide enough that nothing wraps
 MODEL_HELP = "Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct)"
 GENERATION_EPILOG = (
@@ -342,11 +343,19 @@ def _progress_bar(description: str):
 
 
 def _set_threads(args: argparse.Namespace) -> None:
-    """--threads: PyTorch's thread count, which the native kernels use too."""
+    """--threads: PyTorch's thread count, which the native kernels use too; from 1 to
+    THREADS_PER_CPU times this machine's CPUs (OpenMP crashes on a hundred thousand)."""
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads is None:
+        return
+    most = THREADS_PER_CPU * (os.cpu_count() or 1)
+    if not 1 <= args.threads <= most:
+        raise LlamascopeError(
+            f"--threads {args.threads}: give 1 to {most} ({os.cpu_count()} CPUs here; more threads than CPUs "
+            f"only wait for each other)"
+        )
+    torch.set_num_threads(args.threads)
 
 
 def _load_engine(args: argparse.Namespace):

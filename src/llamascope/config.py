@@ -53,6 +53,10 @@ def read_json(path: Path) -> dict:
         raise LlamascopeError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LlamascopeError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise LlamascopeError(f"{path}: JSON nested too deeply to read") from None
+    except OSError as e:  # a folder where a file should be, no permission to read it, ...
+        raise LlamascopeError(f"{path}: cannot read it ({e.strerror or e})") from None
     if not isinstance(data, dict):
         raise LlamascopeError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
@@ -166,10 +170,19 @@ class ModelConfig:
         return cls.from_dict(read_json(path), source=str(path))
 
     def validate(self, source: str = "config") -> None:
-        for key in REQUIRED_KEYS + ("num_key_value_heads", "head_dim"):
+        for key in REQUIRED_KEYS + ("num_key_value_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise LlamascopeError(f"{source}: {key!r} must be a positive integer, found {value!r}")
+        for key in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, key)
+            if not _is_number(value) or value <= 0:
+                raise LlamascopeError(f"{source}: {key!r} must be a positive finite number, found {value!r}")
+        for key in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+            if not isinstance(getattr(self, key), bool):
+                raise LlamascopeError(f"{source}: {key!r} must be true or false, found {getattr(self, key)!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise LlamascopeError(f"{source}: 'rope_scaling' must be an object or null, found {self.rope_scaling!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise LlamascopeError(
                 f"{source}: num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -185,6 +198,10 @@ class ModelConfig:
         for key in ROPE_TYPES[self.rope_type]:
             if key not in self.rope_scaling:
                 raise LlamascopeError(f"{source}: rope_scaling of type {self.rope_type!r} needs key {key!r}")
+            if not _is_number(self.rope_scaling[key]) or self.rope_scaling[key] <= 0:
+                raise LlamascopeError(
+                    f"{source}: rope_scaling {key!r} must be a positive finite number, found {self.rope_scaling[key]!r}"
+                )
 
     def to_hf_dict(self) -> dict:
         """A config.json (transformers 4.x layout, which 5.x also reads)."""
@@ -300,11 +317,16 @@ SETTING_RULES = (
     ("suppress_tokens", _optional(_token_ids), "must be a list of token ids"),
     ("stop_strings", _optional(_stop_strings), "must be a list of non-empty strings"),
     ("output_logprobs", _optional(_int_at_least(0)), "must be an integer >= 0 (the number of alternatives per token)"),
-    ("seed", _optional(_is_int), "must be an integer"),
+    ("seed", _optional(lambda v: _is_int(v) and -(2**63) <= v < 2**64), "must be an integer from -2**63 to 2**64 - 1"),
 )
 # Settings that must agree with others, each (setting, test of the whole config, why), checked
 # after SETTING_RULES; `why` may name other settings as {config.name}.
 AGREEMENT_RULES = (
+    (
+        "min_new_tokens",
+        lambda c: c.min_new_tokens is None or c.max_new_tokens is None or c.min_new_tokens <= c.max_new_tokens,
+        "cannot exceed max_new_tokens={config.max_new_tokens}",
+    ),
     (
         "num_return_sequences",
         lambda c: not (c.num_beams == 1 and not c.do_sample and c.num_return_sequences > 1),

@@ -22,6 +22,7 @@ from .batch import (
     Step,
     add_token_text,
     attention_mask_4d,
+    check_memory_fits,
     logprob_entry,
     positions_from_mask,
     prepare_batch,
@@ -185,6 +186,7 @@ def generate(
     if config.num_beams > 1:
         return beam_search(model, prompts, config, tokenizer=tokenizer, on_step=on_step)
     if config.num_return_sequences > 1:  # sampling n sequences per prompt: rows i*n .. i*n + n - 1
+        check_memory_fits(model, len(prompts) * config.num_return_sequences, 1 + max(map(len, prompts), default=0))
         prompts = [p for p in prompts for _ in range(config.num_return_sequences)]
     return _collect(generate_steps(model, prompts, config, capture, tokenizer), prompts, config, tokenizer, on_step)
 

@@ -7,6 +7,8 @@ import contextlib
 import ctypes
 import resource
 
+import torch
+
 
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process (VmHWM on Linux: ru_maxrss carries a parent's peak
@@ -72,3 +74,20 @@ def freed_memory_returned():
         # (twice the mmap threshold), or every decode step faults its buffers back in.
         mallopt(M_MMAP_THRESHOLD, 32 << 20)
         mallopt(M_TRIM_THRESHOLD, 64 << 20)
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation on `device` can take now: MemAvailable on the CPU (Linux), the free
+    memory of a CUDA device; None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

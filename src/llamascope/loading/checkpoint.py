@@ -116,6 +116,20 @@ def resolve_dtype(name: str | torch.dtype, config: ModelConfig, checkpoint: Chec
     return named_dtype(name)
 
 
+# The tensors each decoder layer holds at least (four attention and three MLP matrices, two norms).
+LAYER_TENSORS = 9
+
+
+def check_layer_count(config: ModelConfig, tensors: int, source: str, key: str = "num_hidden_layers") -> None:
+    """Refuse a layer count that the weights cannot hold before anything loops over the layers
+    (a file claiming 2**31 layers would otherwise build billions of names)."""
+    if LAYER_TENSORS * config.num_hidden_layers > tensors:
+        raise LlamascopeError(
+            f"{source}: {key} = {config.num_hidden_layers}, but the weights hold only {tensors} tensors "
+            f"(each layer needs at least {LAYER_TENSORS}, so at most {tensors // LAYER_TENSORS} layers)"
+        )
+
+
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every weight a LLaMA checkpoint must hold, with Hugging Face names and shapes."""
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
@@ -160,6 +174,8 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 def check_tensors(checkpoint: Checkpoint) -> None:
     """Missing, unexpected and wrongly shaped tensors, each named with its file."""
+    where = checkpoint.path if checkpoint.format == "gguf" else checkpoint.path / "config.json"
+    check_layer_count(checkpoint.config, len(checkpoint.tensors), str(where))
     expected = expected_shapes(checkpoint.config)
     found = checkpoint.tensors
     for name, shape in expected.items():

@@ -28,7 +28,7 @@ from ..config import ModelConfig
 from ..errors import LlamascopeError
 from ..formats import KEPT_FORMATS, q5_0_as_q8_0
 from ..tokenizer import Tokenizer
-from .checkpoint import Checkpoint, TensorSource, expected_shapes
+from .checkpoint import Checkpoint, TensorSource, check_layer_count, expected_shapes
 from .gguf_metadata import GGUFMetadata, read_gguf, token_id
 from .tensorfiles import read_array, read_array_slice
 
@@ -486,6 +486,7 @@ def _map_tensors(reader, path: Path) -> dict[str, Any]:
 
 def _check_shapes(tensors: dict, config: ModelConfig, arch: str, path: Path) -> None:
     """Every tensor the config implies is present with the implied shape, and nothing else."""
+    check_layer_count(config, len(tensors), str(path), key=f"{arch}.block_count")
     expected = expected_shapes(config)
     for name, tensor in tensors.items():
         hf_name = hf_tensor_name(name)

@@ -56,6 +56,8 @@ class SafetensorsFile:
                 header = json.loads(f.read(header_len))
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise LlamascopeError(f"{self.path}: not a safetensors file (header is not JSON)") from None
+            except RecursionError:
+                raise LlamascopeError(f"{self.path}: not a safetensors file (header JSON nested too deeply)") from None
         if not isinstance(header, dict):
             raise LlamascopeError(f"{self.path}: not a safetensors file (header is not an object)")
         self.metadata = header.pop("__metadata__", None) or {}

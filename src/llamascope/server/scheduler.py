@@ -55,9 +55,11 @@ from .prefix_cache import PrefixCache
 log = logging.getLogger("llamascope")
 
 # While sequences decode, prompts are prefilled for about this share of a decode step's time
-# between two steps: the running streams' gaps grow by about that share (plus at most one stage),
-# and a prompt gets about half the time of one core set while it waits.
+# between two steps (and at least PREFILL_FLOOR_S): the running streams' gaps grow by about that
+# share (plus at most one stage), and a prompt gets about half the time while it waits. The floor
+# keeps slices worth their overhead where steps take a millisecond (small models).
 PREFILL_SHARE = 1.0
+PREFILL_FLOOR_S = 0.005
 
 
 class QueueFull(LlamascopeError):
@@ -595,10 +597,11 @@ class Scheduler:
     def _prefill_some(self) -> None:
         """Run the waiting prefills, first come first served. While sequences decode, a prompt goes
         on a stage at a time (one piece through one layer: `prefill.PrefillRun`) until about
-        PREFILL_SHARE of a decode step's time has passed since their last step (at least one stage),
-        so that a long prompt delays their next token by milliseconds, not by its whole prefill;
-        with none decoding a prompt runs to its end in one call (the same numbers either way)."""
-        budget, stage_s = PREFILL_SHARE * self._step_s, None
+        PREFILL_SHARE of a decode step's time (PREFILL_FLOOR_S at least) has passed since their
+        last step (at least one stage), so that a long prompt delays their next token by
+        milliseconds, not by its whole prefill; with none decoding a prompt runs to its end in one
+        call (the same numbers either way)."""
+        budget, stage_s = max(PREFILL_SHARE * self._step_s, PREFILL_FLOOR_S), None
         while self._prefilling:
             if stage_s is not None and self._active and time.perf_counter() - self._step_end + stage_s > budget:
                 break  # (the next stage would likely take about as long as the last)
