@@ -385,6 +385,10 @@ def test_vocabulary_only_gguf_is_a_tokenizer_not_a_model(tmp_path):
             "'tokenizer.ggml.pre' = 'mystery'",
         ),
         ({"tokenizer.ggml.bos_token_id": 5000}, "'tokenizer.ggml.bos_token_id' = 5000"),
+        (  # a merge whose result is not a token: the tokenizers library's error, named by entry
+            {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default", "tokenizer.ggml.merges": ["t h", "x y"]},
+            "'tokenizer.ggml.merges' entry 0 ('t' 'h') needs the token 'th'",
+        ),
         ({"tokenizer.ggml.scores": [0.0]}, "'tokenizer.ggml.scores' has 1 entries"),
     ],
 )

@@ -122,6 +122,28 @@ def test_damaged_headers(tmp_path):
     assert error.value.truncated
 
 
+@pytest.mark.parametrize("back", [1, 4, "all"])
+def test_tensors_that_overlap_are_refused(tmp_path, back):
+    """A tensor moved back onto its neighbour's bytes (its offset in the header rewritten) is
+    refused, naming both: else it would read the other's bytes as its weights."""
+    path = tmp_path / "ok.gguf"
+    _write(path, gguf.GGUFEndian.LITTLE)
+    header = GGUFFile(path)
+    first, second = sorted(header.tensors, key=lambda t: t.data_offset)[:2]
+    # the second tensor's info: name (u64 length, bytes), n_dims u32, dims u64 each, type u32, offset u64
+    data = bytearray(path.read_bytes())
+    name = len(second.name).to_bytes(8, "little") + second.name.encode()
+    at = data.index(name) + len(name) + 4 + 8 * len(second.shape) + 4
+    end_of_first = first.data_offset + first.n_bytes - header.data_offset
+    moved = end_of_first - (first.n_bytes if back == "all" else back)
+    data[at : at + 8] = moved.to_bytes(8, "little")
+    bad = tmp_path / "overlap.gguf"
+    bad.write_bytes(bytes(data))
+    message = f"tensor '{second.name}' starts at byte .* inside tensor '{first.name}'"
+    with pytest.raises(GGUFFormatError, match=message):
+        GGUFFile(bad)
+
+
 def test_big_endian_model_is_refused_by_name(tmp_path):
     """Its metadata reads (above), but the weight readers take little-endian bytes: refused, not
     loaded as wrong numbers."""

@@ -7,6 +7,7 @@ of its own."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -14,8 +15,11 @@ import time
 import pytest
 from conftest import rewrite_json
 from gguf_fixtures import TinySpec, write_tiny_llama
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from llamascope.cli import main
+from llamascope.config import GenerationConfig
 
 SECONDS = 20  # "within seconds", with room for a slow shared machine
 
@@ -110,3 +114,129 @@ def test_config_values_the_checks_accept_still_load(tiny_model, tmp_path, capsys
     code = main(["generate", "--model", str(folder), "--max-new-tokens", "2", "--json", "hi"])
     out, err = capsys.readouterr()
     assert code == 0 and len(json.loads(out)["output_ids"]) == 2, err
+
+
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_a_port_out_of_range_is_refused_before_loading(capsys, port):
+    assert f"--port {port}: give 0 to 65535" in refused(capsys, "serve", "--port", port)
+
+
+# ---- text that is not valid Unicode ------------------------------------------------------------
+
+
+def test_a_prompt_argument_with_invalid_utf8_is_refused_by_name(tiny_model, capsys):
+    """Invalid UTF-8 bytes in argv reach Python as lone surrogates (surrogateescape)."""
+    bad = b"ab\xffcd".decode("utf-8", "surrogateescape")
+    err = refused(capsys, "generate", "--model", str(tiny_model), bad)
+    assert "the prompt argument: not valid text: character 2 is a lone surrogate" in err
+
+
+def test_stdin_with_invalid_utf8_is_refused_by_name(tiny_model, capsys, monkeypatch):
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"hello \xc3\x28 world")))
+    err = refused(capsys, "generate", "--model", str(tiny_model), "-")
+    assert "stdin: not UTF-8 text (invalid continuation byte at byte 6)" in err
+
+
+@pytest.mark.parametrize("text", ["\ud800", "ok \udfff", "\udcff"])
+def test_the_python_api_refuses_lone_surrogates(tiny_model, text):
+    from llamascope import Engine
+    from llamascope.errors import LlamascopeError
+
+    with pytest.raises(LlamascopeError, match="text to encode: not valid text: character .* is a lone surrogate"):
+        Engine.load(tiny_model).encode(text)
+
+
+# ---- chat templates: the model file's code ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("{{ 'x' * 10000000000 }}", "repeats 1 items 10000000000 times"),
+        ("{{ [1, 2] * 5000000 }}", "repeats 2 items 5000000 times"),
+        ("{{ 10 ** 100000 }}", "raises a number to the power 100000"),
+        ("{% for i in range(10000000000) %}{% endfor %}", "OverflowError"),
+        ("{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}", "its output passes"),
+        ("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}", "rendering took over"),
+        ("{{ messages.__class__.__mro__ }}", "access to attribute '__class__'"),
+        ("{{ nothing() }}", "'nothing' is undefined"),
+        ("{{ (messages | length) / 0 }}", "ZeroDivisionError"),
+    ],
+)
+def test_a_hostile_chat_template_ends_in_one_error_within_seconds(tiny_model, monkeypatch, template, message):
+    """Templates come with model files: what they may build, output and take is bounded, and any
+    failure is one error naming the tokenizer's source."""
+    from llamascope import Engine, tokenizer
+    from llamascope.errors import LlamascopeError
+
+    monkeypatch.setattr(tokenizer, "TEMPLATE_MAX_SECONDS", 1.0)
+    tok = Engine.load(tiny_model).tokenizer
+    tok.chat_template = template
+    began = time.monotonic()
+    with pytest.raises(LlamascopeError, match="chat template") as error:
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert message in str(error.value) and time.monotonic() - began < SECONDS
+
+
+# ---- weights that are not finite -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("mode", [[], ["--do-sample", "--seed", "3"], ["--num-beams", "2"]])
+def test_weights_that_are_not_finite_stop_generation_naming_the_layer(tiny_model, tmp_path, capsys, value, mode):
+    """Greedy search over NaN logits would pick token 0 forever and exit 0: instead the step, and
+    the first activation that is not finite, are named."""
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(tiny_model, tmp_path / "m")
+    state = load_file(folder / "model.safetensors")
+    state["model.layers.1.mlp.down_proj.weight"][3, 5] = value
+    save_file(state, folder / "model.safetensors")
+    err = refused(capsys, "generate", "--model", str(folder), "--max-new-tokens", "3", *mode, "hi")
+    assert "step 0: the logits of sequence 0 are not finite" in err
+    assert "the first activation that is not: layers.1." in err
+
+
+# ---- any settings: taken, or refused by name ---------------------------------------------------
+
+ANY_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**80), 2**80),
+    st.integers(-3, 40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=4),
+    st.lists(st.integers(-3, 2**70), max_size=3),
+    st.lists(st.lists(st.integers(-3, 300), max_size=2), max_size=2),
+)
+SETTING_NAMES = sorted(f.name for f in dataclasses.fields(GenerationConfig) if f.name != "sources")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(chosen=st.dictionaries(st.sampled_from(SETTING_NAMES), ANY_VALUE, max_size=4))
+def test_any_generation_settings_are_taken_or_refused_by_name(tiny_engine, chosen):
+    """Generation settings of any type and size: resolving them is refused with an error naming one
+    of them, or they are taken and a short generation runs (or is refused by name: memory)."""
+    from llamascope.errors import LlamascopeError
+
+    try:
+        config = tiny_engine.generation_config(**chosen)
+    except LlamascopeError as e:
+        assert any(name in str(e) for name in chosen), (chosen, str(e))
+        return
+    small = (config.max_new_tokens or 0) <= 6 and config.num_beams <= 3 and config.num_return_sequences <= 3
+    if small and (config.max_length or 0) <= 40 and (config.min_new_tokens or 0) <= 6:
+        try:
+            tiny_engine.generate_ids([1, 5, 6], **chosen)
+        except LlamascopeError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model):
+    from llamascope import Engine
+
+    return Engine.load(tiny_model)

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 import pytest
 import torch
 from conftest import rewrite_json
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from llamascope import Engine
 from llamascope.cache import KVCache, SlotKVCache
@@ -485,6 +487,15 @@ def test_bad_requests_get_openai_errors(server, engine):
     _error(post("/v1/completions", json={**ok, "logit_bias": {"x": 1}}), 400, "logit_bias")
     _error(post("/v1/completions", json={**ok, "logit_bias": {"5": 1000}}), 400, "logit_bias")
     _error(post("/v1/completions", json={**ok, "seed": 1.5}), 400, "seed")
+    for key in ("²", "٣", "1" * 30):  # digits that int() takes or refuses, but no token id
+        _error(post("/v1/completions", json={**ok, "logit_bias": {key: 5}}), 400, "logit_bias")
+    for escaped in ('"\\ud800"', '"ok \\udfff"', '["fine", "\\udc80"]'):  # lone surrogates, as JSON escapes
+        body = f'{{"model": "{MODEL}", "max_tokens": 2, "prompt": {escaped}}}'.encode()
+        reply = post("/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert "lone surrogate" in _error(reply, 400, "prompt" if escaped[0] == '"' else "prompt[1]")["message"]
+    chat_body = f'{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "\\ud83d"}}]}}'.encode()
+    reply = post("/v1/chat/completions", content=chat_body, headers={"content-type": "application/json"})
+    assert "lone surrogate" in _error(reply, 400, "messages")["message"]
     assert _error(post("/v1/completions", json={**ok, "model": "gpt-9"}), 404, "model")["code"] == "model_not_found"
     long_prompt = list(range(3, 300)) * 14  # 4158 tokens > 4096 positions
     assert (
@@ -538,6 +549,70 @@ def test_api_key(model_dir):
             assert "2 Authorization headers" in _error(reply, 401)["message"]
         with openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0) as good:
             assert good.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens >= 1
+
+
+ANY_JSON = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**70), 2**70),
+        st.integers(-3, 40),
+        st.floats(allow_nan=False),
+        st.text(max_size=6),
+    ),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6,
+)
+COMPLETION_FIELDS = [
+    "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stop", "seed", "presence_penalty",
+    "frequency_penalty", "logit_bias", "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos",
+    "logprobs", "echo", "best_of", "suffix", "stream_options", "user",
+]  # fmt: skip
+CHAT_FIELDS = ["messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs", "response_format",
+               "tools", "n", "stream", "stop", "temperature", "seed"]  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    chat=st.booleans(),
+    data=st.data(),
+)
+def test_any_request_gets_an_answer_or_a_4xx_with_a_json_body(server, chat, data):
+    """Request bodies with any fields of any JSON type: the server answers 200, or a 4xx whose
+    JSON body says what is wrong; never a 5xx, and it stays healthy."""
+    url = server[0]
+    names = CHAT_FIELDS if chat else COMPLETION_FIELDS
+    body = {"model": MODEL, "max_tokens": 2, "prompt": "hi"} if not chat else {"model": MODEL, "max_tokens": 2}
+    if chat:
+        body["messages"] = [{"role": "user", "content": "hi"}]
+    body |= data.draw(st.dictionaries(st.sampled_from(names), ANY_JSON, max_size=3))
+    if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 8:
+        body["max_tokens"] = 8  # (quick; the size rules have their own tests)
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    reply = httpx.post(url + path, json=body, timeout=60)
+    assert reply.status_code < 500, (body, reply.text)
+    if reply.status_code >= 400:
+        assert reply.json()["error"]["message"], (body, reply.text)
+    assert httpx.get(url + "/health", timeout=10).status_code == 200
+
+
+def test_a_request_body_over_the_limit_gets_413_before_it_is_read(model_dir):
+    """By its Content-Length, or, sent in chunks without one, once what came passes the limit; the
+    server stays healthy and takes the next request."""
+    with running(model_dir, max_batch=2, max_body_bytes=4096) as (url, _):
+        big = {"model": MODEL, "prompt": "word " * 2000, "max_tokens": 2}
+        error = _error(httpx.post(url + "/v1/completions", json=big, timeout=10), 413)
+        assert "at most 4096" in error["message"]
+
+        def chunks():
+            for _ in range(100):
+                yield b"x" * 1000
+
+        reply = httpx.post(url + "/v1/completions", content=chunks(), timeout=10)
+        assert reply.status_code == 413 and "at most 4096" in reply.json()["error"]["message"]
+        small = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+        assert httpx.post(url + "/v1/completions", json=small, timeout=30).status_code == 200
+        assert httpx.get(url + "/health", timeout=10).status_code == 200
 
 
 @pytest.mark.parametrize("key", ["", "  "])

@@ -9,6 +9,8 @@ its calls, so neither imports the other's internals.
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -131,7 +133,13 @@ def prepare_batch(model: torch.nn.Module, prompts: list[list[int]], config: Gene
     """
     for row, prompt in enumerate(prompts):
         check_token_ids(prompt, model.config.vocab_size, f"prompt {row}: ")
-    pad_id = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_id or [0])[0]
+    pad_id = config.pad_token_id if (config.pad_token_id or 0) >= 0 else None
+    pad_id = pad_id if pad_id is not None else (config.eos_token_id or [0])[0]
+    vocab = model.config.vocab_size
+    for name, ids in (("pad_token_id", [pad_id]), ("eos_token_id", config.eos_token_id)):
+        outside = [t for t in ids if t >= vocab]
+        if outside:
+            raise LlamascopeError(f"generation setting {name}={outside[0]}: not in the vocabulary (0..{vocab - 1})")
     input_ids, attention_mask = left_pad(prompts, pad_id)  # [B, T0]
     T0 = input_ids.shape[1]
     context = model.config.context_limit
@@ -148,6 +156,30 @@ def prepare_batch(model: torch.nn.Module, prompts: list[list[int]], config: Gene
         )
     check_memory_fits(model, input_ids.shape[0] * config.num_beams, max_length if config.use_cache else 0)
     return pad_id, input_ids, attention_mask, max_length
+
+
+def check_finite(model: torch.nn.Module, logits: torch.Tensor, row_ids: Callable[[int], list[int]], step: int) -> None:
+    """Stop, with a message, at a step whose logits [B, V] hold NaN or infinity (else greedy search
+    would pick token 0 forever and exit as if all were well): the step, the first such row, and the
+    first activation of that row that is not finite, found by running its tokens (`row_ids(row)`)
+    again, whole, with the activations captured. A sum per step is all it costs otherwise."""
+    if math.isfinite(float(logits.sum())):
+        return
+    finite = torch.isfinite(logits).all(dim=-1)  # [B]
+    if bool(finite.all()):
+        return  # (large finite logits whose sum overflowed)
+    row = int((~finite).nonzero()[0])
+    ids = row_ids(row)
+    capture: dict = {}
+    tokens = torch.tensor([ids], device=model.device)  # [1, L]
+    with torch.inference_mode():
+        model(tokens, torch.arange(len(ids), device=model.device)[None], capture=capture)
+    first = next((name for name, value in capture.items() if not bool(torch.isfinite(value).all())), None)
+    where = f"; the first activation that is not: {first}" if first else ""
+    raise LlamascopeError(
+        f"step {step}: the logits of sequence {row} are not finite (NaN or infinite){where}. The weights or the "
+        f"config (rope_theta, rms_norm_eps, rope_scaling) are damaged, or the dtype overflows"
+    )
 
 
 def check_memory_fits(model: torch.nn.Module, rows: int, positions: int) -> None:

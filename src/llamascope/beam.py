@@ -33,6 +33,7 @@ from .batch import (
     Step,
     add_token_text,
     attention_mask_4d,
+    check_finite,
     logprob_entry,
     positions_from_mask,
     prepare_batch,
@@ -174,6 +175,7 @@ class _BeamSearch:
         cache_length = self.cache.length if self.cache is not None else None
         mask = attention_mask_4d(self.rows_mask, tokens.shape[1])
         logits = self.model(tokens, step_positions, self.cache, mask, last_only=True)[:, -1].float()  # [BK, V]
+        check_finite(self.model, logits, lambda row: sequences[row, int(self.padding_lengths[row]) :].tolist(), step)
         scores = apply_processors(self.processors, sequences, logits.log_softmax(-1))  # [BK, V]
         return Step(step, tokens, step_positions, self.rows_mask, cache_length, logits, scores, None)
 

@@ -272,7 +272,26 @@ def _prompts(given: list[str], file: str | None) -> list[str]:
         raise LlamascopeError("no prompt: give it as an argument, - to read it from stdin, or --file PATH")
     if given.count("-") > 1:
         raise LlamascopeError("- (the prompt from stdin) can be given once")
-    return [_drop_final_newline(sys.stdin.read()) if p == "-" else p for p in given]
+    from .tokenizer import check_text
+
+    prompts = [_drop_final_newline(_read_stdin()) if p == "-" else p for p in given]
+    for prompt, p in zip(prompts, given):
+        if p != "-":
+            check_text(prompt, "the prompt argument")
+    return prompts
+
+
+def _read_stdin() -> str:
+    """Standard input as text, or an error saying where it is not UTF-8 (as for --file): a strict
+    decoder fails there; under the C locale Python reads invalid bytes as lone surrogates instead."""
+    from .tokenizer import check_text
+
+    try:
+        text = sys.stdin.read()
+    except UnicodeDecodeError as e:
+        raise LlamascopeError(f"stdin: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    check_text(text, "stdin")
+    return text
 
 
 def _one_prompt(args: argparse.Namespace) -> str:
@@ -519,6 +538,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     With --tp N under torchrun, rank 0 serves and the other ranks repeat its model calls
     (server/lockstep.py)."""
+    if not 0 <= args.port <= 65535:
+        raise LlamascopeError(f"--port {args.port}: give 0 to 65535 (0: any free port)")
     try:
         from .server import ServerSettings, serve
         from .server.app import default_model_name
@@ -534,6 +555,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise LlamascopeError(
             f"--prefix-cache-mb must be >= 0 (0 turns the prefix cache off), not {args.prefix_cache_mb:g}"
         )
+    if not args.max_body_mb > 0:
+        raise LlamascopeError(f"--max-body-mb must be > 0, not {args.max_body_mb:g}")
     group = _start_parallel(args)
     main_rank = group is None or group.is_main
     if args.verbose == 0 and args.log_level is None and main_rank:
@@ -558,6 +581,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
         api_key=args.api_key,
         context=args.context,
+        max_body_bytes=int(args.max_body_mb * 2**20),
     )
     serve(
         engine,
@@ -777,7 +801,7 @@ def _add_serve_command(sub) -> None:
     _add_backend_arg(p)
     _add_huge_pages_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
-    p.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port, 0 to 65535 (0: any free one; default %(default)s)")
     p.add_argument(
         "--max-batch", type=int, default=8, metavar="N", help="sequences decoded together (default %(default)s)"
     )
@@ -794,6 +818,13 @@ def _add_serve_command(sub) -> None:
         default=1024,
         metavar="MB",
         help="most memory the KV cache may take; bounds each slot's positions (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=8,
+        metavar="MB",
+        help="largest request body; a larger one gets 413 before it is read (default %(default)s)",
     )
     p.add_argument(
         "--prefix-cache-mb",

@@ -62,13 +62,14 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def as_id_list(value: Any) -> list[int]:
-    """A token id setting (one id, a list, or none) as a list: eos may be any of the three."""
+def as_id_list(value: Any) -> list:
+    """A token id setting (one id, a list, or none) as a list: eos may be any of the three. The
+    items are kept as they are; the setting's rule checks that they are ids."""
     if value is None:
         return []
     if isinstance(value, (list, tuple)):
-        return [int(v) for v in value]
-    return [int(value)]
+        return list(value)
+    return [value]
 
 
 @dataclass
@@ -102,8 +103,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim is None and _is_int(self.hidden_size) and _is_int(self.num_attention_heads):
+            if self.num_attention_heads > 0:  # (validate() refuses the others by key)
+                self.head_dim = self.hidden_size // self.num_attention_heads
 
     # ---- derived facts -------------------------------------------------------------------
     @property
@@ -128,6 +130,10 @@ class ModelConfig:
         data = dict(data)
         model_type = data.get("model_type")
         archs = data.get("architectures") or []
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise LlamascopeError(f"{source}: 'architectures' must be a list of class names, found {archs!r}")
+        if model_type is not None and not isinstance(model_type, str):
+            raise LlamascopeError(f"{source}: 'model_type' must be a name, found {model_type!r}")
         if model_type is None and not any("Llama" in a for a in archs):
             raise LlamascopeError(f"{source}: missing key 'model_type' (expected 'llama')")
         if model_type is not None and model_type not in LLAMA_FAMILY:
@@ -190,7 +196,7 @@ class ModelConfig:
             )
         if self.hidden_act != "silu":
             raise LlamascopeError(f"{source}: hidden_act {self.hidden_act!r} is not supported (only 'silu')")
-        if self.rope_type not in ROPE_TYPES:
+        if not isinstance(self.rope_type, str) or self.rope_type not in ROPE_TYPES:
             raise LlamascopeError(
                 f"{source}: rope_scaling rope_type {self.rope_type!r} is not supported "
                 f"(supported: {', '.join(ROPE_TYPES)})"
@@ -318,6 +324,11 @@ SETTING_RULES = (
     ("stop_strings", _optional(_stop_strings), "must be a list of non-empty strings"),
     ("output_logprobs", _optional(_int_at_least(0)), "must be an integer >= 0 (the number of alternatives per token)"),
     ("seed", _optional(lambda v: _is_int(v) and -(2**63) <= v < 2**64), "must be an integer from -2**63 to 2**64 - 1"),
+    # (pad_token_id -1 is common in LLaMA-1 files: no padding id; padding then takes eos's)
+    ("bos_token_id", _optional(_is_int), "must be a token id"),
+    ("pad_token_id", _optional(_is_int), "must be a token id"),
+    ("eos_token_id", _token_ids, "must be a token id or a list of them"),
+    ("use_cache", lambda v: isinstance(v, bool), "must be true or false"),
 )
 # Settings that must agree with others, each (setting, test of the whole config, why), checked
 # after SETTING_RULES; `why` may name other settings as {config.name}.

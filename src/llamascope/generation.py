@@ -22,6 +22,7 @@ from .batch import (
     Step,
     add_token_text,
     attention_mask_4d,
+    check_finite,
     check_memory_fits,
     logprob_entry,
     positions_from_mask,
@@ -145,6 +146,7 @@ def generate_steps(
             acts = capture(step) if capture is not None else None
             logits = model(tokens, step_positions, cache, mask, capture=acts, last_only=True)  # [B, 1, V]
             logits = logits[:, -1].float()  # [B, V]
+            check_finite(model, logits, lambda row: sequences[row], step)
             if debug:
                 _log_stage("forward", step, "next-token logits %s", list(logits.shape))
             scores = apply_processors(processors, columns.ids[:, :S], logits) if processors else logits

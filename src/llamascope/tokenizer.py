@@ -7,7 +7,9 @@ folders, plus tokenizer_config.json), or GGUF metadata (see `loading/gguf_tokeni
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import sys
+import time
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 import tokenizers
 from jinja2.exceptions import TemplateError
 from jinja2.ext import loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from tokenizers import processors
 
 from .config import read_json
@@ -102,6 +104,7 @@ class Tokenizer:
 
     # ---- encode / decode -----------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        check_text(text, "text to encode")
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def tokens(self, ids: Iterable[int]) -> list[str]:
@@ -122,15 +125,16 @@ class Tokenizer:
         def raise_exception(message: str):
             raise TemplateError(message)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env = _TemplateSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
         env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, separators=None, sort_keys=False: json.dumps(
             x, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys
         )
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        where = f"{self.source or 'tokenizer'}: chat template"
         try:
             template = env.from_string(self.chat_template)
-            return template.render(
+            chunks = template.generate(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
@@ -139,8 +143,13 @@ class Tokenizer:
                 unk_token=self.unk_token or "",
                 **extra,
             )
+            return _bounded_text(chunks, where)
+        except LlamascopeError:
+            raise
         except TemplateError as e:
-            raise LlamascopeError(f"chat template: {e}") from None
+            raise LlamascopeError(f"{where}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - the template is the file's code: any failure is its own
+            raise LlamascopeError(f"{where} failed: {type(e).__name__}: {e}") from None
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """The template writes any BOS itself, so no special tokens are added (no double BOS)."""
@@ -220,6 +229,72 @@ class Tokenizer:
             return cls.from_hf_folder(folder)
         backend = tokenizers.Tokenizer.from_file(str(tokenizer_json))
         return cls(backend, source=str(tokenizer_json))
+
+
+def check_text(text: str, where: str) -> None:
+    """Refuse text that is not valid Unicode, naming where it came from: a lone surrogate, which is
+    what invalid UTF-8 bytes in argv become, or an unpaired \\ud800-\\udfff escape in JSON."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise LlamascopeError(
+            f"{where}: not valid text: character {e.start} is a lone surrogate ({text[e.start]!r}; invalid UTF-8 "
+            f"bytes, or an unpaired surrogate escape)"
+        ) from None
+
+
+# Limits on what a chat template may do (its code comes with the model file): the rendered text's
+# length, the time it takes, and any one string or list it builds by repetition.
+TEMPLATE_MAX_CHARS = 4 << 20
+TEMPLATE_MAX_SECONDS = 10.0
+
+
+class _TemplateSandbox(ImmutableSandboxedEnvironment):
+    """jinja2's immutable sandbox (no attributes of Python internals, nothing changed in place;
+    its ranges are bounded already), where `*` may not build a string or list of more than
+    TEMPLATE_MAX_CHARS items and `**` no number of more than a few thousand digits."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if (
+                    isinstance(seq, (str, list, tuple))
+                    and isinstance(times, int)
+                    and len(seq) * times > TEMPLATE_MAX_CHARS
+                ):
+                    raise SecurityError(f"repeats {len(seq)} items {times} times (limit {TEMPLATE_MAX_CHARS})")
+        if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(right) > 1000:
+            raise SecurityError(f"raises a number to the power {right} (limit 1000)")
+        return super().call_binop(context, operator, left, right)
+
+
+def _bounded_text(chunks: Iterator[str], where: str) -> str:
+    """A template's output, refused once longer than TEMPLATE_MAX_CHARS or slower than
+    TEMPLATE_MAX_SECONDS. The time is checked on every line the template's compiled code runs (a
+    trace on this thread while it renders), so a loop that writes nothing is stopped too."""
+    deadline = time.monotonic() + TEMPLATE_MAX_SECONDS
+
+    def each_line(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise LlamascopeError(f"{where}: rendering took over {TEMPLATE_MAX_SECONDS:g} s")
+        return each_line
+
+    def on_call(frame, event, arg):
+        return each_line if frame.f_code.co_filename == "<template>" else None
+
+    out, size, previous = [], 0, sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        for chunk in chunks:
+            out.append(chunk)
+            size += len(chunk)
+            if size > TEMPLATE_MAX_CHARS:
+                raise LlamascopeError(f"{where}: its output passes {TEMPLATE_MAX_CHARS} characters")
+    finally:
+        sys.settrace(previous)
+    return "".join(out)
 
 
 class StreamDecoder:

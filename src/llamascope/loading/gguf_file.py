@@ -146,6 +146,19 @@ class GGUFFile:
                 raise GGUFFormatError(f"tensor {name!r} appears twice")
             names.add(name)
             self.tensors.append(self._tensor(name, dims, raw_type, relative))
+        self._check_no_overlap()
+
+    def _check_no_overlap(self) -> None:
+        """No two tensors share bytes (else one would read another's as its weights)."""
+        end, before = self.data_offset, None
+        for tensor in sorted(self.tensors, key=lambda t: t.data_offset):
+            if tensor.n_bytes and tensor.data_offset < end:
+                raise GGUFFormatError(
+                    f"tensor {tensor.name!r} starts at byte {tensor.data_offset}, inside tensor {before!r} "
+                    f"(which ends at byte {end}): tensors may not overlap"
+                )
+            if tensor.n_bytes:
+                end, before = tensor.data_offset + tensor.n_bytes, tensor.name
 
     def _read_version(self, buf: mmap.mmap) -> tuple[int, int]:
         """Magic, byte order and version; returns the announced tensor and metadata counts."""

@@ -121,7 +121,18 @@ def _bpe_backend(meta: GGUFMetadata, tokens: list[str], pre: str) -> tokenizers.
     vocab: dict[str, int] = {}
     for index, token in enumerate(tokens):
         vocab.setdefault(token, index)
-    model = models.BPE(vocab=vocab, merges=_merges(meta), ignore_merges=ignore_merges)
+    merges = _merges(meta)
+    try:
+        model = models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges)
+    except Exception as e:  # noqa: BLE001 - the tokenizers library's own error: name the entry
+        for index, (left, right) in enumerate(merges):
+            missing = next((t for t in (left, right, left + right) if t not in vocab), None)
+            if missing is not None:
+                raise LlamascopeError(
+                    f"{meta.path}: metadata key 'tokenizer.ggml.merges' entry {index} ({left!r} {right!r}) needs "
+                    f"the token {missing!r}, which 'tokenizer.ggml.tokens' does not have"
+                ) from None
+        raise LlamascopeError(f"{meta.path}: metadata key 'tokenizer.ggml.merges' is not usable ({e})") from None
     backend = tokenizers.Tokenizer(model)
     backend.pre_tokenizer = make_pre(bool(meta.flag("tokenizer.ggml.add_space_prefix", False)))
     backend.decoder = decoders.ByteLevel()

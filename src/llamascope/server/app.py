@@ -50,6 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..cache import SlotKVCache
 from ..config import DEFAULT_MAX_NEW_TOKENS, ContextLengthError, room_for_new_tokens
 from ..errors import LlamascopeError
+from ..tokenizer import check_text
 from .lockstep import leader_runner, serve_leader
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import ServerMetrics
@@ -180,8 +181,8 @@ class _Sampling(_Schema):
     @classmethod
     def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for token, bias in (value or {}).items():
-            if not token.isdigit():
-                raise ValueError(f"keys must be token ids, found {token!r}")
+            if not (token.isascii() and token.isdigit() and len(token) <= 12):
+                raise ValueError(f"keys must be token ids (digits 0-9), found {token!r}")
             if not (math.isfinite(bias) and -100 <= bias <= 100):
                 raise ValueError(f"biases must be between -100 and 100, found {bias!r} for token {token}")
         return value
@@ -257,6 +258,49 @@ class ServerSettings:
     prefix_cache_bytes: int = 256 << 20  # whole prompt pieces kept for later prompts; 0: no prefix cache
     api_key: str | None = None
     context: int | None = None  # positions each sequence may use; None: the model's, or what the budget allows
+    max_body_bytes: int = 8 << 20  # a larger request body gets 413 before it is read whole
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` gets 413 (by its Content-Length before any
+    of it is read, else as soon as what has come passes the limit); the app gets the body whole."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(int(declared), scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before its body came
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._refuse(size, scope, receive, send)
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def receive_body():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # (a streaming response listens here for the client leaving)
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, receive_body, send)
+
+    async def _refuse(self, size: int, scope, receive, send) -> None:
+        response = error_response(
+            413, f"the request body has {size} bytes or more; this server takes at most {self.max_bytes}"
+        )
+        await response(scope, receive, send)
 
 
 class BearerAuth:
@@ -348,6 +392,7 @@ def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
     scheduler.metrics = metrics = ServerMetrics(scheduler.stats)
     app = FastAPI(title="llamascope", lifespan=_lifespan(scheduler, settings))
     app.state.engine, app.state.scheduler, app.state.settings = engine, scheduler, settings
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.api_key is not None:
         if not settings.api_key.strip():
             raise LlamascopeError("--api-key is empty: give a key, or leave the option out to serve without one")
@@ -567,6 +612,10 @@ def _encode_prompts(engine, prompts: list) -> list[tuple[str, list[int]]]:
     for i, prompt in enumerate(prompts):
         param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
         if isinstance(prompt, str):
+            try:
+                check_text(prompt, f"'{param}'")
+            except LlamascopeError as e:
+                raise APIError(400, str(e), param=param) from None
             ids = engine.tokenizer.encode(prompt)
             if not ids:
                 raise APIError(400, f"'{param}' encodes to no tokens", param=param)
