@@ -240,3 +240,35 @@ def tiny_engine(tiny_model):
     from llamascope import Engine
 
     return Engine.load(tiny_model)
+
+
+def test_a_tokenizer_json_whose_unknown_token_is_missing_is_refused_by_file(tmp_path):
+    """Found by fuzz/ (tokenizer target): the tokenizers library raised its own Exception at
+    encode time for an unk_token the vocabulary lacks."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+
+    from llamascope.errors import LlamascopeError
+    from llamascope.tokenizer import Tokenizer
+
+    backend = Backend(models.BPE(vocab={"a": 0, "b": 1}, merges=[], unk_token="<missing>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    (tmp_path / "tokenizer.json").write_text(backend.to_str())
+    tokenizer = Tokenizer.from_hf_folder(tmp_path)
+    assert tokenizer.encode("ab") == [0, 1]
+    with pytest.raises(LlamascopeError, match=r"cannot encode the text \(Exception: Unk token `<missing>` not found"):
+        tokenizer.encode("zz")
+
+
+def test_a_tokenizer_json_that_makes_the_library_panic_is_refused_by_file(tmp_path):
+    """Found by fuzz/ (tokenizer target): a merge of tokens the vocabulary lacks made the tokenizers
+    library's Rust code panic, which Python sees as pyo3's PanicException, a BaseException that
+    `except Exception` lets through."""
+    from llamascope.errors import LlamascopeError
+    from llamascope.tokenizer import Tokenizer
+
+    vocab = {"▁": 3, "a": 4, "b": 5, "c": 6, "d": 7, "e": 8, "h": 9, "l": 6, "he": 17}
+    merges = [["▁", "h"], ["▁", "w"], ["l", "l"], ["h", "e"]]
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": merges}}))
+    with pytest.raises(LlamascopeError, match=r"tokenizer\.json: not a readable tokenizer \(PanicException"):
+        Tokenizer.from_hf_folder(tmp_path)

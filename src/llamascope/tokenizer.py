@@ -21,7 +21,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from tokenizers import processors
 
 from .config import read_json
-from .errors import LlamascopeError
+from .errors import LlamascopeError, library_call
 from .loading.gguf_tokenizer import tokenizer_settings_from_gguf
 from .loading.spm import tokenizer_from_sentencepiece
 
@@ -54,9 +54,10 @@ class Tokenizer:
         self.chat_template = chat_template
         self.source = source
         if add_bos is not None or add_eos is not None:
-            self._set_post_processor(bool(add_bos), bool(add_eos))
-        probe = backend.encode("a", add_special_tokens=True).ids
-        bare = backend.encode("a", add_special_tokens=False).ids
+            where = f"{source or 'tokenizer'}: cannot add the special tokens it names"
+            library_call(lambda: self._set_post_processor(bool(add_bos), bool(add_eos)), where)
+        probe = self.encode("a", add_special_tokens=True)
+        bare = self.encode("a", add_special_tokens=False)
         self.adds_bos = self.bos_id is not None and len(probe) > len(bare) and probe[0] == self.bos_id
         self.adds_eos = self.eos_id is not None and len(probe) > len(bare) and probe[-1] == self.eos_id
 
@@ -105,13 +106,16 @@ class Tokenizer:
     # ---- encode / decode -----------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         check_text(text, "text to encode")
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        where = f"{self.source or 'tokenizer'}: cannot encode the text"
+        return library_call(lambda: self.backend.encode(text, add_special_tokens=add_special_tokens).ids, where)
 
     def tokens(self, ids: Iterable[int]) -> list[str]:
         return [self.backend.id_to_token(int(i)) for i in ids]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        ids = [int(i) for i in ids]
+        where = f"{self.source or 'tokenizer'}: cannot decode the ids"
+        return library_call(lambda: self.backend.decode(ids, skip_special_tokens=skip_special_tokens), where)
 
     def stream_decoder(self, prompt_ids: list[int] | None = None, skip_special_tokens: bool = False) -> StreamDecoder:
         return StreamDecoder(self, prompt_ids or [], skip_special_tokens)
@@ -165,10 +169,8 @@ class Tokenizer:
         if (folder / "tokenizer_config.json").is_file():
             settings.update(read_json(folder / "tokenizer_config.json"))
         if (folder / "tokenizer.json").is_file():
-            try:
-                backend = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-            except Exception as e:
-                raise LlamascopeError(f"{folder / 'tokenizer.json'}: not a readable tokenizer ({e})") from None
+            path = str(folder / "tokenizer.json")
+            backend = library_call(lambda: tokenizers.Tokenizer.from_file(path), f"{path}: not a readable tokenizer")
         elif (folder / "tokenizer.model").is_file():
             backend, defaults = tokenizer_from_sentencepiece(folder / "tokenizer.model")
             for key, value in defaults.items():
@@ -227,7 +229,9 @@ class Tokenizer:
         folder = tokenizer_json.parent
         if tokenizer_json.name == "tokenizer.json":
             return cls.from_hf_folder(folder)
-        backend = tokenizers.Tokenizer.from_file(str(tokenizer_json))
+        backend = library_call(
+            lambda: tokenizers.Tokenizer.from_file(str(tokenizer_json)), f"{tokenizer_json}: not a readable tokenizer"
+        )
         return cls(backend, source=str(tokenizer_json))
 
 

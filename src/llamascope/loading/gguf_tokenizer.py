@@ -16,7 +16,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
-from ..errors import LlamascopeError
+from ..errors import LlamascopeError, library_call
 from .gguf_metadata import GGUFMetadata, read_gguf, token_id
 from .spm import BYTE, CONTROL, UNKNOWN, USER_DEFINED, SpmVocabulary, spm_tokenizer
 
@@ -122,9 +122,10 @@ def _bpe_backend(meta: GGUFMetadata, tokens: list[str], pre: str) -> tokenizers.
     for index, token in enumerate(tokens):
         vocab.setdefault(token, index)
     merges = _merges(meta)
+    where = f"{meta.path}: metadata key 'tokenizer.ggml.merges' is not usable"
     try:
-        model = models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges)
-    except Exception as e:  # noqa: BLE001 - the tokenizers library's own error: name the entry
+        model = library_call(lambda: models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges), where)
+    except LlamascopeError:  # name the entry
         for index, (left, right) in enumerate(merges):
             missing = next((t for t in (left, right, left + right) if t not in vocab), None)
             if missing is not None:
@@ -132,7 +133,7 @@ def _bpe_backend(meta: GGUFMetadata, tokens: list[str], pre: str) -> tokenizers.
                     f"{meta.path}: metadata key 'tokenizer.ggml.merges' entry {index} ({left!r} {right!r}) needs "
                     f"the token {missing!r}, which 'tokenizer.ggml.tokens' does not have"
                 ) from None
-        raise LlamascopeError(f"{meta.path}: metadata key 'tokenizer.ggml.merges' is not usable ({e})") from None
+        raise
     backend = tokenizers.Tokenizer(model)
     backend.pre_tokenizer = make_pre(bool(meta.flag("tokenizer.ggml.add_space_prefix", False)))
     backend.decoder = decoders.ByteLevel()
