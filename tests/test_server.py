@@ -615,6 +615,52 @@ def test_a_request_body_over_the_limit_gets_413_before_it_is_read(model_dir):
         assert httpx.get(url + "/health", timeout=10).status_code == 200
 
 
+def test_sigterm_lets_streams_run_for_the_grace_period_then_ends_them_with_an_error_event(model_dir, tmp_path):
+    """`llamascope serve` on SIGTERM: no new connection is taken, a running stream goes on (tokens
+    still come after the signal) until --shutdown-grace runs out, then ends with an error event
+    rather than being cut mid-chunk, and the process ends after a clean shutdown."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    command = [str(Path(sys.executable).parent / "llamascope"), "serve", "--model", str(model_dir)]
+    command += ["--port", str(port), "--shutdown-grace", "1", "--max-batch", "2", "--served-model-name", MODEL]
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: _up(url), what="the server to start", timeout=120)
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 4000, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as reply:
+            lines = (line for line in reply.iter_lines() if line.startswith("data: "))
+            assert '"text"' in next(lines)
+            proc.send_signal(signal.SIGTERM)
+            after = list(lines)
+        # (uvicorn raises the signal again once it has shut down, so that the parent sees why it ended)
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM), log_path.read_text()
+        assert "Application shutdown complete" in log_path.read_text()
+    finally:
+        proc.kill()
+    tokens_after = [line for line in after if '"text"' in line]
+    assert tokens_after, "the stream stopped at the signal"
+    last = json.loads(after[-1].removeprefix("data: "))
+    assert "the server is shutting down" in last["error"]["message"], after[-3:]
+    with pytest.raises(httpx.TransportError):
+        httpx.get(url + "/health", timeout=5)
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 @pytest.mark.parametrize("key", ["", "  "])
 def test_an_empty_api_key_is_refused_at_start_up(engine, key):
     """An empty key would turn authentication off without a word: refused by name instead."""

@@ -557,6 +557,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     if not args.max_body_mb > 0:
         raise LlamascopeError(f"--max-body-mb must be > 0, not {args.max_body_mb:g}")
+    if not 0 <= args.shutdown_grace <= 3600:
+        raise LlamascopeError(f"--shutdown-grace must be 0 to 3600 seconds, not {args.shutdown_grace:g}")
     group = _start_parallel(args)
     main_rank = group is None or group.is_main
     if args.verbose == 0 and args.log_level is None and main_rank:
@@ -582,6 +584,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         context=args.context,
         max_body_bytes=int(args.max_body_mb * 2**20),
+        shutdown_grace_s=args.shutdown_grace,
     )
     serve(
         engine,
@@ -818,6 +821,14 @@ def _add_serve_command(sub) -> None:
         default=1024,
         metavar="MB",
         help="most memory the KV cache may take; bounds each slot's positions (default %(default)s)",
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30,
+        metavar="S",
+        help="on SIGTERM or Ctrl-C, seconds running requests may go on before they end with an error "
+        "event; no new ones are taken (default %(default)s)",
     )
     p.add_argument(
         "--max-body-mb",

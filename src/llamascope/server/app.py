@@ -40,6 +40,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
 
+import uvicorn
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -54,7 +55,7 @@ from ..tokenizer import check_text
 from .lockstep import leader_runner, serve_leader
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import ServerMetrics
-from .scheduler import Delta, Done, Failed, ModelRunner, QueueFull, Request, Scheduler, SequenceSpec
+from .scheduler import Delta, Done, Failed, ModelRunner, QueueFull, Request, Scheduler, SequenceSpec, ShuttingDown
 
 log = logging.getLogger("llamascope")
 
@@ -259,6 +260,7 @@ class ServerSettings:
     api_key: str | None = None
     context: int | None = None  # positions each sequence may use; None: the model's, or what the budget allows
     max_body_bytes: int = 8 << 20  # a larger request body gets 413 before it is read whole
+    shutdown_grace_s: float = 30.0  # on SIGTERM / Ctrl-C, how long running requests may go on
 
 
 class BodyLimit:
@@ -718,6 +720,8 @@ def _submit(scheduler: Scheduler, prefix: str, specs: list[SequenceSpec]) -> Req
         scheduler.submit(request)
     except QueueFull as e:
         raise APIError(429, str(e), type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+    except ShuttingDown as e:
+        raise APIError(503, str(e), type="server_error", code="shutting_down") from None
     except LlamascopeError as e:
         raise APIError(400, str(e)) from None
     return request
@@ -920,8 +924,6 @@ def serve(
     """Run the server until interrupted (uvicorn, one process; the model runs on one worker thread).
 
     Under tensor parallelism this is rank 0's part; the other ranks run `lockstep.follow`."""
-    import uvicorn
-
     if _parallel(engine) and not engine.parallel.is_main:
         raise LlamascopeError(
             f"tensor parallel {engine.parallel.describe()}: only rank 0 serves; "
@@ -931,4 +933,21 @@ def serve(
     if _parallel(engine):
         serve_leader(app, host, port, log_level)
         return
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    grace = app.state.settings.shutdown_grace_s
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace + 5)
+    DrainingServer(config, app.state.scheduler, grace).run()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, which on SIGTERM or Ctrl-C stops taking connections and waits for the
+    open ones; first the scheduler is told to drain (`Scheduler.drain`), so that running requests
+    finish within the grace period or end with an error event, never cut mid-chunk. A second
+    Ctrl-C stops at once, as in uvicorn."""
+
+    def __init__(self, config: uvicorn.Config, scheduler: Scheduler, grace_s: float):
+        super().__init__(config)
+        self.scheduler, self.grace_s = scheduler, grace_s
+
+    def handle_exit(self, sig, frame) -> None:
+        self.scheduler.drain(self.grace_s)
+        super().handle_exit(sig, frame)

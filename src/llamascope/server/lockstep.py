@@ -213,15 +213,19 @@ def leader_runner(group: ParallelGroup):
 def serve_leader(app, host: str, port: int, log_level: str) -> None:
     """Rank 0: run uvicorn until a signal or a failure, making sure the followers hear "stop".
 
-    uvicorn turns SIGINT / SIGTERM into a graceful shutdown (the app's lifespan stops the
-    scheduler, which sends "stop") and then raises the signal again: here that lands in a handler
-    that only notes it, so the process ends normally after leaving the process group. A failed
-    model call (scheduler.error) stops uvicorn and is raised once it has stopped.
+    uvicorn turns SIGINT / SIGTERM into a graceful shutdown: the scheduler drains (running
+    requests get the grace period), the app's lifespan stops it, which sends "stop", and uvicorn
+    then raises the signal again: here that lands in a handler that only notes it, so the process
+    ends normally after leaving the process group. A failed model call (scheduler.error) stops
+    uvicorn and is raised once it has stopped.
     """
     import uvicorn
 
-    scheduler = app.state.scheduler
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5))
+    from .app import DrainingServer  # (app.py imports this module)
+
+    scheduler, grace = app.state.scheduler, app.state.settings.shutdown_grace_s
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace + 5)
+    server = DrainingServer(config, scheduler, grace)
     scheduler.on_fatal = lambda error: setattr(server, "should_exit", True)
     received: list[int] = []
     previous = {

@@ -62,6 +62,10 @@ PREFILL_SHARE = 1.0
 PREFILL_FLOOR_S = 0.005
 
 
+class ShuttingDown(LlamascopeError):
+    """The server is draining before it stops: it takes no new requests."""
+
+
 class QueueFull(LlamascopeError):
     """More sequences wait than the queue holds; the client should retry later."""
 
@@ -402,6 +406,7 @@ class Scheduler:
         self._prefilling: deque[_Prefill] = deque()  # worker only; admitted prompts not yet in slots
         self._keys = itertools.count()  # the runner's prefill keys
         self._stopping = False
+        self._draining = False  # shutting down: no new requests (drain)
         self._thread: threading.Thread | None = None
         self.completed = self.cancelled = self.failed = 0
         self.peak_batch = 0  # the most sequences one decode step has run
@@ -432,6 +437,19 @@ class Scheduler:
             self._thread = None
         return True
 
+    def drain(self, grace_s: float) -> None:
+        """Shutting down: take no new requests (ShuttingDown); the ones taken go on for up to
+        `grace_s` seconds, then the scheduler stops and every unfinished one ends with an error
+        event ("the server is shutting down")."""
+        with self._cond:
+            if self._draining or self._stopping:
+                return
+            self._draining = True
+        log.info("shutting down: no new requests; those running have %g s to finish", grace_s)
+        timer = threading.Timer(grace_s, self.stop)
+        timer.daemon = True
+        timer.start()
+
     def submit(self, request: Request) -> None:
         """Queue a request's sequences; QueueFull when more would wait than max_queue."""
         sequences = [
@@ -439,8 +457,8 @@ class Scheduler:
             for i, spec in enumerate(request.sequences)
         ]
         with self._cond:
-            if self._stopping:
-                raise LlamascopeError("the server is shutting down")
+            if self._stopping or self._draining:
+                raise ShuttingDown("the server is shutting down: it takes no new requests")
             free = self.max_batch - self._admitted
             if len(self._waiting) + len(sequences) > self.max_queue + free:
                 raise QueueFull(
