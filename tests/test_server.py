@@ -557,7 +557,7 @@ ANY_JSON = st.recursive(
         st.booleans(),
         st.integers(-(2**70), 2**70),
         st.integers(-3, 40),
-        st.floats(allow_nan=False),
+        st.floats(allow_nan=False, allow_infinity=False),
         st.text(max_size=6),
     ),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),

@@ -40,7 +40,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-import uvicorn
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -52,6 +51,7 @@ from ..cache import SlotKVCache
 from ..config import DEFAULT_MAX_NEW_TOKENS, ContextLengthError, room_for_new_tokens
 from ..errors import LlamascopeError
 from ..tokenizer import check_text
+from .draining import DrainingServer
 from .lockstep import leader_runner, serve_leader
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import ServerMetrics
@@ -934,20 +934,4 @@ def serve(
         serve_leader(app, host, port, log_level)
         return
     grace = app.state.settings.shutdown_grace_s
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace + 5)
-    DrainingServer(config, app.state.scheduler, grace).run()
-
-
-class DrainingServer(uvicorn.Server):
-    """uvicorn's server, which on SIGTERM or Ctrl-C stops taking connections and waits for the
-    open ones; first the scheduler is told to drain (`Scheduler.drain`), so that running requests
-    finish within the grace period or end with an error event, never cut mid-chunk. A second
-    Ctrl-C stops at once, as in uvicorn."""
-
-    def __init__(self, config: uvicorn.Config, scheduler: Scheduler, grace_s: float):
-        super().__init__(config)
-        self.scheduler, self.grace_s = scheduler, grace_s
-
-    def handle_exit(self, sig, frame) -> None:
-        self.scheduler.drain(self.grace_s)
-        super().handle_exit(sig, frame)
+    DrainingServer.for_app(app, host, port, log_level, grace).run()

@@ -53,6 +53,7 @@ import torch
 
 from ..errors import LlamascopeError
 from ..parallel import ParallelError, ParallelGroup, broadcast
+from .draining import DrainingServer
 from .scheduler import ModelRunner
 
 log = logging.getLogger("llamascope")
@@ -219,13 +220,8 @@ def serve_leader(app, host: str, port: int, log_level: str) -> None:
     ends normally after leaving the process group. A failed model call (scheduler.error) stops
     uvicorn and is raised once it has stopped.
     """
-    import uvicorn
-
-    from .app import DrainingServer  # (app.py imports this module)
-
-    scheduler, grace = app.state.scheduler, app.state.settings.shutdown_grace_s
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace + 5)
-    server = DrainingServer(config, scheduler, grace)
+    scheduler = app.state.scheduler
+    server = DrainingServer.for_app(app, host, port, log_level, app.state.settings.shutdown_grace_s)
     scheduler.on_fatal = lambda error: setattr(server, "should_exit", True)
     received: list[int] = []
     previous = {
