@@ -33,7 +33,7 @@ HEAD_BYTES = 4 << 20  # "the header" for half the copies: metadata and vocabular
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--copies", type=int, default=1000)
-    parser.add_argument("--model", type=Path, default=None, help="a GGUF file or a model folder (default: the default model)")
+    parser.add_argument("--model", type=Path, default=None, help="a GGUF file or a model folder (default model)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds one copy may take (default 60)")
     parser.add_argument("--memory-gb", type=float, default=8.0, help="the worker's address space (default 8)")
