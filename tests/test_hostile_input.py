@@ -272,3 +272,23 @@ def test_a_tokenizer_json_that_makes_the_library_panic_is_refused_by_file(tmp_pa
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": merges}}))
     with pytest.raises(LlamascopeError, match=r"tokenizer\.json: not a readable tokenizer \(PanicException"):
         Tokenizer.from_hf_folder(tmp_path)
+
+
+def test_a_weights_file_that_cannot_be_read_is_refused_by_file(tiny_model, tmp_path, capsys):
+    """(A folder where the weights file should be stands in for one without read permission,
+    which root, who may run these tests, would read anyway.)"""
+    folder = shutil.copytree(tiny_model, tmp_path / "m")
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").mkdir()
+    (folder / "model.safetensors.index.json").unlink(missing_ok=True)
+    (folder / "weights.safetensors").mkdir()  # found by the *.safetensors fallback
+    err = refused(capsys, "generate", "--model", str(folder), "hi")
+    assert "safetensors: cannot read it" in err
+
+
+def test_json_output_is_strict_json_whatever_the_scores():
+    """A beam that can only lose scores -inf; JSON has no Infinity or NaN: they are written as null."""
+    from llamascope.cli import _json_text
+
+    text = _json_text({"score": float("-inf"), "beams": [{"score": float("nan"), "ok": 1.5}]})
+    assert json.loads(text) == {"score": None, "beams": [{"score": None, "ok": 1.5}]}

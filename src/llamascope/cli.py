@@ -337,7 +337,23 @@ def _console():
 
 
 def _print_json(data) -> None:
-    print(json.dumps(data, ensure_ascii=False), flush=True)
+    print(_json_text(data), flush=True)
+
+
+def _json_text(data, indent: int | None = None) -> str:
+    """Strict JSON: a score or log-probability that is not finite (a beam that can only lose:
+    -inf) is written as null, not as NaN or Infinity, which JSON does not have."""
+    return json.dumps(_finite(data), ensure_ascii=False, indent=indent, allow_nan=False)
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _progress_bar(description: str):
@@ -509,13 +525,13 @@ def cmd_trace(args: argparse.Namespace) -> int:
         **_option_settings(args),
     )
     if args.json_file:
-        _write_text(args.json_file, json.dumps(result.to_json(), ensure_ascii=False, indent=1))
+        _write_text(args.json_file, _json_text(result.to_json(), indent=1))
         log.info("wrote the trace as JSON to %s", args.json_file)
     if args.html:
         _write_text(args.html, render_html(result))
         log.info("wrote the HTML report to %s", args.html)
     if args.json:
-        print(json.dumps(result.to_json(), ensure_ascii=False, indent=1))
+        print(_json_text(result.to_json(), indent=1))
     else:
         render_trace(result, _console(), lens=args.lens)
     return 0
@@ -527,7 +543,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     info = describe(args.model)
     if args.json:
-        print(json.dumps(info.to_json(), ensure_ascii=False, indent=1))
+        print(_json_text(info.to_json(), indent=1))
     else:
         render_info(info, _console())
     return 0

@@ -21,9 +21,12 @@ def read_gguf(path: Path) -> GGUFFile:
     path = Path(path)
     if not path.is_file():
         raise LlamascopeError(f"{path}: file not found")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:  # no permission to read it, ...
+        raise LlamascopeError(f"{path}: cannot read it ({e.strerror or e})") from None
     if magic != b"GGUF":
         raise LlamascopeError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF'; {size} bytes)")
     try:

@@ -41,6 +41,12 @@ class SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        try:
+            self._read_header()
+        except OSError as e:  # no permission to read it, a folder of that name, ...
+            raise LlamascopeError(f"{self.path}: cannot read it ({e.strerror or e})") from None
+
+    def _read_header(self) -> None:
         size = os.path.getsize(self.path)
         with open(self.path, "rb") as f:
             head = f.read(8)
