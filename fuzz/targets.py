@@ -18,8 +18,10 @@ import atheris
 import numpy as np
 
 with atheris.instrument_imports(include=["llamascope"]):
+    from llamascope.config import ModelConfig
     from llamascope.errors import LlamascopeError
-    from llamascope.loading import load_model, open_checkpoint
+    from llamascope.loading import expected_shapes, load_model, open_checkpoint
+    from llamascope.loading.gguf import gguf_tensor_name
     from llamascope.tokenizer import Tokenizer
 
 WORK = Path(os.environ.get("LLAMASCOPE_FUZZ_WORK") or "/tmp/llamascope-fuzz")
@@ -36,22 +38,9 @@ CHAT_TEMPLATE = (
 
 
 def _weights() -> dict[str, np.ndarray]:
+    """Every tensor the config implies (the loader's own list), small random values."""
     rng = np.random.default_rng(0)
-    q, kv = HIDDEN, HIDDEN // HEADS * KV_HEADS
-    shapes = {"model.embed_tokens.weight": (len(PIECES), HIDDEN), "model.norm.weight": (HIDDEN,)}
-    for n in range(LAYERS):
-        p = f"model.layers.{n}."
-        shapes |= {
-            p + "self_attn.q_proj.weight": (q, HIDDEN),
-            p + "self_attn.k_proj.weight": (kv, HIDDEN),
-            p + "self_attn.v_proj.weight": (kv, HIDDEN),
-            p + "self_attn.o_proj.weight": (HIDDEN, q),
-            p + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
-            p + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
-            p + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
-            p + "input_layernorm.weight": (HIDDEN,),
-            p + "post_attention_layernorm.weight": (HIDDEN,),
-        }
+    shapes = expected_shapes(ModelConfig.from_dict(_config()))
     return {name: (rng.standard_normal(shape) * 0.1).astype(np.float32) for name, shape in shapes.items()}
 
 
@@ -93,31 +82,14 @@ def seed_gguf(path: Path) -> None:
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_chat_template(CHAT_TEMPLATE)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
-    layer_names = {
-        "self_attn.q_proj": "attn_q",
-        "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output",
-        "mlp.gate_proj": "ffn_gate",
-        "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down",
-        "input_layernorm": "attn_norm",
-        "post_attention_layernorm": "ffn_norm",
-    }
-    for name, array in _weights().items():
-        if name not in names:
-            n, rest = name.split(".")[2], ".".join(name.split(".")[3:-1])
-            names[name] = f"blk.{n}.{layer_names[rest]}.weight"
-        if name.endswith(("q_proj.weight", "k_proj.weight")):  # GGUF keeps Q and K rows permuted
-            heads = HEADS if "q_proj" in name else KV_HEADS
-            array = array.reshape(heads, 2, -1, HIDDEN).swapaxes(1, 2).reshape(array.shape)
-        if array.ndim == 2 and "ffn" in names[name]:
-            q8 = gguf.GGMLQuantizationType.Q8_0
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    for name, array in _weights().items():  # (Q and K rows left unpermuted: a seed needs no meaning)
+        gguf_name = gguf_tensor_name(name)
+        if array.ndim == 2 and gguf_name.split(".")[-2].startswith("ffn"):
             quantised = gguf.quants.quantize(array, q8)
-            writer.add_tensor(names[name], quantised, raw_shape=quantised.shape, raw_dtype=q8)
+            writer.add_tensor(gguf_name, quantised, raw_shape=quantised.shape, raw_dtype=q8)
         else:
-            writer.add_tensor(names[name], array)
+            writer.add_tensor(gguf_name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

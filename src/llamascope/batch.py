@@ -133,8 +133,8 @@ def prepare_batch(model: torch.nn.Module, prompts: list[list[int]], config: Gene
     """
     for row, prompt in enumerate(prompts):
         check_token_ids(prompt, model.config.vocab_size, f"prompt {row}: ")
-    pad_id = config.pad_token_id if (config.pad_token_id or 0) >= 0 else None
-    pad_id = pad_id if pad_id is not None else (config.eos_token_id or [0])[0]
+    own = config.pad_token_id  # (-1, as LLaMA-1 files have it: none)
+    pad_id = own if own is not None and own >= 0 else (config.eos_token_id or [0])[0]
     vocab = model.config.vocab_size
     for name, ids in (("pad_token_id", [pad_id]), ("eos_token_id", config.eos_token_id)):
         outside = [t for t in ids if t >= vocab]
