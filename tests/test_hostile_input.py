@@ -81,10 +81,16 @@ def test_json_nested_too_deeply_is_refused_by_file(tiny_model, tmp_path, capsys,
 
 
 @pytest.mark.parametrize("blocks", [2**31, 2**32 - 1, 1000])
-@pytest.mark.parametrize("command", [["generate"], ["info"]])
+@pytest.mark.parametrize("command", ["generate", "info", "trace", "convert"])
 def test_a_gguf_claiming_more_layers_than_it_holds_is_refused(tmp_path, capsys, blocks, command):
     path = write_tiny_llama(tmp_path / "m.gguf", TinySpec(), metadata={"llama.block_count": blocks}).path
-    err = refused(capsys, *command, "--model", str(path), *(["hi"] if command == ["generate"] else []))
+    args = {
+        "generate": ["generate", "--model", str(path), "hi"],
+        "info": ["info", "--model", str(path)],
+        "trace": ["trace", "--model", str(path), "hi"],
+        "convert": ["convert", str(path), str(tmp_path / "out")],
+    }[command]
+    err = refused(capsys, *args)
     assert f"llama.block_count = {blocks}, but the weights hold only" in err
 
 
