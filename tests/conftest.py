@@ -42,16 +42,30 @@ def build_tokenizer(folder: Path) -> None:
     fast.save_pretrained(folder)
 
 
+# transformers' classes for each model_type the tests write (config class, model class)
+HF_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+}
+
+
 def make_model(
     folder: Path,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     shard_size: str | None = None,
     safe: bool = True,
+    architecture: str = "llama",
     **overrides,
 ) -> Path:
-    """Write a random LlamaForCausalLM (and the test tokenizer) to `folder`; returns the folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """Write a random model of `architecture` (a model_type: LlamaForCausalLM, or a relative's
+    class) and the test tokenizer to `folder`; returns the folder."""
+    import transformers
+
+    config_class, model_class = (getattr(transformers, name) for name in HF_CLASSES[architecture])
 
     settings = dict(
         vocab_size=TOKENIZER_VOCAB,
@@ -65,14 +79,16 @@ def make_model(
         eos_token_id=2,
     )
     settings.update(overrides)
-    config = LlamaConfig(**settings)
+    config = config_class(**settings)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = model_class(config)
     # Random init is small; widen it so logits are far from uniform and greedy paths are varied.
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.15)
+            elif name.endswith(".bias"):
+                p.normal_(0, 0.2)
             else:
                 p.uniform_(0.5, 1.5)
     model = model.to(dtype)

@@ -61,6 +61,10 @@ class KVCache:
     def advance(self, T: int) -> None:
         self.length += T
 
+    def clear(self) -> None:
+        """Forget every cached column (the next call writes from column 0)."""
+        self.length = 0
+
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep batch rows `rows` (beam search: each beam continues from a parent)."""
         self.storage_version += 1  # first: should a layer fail, the ones before it are replaced already

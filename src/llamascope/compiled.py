@@ -66,8 +66,9 @@ class CompiledDecode:
     """`step(tokens [B, 1], positions [B, 1], cache, mask) -> logits [B, 1, vocab]`, compiled."""
 
     def __init__(self, model: nn.Module):
-        if model.config.rope_type == "dynamic":
-            raise NotApplicable("dynamic RoPE scaling recomputes its frequencies from each step's positions")
+        if model.config.rope_varies_with_length:
+            kind = model.config.rope_type
+            raise NotApplicable(f"{kind} RoPE scaling recomputes its frequencies from each step's positions")
         name = next(native_modules(model), None)
         if name is not None:
             raise NotApplicable(f"{name or 'the model'} calls a native kernel (load it with backend='compiled')")

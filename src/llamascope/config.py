@@ -31,16 +31,102 @@ log = logging.getLogger("llamascope")
 # without max_tokens generates up to the end of the context (OpenAI's rule).
 DEFAULT_MAX_NEW_TOKENS = {"cli": 32, "chat": 256, "server_completion": 16}
 
-# Model types whose checkpoints use the LLaMA block (RMSNorm, RoPE, GQA, SwiGLU).
-LLAMA_FAMILY = {"llama"}
+
+@dataclass(frozen=True)
+class Architecture:
+    """What one of LLaMA's relatives changes in the decoder, as transformers' class for it does.
+
+    The decoder (model.py) is one model; these are its options. Biases: LLaMA and Qwen3 read
+    `attention_bias` (q, k, v and o) and LLaMA `mlp_bias`; Qwen2 always biases q, k and v (not o);
+    Mistral and Phi-3 have none. `sliding`: how `sliding_window` reaches the layers ("none", "all"
+    layers, or by "layer_types"). `fused`: the checkpoint stores qkv_proj and gate_up_proj, which
+    loading splits into the separate projections. `defaults`: transformers' values for keys a
+    config.json may leave out, where they differ from LLaMA's."""
+
+    model_type: str
+    hf_class: str
+    gguf_name: str  # general.architecture of its GGUF files
+    config_biases: tuple[str, ...] = ()  # which of attention_bias and mlp_bias it reads
+    qkv_bias: bool = False  # q, k and v always biased
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE
+    sliding: str = "none"
+    fused: bool = False
+    # transformers' Phi-3 generate(): the first step past longrope's trained context recomputes the
+    # whole sequence, its cached keys being rotated with the short factors (`longrope_restarts`)
+    longrope_restart: bool = False
+    defaults: tuple[tuple[str, Any], ...] = ()
+    differs: str = ""  # one line for `info`: what it changes from LLaMA
+
+
+ARCHITECTURES = {
+    arch.model_type: arch
+    for arch in (
+        Architecture(
+            "llama",
+            "LlamaForCausalLM",
+            "llama",
+            config_biases=("attention_bias", "mlp_bias"),
+            differs="the reference decoder",
+        ),
+        Architecture(
+            "mistral",
+            "MistralForCausalLM",
+            "llama",
+            sliding="all",
+            defaults=(("sliding_window", 4096),),
+            differs="sliding-window attention (sliding_window), no biases",
+        ),
+        Architecture(
+            "qwen2",
+            "Qwen2ForCausalLM",
+            "qwen2",
+            qkv_bias=True,
+            sliding="layer_types",
+            defaults=(("use_sliding_window", False), ("sliding_window", 4096), ("max_window_layers", 28)),
+            differs="biases on q, k and v (not o)",
+        ),
+        Architecture(
+            "qwen3",
+            "Qwen3ForCausalLM",
+            "qwen3",
+            config_biases=("attention_bias",),
+            qk_norm=True,
+            sliding="layer_types",
+            defaults=(
+                ("head_dim", 128),
+                ("use_sliding_window", False),
+                ("sliding_window", 4096),
+                ("max_window_layers", 28),
+            ),
+            differs="RMSNorm over each head's queries and keys (q_norm, k_norm), explicit head_dim",
+        ),
+        Architecture(
+            "phi3",
+            "Phi3ForCausalLM",
+            "phi3",
+            sliding="all",
+            fused=True,
+            longrope_restart=True,
+            defaults=(("rms_norm_eps", 1e-5),),
+            differs="fused qkv_proj and gate_up_proj, longrope scaling, sliding_window",
+        ),
+    )
+}
 # The rope_scaling keys each rope_type needs; model.py's ROPE_INIT computes each type's frequencies
-# (tests/test_loading.py checks both list the same types).
+# (tests/test_loading.py checks both list the same types). Keys in ROPE_FACTOR_LISTS are lists of
+# head_dim / 2 positive numbers, the others positive numbers.
 ROPE_TYPES = {
     "default": (),
     "linear": ("factor",),
     "dynamic": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
 }
+ROPE_FACTOR_LISTS = ("short_factor", "long_factor")
+# rope_types whose frequencies depend on the sequence's length (the largest position of a call)
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+# Legacy rope_type names transformers reads as another type (Phi-3's "su" and "yarn": longrope).
+ROPE_TYPE_ALIASES = {"phi3": {"su": "longrope", "yarn": "longrope"}}
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
@@ -74,7 +160,8 @@ def as_id_list(value: Any) -> list:
 
 @dataclass
 class ModelConfig:
-    """A LLaMA-family architecture, keyed like Hugging Face's LlamaConfig."""
+    """A LLaMA-family architecture, keyed like Hugging Face's configs (LlamaConfig, and the keys its
+    relatives add: see `Architecture`)."""
 
     vocab_size: int
     hidden_size: int
@@ -91,6 +178,11 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
+    sliding_window: int | None = None  # keys this many positions back and nearer (the query's own included)
+    use_sliding_window: bool = False  # (Qwen2, Qwen3: whether sliding_window applies at all)
+    max_window_layers: int | None = None  # (Qwen2, Qwen3: layers from this index on slide, without layer_types)
+    layer_types: list[str] | None = None  # "full_attention" / "sliding_attention" per layer
+    partial_rotary_factor: float = 1.0
     torch_dtype: str | None = None
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
@@ -109,10 +201,48 @@ class ModelConfig:
 
     # ---- derived facts -------------------------------------------------------------------
     @property
+    def architecture(self) -> Architecture:
+        return ARCHITECTURES[self.model_type]
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Whether q_proj, k_proj and v_proj have biases (o_proj's is `attention_bias` alone)."""
+        return self.attention_bias or self.architecture.qkv_bias
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.architecture.qk_norm
+
+    def layer_window(self, index: int) -> int | None:
+        """How far back layer `index` attends (None: the whole sequence), as transformers' masks do:
+        a query at cache column c sees columns c - window + 1 .. c."""
+        sliding = self.architecture.sliding
+        if sliding == "all":
+            return self.sliding_window
+        if sliding == "layer_types" and self.use_sliding_window and self.sliding_window is not None:
+            if self.layer_types is not None:
+                return self.sliding_window if self.layer_types[index] == "sliding_attention" else None
+            return self.sliding_window if index >= (self.max_window_layers or 0) else None
+        return None
+
+    @property
     def rope_type(self) -> str:
         if not self.rope_scaling:
             return "default"
         return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+
+    def longrope_restarts(self, columns: int, cached: int) -> bool:
+        """Whether a step over `columns` columns, `cached` of them in the KV cache, recomputes them
+        all instead (Architecture.longrope_restart): the first step that passes the trained context."""
+        if not (self.architecture.longrope_restart and self.rope_type == "longrope"):
+            return False
+        trained = self.rope_scaling["original_max_position_embeddings"]
+        return columns > trained >= cached
+
+    @property
+    def rope_varies_with_length(self) -> bool:
+        """Whether RoPE's frequencies depend on the largest position of a call (LENGTH_DEPENDENT_ROPE)."""
+        return self.rope_type in LENGTH_DEPENDENT_ROPE
 
     @property
     def context_limit(self) -> int | None:
@@ -128,22 +258,17 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict, source: str = "config.json") -> ModelConfig:
         data = dict(data)
-        model_type = data.get("model_type")
-        archs = data.get("architectures") or []
-        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
-            raise LlamascopeError(f"{source}: 'architectures' must be a list of class names, found {archs!r}")
-        if model_type is not None and not isinstance(model_type, str):
-            raise LlamascopeError(f"{source}: 'model_type' must be a name, found {model_type!r}")
-        if model_type is None and not any("Llama" in a for a in archs):
-            raise LlamascopeError(f"{source}: missing key 'model_type' (expected 'llama')")
-        if model_type is not None and model_type not in LLAMA_FAMILY:
-            raise LlamascopeError(
-                f"{source}: unsupported architecture model_type={model_type!r} "
-                f"(llamascope runs LLaMA-family models: model_type 'llama')"
-            )
+        given = set(data)
+        arch = _architecture_of(data, source)
+        data["model_type"] = arch.model_type
         for key in REQUIRED_KEYS:
             if key not in data or data[key] is None:
                 raise LlamascopeError(f"{source}: missing required key {key!r}")
+        for key, value in arch.defaults:
+            data.setdefault(key, value)
+        for key in ("attention_bias", "mlp_bias"):  # read by transformers' LLaMA (and Qwen3) only
+            if key not in arch.config_biases:
+                data.pop(key, None)
 
         # transformers 5.x writes rope_parameters = {"rope_type": ..., "rope_theta": ..., ...}.
         rope_parameters = data.pop("rope_parameters", None)
@@ -153,17 +278,21 @@ class ModelConfig:
             rope = dict(rope_parameters)
             if "rope_theta" in rope:
                 data.setdefault("rope_theta", rope.pop("rope_theta"))
+            if "partial_rotary_factor" in rope:
+                data.setdefault("partial_rotary_factor", rope.pop("partial_rotary_factor"))
             if rope.get("rope_type", "default") != "default":
                 data["rope_scaling"] = rope
             else:
                 data.setdefault("rope_scaling", None)
+        if isinstance(data.get("rope_scaling"), dict):
+            data["rope_scaling"] = _rope_scaling(data, arch)
         if data.get("dtype") is not None and data.get("torch_dtype") is None:
             data["torch_dtype"] = data["dtype"]
 
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "defaulted"}
         known = {k: v for k, v in data.items() if k in names}
         extra = {k: v for k, v in data.items() if k not in names}
-        defaulted = tuple(sorted(n for n in names if n not in data))
+        defaulted = tuple(sorted(n for n in names if n not in given))
         try:
             config = cls(**known, extra=extra, defaulted=defaulted)
         except TypeError as e:
@@ -184,11 +313,9 @@ class ModelConfig:
             value = getattr(self, key)
             if not _is_number(value) or value <= 0:
                 raise LlamascopeError(f"{source}: {key!r} must be a positive finite number, found {value!r}")
-        for key in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+        for key in ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window"):
             if not isinstance(getattr(self, key), bool):
                 raise LlamascopeError(f"{source}: {key!r} must be true or false, found {getattr(self, key)!r}")
-        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
-            raise LlamascopeError(f"{source}: 'rope_scaling' must be an object or null, found {self.rope_scaling!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise LlamascopeError(
                 f"{source}: num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -196,24 +323,65 @@ class ModelConfig:
             )
         if self.hidden_act != "silu":
             raise LlamascopeError(f"{source}: hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        self._validate_window(source)
+        self._validate_rope(source)
+
+    def _validate_window(self, source: str) -> None:
+        for key in ("sliding_window", "max_window_layers"):
+            value = getattr(self, key)
+            if value is not None and not (_is_int(value) and value >= (1 if key == "sliding_window" else 0)):
+                raise LlamascopeError(f"{source}: {key!r} must be a positive integer or null, found {value!r}")
+        kinds = ("full_attention", "sliding_attention")
+        if self.layer_types is not None and not (
+            isinstance(self.layer_types, list)
+            and len(self.layer_types) == self.num_hidden_layers
+            and all(kind in kinds for kind in self.layer_types)
+        ):
+            raise LlamascopeError(
+                f"{source}: 'layer_types' must list {' or '.join(map(repr, kinds))} for each of the "
+                f"{self.num_hidden_layers} layers, found {self.layer_types!r}"
+            )
+
+    def _validate_rope(self, source: str) -> None:
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise LlamascopeError(f"{source}: 'rope_scaling' must be an object or null, found {self.rope_scaling!r}")
+        if self.partial_rotary_factor != 1.0:
+            raise LlamascopeError(
+                f"{source}: partial_rotary_factor {self.partial_rotary_factor!r} is not supported "
+                "(llamascope rotates the whole head: 1.0)"
+            )
         if not isinstance(self.rope_type, str) or self.rope_type not in ROPE_TYPES:
             raise LlamascopeError(
                 f"{source}: rope_scaling rope_type {self.rope_type!r} is not supported "
                 f"(supported: {', '.join(ROPE_TYPES)})"
             )
-        for key in ROPE_TYPES[self.rope_type]:
+        optional = ("factor", "attention_factor") if self.rope_type == "longrope" else ()
+        for key in ROPE_TYPES[self.rope_type] + optional:
+            value = self.rope_scaling.get(key)
+            if value is None and key in optional:
+                continue
             if key not in self.rope_scaling:
                 raise LlamascopeError(f"{source}: rope_scaling of type {self.rope_type!r} needs key {key!r}")
-            if not _is_number(self.rope_scaling[key]) or self.rope_scaling[key] <= 0:
+            if key in ROPE_FACTOR_LISTS:
+                if not (
+                    isinstance(value, list)
+                    and len(value) == self.head_dim // 2
+                    and all(_is_number(v) and v > 0 for v in value)
+                ):
+                    raise LlamascopeError(
+                        f"{source}: rope_scaling {key!r} must be a list of {self.head_dim // 2} positive numbers "
+                        f"(head_dim / 2), found {_short(value)}"
+                    )
+            elif not _is_number(value) or value <= 0:
                 raise LlamascopeError(
-                    f"{source}: rope_scaling {key!r} must be a positive finite number, found {self.rope_scaling[key]!r}"
+                    f"{source}: rope_scaling {key!r} must be a positive finite number, found {value!r}"
                 )
 
     def to_hf_dict(self) -> dict:
         """A config.json (transformers 4.x layout, which 5.x also reads)."""
         out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("extra", "defaulted")}
         out.update(self.extra)
-        out.setdefault("architectures", ["LlamaForCausalLM"])
+        out.setdefault("architectures", [self.architecture.hf_class])
         return out
 
     def weight_bytes(self, bytes_per_param: float) -> int:
@@ -222,12 +390,55 @@ class ModelConfig:
     def num_parameters(self) -> int:
         h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
         q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
-        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv + h if self.attention_bias else 0)
+        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.qkv_bias else 0) + (h if self.attention_bias else 0)
+        attn += 2 * d if self.qk_norm else 0
         mlp = 3 * h * i + (2 * i + h if self.mlp_bias else 0)
         per_layer = attn + mlp + 2 * h
         embed = self.vocab_size * h
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return embed + self.num_hidden_layers * per_layer + h + head
+
+
+def _architecture_of(data: dict, source: str) -> Architecture:
+    """The Architecture a config.json names by model_type (or, without one, by its class name)."""
+    model_type = data.get("model_type")
+    archs = data.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise LlamascopeError(f"{source}: 'architectures' must be a list of class names, found {archs!r}")
+    if model_type is not None and not isinstance(model_type, str):
+        raise LlamascopeError(f"{source}: 'model_type' must be a name, found {model_type!r}")
+    supported = ", ".join(ARCHITECTURES)
+    if model_type is None:
+        by_class = [arch for arch in ARCHITECTURES.values() if arch.hf_class in archs]
+        if by_class:
+            return by_class[0]
+        if any("Llama" in a for a in archs):
+            return ARCHITECTURES["llama"]
+        raise LlamascopeError(f"{source}: missing key 'model_type' (expected one of {supported})")
+    if model_type not in ARCHITECTURES:
+        raise LlamascopeError(
+            f"{source}: unsupported architecture model_type={model_type!r} "
+            f"(llamascope runs LLaMA and its relatives: model_type {supported})"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def _rope_scaling(data: dict, arch: Architecture) -> dict:
+    """rope_scaling as transformers reads it for `arch`: legacy type names mapped, and longrope's
+    trained context from the top-level original_max_position_embeddings where the class has that key
+    (Phi-3: its value, else 4096), else from max_position_embeddings."""
+    scaling = dict(data["rope_scaling"])
+    kind = scaling.get("rope_type", scaling.get("type"))
+    alias = ROPE_TYPE_ALIASES.get(arch.model_type, {}).get(kind)
+    if alias is not None:
+        scaling.pop("type", None)
+        scaling["rope_type"] = kind = alias
+    if kind == "longrope":
+        if arch.model_type == "phi3":
+            scaling["original_max_position_embeddings"] = data.get("original_max_position_embeddings", 4096)
+        else:
+            scaling.setdefault("original_max_position_embeddings", data.get("max_position_embeddings"))
+    return scaling
 
 
 # ---- the context-length rule ----------------------------------------------------------------
@@ -270,6 +481,11 @@ def room_for_new_tokens(prompt_length: int, context: int | None) -> int | None:
 SAMPLING_ONLY = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": None, "typical_p": 1.0}
 # Settings that only matter for beam search.
 BEAM_ONLY = {"length_penalty": 1.0, "early_stopping": False}
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_int(value: Any) -> bool:

@@ -139,7 +139,13 @@ class DecodeStep:
             raise NotApplicable(f"the model is on {model.device}")
         if self.dtype not in (torch.float32, torch.bfloat16):
             raise NotApplicable(f"activations are {self.dtype}")
+        if config.qk_norm:
+            raise NotApplicable("per-head q and k norms (q_norm, k_norm) have no native step")
         self.model, self.lib = model, lib  # (the kernel library the step runs on)
+        # the narrowest sliding window of any layer: the step runs while every query sees all
+        # columns before it (Attention.within_window), the modules past that
+        windows = [block.self_attn.window for block in model.model.layers if block.self_attn.window is not None]
+        self.window = min(windows, default=None)
         self._bf16 = self.dtype == torch.bfloat16
         self._keep: list = []  # every tensor the structs point at stays alive with them
         attn = model.model.layers[0].self_attn
@@ -164,7 +170,7 @@ class DecodeStep:
         # RoPE tables by position, computed by the model's own rotary module (so the same numbers
         # as the module path) for every position up to the longest asked for; "dynamic" scaling
         # depends on the sequence length and computes them each step instead.
-        self._rope_table = None if config.rope_type == "dynamic" else (torch.empty(0), torch.empty(0))
+        self._rope_table = None if config.rope_varies_with_length else (torch.empty(0), torch.empty(0))
         # (the cache, its storage_version, keys array, values array) of the last step
         self._cache_arrays: tuple = (lambda: None, -1, None, None)
         # how many of torch.get_num_threads() each step uses: fewer where cores are contended
@@ -211,10 +217,23 @@ class DecodeStep:
             return False
         if type(cache) is KVCache:
             store = cache.keys[0]
-            return mask is None and store.shape[0] == tokens.shape[0] and self._matches(store)
+            return (
+                mask is None
+                and store.shape[0] == tokens.shape[0]
+                and self._matches(store)
+                and self._within_window(cache.length + 1)
+            )
         if type(cache) is SlotBatch:
-            return cache.batch_size == tokens.shape[0] and bool(cache.cache.keys) and self._matches(cache.cache.keys[0])
+            return (
+                cache.batch_size == tokens.shape[0]
+                and bool(cache.cache.keys)
+                and self._matches(cache.cache.keys[0])
+                and self._within_window(max(cache.lengths) + 1)
+            )
         return False
+
+    def _within_window(self, columns: int) -> bool:
+        return self.window is None or columns <= self.window
 
     def _matches(self, store: torch.Tensor) -> bool:
         return store.dtype == self.dtype and store.device.type == "cpu" and store.shape[1] == self.kv_heads

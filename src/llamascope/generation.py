@@ -137,7 +137,10 @@ def generate_steps(
     S, step = T0, 0  # columns so far, steps so far
     with torch.inference_mode():
         while S < max_length and any(running):
-            tokens, step_positions, mask_2d = columns.step_inputs(S, whole=cache is None or step == 0)
+            restart = cache is not None and step > 0 and model.config.longrope_restarts(S, cache.length)
+            if restart:
+                cache.clear()
+            tokens, step_positions, mask_2d = columns.step_inputs(S, whole=cache is None or step == 0 or restart)
             cache_length = cache.length if cache is not None else None
             mask = attention_mask_4d(mask_2d, tokens.shape[1]) if padded else None
             debug = log.isEnabledFor(logging.DEBUG)

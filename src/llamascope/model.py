@@ -67,12 +67,36 @@ def _llama3_inv_freq(config: ModelConfig, seq_len: int | None = None) -> torch.T
     return torch.where(is_medium, smoothed, scaled)
 
 
+def _longrope_inv_freq(config: ModelConfig, seq_len: int | None = None) -> torch.Tensor:
+    """Phi-3's LongRoPE: each frequency divided by its own factor, the short list within the
+    trained context and the long one past it (chosen by the call's sequence length)."""
+    scaling = config.rope_scaling
+    long = seq_len is not None and seq_len > scaling["original_max_position_embeddings"]
+    factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32)  # [D/2]
+    dim = config.head_dim
+    return 1.0 / (factors * config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
 ROPE_INIT = {
     "default": _default_inv_freq,
     "linear": _linear_inv_freq,
     "dynamic": _dynamic_inv_freq,
     "llama3": _llama3_inv_freq,
+    "longrope": _longrope_inv_freq,
 }
+
+
+def rope_attention_scaling(config: ModelConfig) -> float:
+    """The factor cos and sin are multiplied by: LongRoPE's attention_factor (given, or
+    sqrt(1 + ln(factor) / ln(trained context)) with factor = context / trained context), else 1."""
+    if config.rope_type != "longrope":
+        return 1.0
+    scaling = config.rope_scaling
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    trained = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or config.max_position_embeddings / trained
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(trained))
 
 
 class RotaryEmbedding(nn.Module):
@@ -82,18 +106,22 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.config = config
         self.inv_freq_fn = ROPE_INIT[config.rope_type]
+        self.attention_scaling = rope_attention_scaling(config)
         with torch.device("cpu"):  # a few numbers: computed here even when the model is built on "meta"
             inv_freq = self.inv_freq_fn(config)  # [D/2]
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq
-        if self.config.rope_type == "dynamic":
+        if self.config.rope_varies_with_length:
             seq_len = int(positions.max()) + 1
             inv_freq = self.inv_freq_fn(self.config, seq_len).to(positions.device)
         freqs = positions[:, :, None].float() * inv_freq[None, None, :].float()  # [B, T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_scaling != 1.0:
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -155,17 +183,28 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_index = layer_index
         self.head_dim = config.head_dim
-        h, bias = config.hidden_size, config.attention_bias
+        h, qkv_bias = config.hidden_size, config.qkv_bias
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.q_proj = Linear(h, heads * self.head_dim, bias=bias)
-        self.k_proj = Linear(h, kv_heads * self.head_dim, bias=bias)
-        self.v_proj = Linear(h, kv_heads * self.head_dim, bias=bias)
-        self.o_proj = Linear(heads * self.head_dim, h, bias=bias)
+        self.q_proj = Linear(h, heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = Linear(h, kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = Linear(h, kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = Linear(heads * self.head_dim, h, bias=config.attention_bias)
+        # Qwen3: RMSNorm over each head's D values of q and of k, before RoPE
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        # Sliding-window attention (Mistral, Phi-3, some Qwen layers): a query sees this many
+        # columns back, its own included; None: all of them.
+        self.window = config.layer_window(layer_index)
         self.qkv_proj: nn.Module | None = None  # q, k, v as one product (native.fuse_projections)
         self.qkv_sizes: tuple[int, int, int] | None = None
         # The kernel library (native.attach sets it): one token's attention, a prompt's RoPE in place
         # on the fused q and k, and a prompt's causal attention run natively in float32.
         self.native = None
+
+    def within_window(self, columns: int) -> bool:
+        """Whether a query at any of the first `columns` cache columns sees all columns before it
+        (no window, or one that reaches back that far): then attention is plain causal."""
+        return self.window is None or columns <= self.window
 
     def input_projections(self) -> tuple[str, ...]:
         """The names of the layers computing q, k and v: one fused layer, or three."""
@@ -209,6 +248,8 @@ class Attention(nn.Module):
             and x.dtype == torch.float32
             and type(cache) is KVCache
             and x.device.type == "cpu"
+            and self.q_norm is None
+            and self.within_window(cache.length + 1)
             and self._native_cache(cache)
         ):
             return self.o_proj(self._decode_one(x, cos, sin, cache))
@@ -218,8 +259,12 @@ class Attention(nn.Module):
             q, k, v = qkv.split(self.qkv_sizes, dim=-1)  # [B, T, H*D], [B, T, KVH*D] x2
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
+        q = q.view(B, T, -1, self.head_dim)  # [B, T, H, D]
+        k = k.view(B, T, -1, self.head_dim)  # [B, T, KVH, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # each head's D values normed
+        q = q.transpose(1, 2)  # [B, H, T, D]
+        k = k.transpose(1, 2)  # [B, KVH, T, D]
         v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
         if not roped:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -227,6 +272,8 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_index, k, v)  # [B, KVH, S, D], S = cached + T
             if roped and self._prefill_runs_natively(B, T, mask, cache, capture):
                 return self.o_proj(self._prefill(qkv, cache, T, k.shape[2]))
+        if not self.within_window(k.shape[2]):
+            mask = window_mask(mask, T, k.shape[2], self.window, x.device)  # [B or 1, 1, T, S]
         out = self._attend(q, k, v, mask, capture)  # [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # [B, T, H*D] -> [B, T, hidden]
 
@@ -239,6 +286,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         if not (
             self.native is not None
+            and self.q_norm is None  # (the norm comes before RoPE)
             and qkv.dtype == cos.dtype == torch.float32
             and qkv.device.type == "cpu"
             and not qkv.requires_grad
@@ -271,6 +319,7 @@ class Attention(nn.Module):
             and mask is None
             and type(cache) is KVCache
             and T <= PREFILL_NATIVE_QUERIES
+            and self.within_window(cache.length + T)
             and self.head_dim % 16 == 0
             and self._native_cache(cache)
             and not (capture is not None and capture.get("_attention_weights"))
@@ -369,6 +418,18 @@ class Attention(nn.Module):
 # larger blocks win when a thousand queries and more come at once (docs/performance.md). Prompts
 # reach the model in pieces of prefill.PREFILL_PIECE positions, so this is for calls without a cache.
 PREFILL_NATIVE_QUERIES = 1024
+
+
+def window_mask(mask: torch.Tensor | None, T: int, S: int, window: int, device) -> torch.Tensor:
+    """`mask` [B, 1, T, S] bool (None: causal, query t at column S - T + t) without the columns
+    `window` or more before each query's own column, which is the last it may see (transformers'
+    sliding-window rule, on cache columns: padding counts) -> [B or 1, 1, T, S]."""
+    columns = torch.arange(S, device=device)  # [S]
+    if mask is None:
+        own = torch.arange(S - T, S, device=device)[:, None]  # [T, 1]
+        return ((columns <= own) & (columns > own - window))[None, None]  # [1, 1, T, S]
+    own = torch.where(mask, columns, -1).amax(-1, keepdim=True)  # [B, 1, T, 1]
+    return mask & (columns > own - window)
 
 
 def _causal_bias(T: int, S: int, like: torch.Tensor) -> torch.Tensor:

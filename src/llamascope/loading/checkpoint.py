@@ -131,7 +131,8 @@ def check_layer_count(config: ModelConfig, tensors: int, source: str, key: str =
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every weight a LLaMA checkpoint must hold, with Hugging Face names and shapes."""
+    """Every weight a checkpoint of `config`'s architecture must hold, with the Hugging Face names
+    and shapes of LLaMA's layout (Phi-3's fused projections come split: `split_fused`)."""
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
@@ -150,15 +151,14 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
                 p + "post_attention_layernorm.weight": (h,),
             }
         )
+        if config.qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,)})
+            shapes[p + "self_attn.v_proj.bias"] = (kv,)
         if config.attention_bias:
-            shapes.update(
-                {
-                    p + "self_attn.q_proj.bias": (q,),
-                    p + "self_attn.k_proj.bias": (kv,),
-                    p + "self_attn.v_proj.bias": (kv,),
-                    p + "self_attn.o_proj.bias": (h,),
-                }
-            )
+            shapes[p + "self_attn.o_proj.bias"] = (h,)
+        if config.qk_norm:
+            d = config.head_dim
+            shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
         if config.mlp_bias:
             shapes.update(
                 {p + "mlp.gate_proj.bias": (i,), p + "mlp.up_proj.bias": (i,), p + "mlp.down_proj.bias": (h,)}
@@ -192,3 +192,59 @@ def check_tensors(checkpoint: Checkpoint) -> None:
         if name == "lm_head.weight" and checkpoint.config.tie_word_embeddings:
             continue  # a tied checkpoint that saved the head anyway: the embedding is used
         raise LlamascopeError(f"{source.file}: unexpected tensor {name!r} (shape {list(source.shape)})")
+
+
+# Phi-3 stores q, k, v as one qkv_proj and gate, up as one gate_up_proj (rows side by side).
+FUSED_PROJECTIONS = (
+    ("self_attn.qkv_proj.weight", ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")),
+    ("mlp.gate_up_proj.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
+)
+
+
+def split_fused(tensors: dict[str, TensorSource], config: ModelConfig) -> dict[str, TensorSource]:
+    """`tensors` with each layer's fused projections (Architecture.fused) as the separate ones the
+    model holds: each part a TensorSource that reads only its rows. Other tensors pass as they are;
+    a fused tensor of the wrong size is left for check_tensors to name."""
+    if not config.architecture.fused:
+        return tensors
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    rows = {"self_attn.qkv_proj.weight": (q, kv, kv), "mlp.gate_up_proj.weight": (config.intermediate_size,) * 2}
+    out = dict(tensors)
+    for name, source in tensors.items():
+        for fused, parts in FUSED_PROJECTIONS:
+            if name.endswith("." + fused) and source.shape[:1] == (sum(rows[fused]),):
+                prefix = name[: -len(fused)]
+                del out[name]
+                start = 0
+                for part, count in zip(parts, rows[fused]):
+                    out[prefix + part] = row_slice(source, start, start + count)
+                    start += count
+    return out
+
+
+def row_slice(source: TensorSource, start: int, stop: int) -> TensorSource:
+    """Rows [start, stop) of `source` as a TensorSource of their own (read without the other rows)."""
+
+    def read_slice(dim: int, begin: int, end: int) -> torch.Tensor:
+        if dim == 0:
+            return source.read_slice(0, start + begin, start + end)
+        return source.read_slice(0, start, stop).narrow(dim, begin, end - begin).clone()
+
+    def read_blocks_slice(dim: int, begin: int, end: int) -> torch.Tensor:
+        if dim == 0:
+            return source.read_blocks_slice(0, start + begin, start + end)
+        return source.read_blocks_slice(1, begin, end)[start:stop].clone()
+
+    shape = (stop - start, *source.shape[1:])
+    blocks = source.read_blocks is not None
+    return TensorSource(
+        shape,
+        source.stored_type,
+        source.file,
+        source.nbytes * (stop - start) // max(source.shape[0], 1),
+        lambda: source.read_slice(0, start, stop),
+        read_slice,
+        read_blocks=(lambda: source.read_blocks_slice(0, start, stop)) if blocks else None,
+        blocks_slice_reader=read_blocks_slice if blocks else None,
+        kept_type=source.kept_type,
+    )

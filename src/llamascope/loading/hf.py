@@ -11,7 +11,7 @@ import torch
 from ..config import ModelConfig, read_json
 from ..errors import LlamascopeError
 from ..tokenizer import Tokenizer
-from .checkpoint import Checkpoint, TensorSource
+from .checkpoint import Checkpoint, TensorSource, split_fused
 from .tensorfiles import SafetensorsFile, load_bin
 
 TORCH_TYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -109,7 +109,7 @@ def open_hf_folder(folder: Path) -> Checkpoint:
         config=config,
         config_dict=config_dict,
         generation_json=generation_json,
-        tensors=tensors,
+        tensors=split_fused(tensors, config),
         files=[(p, p.stat().st_size) for p in files],
         tokenizer_factory=tokenizer_factory if has_tokenizer else None,
     )
