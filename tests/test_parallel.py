@@ -53,7 +53,15 @@ MODELS = {
         intermediate_size=150,
         vocab_size=321,
     ),
+    # LLaMA's relatives: per-head q/k norms (replicated), Qwen2's q/k/v biases with a sliding layer,
+    # Phi-3's fused projections (split at loading) under a window shorter than the run.
+    "tp_qwen3": dict(architecture="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=24),
+    "tp_qwen2_window": dict(
+        architecture="qwen2", num_key_value_heads=2, use_sliding_window=True, sliding_window=6, max_window_layers=1
+    ),
+    "tp_phi3_window": dict(architecture="phi3", pad_token_id=None, num_key_value_heads=2, sliding_window=6),
 }
+RELATIVES = ["tp_qwen3", "tp_qwen2_window", "tp_phi3_window"]
 # GGUF files (gguf_fixtures.write_tiny_llama), Q/K rows permuted as llama.cpp does: every stored
 # type (the kept Q8_0 / Q4_0 / Q4_1 blocks among them); all Q8_0, with its own LM head or tied to
 # the embedding; Q4_0 and Q4_1 as column- and as row-parallel layers, with a tied Q4_0 embedding.
@@ -82,7 +90,7 @@ GGUF_MODELS = {
         },
     ),
 }
-RUNS = {2: ["tp_mha", "tp_gqa", "tp_tied_bias", *GGUF_MODELS], 4: ["tp_mha", "tp_gqa8", "tp_tied_bias"]}
+RUNS = {2: ["tp_mha", "tp_gqa", "tp_tied_bias", *RELATIVES, *GGUF_MODELS], 4: ["tp_mha", "tp_gqa8", "tp_tied_bias"]}
 
 
 def _env(**extra) -> dict:

@@ -186,3 +186,17 @@ def test_each_architecture_reads_transformers_defaults_for_keys_left_out():
         }
     )
     assert legacy.rope_type == "longrope" and legacy.rope_scaling["original_max_position_embeddings"] == 512
+
+
+def test_info_names_the_architecture_and_what_differs_from_llama(model_factory):
+    from llamascope.info import describe
+
+    folder = model_factory("qwen2_window_layers", **CASES["qwen2_window_layers"])
+    derived = describe(folder).derived
+    assert derived["architecture"] == "Qwen2ForCausalLM (model_type qwen2)"
+    assert derived["differs_from_llama"] == "biases on q, k and v (not o)"
+    assert derived["attention_biases"] == "q, k and v (not o)"
+    assert derived["sliding_window"] == 6 and derived["sliding_layers"] == [1]
+    folder = model_factory("qwen3_head_dim", **CASES["qwen3_head_dim"])
+    derived = describe(folder).derived
+    assert derived["head_dim"] == 24 and derived["head_dim_from"] == "config" and "qk_norm" in derived

@@ -417,9 +417,13 @@ def derived_facts(config: ModelConfig) -> dict[str, Any]:
         if group == 1
         else ("multi-query (MQA)" if config.num_key_value_heads == 1 else "grouped-query (GQA)")
     )
+    arch = config.architecture
+    windows = [config.layer_window(i) for i in range(config.num_hidden_layers)]
     facts: dict[str, Any] = {
+        "architecture": f"{arch.hf_class} (model_type {arch.model_type})",
+        "differs_from_llama": arch.differs,
         "head_dim": config.head_dim,
-        "head_dim_from": "config" if "head_dim" not in config.defaulted else "hidden_size / num_attention_heads",
+        "head_dim_from": _head_dim_source(config),
         "query_heads": config.num_attention_heads,
         "kv_heads": config.num_key_value_heads,
         "gqa_group_size": group,
@@ -432,7 +436,23 @@ def derived_facts(config: ModelConfig) -> dict[str, Any]:
     }
     if config.rope_scaling and "original_max_position_embeddings" in config.rope_scaling:
         facts["trained_context_length"] = config.rope_scaling["original_max_position_embeddings"]
+    if config.qkv_bias or config.attention_bias:
+        facts["attention_biases"] = "q, k, v and o" if config.attention_bias else "q, k and v (not o)"
+    if config.qk_norm:
+        facts["qk_norm"] = "RMSNorm over each head's queries and keys before RoPE"
+    if any(w is not None for w in windows):
+        sliding = [i for i, w in enumerate(windows) if w is not None]
+        facts["sliding_window"] = config.sliding_window
+        facts["sliding_layers"] = "all" if len(sliding) == len(windows) else sliding
     return facts
+
+
+def _head_dim_source(config: ModelConfig) -> str:
+    if "head_dim" not in config.defaulted:
+        return "config"
+    if dict(config.architecture.defaults).get("head_dim") is not None:
+        return f"{config.architecture.hf_class}'s default"
+    return "hidden_size / num_attention_heads"
 
 
 def kv_cache_bytes(config: ModelConfig, positions: int, bytes_per_element: int, batch: int = 1) -> int:
@@ -493,7 +513,7 @@ def _config_rows(checkpoint, config_source: str) -> list[tuple[str, Any, str]]:
     for name in config.defaulted:
         how = "default"
         if name == "head_dim":
-            how = "default: hidden_size / num_attention_heads"
+            how = "default: " + _head_dim_source(config)
         elif name == "num_key_value_heads":
             how = "default: num_attention_heads"
         config_rows.append((name, getattr(config, name), how))

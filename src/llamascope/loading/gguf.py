@@ -24,7 +24,7 @@ import torch
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import dequantize
 
-from ..config import ModelConfig
+from ..config import ARCHITECTURES, ModelConfig
 from ..errors import LlamascopeError
 from ..formats import KEPT_FORMATS, q5_0_as_q8_0
 from ..tokenizer import Tokenizer
@@ -338,6 +338,12 @@ def _llama3_factors(scaling: dict, wavelength: np.ndarray) -> np.ndarray:
 
 def _architecture(meta: GGUFMetadata) -> str:
     arch = meta.string("general.architecture")
+    folder_only = [a for a in ARCHITECTURES.values() if a.gguf_name == arch and arch not in SUPPORTED_ARCHITECTURES]
+    if folder_only:
+        raise LlamascopeError(
+            f"{meta.path}: general.architecture = {arch!r} ({folder_only[0].hf_class}) runs from a Hugging Face "
+            f"folder; GGUF files of it are not read yet (GGUF architectures: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
     if arch not in SUPPORTED_ARCHITECTURES:
         raise LlamascopeError(
             f"{meta.path}: unsupported architecture general.architecture = {arch!r} "
