@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -26,7 +27,12 @@ import numpy as np
 import pytest
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
-VOCAB_NAMES = ("ggml-vocab-llama-spm.gguf", "ggml-vocab-llama-bpe.gguf")
+VOCAB_NAMES = (
+    "ggml-vocab-llama-spm.gguf",
+    "ggml-vocab-llama-bpe.gguf",
+    "ggml-vocab-qwen2.gguf",
+    "ggml-vocab-phi-3.gguf",
+)
 VOCAB_FILES = tuple(name + suffix for name in VOCAB_NAMES for suffix in ("", ".inp", ".out"))
 CACHE_DIR = Path.home() / ".cache" / "llamascope" / "vocab"
 CASE_SEPARATOR = "\n__ggml_vocab_test__\n"
@@ -35,31 +41,25 @@ CASE_SEPARATOR = "\n__ggml_vocab_test__\n"
 # ---- llama.cpp's reference vocabularies ----------------------------------------------------------
 
 
+def _download_source(folder: str) -> Path:
+    """The llama-cpp-python source archive, downloaded from PyPI into `folder`."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:", LLAMA_CPP_PYTHON]
+        + ["-d", folder],
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
+    return next(Path(folder).glob("llama_cpp_python-*.tar.gz"))
+
+
 def fetch_reference_vocabularies(cache: Path = CACHE_DIR) -> Path:
     """The folder holding VOCAB_FILES; downloads the source archive only when one is missing."""
     if all((cache / name).is_file() for name in VOCAB_FILES):
         return cache
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--no-deps",
-                "--no-binary",
-                ":all:",
-                LLAMA_CPP_PYTHON,
-                "-d",
-                tmp,
-            ],
-            check=True,
-            capture_output=True,
-            timeout=900,
-        )
-        archive = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        archive = _download_source(tmp)
         with tarfile.open(archive) as tar:
             for member in tar.getmembers():
                 name = Path(member.name).name
@@ -72,6 +72,49 @@ def fetch_reference_vocabularies(cache: Path = CACHE_DIR) -> Path:
     if missing:
         raise FileNotFoundError(f"{LLAMA_CPP_PYTHON} source archive lacks {missing}")
     return cache
+
+
+# llama.cpp's own Hugging Face -> GGUF converter: the script and the packages it imports.
+CONVERTER_DIR = Path.home() / ".cache" / "llamascope" / "llama.cpp-converter"
+CONVERTER_PARTS = ("conversion/", "gguf-py/gguf/")
+
+
+def fetch_llama_cpp_converter(cache: Path = CONVERTER_DIR) -> Path:
+    """A folder holding llama.cpp's convert_hf_to_gguf.py with its conversion/ and gguf-py/
+    packages, from the same source archive (downloaded once)."""
+    script = cache / "convert_hf_to_gguf.py"
+    if script.is_file():
+        return cache
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=cache.parent))  # (beside the cache: the rename below is atomic)
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = _download_source(tmp)
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                _, found, inside = member.name.partition("/vendor/llama.cpp/")
+                wanted = inside == script.name or inside.startswith(CONVERTER_PARTS)
+                if found and wanted and member.isfile() and ".." not in Path(inside).parts:
+                    target = staging / inside
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(tar.extractfile(member).read())
+    if not (staging / script.name).is_file():
+        shutil.rmtree(staging, ignore_errors=True)
+        raise FileNotFoundError(f"{LLAMA_CPP_PYTHON} source archive lacks convert_hf_to_gguf.py")
+    try:
+        os.replace(staging, cache)  # other runs never see half a folder
+    except OSError:  # another run got there first
+        shutil.rmtree(staging, ignore_errors=True)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_converter() -> Path:
+    try:
+        return fetch_llama_cpp_converter()
+    except (subprocess.SubprocessError, OSError, StopIteration) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        tail = detail.decode(errors="replace")[-300:]
+        pytest.skip(f"cannot fetch {LLAMA_CPP_PYTHON} source (the converter): {e} {tail}")
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,13 @@ backend."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from gguf_fixtures import llama_cpp_cases, llama_cpp_converter, vocab_dir  # noqa: F401 (fixtures)
 from hf_reference import hf_generate
 from transformers import AutoModelForCausalLM
 
@@ -200,3 +205,100 @@ def test_info_names_the_architecture_and_what_differs_from_llama(model_factory):
     folder = model_factory("qwen3_head_dim", **CASES["qwen3_head_dim"])
     derived = describe(folder).derived
     assert derived["head_dim"] == 24 and derived["head_dim_from"] == "config" and "qk_norm" in derived
+
+
+# ---- GGUF files written by llama.cpp's own converter ---------------------------------------------
+
+CONVERTER = Path(__file__).with_name("llama_cpp_convert.py")
+# Folders whose every setting a GGUF keeps (llama.cpp stores no window for Qwen2 or Mistral layers).
+GGUF_CASES = ["qwen2_bias_tied", "qwen3_head_dim", "qwen3_mha_bias_tied", "phi3_longrope", "phi3_window_mha"]
+IDS = [1, 298, 307, 223, 87, 82, 81, 80, 269, 259, 75]
+
+
+@pytest.fixture(scope="module")
+def converted(model_factory, llama_cpp_converter, tmp_path_factory):  # noqa: F811
+    """convert(case, outtype) -> the folder of `case` and llama.cpp's GGUF of it (made once each)."""
+    made: dict[tuple[str, str], Path] = {}
+
+    def convert(name: str, outtype: str) -> tuple[Path, Path]:
+        folder = model_factory(name, **CASES[name])
+        if (name, outtype) not in made:
+            out = tmp_path_factory.mktemp("gguf") / f"{name}-{outtype}.gguf"
+            command = [sys.executable, str(CONVERTER), str(llama_cpp_converter), str(folder)]
+            proc = subprocess.run(
+                command + ["--outfile", str(out), "--outtype", outtype], capture_output=True, text=True, timeout=600
+            )
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            made[name, outtype] = out
+        return folder, made[name, outtype]
+
+    return convert
+
+
+@pytest.mark.parametrize("name", GGUF_CASES)
+def test_a_float32_gguf_from_llama_cpp_gives_the_folders_tokens(name, converted):
+    folder, gguf = converted(name, "f32")
+    reference = load_model(folder)
+    expected = generate(reference.model, IDS, max_new_tokens=24, eos_token_id=[]).output_ids
+    for backend in ("native", "plain"):
+        ours = load_model(gguf, LoadOptions(backend=backend))
+        assert ours.config.model_type == reference.config.model_type
+        assert ours.config.layer_window(0) == reference.config.layer_window(0)
+        assert _float32_values(ours.config.rope_scaling) == _float32_values(reference.config.rope_scaling)
+        assert generate(ours.model, IDS, max_new_tokens=24, eos_token_id=[]).output_ids == expected, backend
+
+
+def _float32_values(scaling: dict | None) -> dict | None:
+    """rope_scaling with its factor lists as the float32 numbers RoPE computes with (GGUF stores them so)."""
+    if scaling is None:
+        return None
+    return {k: torch.tensor(v, dtype=torch.float32).tolist() if isinstance(v, list) else v for k, v in scaling.items()}
+
+
+@pytest.mark.parametrize("outtype", ["q8_0", "bf16"])
+@pytest.mark.parametrize("name", ["qwen2_bias_tied", "qwen3_head_dim", "phi3_longrope"])
+def test_quantised_and_bfloat16_ggufs_give_the_folders_logits_within_their_rounding(name, outtype, converted):
+    """Q8_0 blocks stay kept (Phi-3's fused ones split by rows), BF16 computes in bfloat16: the
+    logits differ from the float32 folder's by the format's rounding, which random tiny models
+    amplify to a few percent of the largest logit (the LLaMA GGUF tests see the same)."""
+    folder, gguf = converted(name, outtype)
+    ours, reference = load_model(gguf), load_model(folder)
+    ids = torch.tensor([IDS])
+    with torch.no_grad():
+        expected = reference.model(ids, torch.arange(len(IDS))[None]).float()
+        found = ours.model(ids, torch.arange(len(IDS))[None]).float()
+    assert (found - expected).abs().max().item() <= 0.06 * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("name", ["ggml-vocab-qwen2.gguf", "ggml-vocab-phi-3.gguf"])
+def test_qwen2_and_phi3_tokenizers_from_gguf_metadata_match_llama_cpps_cases(name, vocab_dir):  # noqa: F811
+    """llama.cpp's reference cases (made with the models' own Hugging Face tokenizers): the qwen2
+    pre-tokenizer (digits one by one, NFC) and Phi-3's SentencePiece vocabulary."""
+    from llamascope.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_gguf(vocab_dir / name)
+    for text, expected in llama_cpp_cases(vocab_dir, name):
+        assert tokenizer.encode(text, add_special_tokens=False) == expected, repr(text)
+
+
+@pytest.mark.parametrize("name", ["qwen2_bias_tied", "qwen3_head_dim", "phi3_longrope"])
+def test_convert_writes_a_relatives_gguf_as_a_folder_transformers_loads(name, converted, tmp_path):
+    """`llamascope convert`: the folder holds the architecture's own layout (Phi-3's fused
+    projections fused again) and config, and transformers computes the original folder's logits."""
+    from llamascope.convert import convert_gguf
+
+    folder, gguf = converted(name, "f32")
+    out = convert_gguf(gguf, tmp_path / "out")
+    ids = torch.tensor([IDS * 2])  # 22 positions: past Phi-3's trained context of 16
+    with torch.no_grad():
+        expected = _hf(folder)(ids).logits
+        found = _hf(out)(ids).logits
+    assert type(_hf(out)).__name__ == CONVERT_CLASSES[name]
+    assert (found - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+
+
+CONVERT_CLASSES = {
+    "qwen2_bias_tied": "Qwen2ForCausalLM",
+    "qwen3_head_dim": "Qwen3ForCausalLM",
+    "phi3_longrope": "Phi3ForCausalLM",
+}

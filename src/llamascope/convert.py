@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import LlamascopeError
-from .loading import DTYPES, Checkpoint, check_tensors, expected_shapes
+from .loading import DTYPES, Checkpoint, check_tensors
+from .loading.checkpoint import FUSED_PROJECTIONS, stored_shapes
 from .loading.gguf import open_gguf
 from .tokenizer import Tokenizer
 
@@ -70,21 +71,28 @@ def convert_gguf_tokenizer(gguf_path: str | Path, out_dir: str | Path) -> Path:
 def _shard_plan(checkpoint: Checkpoint, dtype: torch.dtype, max_shard_bytes: int) -> list[list[str]]:
     """HF tensor names grouped into shards of at most `max_shard_bytes` (a larger tensor gets its own)."""
     element = torch.empty((), dtype=dtype).element_size()
-    names = [
-        n
-        for n in expected_shapes(checkpoint.config)
-        if not (n == "lm_head.weight" and checkpoint.config.tie_word_embeddings)
-    ]
+    shapes = stored_shapes(checkpoint.config)
+    names = [n for n in shapes if not (n == "lm_head.weight" and checkpoint.config.tie_word_embeddings)]
     shards: list[list[str]] = [[]]
     size = 0
     for name in names:
-        nbytes = element * int(torch.Size(checkpoint.tensors[name].shape).numel())
+        nbytes = element * int(torch.Size(shapes[name]).numel())
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(name)
         size += nbytes
     return shards
+
+
+def _read_stored(checkpoint: Checkpoint, name: str) -> torch.Tensor:
+    """A weight as the architecture's checkpoints store it (`stored_shapes`): the model's own
+    tensor, or a fused projection (Phi-3's qkv_proj, gate_up_proj) made of its parts' rows."""
+    for fused, parts in FUSED_PROJECTIONS:
+        if name.endswith("." + fused) and name not in checkpoint.tensors:
+            prefix = name[: -len(fused)]
+            return torch.cat([checkpoint.tensors[prefix + part].read() for part in parts])
+    return checkpoint.tensors[name].read()
 
 
 def write_weights(
@@ -106,7 +114,7 @@ def write_weights(
     for names, path in zip(shards, files):
         state = {}
         for name in names:
-            state[name] = checkpoint.tensors[name].read().to(dtype).contiguous()
+            state[name] = _read_stored(checkpoint, name).to(dtype).contiguous()
             total += state[name].numel() * state[name].element_size()
             weight_map[name] = path.name
             done += 1
@@ -141,7 +149,7 @@ def convert_gguf(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
-    """Write the Hugging Face folder for a `llama` GGUF; returns `out_dir`.
+    """Write the Hugging Face folder for a GGUF (any architecture open_gguf reads); returns `out_dir`.
 
     dtype: "float32", "bfloat16" or "float16", the type of the written weights.
     progress(done, total): called after each tensor is converted.

@@ -120,13 +120,17 @@ def resolve_dtype(name: str | torch.dtype, config: ModelConfig, checkpoint: Chec
 LAYER_TENSORS = 9
 
 
-def check_layer_count(config: ModelConfig, tensors: int, source: str, key: str = "num_hidden_layers") -> None:
+def check_layer_count(
+    config: ModelConfig, tensors: int, source: str, key: str = "num_hidden_layers", fused: bool = False
+) -> None:
     """Refuse a layer count that the weights cannot hold before anything loops over the layers
-    (a file claiming 2**31 layers would otherwise build billions of names)."""
-    if LAYER_TENSORS * config.num_hidden_layers > tensors:
+    (a file claiming 2**31 layers would otherwise build billions of names). `fused`: the tensors
+    are counted before split_fused (qkv and gate_up as one each: three fewer a layer)."""
+    per_layer = LAYER_TENSORS - (3 if fused else 0)
+    if per_layer * config.num_hidden_layers > tensors:
         raise LlamascopeError(
             f"{source}: {key} = {config.num_hidden_layers}, but the weights hold only {tensors} tensors "
-            f"(each layer needs at least {LAYER_TENSORS}, so at most {tensors // LAYER_TENSORS} layers)"
+            f"(each layer needs at least {per_layer}, so at most {tensors // per_layer} layers)"
         )
 
 
@@ -199,6 +203,20 @@ FUSED_PROJECTIONS = (
     ("self_attn.qkv_proj.weight", ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")),
     ("mlp.gate_up_proj.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
 )
+
+
+def stored_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """`expected_shapes` as the checkpoint stores them: for a fused architecture, each layer's
+    qkv_proj and gate_up_proj in place of their parts."""
+    shapes = expected_shapes(config)
+    if not config.architecture.fused:
+        return shapes
+    for n in range(config.num_hidden_layers):
+        prefix = f"model.layers.{n}."
+        for fused, parts in FUSED_PROJECTIONS:
+            part_shapes = [shapes.pop(prefix + part) for part in parts]
+            shapes[prefix + fused] = (sum(s[0] for s in part_shapes), part_shapes[0][1])
+    return shapes
 
 
 def split_fused(tensors: dict[str, TensorSource], config: ModelConfig) -> dict[str, TensorSource]:

@@ -28,11 +28,16 @@ from ..config import ARCHITECTURES, ModelConfig
 from ..errors import LlamascopeError
 from ..formats import KEPT_FORMATS, q5_0_as_q8_0
 from ..tokenizer import Tokenizer
-from .checkpoint import Checkpoint, TensorSource, check_layer_count, expected_shapes
+from .checkpoint import Checkpoint, TensorSource, check_layer_count, split_fused, stored_shapes
 from .gguf_metadata import GGUFMetadata, read_gguf, token_id
 from .tensorfiles import read_array, read_array_slice
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+# general.architecture values read, each as the model_type of config.ARCHITECTURES with that
+# gguf_name (a Mistral GGUF is a `llama` one: llama.cpp keeps no sliding window for it)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3")
+# Architectures whose converter stores Q and K rows permuted for llama.cpp's interleaved RoPE; the
+# others use the rotate-half (NeoX) layout that Hugging Face has.
+PERMUTED_QK = ("llama",)
 # Stored types that dequantise to float32 (gguf.quants implements each; see tests/test_gguf.py).
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # Stored types whose blocks are kept in another format with the same numbers: (that format, the
@@ -55,33 +60,43 @@ BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm",  # (Qwen3)
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_qkv": "self_attn.qkv_proj",  # (Phi-3: fused, split at loading)
 }
+# Phi-3's ffn_up holds gate and up side by side (Hugging Face's gate_up_proj)
+FUSED_BLOCK_NAMES = {"phi3": {"ffn_up": "mlp.gate_up_proj"}}
 BLOCK_PATTERN = re.compile(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias)")
 ROPE_FREQS = "rope_freqs.weight"
+# Phi-3's LongRoPE factors (llama.cpp's names), read into rope_scaling
+ROPE_FACTORS = {"long_factor": "rope_factors_long.weight", "short_factor": "rope_factors_short.weight"}
+ROPE_TENSORS = (ROPE_FREQS, *ROPE_FACTORS.values())
 # Tensors llama.cpp never loads for `llama` (old converters saved rotary_emb.inv_freq as these).
 IGNORED_TENSORS = re.compile(r"blk\.\d+\.attn_rot_embd(\.weight)?")
 
 # ---- names and layouts -------------------------------------------------------------------------
 
 
-def hf_tensor_name(name: str) -> str | None:
-    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None for unknown names."""
+def hf_tensor_name(name: str, arch: str = "llama") -> str | None:
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight` (Phi-3's fused tensors to
+    its fused names); None for unknown names."""
     if name in TOP_LEVEL_NAMES:
         return TOP_LEVEL_NAMES[name]
     match = BLOCK_PATTERN.fullmatch(name)
-    if match and match[2] in BLOCK_NAMES:
-        return f"model.layers.{match[1]}.{BLOCK_NAMES[match[2]]}.{match[3]}"
+    names = {**BLOCK_NAMES, **FUSED_BLOCK_NAMES.get(arch, {})}
+    if match and match[2] in names:
+        return f"model.layers.{match[1]}.{names[match[2]]}.{match[3]}"
     return None
 
 
-def gguf_tensor_name(hf_name: str) -> str:
+def gguf_tensor_name(hf_name: str, arch: str = "llama") -> str:
     """The inverse of `hf_tensor_name`, for messages about missing tensors."""
     for gguf_name, name in TOP_LEVEL_NAMES.items():
         if name == hf_name:
             return gguf_name
     match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf_name)
     if match:
-        for short, module in BLOCK_NAMES.items():
+        for short, module in {**BLOCK_NAMES, **FUSED_BLOCK_NAMES.get(arch, {})}.items():
             if module == match[2]:
                 return f"blk.{match[1]}.{short}.{match[3]}"
     return hf_name
@@ -338,18 +353,17 @@ def _llama3_factors(scaling: dict, wavelength: np.ndarray) -> np.ndarray:
 
 def _architecture(meta: GGUFMetadata) -> str:
     arch = meta.string("general.architecture")
-    folder_only = [a for a in ARCHITECTURES.values() if a.gguf_name == arch and arch not in SUPPORTED_ARCHITECTURES]
-    if folder_only:
-        raise LlamascopeError(
-            f"{meta.path}: general.architecture = {arch!r} ({folder_only[0].hf_class}) runs from a Hugging Face "
-            f"folder; GGUF files of it are not read yet (GGUF architectures: {', '.join(SUPPORTED_ARCHITECTURES)})"
-        )
     if arch not in SUPPORTED_ARCHITECTURES:
         raise LlamascopeError(
             f"{meta.path}: unsupported architecture general.architecture = {arch!r} "
-            f"(llamascope runs LLaMA-family models: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            f"(llamascope reads GGUF files of: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
     return arch
+
+
+def _model_type(arch: str) -> str:
+    """The model_type of a GGUF architecture: the first in config.ARCHITECTURES with that gguf_name."""
+    return next(a.model_type for a in ARCHITECTURES.values() if a.gguf_name == arch)
 
 
 def _attention_sizes(meta: GGUFMetadata, arch: str) -> tuple[int, int, int, int]:
@@ -382,26 +396,55 @@ def _attention_sizes(meta: GGUFMetadata, arch: str) -> tuple[int, int, int, int]
 
 
 def _rope(meta: GGUFMetadata, arch: str, tensors: dict, head_dim: int) -> tuple[float, dict | None]:
-    """(rope_theta, rope_scaling) from the metadata or from the rope_freqs.weight tensor."""
+    """(rope_theta, rope_scaling) from the metadata or from the rope_freqs.weight tensor (LLaMA 3.1)
+    or the rope_factors_long / _short tensors (Phi-3's LongRoPE)."""
     rope_theta = meta.number(f"{arch}.rope.freq_base", 10000.0)
     rope_scaling = _rope_scaling(meta, arch)
+    given = [name for name in ROPE_TENSORS if name in tensors]
+    if given and rope_scaling is not None:
+        raise LlamascopeError(f"{meta.path}: both '{arch}.rope.scaling.type' and tensor {given[0]!r} are given")
     if ROPE_FREQS in tensors:
-        if rope_scaling is not None:
-            raise LlamascopeError(f"{meta.path}: both '{arch}.rope.scaling.type' and tensor {ROPE_FREQS!r} are given")
         factors = dequantize_tensor(tensors[ROPE_FREQS], meta.path)
         rope_scaling = llama3_rope_scaling(factors, head_dim, rope_theta, str(meta.path))
+    elif any(name in tensors for name in ROPE_FACTORS.values()):
+        rope_scaling = _longrope_scaling(meta, arch, tensors)
     return rope_theta, rope_scaling
 
 
+def _longrope_scaling(meta: GGUFMetadata, arch: str, tensors: dict) -> dict:
+    """rope_scaling {"rope_type": "longrope", ...} from llama.cpp's factor tensors and
+    `{arch}.rope.scaling.original_context_length` / `.attn_factor`."""
+    scaling: dict[str, Any] = {"rope_type": "longrope"}
+    for key, name in ROPE_FACTORS.items():
+        if name not in tensors:
+            raise LlamascopeError(f"{meta.path}: LongRoPE needs tensor {name!r} beside the other factors")
+        scaling[key] = [float(v) for v in dequantize_tensor(tensors[name], meta.path).reshape(-1)]
+    scaling["original_max_position_embeddings"] = meta.integer(f"{arch}.rope.scaling.original_context_length")
+    attention = meta.number(f"{arch}.rope.scaling.attn_factor", None)
+    trained = scaling["original_max_position_embeddings"]
+    factor = meta.integer(f"{arch}.context_length") / trained
+    implied = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(trained))
+    if attention is not None and abs(attention - implied) > 1e-6 * implied:  # (stored in float32)
+        scaling["attention_factor"] = attention
+    return scaling
+
+
 def gguf_config_dict(meta: GGUFMetadata, tensors: dict) -> dict:
-    """A config.json-style dict for a `llama` GGUF; `tensors` maps GGUF names to reader tensors."""
+    """A config.json-style dict for a GGUF of a SUPPORTED_ARCHITECTURES; `tensors` maps GGUF names to
+    reader tensors."""
     arch = _architecture(meta)
+    model_type = _model_type(arch)
     hidden, heads, kv_heads, head_dim = _attention_sizes(meta, arch)
     rope_theta, rope_scaling = _rope(meta, arch, tensors, head_dim)
     eos_ids = _eos_ids(meta)
+    extra = {}
+    if rope_scaling is not None and rope_scaling["rope_type"] == "longrope":
+        extra["original_max_position_embeddings"] = rope_scaling["original_max_position_embeddings"]
+    if ARCHITECTURES[model_type].sliding == "all":
+        extra["sliding_window"] = meta.integer(f"{arch}.attention.sliding_window", 0, positive=False) or None  # 0: none
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [ARCHITECTURES[model_type].hf_class],
+        "model_type": model_type,
         "vocab_size": _vocab_size(meta, tensors, arch),
         "hidden_size": hidden,
         "intermediate_size": meta.integer(f"{arch}.feed_forward_length"),
@@ -420,6 +463,7 @@ def gguf_config_dict(meta: GGUFMetadata, tensors: dict) -> dict:
         "bos_token_id": token_id(meta, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": eos_ids[0] if eos_ids else None,
         "pad_token_id": token_id(meta, "tokenizer.ggml.padding_token_id"),
+        **extra,
     }
 
 
@@ -470,14 +514,14 @@ def _shape_keys(hf_name: str, arch: str) -> str:
     return f"{arch}.embedding_length"
 
 
-def _map_tensors(reader, path: Path) -> dict[str, Any]:
+def _map_tensors(reader, path: Path, arch: str) -> dict[str, Any]:
     """GGUF name -> reader tensor, refusing unknown names and types llamascope cannot dequantise."""
     tensors: dict[str, Any] = {}
     for tensor in reader.tensors:
         name = tensor.name
         if IGNORED_TENSORS.fullmatch(name):
             continue
-        if name != ROPE_FREQS and hf_tensor_name(name) is None:
+        if name not in ROPE_TENSORS and hf_tensor_name(name, arch) is None:
             raise LlamascopeError(
                 f"{path}: unexpected tensor {name!r} (shape {list(map(int, tensor.shape))}): not part of a LLaMA model"
             )
@@ -492,10 +536,10 @@ def _map_tensors(reader, path: Path) -> dict[str, Any]:
 
 def _check_shapes(tensors: dict, config: ModelConfig, arch: str, path: Path) -> None:
     """Every tensor the config implies is present with the implied shape, and nothing else."""
-    check_layer_count(config, len(tensors), str(path), key=f"{arch}.block_count")
-    expected = expected_shapes(config)
+    check_layer_count(config, len(tensors), str(path), key=f"{arch}.block_count", fused=config.architecture.fused)
+    expected = stored_shapes(config)
     for name, tensor in tensors.items():
-        hf_name = hf_tensor_name(name)
+        hf_name = hf_tensor_name(name, arch)
         if hf_name is None:
             continue
         if hf_name not in expected:
@@ -509,26 +553,28 @@ def _check_shapes(tensors: dict, config: ModelConfig, arch: str, path: Path) -> 
                 f"{path}: tensor {name!r} has shape {list(shape)} ([out, in]), but the metadata "
                 f"({_shape_keys(hf_name, arch)}) implies {list(expected[hf_name])}"
             )
-    present = {hf_tensor_name(n) for n in tensors}
+    present = {hf_tensor_name(n, arch) for n in tensors}
     for hf_name, shape in expected.items():
         if hf_name not in present:
             raise LlamascopeError(
-                f"{path}: missing tensor {gguf_tensor_name(hf_name)!r} (expected shape "
+                f"{path}: missing tensor {gguf_tensor_name(hf_name, arch)!r} (expected shape "
                 f"{list(shape)} from the metadata; {arch}.block_count = {config.num_hidden_layers})"
             )
 
 
-def _tensor_sources(tensors: dict, config: ModelConfig, path: Path) -> dict[str, TensorSource]:
+def _tensor_sources(tensors: dict, config: ModelConfig, path: Path, arch: str) -> dict[str, TensorSource]:
+    """Each weight as a TensorSource under its Hugging Face name, Q/K rows un-permuted where the
+    architecture's converter permuted them, fused projections split (`split_fused`)."""
     sources = {}
     for name, tensor in tensors.items():
-        hf_name = hf_tensor_name(name)
+        hf_name = hf_tensor_name(name, arch)
         if hf_name is None:
             continue
         shape = tuple(int(d) for d in reversed(tensor.shape))
         heads = None
-        if ".self_attn.q_proj." in hf_name:
+        if arch in PERMUTED_QK and ".self_attn.q_proj." in hf_name:
             heads = config.num_attention_heads
-        elif ".self_attn.k_proj." in hf_name:
+        elif arch in PERMUTED_QK and ".self_attn.k_proj." in hf_name:
             heads = config.num_key_value_heads
         weight = GGUFWeight(tensor, shape, heads, path)
         # Block formats the layers compute with directly can stay quantised (load_model's default).
@@ -545,11 +591,11 @@ def _tensor_sources(tensors: dict, config: ModelConfig, path: Path) -> dict[str,
             read_blocks=weight.read_blocks if has_blocks else None,
             blocks_slice_reader=weight.read_blocks_slice if has_blocks else None,
         )
-    return sources
+    return split_fused(sources, config)
 
 
 def open_gguf(path: Path) -> Checkpoint:
-    """Config, generation settings, tokenizer factory and lazy float32 weights of a `llama` GGUF."""
+    """Config, generation settings, tokenizer factory and lazy float32 weights of a GGUF file."""
     path = Path(path)
     reader = read_gguf(path)
     meta = GGUFMetadata(reader, path)
@@ -562,10 +608,11 @@ def open_gguf(path: Path) -> Checkpoint:
         raise LlamascopeError(
             f"{path}: the file holds no tensors (a vocabulary-only GGUF can serve as a tokenizer, not as a model)"
         )
-    tensors = _map_tensors(reader, path)
+    arch = _architecture(meta)
+    tensors = _map_tensors(reader, path, arch)
     config_dict = gguf_config_dict(meta, tensors)
     config = ModelConfig.from_dict(config_dict, source=str(path))
-    _check_shapes(tensors, config, meta.string("general.architecture"), path)
+    _check_shapes(tensors, config, arch, path)
 
     # The parsed metadata (about 12 MB of strings for a 49k vocabulary and its merges) is only
     # needed for the tokenizer: the first call uses it and lets it go, later calls parse the file again.
@@ -581,7 +628,7 @@ def open_gguf(path: Path) -> Checkpoint:
         config=config,
         config_dict=config_dict,
         generation_json=generation_settings(meta),
-        tensors=_tensor_sources(tensors, config, path),
+        tensors=_tensor_sources(tensors, config, path, arch),
         files=[(path, path.stat().st_size)],
         tokenizer_factory=tokenizer_factory if meta.has("tokenizer.ggml.model") else None,
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 from ..errors import LlamascopeError, library_call
 from .gguf_metadata import GGUFMetadata, read_gguf, token_id
@@ -23,6 +23,12 @@ from .spm import BYTE, CONTROL, UNKNOWN, USER_DEFINED, SpmVocabulary, spm_tokeni
 # LLaMA-3's word split, as in its tokenizer.json.
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Qwen2's (and Qwen2.5's, Qwen3's): LLaMA-3's with every digit on its own.
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
@@ -37,25 +43,35 @@ def _smollm_pre(add_prefix_space: bool) -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _gpt2_pre(add_prefix_space)])
 
 
-def _llama3_pre(add_prefix_space: bool) -> pre_tokenizers.PreTokenizer:
-    """LLaMA-3: its regex split, then bytes to the byte-level alphabet without a second regex."""
+def _regex_then_bytes(split: str, add_prefix_space: bool) -> pre_tokenizers.PreTokenizer:
+    """A regex split, then bytes to the byte-level alphabet without a second regex."""
     return pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, trim_offsets=True, use_regex=False),
         ]
     )
 
 
-# tokenizer.ggml.pre -> (pre-tokenizer, ignore_merges, adds BOS when the file does not say)
+def _llama3_pre(add_prefix_space: bool) -> pre_tokenizers.PreTokenizer:
+    return _regex_then_bytes(LLAMA3_SPLIT, add_prefix_space)
+
+
+def _qwen2_pre(add_prefix_space: bool) -> pre_tokenizers.PreTokenizer:
+    return _regex_then_bytes(QWEN2_SPLIT, add_prefix_space)
+
+
+# tokenizer.ggml.pre -> (pre-tokenizer, ignore_merges, adds BOS when the file does not say,
+# NFC normalisation first: Qwen2's tokenizer.json has it)
 PRE_TOKENIZERS = {
-    "default": (_gpt2_pre, False, False),
-    "gpt2": (_gpt2_pre, False, False),
-    "gpt-2": (_gpt2_pre, False, False),
-    "smollm": (_smollm_pre, False, False),
-    "llama-bpe": (_llama3_pre, True, True),
-    "llama3": (_llama3_pre, True, True),
-    "llama-v3": (_llama3_pre, True, True),
+    "default": (_gpt2_pre, False, False, False),
+    "gpt2": (_gpt2_pre, False, False, False),
+    "gpt-2": (_gpt2_pre, False, False, False),
+    "smollm": (_smollm_pre, False, False, False),
+    "llama-bpe": (_llama3_pre, True, True, False),
+    "llama3": (_llama3_pre, True, True, False),
+    "llama-v3": (_llama3_pre, True, True, False),
+    "qwen2": (_qwen2_pre, False, False, True),
 }
 
 
@@ -117,7 +133,7 @@ def _bpe_backend(meta: GGUFMetadata, tokens: list[str], pre: str) -> tokenizers.
             f"{meta.path}: metadata key 'tokenizer.ggml.pre' = {pre!r} names a pre-tokenizer llamascope does "
             f"not know (known: {', '.join(sorted(PRE_TOKENIZERS))})"
         )
-    make_pre, ignore_merges, _ = PRE_TOKENIZERS[pre]
+    make_pre, ignore_merges, _, nfc = PRE_TOKENIZERS[pre]
     vocab: dict[str, int] = {}
     for index, token in enumerate(tokens):
         vocab.setdefault(token, index)
@@ -136,6 +152,8 @@ def _bpe_backend(meta: GGUFMetadata, tokens: list[str], pre: str) -> tokenizers.
         raise
     backend = tokenizers.Tokenizer(model)
     backend.pre_tokenizer = make_pre(bool(meta.flag("tokenizer.ggml.add_space_prefix", False)))
+    if nfc:
+        backend.normalizer = normalizers.NFC()
     backend.decoder = decoders.ByteLevel()
     special, plain = _added_tokens(tokens, _token_types(meta, len(tokens)))
     backend.add_special_tokens(special)
