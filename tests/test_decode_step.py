@@ -220,12 +220,15 @@ def _attention_reference(q, keys, values, scale):
 
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize(
-    "H,KVH,D,S", [(4, 2, 24, 1), (6, 6, 48, 17), (9, 3, 64, 100), (2, 1, 128, 40), (8, 2, 80, 5000)]
+    "H,KVH,D,S,window",
+    [(4, 2, 24, 1, 0), (6, 6, 48, 17, 0), (9, 3, 64, 100, 0), (2, 1, 128, 40, 0), (8, 2, 80, 5000, 0)]
+    + [(4, 2, 24, 1, 1), (6, 6, 48, 17, 17), (9, 3, 64, 100, 7), (8, 2, 80, 5000, 4097)],
 )
-def test_one_token_attention_kernel_matches_softmax_reference(H, KVH, D, S, bf16):
+def test_one_token_attention_kernel_matches_softmax_reference(H, KVH, D, S, window, bf16):
     """The native one-token attention (RoPE, cache write, softmax over the cache, product with the
     values) against the plain formulas in float64: head dims with a partial last vector (24, 80),
-    GQA groups, one column, and more columns than the kernel keeps on its stack. The result does
+    GQA groups, one column, and more columns than the kernel keeps on its stack; with a sliding
+    window (the last `window` columns: 0 is none), as wide as the cache or narrower. The result does
     not depend on the thread count."""
     from llamascope.model import apply_rope
 
@@ -254,6 +257,7 @@ def test_one_token_attention_kernel_matches_softmax_reference(H, KVH, D, S, bf16
             KVH,
             D,
             scale,
+            window,
             out.data_ptr(),
             threads,
         )
@@ -264,8 +268,9 @@ def test_one_token_attention_kernel_matches_softmax_reference(H, KVH, D, S, bf16
     k_rot = apply_rope(k.to(dtype), cos.to(dtype)[None, None], sin.to(dtype)[None, None]).float()[0, :, 0]
     assert torch.equal(kc[:, col].float(), k_rot) and torch.equal(vc[:, col].float(), v.view(KVH, D))
     assert torch.equal(kc[:, :col], cache[0, :, :col]) and torch.equal(kc[:, col + 1 :], cache[0, :, col + 1 :])
-    expected = _attention_reference(q_rot, kc[:, :S].float(), vc[:, :S].float(), scale).float().flatten()
-    tolerance = 2**-7 if bf16 else 2e-6  # bfloat16: rounded exponentials and output
+    first = max(0, S - window) if window else 0
+    expected = _attention_reference(q_rot, kc[:, first:S].float(), vc[:, first:S].float(), scale).float().flatten()
+    tolerance = 2**-7 if bf16 else 4e-6  # bfloat16: rounded exponentials and output; 4e-6: sums of 5000 columns
     assert (outputs[0] - expected).abs().max() <= tolerance * expected.abs().max()
 
 

@@ -4,8 +4,9 @@ The module-by-module path runs the native kernels one projection at a time; on a
 Python between them (about 30 module calls per layer) costs more than the arithmetic. `DecodeStep`
 describes the model once, as C structs pointing at the weights the modules already hold (no copy),
 and then each decode step is one call into csrc/decode_step.c, which runs the same kernels in the
-same order: RMSNorm, q/k/v, attention with the cache, o, RMSNorm, gate/up, SiLU, down, and at the
-end the final norm and the LM head.
+same order: RMSNorm, q/k/v (with Qwen3's per-head norms), attention with the cache (within the
+layer's sliding window), o, RMSNorm, gate/up, SiLU, down, and at the end the final norm and the LM
+head.
 
 It applies where the module path would run those kernels anyway: one new token for each of up to
 KERNEL_MAX_ROWS sequences (over a `KVCache` without padding, or the server's `SlotBatch`, where
@@ -59,6 +60,9 @@ class _Layer(ctypes.Structure):
     _fields_ = [
         ("attn_norm", _p),
         ("mlp_norm", _p),
+        ("q_norm", _p),
+        ("k_norm", _p),
+        ("window", _i),
         ("qkv", _Linear * 3),
         ("n_qkv", _i),
         ("o", _Linear),
@@ -139,13 +143,7 @@ class DecodeStep:
             raise NotApplicable(f"the model is on {model.device}")
         if self.dtype not in (torch.float32, torch.bfloat16):
             raise NotApplicable(f"activations are {self.dtype}")
-        if config.qk_norm:
-            raise NotApplicable("per-head q and k norms (q_norm, k_norm) have no native step")
         self.model, self.lib = model, lib  # (the kernel library the step runs on)
-        # the narrowest sliding window of any layer: the step runs while every query sees all
-        # columns before it (Attention.within_window), the modules past that
-        windows = [block.self_attn.window for block in model.model.layers if block.self_attn.window is not None]
-        self.window = min(windows, default=None)
         self._bf16 = self.dtype == torch.bfloat16
         self._keep: list = []  # every tensor the structs point at stays alive with them
         attn = model.model.layers[0].self_attn
@@ -193,9 +191,13 @@ class DecodeStep:
         layer = _Layer(
             attn_norm=self._norm(block.input_layernorm.weight, f"layer {i} input_layernorm"),
             mlp_norm=self._norm(block.post_attention_layernorm.weight, f"layer {i} post_attention_layernorm"),
+            window=attn.window or 0,
             n_qkv=len(qkv),
             n_gate_up=len(gate_up),
         )
+        if attn.q_norm is not None:
+            layer.q_norm = self._norm(attn.q_norm.weight, f"layer {i} q_norm")
+            layer.k_norm = self._norm(attn.k_norm.weight, f"layer {i} k_norm")
         for j, part in enumerate(qkv):
             layer.qkv[j] = _describe(part, self._keep, f"layer {i} attention input", self._bf16)
         for j, part in enumerate(gate_up):
@@ -217,23 +219,10 @@ class DecodeStep:
             return False
         if type(cache) is KVCache:
             store = cache.keys[0]
-            return (
-                mask is None
-                and store.shape[0] == tokens.shape[0]
-                and self._matches(store)
-                and self._within_window(cache.length + 1)
-            )
+            return mask is None and store.shape[0] == tokens.shape[0] and self._matches(store)
         if type(cache) is SlotBatch:
-            return (
-                cache.batch_size == tokens.shape[0]
-                and bool(cache.cache.keys)
-                and self._matches(cache.cache.keys[0])
-                and self._within_window(max(cache.lengths) + 1)
-            )
+            return cache.batch_size == tokens.shape[0] and bool(cache.cache.keys) and self._matches(cache.cache.keys[0])
         return False
-
-    def _within_window(self, columns: int) -> bool:
-        return self.window is None or columns <= self.window
 
     def _matches(self, store: torch.Tensor) -> bool:
         return store.dtype == self.dtype and store.device.type == "cpu" and store.shape[1] == self.kv_heads

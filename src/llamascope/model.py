@@ -249,7 +249,6 @@ class Attention(nn.Module):
             and type(cache) is KVCache
             and x.device.type == "cpu"
             and self.q_norm is None
-            and self.within_window(cache.length + 1)
             and self._native_cache(cache)
         ):
             return self.o_proj(self._decode_one(x, cos, sin, cache))
@@ -388,7 +387,8 @@ class Attention(nn.Module):
 
     def _decode_one(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """The same attention for one token of one sequence, in one native call: RoPE, cache write,
-        softmax(q k^T / sqrt(D)) v over the cached positions (the plain path above is the reference)."""
+        softmax(q k^T / sqrt(D)) v over the cached positions within the window (the plain path above
+        is the reference)."""
         qkv = self.qkv_proj(x).contiguous()  # [1, 1, (H + 2 KVH) * D]
         heads, kv_heads, D = self.heads, self.kv_heads, self.head_dim
         keys, values = cache.keys[self.layer_index], cache.values[self.layer_index]  # [1, KVH, cap, D]
@@ -407,6 +407,7 @@ class Attention(nn.Module):
             kv_heads,
             D,
             D**-0.5,
+            self.window or 0,
             out.data_ptr(),
             torch.get_num_threads(),
         )

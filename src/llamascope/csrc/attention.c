@@ -101,21 +101,28 @@ static inline __attribute__((always_inline)) void attend_head(const int bf16, co
     }
 }
 
+/* The first cache column a query at column `col` sees: 0, or with a sliding window (window > 0)
+ * col - window + 1 (it sees `window` columns, its own included). */
+static inline int first_column(int col, int window) {
+    return window > 0 && col + 1 > window ? col + 1 - window : 0;
+}
+
 /* Every query head of B sequences in one parallel region. Sequence b: its queries at q + b * q_stride
  * ([H, D]), its caches at element slots[b] * row_elems of kcache / vcache ([KVH, cap, D] each), its
- * columns 0..cols[b]; out [B, H * D]. */
+ * columns first_column(cols[b], window)..cols[b]; out [B, H * D]. */
 static inline __attribute__((always_inline)) void attend_rows(const int bf16, int B, const float *q, int64_t q_stride,
                                                               const void *kcache, const void *vcache,
                                                               int64_t row_elems, const int *slots, const int *cols,
-                                                              int cap, int H, int KVH, int D, float scale, float *out,
-                                                              int nthreads) {
+                                                              int cap, int H, int KVH, int D, float scale, int window,
+                                                              float *out, int nthreads) {
     const int group = H / KVH;
     const int64_t elem = bf16 ? 2 : 4;
     int64_t work = 0;
     int widest = 0;
     for (int b = 0; b < B; b++) {
-        work += (int64_t)(cols[b] + 1) * H * D;
-        if (cols[b] + 1 > widest) widest = cols[b] + 1;
+        const int seen = cols[b] + 1 - first_column(cols[b], window);
+        work += (int64_t)seen * H * D;
+        if (seen > widest) widest = seen;
     }
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && work >= ATTENTION_PARALLEL_WORK)
     {
@@ -123,12 +130,12 @@ static inline __attribute__((always_inline)) void attend_rows(const int bf16, in
         float *scores = widest <= STACK_COLUMNS ? stack : (float *)malloc(sizeof(float) * widest);
 #pragma omp for schedule(static)
         for (int i = 0; i < B * H; i++) {
-            const int b = i / H, h = i % H;
-            const int64_t offset = (slots[b] * row_elems + (int64_t)(h / group) * cap * D) * elem;
+            const int b = i / H, h = i % H, first = first_column(cols[b], window);
+            const int64_t offset = (slots[b] * row_elems + (int64_t)(h / group) * cap * D + (int64_t)first * D) * elem;
             float *o = out + ((int64_t)b * H + h) * D;
             if (scores)
                 attend_head(bf16, q + b * q_stride + (int64_t)h * D, (const char *)kcache + offset,
-                            (const char *)vcache + offset, cols[b] + 1, D, scale, scores, o);
+                            (const char *)vcache + offset, cols[b] + 1 - first, D, scale, scores, o);
             else
                 for (int d = 0; d < D; d++) o[d] = NAN;  /* out of memory: visible, not wrong */
         }
@@ -191,45 +198,49 @@ static inline __attribute__((always_inline)) void rope_and_store(const int bf16,
 
 /* B sequences, one new token each: row b's fused projection at qkv + b * (H + 2 KVH) * D, its
  * rotary tables at cos / sin + b * D, its caches at element slots[b] * row_elems, new column
- * cols[b]; out [B, H * D]. All heads of all rows share one parallel region. */
+ * cols[b], a sliding window of `window` columns (0: none); out [B, H * D]. All heads of all rows
+ * share one parallel region. */
 static inline __attribute__((always_inline)) void attention_rows(const int bf16, int B, float *qkv, const float *cos,
                                                                  const float *sin, void *kcache, void *vcache,
                                                                  int64_t row_elems, const int *slots, const int *cols,
                                                                  int cap, int H, int KVH, int D, float scale,
-                                                                 float *out, int nthreads) {
+                                                                 int window, float *out, int nthreads) {
     const int64_t QKV = (int64_t)(H + 2 * KVH) * D, elem = bf16 ? 2 : 4;
     for (int b = 0; b < B; b++)
         rope_and_store(bf16, qkv + b * QKV, cos + (int64_t)b * D, sin + (int64_t)b * D,
                        (char *)kcache + slots[b] * row_elems * elem, (char *)vcache + slots[b] * row_elems * elem,
                        cols[b], cap, H, KVH, D);
-    attend_rows(bf16, B, qkv, QKV, kcache, vcache, row_elems, slots, cols, cap, H, KVH, D, scale, out, nthreads);
+    attend_rows(bf16, B, qkv, QKV, kcache, vcache, row_elems, slots, cols, cap, H, KVH, D, scale, window, out,
+                nthreads);
 }
 
 void decode_attention_rows_f32(int B, float *qkv, const float *cos, const float *sin, float *kcache, float *vcache,
                                int64_t row_elems, const int *slots, const int *cols, int cap, int H, int KVH, int D,
-                               float scale, float *out, int nthreads) {
-    attention_rows(0, B, qkv, cos, sin, kcache, vcache, row_elems, slots, cols, cap, H, KVH, D, scale, out, nthreads);
+                               float scale, int window, float *out, int nthreads) {
+    attention_rows(0, B, qkv, cos, sin, kcache, vcache, row_elems, slots, cols, cap, H, KVH, D, scale, window, out,
+                   nthreads);
 }
 
 /* One sequence (the module path's batch-1 attention). */
 void decode_attention_f32(float *qkv, const float *cos, const float *sin, float *kcache, float *vcache,
-                          int col, int cap, int H, int KVH, int D, float scale, float *out, int nthreads) {
+                          int col, int cap, int H, int KVH, int D, float scale, int window, float *out, int nthreads) {
     const int slot = 0;
-    attention_rows(0, 1, qkv, cos, sin, kcache, vcache, 0, &slot, &col, cap, H, KVH, D, scale, out, nthreads);
+    attention_rows(0, 1, qkv, cos, sin, kcache, vcache, 0, &slot, &col, cap, H, KVH, D, scale, window, out, nthreads);
 }
 
 /* The same for a bfloat16 model: qkv, cos, sin hold bfloat16-exact floats, the caches bfloat16
  * bits; the output is bfloat16-exact. */
 void decode_attention_rows_bf16(int B, float *qkv, const float *cos, const float *sin, uint16_t *kcache,
                                 uint16_t *vcache, int64_t row_elems, const int *slots, const int *cols, int cap, int H,
-                                int KVH, int D, float scale, float *out, int nthreads) {
-    attention_rows(1, B, qkv, cos, sin, kcache, vcache, row_elems, slots, cols, cap, H, KVH, D, scale, out, nthreads);
+                                int KVH, int D, float scale, int window, float *out, int nthreads) {
+    attention_rows(1, B, qkv, cos, sin, kcache, vcache, row_elems, slots, cols, cap, H, KVH, D, scale, window, out,
+                   nthreads);
 }
 
 void decode_attention_bf16(float *qkv, const float *cos, const float *sin, uint16_t *kcache, uint16_t *vcache,
-                           int col, int cap, int H, int KVH, int D, float scale, float *out, int nthreads) {
+                           int col, int cap, int H, int KVH, int D, float scale, int window, float *out, int nthreads) {
     const int slot = 0;
-    attention_rows(1, 1, qkv, cos, sin, kcache, vcache, 0, &slot, &col, cap, H, KVH, D, scale, out, nthreads);
+    attention_rows(1, 1, qkv, cos, sin, kcache, vcache, 0, &slot, &col, cap, H, KVH, D, scale, window, out, nthreads);
 }
 
 /* ---- a prompt's causal attention (prefill), float32 ---------------------------------------------

@@ -5,7 +5,8 @@
  * the dozens of module calls per layer cost more than the arithmetic. Here the step walks the
  * layers itself, calling the same kernels in the same order on the same numbers:
  *
- *   for each layer:  h = rmsnorm(x) ; qkv = [q | k | v](h) ; a = attention(qkv, cache) ;
+ *   for each layer:  h = rmsnorm(x) ; qkv = [q | k | v](h) ; (Qwen3: rmsnorm each q and k head) ;
+ *                    a = attention(qkv, cache, the layer's window) ;
  *                    x += o(a) ; h = rmsnorm(x) ; [g | u] = gate_up(h) ; x += down(silu(g) * u)
  *   then:            logits = head(rmsnorm(x))
  *
@@ -83,8 +84,13 @@ int decode_step_f32(const ls_stack_t *s, int B, float *x, const float *cos, cons
         const ls_layer_t *L = &s->layers[l];
         rmsnorm_f32(x, L->attn_norm, h, B, hidden, s->eps);
         status |= linears(L->qkv, L->n_qkv, h, B, qkv, QKV, tmp, nthreads);
+        if (L->q_norm)  /* each query and key head normed in place, before RoPE */
+            for (int b = 0; b < B; b++) {
+                rmsnorm_f32(qkv + (int64_t)b * QKV, L->q_norm, qkv + (int64_t)b * QKV, s->H, D, s->eps);
+                rmsnorm_f32(qkv + (int64_t)b * QKV + HD, L->k_norm, qkv + (int64_t)b * QKV + HD, s->KVH, D, s->eps);
+            }
         decode_attention_rows_f32(B, qkv, cos, sin, kcache[l], vcache[l], row_stride, slots, cols, cap, s->H, s->KVH,
-                                  D, s->scale, a, nthreads);
+                                  D, s->scale, L->window, a, nthreads);
         status |= linear(&L->o, a, B, y, nthreads);
         for (int64_t i = 0; i < (int64_t)B * hidden; i++) x[i] += y[i];
         rmsnorm_f32(x, L->mlp_norm, h, B, hidden, s->eps);
@@ -215,8 +221,14 @@ int decode_step_bf16(const ls_stack_t *s, int B, uint16_t *x_bits, const uint16_
         const ls_layer_t *L = &s->layers[l];
         rmsnorm_bf16(x, L->attn_norm, h, hb, B, hidden, s->eps);
         linears_bf16(L->qkv, L->n_qkv, hb, B, qkv, QKV, tmp, nthreads);
+        if (L->q_norm)  /* each query and key head normed in place, before RoPE (ab: scratch bits) */
+            for (int b = 0; b < B; b++) {
+                float *q = qkv + (int64_t)b * QKV;
+                rmsnorm_bf16(q, L->q_norm, q, ab, s->H, D, s->eps);
+                rmsnorm_bf16(q + HD, L->k_norm, q + HD, ab, s->KVH, D, s->eps);
+            }
         decode_attention_rows_bf16(B, qkv, cos, sin, kcache[l], vcache[l], row_stride, slots, cols, cap, s->H, s->KVH,
-                                   D, s->scale, a, nthreads);
+                                   D, s->scale, L->window, a, nthreads);
         for (int64_t i = 0; i < (int64_t)B * HD; i++) ab[i] = bf_bits(a[i]);
         linear_bf16(&L->o, ab, B, y, nthreads);
         add_bf16(x, y, BH);

@@ -56,6 +56,8 @@ typedef struct {
 
 typedef struct {
     const float *attn_norm, *mlp_norm;   /* [hidden] */
+    const float *q_norm, *k_norm;        /* [D]: RMSNorm over each query and key head (Qwen3), or NULL */
+    int window;                          /* sliding window in cache columns (0: none) */
     ls_linear_t qkv[3];                  /* outputs side by side: one fused layer, or q, k, v */
     int n_qkv;
     ls_linear_t o;
@@ -116,20 +118,23 @@ LS_API void silu_mul_rows_f32(const float *gu, int rows, int I, float *out, int 
 /* RoPE in place on the first `heads` heads of each of `rows` rows `stride` floats apart. */
 LS_API void rope_rows_f32(float *x, int rows, int64_t stride, int heads, int D, const float *cos, const float *sin,
                           int nthreads);
-/* One token of B sequences: RoPE, k and v into column cols[b] of row slots[b], attention -> out [B, H * D]. */
+/* One token of B sequences: RoPE, k and v into column cols[b] of row slots[b], attention over the
+ * `window` columns up to it (0: all) -> out [B, H * D]. */
 void decode_attention_rows_f32(int B, float *qkv, const float *cos, const float *sin, float *kcache, float *vcache,
                                int64_t row_elems, const int *slots, const int *cols, int cap, int H, int KVH, int D,
-                               float scale, float *out, int nthreads);
+                               float scale, int window, float *out, int nthreads);
 /* The same with bfloat16 caches and bfloat16-exact values. */
 void decode_attention_rows_bf16(int B, float *qkv, const float *cos, const float *sin, uint16_t *kcache,
                                 uint16_t *vcache, int64_t row_elems, const int *slots, const int *cols, int cap, int H,
-                                int KVH, int D, float scale, float *out, int nthreads);
+                                int KVH, int D, float scale, int window, float *out, int nthreads);
 /* One token of one sequence at cache column `col` -> out [H * D]. */
 LS_API void decode_attention_f32(float *qkv, const float *cos, const float *sin, float *kcache, float *vcache,
-                                 int col, int cap, int H, int KVH, int D, float scale, float *out, int nthreads);
+                                 int col, int cap, int H, int KVH, int D, float scale, int window, float *out,
+                                 int nthreads);
 /* The same with bfloat16 caches and bfloat16-exact values. */
 LS_API void decode_attention_bf16(float *qkv, const float *cos, const float *sin, uint16_t *kcache, uint16_t *vcache,
-                                  int col, int cap, int H, int KVH, int D, float scale, float *out, int nthreads);
+                                  int col, int cap, int H, int KVH, int D, float scale, int window, float *out,
+                                  int nthreads);
 /* A prompt's T causal queries from position `start` -> out rows `out_stride` floats apart. */
 LS_API int prefill_attention_f32(const float *q, int64_t q_stride, const float *kcache, const float *vcache, int cap,
                                  int T, int start, int H, int KVH, int D, float scale, float *out, int64_t out_stride,
