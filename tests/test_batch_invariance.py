@@ -45,13 +45,20 @@ one_long_request = st.tuples(
 PREFIX_CACHE_BYTES = 48 << 20  # a few of the default model's blocks (12 MB each): some are evicted
 
 
-@pytest.fixture(scope="module", params=["default-model", "float32", "bfloat16", "gguf-blocks"])
+# A relative with every decoder option that changes attention: Qwen3's per-head norms, and a
+# sliding window of 16 on its second layer, shorter than most prompts here.
+QWEN3_WINDOW = dict(architecture="qwen3", head_dim=24, use_sliding_window=True, sliding_window=16, max_window_layers=1)
+
+
+@pytest.fixture(scope="module", params=["default-model", "float32", "bfloat16", "gguf-blocks", "qwen3-window"])
 def served(request, model_factory, tmp_path_factory):
     """(engine, running scheduler): few slots, so that sequences queue and slots are reused; the
     float32 one has more slots than the decode step takes rows at once. The default model (a real
     one: close candidates, where any numeric difference shows) runs its Q4_1 GGUF as shipped."""
     if request.param == "default-model":
         engine = Engine.load()
+    elif request.param == "qwen3-window":
+        engine = Engine.load(model_factory("invariance-qwen3", max_position_embeddings=1024, **QWEN3_WINDOW))
     elif request.param == "gguf-blocks":  # Q8_0 / Q4_0 / Q4_1 / K-quant matrices
         spec = TinySpec(context=1024)
         engine = Engine.load(write_tiny_llama(tmp_path_factory.mktemp("gguf") / "tiny.gguf", spec).path)

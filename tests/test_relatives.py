@@ -308,3 +308,32 @@ CONVERT_CLASSES = {
     "qwen3_head_dim": "Qwen3ForCausalLM",
     "phi3_longrope": "Phi3ForCausalLM",
 }
+
+
+@pytest.mark.parametrize("name", ["ggml-vocab-qwen2.gguf", "ggml-vocab-phi-3.gguf"])
+def test_qwen2_and_phi3_chat_templates_render_and_tokenize_as_transformers_does(name, vocab_dir, tmp_path):  # noqa: F811
+    """The chat templates these GGUF files carry (Qwen2's ChatML with its default system message,
+    Phi-3's <|user|> / <|end|> turns with a leading BOS): llamascope's prompt text and ids against
+    transformers' apply_chat_template over the same tokenizer, written as a folder."""
+    from transformers import AutoTokenizer
+
+    from llamascope.convert import convert_gguf_tokenizer
+    from llamascope.tokenizer import Tokenizer
+
+    ours = Tokenizer.from_gguf(vocab_dir / name)
+    reference = AutoTokenizer.from_pretrained(convert_gguf_tokenizer(vocab_dir / name, tmp_path / "tokenizer"))
+    conversations = [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [
+            {"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": "Capital of Japan? 東京 or 京都"},
+            {"role": "assistant", "content": "Tokyo"},
+            {"role": "user", "content": "And 12345 + 678?"},
+        ],
+    ]
+    for messages in conversations:
+        text = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert ours.apply_chat_template(messages) == text
+        expected = reference.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+        assert ours.encode_chat(messages) == list(expected)
