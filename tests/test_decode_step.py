@@ -326,22 +326,29 @@ def test_prompt_rmsnorm_and_rope_kernels_give_pytorchs_numbers(rows):
 
 
 @pytest.mark.parametrize(
-    "T, start, H, KVH, D",
+    "T, start, H, KVH, D, window",
     [
-        (2, 0, 2, 2, 16),
-        (37, 0, 4, 2, 64),
-        (13, 20, 4, 1, 48),
-        (130, 0, 9, 3, 64),
-        (70, 60, 8, 8, 128),
-        (70, 2, 4, 2, 64),
-        (9, 61, 4, 2, 80),  # tiles straddling a 64-column block edge
+        (2, 0, 2, 2, 16, 0),
+        (37, 0, 4, 2, 64, 0),
+        (13, 20, 4, 1, 48, 0),
+        (130, 0, 9, 3, 64, 0),
+        (70, 60, 8, 8, 128, 0),
+        (70, 2, 4, 2, 64, 0),
+        (9, 61, 4, 2, 80, 0),  # tiles straddling a 64-column block edge
+        # sliding windows: one column; narrower than a tile; across block edges; wider than all
+        (37, 0, 4, 2, 64, 1),
+        (130, 0, 9, 3, 64, 3),
+        (70, 60, 8, 8, 128, 67),
+        (200, 100, 4, 2, 48, 130),
+        (13, 20, 4, 1, 48, 500),
     ],
 )
-def test_prompt_attention_kernel_matches_causal_softmax_reference(T, start, H, KVH, D):
+def test_prompt_attention_kernel_matches_causal_softmax_reference(T, start, H, KVH, D, window):
     """A prompt's native attention: T queries after `start` cached columns over a [KVH, cap, D]
-    cache, against float64 softmax(q k^T / sqrt(D)) v under the causal mask: GQA and MHA, head
-    sizes 16 to 128 (one to two 64-lane passes), tiles of 4 queries with a partial last one, blocks
-    of 64 columns with a partial last one. The numbers do not depend on the thread count."""
+    cache, against float64 softmax(q k^T / sqrt(D)) v under the causal mask (and a sliding window
+    of `window` columns, 0: none): GQA and MHA, head sizes 16 to 128 (one to two 64-lane passes),
+    tiles of 4 queries with a partial last one, blocks of 64 columns with a partial last one,
+    windows that end inside a tile or a block. The numbers do not depend on the thread count."""
     import torch.nn.functional as F
 
     lib = kernels.load()
@@ -364,6 +371,7 @@ def test_prompt_attention_kernel_matches_causal_softmax_reference(T, start, H, K
             KVH,
             D,
             D**-0.5,
+            window,
             out.data_ptr(),
             H * D,
             threads,
@@ -372,7 +380,8 @@ def test_prompt_attention_kernel_matches_causal_softmax_reference(T, start, H, K
         outs.append(out)
     assert torch.equal(outs[0], outs[1])
     q = qkv[:, : H * D].view(T, H, D).transpose(0, 1)[None].double()  # [1, H, T, D]
-    visible = torch.arange(S)[None] <= torch.arange(start, S)[:, None]  # [T, S]
+    columns, own = torch.arange(S)[None], torch.arange(start, S)[:, None]
+    visible = (columns <= own) & ((columns > own - window) if window else True)  # [T, S]
     expected = F.scaled_dot_product_attention(
         q, keys[None, :, :S].double(), values[None, :, :S].double(), attn_mask=visible, enable_gqa=H != KVH
     )  # [1, H, T, D]

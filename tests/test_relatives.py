@@ -337,3 +337,28 @@ def test_qwen2_and_phi3_chat_templates_render_and_tokenize_as_transformers_does(
         expected = reference.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
         expected = expected["input_ids"] if hasattr(expected, "keys") else expected
         assert ours.encode_chat(messages) == list(expected)
+
+
+def test_a_prompt_past_a_sliding_window_runs_its_attention_natively(model_factory):
+    """The native prompt attention starts each query's columns `window - 1` back (here 5), in one
+    call and over cached columns, and gives the plain model's logits to float32 rounding."""
+    from test_decode_step import _PrefillSpy
+
+    from llamascope.cache import KVCache
+
+    folder = model_factory("mistral_window_gqa", **CASES["mistral_window_gqa"])
+    fast, plain = load_model(folder).model, load_model(folder, LoadOptions(backend="plain")).model
+    calls = []
+    attention = fast.model.layers[1].self_attn
+    assert attention.window == 5
+    attention.native = _PrefillSpy(attention.native, calls)
+    prompt = list(range(3, 40))
+    with torch.inference_mode():
+        results = []
+        for model in (fast, plain):
+            cache = KVCache.for_model(model, 1, 64)
+            first = model(torch.tensor([prompt]), torch.arange(37)[None], cache)  # [1, 37, V]
+            second = model(torch.tensor([prompt[:9]]), torch.arange(37, 46)[None], cache)  # [1, 9, V]
+            results.append(torch.cat([first, second], dim=1))
+    assert calls == [(37, 0), (9, 37)]  # (T, start)
+    assert (results[0] - results[1]).abs().max() < 1e-4 * results[1].abs().max()

@@ -77,7 +77,7 @@ SIGNATURES = {
     "rope_rows_f32": (None, (_P, _I, _I64, _I, _I, _P, _P, _I)),
     "decode_attention_f32": (None, (_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _F, _I, _P, _I)),
     "decode_attention_bf16": (None, (_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _F, _I, _P, _I)),
-    "prefill_attention_f32": (_I, (_P, _I64, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I64, _I)),
+    "prefill_attention_f32": (_I, (_P, _I64, _P, _P, _I, _I, _I, _I, _I, _I, _F, _I, _P, _I64, _I)),
     # decode step
     "decode_step_f32": (_I, (_P, _I, _P, _P, _P, _P, _P, _P, _P, _I, _P, _I)),
     "decode_step_bf16": (_I, (_P, _I, _P, _P, _P, _P, _P, _P, _P, _I, _P, _I)),

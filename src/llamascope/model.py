@@ -318,7 +318,6 @@ class Attention(nn.Module):
             and mask is None
             and type(cache) is KVCache
             and T <= PREFILL_NATIVE_QUERIES
-            and self.within_window(cache.length + T)
             and self.head_dim % 16 == 0
             and self._native_cache(cache)
             and not (capture is not None and capture.get("_attention_weights"))
@@ -361,7 +360,8 @@ class Attention(nn.Module):
 
     def _prefill(self, qkv: torch.Tensor, cache: KVCache, T: int, S: int) -> torch.Tensor:
         """softmax(q k^T / sqrt(D) + causal mask) v for one sequence's T new queries (roped, in qkv
-        [1, T, (H + 2 KVH) * D]) over its cache's first S columns, in one native call -> [1, T, H*D]."""
+        [1, T, (H + 2 KVH) * D]) over its cache's first S columns (within the layer's window), in one
+        native call -> [1, T, H*D]."""
         keys, values = cache.keys[self.layer_index], cache.values[self.layer_index]  # [1, KVH, cap, D]
         heads, D = self.heads, self.head_dim
         out = torch.empty(1, T, heads * D)  # [1, T, H*D]
@@ -377,6 +377,7 @@ class Attention(nn.Module):
             self.kv_heads,
             D,
             D**-0.5,
+            self.window or 0,
             out.data_ptr(),
             heads * D,
             torch.get_num_threads(),

@@ -246,7 +246,8 @@ void decode_attention_bf16(float *qkv, const float *cos, const float *sin, uint1
 /* ---- a prompt's causal attention (prefill), float32 ---------------------------------------------
  * T new queries of one sequence at positions start .. start + T - 1 over its cache columns
  * 0 .. start + T - 1: query t of head h (at q + t * q_stride + h * D) attends to columns
- * 0 .. start + t of KV head h / (H / KVH) ([KVH, cap, D] caches); out row t at out + t * out_stride.
+ * first_column(start + t, window) .. start + t of KV head h / (H / KVH) ([KVH, cap, D] caches; a
+ * sliding window of `window` columns, 0: none); out row t at out + t * out_stride.
  * Flash-style: each KV head's keys are first transposed into panels of 64 columns, [D, 64] each,
  * so that a tile of PREFILL_ROWS queries against a panel is 16 vector sums over D; the softmax runs
  * online over the panels (running maximum and sum per query, earlier outputs rescaled), and the
@@ -256,7 +257,8 @@ void decode_attention_bf16(float *qkv, const float *cos, const float *sin, uint1
 #define PREFILL_COLS 64
 
 static void prefill_tile(const float *q, int64_t q_stride, const float *kt, const float *values, int D,
-                         float scale, int t0, int rows, int start, float *out, int64_t out_stride, float *o) {
+                         float scale, int window, int t0, int rows, int start, float *out, int64_t out_stride,
+                         float *o) {
     float m[PREFILL_ROWS], l[PREFILL_ROWS];
     float p[PREFILL_ROWS][PREFILL_COLS] __attribute__((aligned(64))) = {{0}};  /* (rows past `rows` stay 0) */
     for (int r = 0; r < PREFILL_ROWS; r++) {
@@ -265,7 +267,9 @@ static void prefill_tile(const float *q, int64_t q_stride, const float *kt, cons
     }
     memset(o, 0, sizeof(float) * PREFILL_ROWS * D);
     const int last = start + t0 + rows - 1;  /* the tile's last query's position: its last column */
-    for (int c0 = 0; c0 <= last; c0 += PREFILL_COLS) {
+    /* the block of the tile's first query's first column: blocks before it are outside every window */
+    const int begin = first_column(start + t0, window) / PREFILL_COLS * PREFILL_COLS;
+    for (int c0 = begin; c0 <= last; c0 += PREFILL_COLS) {
         const int n = last + 1 - c0 < PREFILL_COLS ? last + 1 - c0 : PREFILL_COLS;
         /* scores s[r][c0 + j] = q[r] . k[c0 + j], 4 rows x 64 columns in 16 registers */
         __m512 s[PREFILL_ROWS][4];
@@ -281,22 +285,28 @@ static void prefill_tile(const float *q, int64_t q_stride, const float *kt, cons
                 for (int c = 0; c < 4; c++) s[r][c] = _mm512_fmadd_ps(qv, k4[c], s[r][c]);
             }
         }
-        /* online softmax over this block, causal: row r sees columns up to start + t0 + r */
+        /* online softmax over this block, causal: row r sees columns up to start + t0 + r (and,
+         * with a window, from first_column(start + t0 + r, window) on) */
         for (int r = 0; r < PREFILL_ROWS; r++) {  /* (constant bounds keep s in registers) */
             if (r >= rows) break;
             /* columns of this block row r sees: at least 1, except where a tile's earlier rows end
-             * before the block starts (a tile straddling a block edge): then none, and the row's
-             * state is left as it is (alpha 1, nothing added) */
+             * before the block starts (a tile straddling a block edge), or a later row's window
+             * starts after it ends: then none, and the row's state is left as it is */
             const int visible = start + t0 + r + 1 - c0;
+            const int hidden_below = first_column(start + t0 + r, window) - c0;
             const __m512 hidden = _mm512_set1_ps(-INFINITY);
             __m512 top = hidden;
             __mmask16 mk[4];
             for (int c = 0; c < 4; c++) {
-                mk[c] = tail_mask(16 * c, visible < n ? visible : n);
+                mk[c] = tail_mask(16 * c, visible < n ? visible : n) & (__mmask16)~tail_mask(16 * c, hidden_below);
                 s[r][c] = _mm512_mask_mov_ps(hidden, mk[c], _mm512_mul_ps(s[r][c], _mm512_set1_ps(scale)));
                 top = _mm512_max_ps(top, s[r][c]);
             }
             const float block_max = _mm512_reduce_max_ps(top);
+            if (block_max == -INFINITY) {  /* nothing seen here: no weights, the state as it is */
+                memset(p[r], 0, sizeof(p[r]));
+                continue;
+            }
             const float m_new = block_max > m[r] ? block_max : m[r];
             const float alpha = expf(m[r] - m_new);  /* 0 on the first block (m = -inf) */
             const __m512 mv = _mm512_set1_ps(m_new);
@@ -344,8 +354,8 @@ static void prefill_tile(const float *q, int64_t q_stride, const float *kt, cons
 }
 
 int prefill_attention_f32(const float *q, int64_t q_stride, const float *kcache, const float *vcache, int cap,
-                          int T, int start, int H, int KVH, int D, float scale, float *out, int64_t out_stride,
-                          int nthreads) {
+                          int T, int start, int H, int KVH, int D, float scale, int window, float *out,
+                          int64_t out_stride, int nthreads) {
     const int S = start + T, group = H / KVH, tiles = (T + PREFILL_ROWS - 1) / PREFILL_ROWS;
     const int panels = (S + PREFILL_COLS - 1) / PREFILL_COLS;
     /* each KV head's keys as panels of 64 columns, [panels, D, 64]: a score tile's loads are one
@@ -378,7 +388,7 @@ int prefill_attention_f32(const float *q, int64_t q_stride, const float *kcache,
             const int h = i / tiles, tile = tiles - 1 - i % tiles, g = h / group;
             const int t0 = tile * PREFILL_ROWS, rows = T - t0 < PREFILL_ROWS ? T - t0 : PREFILL_ROWS;
             prefill_tile(q + (int64_t)h * D, q_stride, kt + g * head_panels, vcache + (int64_t)g * cap * D, D,
-                         scale, t0, rows, start, out + (int64_t)h * D, out_stride, o);
+                         scale, window, t0, rows, start, out + (int64_t)h * D, out_stride, o);
         }
         free(o);
     }

@@ -135,10 +135,11 @@ LS_API void decode_attention_f32(float *qkv, const float *cos, const float *sin,
 LS_API void decode_attention_bf16(float *qkv, const float *cos, const float *sin, uint16_t *kcache, uint16_t *vcache,
                                   int col, int cap, int H, int KVH, int D, float scale, int window, float *out,
                                   int nthreads);
-/* A prompt's T causal queries from position `start` -> out rows `out_stride` floats apart. */
+/* A prompt's T causal queries from position `start`, each over the `window` columns up to its own
+ * (0: all) -> out rows `out_stride` floats apart. */
 LS_API int prefill_attention_f32(const float *q, int64_t q_stride, const float *kcache, const float *vcache, int cap,
-                                 int T, int start, int H, int KVH, int D, float scale, float *out, int64_t out_stride,
-                                 int nthreads);
+                                 int T, int start, int H, int KVH, int D, float scale, int window, float *out,
+                                 int64_t out_stride, int nthreads);
 
 /* ---- decode step: one new token of B sequences through the whole stack -> logits [B, vocab] ------ */
 
