@@ -362,3 +362,17 @@ def test_a_prompt_past_a_sliding_window_runs_its_attention_natively(model_factor
             results.append(torch.cat([first, second], dim=1))
     assert calls == [(37, 0), (9, 37)]  # (T, start)
     assert (results[0] - results[1]).abs().max() < 1e-4 * results[1].abs().max()
+
+
+def test_beam_search_past_longropes_trained_context_matches_transformers(model_factory):
+    """Beam search recomputes the sequence at the first step past the trained context, as
+    transformers' Phi-3 does for every decoding strategy."""
+    folder = model_factory("phi3_longrope", **CASES["phi3_longrope"])
+    ours, hf = load_model(folder), _hf(folder)
+    ids = IDS[:9]  # 9 + 16 new tokens: past 16
+    with torch.no_grad():
+        expected = hf.generate(
+            torch.tensor([ids]), max_new_tokens=16, num_beams=3, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    found = generate(ours.model, ids, max_new_tokens=16, num_beams=3, eos_token_id=[])
+    assert found.output_ids[0] == expected[0, len(ids) :].tolist()

@@ -168,7 +168,12 @@ class _BeamSearch:
         """One forward pass over every running beam -> a Step whose scores are the processed
         log-probabilities [BK, V] (its next_tokens are filled once the beams are chosen)."""
         sequences = self.running.view(self.B * self.num_beams, self.max_length)[:, :cur_len]  # [BK, S]
-        if self.cache is None or step == 0:
+        # Phi-3's longrope: the first step past the trained context recomputes every column
+        cache = self.cache
+        restart = cache is not None and step > 0 and self.model.config.longrope_restarts(cur_len, cache.length)
+        if restart:
+            self.cache.clear()
+        if self.cache is None or step == 0 or restart:
             tokens, step_positions = sequences, self.positions  # [BK, S]
         else:
             tokens, step_positions = sequences[:, -1:], self.positions[:, -1:]  # [BK, 1]
