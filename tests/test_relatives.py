@@ -376,3 +376,35 @@ def test_beam_search_past_longropes_trained_context_matches_transformers(model_f
         )
     found = generate(ours.model, ids, max_new_tokens=16, num_beams=3, eos_token_id=[])
     assert found.output_ids[0] == expected[0, len(ids) :].tolist()
+
+
+def test_the_server_recomputes_a_sequence_that_passes_longropes_trained_context(model_factory):
+    """Sequences that cross the trained context (16) while they decode beside others are recomputed
+    at that step, as generate() does, and get their tokens and log-probabilities alone."""
+    import asyncio
+
+    from test_batch_invariance import PHI3_LONGROPE, _alone, _config, _serve
+
+    from llamascope import Engine
+    from llamascope.server.scheduler import ModelRunner, Scheduler, SequenceSpec
+
+    engine = Engine.load(model_factory("invariance-phi3", max_position_embeddings=1024, **PHI3_LONGROPE))
+    restarts = []
+
+    class Runner(ModelRunner):
+        def restart(self, slot, tokens):
+            restarts.append(len(tokens))
+            return super().restart(slot, tokens)
+
+    scheduler = Scheduler(engine.model, engine.tokenizer, max_batch=4, slot_capacity=1024, runner=Runner)
+    scheduler.start()
+    try:
+        prompts = [[5 + i for i in range(n)] for n in (3, 10, 15, 16, 30)]
+        specs = [[SequenceSpec(p, _config(engine, 12, seed), logprobs=1)] for p, seed in zip(prompts, [None, 7] * 3)]
+        got = asyncio.run(_serve(scheduler, specs, staggered=False))
+    finally:
+        assert scheduler.stop()
+    for prompt, spec, choices in zip(prompts, specs, got):
+        seed = spec[0].config.seed if spec[0].config.do_sample else None
+        assert choices == [_alone(engine, prompt, 12, seed)], len(prompt)
+    assert sorted(restarts) == [17, 17, 17]  # the prompts of 10, 15 and 16 cross it; 3 + 12 and 30 do not

@@ -166,8 +166,8 @@ class DecodeStep:
         )
         self._fn = lib.decode_step_bf16 if self._bf16 else lib.decode_step_f32
         # RoPE tables by position, computed by the model's own rotary module (so the same numbers
-        # as the module path) for every position up to the longest asked for; "dynamic" scaling
-        # depends on the sequence length and computes them each step instead.
+        # as the module path) for every position up to the longest asked for; length-dependent
+        # scaling (dynamic, longrope) computes them each step instead (`_rope`).
         self._rope_table = None if config.rope_varies_with_length else (torch.empty(0), torch.empty(0))
         # (the cache, its storage_version, keys array, values array) of the last step
         self._cache_arrays: tuple = (lambda: None, -1, None, None)
@@ -227,13 +227,20 @@ class DecodeStep:
     def _matches(self, store: torch.Tensor) -> bool:
         return store.dtype == self.dtype and store.device.type == "cpu" and store.shape[1] == self.kv_heads
 
-    def _rope(self, positions: torch.Tensor, at: list[int]) -> tuple[int, int, tuple]:
+    def _rope(self, positions: torch.Tensor, at: list[int], per_row: bool) -> tuple[int, int, tuple]:
         """Addresses of cos, sin [B, D] for positions [B, 1] (`at`: the same as ints), and what
-        must stay alive while they are used."""
+        must stay alive while they are used. A length-dependent rope_type takes the batch's longest
+        sequence (one generate() call, as transformers), or with `per_row` each row's own (server
+        slots: each sequence as alone)."""
         rotary = self.model.model.rotary_emb
-        if self._rope_table is None:
+        if self._rope_table is None and not per_row:
             cos, sin = rotary(positions, self.dtype)
             cos, sin = cos.contiguous(), sin.contiguous()
+            return cos.data_ptr(), sin.data_ptr(), (cos, sin)
+        if self._rope_table is None:
+            tables = [rotary(positions[b : b + 1], self.dtype) for b in range(positions.shape[0])]
+            cos = torch.cat([c for c, _ in tables]).contiguous()  # [B, 1, D]
+            sin = torch.cat([s for _, s in tables]).contiguous()  # [B, 1, D]
             return cos.data_ptr(), sin.data_ptr(), (cos, sin)
         cos, sin = self._rope_table
         if min(at) < 0:
@@ -290,7 +297,7 @@ class DecodeStep:
         B = tokens.shape[0]
         ids, at = tokens.view(-1).tolist(), positions.reshape(-1).tolist()
         x = self._embed(tokens, ids)  # [B, 1, hidden]: the residual stream
-        cos, sin, _alive = self._rope(positions, at)  # addresses of [B, D] each
+        cos, sin, _alive = self._rope(positions, at, per_row=type(cache) is SlotBatch)  # addresses of [B, D] each
         if type(cache) is KVCache:
             cache.check_room(1)
             store, slots, cols, capacity = cache, list(range(B)), [cache.length] * B, cache.capacity

@@ -109,7 +109,10 @@ class PrefillRun:
         stack, cache = self.model.model, self.cache
         pieces = [slice(start - offset, stop - offset) for start, stop in spans]
         xs = [stack.embed_tokens(self.tokens[:, piece]) for piece in pieces]  # [B, t, hidden] each
-        ropes = [stack.rotary_emb(self.positions[:, piece], xs[0].dtype) for piece in pieces]  # ([B, t, D], [B, t, D])
+        # RoPE over the whole run at once, then cut: a length-dependent rope_type (dynamic, longrope)
+        # takes its frequencies from the whole call's positions, as a call without pieces does
+        cos, sin = stack.rotary_emb(self.positions, xs[0].dtype)  # [B, T, D] each
+        ropes = [(cos[:, piece].contiguous(), sin[:, piece].contiguous()) for piece in pieces]
         last = (len(stack.layers) - 1, len(spans) - 1)
         for number, layer in enumerate(stack.layers):
             with dequantized_once(layer):

@@ -62,7 +62,7 @@ HEADER = 256  # int64s in a message's first broadcast: its length, then up to HE
 STOP_GRACE_S = 20.0  # a signalled follower waits this long for rank 0's "stop"
 
 # Call names, by their number on the wire.
-CALLS = ("stop", "start", "begin_prefill", "prefill", "place", "drop", "decode", "free", "move")
+CALLS = ("stop", "start", "begin_prefill", "prefill", "place", "drop", "decode", "free", "move", "restart")
 _CODES = {name: code for code, name in enumerate(CALLS)}
 
 
@@ -192,6 +192,10 @@ class LeaderRunner(ModelRunner):
     def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
         self._send(("decode", slots, tokens, [self.cache.lengths[s] for s in slots]))
         return super().decode(slots, tokens)
+
+    def restart(self, slot: int, tokens: list[int]) -> torch.Tensor:
+        self._send(("restart", slot, tokens))
+        return super().restart(slot, tokens)
 
     def free(self, slot: int) -> None:
         super().free(slot)

@@ -284,6 +284,11 @@ class ModelRunner:
         self.model = model
         self.cache = SlotKVCache.for_model(model, max_batch, slot_capacity)
         self.cache.reserve(max_batch, slot_capacity)
+        if prefix_cache_bytes and model.config.rope_varies_with_length:
+            # a piece's keys depend on the whole prompt's length (rope_type dynamic, longrope): a
+            # piece cached from one prompt is not the piece another prompt computes
+            log.info("prefix cache off: rope_type %s depends on each prompt's length", model.config.rope_type)
+            prefix_cache_bytes = 0
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.prefills: dict[int, _PromptRun] = {}
 
@@ -354,6 +359,19 @@ class ModelRunner:
         positions = batch.positions(1)  # [B, 1]
         mask = batch.mask(1)  # [B, 1, 1, S] or None when all rows have one length
         return self.model(ids, positions, batch, mask, last_only=True)[:, -1].float()  # [B, V]
+
+    def restart(self, slot: int, tokens: list[int]) -> torch.Tensor:
+        """Recompute `slot`'s sequence from its `tokens` (all of them, the one fed now last) and
+        return the logits [1, V] of its last position: Phi-3's longrope restart
+        (ModelConfig.longrope_restarts), the call generate() makes at that step, so the numbers are
+        its numbers."""
+        device = self.model.device
+        cache = KVCache.for_model(self.model, 1, len(tokens))
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)  # [1, S]
+        positions = torch.arange(len(tokens), device=device)[None]  # [1, S]
+        logits = self.model(ids, positions, cache, last_only=True)[:, -1].float()  # [1, V]
+        self.cache.load(slot, cache)
+        return logits
 
     def free(self, slot: int) -> None:
         self.cache.free(slot)
@@ -667,11 +685,21 @@ class Scheduler:
     def _decode_step(self) -> None:
         active = sorted(self._active, key=lambda s: s.slot)
         self.peak_batch = max(self.peak_batch, len(active))
+        # Phi-3's longrope: a sequence whose step is the first past the trained context is recomputed
+        # whole, as generate() does (ModelConfig.longrope_restarts); the others decode together.
+        config = self.model.config
+        restarting = [s for s in active if config.longrope_restarts(s.length, s.length - 1)]
+        decoding = [s for s in active if s not in restarting]
         began = time.perf_counter()
         try:
-            logits = self.runner.decode([s.slot for s in active], [s.last_token for s in active])  # [B, V]
-            self._step_end = time.perf_counter()
-            self._step_s = self._step_end - began
+            rows: dict[int, torch.Tensor] = {}
+            if decoding:
+                logits = self.runner.decode([s.slot for s in decoding], [s.last_token for s in decoding])  # [B, V]
+                rows = {id(seq): logits[row : row + 1] for row, seq in enumerate(decoding)}
+                self._step_end = time.perf_counter()
+                self._step_s = self._step_end - began
+            for seq in restarting:
+                rows[id(seq)] = self.runner.restart(seq.slot, seq.ids[0, : seq.length].tolist())  # [1, V]
         except Exception as e:  # noqa: BLE001
             if self.runner.lockstep:
                 raise
@@ -679,8 +707,8 @@ class Scheduler:
             for seq in active:
                 self._fail(seq, f"generation failed: {e}")
             return
-        for row, seq in enumerate(active):
-            self._choose_and_deliver(seq, logits[row : row + 1])
+        for seq in active:
+            self._choose_and_deliver(seq, rows[id(seq)])
 
     def _choose_and_deliver(self, seq: _Sequence, logits: torch.Tensor) -> None:
         """Pick seq's next token from its logits [1, V] and send it; a failure ends only this sequence."""
