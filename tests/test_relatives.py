@@ -14,6 +14,7 @@ from gguf_fixtures import llama_cpp_cases, llama_cpp_converter, vocab_dir  # noq
 from hf_reference import hf_generate
 from transformers import AutoModelForCausalLM
 
+from llamascope.cache import KVCache
 from llamascope.config import ModelConfig
 from llamascope.errors import LlamascopeError
 from llamascope.generation import generate
@@ -344,8 +345,6 @@ def test_a_prompt_past_a_sliding_window_runs_its_attention_natively(model_factor
     call and over cached columns, and gives the plain model's logits to float32 rounding."""
     from test_decode_step import _PrefillSpy
 
-    from llamascope.cache import KVCache
-
     folder = model_factory("mistral_window_gqa", **CASES["mistral_window_gqa"])
     fast, plain = load_model(folder).model, load_model(folder, LoadOptions(backend="plain")).model
     calls = []
@@ -408,3 +407,26 @@ def test_the_server_recomputes_a_sequence_that_passes_longropes_trained_context(
         seed = spec[0].config.seed if spec[0].config.do_sample else None
         assert choices == [_alone(engine, prompt, 12, seed)], len(prompt)
     assert sorted(restarts) == [17, 17, 17]  # the prompts of 10, 15 and 16 cross it; 3 + 12 and 30 do not
+
+
+@pytest.mark.parametrize("name", ["phi3_long_prompt", "llama_dynamic"])
+def test_a_prompt_longer_than_a_piece_takes_length_dependent_rope_from_its_whole_length(name, model_factory):
+    """A 300-token prompt goes through the model in pieces of 256; RoPE whose frequencies depend on
+    the call's length (longrope, dynamic) must take them from all 300 positions, as transformers'
+    one call does, not from each piece's."""
+    settings = {
+        # trained context 280: the first piece (256) is within it, the whole prompt (300) past it
+        "phi3_long_prompt": dict(
+            CASES["phi3_longrope"], max_position_embeddings=512, original_max_position_embeddings=280
+        ),
+        "llama_dynamic": dict(
+            max_position_embeddings=24, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+        ),
+    }[name]
+    folder = model_factory(name, **settings)
+    ours = load_model(folder)
+    ids = torch.tensor([[3 + (7 * i) % 300 for i in range(300)]])
+    with torch.no_grad():
+        expected = _hf(folder)(ids).logits[:, -1]
+        found = ours.model(ids, torch.arange(300)[None], KVCache.for_model(ours.model, 1, 300), last_only=True)[:, -1]
+    assert (found.float() - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
