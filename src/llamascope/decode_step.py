@@ -227,7 +227,7 @@ class DecodeStep:
     def _matches(self, store: torch.Tensor) -> bool:
         return store.dtype == self.dtype and store.device.type == "cpu" and store.shape[1] == self.kv_heads
 
-    def _rope(self, positions: torch.Tensor, at: list[int], per_row: bool) -> tuple[int, int, tuple]:
+    def _rope(self, positions: torch.Tensor, at: list[int], per_row: bool = False) -> tuple[int, int, tuple]:
         """Addresses of cos, sin [B, D] for positions [B, 1] (`at`: the same as ints), and what
         must stay alive while they are used. A length-dependent rope_type takes the batch's longest
         sequence (one generate() call, as transformers), or with `per_row` each row's own (server
