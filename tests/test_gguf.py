@@ -90,10 +90,13 @@ def test_every_weight_matches_the_ggml_reference(tiny):
     assert set(tiny.types.values()) >= {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"}
     checkpoint = open_checkpoint(tiny.path)
     assert set(checkpoint.tensors) == set(tiny.expected)
+    stored_dtypes = {"F16": torch.float16, "BF16": torch.bfloat16}  # float tensors read as stored; others float32
     for name, expected in tiny.expected.items():
-        got = checkpoint.tensors[name].read()
-        assert got.dtype == torch.float32 and tuple(got.shape) == expected.shape, name
-        np.testing.assert_array_equal(got.numpy(), expected, err_msg=name)
+        source = checkpoint.tensors[name]
+        got = source.read()
+        assert got.dtype == stored_dtypes.get(source.stored_type, torch.float32), name
+        assert tuple(got.shape) == expected.shape, name
+        np.testing.assert_array_equal(got.float().numpy(), expected, err_msg=name)
 
 
 @pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
@@ -142,9 +145,10 @@ def test_slices_and_blocks_agree_with_full_reads(tiny):
 
 @pytest.mark.parametrize("stored", ["F32", "F16", "BF16"])
 def test_float_tensors_read_from_the_file_not_the_map(tmp_path, stored):
-    """Float-typed matrices (Q/K rows included, so un-permuted) come back exactly, whole and in
-    slices, through plain file reads rather than gguf's dequantiser over the memory-mapped file
-    (whose touched pages would stay resident: test_loading's peak-RSS test measures that)."""
+    """Float-typed matrices (Q/K rows included, so un-permuted) come back exactly, in their stored
+    dtype (the model converts once, to its own), whole and in slices, through plain file reads
+    rather than gguf's dequantiser over the memory-mapped file (whose touched pages would stay
+    resident: test_loading's peak-RSS test measures that)."""
     from gguf_fixtures import GGUF_BLOCK
 
     spec = TinySpec(layers=1)
@@ -156,15 +160,15 @@ def test_float_tensors_read_from_the_file_not_the_map(tmp_path, stored):
         if source.stored_type != stored:
             continue
         got = source.read()
-        assert got.dtype == torch.float32
-        np.testing.assert_array_equal(got.numpy(), expected, err_msg=name)
+        assert got.dtype == {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[stored]
+        np.testing.assert_array_equal(got.float().numpy(), expected, err_msg=name)
         if expected.ndim == 1:
             continue
         heads = 4 if "q_proj" in name else 2 if "k_proj" in name else 1
         head_rows = expected.shape[0] // heads
         for dim, start, stop in ((0, head_rows, expected.shape[0]), (1, 5, 77), (1, 0, expected.shape[1])):
             np.testing.assert_array_equal(
-                source.read_slice(dim, start, stop).numpy(),
+                source.read_slice(dim, start, stop).float().numpy(),
                 expected.take(range(start, stop), axis=dim),
                 err_msg=f"{name} {dim}",
             )
@@ -256,7 +260,9 @@ def test_attention_biases_are_unpermuted_too(tmp_path):
     loaded = load_model(tiny.path, dtype="float32", quant="none")
     assert loaded.config.attention_bias
     for name in expected:
-        np.testing.assert_array_equal(loaded.checkpoint.tensors[name].read().numpy(), expected[name], err_msg=name)
+        np.testing.assert_array_equal(
+            loaded.checkpoint.tensors[name].read().float().numpy(), expected[name], err_msg=name
+        )
     reference = hf_llama(expected, loaded.checkpoint.config_dict)
     tokens = torch.tensor([[1, 300, 5, 310, 2]])
     positions = torch.arange(5)[None]

@@ -89,6 +89,9 @@ def test_bench_json_report(tiny_model, capsys):
     assert report["decode_tokens_per_s"] > 0 and report["prefill_tokens_per_s"] > 0
     assert report["prefill_tokens"] == 32 and report["decode_tokens"] == 8
     assert report["other_cores"] >= 0 and isinstance(report["machine_busy"], bool)
+    files = sum(path.stat().st_size for path in tiny_model.iterdir() if path.suffix == ".safetensors")
+    assert report["file_bytes"] == files  # the weights' files, which loading reads
+    assert report["load_bytes_per_s"] == files / report["load_seconds"]
     model = load_model(tiny_model).model
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # RoPE frequencies

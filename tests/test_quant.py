@@ -353,6 +353,26 @@ def test_k_quant_embedding_rows_are_the_reference_rows(qtype, dtype):
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("N, K", [(1, 32), (23, 128), (23, 96), (37, 352), (300, 576)])
+def test_native_block_packing_gives_the_reference_bytes(qtype, N, K):
+    """The kernel library's pack_blocks (what loading uses) gives formats.pack_blocks' bytes, on one
+    or two threads, for whole and padded groups of four blocks."""
+    import llamascope.formats as quant
+
+    lib = kernels.load()
+    size = quant.BLOCK_BYTES[qtype]
+    blocks = torch.randint(0, 256, (N, K // 32 * size), dtype=torch.uint8, generator=torch.Generator().manual_seed(N))
+    reference = quant.pack_blocks(blocks, qtype, K)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert torch.equal(quant.pack_blocks(blocks, qtype, K, lib), reference)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
 @pytest.mark.parametrize("K", [128, 96, 352])  # whole groups of four blocks, and padded ones
 def test_block_packing_in_row_slices(qtype, K, monkeypatch):
     """pack_blocks packs a few rows at a time into its result: the same bytes as packing the rows one

@@ -49,6 +49,12 @@ class BenchResult:
     # cores other processes kept busy, on average, while decode and prefill were measured (None: no /proc)
     other_cores: float | None = None
     cores: int = 1  # the machine's (os.cpu_count())
+    file_bytes: int = 0  # the checkpoint's files on disk (what loading read)
+
+    @property
+    def load_bytes_per_s(self) -> float:
+        """How fast loading went through the checkpoint's files (bytes on disk per second of loading)."""
+        return self.file_bytes / self.load_seconds if self.load_seconds > 0 else 0.0
 
     @property
     def machine_busy(self) -> bool:
@@ -76,6 +82,7 @@ class BenchResult:
         out["decode_share_of_limit"] = self.decode_share_of_limit
         out["load_rss_per_weight_byte"] = self.load_rss_per_weight_byte
         out["machine_busy"] = self.machine_busy
+        out["load_bytes_per_s"] = self.load_bytes_per_s
         return out
 
 
@@ -240,4 +247,5 @@ def run(
         load_added_rss_bytes=load_added_rss(engine.loaded, rss_after_load) if model.device.type == "cpu" else None,
         other_cores=load.cores,
         cores=os.cpu_count() or 1,
+        file_bytes=sum(size for _, size in engine.loaded.checkpoint.files),
     )

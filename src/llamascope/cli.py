@@ -689,7 +689,11 @@ def _bench_table(engine, result):
 
     table = Table(title=f"llamascope bench: {engine.loaded.checkpoint.path.name}", show_header=False)
     rows = [
-        ("load", f"{result.load_seconds:.2f} s"),
+        (
+            "load",
+            f"{result.load_seconds:.2f} s ({result.load_bytes_per_s / 1e9:.2f} GB/s through "
+            f"{result.file_bytes / 1e9:.2f} GB of files)",
+        ),
         (
             "peak RSS",
             f"{result.peak_rss_bytes / 2**20:.0f} MiB (weights in memory {result.weight_bytes / 2**20:.0f} MiB)",

@@ -171,16 +171,22 @@ PACKED_QTYPES = ("Q8_0", "Q4_0", "Q4_1")  # kept in the kernel's repacked layout
 PACKED_GROUP_BYTES = {"Q8_0": 136, "Q4_0": 72, "Q4_1": 80}
 
 
-def pack_blocks(blocks: torch.Tensor, qtype: str, K: int) -> torch.Tensor:
+def pack_blocks(blocks: torch.Tensor, qtype: str, K: int, lib=None) -> torch.Tensor:
     """ggml Q8_0 / Q4_0 / Q4_1 blocks [N, nb * bytes] -> the kernel's rows [N, nbp/4 * group bytes]
     (csrc/gemv.c): per group of four blocks, Q4: their packed nibbles (64 bytes), their f16 scales d
     (8 bytes) and for Q4_1 their f16 minimums m (8 bytes); Q8_0: weights 0-15 of each block, then
     16-31 of each, as q + 128 (128 bytes), then d (8 bytes). nbp is nb rounded up to a multiple of 4
-    with zero blocks (d = m = 0, q = 0)."""
+    with zero blocks (d = m = 0, q = 0). With the kernel library `lib`, its pack_blocks does it (the
+    same bytes, at memory speed; loading a quantised model spent most of its time here)."""
     N, nb = blocks.shape[0], K // QK
     nbp = (nb + 3) // 4 * 4
     size, group_bytes = BLOCK_BYTES[qtype], PACKED_GROUP_BYTES[qtype]
     out = torch.empty(N, nbp // 4 * group_bytes, dtype=torch.uint8)  # [N, G * group bytes]
+    if lib is not None and blocks.is_contiguous() and blocks.device.type == "cpu":
+        from .kernels import format_code  # (kernels.py needs nothing from here)
+
+        lib.pack_blocks(format_code(qtype), blocks.data_ptr(), N, K, out.data_ptr(), torch.get_num_threads())
+        return out
     # A slice of rows at a time into the result: whole, the padded copy and the gathered nibbles of a
     # large head would each be held beside it while loading.
     rows = max(1, CONVERT_ROWS_BYTES // max(1, 3 * nbp * size))  # (three temporaries a slice)

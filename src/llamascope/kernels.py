@@ -69,6 +69,7 @@ SIGNATURES = {
     # block dequantisers
     "dequant_q8_0": (None, (_P, _I, _I, _P, _I, _I)),
     "dequant_packed": (None, (_I, _P, _I, _I, _P, _I, _I)),
+    "pack_blocks": (None, (_I, _P, _I, _I, _P, _I)),
     "dequant_kquant": (None, (_I, _P, _I, _I, _P, _I, _I)),
     # norms and activations
     "rmsnorm_rows_f32": (None, (_P, _P, _P, _I, _I, _F, _I)),

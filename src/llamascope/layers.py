@@ -145,7 +145,7 @@ class QuantLinear(nn.Module):
         if layout == self.layout and float_activations == self.float_activations:
             return self
         if layout == "packed":
-            qweight = pack_blocks(self.blocks, self.qtype, self.in_features)
+            qweight = pack_blocks(self.blocks, self.qtype, self.in_features, self.native)
         else:
             qweight = self.blocks
         bias = None if self.bias is None else self.bias.data

@@ -68,6 +68,7 @@ def native_linear(layer: nn.Module, lib: ctypes.CDLL, is_head: bool = False) -> 
     else as it is. Q8_0/Q4 weights are packed (same numbers, csrc/gemv.c), except a Q8_0 LM head
     (`is_head`), which keeps ggml's blocks (a tied embedding's own) and float activations."""
     if isinstance(layer, QuantLinear):
+        layer.native = lib  # (before in_layout, which repacks with it and carries it over)
         if is_head and layer.qtype == "Q8_0":
             layer = layer.in_layout("rows", float_activations=True)
         elif layer.qtype in PACKED_QTYPES:

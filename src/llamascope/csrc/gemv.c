@@ -573,6 +573,45 @@ int gemv_packed_f32(int format, const uint8_t *w, int N, int K, const float *x, 
     return 0;
 }
 
+/* ggml blocks [N, nb * block bytes] -> the rows repacked above [N, G * group bytes], each group's
+ * missing blocks (nb not a multiple of 4) as zero blocks (q = 0, d = m = 0). formats.pack_blocks is the
+ * reference (tests compare the bytes); this one runs where the library does, rows over threads:
+ *   for each row n, group g, block j of the group (b = 4 g + j):
+ *     Q8_0: out[16 j + i] = q_b[i] ^ 0x80, out[64 + 16 j + i] = q_b[16 + i] ^ 0x80 (i < 16), out[128 + 2 j] = d_b
+ *     Q4:   out[16 j ..] = the block's 16 nibble bytes, out[64 + 2 j] = d_b, Q4_1: out[72 + 2 j] = m_b */
+void pack_blocks(int format, const uint8_t *src, int N, int K, uint8_t *dst, int nthreads) {
+    const int nb = K / QK, nbp = (nb + 3) / 4 * 4, G = nbp / 4, gb = packed_group_bytes(format);
+    const int size = format == LS_Q8_0 ? 34 : format == LS_Q4_1 ? 20 : 18;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *row = src + (int64_t)n * nb * size;
+        uint8_t *out = dst + (int64_t)n * G * gb;
+        memset(out, 0, (size_t)G * gb);
+        for (int b = 0; b < nbp; b++) {
+            uint8_t *o = out + (int64_t)(b / 4) * gb;
+            const int j = b % 4;
+            if (format == LS_Q8_0) {
+                if (b >= nb) {
+                    memset(o + 16 * j, 0x80, 16);
+                    memset(o + 64 + 16 * j, 0x80, 16);
+                    continue;
+                }
+                const uint8_t *blk = row + (int64_t)b * size;
+                for (int i = 0; i < 16; i++) {
+                    o[16 * j + i] = blk[2 + i] ^ 0x80;
+                    o[64 + 16 * j + i] = blk[18 + i] ^ 0x80;
+                }
+                memcpy(o + 128 + 2 * j, blk, 2);
+            } else if (b < nb) {
+                const uint8_t *blk = row + (int64_t)b * size;
+                memcpy(o + 16 * j, blk + size - 16, 16);
+                memcpy(o + 64 + 2 * j, blk, 2);
+                if (format == LS_Q4_1) memcpy(o + 72 + 2 * j, blk + 2, 2);
+            }
+        }
+    }
+}
+
 /* ---- Q8_0 weights with float32 activations -----------------------------------------------------
  * For the LM head, where the next token is decided: 8-bit activations lose too much beside the
  * outlier channels of the final hidden state, so each block is widened to float in registers. */

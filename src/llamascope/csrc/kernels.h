@@ -99,6 +99,8 @@ LS_API int gemv_kquant_f32(int format, const uint8_t *w, int N, int K, const flo
 LS_API void dequant_q8_0(const uint8_t *w, int N, int K, void *out, int bf16, int nthreads);
 /* Q8_0, Q4_0 or Q4_1 in the repacked layout. */
 LS_API void dequant_packed(int format, const uint8_t *w, int N, int K, void *out, int bf16, int nthreads);
+/* ggml Q8_0 / Q4_0 / Q4_1 blocks [N, nb * block bytes] -> the kernels' packed rows (formats.pack_blocks). */
+LS_API void pack_blocks(int format, const uint8_t *src, int N, int K, uint8_t *dst, int nthreads);
 /* A K-quant as GGUF stores it. */
 LS_API void dequant_kquant(int format, const uint8_t *w, int N, int K, void *out, int bf16, int nthreads);
 

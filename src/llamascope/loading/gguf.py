@@ -144,7 +144,7 @@ class GGUFWeight:
         return rows.contiguous() if isinstance(rows, torch.Tensor) else np.ascontiguousarray(rows)
 
     def read(self) -> torch.Tensor:
-        """float32 [out, in] (or [n])."""
+        """[out, in] (or [n]): float32, or the stored dtype of a float tensor (F16, BF16)."""
         if self.type_name in FLOAT_TYPES:
             return self._read_floats(None)
         values = dequantize_tensor(self.tensor, self.path).reshape(self.shape)
@@ -152,14 +152,16 @@ class GGUFWeight:
 
     def _read_floats(self, part: tuple[int, int, int] | None) -> torch.Tensor:
         """A float-typed tensor (F32, F16, BF16), or indices [start, stop) along `dim` of it
-        (`part`, whole heads for Q/K rows), as float32 through plain file reads: dequantising the
-        mapped file would leave every page of it resident beside the result, and costs more."""
+        (`part`, whole heads for Q/K rows), in its stored dtype (as a safetensors tensor reads: the
+        model converts once, to its own dtype, and a BF16 file loading at bfloat16 converts nothing)
+        through plain file reads: dequantising the mapped file would leave every page of it resident
+        beside the result, and costs more."""
         dtype, offset, name = FLOAT_TYPES[self.type_name], int(self.tensor.data_offset), self.tensor.name
         if part is None:
             values = read_array(self.path, offset, dtype, self.shape, name)
         else:
             values = read_array_slice(self.path, offset, dtype, self.shape, *part, name)
-        return self._unpermute(values).float()
+        return self._unpermute(values)
 
     def read_blocks(self) -> torch.Tensor:
         """The stored blocks as uint8 [rows, row bytes], rows in Hugging Face order (each row's
