@@ -30,6 +30,7 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from .choices import QUANT_CHOICES
 from .errors import LlamascopeError
+from .kernels import format_code
 
 QK = 32
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
@@ -183,8 +184,6 @@ def pack_blocks(blocks: torch.Tensor, qtype: str, K: int, lib=None) -> torch.Ten
     size, group_bytes = BLOCK_BYTES[qtype], PACKED_GROUP_BYTES[qtype]
     out = torch.empty(N, nbp // 4 * group_bytes, dtype=torch.uint8)  # [N, G * group bytes]
     if lib is not None and blocks.is_contiguous() and blocks.device.type == "cpu":
-        from .kernels import format_code  # (kernels.py needs nothing from here)
-
         lib.pack_blocks(format_code(qtype), blocks.data_ptr(), N, K, out.data_ptr(), torch.get_num_threads())
         return out
     # A slice of rows at a time into the result: whole, the padded copy and the gathered nibbles of a
