@@ -173,6 +173,14 @@ GENERATION_OPTIONS = (
     ("--length-penalty", float, "L", "beam score = log-prob sum / length ** L"),
     ("--num-return-sequences", int, "N", "sequences per prompt, each printed with its score"),
     ("--seed", int, "N", "random seed for reproducible sampling"),
+    (
+        "--prompt-lookup-num-tokens",
+        int,
+        "K",
+        "prompt lookup decoding: draft up to K tokens from an earlier match of the last tokens, checked "
+        "in one pass (greedy search, the same tokens)",
+    ),
+    ("--max-matching-ngram-size", int, "N", "prompt lookup: the longest n-gram matched"),
 )
 
 

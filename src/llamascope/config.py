@@ -545,6 +545,8 @@ SETTING_RULES = (
     ("pad_token_id", _optional(_is_int), "must be a token id"),
     ("eos_token_id", _token_ids, "must be a token id or a list of them"),
     ("use_cache", lambda v: isinstance(v, bool), "must be true or false"),
+    ("prompt_lookup_num_tokens", _optional(_int_at_least(1)), "must be an integer >= 1 (or none: off)"),
+    ("max_matching_ngram_size", _optional(_int_at_least(1)), "must be an integer >= 1"),
 )
 # Settings that must agree with others, each (setting, test of the whole config, why), checked
 # after SETTING_RULES; `why` may name other settings as {config.name}.
@@ -563,6 +565,12 @@ AGREEMENT_RULES = (
         "num_return_sequences",
         lambda c: not (c.num_beams > 1 and c.num_return_sequences > c.num_beams),
         "cannot exceed num_beams={config.num_beams}",
+    ),
+    (
+        "prompt_lookup_num_tokens",
+        lambda c: c.prompt_lookup_num_tokens is None or (c.num_beams == 1 and not c.do_sample and c.use_cache),
+        "works with greedy search and the KV cache (do_sample=False, num_beams=1, use_cache=True); "
+        "sampling and beams are not speculative here yet",
     ),
 )
 # Checked only when sampling; otherwise these settings are ignored (with a warning, see SAMPLING_ONLY).
@@ -617,6 +625,10 @@ class GenerationConfig:
     max_time: float | None = None
     seed: int | None = None
     output_logprobs: int | None = None
+    # prompt lookup decoding (transformers' names): up to this many tokens drafted from n-gram matches
+    # in the sequence so far (speculative.py), checked in one pass; None: off
+    prompt_lookup_num_tokens: int | None = None
+    max_matching_ngram_size: int | None = None  # (None: transformers' 2)
     # Where each value came from: "default", "config.json", "generation_config.json" or "call".
     sources: dict = field(default_factory=dict)
 

@@ -295,14 +295,47 @@ class DecodeStep:
     ) -> torch.Tensor:
         # (`mask` is None for a KVCache, see `applies`; a SlotBatch's says what its columns say)
         B = tokens.shape[0]
-        ids, at = tokens.view(-1).tolist(), positions.reshape(-1).tolist()
-        x = self._embed(tokens, ids)  # [B, 1, hidden]: the residual stream
-        cos, sin, _alive = self._rope(positions, at, per_row=type(cache) is SlotBatch)  # addresses of [B, D] each
         if type(cache) is KVCache:
             cache.check_room(1)
             store, slots, cols, capacity = cache, list(range(B)), [cache.length] * B, cache.capacity
         else:  # SlotBatch: `batch()` has made room for one more column in each of its slots
             store, slots, cols, capacity = cache.cache, cache.slots, cache.lengths, cache.cache.columns
+        logits = self._step(tokens, positions, store, slots, cols, capacity, per_row=type(cache) is SlotBatch)
+        cache.advance(1)
+        return logits
+
+    def verifies(self, tokens: torch.Tensor, cache) -> bool:
+        """Whether `verify` takes these T new positions [1, T] of one sequence over its KVCache."""
+        return (
+            type(cache) is KVCache
+            and tokens.dim() == 2
+            and tokens.shape[0] == 1
+            and 1 <= tokens.shape[1] <= KERNEL_MAX_ROWS
+            and cache.keys[0].shape[0] == 1
+            and self._matches(cache.keys[0])
+        )
+
+    def verify(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """T consecutive positions [1, T] of one sequence in one native call -> logits [1, T, vocab]
+        (speculative decoding's check of drafted tokens). Position t is row t of the step, at column
+        length + t of the one cache row: the step writes every row's key and value before any row
+        attends, and a row attends to the columns up to its own, so each sees exactly the columns
+        before it, those the earlier rows wrote included. The kernels give each row what a step of
+        its own gives, so the logits are those of T one-token steps, bit for bit."""
+        T = tokens.shape[1]
+        cache.check_room(T)
+        cols = [cache.length + t for t in range(T)]
+        logits = self._step(tokens.view(T, 1), positions.view(T, 1), cache, [0] * T, cols, cache.capacity, True)
+        cache.advance(T)
+        return logits.view(1, T, -1)
+
+    def _step(self, tokens, positions, store, slots, cols, capacity, per_row: bool) -> torch.Tensor:
+        """Rows tokens [B, 1] at positions [B, 1] through the native step: row b into column cols[b]
+        of cache row slots[b] of `store` (a KVCache or a SlotKVCache) -> logits [B, 1, vocab]."""
+        B = tokens.shape[0]
+        ids, at = tokens.view(-1).tolist(), positions.reshape(-1).tolist()
+        x = self._embed(tokens, ids)  # [B, 1, hidden]: the residual stream
+        cos, sin, _alive = self._rope(positions, at, per_row)  # addresses of [B, D] each
         keys, values = self._cache_pointers(store)
         logits = torch.empty(B, 1, self.vocab)  # [B, 1, vocab]
         threads = self.tuner.threads(torch.get_num_threads())
@@ -326,7 +359,6 @@ class DecodeStep:
             raise LlamascopeError("decode step: a layer's weight format is not one csrc/decode_step.c runs")
         if status != 0:
             raise MemoryError("decode step: out of memory for its scratch buffers")
-        cache.advance(1)
         return logits if self.dtype == torch.float32 else logits.to(self.dtype)  # (bfloat16-exact already)
 
 

@@ -33,6 +33,7 @@ from .cache import KVCache
 from .config import GenerationConfig
 from .errors import LlamascopeError
 from .sampling import apply_processors, build_processors, make_generator, select_next, token_logprobs
+from .speculative import speculative_steps
 from .stopping import StopRules
 
 log = logging.getLogger("llamascope")
@@ -190,6 +191,11 @@ def generate(
         raise LlamascopeError("pass either a GenerationConfig or keyword settings, not both")
     if config.num_beams > 1:
         return beam_search(model, prompts, config, tokenizer=tokenizer, on_step=on_step)
+    if config.prompt_lookup_num_tokens is not None:
+        if len(prompts) != 1:
+            raise LlamascopeError(f"prompt_lookup_num_tokens: one prompt at a time, found {len(prompts)}")
+        steps = speculative_steps(model, prompts[0], config, tokenizer)
+        return _collect(steps, prompts, config, tokenizer, on_step)
     if config.num_return_sequences > 1:  # sampling n sequences per prompt: rows i*n .. i*n + n - 1
         check_memory_fits(model, len(prompts) * config.num_return_sequences, 1 + max(map(len, prompts), default=0))
         prompts = [p for p in prompts for _ in range(config.num_return_sequences)]
@@ -271,7 +277,11 @@ def stream(
     """Yield (token id, text delta) for one prompt as each token is chosen; an eos token's text
     is left out, and text held back at the end (an unfinished character) comes as (-1, text)."""
     decoder = tokenizer.stream_decoder(prompt_ids, skip_special_tokens=skip_special_tokens)
-    for step in _log_speed(generate_steps(model, [prompt_ids], config, tokenizer=tokenizer)):
+    if config.prompt_lookup_num_tokens is not None:
+        steps = speculative_steps(model, prompt_ids, config, tokenizer)
+    else:
+        steps = generate_steps(model, [prompt_ids], config, tokenizer=tokenizer)
+    for step in _log_speed(steps):
         token, reason = int(step.next_tokens[0]), step.stopped[0]  # type: ignore[index]
         if reason == "eos":
             yield token, decoder.flush()

@@ -1,0 +1,113 @@
+"""Prompt lookup decoding against greedy search without drafts (token for token), against
+transformers' own prompt lookup, and its draft lookup against transformers' candidate generator."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_reference import hf_generate
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import LlamaForCausalLM
+
+from llamascope import Engine
+from llamascope.errors import LlamascopeError
+from llamascope.generation import generate
+from llamascope.loading import LoadOptions, load_model
+from llamascope.speculative import lookup
+
+SAMPLE = (
+    "The lighthouse keeper counted the ships: one, two, three. The lighthouse keeper counted the "
+    "ships again, and the ships were one, two, three, four."
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    ids=st.lists(st.integers(0, 5), min_size=1, max_size=40),
+    num_tokens=st.integers(1, 8),
+    ngram=st.integers(1, 4),
+    eos=st.lists(st.integers(0, 5), max_size=1),
+)
+def test_drafts_are_transformers_prompt_lookup_candidates(ids, num_tokens, ngram, eos):
+    from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+    reference = PromptLookupCandidateGenerator(
+        eos_token_id=torch.tensor(eos) if eos else None,
+        num_output_tokens=num_tokens,
+        max_matching_ngram_size=ngram,
+        max_length=1000,
+    )
+    candidates, _ = reference.get_candidates(torch.tensor([ids]))
+    assert lookup(ids, num_tokens, ngram, eos) == candidates[0, len(ids) :].tolist()
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3, 7, 10])
+def test_the_default_model_gives_its_greedy_tokens_with_drafts(num_tokens):
+    """On the real default model (Q4_1, native decode step; close candidates, where any numeric
+    difference shows): a text to repeat, so drafts are long and mostly accepted; drafts past the
+    step's 8 rows go in several calls."""
+    engine = Engine.load()
+    messages = [{"role": "user", "content": "Repeat this text exactly:\n\n" + SAMPLE * 2}]
+    ids = engine.tokenizer.encode_chat(messages)
+    plain = generate(engine.model, ids, max_new_tokens=80, eos_token_id=[], output_logprobs=2)
+    drafted = generate(
+        engine.model, ids, max_new_tokens=80, eos_token_id=[], output_logprobs=2, prompt_lookup_num_tokens=num_tokens
+    )
+    assert drafted.output_ids == plain.output_ids
+    assert drafted.logprobs == plain.logprobs  # the numbers too, to the bit
+
+
+@pytest.fixture(scope="module", params=[("native", "float32"), ("native", "bfloat16"), ("plain", "float32")])
+def tiny(request, tiny_model):
+    backend, dtype = request.param
+    return load_model(tiny_model, LoadOptions(backend=backend, dtype=dtype)).model
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompt=st.lists(st.integers(3, 40), min_size=2, max_size=30), num_tokens=st.integers(1, 9))
+def test_drafts_never_change_a_token(tiny, prompt, num_tokens):
+    """Random prompts over a small alphabet (so n-grams repeat), float32 and bfloat16, native and
+    plain: the tokens and log-probabilities of greedy search without drafts, and eos stops it."""
+    common = dict(max_new_tokens=20, eos_token_id=[2], output_logprobs=1)
+    plain = generate(tiny, prompt, **common)
+    drafted = generate(tiny, prompt, prompt_lookup_num_tokens=num_tokens, **common)
+    assert drafted.output_ids == plain.output_ids and drafted.finish_reasons == plain.finish_reasons
+    assert drafted.logprobs == plain.logprobs
+
+
+def test_prompt_lookup_gives_transformers_prompt_lookup_tokens(tiny_model):
+    ours = load_model(tiny_model)
+    ids = ours.tokenizer.encode(SAMPLE)
+    hf = LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    expected = hf_generate(hf, ids, max_new_tokens=40, do_sample=False, eos_token_id=None, prompt_lookup_num_tokens=5)
+    found = generate(ours.model, ids, max_new_tokens=40, eos_token_id=[], prompt_lookup_num_tokens=5)
+    assert found.output_ids[0] == expected[0, len(ids) :].tolist()
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (dict(do_sample=True), "prompt_lookup_num_tokens.*greedy search"),
+        (dict(num_beams=2), "prompt_lookup_num_tokens.*greedy search"),
+        (dict(use_cache=False), "prompt_lookup_num_tokens.*KV cache"),
+        (dict(prompt_lookup_num_tokens=0), "prompt_lookup_num_tokens.*must be an integer >= 1"),
+        (dict(max_matching_ngram_size=0), "max_matching_ngram_size.*must be an integer >= 1"),
+    ],
+)
+def test_settings_prompt_lookup_does_not_run_with_are_refused_by_name(tiny_model, settings, message):
+    model = load_model(tiny_model).model
+    with pytest.raises(LlamascopeError, match=message):
+        generate(model, [1, 5, 6], max_new_tokens=4, **{"prompt_lookup_num_tokens": 3, **settings})
+    with pytest.raises(LlamascopeError, match="one prompt at a time"):
+        generate(model, [[1, 5, 6], [1, 7]], max_new_tokens=4, prompt_lookup_num_tokens=3)
+
+
+def test_generate_command_takes_prompt_lookup_and_prints_the_same_text(tiny_model, capsys):
+    from llamascope.cli import main
+
+    command = ["generate", SAMPLE, "--model", str(tiny_model), "--max-new-tokens", "24"]
+    assert main(command) == 0
+    plain = capsys.readouterr().out
+    assert main([*command, "--prompt-lookup-num-tokens", "4", "--max-matching-ngram-size", "3"]) == 0
+    assert capsys.readouterr().out == plain
