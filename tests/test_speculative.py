@@ -111,3 +111,25 @@ def test_generate_command_takes_prompt_lookup_and_prints_the_same_text(tiny_mode
     plain = capsys.readouterr().out
     assert main([*command, "--prompt-lookup-num-tokens", "4", "--max-matching-ngram-size", "3"]) == 0
     assert capsys.readouterr().out == plain
+
+
+def test_the_draft_budget_grows_on_kept_drafts_and_stops_drafting_while_they_miss():
+    from llamascope.speculative import MAX_BACKOFF, DraftBudget
+
+    budget = DraftBudget(6)
+    assert budget.next() == 6
+    budget.kept(6, 2)  # cut short: one fewer
+    assert budget.next() == 5
+    budget.kept(5, 5)  # kept whole: two more, at most K
+    assert budget.next() == 6
+    waits = []
+    for _ in range(6):  # nothing kept, again and again: rounds without drafts, doubling
+        budget.kept(budget.size, 0)
+        rounds = 0
+        while budget.next() == 0:
+            rounds += 1
+        waits.append(rounds)
+    assert waits == [1, 2, 4, 8, 16, MAX_BACKOFF] and budget.size == 1
+    budget.kept(1, 1)  # a kept draft ends the waiting
+    budget.kept(3, 0)
+    assert budget.next() == 0 and budget.next() == 3 - 1
