@@ -172,8 +172,8 @@ class _BeamSearch:
         cache = self.cache
         restart = cache is not None and step > 0 and self.model.config.longrope_restarts(cur_len, cache.length)
         if restart:
-            self.cache.clear()
-        if self.cache is None or step == 0 or restart:
+            cache.clear()
+        if cache is None or step == 0 or restart:
             tokens, step_positions = sequences, self.positions  # [BK, S]
         else:
             tokens, step_positions = sequences[:, -1:], self.positions[:, -1:]  # [BK, 1]

@@ -399,6 +399,13 @@ class ModelConfig:
         return embed + self.num_hidden_layers * per_layer + h + head
 
 
+def longrope_attention_factor(factor: float, trained: int) -> float:
+    """LongRoPE's default attention factor (cos and sin are scaled by it) for a context `factor`
+    times the `trained` one: sqrt(1 + ln(factor) / ln(trained)), or 1 where factor <= 1
+    (transformers' rule; factor is rope_scaling's, else context / trained)."""
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(trained))
+
+
 def _architecture_of(data: dict, source: str) -> Architecture:
     """The Architecture a config.json names by model_type (or, without one, by its class name)."""
     model_type = data.get("model_type")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import KVCache
-from .config import ModelConfig
+from .config import ModelConfig, longrope_attention_factor
 from .errors import LlamascopeError
 from .layers import Linear
 from .prefill import PrefillRun, prefill_spans
@@ -88,7 +88,7 @@ ROPE_INIT = {
 
 def rope_attention_scaling(config: ModelConfig) -> float:
     """The factor cos and sin are multiplied by: LongRoPE's attention_factor (given, or
-    sqrt(1 + ln(factor) / ln(trained context)) with factor = context / trained context), else 1."""
+    config.longrope_attention_factor's default), else 1."""
     if config.rope_type != "longrope":
         return 1.0
     scaling = config.rope_scaling
@@ -96,7 +96,7 @@ def rope_attention_scaling(config: ModelConfig) -> float:
         return float(scaling["attention_factor"])
     trained = scaling["original_max_position_embeddings"]
     factor = scaling.get("factor") or config.max_position_embeddings / trained
-    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(trained))
+    return longrope_attention_factor(factor, trained)
 
 
 class RotaryEmbedding(nn.Module):

@@ -118,14 +118,15 @@ def speculative_steps(
         draft: list[int] = []
         while True:
             cached = cache.length - fed.shape[1]  # the cache's columns before this round
+            positions = torch.arange(cached, cached + fed.shape[1], device=device)[None]  # [1, T]: what was fed
             check_finite(model, logits, lambda row: sequence, step)
             for t in range(len(draft) + 1):
-                ids = torch.tensor([sequence], device=device)  # [1, S]
-                scores = apply_processors(processors, ids, logits[t : t + 1]) if processors else logits[t : t + 1]
+                scores = logits[t : t + 1]  # [1, V]
+                if processors:
+                    scores = apply_processors(processors, torch.tensor([sequence], device=device), scores)
                 token = int(select_next(scores, config, None)[0])
                 sequence.append(token)
                 reason = rules.reason(sequence, len(sequence) - T0, rules.out_of_time())
-                positions = torch.arange(cached, cached + fed.shape[1], device=device)[None]  # [1, T]
                 mask = torch.ones(1, len(sequence) - 1, dtype=torch.long, device=device)  # [1, S]
                 next_tokens = torch.tensor([token], device=device)
                 yield Step(step, fed, positions, mask, cached, logits[t : t + 1], scores, next_tokens, None, [reason])

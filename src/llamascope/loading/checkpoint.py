@@ -225,16 +225,16 @@ def split_fused(tensors: dict[str, TensorSource], config: ModelConfig) -> dict[s
     a fused tensor of the wrong size is left for check_tensors to name."""
     if not config.architecture.fused:
         return tensors
-    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    rows = {"self_attn.qkv_proj.weight": (q, kv, kv), "mlp.gate_up_proj.weight": (config.intermediate_size,) * 2}
+    first = expected_shapes(config)  # (every layer's parts have layer 0's rows)
     out = dict(tensors)
     for name, source in tensors.items():
         for fused, parts in FUSED_PROJECTIONS:
-            if name.endswith("." + fused) and source.shape[:1] == (sum(rows[fused]),):
+            rows = [first["model.layers.0." + part][0] for part in parts]
+            if name.endswith("." + fused) and source.shape[:1] == (sum(rows),):
                 prefix = name[: -len(fused)]
                 del out[name]
                 start = 0
-                for part, count in zip(parts, rows[fused]):
+                for part, count in zip(parts, rows):
                     out[prefix + part] = row_slice(source, start, start + count)
                     start += count
     return out

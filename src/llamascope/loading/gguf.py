@@ -24,7 +24,7 @@ import torch
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import dequantize
 
-from ..config import ARCHITECTURES, ModelConfig
+from ..config import ARCHITECTURES, ModelConfig, longrope_attention_factor
 from ..errors import LlamascopeError
 from ..formats import KEPT_FORMATS, q5_0_as_q8_0
 from ..tokenizer import Tokenizer
@@ -77,13 +77,18 @@ IGNORED_TENSORS = re.compile(r"blk\.\d+\.attn_rot_embd(\.weight)?")
 # ---- names and layouts -------------------------------------------------------------------------
 
 
+def _block_names(arch: str) -> dict[str, str]:
+    """A block tensor's short GGUF name -> its module in Hugging Face's names, for `arch`."""
+    return {**BLOCK_NAMES, **FUSED_BLOCK_NAMES.get(arch, {})}
+
+
 def hf_tensor_name(name: str, arch: str = "llama") -> str | None:
     """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight` (Phi-3's fused tensors to
     its fused names); None for unknown names."""
     if name in TOP_LEVEL_NAMES:
         return TOP_LEVEL_NAMES[name]
     match = BLOCK_PATTERN.fullmatch(name)
-    names = {**BLOCK_NAMES, **FUSED_BLOCK_NAMES.get(arch, {})}
+    names = _block_names(arch)
     if match and match[2] in names:
         return f"model.layers.{match[1]}.{names[match[2]]}.{match[3]}"
     return None
@@ -96,7 +101,7 @@ def gguf_tensor_name(hf_name: str, arch: str = "llama") -> str:
             return gguf_name
     match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf_name)
     if match:
-        for short, module in {**BLOCK_NAMES, **FUSED_BLOCK_NAMES.get(arch, {})}.items():
+        for short, module in _block_names(arch).items():
             if module == match[2]:
                 return f"blk.{match[1]}.{short}.{match[3]}"
     return hf_name
@@ -424,8 +429,7 @@ def _longrope_scaling(meta: GGUFMetadata, arch: str, tensors: dict) -> dict:
     scaling["original_max_position_embeddings"] = meta.integer(f"{arch}.rope.scaling.original_context_length")
     attention = meta.number(f"{arch}.rope.scaling.attn_factor", None)
     trained = scaling["original_max_position_embeddings"]
-    factor = meta.integer(f"{arch}.context_length") / trained
-    implied = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(trained))
+    implied = longrope_attention_factor(meta.integer(f"{arch}.context_length") / trained, trained)
     if attention is not None and abs(attention - implied) > 1e-6 * implied:  # (stored in float32)
         scaling["attention_factor"] = attention
     return scaling
@@ -597,7 +601,8 @@ def _tensor_sources(tensors: dict, config: ModelConfig, path: Path, arch: str) -
 
 
 def open_gguf(path: Path) -> Checkpoint:
-    """Config, generation settings, tokenizer factory and lazy float32 weights of a GGUF file."""
+    """Config, generation settings, tokenizer factory and lazy weights of a GGUF file (float32, or a
+    float tensor's stored dtype; blocks kept where the layers compute with them)."""
     path = Path(path)
     reader = read_gguf(path)
     meta = GGUFMetadata(reader, path)
