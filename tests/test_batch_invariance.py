@@ -14,6 +14,7 @@ import random
 
 import pytest
 import torch
+from conftest import PHI3_LONGROPE
 from gguf_fixtures import TinySpec, write_tiny_llama
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -50,19 +51,8 @@ PREFIX_CACHE_BYTES = 48 << 20  # a few of the default model's blocks (12 MB each
 QWEN3_WINDOW = dict(architecture="qwen3", head_dim=24, use_sliding_window=True, sliding_window=16, max_window_layers=1)
 
 
-# Phi-3's LongRoPE with a trained context of 16: short prompts cross it while they decode (each such
+# PHI3_LONGROPE (conftest): short prompts cross its trained context of 16 while they decode (each such
 # sequence is recomputed at that step, as generate() does), longer ones start past it.
-PHI3_LONGROPE = dict(
-    architecture="phi3",
-    pad_token_id=None,
-    original_max_position_embeddings=16,
-    rope_parameters={
-        "rope_type": "longrope",
-        "rope_theta": 10000.0,
-        "short_factor": [1.0 + 0.1 * i for i in range(8)],
-        "long_factor": [1.5 + 0.5 * i for i in range(8)],
-    },
-)
 
 
 @pytest.fixture(

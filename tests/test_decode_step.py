@@ -403,13 +403,12 @@ class _PrefillSpy:
         return self.lib.prefill_attention_f32(*args)
 
 
-def test_prompt_attention_runs_natively_and_matches_the_plain_path(tiny_model):
-    """A prompt through the fast model's native RoPE and attention (and a second prompt after it,
-    over cached columns) gives the plain PyTorch model's logits to float32 rounding."""
-    fast = load_model(tiny_model).model
-    plain = load_model(tiny_model, backend="plain").model
+def assert_prompt_attention_runs_natively(fast, plain, layer: int) -> None:
+    """A prompt of 37 positions, then 9 more over the cached ones: layer `layer` of the `fast`
+    model runs its attention natively in one call each, and the logits are the `plain` model's to
+    float32 rounding."""
     calls = []
-    attention = fast.model.layers[0].self_attn
+    attention = fast.model.layers[layer].self_attn
     assert attention.native is not None
     attention.native = _PrefillSpy(attention.native, calls)
     prompt = list(range(3, 40))
@@ -422,6 +421,13 @@ def test_prompt_attention_runs_natively_and_matches_the_plain_path(tiny_model):
             results.append(torch.cat([first, second], dim=1))
     assert calls == [(37, 0), (9, 37)]  # (T, start)
     assert (results[0] - results[1]).abs().max() < 1e-4 * results[1].abs().max()
+
+
+def test_prompt_attention_runs_natively_and_matches_the_plain_path(tiny_model):
+    """A prompt through the fast model's native RoPE and attention (and a second prompt after it,
+    over cached columns) gives the plain PyTorch model's logits to float32 rounding."""
+    fast, plain = load_model(tiny_model).model, load_model(tiny_model, backend="plain").model
+    assert_prompt_attention_runs_natively(fast, plain, 0)
 
 
 def test_prompt_attention_leaves_long_prompts_to_pytorch(tiny_model, monkeypatch):

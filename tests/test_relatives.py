@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PHI3_LONGROPE
 from gguf_fixtures import llama_cpp_cases, llama_cpp_converter, vocab_dir  # noqa: F401 (fixtures)
 from hf_reference import hf_generate
 from transformers import AutoModelForCausalLM
@@ -36,18 +37,7 @@ CASES = {
     "qwen3_mha_bias_tied": dict(
         architecture="qwen3", head_dim=16, num_key_value_heads=4, attention_bias=True, tie_word_embeddings=True
     ),
-    "phi3_longrope": dict(
-        architecture="phi3",
-        pad_token_id=None,
-        max_position_embeddings=64,
-        original_max_position_embeddings=16,
-        rope_parameters={
-            "rope_type": "longrope",
-            "rope_theta": 10000.0,
-            "short_factor": [1.0 + 0.1 * i for i in range(8)],
-            "long_factor": [1.5 + 0.5 * i for i in range(8)],
-        },
-    ),
+    "phi3_longrope": dict(PHI3_LONGROPE, max_position_embeddings=64),
     "phi3_window_mha": dict(architecture="phi3", pad_token_id=None, num_key_value_heads=4, sliding_window=6),
 }
 
@@ -343,24 +333,12 @@ def test_qwen2_and_phi3_chat_templates_render_and_tokenize_as_transformers_does(
 def test_a_prompt_past_a_sliding_window_runs_its_attention_natively(model_factory):
     """The native prompt attention starts each query's columns `window - 1` back (here 5), in one
     call and over cached columns, and gives the plain model's logits to float32 rounding."""
-    from test_decode_step import _PrefillSpy
+    from test_decode_step import assert_prompt_attention_runs_natively
 
     folder = model_factory("mistral_window_gqa", **CASES["mistral_window_gqa"])
     fast, plain = load_model(folder).model, load_model(folder, LoadOptions(backend="plain")).model
-    calls = []
-    attention = fast.model.layers[1].self_attn
-    assert attention.window == 5
-    attention.native = _PrefillSpy(attention.native, calls)
-    prompt = list(range(3, 40))
-    with torch.inference_mode():
-        results = []
-        for model in (fast, plain):
-            cache = KVCache.for_model(model, 1, 64)
-            first = model(torch.tensor([prompt]), torch.arange(37)[None], cache)  # [1, 37, V]
-            second = model(torch.tensor([prompt[:9]]), torch.arange(37, 46)[None], cache)  # [1, 9, V]
-            results.append(torch.cat([first, second], dim=1))
-    assert calls == [(37, 0), (9, 37)]  # (T, start)
-    assert (results[0] - results[1]).abs().max() < 1e-4 * results[1].abs().max()
+    assert fast.model.layers[1].self_attn.window == 5
+    assert_prompt_attention_runs_natively(fast, plain, 1)
 
 
 def test_beam_search_past_longropes_trained_context_matches_transformers(model_factory):
@@ -382,7 +360,7 @@ def test_the_server_recomputes_a_sequence_that_passes_longropes_trained_context(
     at that step, as generate() does, and get their tokens and log-probabilities alone."""
     import asyncio
 
-    from test_batch_invariance import PHI3_LONGROPE, _alone, _config, _serve
+    from test_batch_invariance import _alone, _config, _serve
 
     from llamascope import Engine
     from llamascope.server.scheduler import ModelRunner, Scheduler, SequenceSpec
