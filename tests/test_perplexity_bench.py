@@ -181,3 +181,20 @@ def test_bench_counts_other_processes_busy_time_and_not_its_own():
         while time.perf_counter() < end:
             pass
     assert busy.cores > 0.6 and own.cores < BUSY_CORES
+
+
+def test_bench_reports_speculative_decoding_beside_the_plain_decode(tiny_model, capsys):
+    """--assistant-model (the model itself: every draft kept) and --prompt-lookup-num-tokens:
+    tokens/s with drafts, the acceptance rate and the draft tokens kept per pass, in the table and JSON."""
+    command = ["bench", "--model", str(tiny_model), "--new-tokens", "24", "--prefill-tokens", "16", "--repeats", "1"]
+    assert main([*command, "--assistant-model", str(tiny_model), "--num-assistant-tokens", "4", "--json"]) == 0
+    spec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["speculative"]
+    assert spec["method"] == f"assistant {tiny_model.name}, K = 4"
+    assert spec["tokens"] == 23 and spec["decode_tokens_per_s"] > 0 and spec["speedup"] > 0
+    assert spec["drafted"] >= 8 and spec["accepted"] <= spec["drafted"]
+    assert spec["rounds"] + spec["accepted"] == spec["tokens"]  # each pass: its kept drafts and one token of its own
+    assert spec["mean_accepted_length"] == spec["accepted"] / spec["rounds"]
+    assert spec["acceptance_rate"] == spec["accepted"] / spec["drafted"]
+    assert main([*command, "--prompt-lookup-num-tokens", "3"]) == 0
+    table = capsys.readouterr().out
+    assert "decode with drafts (prompt lookup, K = 3)" in table and "drafted tokens kept" in table

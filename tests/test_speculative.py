@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from transformers import LlamaForCausalLM
 
 from llamascope import Engine
+from llamascope.config import GenerationConfig
 from llamascope.errors import LlamascopeError
 from llamascope.generation import generate
 from llamascope.loading import LoadOptions, load_model
@@ -133,3 +134,131 @@ def test_the_draft_budget_grows_on_kept_drafts_and_stops_drafting_while_they_mis
     budget.kept(1, 1)  # a kept draft ends the waiting
     budget.kept(3, 0)
     assert budget.next() == 0 and budget.next() == 3 - 1
+
+
+# ---- assisted decoding: a second model drafts --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def helpers(model_factory):
+    """Assistants of the tiny model's vocabulary: a smaller random model (its drafts mostly miss)."""
+    small = model_factory("assistant-small", seed=7, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    return {"small": load_model(small).model}
+
+
+def _speculation_counts(steps) -> tuple[int, int]:
+    """(drafted, accepted) over Steps of speculative decoding."""
+    drafted = sum(len(s.speculation.draft) for s in steps if s.speculation.index == 0)
+    accepted = sum(s.speculation.accepts(int(s.next_tokens[0])) for s in steps)
+    return drafted, accepted
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    prompt=st.lists(st.integers(3, 300), min_size=1, max_size=30),
+    num_tokens=st.integers(1, 12),
+    schedule=st.sampled_from(["constant", "heuristic"]),
+    threshold=st.sampled_from([0.0, 0.4]),
+    which=st.sampled_from(["small", "itself in bfloat16"]),
+)
+def test_an_assistant_never_changes_a_token(tiny, helpers, tiny_model, prompt, num_tokens, schedule, threshold, which):
+    """Random prompts, float32 and bfloat16 targets, native and plain: greedy search's tokens and
+    log-probabilities whatever the assistant drafts (a small random model, mostly wrong; the target
+    itself in bfloat16, mostly right) and however many tokens it drafts a round."""
+    if which not in helpers:
+        helpers[which] = load_model(tiny_model, LoadOptions(dtype="bfloat16")).model
+    common = dict(max_new_tokens=20, eos_token_id=[2], output_logprobs=1)
+    plain = generate(tiny, prompt, **common)
+    assisted = generate(
+        tiny,
+        prompt,
+        assistant=helpers[which],
+        num_assistant_tokens=num_tokens,
+        num_assistant_tokens_schedule=schedule,
+        assistant_confidence_threshold=threshold,
+        **common,
+    )
+    assert assisted.output_ids == plain.output_ids and assisted.finish_reasons == plain.finish_reasons
+    assert assisted.logprobs == plain.logprobs
+
+
+@pytest.mark.parametrize("backend", ["native", "plain"])
+def test_a_model_drafting_for_itself_has_every_draft_accepted(tiny_model, backend):
+    """The assistant's cache follows the sequence (rolled back to the kept drafts, fed the target's
+    token): a model drafting for itself, numbers equal, drafts every token the target then chooses."""
+    model = load_model(tiny_model, LoadOptions(backend=backend)).model
+    steps = []
+    ids = [1, 40, 41, 42, 43]
+    config = GenerationConfig.resolve(
+        model.config, None, max_new_tokens=40, eos_token_id=[], num_assistant_tokens=5, assistant_confidence_threshold=0
+    )
+    result = generate(model, ids, config, on_step=steps.append, assistant=model)
+    drafted, accepted = _speculation_counts(steps)
+    assert result.output_ids == generate(model, ids, max_new_tokens=40, eos_token_id=[]).output_ids
+    assert drafted >= 30 and accepted == drafted
+    assert all(s.speculation.source == "assistant" for s in steps)
+
+
+def test_assisted_decoding_gives_transformers_assisted_tokens(tiny_model, model_factory):
+    small = model_factory("assistant-small", seed=7, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    ours, helper = load_model(tiny_model), load_model(small)
+    ids = ours.tokenizer.encode(SAMPLE)
+    hf = LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    hf_helper = LlamaForCausalLM.from_pretrained(small, dtype=torch.float32).eval()
+    expected = hf_generate(hf, ids, max_new_tokens=30, do_sample=False, eos_token_id=None, assistant_model=hf_helper)
+    found = generate(ours.model, ids, max_new_tokens=30, eos_token_id=[], assistant=helper.model)
+    assert found.output_ids[0] == expected[0, len(ids) :].tolist()
+
+
+def test_the_heuristic_schedule_grows_the_draft_and_the_threshold_ends_it(tiny_model):
+    """'heuristic': two more after a draft kept whole, one fewer after one cut short; a draft ends
+    after a token the assistant gives less than the threshold."""
+    model = load_model(tiny_model).model
+    ids = [1, 40, 41, 42, 43]
+
+    def draft_sizes(**settings) -> list[int]:
+        steps = []
+        config = GenerationConfig.resolve(model.config, None, max_new_tokens=30, eos_token_id=[], **settings)
+        generate(model, ids, config, on_step=steps.append, assistant=model)
+        return [len(s.speculation.draft) for s in steps if s.speculation.index == 0][1:]
+
+    assert draft_sizes(num_assistant_tokens=2, assistant_confidence_threshold=0.0)[:3] == [2, 2, 2]
+    grown = draft_sizes(
+        num_assistant_tokens=2, num_assistant_tokens_schedule="heuristic", assistant_confidence_threshold=0.0
+    )
+    assert grown[:3] == [2, 4, 6]
+    assert max(draft_sizes(num_assistant_tokens=8, assistant_confidence_threshold=1.0)) == 1
+
+
+def test_an_assistant_of_another_vocabulary_is_refused_naming_both(tiny_model):
+    engine = Engine.load(tiny_model)
+    default = Engine.load()
+    with pytest.raises(LlamascopeError, match=r"assistant model .*cannot draft for .*gqa.*vocabularies differ"):
+        engine.generate("hello", max_new_tokens=2, assistant_model=default)
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (dict(do_sample=True), "greedy search"),
+        (dict(num_beams=2), "greedy search"),
+        (dict(num_assistant_tokens=0), "num_assistant_tokens.*must be an integer >= 1"),
+        (dict(num_assistant_tokens_schedule="fast"), "num_assistant_tokens_schedule.*constant, heuristic"),
+        (dict(assistant_confidence_threshold=1.5), r"assistant_confidence_threshold.*\[0, 1\]"),
+    ],
+)
+def test_settings_assisted_decoding_does_not_run_with_are_refused_by_name(tiny_model, settings, message):
+    model = load_model(tiny_model).model
+    with pytest.raises(LlamascopeError, match=message):
+        generate(model, [1, 5, 6], max_new_tokens=4, assistant=model, **settings)
+
+
+def test_generate_command_takes_an_assistant_model_and_prints_the_same_text(tiny_model, model_factory, capsys):
+    from llamascope.cli import main
+
+    small = model_factory("assistant-small", seed=7, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    command = ["generate", SAMPLE, "--model", str(tiny_model), "--max-new-tokens", "24"]
+    assert main(command) == 0
+    plain = capsys.readouterr().out
+    assert main([*command, "--assistant-model", str(small), "--num-assistant-tokens", "3"]) == 0
+    assert capsys.readouterr().out == plain

@@ -28,6 +28,25 @@ LOGITS_COPIES = 3
 
 
 @dataclass
+class Speculation:
+    """Where a step of speculative decoding stands in its round: the round's draft (from
+    `source`), and which of its tokens this step's choice was checked against; `index ==
+    len(draft)`: none, the token after a draft kept whole (or a round without a draft)."""
+
+    source: str
+    draft: list[int]
+    index: int
+
+    @property
+    def checked(self) -> bool:
+        return self.index < len(self.draft)
+
+    def accepts(self, token: int) -> bool:
+        """The step's chosen `token` is the draft token it was checked against."""
+        return self.checked and self.draft[self.index] == token
+
+
+@dataclass
 class Step:
     """What one forward pass of the loop took in and gave out (for tracing and logging)."""
 
@@ -43,6 +62,8 @@ class Step:
     # Per row, why it stops at this step's token ("eos", "stop", "length", "time"; see stopping.py),
     # or None when it goes on or stopped before. None in beam search, where candidates stop instead.
     stopped: list[str | None] | None = None
+    # Speculative decoding (speculative.py): the round's draft and which token this step checked.
+    speculation: Speculation | None = None
 
 
 @dataclass

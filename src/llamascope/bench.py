@@ -50,6 +50,7 @@ class BenchResult:
     other_cores: float | None = None
     cores: int = 1  # the machine's (os.cpu_count())
     file_bytes: int = 0  # the checkpoint's files on disk (what loading read)
+    speculative: SpeculativeResult | None = None  # decode with drafts, where asked for
 
     @property
     def load_bytes_per_s(self) -> float:
@@ -83,10 +84,40 @@ class BenchResult:
         out["load_rss_per_weight_byte"] = self.load_rss_per_weight_byte
         out["machine_busy"] = self.machine_busy
         out["load_bytes_per_s"] = self.load_bytes_per_s
+        if self.speculative is not None:
+            out["speculative"] = self.speculative.to_json()
+            out["speculative"]["speedup"] = self.speculative.decode_tokens_per_s / self.decode_tokens_per_s
         return out
 
 
 BUSY_CORES = 0.25
+
+
+@dataclass
+class SpeculativeResult:
+    """Decode with drafts (prompt lookup or an assistant model) on the same prompt as the plain
+    decode: its speed, and how the drafts fared over the last run."""
+
+    method: str  # "prompt lookup, K = 4" or "assistant PATH, K = 20"
+    decode_tokens_per_s: float
+    tokens: int  # decode steps (new tokens after the first)
+    rounds: int  # passes of the model over drafts (verifications), plain steps included
+    drafted: int
+    accepted: int
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Draft tokens kept per pass of the model (each pass adds one token of its own)."""
+        return self.accepted / self.rounds if self.rounds else 0.0
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out.update(acceptance_rate=self.acceptance_rate, mean_accepted_length=self.mean_accepted_length)
+        return out
 
 
 def _machine_cpu_seconds() -> float | None:
@@ -183,16 +214,44 @@ def prompt_ids(tokenizer, n: int, vocab_size: int = 32000) -> list[int]:
     return ids[:n]
 
 
-def time_decode(model: nn.Module, ids: list[int], new_tokens: int) -> tuple[float, float]:
-    """-> (prefill seconds, decode tokens/s over the steps after the first)."""
+def time_decode(
+    model: nn.Module, ids: list[int], new_tokens: int, steps: list | None = None, assistant=None, **settings
+) -> tuple[float, float]:
+    """-> (prefill seconds, decode tokens/s over the steps after the first). `steps`: gets each
+    step's speculation record (speculative settings or `assistant` given) and chosen token."""
     stamps: list[float] = []
+
+    def on_step(step) -> None:
+        stamps.append(time.perf_counter())
+        if steps is not None:
+            steps.append((step.speculation, int(step.next_tokens[0])))
+
     start = time.perf_counter()
-    generate(
-        model, ids, max_new_tokens=new_tokens, eos_token_id=[], on_step=lambda s: stamps.append(time.perf_counter())
-    )
+    generate(model, ids, max_new_tokens=new_tokens, eos_token_id=[], on_step=on_step, assistant=assistant, **settings)
     prefill = stamps[0] - start
     decode = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
     return prefill, decode
+
+
+def run_speculative(
+    model: nn.Module, ids: list[int], new_tokens: int, repeats: int, method: str, assistant=None, **settings
+) -> SpeculativeResult:
+    """Median decode tokens/s of `repeats` runs with drafts (`settings`: prompt_lookup_num_tokens,
+    or num_assistant_tokens... with `assistant`), after one warm-up; the drafts' counts of the last."""
+    time_decode(model, ids, 4, assistant=assistant, **settings)
+    rates, steps = [], []
+    for _ in range(repeats):
+        steps = []
+        rates.append(time_decode(model, ids, new_tokens, steps, assistant, **settings)[1])
+    later = steps[1:]  # (the first token comes from the prompt's pass)
+    return SpeculativeResult(
+        method=method,
+        decode_tokens_per_s=statistics.median(rates),
+        tokens=len(later),
+        rounds=sum(1 for spec, _ in later if spec.index == 0),
+        drafted=sum(len(spec.draft) for spec, _ in later if spec.index == 0),
+        accepted=sum(spec.accepts(token) for spec, token in later),
+    )
 
 
 def run(
@@ -202,11 +261,14 @@ def run(
     prefill_tokens: int = 512,
     repeats: int = 3,
     progress: Callable[[str, int, int], None] | None = None,
+    speculative: dict | None = None,
 ) -> BenchResult:
-    """Median of `repeats` runs of each measurement, after one warm-up."""
+    """Median of `repeats` runs of each measurement, after one warm-up. `speculative`: settings of
+    a decode with drafts to measure beside the plain one (prompt_lookup_num_tokens, or
+    assistant_model with num_assistant_tokens ...), on the same prompt."""
     model, tokenizer = engine.model, engine.tokenizer
     rss_after_load = peak_rss_bytes()  # before the benchmark's own buffers
-    steps = 2 + 2 * repeats
+    steps = 2 + 2 * repeats + (1 if speculative else 0)
     done = 0
 
     def tick(what: str) -> None:
@@ -230,6 +292,9 @@ def run(
             prefill_seconds, _ = time_decode(model, long_ids, 1)
             prefill_rates.append(len(long_ids) / prefill_seconds)
             tick("prefill")
+        drafts = _speculative(engine, decode_ids, new_tokens, repeats, speculative) if speculative else None
+        if drafts is not None:
+            tick("speculative decode")
     return BenchResult(
         load_seconds=engine.loaded.load_seconds,
         peak_rss_bytes=rss_after_load,
@@ -248,4 +313,18 @@ def run(
         other_cores=load.cores,
         cores=os.cpu_count() or 1,
         file_bytes=sum(size for _, size in engine.loaded.checkpoint.files),
+        speculative=drafts,
     )
+
+
+def _speculative(engine, ids: list[int], new_tokens: int, repeats: int, settings: dict) -> SpeculativeResult:
+    """The speculative decode that `settings` ask for, named for the table."""
+    settings = dict(settings)
+    path = settings.pop("assistant_model", None)
+    assistant = engine.assistant(path)
+    if assistant is not None:
+        k = settings.get("num_assistant_tokens", engine.generation_config().num_assistant_tokens)
+        method = f"assistant {Path(str(path)).name}, K = {k}"
+    else:
+        method = f"prompt lookup, K = {settings['prompt_lookup_num_tokens']}"
+    return run_speculative(engine.model, ids, new_tokens, repeats, method, assistant, **settings)

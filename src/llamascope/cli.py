@@ -181,6 +181,19 @@ GENERATION_OPTIONS = (
         "in one pass (greedy search, the same tokens)",
     ),
     ("--max-matching-ngram-size", int, "N", "prompt lookup: the longest n-gram matched"),
+    ("--num-assistant-tokens", int, "K", "with --assistant-model: tokens it drafts a round"),
+    (
+        "--num-assistant-tokens-schedule",
+        str,
+        "S",
+        "with --assistant-model: constant, or heuristic (2 more after a draft kept whole, 1 fewer after one cut short)",
+    ),
+    (
+        "--assistant-confidence-threshold",
+        float,
+        "P",
+        "with --assistant-model: end a draft after a token it gives less than P",
+    ),
 )
 
 
@@ -201,6 +214,12 @@ def _add_generation_args(p: argparse.ArgumentParser, new_tokens: int, logprobs: 
     for flag, kind, metavar, help_text in GENERATION_OPTIONS:
         p.add_argument(flag, type=kind, metavar=metavar, help=f"{help_text} {_model_default(_setting(flag))}")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
+    p.add_argument(
+        "--assistant-model",
+        metavar="PATH",
+        help="assisted decoding: a model of the same vocabulary (folder or .gguf; e.g. this model's Q4 GGUF) "
+        "drafts tokens that this one checks in one pass (greedy search, the same tokens)",
+    )
     p.add_argument(
         "--do-sample",
         action="store_true",
@@ -237,6 +256,7 @@ def _option_settings(args: argparse.Namespace) -> dict:
         early_stopping=early_stopping,
         stop_strings=args.stop,
         output_logprobs=args.logprobs,
+        assistant_model=args.assistant_model,
     )
     return {k: v for k, v in settings.items() if v is not None}
 
@@ -684,7 +704,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         def update(what: str, done: int, total: int) -> None:
             bar.update(task, description=what, completed=done, total=total)
 
-        result = bench.run(engine, args.prompt_tokens, args.new_tokens, args.prefill_tokens, args.repeats, update)
+        speculative = {
+            k: v
+            for k, v in dict(
+                prompt_lookup_num_tokens=args.prompt_lookup_num_tokens,
+                assistant_model=args.assistant_model,
+                num_assistant_tokens=args.num_assistant_tokens,
+            ).items()
+            if v is not None
+        }
+        result = bench.run(
+            engine, args.prompt_tokens, args.new_tokens, args.prefill_tokens, args.repeats, update, speculative
+        )
     if args.json:
         _print_json(result.to_json())
     else:
@@ -720,6 +751,20 @@ def _bench_table(engine, result):
         ("device", result.device),
         ("native kernels", result.kernels),
     ]
+    spec = result.speculative
+    if spec is not None:
+        rows[5:5] = [
+            (
+                f"decode with drafts ({spec.method})",
+                f"{spec.decode_tokens_per_s:.1f} tokens/s, "
+                f"{spec.decode_tokens_per_s / result.decode_tokens_per_s:.2f}x the plain decode",
+            ),
+            (
+                "  drafts",
+                f"{spec.accepted} of {spec.drafted} drafted tokens kept ({100 * spec.acceptance_rate:.0f}%), "
+                f"{spec.mean_accepted_length:.2f} a pass over {spec.rounds} passes for {spec.tokens} tokens",
+            ),
+        ]
     for key, value in rows:
         table.add_row(key, value)
     return table
@@ -899,6 +944,20 @@ def _add_bench_commands(sub) -> None:
     )
     p.add_argument(
         "--repeats", type=int, default=3, help="runs per measurement, the median is shown (default %(default)s)"
+    )
+    p.add_argument(
+        "--prompt-lookup-num-tokens",
+        type=int,
+        metavar="K",
+        help="also decode with prompt lookup drafts of up to K tokens, and report the drafts",
+    )
+    p.add_argument(
+        "--assistant-model",
+        metavar="PATH",
+        help="also decode with this model of the same vocabulary drafting, and report the drafts",
+    )
+    p.add_argument(
+        "--num-assistant-tokens", type=int, metavar="K", help="with --assistant-model: tokens drafted a round"
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.set_defaults(func=cmd_bench)

@@ -527,6 +527,11 @@ def _stop_strings(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and all(isinstance(s, str) and s for s in value)
 
 
+# How an assistant model's draft size changes (transformers' num_assistant_tokens_schedule): "constant"
+# keeps it; the heuristic ones add 2 after a draft kept whole and take 1 off after one cut short
+# (here both start each call at num_assistant_tokens).
+ASSISTANT_SCHEDULES = ("constant", "heuristic", "heuristic_transient")
+
 # The rules `GenerationConfig.validate` checks, each (setting, test of its value, what a good value
 # is), in this order; the first that fails is reported.
 SETTING_RULES = (
@@ -554,6 +559,13 @@ SETTING_RULES = (
     ("use_cache", lambda v: isinstance(v, bool), "must be true or false"),
     ("prompt_lookup_num_tokens", _optional(_int_at_least(1)), "must be an integer >= 1 (or none: off)"),
     ("max_matching_ngram_size", _optional(_int_at_least(1)), "must be an integer >= 1"),
+    ("num_assistant_tokens", _int_at_least(1), "must be an integer >= 1"),
+    (
+        "num_assistant_tokens_schedule",
+        lambda v: v in ASSISTANT_SCHEDULES,
+        "must be one of " + ", ".join(ASSISTANT_SCHEDULES),
+    ),
+    ("assistant_confidence_threshold", _number_in(0, 1), "must be in [0, 1] (0: no early end)"),
 )
 # Settings that must agree with others, each (setting, test of the whole config, why), checked
 # after SETTING_RULES; `why` may name other settings as {config.name}.
@@ -636,6 +648,10 @@ class GenerationConfig:
     # in the sequence so far (speculative.py), checked in one pass; None: off
     prompt_lookup_num_tokens: int | None = None
     max_matching_ngram_size: int | None = None  # (None: transformers' 2)
+    # assisted decoding (an assistant model drafts; speculative.AssistantDraft), transformers' names and defaults
+    num_assistant_tokens: int = 20
+    num_assistant_tokens_schedule: str = "constant"
+    assistant_confidence_threshold: float = 0.4
     # Where each value came from: "default", "config.json", "generation_config.json" or "call".
     sources: dict = field(default_factory=dict)
 

@@ -14,12 +14,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .batch import GenerationResult
 from .config import GenerationConfig
 from .errors import LlamascopeError
 from .generation import generate, stream
 from .loading import LoadedModel, LoadOptions, load_model
 from .parallel import ParallelGroup, shared_seed
+from .tokenizer import vocabulary_difference
 
 
 @dataclass
@@ -73,6 +76,7 @@ class Engine:
         self.generation_json = loaded.generation_json
         # Tensor parallelism: every rank holds an Engine and makes the same calls in the same order.
         self.parallel = parallel
+        self._assistants: dict[str, Engine] = {}  # assistant models loaded by path, kept for later calls
 
     @classmethod
     def load(
@@ -132,6 +136,29 @@ class Engine:
         ids = [tokenizer.token_to_id(t) for t in END_OF_TURN_TOKENS if t in (tokenizer.chat_template or "")]
         return [i for i in ids if i is not None]
 
+    def assistant(self, assistant_model: str | Path | Engine | None) -> torch.nn.Module | None:
+        """The model that drafts tokens for this one (speculative decoding): an Engine's, or that of
+        the checkpoint at a path (loaded once, as stored, and kept). Refused, naming both, unless the
+        two tokenizers have the same vocabulary (the same ids for the same tokens)."""
+        if assistant_model is None:
+            return None
+        if self.parallel is not None:
+            raise LlamascopeError("assistant_model is not supported with tensor parallelism")
+        if isinstance(assistant_model, Engine):
+            helper = assistant_model
+        else:
+            key = str(assistant_model)
+            if key not in self._assistants:
+                self._assistants[key] = Engine.load(assistant_model)
+            helper = self._assistants[key]
+        difference = vocabulary_difference(self.tokenizer, helper.tokenizer, self.config, helper.config)
+        if difference is not None:
+            raise LlamascopeError(
+                f"assistant model {helper.loaded.checkpoint.path} cannot draft for {self.loaded.checkpoint.path}: "
+                f"their vocabularies differ ({difference})"
+            )
+        return helper.model
+
     def encode(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
         tokenizer = self._need_tokenizer()
         if chat:
@@ -141,13 +168,18 @@ class Engine:
             return tokenizer.encode_chat(messages)
         return tokenizer.encode(prompt)
 
-    def generate(self, prompts: str | list[str], chat: bool = False, **settings) -> Completion | list[Completion]:
+    def generate(
+        self, prompts: str | list[str], chat: bool = False, assistant_model=None, **settings
+    ) -> Completion | list[Completion]:
         """Generate for one prompt or a batch (left-padded, same tokens as each alone). `chat`:
-        each prompt is a user message in the chat template, and the reply ends at its end of turn."""
+        each prompt is a user message in the chat template, and the reply ends at its end of turn.
+        `assistant_model` (an Engine or a checkpoint's path): drafts tokens that the model checks
+        (speculative decoding, greedy search: the same tokens)."""
         single = isinstance(prompts, str)
         texts = [prompts] if single else list(prompts)
         ids = [self.encode(t, chat=chat) for t in texts]
-        result = generate(self.model, ids, self.generation_config(chat, **settings), tokenizer=self.tokenizer)
+        config = self.generation_config(chat, **settings)
+        result = generate(self.model, ids, config, tokenizer=self.tokenizer, assistant=self.assistant(assistant_model))
         n = len(result.output_ids) // len(texts)  # sequences per prompt (num_return_sequences)
         completions = [
             self._completion(text, p, result, range(i * n, (i + 1) * n)) for i, (text, p) in enumerate(zip(texts, ids))
@@ -172,27 +204,31 @@ class Engine:
             return dataclasses.replace(completions[0], sequences=list(completions))
         return completions[0]
 
-    def generate_ids(self, prompts: list[list[int]] | list[int], **settings) -> GenerationResult:
-        return generate(self.model, prompts, self.generation_config(**settings), tokenizer=self.tokenizer)
+    def generate_ids(self, prompts: list[list[int]] | list[int], assistant_model=None, **settings) -> GenerationResult:
+        config = self.generation_config(**settings)
+        return generate(
+            self.model, prompts, config, tokenizer=self.tokenizer, assistant=self.assistant(assistant_model)
+        )
 
-    def stream(self, prompt: str | list[int], chat: bool = False, **settings) -> Iterator[str]:
-        """Text deltas as tokens are chosen (greedy or sampled; one prompt). `chat`: as in `generate`."""
+    def stream(self, prompt: str | list[int], chat: bool = False, assistant_model=None, **settings) -> Iterator[str]:
+        """Text deltas as tokens are chosen (greedy or sampled; one prompt). `chat`, `assistant_model`:
+        as in `generate`."""
         ids = self.encode(prompt, chat=chat) if isinstance(prompt, str) else list(prompt)
-        yield from self._stream(ids, self.generation_config(chat, **settings))
+        yield from self._stream(ids, self.generation_config(chat, **settings), self.assistant(assistant_model))
 
-    def chat(self, messages: list[dict], **settings) -> Iterator[str]:
+    def chat(self, messages: list[dict], assistant_model=None, **settings) -> Iterator[str]:
         """Stream the assistant's reply to `messages` (chat template applied, no double BOS); the
-        reply ends at an eos id or at the template's end-of-turn token."""
+        reply ends at an eos id or at the template's end-of-turn token. `assistant_model`: as in `generate`."""
         ids = self._need_tokenizer().encode_chat(messages)
-        yield from self._stream(ids, self.generation_config(chat=True, **settings))
+        yield from self._stream(ids, self.generation_config(chat=True, **settings), self.assistant(assistant_model))
 
-    def _stream(self, ids: list[int], config: GenerationConfig) -> Iterator[str]:
+    def _stream(self, ids: list[int], config: GenerationConfig, assistant: torch.nn.Module | None) -> Iterator[str]:
         tokenizer = self._need_tokenizer()
         if config.num_beams > 1 or config.num_return_sequences > 1:
             # beam search and several sequences finish together: the text comes at the end
-            result = generate(self.model, [ids], config, tokenizer=tokenizer)
+            result = generate(self.model, [ids], config, tokenizer=tokenizer, assistant=assistant)
             yield "\n".join(tokenizer.decode(out, skip_special_tokens=True) for out in result.output_ids)
             return
-        for _, delta in stream(self.model, tokenizer, ids, config):
+        for _, delta in stream(self.model, tokenizer, ids, config, assistant=assistant):
             if delta:
                 yield delta

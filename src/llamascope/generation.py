@@ -175,12 +175,14 @@ def generate(
     tokenizer=None,
     on_step: Callable[[Step], None] | None = None,
     capture: Callable[[int], dict | None] | None = None,
+    assistant: torch.nn.Module | None = None,
     **settings,
 ) -> GenerationResult:
     """Generate for one prompt (a list of ids) or a batch (a list of lists).
 
     `config` is a resolved GenerationConfig; keyword settings build one with defaults
-    (GenerationConfig.resolve(model.config, None, **settings)) when it is not given.
+    (GenerationConfig.resolve(model.config, None, **settings)) when it is not given. `assistant`:
+    a model of the same vocabulary that drafts tokens for speculative decoding (speculative.py).
     """
     if prompts and isinstance(prompts[0], int):
         prompts = [prompts]  # type: ignore[list-item]
@@ -189,13 +191,13 @@ def generate(
         config = GenerationConfig.resolve(model.config, None, **settings)
     elif settings:
         raise LlamascopeError("pass either a GenerationConfig or keyword settings, not both")
+    if config.prompt_lookup_num_tokens is not None or assistant is not None:
+        if len(prompts) != 1:
+            raise LlamascopeError(f"speculative decoding: one prompt at a time, found {len(prompts)}")
+        steps = speculative_steps(model, prompts[0], config, tokenizer, assistant)
+        return _collect(steps, prompts, config, tokenizer, on_step)
     if config.num_beams > 1:
         return beam_search(model, prompts, config, tokenizer=tokenizer, on_step=on_step)
-    if config.prompt_lookup_num_tokens is not None:
-        if len(prompts) != 1:
-            raise LlamascopeError(f"prompt_lookup_num_tokens: one prompt at a time, found {len(prompts)}")
-        steps = speculative_steps(model, prompts[0], config, tokenizer)
-        return _collect(steps, prompts, config, tokenizer, on_step)
     if config.num_return_sequences > 1:  # sampling n sequences per prompt: rows i*n .. i*n + n - 1
         check_memory_fits(model, len(prompts) * config.num_return_sequences, 1 + max(map(len, prompts), default=0))
         prompts = [p for p in prompts for _ in range(config.num_return_sequences)]
@@ -273,12 +275,14 @@ def stream(
     prompt_ids: list[int],
     config: GenerationConfig,
     skip_special_tokens: bool = True,
+    assistant: torch.nn.Module | None = None,
 ) -> Iterator[tuple[int, str]]:
     """Yield (token id, text delta) for one prompt as each token is chosen; an eos token's text
-    is left out, and text held back at the end (an unfinished character) comes as (-1, text)."""
+    is left out, and text held back at the end (an unfinished character) comes as (-1, text).
+    `assistant`: as in `generate`."""
     decoder = tokenizer.stream_decoder(prompt_ids, skip_special_tokens=skip_special_tokens)
-    if config.prompt_lookup_num_tokens is not None:
-        steps = speculative_steps(model, prompt_ids, config, tokenizer)
+    if config.prompt_lookup_num_tokens is not None or assistant is not None:
+        steps = speculative_steps(model, prompt_ids, config, tokenizer, assistant)
     else:
         steps = generate_steps(model, [prompt_ids], config, tokenizer=tokenizer)
     for step in _log_speed(steps):

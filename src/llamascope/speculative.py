@@ -1,14 +1,21 @@
-"""Prompt lookup decoding: draft the next tokens from an earlier occurrence of the sequence's last
-few tokens, and check the whole draft in one pass (transformers' `prompt_lookup_num_tokens`).
+"""Speculative decoding: draft the next tokens cheaply, check the whole draft in one pass of the
+model, keep what greedy search would have chosen. Two drafters, with transformers' settings:
+
+- prompt lookup (`prompt_lookup_num_tokens`): the tokens that followed an earlier occurrence of the
+  sequence's last few tokens;
+- an assistant model (`assistant_model`, `num_assistant_tokens`): a second, cheaper model of the
+  same vocabulary (the same model at a lower precision, or a smaller one) runs greedy search ahead.
+
 Greedy search gives the tokens it gives without drafts, to the bit:
 
     prefill the prompt; choose the first token as greedy search does
     each round (ids: the prompt and the tokens so far; the cache holds all but the newest):
-        draft = lookup(ids)                            up to K tokens (none: a plain step)
+        draft = drafter.draft(ids)                     up to K tokens (none: a plain step)
         logits = verify([newest] + draft)              T = 1 + len(draft) positions, one pass
         for t in 0..T-1:  token_t = greedy(processors(ids, logits[t])); ids += token_t
                           go on while t < len(draft) and token_t == draft[t]
-        the cache keeps the columns of the kept tokens but the newest
+        the cache keeps the columns of the kept tokens but the newest (the rest are rolled back:
+        the next round writes over them)
 
 A pass over T positions reads the weights once instead of T times. On the native backend it is one
 decode step over T rows of one sequence (`DecodeStep.verify`), whose rows get the numbers of T
@@ -23,7 +30,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .batch import Step, check_finite, prepare_batch
+from .batch import Speculation, Step, check_finite, prepare_batch
 from .cache import KVCache
 from .config import GenerationConfig
 from .decode_step import DecodeStep
@@ -95,22 +102,131 @@ def verify(model: torch.nn.Module, tokens: torch.Tensor, cache: KVCache) -> torc
     return torch.stack(rows).float()  # [T, V]
 
 
+class PromptLookup:
+    """Drafts from the sequence itself: `lookup` with transformers' n-gram rule, sized by a DraftBudget."""
+
+    source = "prompt lookup"
+
+    def __init__(self, config: GenerationConfig):
+        self.budget = DraftBudget(config.prompt_lookup_num_tokens)
+        self.ngram = config.max_matching_ngram_size or DEFAULT_NGRAM
+        self.eos_ids = config.eos_token_id
+
+    def draft(self, sequence: list[int], most: int) -> list[int]:
+        size = min(self.budget.next(), most)
+        return lookup(sequence, size, self.ngram, self.eos_ids) if size > 0 else []
+
+    def kept(self, drafted: int, kept: int) -> None:
+        self.budget.kept(drafted, kept)
+
+
+class AssistantDraft:
+    """Drafts with an assistant model's greedy search, as transformers' AssistedCandidateGenerator:
+    up to `num_assistant_tokens` tokens, ending after an eos id or after a token the assistant gave
+    less than `assistant_confidence_threshold` of its probability; the "heuristic" schedules add 2
+    to the next draft's size after a draft kept whole and take 1 off after one cut short.
+
+    The assistant keeps its own KV cache: each round it rolls back to the longest beginning it
+    shares with the sequence (the kept drafts), feeds the rest (the target's own next token, and the
+    last draft token when all were kept), then drafts one token a step. Its scores go through the
+    target's processors when the two vocabularies have one size (they only steer the draft)."""
+
+    source = "assistant"
+
+    def __init__(self, assistant: torch.nn.Module, config: GenerationConfig, capacity: int, processors: list):
+        self.model = assistant
+        self.cache = KVCache.for_model(assistant, 1, capacity)
+        self.held: list[int] = []  # the tokens whose keys and values the cache holds, in order
+        self.size = config.num_assistant_tokens
+        self.adapts = config.num_assistant_tokens_schedule != "constant"
+        self.threshold = config.assistant_confidence_threshold
+        self.eos_ids = set(config.eos_token_id)
+        self.processors = processors
+
+    def draft(self, sequence: list[int], most: int) -> list[int]:
+        size = min(self.size, most)
+        if size <= 0:
+            return []
+        scores = self._feed(sequence, self._shared(sequence))  # [V]
+        drafted: list[int] = []
+        while True:
+            if self.processors:
+                ids = torch.tensor([sequence + drafted], device=self.model.device)  # [1, S]
+                scores = apply_processors(self.processors, ids, scores[None])[0]
+            token = int(torch.argmax(scores))
+            drafted.append(token)
+            confidence = float(torch.softmax(scores, -1)[token])
+            if len(drafted) == size or token in self.eos_ids or confidence < self.threshold:
+                return drafted
+            scores = self._feed(sequence + drafted, len(self.held))
+
+    def kept(self, drafted: int, kept: int) -> None:
+        if drafted and self.adapts:
+            self.size = self.size + 2 if kept == drafted else max(1, self.size - 1)
+
+    def _shared(self, sequence: list[int]) -> int:
+        """How many of the cached tokens begin `sequence` (at most all but its last)."""
+        n = 0
+        for a, b in zip(self.held, sequence[:-1]):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def _feed(self, sequence: list[int], keep: int) -> torch.Tensor:
+        """Roll the cache back to its first `keep` columns, feed sequence[keep:]; the last one's
+        scores [V] float32."""
+        self.cache.length, self.held = keep, self.held[:keep]
+        new = sequence[keep:]
+        tokens = torch.tensor([new], device=self.model.device)  # [1, T]
+        if keep == 0:  # the prompt: a prefill
+            positions = torch.arange(len(new), device=tokens.device)[None]  # [1, T]
+            logits = self.model(tokens, positions, self.cache, None, None, True)  # [1, 1, V]
+        else:  # a token or two: rows of one native step
+            logits = verify(self.model, tokens, self.cache)  # [T, V]
+        self.held += new
+        return logits.reshape(-1, logits.shape[-1])[-1].float()  # [V]
+
+
+def drafter_for(
+    model: torch.nn.Module,
+    config: GenerationConfig,
+    capacity: int,
+    processors: list,
+    assistant: torch.nn.Module | None,
+):
+    """The drafter these settings ask for: an assistant model's, or prompt lookup's."""
+    if assistant is None:
+        return PromptLookup(config)
+    same_vocab = assistant.config.vocab_size == model.config.vocab_size
+    return AssistantDraft(assistant, config, capacity, processors if same_vocab else [])
+
+
 def speculative_steps(
-    model: torch.nn.Module, prompt: list[int], config: GenerationConfig, tokenizer=None
+    model: torch.nn.Module,
+    prompt: list[int],
+    config: GenerationConfig,
+    tokenizer=None,
+    assistant: torch.nn.Module | None = None,
 ) -> Iterator[Step]:
-    """Greedy search on one prompt with prompt lookup drafts: one Step per new token (its input_ids
-    are what its round fed), ending at the first stop."""
-    if config.prompt_lookup_num_tokens is None or config.do_sample or config.num_beams != 1 or not config.use_cache:
-        raise LlamascopeError("prompt lookup decoding runs greedy search with the KV cache on one prompt")
+    """Greedy search on one prompt with drafts (prompt lookup, or `assistant`'s): one Step per new
+    token (its input_ids are what its round fed, its `speculation` the round's draft), ending at
+    the first stop."""
+    if assistant is None and config.prompt_lookup_num_tokens is None:
+        raise LlamascopeError("speculative decoding needs prompt_lookup_num_tokens or an assistant model")
+    if config.do_sample or config.num_beams != 1 or not config.use_cache:
+        raise LlamascopeError(
+            "speculative decoding runs greedy search with the KV cache on one prompt "
+            "(do_sample=False, num_beams=1, use_cache=True); sampling and beams are not speculative here yet"
+        )
     device = model.device
     _, input_ids, _, max_length = prepare_batch(model, [prompt], config)
     T0 = input_ids.shape[1]
     rules = StopRules(config, tokenizer, max_length - T0)
     processors = build_processors(config, T0, torch.zeros(1, dtype=torch.long, device=device), model.config.vocab_size)
     cache = KVCache.for_model(model, 1, max_length)
+    drafter = drafter_for(model, config, max_length, processors, assistant)
     sequence = list(prompt)
-    ngram = config.max_matching_ngram_size or DEFAULT_NGRAM
-    budget = DraftBudget(config.prompt_lookup_num_tokens)
     step = 0
     with torch.inference_mode():
         fed = input_ids  # [1, T0]: the prompt first
@@ -121,7 +237,7 @@ def speculative_steps(
             positions = torch.arange(cached, cached + fed.shape[1], device=device)[None]  # [1, T]: what was fed
             check_finite(model, logits, lambda row: sequence, step)
             for t in range(len(draft) + 1):
-                scores = logits[t : t + 1]  # [1, V]
+                logits_t = scores = logits[t : t + 1]  # [1, V]
                 if processors:
                     scores = apply_processors(processors, torch.tensor([sequence], device=device), scores)
                 token = int(select_next(scores, config, None)[0])
@@ -129,15 +245,15 @@ def speculative_steps(
                 reason = rules.reason(sequence, len(sequence) - T0, rules.out_of_time())
                 mask = torch.ones(1, len(sequence) - 1, dtype=torch.long, device=device)  # [1, S]
                 next_tokens = torch.tensor([token], device=device)
-                yield Step(step, fed, positions, mask, cached, logits[t : t + 1], scores, next_tokens, None, [reason])
+                checked = Speculation(drafter.source, draft, t)
+                yield Step(step, fed, positions, mask, cached, logits_t, scores, next_tokens, None, [reason], checked)
                 step += 1
                 if reason is not None:
                     return
                 if t == len(draft) or token != draft[t]:
                     break
-            budget.kept(len(draft), t)  # (t: the draft tokens kept, the last choice being new)
+            drafter.kept(len(draft), t)  # (t: the draft tokens kept, the last choice being new)
             cache.length = len(sequence) - 1  # the kept tokens' columns but the newest's
-            size = min(budget.next(), max(0, max_length - len(sequence) - 1))  # (a round adds size + 1 at most)
-            draft = lookup(sequence, size, ngram, config.eos_token_id) if size else []
+            draft = drafter.draft(sequence, max(0, max_length - len(sequence) - 1))  # (a round adds 1 + draft)
             fed = torch.tensor([sequence[-1:] + draft], device=device)  # [1, T]
             logits = verify(model, fed, cache)  # [T, V]

@@ -235,6 +235,23 @@ class Tokenizer:
         return cls(backend, source=str(tokenizer_json))
 
 
+def vocabulary_difference(a: Tokenizer | None, b: Tokenizer | None, a_config=None, b_config=None) -> str | None:
+    """How two models' vocabularies differ, in a few words, or None where they agree: the same
+    token for every id of their tokenizers (added tokens included). Without both tokenizers, the
+    models' vocab_size (from their configs) must agree instead."""
+    if a is None or b is None:
+        sizes = (a_config.vocab_size, b_config.vocab_size) if a_config and b_config else (None, None)
+        return None if sizes[0] == sizes[1] else f"vocab_size {sizes[0]} against {sizes[1]}"
+    va, vb = a.backend.get_vocab(with_added_tokens=True), b.backend.get_vocab(with_added_tokens=True)
+    if len(va) != len(vb):
+        return f"{len(va)} tokens against {len(vb)}"
+    for token, token_id in sorted(va.items(), key=lambda item: item[1]):
+        if vb.get(token) != token_id:
+            other = "absent" if token not in vb else f"id {vb[token]}"
+            return f"token {token!r} is id {token_id} in the first, {other} in the second"
+    return None
+
+
 def check_text(text: str, where: str) -> None:
     """Refuse text that is not valid Unicode, naming where it came from: a lone surrogate, which is
     what invalid UTF-8 bytes in argv become, or an unpaired \\ud800-\\udfff escape in JSON."""

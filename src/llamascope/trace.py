@@ -475,6 +475,7 @@ def trace(
     attention_weights: bool = False,
     defaults: dict[str, Any] | None = None,
     defaults_source: str = "default (caller)",
+    assistant_model=None,
     **settings: Any,
 ) -> Trace:
     """Generate for one prompt and record every step (greedy search or sampling).
@@ -485,11 +486,15 @@ def trace(
     new tokens); they win like the call's settings, and the trace names their source
     `defaults_source` ("default (CLI)") rather than "call".
     `activations`: glob patterns of capture names to keep per step (off by default).
+    `assistant_model`: as in `Engine.generate` (speculative steps show their drafts).
     """
     plan = _plan(engine, prompt, chat, settings, defaults or {}, defaults_source)
+    assistant = engine.assistant(assistant_model)
     recorder = ActivationRecorder(activations, attention_weights) if (activations or attention_weights) else None
     record = _Recorder(engine.model, engine.tokenizer, plan.settings, plan.ids, top, lens, recorder)
-    result = generate(engine.model, [plan.ids], plan.settings, on_step=record.on_step, capture=record.capture)
+    result = generate(
+        engine.model, [plan.ids], plan.settings, on_step=record.on_step, capture=record.capture, assistant=assistant
+    )
     return _assemble(engine, plan, record, result, top, lens)
 
 

@@ -154,29 +154,71 @@ static void gemv_q8_0(const uint8_t *w, int N, int K, const int8_t *xq, const fl
 
 /* ---- float weights ------------------------------------------------------------------------ */
 
-/* y[T, N] = x[T, K] @ W[N, K]^T, W float32. One weight row at a time, read as one stream (a thread's
- * rows are contiguous) with four sums in flight; several rows of x reuse the row from L1 (one stream
- * reads faster from memory than four rows side by side). */
-void gemv_f32(const float *w, int N, int K, const float *x, int T, float *y, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int n = 0; n < N; n++) {
-        const float *r = w + (int64_t)n * K;
+/* y[T, N] = x[T, K] @ W[N, K]^T, W float32.
+ *
+ *   every y[t, n] = lanes(acc) + tail,  acc = fma over k = 0, 16, 32, ... of W[n, k:k+16] * x[t, k:k+16]
+ *
+ * one accumulator per output, summed in k order whatever T is and whichever rows share a pass, so
+ * a row gets the bits it gets alone (the decode step's rows, speculative decoding's drafted
+ * positions). Rows of x are taken up to 8 at a time against F32_TILE weight rows: each weight
+ * vector loaded serves up to 8 rows and each x vector F32_TILE weight rows (one load per FMA was
+ * the bound of a row-at-a-time loop). With one row of x, F32_TILE chains hide the FMA latency. */
+#define F32_TILE 1
+
+static inline float f32_finish(__m512 acc, const float *r, const float *xt, int k, int K) {
+    float sum = _mm512_reduce_add_ps(acc);
+    for (; k < K; k++) sum += r[k] * xt[k];
+    return sum;
+}
+
+/* y[t, n0 + j] for j < NR (NR weight rows from r, stride K) and t < T (T <= 8 rows of x, stride K);
+ * y's row stride is N. NR and T are constants where it is inlined, so the sums stay in registers. */
+static inline __attribute__((always_inline)) void f32_tile(const float *r, int K, const float *x, const int T,
+                                                           const int NR, float *y, int N) {
+    __m512 acc[F32_TILE][8];
+    for (int j = 0; j < NR; j++)
+        for (int t = 0; t < T; t++) acc[j][t] = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 w[F32_TILE];
+        for (int j = 0; j < NR; j++) {
+            if ((k & 63) == 0) prefetch_ahead_256((const char *)(r + (int64_t)j * K + k));
+            w[j] = _mm512_loadu_ps(r + (int64_t)j * K + k);
+        }
         for (int t = 0; t < T; t++) {
-            const float *xt = x + (int64_t)t * K;
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            int k = 0;
-            for (; k + 64 <= K; k += 64) {
-                const char *line = (const char *)(r + k);
-                prefetch_ahead_256(line);
-                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k), _mm512_loadu_ps(xt + k), a0);
-                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k + 16), _mm512_loadu_ps(xt + k + 16), a1);
-                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k + 32), _mm512_loadu_ps(xt + k + 32), a2);
-                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k + 48), _mm512_loadu_ps(xt + k + 48), a3);
+            const __m512 xv = _mm512_loadu_ps(x + (int64_t)t * K + k);
+            for (int j = 0; j < NR; j++) acc[j][t] = _mm512_fmadd_ps(w[j], xv, acc[j][t]);
+        }
+    }
+    for (int j = 0; j < NR; j++)
+        for (int t = 0; t < T; t++) y[(int64_t)t * N + j] = f32_finish(acc[j][t], r + (int64_t)j * K, x + (int64_t)t * K, k, K);
+}
+
+static void f32_tile_rows(const float *r, int K, const float *x, int T, int NR, float *y, int N) {
+#define F32_CASE(R)                                         \
+    case R:                                                 \
+        if (NR == F32_TILE) f32_tile(r, K, x, R, F32_TILE, y, N); \
+        else f32_tile(r, K, x, R, 1, y, N);                 \
+        break;
+    switch (T) { F32_CASE(1) F32_CASE(2) F32_CASE(3) F32_CASE(4) F32_CASE(5) F32_CASE(6) F32_CASE(7) F32_CASE(8) }
+#undef F32_CASE
+}
+
+void gemv_f32(const float *w, int N, int K, const float *x, int T, float *y, int nthreads) {
+    const int tiles = (N + F32_TILE - 1) / F32_TILE;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int i = 0; i < tiles; i++) {
+        const int n0 = i * F32_TILE;
+        const int rows = N - n0 < F32_TILE ? N - n0 : F32_TILE;
+        for (int t0 = 0; t0 < T; t0 += 8) {
+            const int tr = T - t0 < 8 ? T - t0 : 8;
+            const float *xt = x + (int64_t)t0 * K;
+            float *yt = y + (int64_t)t0 * N + n0;
+            if (rows == F32_TILE) {
+                f32_tile_rows(w + (int64_t)n0 * K, K, xt, tr, F32_TILE, yt, N);
+            } else {
+                for (int j = 0; j < rows; j++) f32_tile_rows(w + (int64_t)(n0 + j) * K, K, xt, tr, 1, yt + j, N);
             }
-            for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k), _mm512_loadu_ps(xt + k), a0);
-            float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-            for (; k < K; k++) sum += r[k] * xt[k];
-            y[(int64_t)t * N + n] = sum;
         }
     }
 }
