@@ -89,8 +89,8 @@ def test_prompt_lookup_gives_transformers_prompt_lookup_tokens(tiny_model):
 @pytest.mark.parametrize(
     "settings,message",
     [
-        (dict(do_sample=True), "prompt_lookup_num_tokens.*greedy search"),
-        (dict(num_beams=2), "prompt_lookup_num_tokens.*greedy search"),
+        (dict(do_sample=True, num_return_sequences=2), "one sequence of one prompt"),
+        (dict(num_beams=2), "prompt_lookup_num_tokens.*num_beams=1"),
         (dict(use_cache=False), "prompt_lookup_num_tokens.*KV cache"),
         (dict(prompt_lookup_num_tokens=0), "prompt_lookup_num_tokens.*must be an integer >= 1"),
         (dict(max_matching_ngram_size=0), "max_matching_ngram_size.*must be an integer >= 1"),
@@ -240,8 +240,8 @@ def test_an_assistant_of_another_vocabulary_is_refused_naming_both(tiny_model):
 @pytest.mark.parametrize(
     "settings,message",
     [
-        (dict(do_sample=True), "greedy search"),
-        (dict(num_beams=2), "greedy search"),
+        (dict(do_sample=True, num_return_sequences=2), "one sequence of one prompt"),
+        (dict(num_beams=2), "num_beams=1"),
         (dict(num_assistant_tokens=0), "num_assistant_tokens.*must be an integer >= 1"),
         (dict(num_assistant_tokens_schedule="fast"), "num_assistant_tokens_schedule.*constant, heuristic"),
         (dict(assistant_confidence_threshold=1.5), r"assistant_confidence_threshold.*\[0, 1\]"),
@@ -262,3 +262,63 @@ def test_generate_command_takes_an_assistant_model_and_prints_the_same_text(tiny
     plain = capsys.readouterr().out
     assert main([*command, "--assistant-model", str(small), "--num-assistant-tokens", "3"]) == 0
     assert capsys.readouterr().out == plain
+
+
+# ---- sampling ---------------------------------------------------------------------------------
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    prompt=st.lists(st.integers(3, 40), min_size=2, max_size=30), num_tokens=st.integers(1, 9), seed=st.integers(0, 99)
+)
+def test_prompt_lookup_sampling_draws_the_tokens_of_sampling_without_drafts(tiny, prompt, num_tokens, seed):
+    """Each position is drawn from the model's distribution, one draw a position in order: with a
+    seed, the very tokens (and log-probabilities) of sampling without drafts."""
+    common = dict(max_new_tokens=20, eos_token_id=[2], output_logprobs=1, do_sample=True, top_k=20, seed=seed)
+    plain = generate(tiny, prompt, **common)
+    drafted = generate(tiny, prompt, prompt_lookup_num_tokens=num_tokens, **common)
+    assert drafted.output_ids == plain.output_ids and drafted.logprobs == plain.logprobs
+
+
+def _distribution(model, ids: list[int], **sampling) -> torch.Tensor:
+    """The processed distribution [V] the model samples the token after `ids` from."""
+    steps = []
+    generate(model, ids, max_new_tokens=1, eos_token_id=[], on_step=steps.append, seed=0, **sampling)
+    return steps[0].scores[0].softmax(-1).double()
+
+
+def test_assisted_sampling_follows_the_model_distribution(tiny_model):
+    """The rejection rule on a draft from another model (the model with noise on its LM head: some
+    drafts kept, most refused): the second new token, whose draft is checked, is distributed as the
+    model's own sampling gives it, sum over x of p(x) p(y | x) (a chi-square test), and not as the
+    assistant's would be."""
+    from test_sampling import chi_square_p_value
+
+    model, helper = load_model(tiny_model).model, load_model(tiny_model, LoadOptions(backend="plain")).model
+    with torch.no_grad():
+        weight = helper.lm_head.weight
+        weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * 0.1)
+    sampling = dict(do_sample=True, temperature=1.0, top_k=6)
+    ids = [1, 40, 41, 42]
+    counts = torch.zeros(model.config.vocab_size, dtype=torch.float64)
+    kept = drafted = 0
+    for seed in range(2000):
+        steps = []
+        config = GenerationConfig.resolve(model.config, None, max_new_tokens=3, eos_token_id=[], seed=seed, **sampling)
+        config.num_assistant_tokens, config.assistant_confidence_threshold = 1, 0.0
+        generate(model, ids, config, on_step=steps.append, assistant=helper)
+        second = steps[1]
+        assert second.speculation.checked  # its token went through the rejection rule
+        counts[int(second.next_tokens[0])] += 1
+        drafted += 1
+        kept += second.speculation.accepts(int(second.next_tokens[0]))
+    first = _distribution(model, ids, **sampling)
+    expected = sum(first[x] * _distribution(model, ids + [x], **sampling) for x in first.nonzero()[:, 0].tolist())
+    assert chi_square_p_value(counts, expected) > 1e-3
+    assert 0.05 < kept / drafted < 0.95  # drafts were both kept and refused
+    assistant_first = _distribution(helper, ids, **sampling)
+    theirs = sum(
+        assistant_first[x] * _distribution(helper, ids + [x], **sampling)
+        for x in assistant_first.nonzero()[:, 0].tolist()
+    )
+    assert chi_square_p_value(counts, theirs) < 1e-3  # (the test tells the two apart)

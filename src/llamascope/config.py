@@ -587,9 +587,9 @@ AGREEMENT_RULES = (
     ),
     (
         "prompt_lookup_num_tokens",
-        lambda c: c.prompt_lookup_num_tokens is None or (c.num_beams == 1 and not c.do_sample and c.use_cache),
-        "works with greedy search and the KV cache (do_sample=False, num_beams=1, use_cache=True); "
-        "sampling and beams are not speculative here yet",
+        lambda c: c.prompt_lookup_num_tokens is None or (c.num_beams == 1 and c.use_cache),
+        "works with greedy search or sampling and the KV cache (num_beams=1, use_cache=True); "
+        "beams are not speculative here yet",
     ),
 )
 # Checked only when sampling; otherwise these settings are ignored (with a warning, see SAMPLING_ONLY).

@@ -17,6 +17,14 @@ Greedy search gives the tokens it gives without drafts, to the bit:
         the cache keeps the columns of the kept tokens but the newest (the rest are rolled back:
         the next round writes over them)
 
+Sampling keeps the target model's distribution. Prompt lookup's drafts are checked as transformers
+checks them: each position's token is drawn from the model's processed distribution, one draw a
+position in order, and the round goes on while it is the drafted one; with a seed that gives the
+very tokens of sampling without drafts. An assistant samples its draft from its own processed
+distribution q, and each drafted token x is kept with probability min(1, p(x) / q(x)), p being the
+model's; the first one refused is replaced by a draw from max(0, p - q), normalised (the standard
+rejection rule of speculative sampling), and a draft kept whole is followed by a draw from p.
+
 A pass over T positions reads the weights once instead of T times. On the native backend it is one
 decode step over T rows of one sequence (`DecodeStep.verify`), whose rows get the numbers of T
 one-token steps (a draft longer than the step's 8 rows goes in several such calls). Where that does
@@ -36,7 +44,7 @@ from .config import GenerationConfig
 from .decode_step import DecodeStep
 from .errors import LlamascopeError
 from .layers import KERNEL_MAX_ROWS
-from .sampling import apply_processors, build_processors, select_next
+from .sampling import apply_processors, build_processors, make_generator, select_next
 from .stopping import StopRules
 
 DEFAULT_NGRAM = 2  # transformers' max_matching_ngram_size
@@ -106,6 +114,7 @@ class PromptLookup:
     """Drafts from the sequence itself: `lookup` with transformers' n-gram rule, sized by a DraftBudget."""
 
     source = "prompt lookup"
+    proposals: list[torch.Tensor] = []  # (its drafts are not drawn from a distribution)
 
     def __init__(self, config: GenerationConfig):
         self.budget = DraftBudget(config.prompt_lookup_num_tokens)
@@ -133,8 +142,17 @@ class AssistantDraft:
 
     source = "assistant"
 
-    def __init__(self, assistant: torch.nn.Module, config: GenerationConfig, capacity: int, processors: list):
+    def __init__(
+        self,
+        assistant: torch.nn.Module,
+        config: GenerationConfig,
+        capacity: int,
+        processors: list,
+        generator: torch.Generator | None,
+    ):
         self.model = assistant
+        self.sampling, self.generator = config.do_sample, generator
+        self.proposals: list[torch.Tensor] = []  # sampling: the distribution [V] each draft token came from
         self.cache = KVCache.for_model(assistant, 1, capacity)
         self.held: list[int] = []  # the tokens whose keys and values the cache holds, in order
         self.size = config.num_assistant_tokens
@@ -145,6 +163,7 @@ class AssistantDraft:
 
     def draft(self, sequence: list[int], most: int) -> list[int]:
         size = min(self.size, most)
+        self.proposals = []
         if size <= 0:
             return []
         scores = self._feed(sequence, self._shared(sequence))  # [V]
@@ -153,9 +172,14 @@ class AssistantDraft:
             if self.processors:
                 ids = torch.tensor([sequence + drafted], device=self.model.device)  # [1, S]
                 scores = apply_processors(self.processors, ids, scores[None])[0]
-            token = int(torch.argmax(scores))
+            probs = torch.softmax(scores, -1)  # [V]
+            if self.sampling:
+                token = int(torch.multinomial(probs, 1, generator=self.generator))
+                self.proposals.append(probs)
+            else:
+                token = int(torch.argmax(scores))
             drafted.append(token)
-            confidence = float(torch.softmax(scores, -1)[token])
+            confidence = float(probs[token])
             if len(drafted) == size or token in self.eos_ids or confidence < self.threshold:
                 return drafted
             scores = self._feed(sequence + drafted, len(self.held))
@@ -194,12 +218,44 @@ def drafter_for(
     capacity: int,
     processors: list,
     assistant: torch.nn.Module | None,
+    generator: torch.Generator | None,
 ):
     """The drafter these settings ask for: an assistant model's, or prompt lookup's."""
     if assistant is None:
         return PromptLookup(config)
     same_vocab = assistant.config.vocab_size == model.config.vocab_size
-    return AssistantDraft(assistant, config, capacity, processors if same_vocab else [])
+    return AssistantDraft(assistant, config, capacity, processors if same_vocab else [], generator)
+
+
+def choose(
+    scores: torch.Tensor,
+    draft: list[int],
+    t: int,
+    proposals: list[torch.Tensor],
+    config: GenerationConfig,
+    generator: torch.Generator | None,
+) -> int:
+    """The token at position t of a round from the model's processed scores [1, V]: greedy search's;
+    a draw from them (sampling, draft not sampled: prompt lookup); or, where draft[t] was drawn from
+    proposals[t] (an assistant's sampling), the rejection rule: draft[t] kept with probability
+    min(1, p / q), else a draw from max(0, p - q) normalised."""
+    if not config.do_sample or t >= len(proposals):
+        return int(select_next(scores, config, generator)[0])
+    p = torch.softmax(scores[0], -1)  # [V]
+    q = _over(proposals[t], p.shape[0])  # [V]
+    x = draft[t]
+    p_x, q_x = (float(p[x]), float(q[x])) if x < p.shape[0] else (0.0, 1.0)
+    if float(torch.rand((), generator=generator, device=p.device)) * q_x < p_x:
+        return x
+    residual = (p - q).clamp_min(0)  # [V]; zero at x, which was refused
+    if float(residual.sum()) <= 0:
+        residual = p
+    return int(torch.multinomial(residual, 1, generator=generator))
+
+
+def _over(q: torch.Tensor, V: int) -> torch.Tensor:
+    """An assistant's distribution over the model's V ids (its extra ids cut off, missing ones 0)."""
+    return q[:V] if q.shape[0] >= V else torch.cat([q, q.new_zeros(V - q.shape[0])])
 
 
 def speculative_steps(
@@ -214,10 +270,10 @@ def speculative_steps(
     the first stop."""
     if assistant is None and config.prompt_lookup_num_tokens is None:
         raise LlamascopeError("speculative decoding needs prompt_lookup_num_tokens or an assistant model")
-    if config.do_sample or config.num_beams != 1 or not config.use_cache:
+    if config.num_beams != 1 or config.num_return_sequences != 1 or not config.use_cache:
         raise LlamascopeError(
-            "speculative decoding runs greedy search with the KV cache on one prompt "
-            "(do_sample=False, num_beams=1, use_cache=True); sampling and beams are not speculative here yet"
+            "speculative decoding runs greedy search or sampling with the KV cache, one sequence of one "
+            "prompt (num_beams=1, num_return_sequences=1, use_cache=True); beams are not speculative here yet"
         )
     device = model.device
     _, input_ids, _, max_length = prepare_batch(model, [prompt], config)
@@ -225,13 +281,15 @@ def speculative_steps(
     rules = StopRules(config, tokenizer, max_length - T0)
     processors = build_processors(config, T0, torch.zeros(1, dtype=torch.long, device=device), model.config.vocab_size)
     cache = KVCache.for_model(model, 1, max_length)
-    drafter = drafter_for(model, config, max_length, processors, assistant)
+    generator = make_generator(config, device) if config.do_sample else None
+    drafter = drafter_for(model, config, max_length, processors, assistant, generator)
     sequence = list(prompt)
     step = 0
     with torch.inference_mode():
         fed = input_ids  # [1, T0]: the prompt first
         logits = model(fed, torch.arange(T0, device=device)[None], cache, None, last_only=True)[0].float()  # [1, V]
         draft: list[int] = []
+        proposals: list[torch.Tensor] = []  # what draft's tokens were drawn from (an assistant's sampling)
         while True:
             cached = cache.length - fed.shape[1]  # the cache's columns before this round
             positions = torch.arange(cached, cached + fed.shape[1], device=device)[None]  # [1, T]: what was fed
@@ -240,7 +298,7 @@ def speculative_steps(
                 logits_t = scores = logits[t : t + 1]  # [1, V]
                 if processors:
                     scores = apply_processors(processors, torch.tensor([sequence], device=device), scores)
-                token = int(select_next(scores, config, None)[0])
+                token = choose(scores, draft, t, proposals, config, generator)
                 sequence.append(token)
                 reason = rules.reason(sequence, len(sequence) - T0, rules.out_of_time())
                 mask = torch.ones(1, len(sequence) - 1, dtype=torch.long, device=device)  # [1, S]
@@ -255,5 +313,6 @@ def speculative_steps(
             drafter.kept(len(draft), t)  # (t: the draft tokens kept, the last choice being new)
             cache.length = len(sequence) - 1  # the kept tokens' columns but the newest's
             draft = drafter.draft(sequence, max(0, max_length - len(sequence) - 1))  # (a round adds 1 + draft)
+            proposals = drafter.proposals
             fed = torch.tensor([sequence[-1:] + draft], device=device)  # [1, T]
             logits = verify(model, fed, cache)  # [T, V]
