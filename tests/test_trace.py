@@ -324,3 +324,31 @@ def test_golden_trace_on_the_default_model(default_engine):
     for heading in ("1. tokenization", "greedy search", "step 7 (decode", "per-position predictions", "logit lens"):
         assert heading in text
     assert repr(golden["predictions_text"]) in text and repr(golden["text"]) in text
+
+
+# ---- speculative decoding -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("drafts", ["prompt lookup", "assistant"])
+def test_trace_shows_each_speculative_steps_draft_and_why_it_was_kept_or_refused(engine, model_factory, drafts):
+    """The same tokens as without drafts; every step after the prompt names its round's draft and
+    the token it checked; a refused draft token says what the model chose instead and where the
+    draft's token ranked; the lens reads each step's own position of the round's pass."""
+    small = model_factory("assistant-small", seed=7, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    prompt = "one two three four one two three four one two"
+    extra = dict(prompt_lookup_num_tokens=3) if drafts == "prompt lookup" else dict(assistant_model=str(small))
+    plain = trace(engine, prompt, max_new_tokens=12, lens=True)
+    drafted = trace(engine, prompt, max_new_tokens=12, lens=True, **extra)
+    assert drafted.output_ids == plain.output_ids
+    assert drafted.lens.positions == plain.lens.positions
+    assert drafted.lens.final_layer_max_abs_diff < 1e-3
+    checks = [s.speculation for s in drafted.steps[1:]]
+    assert all(c is not None and c.source == drafts for c in checks)
+    checked = [c for c in checks if c.index < len(c.draft)]
+    assert checked and all(c.kept == (c.why == "the model chose the drafted token") for c in checked)
+    refused = [c for c in checked if not c.kept]
+    assert refused and all(re.match(r"refused: the model chose .* not the draft's .*rank \d+", c.why) for c in refused)
+    text = _render(drafted)
+    assert f"draft ({drafts}): [" in text and "refused: the model chose" in text
+    step = drafted.to_json()["steps"][1]["speculation"]
+    assert step["source"] == drafts and {"draft", "index", "kept", "why"} <= set(step)

@@ -36,6 +36,8 @@ class Speculation:
     source: str
     draft: list[int]
     index: int
+    # an assistant's sampling: the probability it drew draft[index] with (the rejection rule's q)
+    draft_prob: float | None = None
 
     @property
     def checked(self) -> bool:

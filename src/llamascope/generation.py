@@ -194,7 +194,7 @@ def generate(
     if config.prompt_lookup_num_tokens is not None or assistant is not None:
         if len(prompts) != 1:
             raise LlamascopeError(f"speculative decoding: one prompt at a time, found {len(prompts)}")
-        steps = speculative_steps(model, prompts[0], config, tokenizer, assistant)
+        steps = speculative_steps(model, prompts[0], config, tokenizer, assistant, capture)
         return _collect(steps, prompts, config, tokenizer, on_step)
     if config.num_beams > 1:
         return beam_search(model, prompts, config, tokenizer=tokenizer, on_step=on_step)

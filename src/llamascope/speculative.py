@@ -34,7 +34,7 @@ the same tokens, no gain.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -264,10 +264,13 @@ def speculative_steps(
     config: GenerationConfig,
     tokenizer=None,
     assistant: torch.nn.Module | None = None,
+    capture: Callable[[int], dict | None] | None = None,
 ) -> Iterator[Step]:
-    """Greedy search on one prompt with drafts (prompt lookup, or `assistant`'s): one Step per new
-    token (its input_ids are what its round fed, its `speculation` the round's draft), ending at
-    the first stop."""
+    """Greedy search or sampling on one prompt with drafts (prompt lookup, or `assistant`'s): one
+    Step per new token (its input_ids are what its round fed, its `speculation` the round's draft),
+    ending at the first stop. `capture` (as in generate_steps): each pass's activations, the
+    prompt's and each round's (then the round goes through the model's layers, not the native
+    verification step), shared by the round's Steps."""
     if assistant is None and config.prompt_lookup_num_tokens is None:
         raise LlamascopeError("speculative decoding needs prompt_lookup_num_tokens or an assistant model")
     if config.num_beams != 1 or config.num_return_sequences != 1 or not config.use_cache:
@@ -287,7 +290,8 @@ def speculative_steps(
     step = 0
     with torch.inference_mode():
         fed = input_ids  # [1, T0]: the prompt first
-        logits = model(fed, torch.arange(T0, device=device)[None], cache, None, last_only=True)[0].float()  # [1, V]
+        acts = capture(0) if capture is not None else None
+        logits = model(fed, torch.arange(T0, device=device)[None], cache, None, acts, True)[0].float()  # [1, V]
         draft: list[int] = []
         proposals: list[torch.Tensor] = []  # what draft's tokens were drawn from (an assistant's sampling)
         while True:
@@ -303,8 +307,9 @@ def speculative_steps(
                 reason = rules.reason(sequence, len(sequence) - T0, rules.out_of_time())
                 mask = torch.ones(1, len(sequence) - 1, dtype=torch.long, device=device)  # [1, S]
                 next_tokens = torch.tensor([token], device=device)
-                checked = Speculation(drafter.source, draft, t)
-                yield Step(step, fed, positions, mask, cached, logits_t, scores, next_tokens, None, [reason], checked)
+                q = float(proposals[t][draft[t]]) if t < len(proposals) else None
+                checked = Speculation(drafter.source, draft, t, q)
+                yield Step(step, fed, positions, mask, cached, logits_t, scores, next_tokens, acts, [reason], checked)
                 step += 1
                 if reason is not None:
                     return
@@ -315,4 +320,9 @@ def speculative_steps(
             draft = drafter.draft(sequence, max(0, max_length - len(sequence) - 1))  # (a round adds 1 + draft)
             proposals = drafter.proposals
             fed = torch.tensor([sequence[-1:] + draft], device=device)  # [1, T]
-            logits = verify(model, fed, cache)  # [T, V]
+            acts = capture(step) if capture is not None else None
+            if acts is None:
+                logits = verify(model, fed, cache)  # [T, V]
+            else:  # through the layers, which record
+                at = torch.arange(cache.length, cache.length + fed.shape[1], device=device)[None]  # [1, T]
+                logits = model(fed, at, cache, None, acts)[0].float()  # [T, V]

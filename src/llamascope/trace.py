@@ -138,6 +138,26 @@ class TokenChoice:
 
 
 @dataclass
+class DraftCheck:
+    """A speculative step: its round's draft and what became of the draft token it checked."""
+
+    source: str  # "prompt lookup" or "assistant"
+    draft: list[TokenChoice]  # the round's drafted tokens, with the model's p for each at this step
+    index: int  # the draft token this step checked (== len(draft): none left, the model's own token)
+    kept: bool
+    why: str  # in words: why the checked token was kept or refused
+
+    def to_json(self) -> dict:
+        return {
+            "source": self.source,
+            "draft": [c.to_json() for c in self.draft],
+            "index": self.index,
+            "kept": self.kept,
+            "why": self.why,
+        }
+
+
+@dataclass
 class StepTrace:
     index: int
     input_ids: list[list[int]]  # [B, T] fed this step
@@ -149,6 +169,7 @@ class StepTrace:
     chosen: TokenChoice
     top: list[TokenChoice]
     activations: dict[str, torch.Tensor] = field(default_factory=dict)
+    speculation: DraftCheck | None = None  # speculative decoding: the round's draft and this step's check
 
     @property
     def cache_state(self) -> str:
@@ -175,6 +196,7 @@ class StepTrace:
             "chosen": self.chosen.to_json(),
             "top": [c.to_json() for c in self.top],
             "activations": {name: list(t.shape) for name, t in self.activations.items()},
+            "speculation": None if self.speculation is None else self.speculation.to_json(),
         }
 
 
@@ -384,7 +406,42 @@ class _Recorder:
             chosen=chosen,
             top=top,
             activations=self.activations.select(acts) if self.activations is not None else {},
+            speculation=self._draft_check(step, chosen) if step.speculation is not None else None,
         )
+
+    def _draft_check(self, step, chosen: TokenChoice) -> DraftCheck:
+        """The round's draft as the model saw it at this step, and why the checked token fared as it did."""
+        spec = step.speculation
+        probs = step.scores[0].softmax(-1)  # [V]
+        logits, model_probs = step.logits[0], step.logits[0].softmax(-1)
+        draft = [
+            TokenChoice(i, self.text(i), float(probs[i]), float(model_probs[i]), float(logits[i])) for i in spec.draft
+        ]
+        kept = spec.accepts(chosen.id)
+        if not spec.checked:
+            why = (
+                "no draft this round: a plain step"
+                if not spec.draft
+                else "the draft was kept whole: the model's own next token"
+            )
+        elif kept and spec.draft_prob is None:
+            why = "the model chose the drafted token"
+        elif kept:
+            why = f"kept with probability min(1, p/q) = min(1, {draft[spec.index].prob:.4f}/{spec.draft_prob:.4f})"
+        else:
+            theirs = draft[spec.index]
+            rank = int((probs > probs[theirs.id]).sum()) + 1
+            if spec.draft_prob is None:
+                why = (
+                    f"refused: the model chose {chosen.text!r} (p = {chosen.prob:.4f}), not the draft's "
+                    f"{theirs.text!r} (p = {theirs.prob:.4f}, rank {rank}); the rest of the draft is dropped"
+                )
+            else:
+                why = (
+                    f"refused: kept with probability min(1, p/q) = min(1, {theirs.prob:.4f}/{spec.draft_prob:.4f}) "
+                    f"and the draw said no; {chosen.text!r} drawn from max(0, p - q) instead"
+                )
+        return DraftCheck(spec.source, draft, spec.index, kept, why)
 
     def _choices(self, step) -> tuple[TokenChoice, list[TokenChoice]]:
         """The chosen token and the `top` most probable ones under the processed scores."""
@@ -415,20 +472,27 @@ class _Recorder:
         """Final norm + LM head on the residual stream after each layer, at this step's new positions."""
         model = self.model
         L = model.config.num_hidden_layers
-        new = step.input_ids.shape[1] if step.index == 0 else 1
-        self.lens_positions.extend(step.position_ids[0, -new:].tolist())
+        T = step.input_ids.shape[1]
+        if step.index == 0:
+            cols = slice(0, T)  # the prompt's positions
+        elif step.speculation is not None:  # a speculative round's pass: this step's own position
+            cols = slice(step.speculation.index, step.speculation.index + 1)
+        else:
+            cols = slice(T - 1, T)
+        new = cols.stop - cols.start
+        self.lens_positions.extend(step.position_ids[0, cols].tolist())
         if not self.lens_cells:
             self.lens_cells = [[] for _ in range(L + 1)]
-        streams = [acts["embed"]] + [acts[f"layers.{i}.output"] for i in range(L)]
+        streams = [acts["embed"][:, cols]] + [acts[f"layers.{i}.output"][:, cols] for i in range(L)]
         with torch.inference_mode():
-            final = lens_logits(model, streams[-1], new)[0]  # [new, V], the model's own computation
-            reference = acts["logits"][0, -new:].float() if step.index == 0 else step.logits
+            final = lens_logits(model, streams[-1])[0]  # [new, V], the model's own computation
+            reference = acts["logits"][0, cols].float() if step.index == 0 else step.logits
             self.lens_max_diff = max(self.lens_max_diff, (final - reference).abs().max().item())
             # The other layers in one product per chunk of positions (at most ~64 MB of logits).
             chunk = max(1, (1 << 24) // (L * model.config.vocab_size))
             for lo in range(0, new, chunk):
                 hi = min(new, lo + chunk)
-                normed = torch.cat([model.model.norm(s)[:, -new:][:, lo:hi] for s in streams[:-1]])  # [L, n, hidden]
+                normed = torch.cat([model.model.norm(s)[:, lo:hi] for s in streams[:-1]])  # [L, n, hidden]
                 logits = torch.cat([model.lm_head(normed).float(), final[None, lo:hi]])  # [L + 1, n, V]
                 values, indices = torch.topk(logits.softmax(-1), min(self.top, logits.shape[-1]), dim=-1)
                 for row, (vs_row, ids_row) in enumerate(zip(values.tolist(), indices.tolist())):
@@ -696,16 +760,32 @@ def _render_step(t: Trace, s: StepTrace, console) -> None:
     section(console, f"step {s.index} ({_phase(s)})")
     console.print(_inputs_table(s))
     console.print(_forward_table(s))
+    if s.speculation is not None and s.index > 0:
+        _render_draft_check(s.speculation, console)
     _line(console, f"next token: [bold]{s.chosen.text!r}[/bold] (id {s.chosen.id}), p = {s.chosen.prob:.4f}")
     console.print(_top_table(s, sampled=t.settings.do_sample))
     if s.index == 0 and t.predictions:
         _render_predictions(t, console)
 
 
+def _render_draft_check(check: DraftCheck, console) -> None:
+    """A speculative step: the round's draft, the token this step checked, and why it was kept or not."""
+    drafted = ", ".join(
+        f"[bold]{c.text!r}[/bold]" if i == check.index else repr(c.text) for i, c in enumerate(check.draft)
+    )
+    where = f"checks draft token {check.index + 1} of {len(check.draft)}" if check.index < len(check.draft) else ""
+    _line(console, f"draft ({check.source}): [{drafted}]" + (f"; this step {where}" if where else ""))
+    _line(console, check.why)
+
+
 def _phase(s: StepTrace) -> str:
     """What kind of forward pass the step made."""
     if s.index == 0:
         return "prefill: the whole prompt in one forward pass"
+    if s.speculation is not None and s.speculation.draft:
+        return f"speculative: {len(s.input_ids[0])} positions, the newest token and its draft, in one pass"
+    if s.speculation is not None:
+        return "decode: one new token with the cache (no draft this round)"
     return "decode: one new token with the cache" if s.use_cache else "decode: the whole sequence again"
 
 
