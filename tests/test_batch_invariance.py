@@ -28,12 +28,17 @@ from llamascope.server.scheduler import Delta, Done, Request, Scheduler, Sequenc
 VOCAB = 250  # token ids drawn below this (both test models' vocabularies are larger)
 EXAMPLES = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
-# (prompt ids, new tokens, seed: None for greedy, n choices)
+# (prompt ids, new tokens, seed: None for greedy, n choices, prompt lookup: None or K). Some prompts
+# come from a few ids, so that their n-grams repeat and prompt lookup drafts.
 one_request = st.tuples(
-    st.lists(st.integers(3, VOCAB - 1), min_size=1, max_size=48),
+    st.one_of(
+        st.lists(st.integers(3, VOCAB - 1), min_size=1, max_size=48),
+        st.lists(st.integers(3, 9), min_size=2, max_size=48),
+    ),
     st.integers(1, 10),
     st.one_of(st.none(), st.integers(0, 2**16)),
     st.integers(1, 2),
+    st.one_of(st.none(), st.integers(1, 6)),
 )
 requests = st.lists(one_request, min_size=1, max_size=7)
 # Long prompts that begin alike: (how much of a shared beginning, own ending, new tokens, seed)
@@ -87,9 +92,12 @@ def served(request, model_factory, tmp_path_factory):
     assert scheduler.stop() and scheduler.error is None
 
 
-def _config(engine, new_tokens: int, seed: int | None):
+def _config(engine, new_tokens: int, seed: int | None, lookup: int | None = None):
     sampling = {} if seed is None else dict(do_sample=True, seed=seed, temperature=0.8, top_k=20)
-    return engine.local_generation_config(max_new_tokens=new_tokens, **({"do_sample": False} | sampling))
+    if engine.config.rope_varies_with_length:  # (the server refuses prompt lookup there)
+        lookup = None
+    settings = {"do_sample": False, "prompt_lookup_num_tokens": lookup} | sampling
+    return engine.local_generation_config(max_new_tokens=new_tokens, **settings)
 
 
 def _alone(engine, prompt: list[int], new_tokens: int, seed: int | None) -> list[tuple[int, float]]:
@@ -130,11 +138,11 @@ def _pairs(delta: Delta) -> list[tuple[int, float]]:
 def test_each_request_gets_its_tokens_alone(served, cases, staggered):
     engine, scheduler = served
     specs = []
-    for prompt, new_tokens, seed, n in cases:
-        spec = SequenceSpec(prompt, _config(engine, new_tokens, seed), logprobs=1)
+    for prompt, new_tokens, seed, n, lookup in cases:  # (prompt lookup's drafts change no token)
+        spec = SequenceSpec(prompt, _config(engine, new_tokens, seed, lookup), logprobs=1)
         specs.append([spec] * (1 if seed is not None else n))
     got = asyncio.run(_serve(scheduler, specs, staggered))
-    for (prompt, new_tokens, seed, _), choices in zip(cases, got):
+    for (prompt, new_tokens, seed, *_), choices in zip(cases, got):
         # the same tokens with the same log-probabilities to the last bit: the same numbers
         assert choices == [_alone(engine, prompt, new_tokens, seed)] * len(choices), (prompt, new_tokens, seed)
 
@@ -155,6 +163,27 @@ def test_long_prompts_that_begin_alike_get_their_tokens_alone(served, seed, case
     got = asyncio.run(_serve(scheduler, specs, staggered))
     for prompt, (_, _, new_tokens, sample_seed), choices in zip(prompts, cases, got):
         assert choices == [_alone(engine, prompt, new_tokens, sample_seed)], (len(prompt), new_tokens, sample_seed)
+
+
+def test_prompt_lookup_drafts_are_checked_in_one_pass_and_change_no_token(served, monkeypatch):
+    """A request with prompt_lookup_num_tokens beside two plain ones: its drafts (a prompt that
+    repeats itself) go through the runner's verification pass, several positions at a time, and
+    every request, greedy or seeded, gets its tokens alone."""
+    engine, scheduler = served
+    if engine.config.rope_varies_with_length:
+        pytest.skip("prompt lookup is refused where RoPE depends on the sequence's length")
+    fed = []
+    verify = scheduler.runner.verify
+    monkeypatch.setattr(
+        scheduler.runner, "verify", lambda slot, tokens, start: fed.append(len(tokens)) or verify(slot, tokens, start)
+    )
+    loop = [5, 6, 7, 8, 9, 10, 11, 12] * 4
+    cases = [(loop, 60, None, 5), (loop[3:], 16, 11, 3), (list(range(20, 40)), 12, None, None)]
+    specs = [[SequenceSpec(p, _config(engine, n, seed, k), logprobs=1)] for p, n, seed, k in cases]
+    got = asyncio.run(_serve(scheduler, specs, staggered=False))
+    for (prompt, new_tokens, seed, _), choices in zip(cases, got):
+        assert choices == [_alone(engine, prompt, new_tokens, seed)]
+    assert max(fed) > 2  # drafts were checked
 
 
 def test_a_shared_beginning_comes_from_the_prefix_cache(served):

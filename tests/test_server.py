@@ -357,6 +357,24 @@ def test_vllm_and_llama_server_fields_equal_engine_settings(client, engine):
     assert (late.choices[0].finish_reason, late.usage.completion_tokens) == ("stop", 6)  # eos banned for 5
 
 
+def test_prompt_lookup_is_a_request_field_that_changes_no_token(client, engine):
+    """prompt_lookup_num_tokens (and max_matching_ngram_size), greedy and seeded, streamed or not:
+    the text the request gets without it; a bad value is a 400 naming the field."""
+    prompt = "one two three four five one two three four five one two three"
+    for sampling in (dict(temperature=0), dict(temperature=0.9, seed=5)):
+        settings = dict(do_sample=False) if sampling["temperature"] == 0 else dict(do_sample=True, **sampling)
+        expected = engine.generate(prompt, max_new_tokens=20, **settings).text
+        lookup = {"prompt_lookup_num_tokens": 4, "max_matching_ngram_size": 3}
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, extra_body=lookup, **sampling)
+        assert r.choices[0].text == expected
+        chunks = client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=20, extra_body=lookup, stream=True, **sampling
+        )
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+    with pytest.raises(openai.BadRequestError, match="prompt_lookup_num_tokens"):
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, extra_body={"prompt_lookup_num_tokens": 0})
+
+
 def test_stop_strings_cut_the_text(client, engine):
     full = engine.generate(PROMPTS[0], max_new_tokens=30, do_sample=False).text
     stop = full[10:13]
@@ -566,7 +584,7 @@ ANY_JSON = st.recursive(
 COMPLETION_FIELDS = [
     "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stop", "seed", "presence_penalty",
     "frequency_penalty", "logit_bias", "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos",
-    "logprobs", "echo", "best_of", "suffix", "stream_options", "user",
+    "logprobs", "echo", "best_of", "suffix", "stream_options", "user", "prompt_lookup_num_tokens",
 ]  # fmt: skip
 CHAT_FIELDS = ["messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs", "response_format",
                "tools", "n", "stream", "stop", "temperature", "seed"]  # fmt: skip

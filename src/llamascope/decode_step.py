@@ -329,6 +329,24 @@ class DecodeStep:
         cache.advance(T)
         return logits.view(1, T, -1)
 
+    def verifies_slot(self, tokens: torch.Tensor, store) -> bool:
+        """Whether `verify_slot` takes these T new positions [1, T] of one slot of a SlotKVCache."""
+        return tokens.dim() == 2 and tokens.shape[0] == 1 and 1 <= tokens.shape[1] <= KERNEL_MAX_ROWS and (
+            not store.keys or self._matches(store.keys[0])
+        )
+
+    def verify_slot(self, tokens: torch.Tensor, store, slot: int) -> torch.Tensor:
+        """`verify` on one slot of the server's SlotKVCache: T consecutive positions [1, T] after
+        the slot's columns, each as rows of one native call, RoPE at each row's own position ->
+        logits [T, vocab]; the slot's length grows by T."""
+        T, start = tokens.shape[1], store.lengths[slot]
+        store.reserve(slot + 1, start + T)
+        positions = torch.arange(start, start + T, device=tokens.device)[:, None]  # [T, 1]
+        cols = list(range(start, start + T))
+        logits = self._step(tokens.view(T, 1), positions, store, [slot] * T, cols, store.columns, True)
+        store.lengths[slot] += T
+        return logits.view(T, -1)
+
     def _step(self, tokens, positions, store, slots, cols, capacity, per_row: bool) -> torch.Tensor:
         """Rows tokens [B, 1] at positions [B, 1] through the native step: row b into column cols[b]
         of cache row slots[b] of `store` (a KVCache or a SlotKVCache) -> logits [B, 1, vocab]."""

@@ -162,6 +162,9 @@ class _Sampling(_Schema):
     repetition_penalty: float | None = Field(None, gt=0)
     min_tokens: int | None = Field(None, ge=0)
     ignore_eos: bool | None = False
+    # prompt lookup decoding (transformers' names): drafts from the prompt checked in one pass; off by default
+    prompt_lookup_num_tokens: int | None = Field(None, ge=1, le=64)
+    max_matching_ngram_size: int | None = Field(None, ge=1, le=16)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -667,6 +670,8 @@ def _openai_settings(body: _Sampling, max_tokens: int, choice: int) -> dict[str,
         repetition_penalty=body.repetition_penalty,
         min_new_tokens=body.min_tokens or None,
         eos_token_id=[] if body.ignore_eos else None,
+        prompt_lookup_num_tokens=body.prompt_lookup_num_tokens,
+        max_matching_ngram_size=body.max_matching_ngram_size,
     )
     if body.seed is not None:
         call["seed"] = (body.seed + choice) % 2**64
@@ -688,6 +693,13 @@ def _spec(
         raise APIError(400, str(e)) from None
     if body.ignore_eos:  # (a chat's end-of-turn ids too)
         config.eos_token_id = []
+    if config.prompt_lookup_num_tokens and engine.config.rope_varies_with_length:
+        raise APIError(
+            400,
+            f"'prompt_lookup_num_tokens': not with this model's rope_type {engine.config.rope_type!r} "
+            "(its positions' angles depend on the sequence's length)",
+            param="prompt_lookup_num_tokens",
+        )
     bias = {int(t): b for t, b in (body.logit_bias or {}).items()}
     outside = [t for t in bias if t >= engine.config.vocab_size]
     if outside:

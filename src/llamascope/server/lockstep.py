@@ -62,7 +62,7 @@ HEADER = 256  # int64s in a message's first broadcast: its length, then up to HE
 STOP_GRACE_S = 20.0  # a signalled follower waits this long for rank 0's "stop"
 
 # Call names, by their number on the wire.
-CALLS = ("stop", "start", "begin_prefill", "prefill", "place", "drop", "decode", "free", "move", "restart")
+CALLS = ("stop", "start", "begin_prefill", "prefill", "place", "drop", "decode", "free", "move", "restart", "verify")
 _CODES = {name: code for code, name in enumerate(CALLS)}
 
 
@@ -196,6 +196,10 @@ class LeaderRunner(ModelRunner):
     def restart(self, slot: int, tokens: list[int]) -> torch.Tensor:
         self._send(("restart", slot, tokens))
         return super().restart(slot, tokens)
+
+    def verify(self, slot: int, tokens: list[int], start: int) -> torch.Tensor:
+        self._send(("verify", slot, tokens, start))
+        return super().verify(slot, tokens, start)
 
     def free(self, slot: int) -> None:
         super().free(slot)

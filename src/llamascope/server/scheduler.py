@@ -45,10 +45,12 @@ import torch
 
 from ..cache import KVCache, SlotKVCache
 from ..config import GenerationConfig
+from ..decode_step import DecodeStep
 from ..errors import LlamascopeError
 from ..layers import KERNEL_MAX_ROWS
 from ..prefill import PrefillRun
 from ..sampling import apply_processors, build_processors, make_generator, select_next, token_logprobs
+from ..speculative import PromptLookup
 from ..stopping import StopRules, StopText
 from .prefix_cache import PrefixCache
 
@@ -207,6 +209,8 @@ class _Sequence:
         self.slot: int | None = None
         self.generated = 0
         self.done = False  # left the scheduler (finished, cancelled or failed)
+        # prompt lookup decoding (the request's prompt_lookup_num_tokens): drafts checked in one pass
+        self.drafter = PromptLookup(config) if config.prompt_lookup_num_tokens else None
 
     @property
     def last_token(self) -> int:
@@ -359,6 +363,23 @@ class ModelRunner:
         positions = batch.positions(1)  # [B, 1]
         mask = batch.mask(1)  # [B, 1, 1, S] or None when all rows have one length
         return self.model(ids, positions, batch, mask, last_only=True)[:, -1].float()  # [B, V]
+
+    def verify(self, slot: int, tokens: list[int], start: int) -> torch.Tensor:
+        """Prompt lookup's check of a draft: `slot` keeps its first `start` columns (those past them
+        held a refused draft's), then takes `tokens` (the newest token, then the drafted ones) at
+        the next positions -> logits [T, V], each row what a decode step of its own gives (the
+        native step's rows of one slot; elsewhere one decode step a token)."""
+        self.cache.lengths[slot] = start
+        step = self.model.decode_step
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.model.device)  # [1, T]
+        parts = []
+        for i in range(0, len(tokens), KERNEL_MAX_ROWS):
+            chunk = ids[:, i : i + KERNEL_MAX_ROWS]  # [1, t]
+            if isinstance(step, DecodeStep) and step.verifies_slot(chunk, self.cache):
+                parts.append(step.verify_slot(chunk, self.cache, slot).float())
+            else:
+                parts += [self._decode_rows([slot], [token]) for token in chunk[0].tolist()]
+        return torch.cat(parts)  # [T, V]
 
     def restart(self, slot: int, tokens: list[int]) -> torch.Tensor:
         """Recompute `slot`'s sequence from its `tokens` (all of them, the one fed now last) and
@@ -689,13 +710,19 @@ class Scheduler:
         # whole, as generate() does (ModelConfig.longrope_restarts); the others decode together.
         config = self.model.config
         restarting = [s for s in active if config.longrope_restarts(s.length, s.length - 1)]
-        decoding = [s for s in active if s not in restarting]
+        drafting = [s for s in active if s.drafter is not None and s not in restarting]
+        decoding = [s for s in active if s not in restarting and s not in drafting]
         began = time.perf_counter()
         try:
             rows: dict[int, torch.Tensor] = {}
+            drafts: dict[int, list[int]] = {}
+            for seq in drafting:  # prompt lookup: the newest token and a draft, in one pass of its own
+                drafts[id(seq)] = seq.drafter.draft(seq.sequence, max(0, seq.max_tokens - seq.generated - 1))
+                fed = [seq.last_token, *drafts[id(seq)]]
+                rows[id(seq)] = self.runner.verify(seq.slot, fed, seq.length - 1)  # [T, V]
             if decoding:
                 logits = self.runner.decode([s.slot for s in decoding], [s.last_token for s in decoding])  # [B, V]
-                rows = {id(seq): logits[row : row + 1] for row, seq in enumerate(decoding)}
+                rows.update({id(seq): logits[row : row + 1] for row, seq in enumerate(decoding)})
                 self._step_end = time.perf_counter()
                 self._step_s = self._step_end - began
             for seq in restarting:
@@ -708,17 +735,25 @@ class Scheduler:
                 self._fail(seq, f"generation failed: {e}")
             return
         for seq in active:
-            self._choose_and_deliver(seq, rows[id(seq)])
+            draft = drafts.get(id(seq), [])
+            for t in range(len(draft) + 1):  # a draft's tokens while the model chooses them
+                token = self._choose_and_deliver(seq, rows[id(seq)][t : t + 1])
+                if seq.done or t == len(draft) or token != draft[t]:
+                    break
+            if seq.drafter is not None and not seq.done:
+                seq.drafter.kept(len(draft), t)
 
-    def _choose_and_deliver(self, seq: _Sequence, logits: torch.Tensor) -> None:
-        """Pick seq's next token from its logits [1, V] and send it; a failure ends only this sequence."""
+    def _choose_and_deliver(self, seq: _Sequence, logits: torch.Tensor) -> int | None:
+        """Pick seq's next token from its logits [1, V] and send it; a failure ends only this
+        sequence. Returns the token (None on failure)."""
         try:
             delta = seq.choose(logits)
         except Exception as e:  # noqa: BLE001
             log.exception("request %s: choosing a token failed", seq.request.id)
             self._fail(seq, f"generation failed: {e}")
-            return
+            return None
         self._deliver(seq, delta)
+        return delta.token_ids[0]
 
     def _deliver(self, seq: _Sequence, delta: Delta) -> None:
         request, now = seq.request, time.perf_counter()
