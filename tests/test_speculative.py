@@ -104,6 +104,16 @@ def test_settings_prompt_lookup_does_not_run_with_are_refused_by_name(tiny_model
         generate(model, [[1, 5, 6], [1, 7]], max_new_tokens=4, prompt_lookup_num_tokens=3)
 
 
+def test_a_model_whose_rope_depends_on_the_length_is_refused(model_factory):
+    """Phi-3's longrope (and dynamic scaling): generate recomputes the sequence where the angles
+    change, which a verification pass does not; refused by name rather than a different answer."""
+    from conftest import PHI3_LONGROPE
+
+    model = load_model(model_factory("speculative-phi3", **PHI3_LONGROPE)).model
+    with pytest.raises(LlamascopeError, match="rope_type 'longrope'"):
+        generate(model, [1, 5, 6], max_new_tokens=4, prompt_lookup_num_tokens=3)
+
+
 def test_generate_command_takes_prompt_lookup_and_prints_the_same_text(tiny_model, capsys):
     from llamascope.cli import main
 

@@ -278,6 +278,11 @@ def speculative_steps(
             "speculative decoding runs greedy search or sampling with the KV cache, one sequence of one "
             "prompt (num_beams=1, num_return_sequences=1, use_cache=True); beams are not speculative here yet"
         )
+    if model.config.rope_varies_with_length:
+        raise LlamascopeError(
+            f"speculative decoding: not with rope_type {model.config.rope_type!r}, whose angles depend on the "
+            "sequence's length (generate recomputes the sequence where they change)"
+        )
     device = model.device
     _, input_ids, _, max_length = prepare_batch(model, [prompt], config)
     T0 = input_ids.shape[1]
