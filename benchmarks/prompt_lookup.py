@@ -40,7 +40,9 @@ def llamascope_run(model, ids: list[int], new_tokens: int, k: int | None) -> tup
     return out.output_ids[0], (len(out.output_ids[0]) - 1) / out.decode_seconds
 
 
-def transformers_run(model, ids: list[int], new_tokens: int, k: int | None) -> tuple[list[int], float]:
+def transformers_run(model, ids: list[int], new_tokens: int, k: int | None, **extra) -> tuple[list[int], float]:
+    """transformers' generate, with prompt_lookup_num_tokens=k where k is given, and `extra` settings
+    (assistant_model): its tokens, and tokens/s after the first (the first processor call)."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
     class Stamp(LogitsProcessor):  # called once per step (speculative: once per round, then per token)
@@ -51,7 +53,8 @@ def transformers_run(model, ids: list[int], new_tokens: int, k: int | None) -> t
             return scores
 
     Stamp.times = []
-    extra = {"prompt_lookup_num_tokens": k} if k else {}
+    if k:
+        extra["prompt_lookup_num_tokens"] = k
     with torch.inference_mode():
         start = time.perf_counter()
         out = model.generate(

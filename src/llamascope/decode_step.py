@@ -331,8 +331,11 @@ class DecodeStep:
 
     def verifies_slot(self, tokens: torch.Tensor, store) -> bool:
         """Whether `verify_slot` takes these T new positions [1, T] of one slot of a SlotKVCache."""
-        return tokens.dim() == 2 and tokens.shape[0] == 1 and 1 <= tokens.shape[1] <= KERNEL_MAX_ROWS and (
-            not store.keys or self._matches(store.keys[0])
+        return (
+            tokens.dim() == 2
+            and tokens.shape[0] == 1
+            and 1 <= tokens.shape[1] <= KERNEL_MAX_ROWS
+            and (not store.keys or self._matches(store.keys[0]))
         )
 
     def verify_slot(self, tokens: torch.Tensor, store, slot: int) -> torch.Tensor:

@@ -121,6 +121,9 @@ class PromptLookup:
         self.ngram = config.max_matching_ngram_size or DEFAULT_NGRAM
         self.eos_ids = config.eos_token_id
 
+    def prepare(self, prompt: list[int]) -> None:
+        """(Nothing to do before the first token.)"""
+
     def draft(self, sequence: list[int], most: int) -> list[int]:
         size = min(self.budget.next(), most)
         return lookup(sequence, size, self.ngram, self.eos_ids) if size > 0 else []
@@ -160,6 +163,11 @@ class AssistantDraft:
         self.threshold = config.assistant_confidence_threshold
         self.eos_ids = set(config.eos_token_id)
         self.processors = processors
+
+    def prepare(self, prompt: list[int]) -> None:
+        """Prefill the prompt, before the model's first token as transformers does it: the first
+        draft then feeds only that token."""
+        self._feed(prompt, 0)
 
     def draft(self, sequence: list[int], most: int) -> list[int]:
         size = min(self.size, most)
@@ -297,6 +305,7 @@ def speculative_steps(
         fed = input_ids  # [1, T0]: the prompt first
         acts = capture(0) if capture is not None else None
         logits = model(fed, torch.arange(T0, device=device)[None], cache, None, acts, True)[0].float()  # [1, V]
+        drafter.prepare(prompt)
         draft: list[int] = []
         proposals: list[torch.Tensor] = []  # what draft's tokens were drawn from (an assistant's sampling)
         while True:
