@@ -84,6 +84,20 @@ class GenerationResult:
     logprobs: list[list[dict]] | None = None
     sequence_scores: list[float] | None = None  # beam search: transformers' sequences_scores
 
+    @classmethod
+    def concatenate(cls, parts: list[GenerationResult]) -> GenerationResult:
+        """The rows of several results (of one prompt each, say) as one result, in order."""
+        logprobs = None if parts[0].logprobs is None else [row for p in parts for row in p.logprobs]
+        return cls(
+            [row for p in parts for row in p.prompt_ids],
+            [row for p in parts for row in p.output_ids],
+            [reason for p in parts for reason in p.finish_reasons],
+            sum(p.steps for p in parts),
+            sum(p.prefill_seconds for p in parts),
+            sum(p.decode_seconds for p in parts),
+            logprobs,
+        )
+
 
 def add_token_text(logprobs: list[list[dict]], tokenizer) -> None:
     """Fill each logprob entry's "token" (and its alternatives') with the token's text."""

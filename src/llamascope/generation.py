@@ -192,10 +192,14 @@ def generate(
     elif settings:
         raise LlamascopeError("pass either a GenerationConfig or keyword settings, not both")
     if config.prompt_lookup_num_tokens is not None or assistant is not None:
-        if len(prompts) != 1:
-            raise LlamascopeError(f"speculative decoding: one prompt at a time, found {len(prompts)}")
-        steps = speculative_steps(model, prompts[0], config, tokenizer, assistant, capture)
-        return _collect(steps, prompts, config, tokenizer, on_step)
+        # One prompt at a time: a batch gives each prompt the tokens it gets alone, and so do drafts.
+        parts = [
+            _collect(
+                speculative_steps(model, p, config, tokenizer, assistant, capture), [p], config, tokenizer, on_step
+            )
+            for p in prompts
+        ]
+        return GenerationResult.concatenate(parts)
     if config.num_beams > 1:
         return beam_search(model, prompts, config, tokenizer=tokenizer, on_step=on_step)
     if config.num_return_sequences > 1:  # sampling n sequences per prompt: rows i*n .. i*n + n - 1
