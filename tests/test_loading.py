@@ -505,3 +505,35 @@ def test_huge_pages_after_load_rebuild_the_decode_step(model_factory, monkeypatc
     assert model.decode_step is not None and model.decode_step is not old_step
     assert model.decode_step.stack.head.w == model.lm_head.weight.data_ptr()
     assert generate(model, prompt, max_new_tokens=12, eos_token_id=[]).output_ids == before
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_projections_are_read_in_place_not_copied_together(tiny_model, dtype, monkeypatch):
+    """Each layer's q/k/v and gate/up rows are read into one buffer one after another (converted a
+    slice at a time where the model's dtype is not the file's), and the fused layers hold that very
+    buffer (fusing made no copy: each stacked weight shares its parts' storage): its values are
+    the parts stacked, and its storage is no larger than itself."""
+    from safetensors.torch import load_file
+
+    from llamascope import native
+
+    stacked, shared = native._stacked, []
+
+    def spy(weights):
+        out = stacked(weights)
+        shared.append(out.untyped_storage().data_ptr() == weights[0].untyped_storage().data_ptr())
+        return out
+
+    monkeypatch.setattr(native, "_stacked", spy)
+    stored = load_file(str(tiny_model / "model.safetensors"))
+    model = load_model(tiny_model, dtype=dtype).model
+    assert shared and all(shared)
+    want = getattr(torch, dtype)
+    for n, layer in enumerate(model.model.layers):
+        for fused, parts in (
+            (layer.self_attn.qkv_proj, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            (layer.mlp.gate_up_proj, ("mlp.gate_proj", "mlp.up_proj")),
+        ):
+            expected = torch.cat([stored[f"model.layers.{n}.{p}.weight"] for p in parts]).to(want)
+            assert torch.equal(fused.weight, expected)
+            assert fused.weight.untyped_storage().nbytes() == fused.weight.numel() * fused.weight.element_size()

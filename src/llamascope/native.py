@@ -99,6 +99,20 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     return model
 
 
+def _stacked(weights: list[torch.Tensor]) -> torch.Tensor:
+    """The weights' rows stacked [sum of rows, in]: a view where they already lie one after another
+    in one buffer (loading reads them so), else a copy."""
+    first = weights[0]
+    offset, adjacent = first.storage_offset(), True
+    for w in weights:
+        same = w.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        adjacent = adjacent and same and w.is_contiguous() and w.storage_offset() == offset and w.dim() == 2
+        offset += w.numel()
+    if not adjacent or len({w.shape[1] for w in weights}) != 1:
+        return torch.cat(weights)
+    return first.as_strided((sum(w.shape[0] for w in weights), first.shape[1]), (first.shape[1], 1))
+
+
 def _fused(modules: list[nn.Module]) -> nn.Module | None:
     """One layer computing the given layers' outputs side by side, or None where they differ in kind."""
     biases = [m.bias for m in modules]
@@ -123,7 +137,7 @@ def _fused(modules: list[nn.Module]) -> nn.Module | None:
         layer.native, layer.long_inputs_in_bf16 = first.native, first.long_inputs_in_bf16
         return layer
     if all(isinstance(m, (nn.Linear, FastLinear)) for m in modules) and len({m.weight.dtype for m in modules}) == 1:
-        weight = torch.cat([m.weight.detach() for m in modules])
+        weight = _stacked([m.weight.detach() for m in modules])
         bias = None if bias is None else bias.to(weight.dtype)
         if isinstance(first, FastLinear):
             return FastLinear(weight, bias, first.native)

@@ -14,7 +14,7 @@ from ..formats import HIGH_QTYPE, HIGH_WEIGHTS, KEPT_FORMATS, QUANTIZE_ROWS_BYTE
 from ..layers import QuantEmbedding, QuantLinear
 from ..model import ROPE_INIT, Transformer
 from ..parallel import ParallelGroup, attach_collectives, check_world_size, narrow_linears, shard_plan
-from .checkpoint import Checkpoint, TensorSource, check_tensors, expected_shapes
+from .checkpoint import FUSED_PROJECTIONS, Checkpoint, TensorSource, check_tensors, expected_shapes
 
 log = logging.getLogger("llamascope")
 
@@ -79,14 +79,18 @@ def _read_weights(
     expected = expected_shapes(checkpoint.config)
     state: dict[str, torch.Tensor] = {}
     kept: dict = {}
+    in_place = {} if plan or quantize_to or torch.device(device).type != "cpu" else _fused_buffers(checkpoint, dtype)
     for k, name in enumerate(expected):
         source, shard = checkpoint.tensors[name], plan.get(name)
-        blocks = _kept_blocks(checkpoint, name, shard, parallel) if keep_blocks else None
+        blocks = _kept_blocks(checkpoint, name, shard, parallel) if keep_blocks and name not in in_place else None
         qtype = source.blocks_type
         if blocks is None and quantize_to is not None and len(expected[name]) == 2:
             qtype = HIGH_QTYPE if name in HIGH_WEIGHTS else quantize_to
             blocks = _read_quantized(source, qtype, shard, checkpoint.config.head_dim)
-        if blocks is None:
+        if name in in_place:
+            source.fill(in_place[name])
+            state[name] = in_place[name]
+        elif blocks is None:
             state[name] = _read_at(source, dtype, device, shard)
         elif _install_now(model, name, plan):
             install_block_weights(model, {name: (qtype, blocks.to(device))}, dtype)
@@ -96,6 +100,25 @@ def _read_weights(
         if progress is not None:
             progress(k + 1, len(expected))
     return state, kept
+
+
+def _fused_buffers(checkpoint: Checkpoint, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """For each layer's q/k/v and gate/up stored as floats, one buffer of all their rows, and each
+    part's rows of it by name: read in place, the parts lie one after another, and fusing them
+    (native.fuse_projections) takes the buffer whole instead of copying them together."""
+    views: dict[str, torch.Tensor] = {}
+    for n in range(checkpoint.config.num_hidden_layers):
+        for _, parts in FUSED_PROJECTIONS:
+            names = [f"model.layers.{n}.{part}" for part in parts]
+            sources = [checkpoint.tensors[name] for name in names]
+            if any(s.read_blocks is not None or len(s.shape) != 2 for s in sources):
+                continue  # (block formats stay blocks)
+            if len({s.shape[1] for s in sources}) != 1:
+                continue
+            buffer = torch.empty(sum(s.shape[0] for s in sources), sources[0].shape[1], dtype=dtype)
+            for name, part in zip(names, buffer.split([s.shape[0] for s in sources])):
+                views[name] = part
+    return views
 
 
 def _place_weights(model, checkpoint: Checkpoint, state: dict, kept: dict, dtype, plan: dict) -> None:

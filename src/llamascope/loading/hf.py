@@ -95,6 +95,7 @@ def open_hf_folder(folder: Path) -> Checkpoint:
                     st.nbytes(name),
                     functools.partial(st.read, name),
                     functools.partial(st.read_slice, name),
+                    read_into=functools.partial(st.read_into, name),
                 )
         else:
             tensors.update(_bin_tensors(path))

@@ -125,16 +125,30 @@ class SafetensorsFile:
         dtype, shape, begin, _ = self.entries[name]
         return read_array(self.path, self.data_start + begin, dtype, shape, name)
 
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Tensor `name` read straight into `out` (contiguous, of its shape and dtype)."""
+        dtype, shape, begin, _ = self.entries[name]
+        read_array(self.path, self.data_start + begin, dtype, shape, name, out)
+
     def read_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         """Indices [start, stop) of tensor `name` along `dim`, reading only those bytes."""
         dtype, shape, begin, _ = self.entries[name]
         return read_array_slice(self.path, self.data_start + begin, dtype, shape, dim, start, stop, name)
 
 
-def read_array(path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...], name: str) -> torch.Tensor:
+def read_array(
+    path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...], name: str, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """The row-major array of `shape` and `dtype` stored at byte `offset` of `path`, read into a
-    fresh tensor (plain reads: no page of the file stays mapped)."""
-    out = torch.empty(shape, dtype=dtype)
+    fresh tensor, or into `out` (contiguous, that shape and dtype: a part of a larger buffer, say)
+    (plain reads: no page of the file stays mapped)."""
+    if out is None:
+        out = torch.empty(shape, dtype=dtype)
+    elif tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
+        raise LlamascopeError(
+            f"{path}: tensor {name!r} ({list(shape)}, {dtype}) cannot be read into "
+            f"a {list(out.shape)} {out.dtype} buffer"
+        )
     if out.numel():
         with open(path, "rb", buffering=0) as f:
             _pread(f.fileno(), out.view(-1).view(torch.uint8).numpy(), offset, path, name)
