@@ -1119,3 +1119,96 @@ def test_a_scheduler_failure_during_a_prefill_leaves_nothing_behind(engine, monk
         assert scheduler.runner.prefills == {}
     finally:
         assert scheduler.stop()
+
+
+# ---- constrained output ---------------------------------------------------------------------------
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "pet": {"enum": ["cat", "dog"]},
+    },
+    "required": ["name", "age", "pet"],
+    "additionalProperties": False,
+}
+
+
+def test_response_format_json_schema_gives_json_that_validates(client, engine):
+    """Chat completions with response_format json_schema, streamed and not: the content parses and
+    validates, and is what Engine.generate gives under the same schema."""
+    import jsonschema
+
+    messages = [{"role": "user", "content": "A person as JSON."}]
+    form = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    r = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=400, temperature=0, response_format=form
+    )
+    jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+    assert r.choices[0].finish_reason == "stop"
+    expected = engine.generate("A person as JSON.", chat=True, json_schema=PERSON, max_new_tokens=400, do_sample=False)
+    assert r.choices[0].message.content == expected.text
+    chunks = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=400, temperature=0, response_format=form, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+
+
+def test_the_openai_clients_parse_with_a_pydantic_model(client):
+    import pydantic
+
+    class Pet(pydantic.BaseModel):
+        kind: str = pydantic.Field(max_length=6)
+        legs: int
+
+    r = client.chat.completions.parse(
+        model=MODEL,
+        messages=[{"role": "user", "content": "A pet."}],
+        response_format=Pet,
+        max_tokens=400,
+        temperature=0,
+    )
+    pet = r.choices[0].message.parsed
+    assert isinstance(pet, Pet) and isinstance(pet.legs, int)
+
+
+def test_vllm_and_llama_cpp_constraint_fields(client):
+    """guided_choice, guided_regex, guided_json (vLLM), grammar and json_schema (llama.cpp) on completions."""
+    prompt = PROMPTS[0]
+    r = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=10, temperature=0, extra_body={"guided_choice": ["yes", "no"]}
+    )
+    assert r.choices[0].text in ("yes", "no")
+    r = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=10, temperature=0.9, seed=1, extra_body={"guided_regex": "[ab]{3}"}
+    )
+    assert r.choices[0].text in {a + b + c for a in "ab" for b in "ab" for c in "ab"}
+    r = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=10, temperature=0, extra_body={"grammar": 'root ::= "x" [0-9]'}
+    )
+    assert len(r.choices[0].text) == 2 and r.choices[0].text[0] == "x"
+    for field in ("guided_json", "json_schema"):
+        r = client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=400, temperature=0, extra_body={field: PERSON}
+        )
+        assert set(json.loads(r.choices[0].text)) == {"name", "age", "pet"}
+
+
+@pytest.mark.parametrize(
+    "extra,param",
+    [
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "strange"}}}},
+            "response_format",
+        ),
+        ({"response_format": {"type": "yaml"}}, "response_format"),
+        ({"guided_regex": "(unclosed"}, "guided_regex"),
+        ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice"),
+        ({"guided_choice": ["a"], "ignore_eos": True}, "guided_choice"),
+    ],
+)
+def test_bad_constraints_get_a_400_naming_the_field(client, extra, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4, extra_body=extra)
+    assert caught.value.body["param"] == param

@@ -146,7 +146,12 @@ class _BeamSearch:
         B, K, L, T0, device = self.B, self.num_beams, self.max_length, self.T0, self.device
         self.padding_lengths = (self.rows_mask == 0).sum(dim=1)  # [BK]
         self.processors = build_processors(
-            self.config, T0, self.padding_lengths, num_beams=K, vocab_size=self.model.config.vocab_size
+            self.config,
+            T0,
+            self.padding_lengths,
+            num_beams=K,
+            vocab_size=self.model.config.vocab_size,
+            tokenizer=self.tokenizer,
         )
         self.generator = make_generator(self.config, device) if self.config.do_sample else None
         self.running = torch.full((B, K, L), self.pad_id, dtype=torch.long, device=device)  # [B, K, L]

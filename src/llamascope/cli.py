@@ -214,6 +214,10 @@ def _add_generation_args(p: argparse.ArgumentParser, new_tokens: int, logprobs: 
     for flag, kind, metavar, help_text in GENERATION_OPTIONS:
         p.add_argument(flag, type=kind, metavar=metavar, help=f"{help_text} {_model_default(_setting(flag))}")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
+    p.add_argument("--json-schema", metavar="FILE", help="constrain the output to JSON that follows this schema")
+    p.add_argument("--regex", metavar="REGEX", help="constrain the output to match this regular expression")
+    p.add_argument("--choice", nargs="+", metavar="TEXT", help="constrain the output to one of these texts")
+    p.add_argument("--grammar", metavar="FILE", help="constrain the output to this grammar (GBNF or Lark)")
     p.add_argument(
         "--assistant-model",
         metavar="PATH",
@@ -257,6 +261,10 @@ def _option_settings(args: argparse.Namespace) -> dict:
         stop_strings=args.stop,
         output_logprobs=args.logprobs,
         assistant_model=args.assistant_model,
+        json_schema=None if args.json_schema is None else _read_json(args.json_schema),
+        regex=args.regex,
+        choice=args.choice,
+        grammar=None if args.grammar is None else _read_text(args.grammar),
     )
     return {k: v for k, v in settings.items() if v is not None}
 
@@ -328,6 +336,14 @@ def _one_prompt(args: argparse.Namespace) -> str:
 
 def _drop_final_newline(text: str) -> str:
     return text[:-1].removesuffix("\r") if text.endswith("\n") else text
+
+
+def _read_json(path: str):
+    """A JSON file's value, or an error naming the file and where it stops being JSON."""
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise LlamascopeError(f"{path}: not JSON ({e})") from None
 
 
 def _read_text(path: str) -> str:

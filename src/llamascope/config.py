@@ -527,6 +527,22 @@ def _stop_strings(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and all(isinstance(s, str) and s for s in value)
 
 
+# Output constraints (constraints.py): each "type" and the key that holds its schema, pattern,
+# choices or grammar text (None: nothing more).
+CONSTRAINT_KINDS = {
+    "json_object": None,
+    "json_schema": "schema",
+    "regex": "pattern",
+    "choice": "choices",
+    "grammar": "grammar",
+}
+
+
+def _constraint(value: Any) -> bool:
+    kind = value.get("type") if isinstance(value, dict) else None
+    return kind in CONSTRAINT_KINDS and (CONSTRAINT_KINDS[kind] is None or CONSTRAINT_KINDS[kind] in value)
+
+
 # How an assistant model's draft size changes (transformers' num_assistant_tokens_schedule): "constant"
 # keeps it; the heuristic ones add 2 after a draft kept whole and take 1 off after one cut short
 # (here both start each call at num_assistant_tokens).
@@ -566,6 +582,7 @@ SETTING_RULES = (
         "must be one of " + ", ".join(ASSISTANT_SCHEDULES),
     ),
     ("assistant_confidence_threshold", _number_in(0, 1), "must be in [0, 1] (0: no early end)"),
+    ("constraint", _optional(_constraint), "must be an output constraint (constraints.constraint_from makes them)"),
 )
 # Settings that must agree with others, each (setting, test of the whole config, why), checked
 # after SETTING_RULES; `why` may name other settings as {config.name}.
@@ -652,6 +669,9 @@ class GenerationConfig:
     num_assistant_tokens: int = 20
     num_assistant_tokens_schedule: str = "constant"
     assistant_confidence_threshold: float = 0.4
+    # constrained output (constraints.py): {"type": "json_schema", "schema": {...}}, json_object,
+    # regex, choice or grammar; the Engine, the CLI and the server make it from their own fields
+    constraint: dict | None = None
     # Where each value came from: "default", "config.json", "generation_config.json" or "call".
     sources: dict = field(default_factory=dict)
 

@@ -18,11 +18,15 @@ import torch
 
 from .batch import GenerationResult
 from .config import GenerationConfig
+from .constraints import constraint_from
 from .errors import LlamascopeError
 from .generation import generate, stream
 from .loading import LoadedModel, LoadOptions, load_model
 from .parallel import ParallelGroup, shared_seed
 from .tokenizer import vocabulary_difference
+
+# The ways a call may give an output constraint (constraints.constraint_from): one of them at most.
+CONSTRAINT_FORMS = ("response_format", "json_schema", "regex", "choice", "grammar")
 
 
 @dataclass
@@ -119,6 +123,9 @@ class Engine:
         """`generation_config` for tokens chosen in this process alone (the tensor-parallel server
         samples on rank 0 only): no seed is shared with the other ranks, no collective runs."""
         source = "GGUF metadata" if self.loaded.checkpoint.format == "gguf" else "generation_config.json"
+        forms = {name: call.pop(name, None) for name in CONSTRAINT_FORMS}
+        if any(value is not None for value in forms.values()):
+            call["constraint"] = constraint_from(**forms)
         config = GenerationConfig.resolve(
             self.config, self.generation_json, generation_source=source, defaults=defaults, **call
         )

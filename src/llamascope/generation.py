@@ -127,7 +127,9 @@ def generate_steps(
     B, T0 = input_ids.shape
     rules = StopRules(config, tokenizer, max_length - T0)
     padding_lengths = (attention_mask == 0).sum(dim=1)  # [B] left padding of each row
-    processors = build_processors(config, T0, padding_lengths.to(device), vocab_size=model.config.vocab_size)
+    processors = build_processors(
+        config, T0, padding_lengths.to(device), vocab_size=model.config.vocab_size, tokenizer=tokenizer
+    )
     generator = make_generator(config, device) if config.do_sample else None
     padded = bool(padding_lengths.any())
     cache = KVCache.for_model(model, B, max_length) if config.use_cache else None

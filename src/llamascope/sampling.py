@@ -15,6 +15,7 @@ The order and the conditions under which each processor is added are those of tr
     min_length (> 0, eos ids)         MinLength           (min_new_tokens sets min_length = prompt + min_new_tokens)
     min_new_tokens (> 0, eos ids)     MinNewTokens
     suppress_tokens                   SuppressTokens
+    (llamascope's own, before them all: constraint -> GrammarMask, the tokens an output constraint allows)
     -- with do_sample only: --
     temperature (!= 1)                Temperature
     top_k (!= 0)                      TopK
@@ -35,6 +36,7 @@ import torch
 
 from . import kernels
 from .config import GenerationConfig
+from .constraints import GrammarMask, grammars_for
 from .errors import LlamascopeError
 
 NEG_INF = float("-inf")
@@ -240,8 +242,11 @@ def build_processors(
     padding_lengths: torch.Tensor | None = None,
     num_beams: int = 1,
     vocab_size: int | None = None,
+    tokenizer=None,
 ) -> list:
-    """The processors transformers would apply for these settings, in its order.
+    """The processors transformers would apply for these settings, in its order; first, where
+    `config.constraint` is set, the mask of tokens it allows (constraints.GrammarMask, which needs
+    the `tokenizer` and `vocab_size`), so that no warper keeps only tokens it forbids.
 
     prompt_length: columns of the (left-padded) prompt; padding_lengths [rows] (optional): the
     padding columns at the start of each row, which the repetition penalty leaves out (as
@@ -256,6 +261,11 @@ def build_processors(
             )
     processors: list = []
     eos = list(config.eos_token_id or [])
+    if config.constraint is not None:
+        if tokenizer is None or vocab_size is None:
+            raise LlamascopeError("constrained output needs the model's tokenizer")
+        grammars = grammars_for(tokenizer, vocab_size, eos)
+        processors.append(GrammarMask(grammars, config.constraint, prompt_length))
     if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
         if padding_lengths is not None and not bool(padding_lengths.any()):
             padding_lengths = None

@@ -295,7 +295,8 @@ def speculative_steps(
     _, input_ids, _, max_length = prepare_batch(model, [prompt], config)
     T0 = input_ids.shape[1]
     rules = StopRules(config, tokenizer, max_length - T0)
-    processors = build_processors(config, T0, torch.zeros(1, dtype=torch.long, device=device), model.config.vocab_size)
+    padding = torch.zeros(1, dtype=torch.long, device=device)
+    processors = build_processors(config, T0, padding, vocab_size=model.config.vocab_size, tokenizer=tokenizer)
     cache = KVCache.for_model(model, 1, max_length)
     generator = make_generator(config, device) if config.do_sample else None
     drafter = drafter_for(model, config, max_length, processors, assistant, generator)

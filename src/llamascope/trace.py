@@ -35,6 +35,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .config import GenerationConfig, room_for_new_tokens
+from .constraints import GrammarMask, describe
 from .errors import LlamascopeError
 from .generation import generate
 from .info import (
@@ -615,7 +616,8 @@ def _assemble(engine, plan: _Plan, record: _Recorder, result, top: int, lens: bo
     """The Trace: the plan, what the recorder kept of each step and the generation's result."""
     tokenizer, ids, config = engine.tokenizer, plan.ids, plan.settings
     output_ids = result.output_ids[0]
-    processors = [_describe_processor(p) for p in build_processors(config, len(ids))]
+    built = build_processors(config, len(ids), vocab_size=engine.config.vocab_size, tokenizer=tokenizer)
+    processors = [_describe_processor(p) for p in built]
     lens_result = _lens_of(record, ids + output_ids, engine.config.num_hidden_layers) if lens else None
     pieces = tokenizer.tokens(ids) if tokenizer is not None else [str(i) for i in ids]
     text = tokenizer.decode(output_ids, skip_special_tokens=True) if tokenizer is not None else ""
@@ -678,6 +680,8 @@ def _settings_in_force(engine, settings: dict, defaults: dict, defaults_source: 
 
 
 def _describe_processor(processor) -> str:
+    if isinstance(processor, GrammarMask):
+        return f"GrammarMask({describe(processor.constraint)})"
     values = ", ".join(f"{k}={v!r}" for k, v in vars(processor).items())
     return f"{type(processor).__name__}({values})"
 

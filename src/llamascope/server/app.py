@@ -49,6 +49,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..cache import SlotKVCache
 from ..config import DEFAULT_MAX_NEW_TOKENS, ContextLengthError, room_for_new_tokens
+from ..constraints import constraint_from, grammars_for
 from ..errors import LlamascopeError
 from ..tokenizer import check_text
 from .draining import DrainingServer
@@ -165,6 +166,14 @@ class _Sampling(_Schema):
     # prompt lookup decoding (transformers' names): drafts from the prompt checked in one pass; off by default
     prompt_lookup_num_tokens: int | None = Field(None, ge=1, le=64)
     max_matching_ngram_size: int | None = Field(None, ge=1, le=16)
+    # constrained output: OpenAI's response_format, vLLM's guided_* and llama.cpp's grammar / json_schema
+    response_format: dict | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    grammar: str | None = None
+    json_schema: Any = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -247,7 +256,6 @@ class ChatRequest(_Sampling):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list | None = None
-    response_format: dict | None = None
 
 
 # ---- the app -----------------------------------------------------------------------------------
@@ -592,10 +600,6 @@ async def _chat_specs(engine, body: ChatRequest, capacity: int, settings: Server
     """One spec per choice; the messages in the chat template, the reply ending at its end of turn."""
     if body.tools:
         raise APIError(400, "'tools' are not supported", param="tools", code="unsupported")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise APIError(
-            400, "only response_format {'type': 'text'} is supported", param="response_format", code="unsupported"
-        )
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     _check_choices(body.n or 1, settings, "n")
@@ -663,9 +667,39 @@ def _context_error(prompt_tokens: int, max_tokens: int, capacity: int, prompt_pa
     )
 
 
+# The request fields that constrain the output, each as constraints.constraint_from's argument.
+CONSTRAINT_FIELDS = {
+    "response_format": "response_format",
+    "guided_json": "json_schema",
+    "json_schema": "json_schema",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+    "grammar": "grammar",
+}
+
+
+def _constraint_field(body: _Sampling) -> str | None:
+    """The field that constrains this request's output (the first given)."""
+    return next((name for name in CONSTRAINT_FIELDS if getattr(body, name) is not None), None)
+
+
+def _constraint(body: _Sampling) -> dict | None:
+    given = [name for name in CONSTRAINT_FIELDS if getattr(body, name) is not None]
+    if len(given) > 1:
+        raise APIError(400, f"give one of {', '.join(given)}, not several", param=given[1], code="invalid_value")
+    if not given:
+        return None
+    try:
+        return constraint_from(**{CONSTRAINT_FIELDS[given[0]]: getattr(body, given[0])})
+    except LlamascopeError as e:
+        raise APIError(400, str(e), param=given[0], code="invalid_value") from None
+
+
 def _openai_settings(body: _Sampling, max_tokens: int, choice: int) -> dict[str, Any]:
     """A request's OpenAI settings as the call's generation settings (see the module's docstring)."""
     call: dict[str, Any] = {"max_new_tokens": max_tokens, "stop_strings": body.stop or None}
+    call["constraint"] = _constraint(body)
     call.update(
         repetition_penalty=body.repetition_penalty,
         min_new_tokens=body.min_tokens or None,
@@ -693,6 +727,11 @@ def _spec(
         raise APIError(400, str(e)) from None
     if body.ignore_eos:  # (a chat's end-of-turn ids too)
         config.eos_token_id = []
+    if config.constraint is not None:  # checked and compiled here, so the worker only finds it in its cache
+        try:
+            grammars_for(engine.tokenizer, engine.config.vocab_size, config.eos_token_id).compile(config.constraint)
+        except LlamascopeError as e:
+            raise APIError(400, str(e), param=_constraint_field(body), code="invalid_value") from None
     if config.prompt_lookup_num_tokens and engine.config.rope_varies_with_length:
         raise APIError(
             400,

@@ -196,7 +196,7 @@ class _Sequence:
             processors.append(LogitBias(spec.logit_bias, vocab_size))
         if spec.presence_penalty or spec.frequency_penalty:
             processors.append(AdditivePenalties(spec.presence_penalty, spec.frequency_penalty, P))
-        self.processors = processors + build_processors(config, P, vocab_size=vocab_size)
+        self.processors = processors + build_processors(config, P, vocab_size=vocab_size, tokenizer=tokenizer)
         self.generator = None
         if config.do_sample:  # on the model's device, as generate() draws (same seed, same tokens)
             self.generator = make_generator(config, device) or torch.Generator(device=device).manual_seed(
