@@ -104,17 +104,17 @@ def test_settings_prompt_lookup_does_not_run_with_are_refused_by_name(tiny_model
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(prompts=st.lists(st.lists(st.integers(3, 12), min_size=1, max_size=20), min_size=2, max_size=4))
-def test_a_batch_with_drafts_gives_the_batchs_tokens(tiny, helpers, prompts):
-    """Several prompts of different lengths: with prompt lookup or an assistant, each row's tokens
-    and finish reason are those of the left-padded batch without drafts, and its log-probabilities
-    those of its prompt alone (a padded batch takes other numeric paths; drafts are one prompt's)."""
+def test_a_batch_with_drafts_gives_each_prompt_its_tokens_alone(tiny, helpers, prompts):
+    """Several prompts of different lengths: with prompt lookup or an assistant, each row's tokens,
+    finish reason and log-probabilities are those of its prompt alone without drafts (not a
+    left-padded batch's, whose other numeric paths may tip a near tie in bfloat16)."""
     common = dict(max_new_tokens=12, eos_token_id=[2], output_logprobs=1)
-    plain = generate(tiny, prompts, **common)
-    alone = [generate(tiny, p, **common).logprobs[0] for p in prompts]
+    alone = [generate(tiny, p, **common) for p in prompts]
     for drafts in (dict(prompt_lookup_num_tokens=3), dict(assistant=helpers["small"], num_assistant_tokens=3)):
         found = generate(tiny, prompts, **drafts, **common)
-        assert found.output_ids == plain.output_ids and found.finish_reasons == plain.finish_reasons
-        assert found.logprobs == alone and found.prompt_ids == plain.prompt_ids
+        assert found.output_ids == [a.output_ids[0] for a in alone]
+        assert found.finish_reasons == [a.finish_reasons[0] for a in alone]
+        assert found.logprobs == [a.logprobs[0] for a in alone] and found.prompt_ids == prompts
 
 
 def test_a_model_whose_rope_depends_on_the_length_is_refused(model_factory):
