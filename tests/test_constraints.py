@@ -155,3 +155,34 @@ def test_compiled_grammars_are_cached_per_constraint(engine):
     grammars = grammars_for(engine.tokenizer, engine.config.vocab_size, [2])
     constraint = constraint_from(json_schema={"type": "object", "properties": {"n": {"type": "integer"}}})
     assert grammars.compile(constraint) is grammars.compile(dict(constraint))
+
+
+def test_numbers_end_within_six_decimals_and_the_callers_schema_is_untouched(engine):
+    """A number without multipleOf is written with at most 6 decimals (a subset of the schema, so
+    the value still validates); the schema given is not changed."""
+    schema = {
+        "type": "object",
+        "properties": {"x": {"anyOf": [{"type": "number"}, {"type": "null"}]}},
+        "required": ["x"],
+    }
+    before = json.dumps(schema, sort_keys=True)
+    grammars = grammars_for(engine.tokenizer, engine.config.vocab_size, [2])
+    matcher = grammars.matcher(grammars.compile(constraint_from(json_schema=schema)))
+    ids = engine.tokenizer.encode('{"x": 1.0000001}', add_special_tokens=False)
+    assert matcher.validate_tokens(ids) < len(ids)  # the seventh decimal is refused
+    assert json.dumps(schema, sort_keys=True) == before
+    reply = engine.generate("Give x as JSON.", chat=True, json_schema=schema, max_new_tokens=60)
+    jsonschema.validate(json.loads(reply.text), schema)
+
+
+def test_trace_shows_what_the_mask_allowed_and_whether_it_changed_the_choice(engine):
+    from llamascope.trace import trace
+
+    choices = ["red", "green", "blue"]
+    traced = trace(engine, "What colour is the sky? Answer in a sentence.", chat=True, choice=choices, max_new_tokens=4)
+    first = traced.steps[0].constrained  # (the three words and their first letters or syllables)
+    assert 3 <= first["allowed"] < 100 and traced.to_json()["steps"][0]["constrained"] == first
+    own = first["model_choice"]["text"]
+    assert first["changed"] == (own != traced.steps[0].chosen.text)
+    assert any(s.constrained["changed"] for s in traced.steps)  # (the model would begin a sentence)
+    assert "GrammarMask(one of 'red', 'green', 'blue')" in traced.processors

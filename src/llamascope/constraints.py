@@ -28,6 +28,13 @@ COMPILED_KEPT = 64  # compiled grammars kept (least recently used leave first)
 # Whitespace between JSON tokens: as much as pretty-printing needs, not without end (a model that
 # keeps choosing spaces would otherwise never finish the value).
 JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,32}"
+# Numbers are written with at most this many decimals (a subset of what the schema allows, so
+# every value still validates): without it a model may never stop a fraction ("1.00000...").
+NUMBER_STEP = 1e-6
+# Keys of a JSON schema whose values are subschemas, or maps or lists of them.
+SUBSCHEMA_KEYS = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
+SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+SUBSCHEMA_LISTS = ("anyOf", "allOf", "oneOf", "prefixItems")
 # llguidance's parser limits: a grammar that needs more is refused, never hung on.
 LIMITS = dict(initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000, max_grammar_size=500_000)
 
@@ -158,7 +165,7 @@ def _grammar(constraint: dict) -> str:
     kind = constraint["type"]
     try:
         if kind in ("json_object", "json_schema"):
-            schema = constraint["schema"] if kind == "json_schema" else {"type": "object"}
+            schema = _finite(constraint["schema"]) if kind == "json_schema" else {"type": "object"}
             if isinstance(schema, dict) and "x-guidance" not in schema:
                 schema = {**schema, "x-guidance": {"whitespace_pattern": JSON_WHITESPACE}}
             return llguidance.grammar_from("json_schema", json.dumps(schema))
@@ -169,6 +176,27 @@ def _grammar(constraint: dict) -> str:
         return llguidance.grammar_from("grammar", constraint["grammar"])
     except (ValueError, RuntimeError) as e:  # llguidance's words for what it does not support
         raise LlamascopeError(f"{describe(constraint)}: {str(e).strip().splitlines()[0]}") from None
+
+
+def _finite(schema: Any) -> Any:
+    """The schema with every number subschema that sets no multipleOf taking NUMBER_STEP, so that a
+    fraction ends (a copy; the caller's schema is left as it was)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    kinds = out.get("type")
+    if (kinds == "number" or (isinstance(kinds, list) and "number" in kinds)) and "multipleOf" not in out:
+        out["multipleOf"] = NUMBER_STEP
+    for key in SUBSCHEMA_KEYS:
+        if key in out:
+            out[key] = _finite(out[key])
+    for key in SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: _finite(sub) for name, sub in out[key].items()}
+    for key in SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [_finite(sub) for sub in out[key]]
+    return out
 
 
 _GRAMMARS: dict[tuple[int, int, tuple[int, ...]], Grammars] = {}

@@ -171,6 +171,9 @@ class StepTrace:
     top: list[TokenChoice]
     activations: dict[str, torch.Tensor] = field(default_factory=dict)
     speculation: DraftCheck | None = None  # speculative decoding: the round's draft and this step's check
+    # structured output: the tokens the processors left (the constraint's mask first) and the
+    # model's own top choice, and whether the constraint changed it
+    constrained: dict | None = None
 
     @property
     def cache_state(self) -> str:
@@ -198,6 +201,7 @@ class StepTrace:
             "top": [c.to_json() for c in self.top],
             "activations": {name: list(t.shape) for name, t in self.activations.items()},
             "speculation": None if self.speculation is None else self.speculation.to_json(),
+            "constrained": self.constrained,
         }
 
 
@@ -408,7 +412,18 @@ class _Recorder:
             top=top,
             activations=self.activations.select(acts) if self.activations is not None else {},
             speculation=self._draft_check(step, chosen) if step.speculation is not None else None,
+            constrained=self._constrained(step, chosen) if self.settings.constraint is not None else None,
         )
+
+    def _constrained(self, step, chosen: TokenChoice) -> dict:
+        """How many tokens the processors left (the constraint's mask is the first of them) and
+        whether the model's own top token was among them."""
+        own = int(step.logits[0].argmax())
+        return {
+            "allowed": int(torch.isfinite(step.scores[0]).sum()),
+            "model_choice": {"id": own, "text": self.text(own)},
+            "changed": own != chosen.id,
+        }
 
     def _draft_check(self, step, chosen: TokenChoice) -> DraftCheck:
         """The round's draft as the model saw it at this step, and why the checked token fared as it did."""
@@ -558,7 +573,13 @@ def trace(
     recorder = ActivationRecorder(activations, attention_weights) if (activations or attention_weights) else None
     record = _Recorder(engine.model, engine.tokenizer, plan.settings, plan.ids, top, lens, recorder)
     result = generate(
-        engine.model, [plan.ids], plan.settings, on_step=record.on_step, capture=record.capture, assistant=assistant
+        engine.model,
+        [plan.ids],
+        plan.settings,
+        tokenizer=engine.tokenizer,
+        on_step=record.on_step,
+        capture=record.capture,
+        assistant=assistant,
     )
     return _assemble(engine, plan, record, result, top, lens)
 
@@ -766,6 +787,14 @@ def _render_step(t: Trace, s: StepTrace, console) -> None:
     console.print(_forward_table(s))
     if s.speculation is not None and s.index > 0:
         _render_draft_check(s.speculation, console)
+    if s.constrained is not None:
+        c = s.constrained
+        verdict = (
+            f"it changed the choice: the model's own top token {c['model_choice']['text']!r} is not allowed here"
+            if c["changed"]
+            else "the model's own top token is allowed"
+        )
+        _line(console, f"constraint: {c['allowed']} tokens allowed after the processors; {verdict}")
     _line(console, f"next token: [bold]{s.chosen.text!r}[/bold] (id {s.chosen.id}), p = {s.chosen.prob:.4f}")
     console.print(_top_table(s, sampled=t.settings.do_sample))
     if s.index == 0 and t.predictions:
