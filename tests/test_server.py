@@ -1212,3 +1212,104 @@ def test_bad_constraints_get_a_400_naming_the_field(client, extra, param):
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4, extra_body=extra)
     assert caught.value.body["param"] == param
+
+
+# ---- tool calls ---------------------------------------------------------------------------------
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"enum": ["Paris", "Dakar"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city", "days"],
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}},
+    },
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_required_tool_call_comes_back_as_tool_calls_that_validate(client, stream):
+    """tool_choice "required" or a named function: the reply is constrained to one call whose
+    arguments validate against the function's parameters; finish_reason "tool_calls"."""
+    import jsonschema
+
+    messages = [{"role": "user", "content": "Weather in Paris for three days?"}]
+    for choice, names in (
+        ("required", {"get_weather", "get_time"}),
+        ({"type": "function", "function": {"name": "get_time"}}, {"get_time"}),
+    ):
+        common = dict(
+            model=MODEL, messages=messages, tools=[WEATHER, TIME], tool_choice=choice, max_tokens=400, temperature=0
+        )
+        if stream:
+            chunks = list(client.chat.completions.create(stream=True, **common))
+            calls = [call for c in chunks if c.choices for call in (c.choices[0].delta.tool_calls or [])]
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        else:
+            r = client.chat.completions.create(**common)
+            calls, finish = r.choices[0].message.tool_calls, [r.choices[0].finish_reason]
+        assert finish == ["tool_calls"] and len(calls) == 1 and calls[0].function.name in names
+        spec = {"get_weather": WEATHER, "get_time": TIME}[calls[0].function.name]
+        jsonschema.validate(json.loads(calls[0].function.arguments), spec["function"]["parameters"])
+        assert calls[0].id.startswith("call_")
+
+
+def test_the_openai_clients_tool_loop_runs_unchanged(client):
+    """Call, answer with a role "tool" message, and the next turn goes through (the calls and the
+    result rendered into the template: this one takes no tools, so as blocks and a user message)."""
+    messages = [{"role": "user", "content": "Weather in Dakar?"}]
+    first = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=[WEATHER], tool_choice="required", max_tokens=400, temperature=0
+    )
+    call = first.choices[0].message.tool_calls[0]
+    messages.append(first.choices[0].message.model_dump(exclude_none=True))
+    messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps({"sky": "sunny", "celsius": 31})})
+    second = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=[WEATHER], max_tokens=8, temperature=0
+    )
+    assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    none = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=[WEATHER], tool_choice="none", max_tokens=8, temperature=0
+    )
+    assert none.choices[0].message.tool_calls is None and none.choices[0].finish_reason in ("stop", "length")
+
+
+def test_tool_calls_in_text_are_parsed_only_when_they_are_calls():
+    """auto: a block naming a given function with arguments that validate is a call; anything else
+    stays text."""
+    from llamascope.server.tools import parse_calls, parse_tools
+
+    functions = parse_tools([WEATHER])
+    good = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>'
+    content, calls = parse_calls("Let me look. " + good, functions)
+    assert content == "Let me look." and json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris", "days": 2}
+    for bad in (good.replace("Paris", "Rome"), good.replace("get_weather", "get_time"), "<tool_call>{oops</tool_call>"):
+        assert parse_calls(bad, functions) == (bad, [])
+
+
+@pytest.mark.parametrize(
+    "extra,param",
+    [
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}]}, "tools"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+    ],
+)
+def test_bad_tools_get_a_400_naming_the_field(client, extra, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, **extra)
+    assert caught.value.body["param"] == param

@@ -165,7 +165,7 @@ def _grammar(constraint: dict) -> str:
     kind = constraint["type"]
     try:
         if kind in ("json_object", "json_schema"):
-            schema = _finite(constraint["schema"]) if kind == "json_schema" else {"type": "object"}
+            schema = finite_numbers(constraint["schema"]) if kind == "json_schema" else {"type": "object"}
             if isinstance(schema, dict) and "x-guidance" not in schema:
                 schema = {**schema, "x-guidance": {"whitespace_pattern": JSON_WHITESPACE}}
             return llguidance.grammar_from("json_schema", json.dumps(schema))
@@ -178,24 +178,46 @@ def _grammar(constraint: dict) -> str:
         raise LlamascopeError(f"{describe(constraint)}: {str(e).strip().splitlines()[0]}") from None
 
 
-def _finite(schema: Any) -> Any:
+def finite_numbers(schema: Any) -> Any:
     """The schema with every number subschema that sets no multipleOf taking NUMBER_STEP, so that a
     fraction ends (a copy; the caller's schema is left as it was)."""
+
+    def bound(sub: dict) -> dict:
+        kinds = sub.get("type")
+        if (kinds == "number" or (isinstance(kinds, list) and "number" in kinds)) and "multipleOf" not in sub:
+            sub["multipleOf"] = NUMBER_STEP
+        return sub
+
+    return map_subschemas(schema, bound)
+
+
+def closed_objects(schema: Any) -> Any:
+    """The schema with every object that lists properties and says nothing of others allowing no
+    others (OpenAI's strict function calling; a copy)."""
+
+    def close(sub: dict) -> dict:
+        if "properties" in sub and "additionalProperties" not in sub:
+            sub["additionalProperties"] = False
+        return sub
+
+    return map_subschemas(schema, close)
+
+
+def map_subschemas(schema: Any, change) -> Any:
+    """A copy of the schema with `change` (a copy of a dict -> that dict changed) applied to it and
+    to every subschema under it."""
     if not isinstance(schema, dict):
         return schema
-    out = dict(schema)
-    kinds = out.get("type")
-    if (kinds == "number" or (isinstance(kinds, list) and "number" in kinds)) and "multipleOf" not in out:
-        out["multipleOf"] = NUMBER_STEP
+    out = change(dict(schema))
     for key in SUBSCHEMA_KEYS:
         if key in out:
-            out[key] = _finite(out[key])
+            out[key] = map_subschemas(out[key], change)
     for key in SUBSCHEMA_MAPS:
         if isinstance(out.get(key), dict):
-            out[key] = {name: _finite(sub) for name, sub in out[key].items()}
+            out[key] = {name: map_subschemas(sub, change) for name, sub in out[key].items()}
     for key in SUBSCHEMA_LISTS:
         if isinstance(out.get(key), list):
-            out[key] = [_finite(sub) for sub in out[key]]
+            out[key] = [map_subschemas(sub, change) for sub in out[key]]
     return out
 
 

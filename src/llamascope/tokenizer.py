@@ -155,9 +155,11 @@ class Tokenizer:
         except Exception as e:  # noqa: BLE001 - the template is the file's code: any failure is its own
             raise LlamascopeError(f"{where} failed: {type(e).__name__}: {e}") from None
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """The template writes any BOS itself, so no special tokens are added (no double BOS)."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **extra: Any) -> list[int]:
+        """The template writes any BOS itself, so no special tokens are added (no double BOS).
+        `extra`: more template variables (`tools`)."""
+        text = self.apply_chat_template(messages, add_generation_prompt, **extra)
+        return self.encode(text, add_special_tokens=False)
 
     # ---- construction --------------------------------------------------------------------
     @classmethod

@@ -57,6 +57,7 @@ from .lockstep import leader_runner, serve_leader
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import ServerMetrics
 from .scheduler import Delta, Done, Failed, ModelRunner, QueueFull, Request, Scheduler, SequenceSpec, ShuttingDown
+from .tools import call_constraint, chosen_functions, parse_calls, parse_tools, render
 
 log = logging.getLogger("llamascope")
 
@@ -231,6 +232,8 @@ class ChatMessage(_Schema):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Any = None
     name: str | None = None
+    tool_calls: list[dict] | None = None  # an assistant's earlier calls (tools.py renders them)
+    tool_call_id: str | None = None  # a tool's result: the call it answers
 
     @field_validator("content", mode="before")
     @classmethod
@@ -256,6 +259,7 @@ class ChatRequest(_Sampling):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list | None = None
+    tool_choice: Any = None
 
 
 # ---- the app -----------------------------------------------------------------------------------
@@ -510,13 +514,14 @@ def _add_generation_routes(app: FastAPI, engine, scheduler: Scheduler, settings:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, http: HTTPRequest):
         _check_model(body.model, settings)
-        specs = await _chat_specs(engine, body, scheduler.slot_capacity, settings)
+        calls = _tool_calls(body)
+        specs = await _chat_specs(engine, body, scheduler.slot_capacity, settings, calls)
         request = _submit(scheduler, "chatcmpl", specs)
         logprobs = bool(body.logprobs)
         if body.stream:
-            return _stream(http, scheduler, request, _ChatChunks(request, model, logprobs), body)
+            return _stream(http, scheduler, request, _ChatChunks(request, model, logprobs, calls), body)
         choices, usage = await _collect(http, scheduler, request)
-        return _chat_body(request, model, choices, usage, logprobs)
+        return _chat_body(request, model, choices, usage, logprobs, calls)
 
 
 def _check_model(name: str, settings: ServerSettings) -> None:
@@ -551,7 +556,9 @@ def _completion_body(
     }
 
 
-def _chat_body(request: Request, model: str, choices: list[_Choice], usage: dict, logprobs: bool) -> dict:
+def _chat_body(
+    request: Request, model: str, choices: list[_Choice], usage: dict, logprobs: bool, calls: _Calls
+) -> dict:
     return {
         "id": request.id,
         "object": "chat.completion",
@@ -561,9 +568,9 @@ def _chat_body(request: Request, model: str, choices: list[_Choice], usage: dict
         "choices": [
             {
                 "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
+                "message": calls.message(c.text),
                 "logprobs": {"content": _chat_logprobs(c.logprobs)} if logprobs else None,
-                "finish_reason": c.finish_reason,
+                "finish_reason": calls.finish_reason(c.text, c.finish_reason),
             }
             for c in choices
         ],
@@ -596,22 +603,64 @@ async def _completion_specs(
     return specs, echo
 
 
-async def _chat_specs(engine, body: ChatRequest, capacity: int, settings: ServerSettings) -> list[SequenceSpec]:
+@dataclasses.dataclass
+class _Calls:
+    """A chat request's tools (tools.py): the mode of tool_choice and the functions it may call."""
+
+    mode: str = "none"
+    functions: list = dataclasses.field(default_factory=list)
+
+    def message(self, text: str) -> dict:
+        """The assistant message of a reply: its tool calls, where it made any, and its text."""
+        if self.mode == "none":
+            return {"role": "assistant", "content": text}
+        content, calls = parse_calls(text, self.functions)
+        return {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+
+    def finish_reason(self, text: str, reason: str | None) -> str | None:
+        if self.mode != "none" and reason == "stop" and parse_calls(text, self.functions)[1]:
+            return "tool_calls"
+        return reason
+
+
+def _tool_calls(body: ChatRequest) -> _Calls:
+    try:
+        functions = parse_tools(body.tools)
+    except LlamascopeError as e:
+        raise APIError(400, str(e), param="tools", code="invalid_value") from None
+    try:
+        mode, chosen = chosen_functions(functions, body.tool_choice)
+    except LlamascopeError as e:
+        raise APIError(400, str(e), param="tool_choice", code="invalid_value") from None
+    if mode == "required" and _constraint_field(body) is not None:
+        raise APIError(
+            400, f"a required tool call and '{_constraint_field(body)}' cannot both hold", param="tool_choice"
+        )
+    return _Calls(mode, chosen)
+
+
+async def _chat_specs(
+    engine, body: ChatRequest, capacity: int, settings: ServerSettings, calls: _Calls
+) -> list[SequenceSpec]:
     """One spec per choice; the messages in the chat template, the reply ending at its end of turn."""
-    if body.tools:
-        raise APIError(400, "'tools' are not supported", param="tools", code="unsupported")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     _check_choices(body.n or 1, settings, "n")
-    messages = [{"role": m.role, "content": m.content or ""} for m in body.messages]
+    messages = [
+        {"role": m.role, "content": m.content or "", "tool_calls": m.tool_calls, "tool_call_id": m.tool_call_id}
+        for m in body.messages
+    ]
+    offered = calls.functions if calls.mode != "none" else []
     try:
-        ids = await asyncio.to_thread(engine.tokenizer.encode_chat, messages)
-    except LlamascopeError as e:
+        rendered, extra = render(messages, offered, engine.tokenizer.chat_template or "")
+        ids = await asyncio.to_thread(engine.tokenizer.encode_chat, rendered, True, **extra)
+    except (LlamascopeError, KeyError, TypeError) as e:
         raise APIError(400, str(e), param="messages") from None
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = _max_tokens(len(ids), requested, None, capacity, "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
-    return [_spec(engine, body, ids, max_tokens, j, top, chat=True) for j in range(body.n or 1)]
+    constraint = call_constraint(calls.functions) if calls.mode == "required" else None
+    return [_spec(engine, body, ids, max_tokens, j, top, chat=True, constraint=constraint) for j in range(body.n or 1)]
 
 
 def _encode_prompts(engine, prompts: list) -> list[tuple[str, list[int]]]:
@@ -719,10 +768,21 @@ def _openai_settings(body: _Sampling, max_tokens: int, choice: int) -> dict[str,
 
 
 def _spec(
-    engine, body: _Sampling, ids: list[int], max_tokens: int, choice: int, logprobs: int | None, chat: bool
+    engine,
+    body: _Sampling,
+    ids: list[int],
+    max_tokens: int,
+    choice: int,
+    logprobs: int | None,
+    chat: bool,
+    constraint: dict | None = None,
 ) -> SequenceSpec:
+    """One choice's spec; `constraint` (a required tool call's) in place of the body's."""
+    call = _openai_settings(body, max_tokens, choice)
+    if constraint is not None:
+        call["constraint"] = constraint
     try:  # tokens are chosen here (rank 0) alone
-        config = engine.local_generation_config(chat, SERVER_DEFAULTS, **_openai_settings(body, max_tokens, choice))
+        config = engine.local_generation_config(chat, SERVER_DEFAULTS, **call)
     except LlamascopeError as e:
         raise APIError(400, str(e)) from None
     if body.ignore_eos:  # (a chat's end-of-turn ids too)
@@ -731,7 +791,7 @@ def _spec(
         try:
             grammars_for(engine.tokenizer, engine.config.vocab_size, config.eos_token_id).compile(config.constraint)
         except LlamascopeError as e:
-            raise APIError(400, str(e), param=_constraint_field(body), code="invalid_value") from None
+            raise APIError(400, str(e), param=_constraint_field(body) or "tools", code="invalid_value") from None
     if config.prompt_lookup_num_tokens and engine.config.rope_varies_with_length:
         raise APIError(
             400,
@@ -912,9 +972,13 @@ class _CompletionChunks:
 
 
 class _ChatChunks:
-    def __init__(self, request: Request, model: str, logprobs: bool):
-        self.request, self.model, self.logprobs = request, model, logprobs
+    """Chat chunks; with tools offered, each choice's text is held until it ends and then sent as
+    its content and tool calls (a call cannot be told from text until its block closes)."""
+
+    def __init__(self, request: Request, model: str, logprobs: bool, calls: _Calls):
+        self.request, self.model, self.logprobs, self.calls = request, model, logprobs, calls
         self.created = int(time.time())
+        self.held = [""] * len(request.sequences)
 
     def _chunk(self, choices: list[dict]) -> dict:
         return {
@@ -936,8 +1000,19 @@ class _ChatChunks:
 
     def delta(self, d: Delta) -> dict:
         logprobs = {"content": _chat_logprobs(d.logprobs or [])} if self.logprobs else None
-        delta = {"content": d.text} if d.text or d.finish_reason is None else {}
-        return self._chunk([{"index": d.index, "delta": delta, "logprobs": logprobs, "finish_reason": d.finish_reason}])
+        finish = d.finish_reason
+        if self.calls.mode != "none":
+            self.held[d.index] += d.text
+            if finish is None:
+                return self._chunk([{"index": d.index, "delta": {}, "logprobs": logprobs, "finish_reason": None}])
+            message = self.calls.message(self.held[d.index])
+            delta = {"content": message["content"]}
+            if "tool_calls" in message:
+                delta["tool_calls"] = [dict(call, index=i) for i, call in enumerate(message["tool_calls"])]
+            finish = self.calls.finish_reason(self.held[d.index], finish)
+            return self._chunk([{"index": d.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
+        delta = {"content": d.text} if d.text or finish is None else {}
+        return self._chunk([{"index": d.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
 
     def usage_chunk(self, usage: dict) -> dict:
         return dict(self._chunk([]), usage=usage)
