@@ -85,6 +85,10 @@ def main() -> None:
             choice = reply.choices[0]
             if choice.finish_reason == "length":
                 cut += 1
+                print(
+                    f"schema {i}: cut short: {json.dumps(s)[:300]} ... {choice.message.content[-300:]!r}",
+                    file=sys.stderr,
+                )
                 continue
             try:
                 jsonschema.validate(json.loads(choice.message.content), s)

@@ -597,8 +597,8 @@ async def _completion_specs(
         max_tokens = _max_tokens(
             len(ids), body.max_tokens, DEFAULT_MAX_NEW_TOKENS["server_completion"], capacity, "prompt"
         )
-        for j in range(n):
-            specs.append(_spec(engine, body, ids, max_tokens, i * n + j, body.logprobs, chat=False))
+        for j in range(n):  # (in a thread: compiling a constraint may take a moment)
+            specs.append(await asyncio.to_thread(_spec, engine, body, ids, max_tokens, i * n + j, body.logprobs, False))
             echo.append(text if body.echo else "")
     return specs, echo
 
@@ -660,7 +660,10 @@ async def _chat_specs(
     max_tokens = _max_tokens(len(ids), requested, None, capacity, "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
     constraint = call_constraint(calls.functions) if calls.mode == "required" else None
-    return [_spec(engine, body, ids, max_tokens, j, top, chat=True, constraint=constraint) for j in range(body.n or 1)]
+    return [  # (in a thread: compiling a constraint may take a moment)
+        await asyncio.to_thread(_spec, engine, body, ids, max_tokens, j, top, True, constraint)
+        for j in range(body.n or 1)
+    ]
 
 
 def _encode_prompts(engine, prompts: list) -> list[tuple[str, list[int]]]:

@@ -25,7 +25,7 @@ from typing import Any
 
 import jsonschema
 
-from ..constraints import JSON_WHITESPACE, closed_objects, finite_numbers
+from ..constraints import JSON_FORMAT, closed_objects, finite_numbers
 from ..errors import LlamascopeError
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -110,7 +110,7 @@ def call_constraint(functions: list[Function]) -> dict:
         }
         for f in functions
     ]
-    schema = {"anyOf": calls, "x-guidance": {"whitespace_pattern": JSON_WHITESPACE}}
+    schema = {"anyOf": calls, "x-guidance": JSON_FORMAT}
     grammar = (
         f"start: {json.dumps(OPEN + chr(10))} call {json.dumps(chr(10) + CLOSE)}\ncall: %json {json.dumps(schema)}"
     )
