@@ -1313,3 +1313,31 @@ def test_bad_tools_get_a_400_naming_the_field(client, extra, param):
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, **extra)
     assert caught.value.body["param"] == param
+
+
+def test_a_template_that_takes_tools_renders_them_itself():
+    """A chat template that reads `tools` (as Qwen2.5's and LLaMA 3.1's do) gets them, and earlier
+    calls with their arguments as objects; one that does not gets them in a system message."""
+    from llamascope.server.tools import parse_tools, render
+
+    functions = parse_tools([WEATHER])
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 1}'},
+    }
+    messages = [
+        {"role": "user", "content": "Weather?", "tool_calls": None, "tool_call_id": None},
+        {"role": "assistant", "content": "", "tool_calls": [call], "tool_call_id": None},
+        {"role": "tool", "content": "sunny", "tool_calls": None, "tool_call_id": "call_1"},
+    ]
+    native, extra = render(messages, functions, "{% for tool in tools %}{{ tool | tojson }}{% endfor %}")
+    assert extra == {"tools": [functions[0].to_json()]}
+    assert native[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris", "days": 1}
+    assert native[2] == {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}
+    generic, extra = render(messages, functions, CHATML)
+    assert extra == {} and generic[0]["role"] == "system" and '"name": "get_weather"' in generic[0]["content"]
+    assert "<tool_call>" in generic[2]["content"] and generic[3] == {
+        "role": "user",
+        "content": "<tool_response>\nsunny\n</tool_response>",
+    }
