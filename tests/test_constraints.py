@@ -186,3 +186,11 @@ def test_trace_shows_what_the_mask_allowed_and_whether_it_changed_the_choice(eng
     assert first["changed"] == (own != traced.steps[0].chosen.text)
     assert any(s.constrained["changed"] for s in traced.steps)  # (the model would begin a sentence)
     assert "GrammarMask(one of 'red', 'green', 'blue')" in traced.processors
+
+
+def test_a_schema_past_the_parsers_limits_is_refused_not_hung_on(engine):
+    """llguidance's limits bound the work a grammar may take: an enum of 200,000 long strings is
+    refused with its words, in a few seconds, rather than compiled for as long as it takes."""
+    schema = {"enum": [f"value number {i} of the long list" for i in range(200_000)]}
+    with pytest.raises(LlamascopeError, match="JSON schema: .*too big"):
+        grammars_for(engine.tokenizer, engine.config.vocab_size, [2]).compile(constraint_from(json_schema=schema))
