@@ -37,9 +37,9 @@ def traced(engine):
     return trace(engine, PROMPT, max_new_tokens=4, lens=True, top=3)
 
 
-def _render(t, width=160) -> str:
+def _render(t, width=160, steps=(0,)) -> str:
     console = Console(file=io.StringIO(), width=width, color_system=None)
-    render_trace(t, console)
+    render_trace(t, console, steps=steps)
     return console.file.getvalue()
 
 
@@ -159,16 +159,33 @@ def test_activation_recorder(engine):
 # ---- rendering --------------------------------------------------------------------------------
 
 
-def test_text_rendering_order_and_content(traced):
+def test_the_default_text_reads_in_one_screen(traced):
+    """The first step in full, then one row per step (fed ids, positions, cache, the choice and the
+    runner-up), then the per-position predictions, the result and the lens."""
     text = _render(traced)
+    order = ["1. tokenization", "3. decoding strategy", "step 0 (prefill", "steps (4; one row each)"]
+    order += ["per-position predictions", "result", "logit lens"]
+    positions = [text.index(heading) for heading in order]
+    assert positions == sorted(positions) and "step 1 (decode" not in text
+    table = text[text.index("steps (4; one row each)") : text.index("per-position predictions")]
+    for s in traced.steps:
+        runner_up = next(c for c in s.top if c.id != s.chosen.id)
+        row = next(line for line in table.splitlines() if line.startswith(f"│ {s.index:>4} │"))
+        assert f"({s.chosen.id})" in row and f"{s.chosen.prob:.3f}" in row and repr(runner_up.text) in row
+    assert len(text.splitlines()) < len(_render(traced, steps=None).splitlines())
+
+
+def test_text_rendering_order_and_content(traced):
+    text = _render(traced, steps=None)
     order = [
         "1. tokenization",
         "2. generation settings",
         "3. decoding strategy",
         "step 0 (prefill",
-        "per-position predictions",
         "step 1 (decode",
         "step 3 (decode",
+        "steps (4; one row each)",
+        "per-position predictions",
         "result",
         "logit lens",
     ]
@@ -208,6 +225,12 @@ def test_cli_trace_writes_json_and_html(tiny_model, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == data
     assert main(["trace", "--model", str(tiny_model), "--max-new-tokens", "1", "--no-cache", "Hi"]) == 0
     assert "no cache (use_cache=False)" in capsys.readouterr().out
+    # --steps: which steps are shown in full before the table of all of them
+    assert main(args[:3] + ["--max-new-tokens", "3", "--steps", "0,2", PROMPT]) == 0
+    text = capsys.readouterr().out
+    assert "step 0 (prefill" in text and "step 2 (decode" in text and "step 1 (decode" not in text
+    assert main(args[:3] + ["--steps", "some", PROMPT]) != 0
+    assert "--steps 'some': expected first, all, or step numbers" in capsys.readouterr().err
 
 
 # ---- the HTML report in a real browser ----------------------------------------------------------
@@ -321,8 +344,11 @@ def test_golden_trace_on_the_default_model(default_engine):
     assert t.settings.sources["eos_token_id"] == "GGUF metadata" and t.warnings == []
     assert len(t.lens.cells) == L + 1 and len(t.lens.positions) == T + golden["max_new_tokens"] - 1
     text = _render(t)
-    for heading in ("1. tokenization", "greedy search", "step 7 (decode", "per-position predictions", "logit lens"):
+    for heading in ("1. tokenization", "greedy search", "step 0 (prefill", "steps (8; one row each)"):
         assert heading in text
+    assert "per-position predictions" in text and "logit lens" in text and "step 7 (decode" not in text
+    full = _render(t, steps=None)  # (every step in full: seven more blocks of some 30 lines)
+    assert "step 7 (decode" in full and len(full.splitlines()) - len(text.splitlines()) > 150
     assert repr(golden["predictions_text"]) in text and repr(golden["text"]) in text
 
 
@@ -348,7 +374,8 @@ def test_trace_shows_each_speculative_steps_draft_and_why_it_was_kept_or_refused
     assert checked and all(c.kept == (c.why == "the model chose the drafted token") for c in checked)
     refused = [c for c in checked if not c.kept]
     assert refused and all(re.match(r"refused: the model chose .* not the draft's .*rank \d+", c.why) for c in refused)
-    text = _render(drafted)
+    text = _render(drafted, steps=None)
     assert f"draft ({drafts}): [" in text and "refused: the model chose" in text
+    assert f"{drafts} draft token 1 of" in _render(drafted)  # (the table of steps says it in a few words)
     step = drafted.to_json()["steps"][1]["speculation"]
     assert step["source"] == drafts and {"draft", "index", "kept", "why"} <= set(step)

@@ -577,8 +577,20 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if args.json:
         print(_json_text(result.to_json(), indent=1))
     else:
-        render_trace(result, _console(), lens=args.lens)
+        render_trace(result, _console(), lens=args.lens, steps=_full_steps(args.steps))
     return 0
+
+
+def _full_steps(value: str) -> tuple[int, ...] | None:
+    """--steps: first -> (0,), all -> None (every step), "0,3,5" -> those steps."""
+    if value == "first":
+        return (0,)
+    if value == "all":
+        return None
+    try:
+        return tuple(int(part) for part in value.split(","))
+    except ValueError:
+        raise LlamascopeError(f"--steps {value!r}: expected first, all, or step numbers such as 0,3,5") from None
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -857,6 +869,12 @@ def _add_generate_commands(sub) -> None:
     p.add_argument("--top", type=int, default=5, metavar="K", help="alternatives shown per step (default %(default)s)")
     p.add_argument("--chat", action="store_true", help="apply the chat template to the prompt as a user message")
     p.add_argument("--lens", action="store_true", help="logit lens: top token at each layer for each position")
+    p.add_argument(
+        "--steps",
+        default="first",
+        metavar="WHICH",
+        help="steps shown in full before the table of all steps: first, all, or a list such as 0,3,5 (default first)",
+    )
     p.add_argument("--json", action="store_true", help="print the whole trace as JSON on stdout (instead of the text)")
     p.add_argument("--json-file", metavar="FILE", help="also write the whole trace as JSON to FILE")
     p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report with the lens heat map")

@@ -722,17 +722,67 @@ def _q(text: str) -> str:
     return repr(text)
 
 
-def render_trace(t: Trace, console=None, lens: bool = True) -> None:
-    """Print the trace as rich text and tables, in the order generation happens."""
+def render_trace(t: Trace, console=None, lens: bool = True, steps: Iterable[int] | None = (0,)) -> None:
+    """Print the trace as rich text and tables, in the order generation happens: the tokenization,
+    the settings, the strategy, the `steps` chosen in full (by default the first; None: all), one
+    table with a row per step, the per-position predictions, the result and the lens."""
     console = console or Console()
     _render_tokenization(t, console)
     _render_settings(t, console)
     _render_strategy(t, console)
+    full = None if steps is None else set(steps)
     for s in t.steps:
-        _render_step(t, s, console)
+        if full is None or s.index in full:
+            _render_step(t, s, console)
+    if len(t.steps) > 1:
+        _render_step_table(t, console)
+    if t.predictions:
+        _render_predictions(t, console)
     _render_result(t, console)
     if lens and t.lens is not None:
         _render_lens(t.lens, console)
+
+
+def _render_step_table(t: Trace, console) -> None:
+    """One row per step: what it fed, at which positions, what the cache held, what it chose and
+    the runner-up."""
+    section(console, f"steps ({len(t.steps)}; one row each)")
+    notes = any(s.speculation is not None or s.constrained is not None for s in t.steps)
+    table = Table()
+    for column in ("step", "input_ids", "positions", "cache", "chosen", "p", "runner-up", "p ") + (
+        ("",) if notes else ()
+    ):
+        table.add_column(column, justify="right" if column in ("step", "cache", "p", "p ") else "left")
+    for s in t.steps:
+        ids, positions = s.input_ids[0], s.position_ids[0]
+        fed = str(ids) if len(ids) <= 6 else f"[{ids[0]}, {ids[1]}, ... {ids[-1]}] ({len(ids)})"
+        where = str(positions[0]) if len(positions) == 1 else f"{positions[0]}..{positions[-1]}"
+        second = next((c for c in s.top if c.id != s.chosen.id), None)
+        table.add_row(
+            str(s.index),
+            fed,
+            where,
+            "-" if s.cache_length is None else str(s.cache_length),
+            f"{_q(s.chosen.text)} ({s.chosen.id})",
+            f"{s.chosen.prob:.3f}",
+            _q(second.text) if second else "",
+            f"{second.prob:.3f}" if second else "",
+            *((_step_note(s),) if notes else ()),
+        )
+    console.print(table)
+
+
+def _step_note(s: StepTrace) -> str:
+    """A speculative step's draft check, a constrained step's mask, in a few words."""
+    parts = []
+    check = s.speculation
+    if check is not None and s.index > 0 and check.index < len(check.draft):
+        verdict = "kept" if check.kept else "refused"
+        parts.append(f"{check.source} draft token {check.index + 1} of {len(check.draft)}: {verdict}")
+    if s.constrained is not None:
+        changed = ", changed the choice" if s.constrained["changed"] else ""
+        parts.append(f"constraint: {s.constrained['allowed']} allowed{changed}")
+    return "; ".join(parts)
 
 
 def _line(console, text: str) -> None:
@@ -797,8 +847,6 @@ def _render_step(t: Trace, s: StepTrace, console) -> None:
         _line(console, f"constraint: {c['allowed']} tokens allowed after the processors; {verdict}")
     _line(console, f"next token: [bold]{s.chosen.text!r}[/bold] (id {s.chosen.id}), p = {s.chosen.prob:.4f}")
     console.print(_top_table(s, sampled=t.settings.do_sample))
-    if s.index == 0 and t.predictions:
-        _render_predictions(t, console)
 
 
 def _render_draft_check(check: DraftCheck, console) -> None:
