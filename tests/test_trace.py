@@ -379,3 +379,22 @@ def test_trace_shows_each_speculative_steps_draft_and_why_it_was_kept_or_refused
     assert f"{drafts} draft token 1 of" in _render(drafted)  # (the table of steps says it in a few words)
     step = drafted.to_json()["steps"][1]["speculation"]
     assert step["source"] == drafts and {"draft", "index", "kept", "why"} <= set(step)
+
+
+def test_a_saved_trace_says_what_it_is(traced, tiny_model):
+    """The JSON names the model, its file and format, the dtype and llamascope's version; the HTML
+    names the model, has a colour legend, and a line before the first generated position."""
+    from importlib.metadata import version
+
+    model = traced.to_json()["model"]
+    assert model["name"] == tiny_model.name and model["file"] == str(tiny_model) and model["format"] == "safetensors"
+    assert (model["architecture"], model["dtype"], model["llamascope_version"]) == (
+        "llama",
+        "float32",
+        version("llamascope"),
+    )
+    page = render_html(traced)
+    assert f"<h1>llamascope trace: {tiny_model.name}</h1>" in page and 'id="legend"' in page
+    first_generated = traced.prompt_length
+    assert f'class="pos generated-start" title="position {first_generated}"' in page
+    assert page.count("generated-start") == 2 + len(traced.lens.layers)  # its CSS rule, the header, each row

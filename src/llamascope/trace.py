@@ -27,6 +27,7 @@ import fnmatch
 import html
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from typing import Any
 
 import torch
@@ -272,6 +273,8 @@ class Trace:
     finish_reason: str
     top: int
     lens: Lens | None = None
+    # what was traced: the model's name, file, format, architecture, dtype and llamascope's version
+    model: dict = field(default_factory=dict)
 
     @property
     def prompt_length(self) -> int:
@@ -284,6 +287,7 @@ class Trace:
 
     def to_json(self) -> dict:
         return {
+            "model": self.model,
             "prompt": self.prompt,
             "tokenization": {
                 "input_ids": [self.prompt_ids],
@@ -663,7 +667,21 @@ def _assemble(engine, plan: _Plan, record: _Recorder, result, top: int, lens: bo
         finish_reason=result.finish_reasons[0],
         top=top,
         lens=lens_result,
+        model=_model_facts(engine),
     )
+
+
+def _model_facts(engine) -> dict:
+    """What a saved trace needs to say what it is: the model, its file, and the code that ran it."""
+    checkpoint = engine.loaded.checkpoint
+    return {
+        "name": checkpoint.path.name,
+        "file": str(checkpoint.path),
+        "format": checkpoint.format,
+        "architecture": engine.config.model_type,
+        "dtype": str(engine.model.dtype).removeprefix("torch."),
+        "llamascope_version": version("llamascope"),
+    }
 
 
 def _lens_of(record: _Recorder, sequence: list[int], layers: int) -> Lens:
@@ -998,6 +1016,8 @@ td.cell .tip { display: none; position: absolute; z-index: 2; left: 50%; top: 10
   border: 1px solid #888; padding: 4px 6px; text-align: left; box-shadow: 0 2px 6px rgba(0,0,0,.25); color: #222; }
 td.cell:hover .tip { display: block; }
 .warn { color: #a15c00; }
+table.heatmap .generated-start { border-left: 3px solid #c00 !important; }
+.legend .swatch { display: inline-block; padding: 1px 8px; margin-right: 2px; font-size: 11px; border: 1px solid #ddd; }
 """
 
 
@@ -1012,7 +1032,7 @@ def render_html(t: Trace) -> str:
     (layer x position, hover for the top-K), the per-position predictions and the steps."""
     parts = _html_summary(t)
     if t.lens is not None:
-        parts += _html_lens(t.lens, t.top)
+        parts += _html_lens(t.lens, t.top, t.prompt_length)
     if t.predictions:
         parts += _html_predictions(t)
     parts += _html_steps(t)
@@ -1026,10 +1046,16 @@ def _html_summary(t: Trace) -> list[str]:
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        "<title>llamascope trace</title>",
+        f"<title>llamascope trace: {e(t.model.get('name', ''))}</title>",
         f"<style>{_CSS}</style></head><body>",
-        "<h1>llamascope trace</h1>",
+        f"<h1>llamascope trace: {e(t.model.get('name', ''))}</h1>",
     ]
+    if t.model:
+        m = t.model
+        parts.append(
+            f'<p class="model">model <code>{e(m["file"])}</code> ({e(m["format"])}, {e(m["architecture"])}, '
+            f"{e(m['dtype'])}), llamascope {e(m['llamascope_version'])}</p>"
+        )
     if t.prompt is not None:
         parts.append(f"<p>prompt: <code>{e(repr(t.prompt))}</code></p>")
     parts.append(f"<p>input_ids <code>{e(_tensor([t.prompt_ids]))}</code> shape [1, {t.prompt_length}]</p>")
@@ -1040,34 +1066,43 @@ def _html_summary(t: Trace) -> list[str]:
     return parts
 
 
-def _html_lens(lens: Lens, top: int) -> list[str]:
-    """The lens heat map: a row per layer (the last on top), a column per position."""
+def _html_lens(lens: Lens, top: int, prompt_length: int) -> list[str]:
+    """The lens heat map: a row per layer (the last on top), a column per position; a line
+    before the first generated position, and a legend of the colours."""
     e = html.escape
+    legend = "".join(
+        f'<span class="swatch" style="background:{_heat(p)};color:{"#fff" if p > 0.55 else "#222"}">{p:.2f}</span>'
+        for p in (0.0, 0.25, 0.5, 0.75, 1.0)
+    )
     parts = [
         "<h2>logit lens</h2>",
         "<p>Each cell: the top token when the final norm and LM head are applied to the residual "
         "stream after that layer, at that position; colour = its probability. Hover for the top "
         f"{top}. A framed cell predicts the token that actually came next. The top row is the "
-        "model's own output.</p>",
+        "model's own output, the bottom row the embeddings; the prompt's positions are left of the "
+        "line, the generated ones right of it.</p>",
+        f'<p class="legend" id="legend">p of the top token: {legend}</p>',
         '<table class="heatmap" id="lens"><thead><tr><th></th>',
     ]
     for pos, token in zip(lens.positions, lens.tokens):
-        parts.append(f'<th class="pos" title="position {pos}">{pos}<br>{e(repr(token))}</th>')
+        first = " generated-start" if pos == prompt_length else ""
+        parts.append(f'<th class="pos{first}" title="position {pos}">{pos}<br>{e(repr(token))}</th>')
     parts.append("</tr></thead><tbody>")
     for row in reversed(range(len(lens.layers))):
         parts.append(f'<tr><th class="layer">{e(lens.layers[row])}</th>')
-        parts += [_html_lens_cell(lens, row, col) for col in range(len(lens.cells[row]))]
+        parts += [_html_lens_cell(lens, row, col, prompt_length) for col in range(len(lens.cells[row]))]
         parts.append("</tr>")
     parts.append("</tbody></table>")
     return parts
 
 
-def _html_lens_cell(lens: Lens, row: int, col: int) -> str:
+def _html_lens_cell(lens: Lens, row: int, col: int, prompt_length: int) -> str:
     """One cell of the heat map: the top token coloured by its p, the top-K in a hover tip."""
     e = html.escape
     cell = lens.cells[row][col]
     top_id, top_text, top_p = cell[0]
     framed = " next" if lens.next_ids[col] == top_id else ""
+    framed += " generated-start" if lens.positions[col] == prompt_length else ""
     tip = "<br>".join(f"{e(repr(text))} (id {i}) {p:.4f}" for i, text, p in cell)
     color = "#fff" if top_p > 0.55 else "#222"
     return (
