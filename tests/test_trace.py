@@ -398,3 +398,21 @@ def test_a_saved_trace_says_what_it_is(traced, tiny_model):
     first_generated = traced.prompt_length
     assert f'class="pos generated-start" title="position {first_generated}"' in page
     assert page.count("generated-start") == 2 + len(traced.lens.layers)  # its CSS rule, the header, each row
+
+
+def test_the_walk_through_in_docs_is_the_real_output(capsys):
+    """docs/trace.md's walk through quotes `llamascope trace` on the default model: every line it
+    quotes is in what the command prints now (probabilities compared to their digits' shape, so a
+    last-digit difference between kernel builds does not fail it)."""
+    doc = (Path(__file__).parents[1] / "docs" / "trace.md").read_text()
+    walk = doc[doc.index("## A walk through one trace") : doc.index("## What it prints")]
+    quoted = [line for block in walk.split("```")[1::2] for line in block.strip("\n").splitlines()]
+    assert len(quoted) > 20
+    assert main(["trace", "My name is Mariama, my favorite", "--max-new-tokens", "8"]) == 0
+    printed = capsys.readouterr().out
+
+    def shape(text: str) -> str:
+        return re.sub(r"\d+\.\d+", "#.#", text)
+
+    missing = [line for line in quoted if shape(line) not in shape(printed)]
+    assert missing == []
