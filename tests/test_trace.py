@@ -416,3 +416,16 @@ def test_the_walk_through_in_docs_is_the_real_output(capsys):
 
     missing = [line for line in quoted if shape(line) not in shape(printed)]
     assert missing == []
+
+
+def test_the_kv_cache_is_described_as_generate_allocates_it(engine, traced):
+    """Shape [layers, batch, kv_heads, capacity, head_dim] per key and value, and bytes: those of
+    the KVCache generate() allocates for this prompt, and shown under the first step."""
+    from llamascope.cache import KVCache
+
+    c = traced.to_json()["kv_cache"]
+    config = engine.config
+    cache = KVCache.for_model(engine.model, 1, traced.max_length)
+    assert c["shape"] == [config.num_hidden_layers, 1, config.num_key_value_heads, cache.capacity, config.head_dim]
+    assert c["bytes"] == cache.nbytes() and c["bytes_per_position"] * cache.capacity == cache.nbytes()
+    assert f"KV cache: keys and values, each {c['shape']} float32" in _render(traced)

@@ -275,6 +275,8 @@ class Trace:
     lens: Lens | None = None
     # what was traced: the model's name, file, format, architecture, dtype and llamascope's version
     model: dict = field(default_factory=dict)
+    # the KV cache generation allocated: its tensors' shape and dtype, bytes per position and in all
+    kv_cache: dict = field(default_factory=dict)
 
     @property
     def prompt_length(self) -> int:
@@ -288,6 +290,7 @@ class Trace:
     def to_json(self) -> dict:
         return {
             "model": self.model,
+            "kv_cache": self.kv_cache,
             "prompt": self.prompt,
             "tokenization": {
                 "input_ids": [self.prompt_ids],
@@ -668,7 +671,25 @@ def _assemble(engine, plan: _Plan, record: _Recorder, result, top: int, lens: bo
         top=top,
         lens=lens_result,
         model=_model_facts(engine),
+        kv_cache=_kv_cache_facts(engine, config.max_length_for(len(ids), engine.config.max_position_embeddings))
+        if config.use_cache
+        else {},
     )
+
+
+def _kv_cache_facts(engine, max_length: int) -> dict:
+    """The cache one sequence's generate() allocates: per key and value, [layers, batch, kv_heads,
+    capacity, head_dim] (as one tensor per layer), and its bytes per position and in all."""
+    model, config = engine.model, engine.config
+    capacity = model.decode_step.capacity_for(max_length) if model.decode_step is not None else max_length
+    item = torch.empty((), dtype=model.dtype).element_size()
+    per_position = 2 * config.num_hidden_layers * model.kv_heads * config.head_dim * item
+    return {
+        "shape": [config.num_hidden_layers, 1, model.kv_heads, capacity, config.head_dim],
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "bytes_per_position": per_position,
+        "bytes": per_position * capacity,
+    }
 
 
 def _model_facts(engine) -> dict:
@@ -853,6 +874,16 @@ def _render_step(t: Trace, s: StepTrace, console) -> None:
     section(console, f"step {s.index} ({_phase(s)})")
     console.print(_inputs_table(s))
     console.print(_forward_table(s))
+    if s.index == 0 and t.kv_cache:
+        c = t.kv_cache
+        layers, _, heads, capacity, head_dim = c["shape"]
+        _line(
+            console,
+            f"KV cache: keys and values, each {c['shape']} {c['dtype']} (layers, batch, kv_heads, capacity, "
+            f"head_dim; a tensor per layer), {c['bytes_per_position']:,} bytes a position "
+            f"(2 x {layers} x {heads} x {head_dim} x {c['bytes_per_position'] // (2 * layers * heads * head_dim)}), "
+            f"{c['bytes']:,} bytes for {capacity} positions",
+        )
     if s.speculation is not None and s.index > 0:
         _render_draft_check(s.speculation, console)
     if s.constrained is not None:
