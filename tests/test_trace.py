@@ -429,3 +429,22 @@ def test_the_kv_cache_is_described_as_generate_allocates_it(engine, traced):
     assert c["shape"] == [config.num_hidden_layers, 1, config.num_key_value_heads, cache.capacity, config.head_dim]
     assert c["bytes"] == cache.nbytes() and c["bytes_per_position"] * cache.capacity == cache.nbytes()
     assert f"KV cache: keys and values, each {c['shape']} float32" in _render(traced)
+
+
+def test_sampling_steps_show_each_processors_candidates_mass_and_the_drawn_rank(engine):
+    """Each processor in turn: the candidates it leaves (the last, those generation drew from) and
+    the model's probability on them, shrinking; the drawn token's rank among the processed scores."""
+    settings = dict(max_new_tokens=5, do_sample=True, seed=3, temperature=0.8, top_k=12, top_p=0.9)
+    traced = trace(engine, PROMPT, **settings)
+    steps = []
+    generate(engine.model, engine.encode(PROMPT), engine.generation_config(**settings), on_step=steps.append)
+    for s, step in zip(traced.steps, steps):
+        stages = s.sampling["stages"]
+        assert [x["processor"] for x in stages] == traced.processors
+        assert stages[-1]["kept"] == int(torch.isfinite(step.scores[0]).sum()) and stages[1]["kept"] == 12
+        masses = [x["mass"] for x in stages]
+        assert masses == sorted(masses, reverse=True) and masses[0] == pytest.approx(1.0)
+        drawn = int(step.next_tokens[0])
+        assert s.chosen.id == drawn and s.sampling["rank"] == int((step.scores[0] > step.scores[0, drawn]).sum()) + 1
+    text = _render(traced)
+    assert "sampling: the processors in turn" in text and "drawn: rank" in text

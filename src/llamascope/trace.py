@@ -175,6 +175,9 @@ class StepTrace:
     # structured output: the tokens the processors left (the constraint's mask first) and the
     # model's own top choice, and whether the constraint changed it
     constrained: dict | None = None
+    # sampling: each processor in turn with the candidates it left and the model's probability mass
+    # on them, and the drawn token's rank among the processed scores (1: the most likely)
+    sampling: dict | None = None
 
     @property
     def cache_state(self) -> str:
@@ -203,6 +206,7 @@ class StepTrace:
             "activations": {name: list(t.shape) for name, t in self.activations.items()},
             "speculation": None if self.speculation is None else self.speculation.to_json(),
             "constrained": self.constrained,
+            "sampling": self.sampling,
         }
 
 
@@ -379,6 +383,7 @@ class _Recorder:
         self.prompt_ids, self.top, self.want_lens = prompt_ids, top, lens
         self.activations = activations
         self.steps: list[StepTrace] = []
+        self.chosen_ids: list[int] = []  # the tokens chosen so far (the sequence is prompt_ids + these)
         self.predictions: list[PositionPrediction] = []
         self.lens_cells: list[list[list[tuple[int, str, float]]]] = []  # [layer][position]
         self.lens_positions: list[int] = []
@@ -399,6 +404,7 @@ class _Recorder:
     def on_step(self, step) -> None:
         acts = step.capture
         self.steps.append(self._step_trace(step, acts))
+        self.chosen_ids.append(int(step.next_tokens[0]))
         if step.index == 0:
             self._predictions(acts["logits"][0].float())  # [T, V]
         if self.want_lens:
@@ -420,7 +426,31 @@ class _Recorder:
             activations=self.activations.select(acts) if self.activations is not None else {},
             speculation=self._draft_check(step, chosen) if step.speculation is not None else None,
             constrained=self._constrained(step, chosen) if self.settings.constraint is not None else None,
+            sampling=self._sampling(step, chosen) if self.settings.do_sample else None,
         )
+
+    def _sampling(self, step, chosen: TokenChoice) -> dict:
+        """The processors applied one at a time to the step's logits, as generation applied them:
+        after each, how many candidates are left and how much of the model's probability they hold;
+        and where the drawn token ranks among the processed scores."""
+        logits = step.logits[:1].float()  # [1, V]
+        model_probs = logits.softmax(-1)[0]  # [V]
+        ids = torch.tensor([self.prompt_ids + self.chosen_ids], device=logits.device)  # [1, S]: before this step
+        vocab = self.model.config.vocab_size
+        processors = build_processors(self.settings, len(self.prompt_ids), vocab_size=vocab, tokenizer=self.tokenizer)
+        stages, scores = [], logits
+        for processor in processors:
+            scores = processor(ids, scores)
+            kept = torch.isfinite(scores[0])
+            stages.append(
+                {
+                    "processor": _describe_processor(processor),
+                    "kept": int(kept.sum()),
+                    "mass": float(model_probs[kept].sum()),
+                }
+            )
+        final = step.scores[0]
+        return {"stages": stages, "rank": int((final > final[chosen.id]).sum()) + 1}
 
     def _constrained(self, step, chosen: TokenChoice) -> dict:
         """How many tokens the processors left (the constraint's mask is the first of them) and
@@ -786,7 +816,7 @@ def _render_step_table(t: Trace, console) -> None:
     """One row per step: what it fed, at which positions, what the cache held, what it chose and
     the runner-up."""
     section(console, f"steps ({len(t.steps)}; one row each)")
-    notes = any(s.speculation is not None or s.constrained is not None for s in t.steps)
+    notes = any(s.speculation is not None or s.constrained is not None or s.sampling is not None for s in t.steps)
     table = Table()
     for column in ("step", "input_ids", "positions", "cache", "chosen", "p", "runner-up", "p ") + (
         ("",) if notes else ()
@@ -821,6 +851,8 @@ def _step_note(s: StepTrace) -> str:
     if s.constrained is not None:
         changed = ", changed the choice" if s.constrained["changed"] else ""
         parts.append(f"constraint: {s.constrained['allowed']} allowed{changed}")
+    if s.sampling is not None and s.sampling["stages"]:
+        parts.append(f"drawn: rank {s.sampling['rank']} of {s.sampling['stages'][-1]['kept']:,} kept")
     return "; ".join(parts)
 
 
@@ -886,6 +918,14 @@ def _render_step(t: Trace, s: StepTrace, console) -> None:
         )
     if s.speculation is not None and s.index > 0:
         _render_draft_check(s.speculation, console)
+    if s.sampling is not None:
+        table = Table(title="sampling: the processors in turn", title_justify="left")
+        for column in ("processor", "candidates kept", "model's p kept"):
+            table.add_column(column, justify="left" if column == "processor" else "right")
+        for stage in s.sampling["stages"]:
+            table.add_row(stage["processor"], f"{stage['kept']:,}", f"{stage['mass']:.4f}")
+        console.print(table)
+        _line(console, f"drawn: {s.chosen.text!r}, rank {s.sampling['rank']} of the processed scores")
     if s.constrained is not None:
         c = s.constrained
         verdict = (
