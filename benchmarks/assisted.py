@@ -17,11 +17,9 @@ transformers'. Run it on a quiet machine.
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
 
 import torch
-from prompt_lookup import TASKS, WORK, transformers_run
+from prompt_lookup import TASKS, float32_folder, print_table, transformers_run
 
 TASKS = {**TASKS, "story": "Write a short story about a lighthouse keeper and a storm."}
 
@@ -54,41 +52,24 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from llamascope import Engine
-    from llamascope.convert import convert_gguf
     from llamascope.loading import default_model_path
 
-    folder = WORK / "smollm2-hf"
-    if not (folder / "config.json").exists():
-        convert_gguf(default_model_path(), folder, dtype="float32")
-    gguf = default_model_path()
-    systems = {}
+    folder, gguf = float32_folder(), default_model_path()
+    systems = {}  # name -> (run(ids, new_tokens, k: None without the assistant), the twin whose tokens it must give)
     if "llamascope" in args.systems:
-        systems["llamascope fp32"] = (Engine.load(folder).model, Engine.load(gguf).model, llamascope_run)
+        target, helper = Engine.load(folder).model, Engine.load(gguf).model
+        systems["llamascope fp32"] = (
+            lambda ids, n, k: llamascope_run(target, ids, n, helper if k else None, k),
+            "transformers fp32",
+        )
     if "transformers" in args.systems:
-        target = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        helper = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        systems["transformers fp32"] = (target, helper, transformers_assisted)
-    tokenizer = Engine.load(gguf).tokenizer
-    settings = [None, *args.k]
-    print(f"{args.new_tokens} new tokens, greedy, {args.threads} threads, medians of {args.repeats}", file=sys.stderr)
-    print("| task | system | " + " | ".join(f"K={k}" if k else "without" for k in settings) + " | same tokens |")
-    print("|---|---|" + "---|" * len(settings) + "---|")
-    for task, content in TASKS.items():
-        ids = tokenizer.encode_chat([{"role": "user", "content": content}])
-        rates = {(s, k): [] for s in systems for k in settings}
-        tokens: dict = {}
-        for _ in range(args.repeats):
-            for name, (model, helper, run) in systems.items():
-                for k in settings:
-                    tokens[name, k], rate = run(model, ids, args.new_tokens, helper if k else None, k)
-                    rates[name, k].append(rate)
-        for name in systems:
-            same = "yes" if all(tokens[name, k] == tokens[name, None] for k in settings) else "NO"
-            reference = tokens.get(("transformers fp32", None))
-            if name != "transformers fp32" and reference is not None:
-                same += f"; as transformers: {'yes' if tokens[name, None] == reference else 'no'}"
-            cells = " | ".join(f"{statistics.median(rates[name, k]):.1f}" for k in settings)
-            print(f"| {task} | {name} | {cells} | {same} |", flush=True)
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        hf_helper = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        systems["transformers fp32"] = (
+            lambda ids, n, k: transformers_assisted(hf, ids, n, hf_helper if k else None, k),
+            None,
+        )
+    print_table(systems, TASKS, [None, *args.k], args)
 
 
 if __name__ == "__main__":

@@ -84,36 +84,52 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from llamascope import Engine
+
+    folder = float32_folder()
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    q4, fp32 = Engine.load(None).model, Engine.load(folder).model
+    systems = {  # name -> (run(ids, new_tokens, k), the system whose tokens it must give: same weights)
+        "llamascope Q4_1": (lambda ids, n, k: llamascope_run(q4, ids, n, k), None),
+        "llamascope fp32": (lambda ids, n, k: llamascope_run(fp32, ids, n, k), "transformers fp32"),
+        "transformers fp32": (lambda ids, n, k: transformers_run(reference, ids, n, k), None),
+    }
+    print_table(systems, TASKS, [None, *args.k], args)
+
+
+def float32_folder() -> Path:
+    """The default model's GGUF converted once to a float32 Hugging Face folder (the same weights)."""
     from llamascope.convert import convert_gguf
     from llamascope.loading import default_model_path
 
     folder = WORK / "smollm2-hf"
     if not (folder / "config.json").exists():
         convert_gguf(default_model_path(), folder, dtype="float32")
-    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    systems = {  # (model, how to run it, the system whose tokens it must give: same weights)
-        "llamascope Q4_1": (Engine.load(None).model, llamascope_run, None),
-        "llamascope fp32": (Engine.load(folder).model, llamascope_run, "transformers fp32"),
-        "transformers fp32": (reference, transformers_run, None),
-    }
+    return folder
+
+
+def print_table(systems: dict, tasks: dict, settings: list, args) -> None:
+    """For each task (a chat turn), each system's decode tokens/s at each setting (None: without
+    drafts), medians of args.repeats runs with the systems and settings alternating within a repeat;
+    and whether its tokens are the same at every setting, and the same as its twin's without."""
+    from llamascope import Engine
+
     tokenizer = Engine.load(None).tokenizer
-    settings = [None, *args.k]
     print(f"{args.new_tokens} new tokens, greedy, {args.threads} threads, medians of {args.repeats}", file=sys.stderr)
     print("| task | system | " + " | ".join(f"K={k}" if k else "without" for k in settings) + " | same tokens |")
     print("|---|---|" + "---|" * len(settings) + "---|")
-    for task, content in TASKS.items():
+    for task, content in tasks.items():
         ids = tokenizer.encode_chat([{"role": "user", "content": content}])
         rates = {(s, k): [] for s in systems for k in settings}
         tokens: dict = {}
         for _ in range(args.repeats):
-            for name, (model, run, _) in systems.items():
+            for name, (run, _) in systems.items():
                 for k in settings:
-                    tokens[name, k], rate = run(model, ids, args.new_tokens, k)
+                    tokens[name, k], rate = run(ids, args.new_tokens, k)
                     rates[name, k].append(rate)
-        for name, (_, _, twin) in systems.items():
+        for name, (_, twin) in systems.items():
             same = all(tokens[name, k] == tokens[name, None] for k in settings)
             agree = "yes" if same else "NO"
-            if twin is not None:
+            if twin is not None and twin in systems:
                 agree += f"; as {twin}: {'yes' if tokens[name, None] == tokens[twin, None] else 'no'}"
             cells = " | ".join(f"{statistics.median(rates[name, k]):.1f}" for k in settings)
             print(f"| {task} | {name} | {cells} | {agree} |", flush=True)

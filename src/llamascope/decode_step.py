@@ -308,9 +308,7 @@ class DecodeStep:
         """Whether `verify` takes these T new positions [1, T] of one sequence over its KVCache."""
         return (
             type(cache) is KVCache
-            and tokens.dim() == 2
-            and tokens.shape[0] == 1
-            and 1 <= tokens.shape[1] <= KERNEL_MAX_ROWS
+            and _one_sequences_rows(tokens)
             and cache.keys[0].shape[0] == 1
             and self._matches(cache.keys[0])
         )
@@ -331,12 +329,7 @@ class DecodeStep:
 
     def verifies_slot(self, tokens: torch.Tensor, store) -> bool:
         """Whether `verify_slot` takes these T new positions [1, T] of one slot of a SlotKVCache."""
-        return (
-            tokens.dim() == 2
-            and tokens.shape[0] == 1
-            and 1 <= tokens.shape[1] <= KERNEL_MAX_ROWS
-            and (not store.keys or self._matches(store.keys[0]))
-        )
+        return _one_sequences_rows(tokens) and (not store.keys or self._matches(store.keys[0]))
 
     def verify_slot(self, tokens: torch.Tensor, store, slot: int) -> torch.Tensor:
         """`verify` on one slot of the server's SlotKVCache: T consecutive positions [1, T] after
@@ -381,6 +374,11 @@ class DecodeStep:
         if status != 0:
             raise MemoryError("decode step: out of memory for its scratch buffers")
         return logits if self.dtype == torch.float32 else logits.to(self.dtype)  # (bfloat16-exact already)
+
+
+def _one_sequences_rows(tokens: torch.Tensor) -> bool:
+    """tokens [1, T]: positions of one sequence that one native step takes as its rows."""
+    return tokens.dim() == 2 and tokens.shape[0] == 1 and 1 <= tokens.shape[1] <= KERNEL_MAX_ROWS
 
 
 def enable(model: nn.Module, lib: ctypes.CDLL) -> bool:

@@ -384,6 +384,7 @@ class _Recorder:
         self.activations = activations
         self.steps: list[StepTrace] = []
         self.chosen_ids: list[int] = []  # the tokens chosen so far (the sequence is prompt_ids + these)
+        self.processors: list | None = None  # sampling: generation's processors, replayed one at a time
         self.predictions: list[PositionPrediction] = []
         self.lens_cells: list[list[list[tuple[int, str, float]]]] = []  # [layer][position]
         self.lens_positions: list[int] = []
@@ -436,10 +437,13 @@ class _Recorder:
         logits = step.logits[:1].float()  # [1, V]
         model_probs = logits.softmax(-1)[0]  # [V]
         ids = torch.tensor([self.prompt_ids + self.chosen_ids], device=logits.device)  # [1, S]: before this step
-        vocab = self.model.config.vocab_size
-        processors = build_processors(self.settings, len(self.prompt_ids), vocab_size=vocab, tokenizer=self.tokenizer)
+        if self.processors is None:  # (built once: a stateful one, the constraint's mask, syncs with ids)
+            vocab = self.model.config.vocab_size
+            self.processors = build_processors(
+                self.settings, len(self.prompt_ids), vocab_size=vocab, tokenizer=self.tokenizer
+            )
         stages, scores = [], logits
-        for processor in processors:
+        for processor in self.processors:
             scores = processor(ids, scores)
             kept = torch.isfinite(scores[0])
             stages.append(

@@ -559,6 +559,7 @@ def _completion_body(
 def _chat_body(
     request: Request, model: str, choices: list[_Choice], usage: dict, logprobs: bool, calls: _Calls
 ) -> dict:
+    replies = [calls.reply(c.text, c.finish_reason) for c in choices]
     return {
         "id": request.id,
         "object": "chat.completion",
@@ -568,11 +569,11 @@ def _chat_body(
         "choices": [
             {
                 "index": c.index,
-                "message": calls.message(c.text),
+                "message": message,
                 "logprobs": {"content": _chat_logprobs(c.logprobs)} if logprobs else None,
-                "finish_reason": calls.finish_reason(c.text, c.finish_reason),
+                "finish_reason": finish,
             }
-            for c in choices
+            for c, (message, finish) in zip(choices, replies)
         ],
         "usage": usage,
     }
@@ -610,17 +611,19 @@ class _Calls:
     mode: str = "none"
     functions: list = dataclasses.field(default_factory=list)
 
-    def message(self, text: str) -> dict:
-        """The assistant message of a reply: its tool calls, where it made any, and its text."""
+    def reply(self, text: str, reason: str | None) -> tuple[dict, str | None]:
+        """The assistant message of a finished reply (its tool calls, where it made any, and its
+        text) and its finish reason ("tool_calls" where a reply that stopped made calls)."""
         if self.mode == "none":
-            return {"role": "assistant", "content": text}
+            return {"role": "assistant", "content": text}, reason
         content, calls = parse_calls(text, self.functions)
-        return {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
-
-    def finish_reason(self, text: str, reason: str | None) -> str | None:
-        if self.mode != "none" and reason == "stop" and parse_calls(text, self.functions)[1]:
-            return "tool_calls"
-        return reason
+        if not calls:
+            return {"role": "assistant", "content": content}, reason
+        return {
+            "role": "assistant",
+            "content": content,
+            "tool_calls": calls,
+        }, "tool_calls" if reason == "stop" else reason
 
 
 def _tool_calls(body: ChatRequest) -> _Calls:
@@ -1008,11 +1011,10 @@ class _ChatChunks:
             self.held[d.index] += d.text
             if finish is None:
                 return self._chunk([{"index": d.index, "delta": {}, "logprobs": logprobs, "finish_reason": None}])
-            message = self.calls.message(self.held[d.index])
+            message, finish = self.calls.reply(self.held[d.index], finish)
             delta = {"content": message["content"]}
             if "tool_calls" in message:
                 delta["tool_calls"] = [dict(call, index=i) for i, call in enumerate(message["tool_calls"])]
-            finish = self.calls.finish_reason(self.held[d.index], finish)
             return self._chunk([{"index": d.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
         delta = {"content": d.text} if d.text or finish is None else {}
         return self._chunk([{"index": d.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
