@@ -152,8 +152,8 @@ def test_activation_recorder(engine):
         a = first[f"layers.{i}.input"] + first[f"layers.{i}.attn_out"] + first[f"layers.{i}.mlp_out"]
         assert torch.equal(a, first[f"layers.{i}.output"])
     assert torch.equal(first["layers.0.output"], first["layers.1.input"])
-    assert ActivationRecorder().flags() == {"_all_logits": True}
-    assert ActivationRecorder(["layers.*.output"]).flags() == {}  # off unless asked for
+    assert ActivationRecorder().new_capture().all_logits
+    assert not ActivationRecorder(["layers.*.output"]).new_capture().all_logits  # off unless asked for
 
 
 # ---- rendering --------------------------------------------------------------------------------

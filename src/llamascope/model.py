@@ -7,13 +7,11 @@ dtype, rotate-half layout), which is what makes greedy tokens match it. With the
 (native.attach) a float32 model's RMSNorm, SiLU, attention and decode steps run in C:
 the same formulas, summed in another order (float32 rounding apart; tests compare them).
 
-Capture points: when `capture` is a dict, the forward pass stores named activations in it:
-`embed` [B,T,hidden], `layers.{i}.input` (the residual stream before block i), `layers.{i}.attn_out`,
-`layers.{i}.mlp_out`, `layers.{i}.output` (the residual stream after block i), `norm` (after the
-final norm). Two flags in the dict ask for more: `_attention_weights` stores
-`layers.{i}.attn_weights` [B,H,T,S] (attention then runs as an explicit softmax instead of SDPA),
-and `_all_logits` stores `logits` [B,T,vocab] for every position even when `last_only` is set (the
-returned logits are computed as without it). With `capture=None` nothing is stored or computed.
+Named points: with a `Capture` (activations.py) the forward pass passes each named activation
+through `capture.tap(name, x)`, which records it and may edit it: `embed`, each block's `input`,
+`attn_out`, `mid`, `mlp_out` and `output`, `norm`, `logits`; inside the layers the capture names, the
+tensors of transformers' modules (`q_proj` ... `down_proj`, RoPE'd q and k, attention weights, each
+head's output), computed on the plain path. With `capture=None` nothing is tapped or computed.
 """
 
 from __future__ import annotations
@@ -24,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .activations import Capture
 from .cache import KVCache
 from .config import ModelConfig, longrope_attention_factor
 from .errors import LlamascopeError
@@ -143,6 +142,11 @@ def check_token_ids(ids: list[int], vocab_size: int, where: str = "") -> None:
         raise LlamascopeError(f"{where}token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
 
 
+def _tap(capture: Capture | None, name: str, x: torch.Tensor) -> torch.Tensor:
+    """x, recorded or edited at point `name` when there is a capture (activations.py)."""
+    return x if capture is None else capture.tap(name, x)
+
+
 # ---- blocks ------------------------------------------------------------------------------------
 
 
@@ -235,9 +239,12 @@ class Attention(nn.Module):
         sin: torch.Tensor,  # [B, T, D]
         mask: torch.Tensor | None,  # [B, 1, T, S] bool, True = may attend
         cache: KVCache | None,
-        capture: dict | None,
+        capture: Capture | None,
     ) -> torch.Tensor:  # [B, T, hidden]
         B, T, _ = x.shape
+        # the points inside this layer are tapped: every step on PyTorch's plain operations
+        inner = capture if capture is not None and capture.inside(self.layer_index) else None
+        name = f"layers.{self.layer_index}.self_attn."
         if (
             self.native is not None
             and B == 1
@@ -253,20 +260,23 @@ class Attention(nn.Module):
         ):
             return self.o_proj(self._decode_one(x, cos, sin, cache))
         # H, KVH: the heads this module holds (this rank's share under tensor parallelism)
-        qkv, roped = self._projections(x, cos, sin)  # [B, T, (H + 2 KVH) * D], or None when unfused
+        qkv, roped = self._projections(x, cos, sin, inner is None)  # [B, T, (H + 2 KVH) * D], or None
         if qkv is not None:
             q, k, v = qkv.split(self.qkv_sizes, dim=-1)  # [B, T, H*D], [B, T, KVH*D] x2
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = (_tap(inner, name + part, t) for part, t in (("q_proj", q), ("k_proj", k), ("v_proj", v)))
         q = q.view(B, T, -1, self.head_dim)  # [B, T, H, D]
         k = k.view(B, T, -1, self.head_dim)  # [B, T, KVH, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # each head's D values normed
+            q, k = _tap(inner, name + "q_norm", q), _tap(inner, name + "k_norm", k)
         q = q.transpose(1, 2)  # [B, H, T, D]
         k = k.transpose(1, 2)  # [B, KVH, T, D]
         v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
         if not roped:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = _tap(inner, name + "q_rope", q), _tap(inner, name + "k_rope", k)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)  # [B, KVH, S, D], S = cached + T
             if roped and self._prefill_runs_natively(B, T, mask, cache, capture):
@@ -274,17 +284,22 @@ class Attention(nn.Module):
         if not self.within_window(k.shape[2]):
             mask = window_mask(mask, T, k.shape[2], self.window, x.device)  # [B or 1, 1, T, S]
         out = self._attend(q, k, v, mask, capture)  # [B, H, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # [B, T, H*D] -> [B, T, hidden]
+        heads = _tap(inner, name + "heads", out.transpose(1, 2))  # [B, T, H, D]
+        return self.o_proj(heads.reshape(B, T, -1))  # [B, T, H*D] -> [B, T, hidden]
 
-    def _projections(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+    def _projections(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, may_rope: bool
+    ) -> tuple[torch.Tensor | None, bool]:
         """The fused q, k, v product [B, T, (H + 2 KVH) * D] (None where the projections are separate),
-        and whether q and k in it are already rotated (the native RoPE, in place: PyTorch's numbers)."""
+        and whether q and k in it are already rotated (the native RoPE, in place: PyTorch's numbers;
+        only where `may_rope`)."""
         if self.qkv_proj is None:
             return None, False
         qkv = self.qkv_proj(x)  # [B, T, (H + 2 KVH) * D]
         B, T, _ = x.shape
         if not (
-            self.native is not None
+            may_rope
+            and self.native is not None
             and self.q_norm is None  # (the norm comes before RoPE)
             and qkv.dtype == cos.dtype == torch.float32
             and qkv.device.type == "cpu"
@@ -320,18 +335,18 @@ class Attention(nn.Module):
             and T <= PREFILL_NATIVE_QUERIES
             and self.head_dim % 16 == 0
             and self._native_cache(cache)
-            and not (capture is not None and capture.get("_attention_weights"))
+            and not (capture is not None and capture.weights_in(self.layer_index))
         )
 
     def _attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, capture: dict | None
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, capture: Capture | None
     ) -> torch.Tensor:
         """softmax(q k^T / sqrt(D) + mask) v: q [B, H, T, D], k, v [B, KVH, S, D] -> [B, H, T, D]
-        (GQA: each group of query heads shares a KV head). With `_attention_weights` in `capture`,
-        an explicit softmax whose weights [B, H, T, S] are stored; otherwise PyTorch's SDPA."""
+        (GQA: each group of query heads shares a KV head). Where the capture wants this layer's
+        weights, an explicit softmax whose weights [B, H, T, S] are tapped; otherwise PyTorch's SDPA."""
         T, S = q.shape[2], k.shape[2]
         groups = q.shape[1] // k.shape[1]
-        if capture is not None and capture.get("_attention_weights"):
+        if capture is not None and capture.weights_in(self.layer_index):
             if groups > 1:
                 k = k.repeat_interleave(groups, dim=1)  # [B, H, S, D]
                 v = v.repeat_interleave(groups, dim=1)  # [B, H, S, D]
@@ -341,7 +356,7 @@ class Attention(nn.Module):
             elif T > 1:
                 scores = scores + _causal_bias(T, S, scores)
             weights = scores.float().softmax(-1).to(q.dtype)  # [B, H, T, S]
-            capture[f"layers.{self.layer_index}.attn_weights"] = weights
+            weights = capture.tap(f"layers.{self.layer_index}.attn_weights", weights)
             return weights @ v
         if mask is None and (T == 1 or T == S):
             return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=groups > 1)
@@ -461,11 +476,14 @@ class MLP(nn.Module):
         self.gate_up_proj = gate_up_proj
         del self.gate_proj, self.up_proj
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, hidden] -> [B, T, hidden]
+    def forward(self, x: torch.Tensor, inner: Capture | None = None, name: str = "") -> torch.Tensor:
+        """[B, T, hidden] -> [B, T, hidden]; with `inner`, on the plain path with each product tapped
+        under `name` ("layers.{i}.mlp.")."""
         if self.gate_up_proj is not None:
             gate_up = self.gate_up_proj(x)  # [B, T, 2I]
             if (
-                self.native is not None
+                inner is None
+                and self.native is not None
                 and gate_up.dtype == torch.float32
                 and gate_up.is_contiguous()
                 and not gate_up.requires_grad
@@ -478,7 +496,8 @@ class MLP(nn.Module):
             gate, up = gate_up.chunk(2, dim=-1)  # [B, T, I] each
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        gate, up = _tap(inner, name + "gate_proj", gate), _tap(inner, name + "up_proj", up)
+        return self.down_proj(_tap(inner, name + "act", F.silu(gate) * up))  # [B, T, I] -> [B, T, hidden]
 
 
 class DecoderLayer(nn.Module):
@@ -491,13 +510,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache, capture):  # x: [B, T, hidden]
-        attn_out = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, capture)
-        x = x + attn_out
-        mlp_out = self.mlp(self.post_attention_layernorm(x))
-        if capture is not None:
-            capture[f"layers.{self.index}.attn_out"] = attn_out
-            capture[f"layers.{self.index}.mlp_out"] = mlp_out
-        return x + mlp_out
+        if capture is None:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, None)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        name = f"layers.{self.index}."
+        inner = capture if capture.inside(self.index) else None
+        normed = _tap(inner, name + "input_layernorm", self.input_layernorm(x))
+        attn_out = capture.tap(name + "attn_out", self.self_attn(normed, cos, sin, mask, cache, capture))
+        x = _tap(inner, name + "mid", x + attn_out)
+        normed = _tap(inner, name + "post_attention_layernorm", self.post_attention_layernorm(x))
+        return x + capture.tap(name + "mlp_out", self.mlp(normed, inner, name + "mlp."))
 
 
 class DecoderStack(nn.Module):
@@ -546,26 +568,18 @@ class Transformer(nn.Module):
         positions: torch.Tensor,  # [B, T] int64
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,  # [B, 1, T, S] bool, None = plain causal
-        capture: dict | None = None,
+        capture: Capture | None = None,
     ) -> torch.Tensor:
         """The final-normed hidden states [B, T, hidden]; the cache advances by T."""
         stack = self.model
-        x = stack.embed_tokens(tokens)  # [B, T, hidden]
+        x = _tap(capture, "embed", stack.embed_tokens(tokens))  # [B, T, hidden]
         cos, sin = stack.rotary_emb(positions, x.dtype)  # [B, T, D] each
-        if capture is not None:
-            capture["embed"] = x
         for layer in stack.layers:
-            if capture is not None:
-                capture[f"layers.{layer.index}.input"] = x
-            x = layer(x, cos, sin, mask, cache, capture)
-            if capture is not None:
-                capture[f"layers.{layer.index}.output"] = x
+            x = _tap(capture, f"layers.{layer.index}.input", x)
+            x = _tap(capture, f"layers.{layer.index}.output", layer(x, cos, sin, mask, cache, capture))
         if cache is not None:
             cache.advance(tokens.shape[1])
-        x = stack.norm(x)  # [B, T, hidden]
-        if capture is not None:
-            capture["norm"] = x
-        return x
+        return _tap(capture, "norm", stack.norm(x))  # [B, T, hidden]
 
     def forward(
         self,
@@ -573,7 +587,7 @@ class Transformer(nn.Module):
         positions: torch.Tensor,  # [B, T] int64
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,  # [B, 1, T, S] bool
-        capture: dict | None = None,
+        capture: Capture | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
         """logits [B, T, vocab] (or [B, 1, vocab] with last_only) in the model's dtype.
@@ -588,10 +602,11 @@ class Transformer(nn.Module):
                 run.advance()
                 return run.logits  # (layer by layer over the pieces, to the bit as piece by piece)
         h = self.hidden_states(tokens, positions, cache, mask, capture)
-        if capture is not None and capture.get("_all_logits"):
-            capture["logits"] = self.lm_head(h)  # [B, T, vocab]
+        if capture is not None and (capture.all_logits or not last_only):
+            logits = capture.tap("logits", self.lm_head(h))  # [B, T, vocab]
             if not last_only:
-                return capture["logits"]
+                return logits
+        # (the last position's logits on their own: the numbers a pass without a capture returns)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h)

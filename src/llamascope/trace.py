@@ -10,15 +10,14 @@
 The trace records; it never recomputes what the engine computed. It runs `generation.generate`
 with `on_step` (which hands over each `Step`: the prepared inputs, the logits, the scores after
 the processors and the chosen tokens) and `capture` (the model's named activations, see
-`model.py`). The per-position predictions come from the prefill's own logits (the `_all_logits`
-capture point). The logit lens is the one computation added on top: it applies the model's final
+`activations.py`). The per-position predictions come from the prefill's own logits (the `logits`
+point, asked for at every position). The logit lens is the one computation added on top: it applies the model's final
 norm and LM head to the residual stream after each layer; at the last layer that is exactly the
 computation the model made, so that row equals the model's logits bit for bit.
 
-`ActivationRecorder` captures activations by name (off by default): the residual stream before
-and after each block (`layers.{i}.input`, `layers.{i}.output`), the attention and MLP outputs
-(`layers.{i}.attn_out`, `layers.{i}.mlp_out`), attention weights (`layers.{i}.attn_weights`),
-`embed`, `norm` and `logits`.
+`ActivationRecorder` captures activations by name (off by default), at the points
+activations.NAMES lists: the residual stream around each block, the attention and MLP outputs,
+attention weights, and inside chosen layers every tensor of transformers' modules.
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .activations import NAMES, Capture
 from .config import GenerationConfig, room_for_new_tokens
 from .constraints import GrammarMask, describe
 from .errors import LlamascopeError
@@ -51,16 +51,7 @@ from .sampling import build_processors
 
 # ---- capturing activations by name ------------------------------------------------------------
 
-ACTIVATION_NAMES = {
-    "embed": "token embeddings [B, T, hidden]",
-    "layers.{i}.input": "residual stream before block i [B, T, hidden]",
-    "layers.{i}.attn_out": "attention output of block i, before it is added [B, T, hidden]",
-    "layers.{i}.mlp_out": "MLP output of block i, before it is added [B, T, hidden]",
-    "layers.{i}.output": "residual stream after block i [B, T, hidden]",
-    "layers.{i}.attn_weights": "attention probabilities of block i [B, heads, T, S]",
-    "norm": "hidden states after the final norm [B, T, hidden]",
-    "logits": "logits at every position [B, T, vocab]",
-}
+ACTIVATION_NAMES = NAMES  # (activations.py: every point, with its shape)
 
 
 class ActivationRecorder:
@@ -69,44 +60,45 @@ class ActivationRecorder:
 
     Attention weights are computed only when asked for (a pattern naming `attn_weights`, or
     `attention_weights=True`): attention then runs as an explicit softmax instead of PyTorch's
-    fused kernel, which can change the last bits of the results.
+    fused kernel, which can change the last bits of the results. `detail`: layers whose inner
+    points (q_proj ... down_proj, see activations.NAMES) are recorded too; `edits` as in `Capture`.
     """
 
-    def __init__(self, names: Iterable[str] = ("*",), attention_weights: bool = False):
+    def __init__(
+        self,
+        names: Iterable[str] = ("*",),
+        attention_weights: bool = False,
+        detail: Iterable[int] = (),
+        edits: dict | None = None,
+    ):
         self.patterns = list(names)
         self.attention_weights = attention_weights or any("attn_weights" in p for p in self.patterns)
         self.all_logits = any(fnmatch.fnmatchcase("logits", p) for p in self.patterns)
-        self._raw: list[dict] = []
+        self.detail = tuple(detail)
+        self.edits = edits
+        self._raw: list[Capture] = []
 
-    def flags(self) -> dict:
-        out: dict = {}
-        if self.attention_weights:
-            out["_attention_weights"] = True
-        if self.all_logits:
-            out["_all_logits"] = True
-        return out
+    def new_capture(self, names: Iterable[str] | None = None, all_logits: bool = False) -> Capture:
+        """A capture asking for what this recorder keeps (and `names` besides, e.g. what a trace reads)."""
+        return Capture(
+            names=self.patterns if names is None else [*self.patterns, *names],
+            detail=self.detail,
+            attention_weights=self.attention_weights,
+            all_logits=self.all_logits or all_logits,
+            edits=self.edits,
+        )
 
-    def __call__(self, step_index: int) -> dict:
-        self._compact()
-        acts = self.flags()
+    def __call__(self, step_index: int) -> Capture:
+        acts = self.new_capture()
         self._raw.append(acts)
         return acts
 
     def select(self, acts: dict) -> dict[str, torch.Tensor]:
-        return {
-            name: value
-            for name, value in acts.items()
-            if not name.startswith("_") and any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
-        }
-
-    def _compact(self) -> None:
-        if self._raw:
-            self._raw[-1] = self.select(self._raw[-1])
+        return {name: value for name, value in acts.items() if any(fnmatch.fnmatchcase(name, p) for p in self.patterns)}
 
     @property
     def steps(self) -> list[dict[str, torch.Tensor]]:
-        self._compact()
-        return self._raw
+        return [self.select(acts) for acts in self._raw]
 
 
 def capture_activations(
@@ -118,9 +110,7 @@ def capture_activations(
     positions = torch.arange(tokens.shape[1], device=model.device)[None]  # [1, T]
     acts = recorder(0)
     with torch.inference_mode():
-        logits = model(tokens, positions, None, None, capture=acts)  # [1, T, V]
-    if recorder.all_logits:
-        acts["logits"] = logits
+        model(tokens, positions, None, None, capture=acts)  # [1, T, V]
     return recorder.steps[0]
 
 
@@ -396,11 +386,13 @@ class _Recorder:
             self._texts[token_id] = self.tokenizer.decode([token_id]) if self.tokenizer is not None else f"<{token_id}>"
         return self._texts[token_id]
 
-    def capture(self, step_index: int) -> dict:
-        acts = self.activations.flags() if self.activations is not None else {}
-        if step_index == 0:
-            acts["_all_logits"] = True  # the prefill's logits at every prompt position
-        return acts
+    def capture(self, step_index: int) -> Capture:
+        """What the trace reads (and the user's recorder asks for): the residual stream for the
+        lens and the shapes, and at the prefill the logits at every prompt position."""
+        read = ["embed", "layers.*.output", "norm", "logits"]
+        if self.activations is not None:
+            return self.activations.new_capture(read, all_logits=step_index == 0)
+        return Capture(names=read, all_logits=step_index == 0)
 
     def on_step(self, step) -> None:
         acts = step.capture
