@@ -1,53 +1,28 @@
-"""A glass box over one generation: what each step of generate() took in, computed and chose.
-
-    from llamascope import Engine
-    from llamascope.trace import trace, render_trace
-    engine = Engine.load()
-    t = trace(engine, "My name is Mariama, my favorite", max_new_tokens=4, lens=True)
-    render_trace(t)                  # rich tables: tokenization, settings, strategy, each step, ...
-    t.to_json(); render_html(t)      # the same trace as JSON, and an HTML report with the lens heat map
-
-The trace records; it never recomputes what the engine computed. It runs `generation.generate`
-with `on_step` (which hands over each `Step`: the prepared inputs, the logits, the scores after
-the processors and the chosen tokens) and `capture` (the model's named activations, see
-`activations.py`). The per-position predictions come from the prefill's own logits (the `logits`
-point, asked for at every position). The logit lens is the one computation added on top: it applies the model's final
-norm and LM head to the residual stream after each layer; at the last layer that is exactly the
-computation the model made, so that row equals the model's logits bit for bit.
-
-`ActivationRecorder` captures activations by name (off by default), at the points
-activations.NAMES lists: the residual stream around each block, the attention and MLP outputs,
-attention weights, and inside chosen layers every tensor of transformers' modules.
-"""
+"""Recording a trace: what each step of generate() took in, computed and chose (see the package's
+docstring), and the records that hold it."""
 
 from __future__ import annotations
 
 import fnmatch
-import html
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any
 
 import torch
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
-from .activations import NAMES, Capture
-from .config import GenerationConfig, room_for_new_tokens
-from .constraints import GrammarMask, describe
-from .errors import LlamascopeError
-from .generation import generate
-from .info import (
+from ..activations import NAMES, Capture
+from ..config import GenerationConfig, room_for_new_tokens
+from ..constraints import GrammarMask, describe
+from ..errors import LlamascopeError
+from ..generation import generate
+from ..info import (
     Contradiction,
     find_contradictions,
     generation_rows_json,
-    section,
-    settings_table,
     source_labels,
 )
-from .sampling import build_processors
+from ..sampling import build_processors
 
 # ---- capturing activations by name ------------------------------------------------------------
 
@@ -182,11 +157,11 @@ class StepTrace:
             "index": self.index,
             "phase": "prefill" if self.index == 0 else "decode",
             "input_ids": self.input_ids,
-            "input_ids_shape": _shape(self.input_ids),
+            "input_ids_shape": shape_of(self.input_ids),
             "position_ids": self.position_ids,
-            "position_ids_shape": _shape(self.position_ids),
+            "position_ids_shape": shape_of(self.position_ids),
             "attention_mask": self.attention_mask,
-            "attention_mask_shape": _shape(self.attention_mask),
+            "attention_mask_shape": shape_of(self.attention_mask),
             "use_cache": self.use_cache,
             "cache_length": self.cache_length,
             "cache_state": self.cache_state,
@@ -297,7 +272,7 @@ class Trace:
             },
             "settings": generation_rows_json(self.settings),
             "max_length": self.max_length,
-            "max_length_rule": _max_length_rule(self),
+            "max_length_rule": max_length_rule(self),
             "warnings": [w.to_json() for w in self.warnings],
             "strategy": {"name": self.strategy, "reason": self.strategy_reason, "processors": self.processors},
             "steps": [s.to_json() for s in self.steps],
@@ -310,7 +285,7 @@ class Trace:
         }
 
 
-def _shape(nested: list) -> list[int]:
+def shape_of(nested: list) -> list[int]:
     shape = []
     while isinstance(nested, list):
         shape.append(len(nested))
@@ -318,7 +293,7 @@ def _shape(nested: list) -> list[int]:
     return shape
 
 
-def _max_length_rule(t: Trace) -> str:
+def max_length_rule(t: Trace) -> str:
     s = t.settings
     if s.max_new_tokens is not None:
         return (
@@ -770,461 +745,3 @@ def _describe_processor(processor) -> str:
         return f"GrammarMask({describe(processor.constraint)})"
     values = ", ".join(f"{k}={v!r}" for k, v in vars(processor).items())
     return f"{type(processor).__name__}({values})"
-
-
-# ---- rendering: terminal ----------------------------------------------------------------------
-
-
-def _tensor(rows: list[list[int]]) -> str:
-    return "tensor([" + ", ".join("[" + ", ".join(map(str, r)) + "]" for r in rows) + "])"
-
-
-def _shape_text(shape: list[int]) -> str:
-    return "[" + ", ".join(map(str, shape)) + "]"
-
-
-def _q(text: str) -> str:
-    return repr(text)
-
-
-def render_trace(t: Trace, console=None, lens: bool = True, steps: Iterable[int] | None = (0,)) -> None:
-    """Print the trace as rich text and tables, in the order generation happens: the tokenization,
-    the settings, the strategy, the `steps` chosen in full (by default the first; None: all), one
-    table with a row per step, the per-position predictions, the result and the lens."""
-    console = console or Console()
-    _render_tokenization(t, console)
-    _render_settings(t, console)
-    _render_strategy(t, console)
-    full = None if steps is None else set(steps)
-    for s in t.steps:
-        if full is None or s.index in full:
-            _render_step(t, s, console)
-    if len(t.steps) > 1:
-        _render_step_table(t, console)
-    if t.predictions:
-        _render_predictions(t, console)
-    _render_result(t, console)
-    if lens and t.lens is not None:
-        _render_lens(t.lens, console)
-
-
-def _render_step_table(t: Trace, console) -> None:
-    """One row per step: what it fed, at which positions, what the cache held, what it chose and
-    the runner-up."""
-    section(console, f"steps ({len(t.steps)}; one row each)")
-    notes = any(s.speculation is not None or s.constrained is not None or s.sampling is not None for s in t.steps)
-    table = Table()
-    for column in ("step", "input_ids", "positions", "cache", "chosen", "p", "runner-up", "p ") + (
-        ("",) if notes else ()
-    ):
-        table.add_column(column, justify="right" if column in ("step", "cache", "p", "p ") else "left")
-    for s in t.steps:
-        ids, positions = s.input_ids[0], s.position_ids[0]
-        fed = str(ids) if len(ids) <= 6 else f"[{ids[0]}, {ids[1]}, ... {ids[-1]}] ({len(ids)})"
-        where = str(positions[0]) if len(positions) == 1 else f"{positions[0]}..{positions[-1]}"
-        second = next((c for c in s.top if c.id != s.chosen.id), None)
-        table.add_row(
-            str(s.index),
-            fed,
-            where,
-            "-" if s.cache_length is None else str(s.cache_length),
-            f"{_q(s.chosen.text)} ({s.chosen.id})",
-            f"{s.chosen.prob:.3f}",
-            _q(second.text) if second else "",
-            f"{second.prob:.3f}" if second else "",
-            *((_step_note(s),) if notes else ()),
-        )
-    console.print(table)
-
-
-def _step_note(s: StepTrace) -> str:
-    """A speculative step's draft check, a constrained step's mask, in a few words."""
-    parts = []
-    check = s.speculation
-    if check is not None and s.index > 0 and check.index < len(check.draft):
-        verdict = "kept" if check.kept else "refused"
-        parts.append(f"{check.source} draft token {check.index + 1} of {len(check.draft)}: {verdict}")
-    if s.constrained is not None:
-        changed = ", changed the choice" if s.constrained["changed"] else ""
-        parts.append(f"constraint: {s.constrained['allowed']} allowed{changed}")
-    if s.sampling is not None and s.sampling["stages"]:
-        parts.append(f"drawn: rank {s.sampling['rank']} of {s.sampling['stages'][-1]['kept']:,} kept")
-    return "; ".join(parts)
-
-
-def _line(console, text: str) -> None:
-    """Print a line as written (rich markup applies; no automatic highlighting)."""
-    console.print(text, highlight=False)
-
-
-def _render_tokenization(t: Trace, console) -> None:
-    """The prompt, input_ids and attention_mask as tensors, and each token's piece and text."""
-    section(console, "1. tokenization")
-    if t.prompt is not None:
-        _line(console, f"prompt: {t.prompt!r}")
-    if t.adds_bos:
-        _line(console, f"the tokenizer adds BOS {t.pieces[0]!r} (id {t.prompt_ids[0]}) in front")
-    _line(console, f"input_ids      = {_tensor([t.prompt_ids])}  shape {_shape_text([1, t.prompt_length])}  int64")
-    _line(
-        console,
-        f"attention_mask = {_tensor([t.attention_mask])}  shape {_shape_text([1, t.prompt_length])}  "
-        f"(1 = a real token, 0 = padding)",
-    )
-    table = Table()
-    for column in ("position", "id", "piece", "text"):
-        table.add_column(column, justify="right" if column in ("position", "id") else "left")
-    for pos, (i, piece, text) in enumerate(zip(t.prompt_ids, t.pieces, t.texts)):
-        table.add_row(str(pos), str(i), piece, _q(text))
-    console.print(table)
-
-
-def _render_settings(t: Trace, console) -> None:
-    """The generation settings in force, how max_length follows from them, and the warnings."""
-    section(console, "2. generation settings")
-    console.print(settings_table(t.settings))
-    _line(console, _max_length_rule(t))
-    for w in t.warnings:
-        _line(console, f"[yellow]warning[/yellow] ({w.kind}): {w.message}")
-
-
-def _render_strategy(t: Trace, console) -> None:
-    """The decoding strategy, why these settings chose it, and the logits processors."""
-    section(console, "3. decoding strategy")
-    _line(console, f"[bold]{t.strategy}[/bold]: {t.strategy_reason}")
-    _line(
-        console,
-        "logits processors: " + (", ".join(t.processors) if t.processors else "none (the scores are the logits)"),
-    )
-
-
-def _render_step(t: Trace, s: StepTrace, console) -> None:
-    """One step: its prepared inputs, the forward pass's shapes, the chosen token and the top ones."""
-    section(console, f"step {s.index} ({_phase(s)})")
-    console.print(_inputs_table(s))
-    console.print(_forward_table(s))
-    if s.index == 0 and t.kv_cache:
-        c = t.kv_cache
-        layers, _, heads, capacity, head_dim = c["shape"]
-        _line(
-            console,
-            f"KV cache: keys and values, each {c['shape']} {c['dtype']} (layers, batch, kv_heads, capacity, "
-            f"head_dim; a tensor per layer), {c['bytes_per_position']:,} bytes a position "
-            f"(2 x {layers} x {heads} x {head_dim} x {c['bytes_per_position'] // (2 * layers * heads * head_dim)}), "
-            f"{c['bytes']:,} bytes for {capacity} positions",
-        )
-    if s.speculation is not None and s.index > 0:
-        _render_draft_check(s.speculation, console)
-    if s.sampling is not None:
-        table = Table(title="sampling: the processors in turn", title_justify="left")
-        for column in ("processor", "candidates kept", "model's p kept"):
-            table.add_column(column, justify="left" if column == "processor" else "right")
-        for stage in s.sampling["stages"]:
-            table.add_row(stage["processor"], f"{stage['kept']:,}", f"{stage['mass']:.4f}")
-        console.print(table)
-        _line(console, f"drawn: {s.chosen.text!r}, rank {s.sampling['rank']} of the processed scores")
-    if s.constrained is not None:
-        c = s.constrained
-        verdict = (
-            f"it changed the choice: the model's own top token {c['model_choice']['text']!r} is not allowed here"
-            if c["changed"]
-            else "the model's own top token is allowed"
-        )
-        _line(console, f"constraint: {c['allowed']} tokens allowed after the processors; {verdict}")
-    _line(console, f"next token: [bold]{s.chosen.text!r}[/bold] (id {s.chosen.id}), p = {s.chosen.prob:.4f}")
-    console.print(_top_table(s, sampled=t.settings.do_sample))
-
-
-def _render_draft_check(check: DraftCheck, console) -> None:
-    """A speculative step: the round's draft, the token this step checked, and why it was kept or not."""
-    drafted = ", ".join(
-        f"[bold]{c.text!r}[/bold]" if i == check.index else repr(c.text) for i, c in enumerate(check.draft)
-    )
-    where = f"checks draft token {check.index + 1} of {len(check.draft)}" if check.index < len(check.draft) else ""
-    _line(console, f"draft ({check.source}): [{drafted}]" + (f"; this step {where}" if where else ""))
-    _line(console, check.why)
-
-
-def _phase(s: StepTrace) -> str:
-    """What kind of forward pass the step made."""
-    if s.index == 0:
-        return "prefill: the whole prompt in one forward pass"
-    if s.speculation is not None and s.speculation.draft:
-        return f"speculative: {len(s.input_ids[0])} positions, the newest token and its draft, in one pass"
-    if s.speculation is not None:
-        return "decode: one new token with the cache (no draft this round)"
-    return "decode: one new token with the cache" if s.use_cache else "decode: the whole sequence again"
-
-
-def _inputs_table(s: StepTrace) -> Table:
-    """The inputs prepared for the step's forward pass, with their shapes, and the cache's state."""
-    table = Table(title="prepared inputs", title_justify="left")
-    table.add_column("input")
-    table.add_column("value", overflow="fold")
-    table.add_column("shape")
-    table.add_row("input_ids", _tensor(s.input_ids), _shape_text(_shape(s.input_ids)))
-    table.add_row("position_ids", _tensor(s.position_ids), _shape_text(_shape(s.position_ids)))
-    table.add_row("attention_mask", _tensor(s.attention_mask), _shape_text(_shape(s.attention_mask)))
-    table.add_row("cache", s.cache_state, "")
-    table.add_row("use_cache", str(s.use_cache), "")
-    return table
-
-
-def _forward_table(s: StepTrace) -> Table:
-    """The shape of the hidden states and logits at each stage, and of each captured activation."""
-    table = Table(title="forward pass", title_justify="left")
-    table.add_column("stage")
-    table.add_column("shape")
-    table.add_row("hidden states after the embeddings", _shape_text(s.shapes["embed"]))
-    table.add_row("hidden states after the decoder layers", _shape_text(s.shapes["decoder_output"]))
-    table.add_row("hidden states after the final norm", _shape_text(s.shapes["norm"]))
-    table.add_row("logits (last position only)", _shape_text(s.shapes["logits"]))
-    if "all_position_logits" in s.shapes:
-        table.add_row("logits at every position (captured for the trace)", _shape_text(s.shapes["all_position_logits"]))
-    table.add_row("next-token logits", _shape_text(s.shapes["next_token_logits"]))
-    for name, tensor in s.activations.items():
-        table.add_row(f"captured {name}", _shape_text(list(tensor.shape)))
-    return table
-
-
-def _top_table(s: StepTrace, sampled: bool) -> Table:
-    """The most probable tokens, the chosen one in bold (when sampled, also the model's own p)."""
-    table = Table(title=f"top {len(s.top)}", title_justify="left")
-    for column in ["rank", "id", "token", "p"] + (["p (model)"] if sampled else []) + ["logit"]:
-        table.add_column(column, justify="left" if column == "token" else "right")
-    for rank, c in enumerate(s.top, 1):
-        row = (
-            [str(rank), str(c.id), _q(c.text), f"{c.prob:.4f}"]
-            + ([f"{c.model_prob:.4f}"] if sampled else [])
-            + [f"{c.logit:.3f}"]
-        )
-        table.add_row(*row, style="bold" if c.id == s.chosen.id else None)
-    return table
-
-
-def _render_result(t: Trace, console) -> None:
-    """The new token ids, why generation stopped, and the text."""
-    section(console, "result")
-    _line(console, f"output_ids = {t.output_ids}  ({len(t.output_ids)} new tokens, finish reason: {t.finish_reason})")
-    _line(console, f"text: {t.text!r}")
-    if t.prompt is not None:
-        _line(console, f"prompt + text: {t.prompt + t.text!r}")
-
-
-def _render_predictions(t: Trace, console) -> None:
-    """What the prefill predicted at each prompt position, against the token that followed."""
-    section(console, "per-position predictions (from the prefill's logits)")
-    console.print(
-        "Each position sees the tokens up to itself and predicts the token that follows it: the "
-        "prediction at position t lines up with the prompt token at t + 1, and the prediction at "
-        "the last position is the first generated token.",
-        highlight=False,
-    )
-    table = Table()
-    for column in ("position", "token", "predicts next", "p", "actual next"):
-        table.add_column(column, justify="right" if column in ("position", "p") else "left")
-    for p in t.predictions:
-        if p.next_id is None:
-            actual = "(generated)"
-        else:
-            mark = "=" if p.predicted_id == p.next_id else "≠"
-            actual = f"{mark} {t.texts[p.position + 1]!r}"
-        table.add_row(str(p.position), _q(p.token_text), _q(p.predicted_text), f"{p.prob:.3f}", actual)
-    console.print(table)
-    console.print(f"prompt:          {''.join(t.texts)!r}", highlight=False)
-    console.print(f"predictions:     {t.predictions_text!r}", highlight=False)
-
-
-def _render_lens(lens: Lens, console) -> None:
-    """The lens as tables of layer x position (the last layer on top), as many positions as fit."""
-    section(console, "logit lens (final norm + LM head after each layer; top token and p)")
-    console.print(
-        f"the last row is the model's own output: max |lens - logits| = {lens.final_layer_max_abs_diff}",
-        highlight=False,
-    )
-    cell_width = 16
-    per_chunk = max(1, (console.width - 10) // (cell_width + 3))
-    for start in range(0, len(lens.positions), per_chunk):
-        cols = range(start, min(start + per_chunk, len(lens.positions)))
-        table = Table()
-        table.add_column("layer", justify="right")
-        for c in cols:
-            table.add_column(f"{lens.positions[c]}: {lens.tokens[c]!r}"[:cell_width], max_width=cell_width)
-        for row in reversed(range(len(lens.layers))):
-            cells = []
-            for c in cols:
-                i, text, p = lens.cells[row][c][0]
-                style = "bold" if lens.next_ids[c] == i else ""
-                cells.append(f"[{style}]{_short(text)} {p:.2f}[/{style}]" if style else f"{_short(text)} {p:.2f}")
-            table.add_row(lens.layers[row], *cells)
-        console.print(table)
-
-
-def _short(text: str, width: int = 8) -> str:
-    """A token as a quoted literal of at most `width` characters inside the quotes."""
-    r = repr(text)[1:-1]
-    return escape("'" + (r if len(r) <= width else r[: width - 1] + "…") + "'")
-
-
-# ---- rendering: HTML --------------------------------------------------------------------------
-
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
-h1 { font-size: 1.3em; } h2 { font-size: 1.1em; margin-top: 1.5em; }
-code, .tok { font-family: ui-monospace, monospace; white-space: pre; }
-table { border-collapse: collapse; }
-th, td { padding: 2px 6px; font-size: 12px; }
-table.grid td, table.grid th { border: 1px solid #ddd; }
-table.heatmap td.cell { position: relative; min-width: 64px; text-align: center; border: 1px solid #fff;
-  font-family: ui-monospace, monospace; white-space: pre; cursor: default; }
-table.heatmap td.cell.next { outline: 2px solid #222; outline-offset: -2px; }
-table.heatmap th.layer { text-align: right; }
-table.heatmap th.pos { font-weight: normal; font-family: ui-monospace, monospace; white-space: pre; }
-td.cell .tip { display: none; position: absolute; z-index: 2; left: 50%; top: 100%; background: #fff;
-  border: 1px solid #888; padding: 4px 6px; text-align: left; box-shadow: 0 2px 6px rgba(0,0,0,.25); color: #222; }
-td.cell:hover .tip { display: block; }
-.warn { color: #a15c00; }
-table.heatmap .generated-start { border-left: 3px solid #c00 !important; }
-.legend .swatch { display: inline-block; padding: 1px 8px; margin-right: 2px; font-size: 11px; border: 1px solid #ddd; }
-"""
-
-
-def _heat(p: float) -> str:
-    """White (p = 0) to deep blue (p = 1)."""
-    lightness = 97 - 62 * max(0.0, min(1.0, p))
-    return f"hsl(215, 80%, {lightness:.0f}%)"
-
-
-def render_html(t: Trace) -> str:
-    """A self-contained HTML report (inline CSS, no scripts, no network): the lens heat map
-    (layer x position, hover for the top-K), the per-position predictions and the steps."""
-    parts = _html_summary(t)
-    if t.lens is not None:
-        parts += _html_lens(t.lens, t.top, t.prompt_length)
-    if t.predictions:
-        parts += _html_predictions(t)
-    parts += _html_steps(t)
-    parts.append("</body></html>")
-    return "\n".join(parts)
-
-
-def _html_summary(t: Trace) -> list[str]:
-    """The document's head, then the prompt, its ids, the decoding strategy, warnings and output."""
-    e = html.escape
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>llamascope trace: {e(t.model.get('name', ''))}</title>",
-        f"<style>{_CSS}</style></head><body>",
-        f"<h1>llamascope trace: {e(t.model.get('name', ''))}</h1>",
-    ]
-    if t.model:
-        m = t.model
-        parts.append(
-            f'<p class="model">model <code>{e(m["file"])}</code> ({e(m["format"])}, {e(m["architecture"])}, '
-            f"{e(m['dtype'])}), llamascope {e(m['llamascope_version'])}</p>"
-        )
-    if t.prompt is not None:
-        parts.append(f"<p>prompt: <code>{e(repr(t.prompt))}</code></p>")
-    parts.append(f"<p>input_ids <code>{e(_tensor([t.prompt_ids]))}</code> shape [1, {t.prompt_length}]</p>")
-    parts.append(f"<p>decoding: <b>{e(t.strategy)}</b> — {e(t.strategy_reason)}. {e(_max_length_rule(t))}</p>")
-    for w in t.warnings:
-        parts.append(f'<p class="warn">warning ({e(w.kind)}): {e(w.message)}</p>')
-    parts.append(f"<p>output: <code>{e(repr(t.text))}</code> ({len(t.output_ids)} tokens, {e(t.finish_reason)})</p>")
-    return parts
-
-
-def _html_lens(lens: Lens, top: int, prompt_length: int) -> list[str]:
-    """The lens heat map: a row per layer (the last on top), a column per position; a line
-    before the first generated position, and a legend of the colours."""
-    e = html.escape
-    legend = "".join(
-        f'<span class="swatch" style="background:{_heat(p)};color:{"#fff" if p > 0.55 else "#222"}">{p:.2f}</span>'
-        for p in (0.0, 0.25, 0.5, 0.75, 1.0)
-    )
-    parts = [
-        "<h2>logit lens</h2>",
-        "<p>Each cell: the top token when the final norm and LM head are applied to the residual "
-        "stream after that layer, at that position; colour = its probability. Hover for the top "
-        f"{top}. A framed cell predicts the token that actually came next. The top row is the "
-        "model's own output, the bottom row the embeddings; the prompt's positions are left of the "
-        "line, the generated ones right of it.</p>",
-        f'<p class="legend" id="legend">p of the top token: {legend}</p>',
-        '<table class="heatmap" id="lens"><thead><tr><th></th>',
-    ]
-    for pos, token in zip(lens.positions, lens.tokens):
-        first = " generated-start" if pos == prompt_length else ""
-        parts.append(f'<th class="pos{first}" title="position {pos}">{pos}<br>{e(repr(token))}</th>')
-    parts.append("</tr></thead><tbody>")
-    for row in reversed(range(len(lens.layers))):
-        parts.append(f'<tr><th class="layer">{e(lens.layers[row])}</th>')
-        parts += [_html_lens_cell(lens, row, col, prompt_length) for col in range(len(lens.cells[row]))]
-        parts.append("</tr>")
-    parts.append("</tbody></table>")
-    return parts
-
-
-def _html_lens_cell(lens: Lens, row: int, col: int, prompt_length: int) -> str:
-    """One cell of the heat map: the top token coloured by its p, the top-K in a hover tip."""
-    e = html.escape
-    cell = lens.cells[row][col]
-    top_id, top_text, top_p = cell[0]
-    framed = " next" if lens.next_ids[col] == top_id else ""
-    framed += " generated-start" if lens.positions[col] == prompt_length else ""
-    tip = "<br>".join(f"{e(repr(text))} (id {i}) {p:.4f}" for i, text, p in cell)
-    color = "#fff" if top_p > 0.55 else "#222"
-    return (
-        f'<td class="cell{framed}" data-layer="{e(lens.layers[row])}" data-position="{lens.positions[col]}"'
-        f' data-token-id="{top_id}" data-prob="{top_p:.6f}"'
-        f' style="background:{_heat(top_p)};color:{color}">'
-        f'{e(_cell_label(top_text))}<div class="tip"><b>layer {e(lens.layers[row])}, position {lens.positions[col]}</b>'
-        f"<br>{tip}</div></td>"
-    )
-
-
-def _cell_label(text: str) -> str:
-    """A token as its literal without quotes, at most 8 characters; a token of spaces made visible."""
-    label = repr(text)[1:-1]
-    label = label if len(label) <= 8 else label[:7] + "…"
-    if not label.strip():
-        label = "␣" * len(label)  # a token of spaces, made visible
-    return label
-
-
-def _html_predictions(t: Trace) -> list[str]:
-    """The prefill's prediction at each prompt position, against the token that followed."""
-    e = html.escape
-    parts = [
-        "<h2>per-position predictions (prefill)</h2>",
-        "<p>Each position predicts the token that follows it.</p>",
-        '<table class="grid"><tr><th>position</th><th>token</th><th>predicts next</th><th>p</th>'
-        "<th>actual next</th></tr>",
-    ]
-    for p in t.predictions:
-        actual = "(generated)" if p.next_id is None else e(repr(t.texts[p.position + 1]))
-        parts.append(
-            f"<tr><td>{p.position}</td><td class=tok>{e(repr(p.token_text))}</td>"
-            f"<td class=tok>{e(repr(p.predicted_text))}</td><td>{p.prob:.3f}</td>"
-            f"<td class=tok>{actual}</td></tr>"
-        )
-    parts.append("</table>")
-    parts.append(f"<p>reads as: <code>{e(repr(t.predictions_text))}</code></p>")
-    return parts
-
-
-def _html_steps(t: Trace) -> list[str]:
-    """A row per step: the input and position ids, the cache, the logits' shape and the chosen token."""
-    e = html.escape
-    parts = [
-        "<h2>steps</h2>",
-        '<table class="grid"><tr><th>step</th><th>input_ids</th><th>position_ids</th><th>cache</th>'
-        "<th>logits</th><th>next token</th><th>p</th></tr>",
-    ]
-    for s in t.steps:
-        parts.append(
-            f"<tr><td>{s.index}</td><td><code>{e(str(_shape(s.input_ids)))}</code></td>"
-            f"<td><code>{e(str(s.position_ids[0]))}</code></td><td>{e(s.cache_state)}</td>"
-            f"<td><code>{e(str(s.shapes['logits']))}</code></td>"
-            f"<td class=tok>{e(repr(s.chosen.text))} ({s.chosen.id})</td><td>{s.chosen.prob:.4f}</td></tr>"
-        )
-    parts.append("</table>")
-    return parts
