@@ -408,3 +408,52 @@ def test_a_prompt_longer_than_a_piece_takes_length_dependent_rope_from_its_whole
         expected = _hf(folder)(ids).logits[:, -1]
         found = ours.model(ids, torch.arange(300)[None], KVCache.for_model(ours.model, 1, 300), last_only=True)[:, -1]
     assert (found.float() - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
+
+
+# ---- a cache bounded by the window -----------------------------------------------------------
+
+
+def _run(model, prompts):
+    """Tokens and each step's logits of a greedy run of 30 new tokens."""
+    logits = []
+    found = generate(model, prompts, max_new_tokens=30, eos_token_id=[], pad_token_id=2, on_step=logits.append)
+    return found.output_ids, torch.stack([step.logits for step in logits])
+
+
+@pytest.mark.parametrize("backend", ["native", "plain"])
+@pytest.mark.parametrize("slack", [1, 3])
+def test_a_windowed_cache_holds_the_window_and_gives_transformers_tokens(model_factory, monkeypatch, backend, slack):
+    """Mistral (one window of 5 in every layer): generate's cache holds the prompt or the last 4
+    positions plus `slack` columns, moves them to the front when full (many times over 30 new
+    tokens), and gives transformers' tokens and the full cache's; alone, and in a left-padded
+    batch, where the padding mask is cut with the dropped columns."""
+    import llamascope.cache as cache_module
+
+    folder = model_factory("mistral_window_gqa", **CASES["mistral_window_gqa"])
+    ours, hf = load_model(folder, LoadOptions(backend=backend)), _hf(folder)
+    prompts = [ours.tokenizer.encode(p) for p in PROMPTS]
+    runs = [prompts[:1], prompts[1:2], prompts[2:], prompts]  # each alone, then the padded batch
+    full = [_run(ours.model, run) for run in runs]  # (WINDOW_SLACK columns outlast 30 tokens: no drop)
+    monkeypatch.setattr(cache_module, "WINDOW_SLACK", slack)
+    dropped = []
+    make_room = KVCache.make_room
+    monkeypatch.setattr(KVCache, "make_room", lambda c, T: (make_room(c, T), dropped.append(c.dropped))[0])
+    for run, (ids, logits) in zip(runs, full):
+        first = max(map(len, run))
+        cache = KVCache.for_model(ours.model, len(run), first + 30, first_pass=first)
+        assert cache.window == 5 and cache.capacity == max(first, 4) + slack < first + 30
+        found, found_logits = _run(ours.model, run)
+        assert found == ids
+        assert torch.allclose(found_logits, logits, atol=1e-5, rtol=0)
+    assert sum(b > a for a, b in zip(dropped, dropped[1:])) >= 2 * len(runs)  # dropped again and again
+    for ids, (found, _) in zip(prompts, full):
+        expected = hf_generate(hf, ids, max_new_tokens=30, do_sample=False, eos_token_id=None)
+        assert found[0] == expected[0, len(ids) :].tolist()
+
+
+def test_no_window_or_mixed_windows_or_longrope_keep_every_position(model_factory):
+    """A cache drops columns only where every layer shares one window and RoPE does not restart."""
+    for name in ("qwen2_window_layers", "phi3_longrope"):
+        model = load_model(model_factory(name, **CASES[name])).model
+        cache = KVCache.for_model(model, 1, 40, first_pass=10)
+        assert cache.window is None and cache.capacity == 40, name

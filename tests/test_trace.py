@@ -425,7 +425,7 @@ def test_the_kv_cache_is_described_as_generate_allocates_it(engine, traced):
 
     c = traced.to_json()["kv_cache"]
     config = engine.config
-    cache = KVCache.for_model(engine.model, 1, traced.max_length)
+    cache = KVCache.for_model(engine.model, 1, traced.max_length, first_pass=traced.prompt_length)
     assert c["shape"] == [config.num_hidden_layers, 1, config.num_key_value_heads, cache.capacity, config.head_dim]
     assert c["bytes"] == cache.nbytes() and c["bytes_per_position"] * cache.capacity == cache.nbytes()
     assert f"KV cache: keys and values, each {c['shape']} float32" in _render(traced)

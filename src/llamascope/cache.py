@@ -3,6 +3,13 @@
 Columns are token slots. `length` is how many columns are filled; a forward pass writes its new
 keys and values at columns [length, length + T) and the model then calls `advance(T)`. All
 sequences of a batch share columns (a left-padded batch keeps its padding as masked columns).
+
+A model whose every layer attends within one sliding window (Mistral) never reads a column more
+than window - 1 columns before the newest, so its cache can hold the window and no more
+(`window_capacity`): before a pass would overflow it, `make_room` moves the last window - 1
+columns to the front and counts the columns it dropped (`dropped`). Columns stay in sequence
+order, so every attention path (PyTorch's, the native kernels) reads them as before, and a
+padding mask over the sequence's columns is cut by `dropped` to match.
 """
 
 from __future__ import annotations
@@ -22,21 +29,37 @@ class KVCache:
         capacity: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        window: int | None = None,
     ):
         self.capacity = capacity
         self.length = 0
+        self.window = window  # every layer's attention window, where `make_room` may drop columns
+        self.dropped = 0  # columns dropped from the front: column c holds the sequence's column c + dropped
         self.storage_version = 0  # bumped whenever the key/value tensors are replaced (not written)
         shape = (batch_size, kv_heads, capacity, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     @classmethod
-    def for_model(cls, model, batch_size: int, capacity: int) -> KVCache:
-        """A cache for `model`, of at least `capacity` columns (a compiled decode step rounds it up)."""
+    def for_model(cls, model, batch_size: int, capacity: int, first_pass: int | None = None) -> KVCache:
+        """A cache for `model`, of at least `capacity` columns (a compiled decode step rounds it up).
+        With `first_pass` (the columns of the first forward pass, the prompt's) a model with one
+        sliding window in every layer gets only `window_capacity` columns, dropping older ones."""
         c = model.config
+        capacity, window = cls.columns_for(model, capacity, first_pass)
+        return cls(
+            c.num_hidden_layers, batch_size, model.kv_heads, c.head_dim, capacity, model.dtype, model.device, window
+        )
+
+    @staticmethod
+    def columns_for(model, capacity: int, first_pass: int | None = None) -> tuple[int, int | None]:
+        """The columns `for_model` allocates for these arguments, and the window it may drop by."""
+        window = sliding_window_of(model.config) if first_pass is not None else None
+        if window is not None:
+            capacity = min(capacity, window_capacity(window, first_pass))
         if model.decode_step is not None:
             capacity = model.decode_step.capacity_for(capacity)
-        return cls(c.num_hidden_layers, batch_size, model.kv_heads, c.head_dim, capacity, model.dtype, model.device)
+        return capacity, window
 
     @property
     def batch_size(self) -> int:
@@ -61,9 +84,26 @@ class KVCache:
     def advance(self, T: int) -> None:
         self.length += T
 
+    def make_room(self, T: int) -> None:
+        """Before a pass of T new columns: where they would not fit and the cache has a window,
+        keep only the last window - 1 columns (all a query from now on can see), moved to the front."""
+        if self.window is None or self.length + T <= self.capacity:
+            return
+        keep = min(self.window - 1, self.length)
+        if keep + T > self.capacity:
+            raise LlamascopeError(
+                f"KV cache full: a pass of {T} positions after the {keep} the window keeps needs "
+                f"{keep + T} columns, capacity {self.capacity}"
+            )
+        start = self.length - keep
+        for layer in self.keys + self.values:
+            layer[:, :, :keep] = layer[:, :, start : self.length].clone()  # [B, KVH, keep, D]
+        self.dropped += start
+        self.length = keep
+
     def clear(self) -> None:
         """Forget every cached column (the next call writes from column 0)."""
-        self.length = 0
+        self.length = self.dropped = 0
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep batch rows `rows` (beam search: each beam continues from a parent)."""
@@ -71,6 +111,26 @@ class KVCache:
         for i in range(len(self.keys)):
             self.keys[i] = self.keys[i].index_select(0, rows)
             self.values[i] = self.values[i].index_select(0, rows)
+
+
+# Columns a windowed cache holds past the window and the first pass: one move of window - 1 columns
+# per this many decode steps.
+WINDOW_SLACK = 256
+
+
+def sliding_window_of(config) -> int | None:
+    """The window every layer attends within, where they share one and RoPE does not depend on the
+    length (a longrope or dynamic restart recomputes the whole sequence); else None."""
+    windows = {config.layer_window(i) for i in range(config.num_hidden_layers)}
+    if len(windows) != 1 or None in windows or config.rope_varies_with_length:
+        return None
+    return windows.pop()
+
+
+def window_capacity(window: int, first_pass: int) -> int:
+    """Columns a windowed cache needs: the first pass whole (a prompt is prefilled in one call,
+    layer by layer), or the window - 1 kept columns, plus WINDOW_SLACK for the steps between moves."""
+    return max(first_pass, window - 1) + WINDOW_SLACK
 
 
 class SlotKVCache:

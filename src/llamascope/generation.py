@@ -132,7 +132,7 @@ def generate_steps(
     )
     generator = make_generator(config, device) if config.do_sample else None
     padded = bool(padding_lengths.any())
-    cache = KVCache.for_model(model, B, max_length) if config.use_cache else None
+    cache = KVCache.for_model(model, B, max_length, first_pass=T0) if config.use_cache else None
     columns = _Columns(input_ids, attention_mask, max_length, pad_id, device)
     sequences = [list(p) for p in prompts]  # each row's tokens without padding, for the stop rules
     running = [True] * B
@@ -144,8 +144,11 @@ def generate_steps(
             if restart:
                 cache.clear()
             tokens, step_positions, mask_2d = columns.step_inputs(S, whole=cache is None or step == 0 or restart)
+            if cache is not None:
+                cache.make_room(tokens.shape[1])  # (a windowed cache may drop columns no query sees)
             cache_length = cache.length if cache is not None else None
-            mask = attention_mask_4d(mask_2d, tokens.shape[1]) if padded else None
+            held = mask_2d if cache is None else mask_2d[:, cache.dropped :]  # [B, columns held + T]
+            mask = attention_mask_4d(held, tokens.shape[1]) if padded else None
             debug = log.isEnabledFor(logging.DEBUG)
             if debug:
                 _log_inputs(step, tokens, step_positions, mask_2d, cache)
