@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import SlotKVCache
+from .activations import Capture
+from .cache import KVCache, SlotKVCache
 from .config import GenerationConfig, room_for_new_tokens
 from .errors import LlamascopeError
 from .memory import available_bytes
@@ -60,7 +61,7 @@ class Step:
     logits: torch.Tensor  # [B, vocab] float32, last position, before processing
     scores: torch.Tensor  # [B, vocab] float32, after processing
     next_tokens: torch.Tensor  # [B]
-    capture: dict | None = None  # activations, when the caller asked for them
+    capture: Capture | None = None  # activations, when the caller asked for them
     # Per row, why it stops at this step's token ("eos", "stop", "length", "time"; see stopping.py),
     # or None when it goes on or stopped before. None in beam search, where candidates stop instead.
     stopped: list[str | None] | None = None
@@ -162,11 +163,13 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(attention_mask == 0, 1)
 
 
-def prepare_batch(model: torch.nn.Module, prompts: list[list[int]], config: GenerationConfig):
+def prepare_batch(model: torch.nn.Module, prompts: list[list[int]], config: GenerationConfig, windowed: bool = False):
     """-> (pad id, input_ids [B, T0], attention_mask [B, T0], max_length), prompts left-padded.
 
     Refuses a prompt that leaves no room for a new token in the context (`room_for_new_tokens`),
     and warns when max_length goes past the context (generation goes on, as in transformers).
+    Refuses a run whose KV cache (bounded by the window where `windowed`: generate's) and logits
+    do not fit in free memory.
     """
     for row, prompt in enumerate(prompts):
         check_token_ids(prompt, model.config.vocab_size, f"prompt {row}: ")
@@ -191,7 +194,9 @@ def prepare_batch(model: torch.nn.Module, prompts: list[list[int]], config: Gene
             context,
             context,
         )
-    check_memory_fits(model, input_ids.shape[0] * config.num_beams, max_length if config.use_cache else 0)
+    # the columns the caller's cache will hold (a windowed cache: fewer)
+    columns = KVCache.columns_for(model, max_length, T0 if windowed else None)[0] if config.use_cache else 0
+    check_memory_fits(model, input_ids.shape[0] * config.num_beams, columns)
     return pad_id, input_ids, attention_mask, max_length
 
 
@@ -207,7 +212,7 @@ def check_finite(model: torch.nn.Module, logits: torch.Tensor, row_ids: Callable
         return  # (large finite logits whose sum overflowed)
     row = int((~finite).nonzero()[0])
     ids = row_ids(row)
-    capture: dict = {}
+    capture = Capture()
     tokens = torch.tensor([ids], device=model.device)  # [1, L]
     with torch.inference_mode():
         model(tokens, torch.arange(len(ids), device=model.device)[None], capture=capture)

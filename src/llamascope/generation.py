@@ -123,7 +123,7 @@ def generate_steps(
     if config.num_beams > 1:
         raise LlamascopeError("beam search goes through llamascope.beam, not generate_steps")
     device = model.device
-    pad_id, input_ids, attention_mask, max_length = prepare_batch(model, prompts, config)
+    pad_id, input_ids, attention_mask, max_length = prepare_batch(model, prompts, config, windowed=True)
     B, T0 = input_ids.shape
     rules = StopRules(config, tokenizer, max_length - T0)
     padding_lengths = (attention_mask == 0).sum(dim=1)  # [B] left padding of each row
