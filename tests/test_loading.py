@@ -537,3 +537,37 @@ def test_fused_projections_are_read_in_place_not_copied_together(tiny_model, dty
             expected = torch.cat([stored[f"model.layers.{n}.{p}.weight"] for p in parts]).to(want)
             assert torch.equal(fused.weight, expected)
             assert fused.weight.untyped_storage().nbytes() == fused.weight.numel() * fused.weight.element_size()
+
+
+def test_quantised_projections_are_packed_as_read_into_one_buffer_per_fused_layer(monkeypatch):
+    """On the native backend, kept Q8_0/Q4 projections go into the kernels' packed layout as they
+    are read (through reused buffers), each layer's q/k/v and gate/up into one buffer that fusing
+    takes whole: the bytes equal PyTorch's packing of each part's blocks as the file stores them,
+    and the model gives the logits of one packed after loading (the path before), to the bit."""
+    from llamascope import native
+    from llamascope.formats import pack_blocks
+    from llamascope.loading import build, open_checkpoint
+
+    checkpoint = open_checkpoint(None)  # the default model: Q4_1 GGUF
+    model = load_model(None).model
+    for n, layer in enumerate(model.model.layers):
+        for fused, parts in (
+            (layer.self_attn.qkv_proj, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            (layer.mlp.gate_up_proj, ("mlp.gate_proj", "mlp.up_proj")),
+        ):
+            sources = [checkpoint.tensors[f"model.layers.{n}.{part}.weight"] for part in parts]
+            expected = torch.cat([pack_blocks(s.read_blocks(), s.blocks_type, s.shape[1]) for s in sources])
+            assert fused.layout == "packed" and torch.equal(fused.qweight, expected)
+            assert fused.qweight.untyped_storage().nbytes() == fused.qweight.numel()  # the buffer itself
+    monkeypatch.setattr(build, "_packed_buffers", lambda checkpoint: {})
+    stacked = []
+    monkeypatch.setattr(native, "_stacked", lambda weights: stacked.append(1) or torch.cat(weights))
+    after = load_model(None).model
+    assert stacked  # (this model was fused by copying)
+    tokens = torch.tensor([[1, 504, 1345, 314, 10578, 2434, 28, 957, 4193]])
+    positions = torch.arange(tokens.shape[1])[None]
+    with torch.inference_mode():
+        assert torch.equal(model(tokens, positions), after(tokens, positions))
+    assert generate(model, tokens[0].tolist(), max_new_tokens=8).output_ids == (
+        generate(after, tokens[0].tolist(), max_new_tokens=8).output_ids
+    )

@@ -172,17 +172,27 @@ PACKED_QTYPES = ("Q8_0", "Q4_0", "Q4_1")  # kept in the kernel's repacked layout
 PACKED_GROUP_BYTES = {"Q8_0": 136, "Q4_0": 72, "Q4_1": 80}
 
 
-def pack_blocks(blocks: torch.Tensor, qtype: str, K: int, lib=None) -> torch.Tensor:
+def packed_row_bytes(qtype: str, K: int) -> int:
+    """Bytes of one row of K weights in the kernels' packed layout (see pack_blocks)."""
+    return (K // QK + 3) // 4 * PACKED_GROUP_BYTES[qtype]
+
+
+def pack_blocks(blocks: torch.Tensor, qtype: str, K: int, lib=None, out: torch.Tensor | None = None) -> torch.Tensor:
     """ggml Q8_0 / Q4_0 / Q4_1 blocks [N, nb * bytes] -> the kernel's rows [N, nbp/4 * group bytes]
     (csrc/gemv.c): per group of four blocks, Q4: their packed nibbles (64 bytes), their f16 scales d
     (8 bytes) and for Q4_1 their f16 minimums m (8 bytes); Q8_0: weights 0-15 of each block, then
     16-31 of each, as q + 128 (128 bytes), then d (8 bytes). nbp is nb rounded up to a multiple of 4
     with zero blocks (d = m = 0, q = 0). With the kernel library `lib`, its pack_blocks does it (the
-    same bytes, at memory speed; loading a quantised model spent most of its time here)."""
+    same bytes, at memory speed; loading a quantised model spent most of its time here). `out`: a
+    contiguous uint8 [N, packed_row_bytes] to write into (rows of a fused layer's buffer, say)."""
     N, nb = blocks.shape[0], K // QK
     nbp = (nb + 3) // 4 * 4
     size, group_bytes = BLOCK_BYTES[qtype], PACKED_GROUP_BYTES[qtype]
-    out = torch.empty(N, nbp // 4 * group_bytes, dtype=torch.uint8)  # [N, G * group bytes]
+    width = nbp // 4 * group_bytes
+    if out is None:
+        out = torch.empty(N, width, dtype=torch.uint8)  # [N, G * group bytes]
+    elif out.shape != (N, width) or out.dtype != torch.uint8 or not out.is_contiguous():
+        raise ValueError(f"pack_blocks: out is {list(out.shape)} {out.dtype}, not [{N}, {width}] uint8")
     if lib is not None and blocks.is_contiguous() and blocks.device.type == "cpu":
         lib.pack_blocks(format_code(qtype), blocks.data_ptr(), N, K, out.data_ptr(), torch.get_num_threads())
         return out

@@ -127,7 +127,7 @@ def _fused(modules: list[nn.Module]) -> nn.Module | None:
     ):
         # rows are independent in every layout, so the fused rows are the parts' rows stacked
         layer = QuantLinear(
-            torch.cat([m.qweight for m in modules]),
+            _stacked([m.qweight for m in modules]),  # (a view where loading packed them in one buffer)
             first.qtype,
             first.in_features,
             bias,

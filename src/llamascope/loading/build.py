@@ -5,16 +5,28 @@ its block format or quantised as it is read, and only this rank's share under te
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import LlamascopeError
-from ..formats import HIGH_QTYPE, HIGH_WEIGHTS, KEPT_FORMATS, QUANTIZE_ROWS_BYTES, block_layout, quantize
+from ..formats import (
+    HIGH_QTYPE,
+    HIGH_WEIGHTS,
+    KEPT_FORMATS,
+    PACKED_QTYPES,
+    QUANTIZE_ROWS_BYTES,
+    block_layout,
+    pack_blocks,
+    packed_row_bytes,
+    quantize,
+)
 from ..layers import QuantEmbedding, QuantLinear
 from ..model import ROPE_INIT, Transformer
 from ..parallel import ParallelGroup, attach_collectives, check_world_size, narrow_linears, shard_plan
 from .checkpoint import FUSED_PROJECTIONS, Checkpoint, TensorSource, check_tensors, expected_shapes
+from .tensorfiles import Scratch
 
 log = logging.getLogger("llamascope")
 
@@ -27,6 +39,7 @@ def build_model(
     parallel: ParallelGroup | None = None,
     keep_blocks: bool = False,
     quantize_to: str | None = None,
+    pack_with=None,
 ) -> torch.nn.Module:
     """The model with plain layers, each weight read once at `dtype`: create it without allocating,
     read the weights, place them.
@@ -36,7 +49,10 @@ def build_model(
     With `keep_blocks`, weights stored in a GGUF block format stay in it (layers.QuantLinear,
     layers.QuantEmbedding) instead of being dequantised. With `quantize_to` (a block format, from
     `--quant`), every other matrix is quantised as it is read, a slice of rows at a time, the LM
-    head and embedding to formats.HIGH_QTYPE: the float weights are never held whole.
+    head and embedding to formats.HIGH_QTYPE: the float weights are never held whole. With
+    `pack_with` (the kernel library, for the native backend), kept Q8_0/Q4 projections of the
+    layers are packed as they are read into the layout its kernels read (formats.pack_blocks), each
+    layer's q/k/v and gate/up into one buffer, which fusing then takes whole.
     """
     check_tensors(checkpoint)
     plan = _shard_plan(checkpoint, parallel)
@@ -44,8 +60,10 @@ def build_model(
         model = Transformer(checkpoint.config)
         if plan:
             narrow_linears(model, plan)
-    state, kept = _read_weights(model, checkpoint, dtype, device, plan, parallel, keep_blocks, quantize_to, progress)
-    _place_weights(model, checkpoint, state, kept, dtype, plan)
+    packed = _packed_buffers(checkpoint) if pack_with is not None and keep_blocks and not plan else {}
+    reading = _Reading(dtype, device, plan, parallel, keep_blocks, quantize_to, packed, pack_with)
+    state, kept = _read_weights(model, checkpoint, reading, progress)
+    _place_weights(model, checkpoint, state, kept, dtype, plan, packed)
     if plan:
         attach_collectives(model, parallel)
     model.model.rotary_emb.inv_freq = ROPE_INIT[checkpoint.config.rope_type](checkpoint.config).to(device)
@@ -61,45 +79,91 @@ def _shard_plan(checkpoint: Checkpoint, parallel: ParallelGroup | None) -> dict:
     return shard_plan(checkpoint.config, parallel.rank, parallel.world_size)
 
 
+@dataclass
+class _Reading:
+    """How build_model reads the weights (see its docstring)."""
+
+    dtype: torch.dtype
+    device: str | torch.device
+    plan: dict
+    parallel: ParallelGroup | None
+    keep_blocks: bool
+    quantize_to: str | None
+    packed: dict[str, torch.Tensor]  # name -> its rows of a packed buffer (_packed_buffers)
+    pack_with: object  # the kernel library that packs them
+    scratch: Scratch = field(default_factory=Scratch)
+
+
 def _read_weights(
-    model,
-    checkpoint: Checkpoint,
-    dtype,
-    device,
-    plan: dict,
-    parallel,
-    keep_blocks: bool,
-    quantize_to: str | None,
-    progress,
+    model, checkpoint: Checkpoint, reading: _Reading, progress
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, torch.Tensor]]]:
     """Read every weight once: float ones into the returned state dict; those kept in a block
     format (as stored, or quantised to `quantize_to` as read) into their layers at once where they
     can go there (so loading never holds the whole model twice), else into the returned `kept`
     (name -> (format, blocks)) with the names of those already installed mapped to None."""
     expected = expected_shapes(checkpoint.config)
+    r = reading
     state: dict[str, torch.Tensor] = {}
     kept: dict = {}
-    in_place = {} if plan or quantize_to or torch.device(device).type != "cpu" else _fused_buffers(checkpoint, dtype)
+    on_cpu = torch.device(r.device).type == "cpu"
+    in_place = {} if r.plan or r.quantize_to or not on_cpu else _fused_buffers(checkpoint, r.dtype)
     for k, name in enumerate(expected):
-        source, shard = checkpoint.tensors[name], plan.get(name)
-        blocks = _kept_blocks(checkpoint, name, shard, parallel) if keep_blocks and name not in in_place else None
+        source, shard = checkpoint.tensors[name], r.plan.get(name)
         qtype = source.blocks_type
-        if blocks is None and quantize_to is not None and len(expected[name]) == 2:
-            qtype = HIGH_QTYPE if name in HIGH_WEIGHTS else quantize_to
+        if name in r.packed:  # straight into the kernels' layout, through reused buffers
+            pack_blocks(source.read_blocks(r.scratch), qtype, source.shape[1], r.pack_with, out=r.packed[name])
+            blocks = r.packed[name]
+        elif r.keep_blocks and name not in in_place:
+            blocks = _kept_blocks(checkpoint, name, shard, r.parallel)
+        else:
+            blocks = None
+        if blocks is None and r.quantize_to is not None and len(expected[name]) == 2:
+            qtype = HIGH_QTYPE if name in HIGH_WEIGHTS else r.quantize_to
             blocks = _read_quantized(source, qtype, shard, checkpoint.config.head_dim)
         if name in in_place:
             source.fill(in_place[name])
             state[name] = in_place[name]
         elif blocks is None:
-            state[name] = _read_at(source, dtype, device, shard)
-        elif _install_now(model, name, plan):
-            install_block_weights(model, {name: (qtype, blocks.to(device))}, dtype)
+            state[name] = _read_at(source, r.dtype, r.device, shard)
+        elif _install_now(model, name, r.plan):
+            install_block_weights(model, {name: (qtype, blocks.to(r.device))}, r.dtype, r.packed)
             kept[name] = None
         else:
-            kept[name] = (qtype, blocks.to(device))
+            kept[name] = (qtype, blocks.to(r.device))
         if progress is not None:
             progress(k + 1, len(expected))
     return state, kept
+
+
+def _packed_buffers(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+    """For each projection of the layers kept in a format the kernels pack (Q8_0, Q4_0, Q4_1), its
+    rows of a uint8 buffer in the packed layout: one buffer for each layer's q/k/v and gate/up where
+    the parts share a format and input width (fusing takes it whole), one of its own otherwise."""
+    views: dict[str, torch.Tensor] = {}
+    config = checkpoint.config
+    for n in range(config.num_hidden_layers):
+        groups = [[f"model.layers.{n}.{part}" for part in parts] for _, parts in FUSED_PROJECTIONS]
+        for name in expected_shapes(config):
+            if name.startswith(f"model.layers.{n}.") and not any(name in g for g in groups):
+                groups.append([name])
+        for names in groups:
+            sources = [checkpoint.tensors[name] for name in names]
+            if not all(_packs(s) for s in sources) or len({(s.blocks_type, s.shape[1]) for s in sources}) != 1:
+                continue
+            width = packed_row_bytes(sources[0].blocks_type, sources[0].shape[1])
+            buffer = torch.empty(sum(s.shape[0] for s in sources), width, dtype=torch.uint8)  # [rows, bytes]
+            views.update(zip(names, buffer.split([s.shape[0] for s in sources])))
+    return views
+
+
+def _packs(source: TensorSource) -> bool:
+    """Whether a weight is kept as blocks of a format the kernels read packed."""
+    return (
+        source.read_blocks is not None
+        and source.blocks_type in PACKED_QTYPES
+        and len(source.shape) == 2
+        and source.shape[1] % block_layout(source.blocks_type)[0] == 0
+    )
 
 
 def _fused_buffers(checkpoint: Checkpoint, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -121,7 +185,9 @@ def _fused_buffers(checkpoint: Checkpoint, dtype: torch.dtype) -> dict[str, torc
     return views
 
 
-def _place_weights(model, checkpoint: Checkpoint, state: dict, kept: dict, dtype, plan: dict) -> None:
+def _place_weights(
+    model, checkpoint: Checkpoint, state: dict, kept: dict, dtype, plan: dict, packed: Collection[str] = ()
+) -> None:
     """The float weights into their parameters, the kept blocks not yet installed into their layers,
     and the tie of the LM head to the embedding."""
     config = checkpoint.config
@@ -143,7 +209,7 @@ def _place_weights(model, checkpoint: Checkpoint, state: dict, kept: dict, dtype
         # Under tensor parallelism a kept embedding is replicated but a tied head takes only this
         # rank's vocabulary rows: both are placed here rather than by install_block_weights.
         embedding = blocks.pop("model.embed_tokens.weight", None) if plan else None
-        install_block_weights(model, blocks, dtype)
+        install_block_weights(model, blocks, dtype, packed)
         if embedding is not None:
             _install_sharded_embedding(model, *embedding, dtype, plan["lm_head.weight"])
     elif config.tie_word_embeddings and not plan:
@@ -259,10 +325,14 @@ def _install_sharded_embedding(
 
 
 def install_block_weights(
-    model: torch.nn.Module, blocks: dict[str, tuple[str, torch.Tensor]], dtype: torch.dtype
+    model: torch.nn.Module,
+    blocks: dict[str, tuple[str, torch.Tensor]],
+    dtype: torch.dtype,
+    packed: Collection[str] = (),
 ) -> None:
     """Put weights kept in a block format into the model: projections and the LM head become
-    QuantLinear, the token embedding a QuantEmbedding (a tied LM head shares its blocks)."""
+    QuantLinear (in the kernels' packed layout where named in `packed`), the token embedding a
+    QuantEmbedding (a tied LM head shares its blocks)."""
     config = model.config
     for name, (qtype, data) in blocks.items():
         path = name.removesuffix(".weight")
@@ -275,4 +345,5 @@ def install_block_weights(
         else:
             old = getattr(parent, attr)  # (the Linear the model was built with)
             bias = None if old.bias is None or old.bias.is_meta else old.bias.detach().float()
-            setattr(parent, attr, QuantLinear(data, qtype, old.in_features, bias))
+            layout = "packed" if name in packed else "rows"
+            setattr(parent, attr, QuantLinear(data, qtype, old.in_features, bias, layout=layout))

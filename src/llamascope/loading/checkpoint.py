@@ -41,8 +41,9 @@ class TensorSource:
     slice_reader: Callable[[int, int, int], torch.Tensor] | None = None
     # For GGUF block formats (Q8_0, Q4_0, Q4_1, Q5_0 as Q8_0, Q2_K to Q6_K): the blocks, rows in
     # Hugging Face order, as uint8 [rows, row bytes], so the model can keep the weight quantised
-    # (see layers.QuantLinear).
-    read_blocks: Callable[[], torch.Tensor] | None = None
+    # (see layers.QuantLinear). Called with a tensorfiles.Scratch, the result may be a view of its
+    # buffers, to be copied before the next read through it.
+    read_blocks: Callable[..., torch.Tensor] | None = None
     # Part of those blocks: rows [start, stop) (dim 0) or weight columns [start, stop) on block
     # boundaries (dim 1), reading only those bytes (tensor parallelism with kept blocks).
     blocks_slice_reader: Callable[[int, int, int], torch.Tensor] | None = None
@@ -284,7 +285,7 @@ def row_slice(source: TensorSource, start: int, stop: int) -> TensorSource:
         source.nbytes * (stop - start) // max(source.shape[0], 1),
         lambda: source.read_slice(0, start, stop),
         read_slice,
-        read_blocks=(lambda: source.read_blocks_slice(0, start, stop)) if blocks else None,
+        read_blocks=(lambda scratch=None: source.read_blocks_slice(0, start, stop)) if blocks else None,
         blocks_slice_reader=read_blocks_slice if blocks else None,
         kept_type=source.kept_type,
     )

@@ -30,7 +30,7 @@ from ..formats import KEPT_FORMATS, q5_0_as_q8_0
 from ..tokenizer import Tokenizer
 from .checkpoint import Checkpoint, TensorSource, check_layer_count, split_fused, stored_shapes
 from .gguf_metadata import GGUFMetadata, read_gguf, token_id
-from .tensorfiles import read_array, read_array_slice
+from .tensorfiles import Scratch, read_array, read_array_slice
 
 # general.architecture values read, each as the model_type of config.ARCHITECTURES with that
 # gguf_name (a Mistral GGUF is a `llama` one: llama.cpp keeps no sliding window for it)
@@ -177,20 +177,23 @@ class GGUFWeight:
             values = read_array_slice(self.path, offset, dtype, self.shape, *part, name)
         return self._unpermute(values)
 
-    def read_blocks(self) -> torch.Tensor:
+    def read_blocks(self, scratch: Scratch | None = None) -> torch.Tensor:
         """The stored blocks as uint8 [rows, row bytes], rows in Hugging Face order (each row's
-        blocks are contiguous, so undoing the Q/K row permutation on them is exact)."""
+        blocks are contiguous, so undoing the Q/K row permutation on them is exact). With
+        `scratch`, read through its reused buffers: the result may be a view of them, valid until
+        the next read through it."""
         # Plain file reads, not the memory map: mapped pages once touched stay resident beside the
         # copy (two copies at peak); a read leaves only the tensor.
         rows = self.shape[0]
-        raw = read_array(
-            self.path,
-            int(self.tensor.data_offset),
-            torch.uint8,
-            (rows, int(self.tensor.n_bytes) // rows),
-            self.tensor.name,
-        )  # [out, row bytes]
-        return self._kept(self._unpermute(raw), self.shape[1])
+        shape = (rows, int(self.tensor.n_bytes) // rows)
+        into = None if scratch is None else scratch.take(0, shape)
+        raw = read_array(self.path, int(self.tensor.data_offset), torch.uint8, shape, self.tensor.name, into)
+        if scratch is not None and self.heads:
+            head_rows = rows // self.heads
+            raw = scratch.take(1, shape).copy_(unpermute_rows(raw, rows // head_rows))  # [out, row bytes]
+        else:
+            raw = self._unpermute(raw)  # [out, row bytes]
+        return self._kept(raw, self.shape[1])
 
     def _kept(self, blocks: torch.Tensor, columns: int) -> torch.Tensor:
         """Blocks in the format the model keeps (KEPT_AS): Q5_0 as the same numbers in Q8_0."""

@@ -93,7 +93,14 @@ def load_model(
     tokenizer = checkpoint.tokenizer_factory() if checkpoint.tokenizer_factory else None
     with freed_memory_returned():
         model = build_model(
-            checkpoint, dtype, device, progress, parallel, keep_blocks=keep_blocks, quantize_to=options.quant_format
+            checkpoint,
+            dtype,
+            device,
+            progress,
+            parallel,
+            keep_blocks=keep_blocks,
+            quantize_to=options.quant_format,
+            pack_with=lib,  # (kept blocks go straight into the layout the kernels read)
         )
         _give_backend(model, options.backend, lib, one_process=not several)
         if options.huge_pages and device.type == "cpu":

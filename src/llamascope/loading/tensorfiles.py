@@ -197,6 +197,24 @@ def read_array_slice(
     return out
 
 
+class Scratch:
+    """Reused uint8 buffers for what loading reads and at once copies elsewhere (a weight's raw
+    blocks, packed straight into the layer's layout): a fresh buffer per tensor costs a page fault
+    for every page of it (loading unmaps large freed buffers, memory.freed_memory_returned), which
+    took longer than reading the file."""
+
+    def __init__(self):
+        self.buffers: dict[int, torch.Tensor] = {}
+
+    def take(self, slot: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """Buffer `slot` as a uint8 tensor of `shape` (its contents are what the last user left)."""
+        n = int(np.prod(shape, dtype=np.int64))
+        buffer = self.buffers.get(slot)
+        if buffer is None or buffer.numel() < n:
+            buffer = self.buffers[slot] = torch.empty(n, dtype=torch.uint8)
+        return buffer[:n].view(shape)
+
+
 def _pread(fd: int, into: np.ndarray, offset: int, path: Path, name: str) -> None:
     view = memoryview(into).cast("B")
     while len(view):
