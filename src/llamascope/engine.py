@@ -10,7 +10,7 @@ for delta in engine.stream("Once upon a time", max_new_tokens=16):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from .config import GenerationConfig
 from .constraints import constraint_from
 from .errors import LlamascopeError
 from .generation import generate, stream
+from .interventions import Intervention, Recording, record
 from .loading import LoadedModel, LoadOptions, load_model
 from .parallel import ParallelGroup, shared_seed
 from .tokenizer import vocabulary_difference
@@ -176,17 +177,24 @@ class Engine:
         return tokenizer.encode(prompt)
 
     def generate(
-        self, prompts: str | list[str], chat: bool = False, assistant_model=None, **settings
+        self,
+        prompts: str | list[str],
+        chat: bool = False,
+        assistant_model=None,
+        interventions: Sequence[Intervention] | None = None,
+        **settings,
     ) -> Completion | list[Completion]:
         """Generate for one prompt or a batch (left-padded, same tokens as each alone). `chat`:
         each prompt is a user message in the chat template, and the reply ends at its end of turn.
         `assistant_model` (an Engine or a checkpoint's path): drafts tokens that the model checks
-        (speculative decoding, greedy search: the same tokens)."""
+        (speculative decoding, greedy search: the same tokens). `interventions` (AblateHeads,
+        Patch, Steer, Edit from llamascope.interventions): change activations in every pass."""
         single = isinstance(prompts, str)
         texts = [prompts] if single else list(prompts)
         ids = [self.encode(t, chat=chat) for t in texts]
         config = self.generation_config(chat, **settings)
-        result = generate(self.model, ids, config, tokenizer=self.tokenizer, assistant=self.assistant(assistant_model))
+        helper, edits = self.assistant(assistant_model), self._interventions(interventions)
+        result = generate(self.model, ids, config, tokenizer=self.tokenizer, assistant=helper, interventions=edits)
         n = len(result.output_ids) // len(texts)  # sequences per prompt (num_return_sequences)
         completions = [
             self._completion(text, p, result, range(i * n, (i + 1) * n)) for i, (text, p) in enumerate(zip(texts, ids))
@@ -211,31 +219,81 @@ class Engine:
             return dataclasses.replace(completions[0], sequences=list(completions))
         return completions[0]
 
-    def generate_ids(self, prompts: list[list[int]] | list[int], assistant_model=None, **settings) -> GenerationResult:
+    def generate_ids(
+        self,
+        prompts: list[list[int]] | list[int],
+        assistant_model=None,
+        interventions: Sequence[Intervention] | None = None,
+        **settings,
+    ) -> GenerationResult:
         config = self.generation_config(**settings)
-        return generate(
-            self.model, prompts, config, tokenizer=self.tokenizer, assistant=self.assistant(assistant_model)
-        )
+        helper, edits = self.assistant(assistant_model), self._interventions(interventions)
+        return generate(self.model, prompts, config, tokenizer=self.tokenizer, assistant=helper, interventions=edits)
 
-    def stream(self, prompt: str | list[int], chat: bool = False, assistant_model=None, **settings) -> Iterator[str]:
-        """Text deltas as tokens are chosen (greedy or sampled; one prompt). `chat`, `assistant_model`:
-        as in `generate`."""
+    def stream(
+        self,
+        prompt: str | list[int],
+        chat: bool = False,
+        assistant_model=None,
+        interventions: Sequence[Intervention] | None = None,
+        **settings,
+    ) -> Iterator[str]:
+        """Text deltas as tokens are chosen (greedy or sampled; one prompt). `chat`, `assistant_model`,
+        `interventions`: as in `generate`."""
         ids = self.encode(prompt, chat=chat) if isinstance(prompt, str) else list(prompt)
-        yield from self._stream(ids, self.generation_config(chat, **settings), self.assistant(assistant_model))
+        config, edits = self.generation_config(chat, **settings), self._interventions(interventions)
+        yield from self._stream(ids, config, self.assistant(assistant_model), edits)
 
-    def chat(self, messages: list[dict], assistant_model=None, **settings) -> Iterator[str]:
+    def chat(
+        self,
+        messages: list[dict],
+        assistant_model=None,
+        interventions: Sequence[Intervention] | None = None,
+        **settings,
+    ) -> Iterator[str]:
         """Stream the assistant's reply to `messages` (chat template applied, no double BOS); the
-        reply ends at an eos id or at the template's end-of-turn token. `assistant_model`: as in `generate`."""
+        reply ends at an eos id or at the template's end-of-turn token. `assistant_model`,
+        `interventions`: as in `generate`."""
         ids = self._need_tokenizer().encode_chat(messages)
-        yield from self._stream(ids, self.generation_config(chat=True, **settings), self.assistant(assistant_model))
+        config, edits = self.generation_config(chat=True, **settings), self._interventions(interventions)
+        yield from self._stream(ids, config, self.assistant(assistant_model), edits)
 
-    def _stream(self, ids: list[int], config: GenerationConfig, assistant: torch.nn.Module | None) -> Iterator[str]:
+    def record(
+        self,
+        prompt: str | list[int],
+        names: Iterable[str] = ("*",),
+        chat: bool = False,
+        interventions: Sequence[Intervention] | None = None,
+    ) -> Recording:
+        """One forward pass over `prompt` (text, or token ids), with the `interventions`: the
+        activations whose names match the glob patterns `names` (activations.NAMES), each
+        [1, T, ...]. See interventions.record."""
+        ids = self.encode(prompt, chat=chat) if isinstance(prompt, str) else list(prompt)
+        return record(self.model, ids, names, self._interventions(interventions))
+
+    def _interventions(self, interventions: Sequence[Intervention] | Intervention | None) -> list[Intervention]:
+        """The call's interventions as a list (none: every fast path stays on; one: a list of it)."""
+        if isinstance(interventions, Intervention):
+            interventions = [interventions]
+        if interventions and self.parallel is not None:
+            raise LlamascopeError("interventions are not supported with tensor parallelism")
+        return list(interventions or ())
+
+    def _stream(
+        self,
+        ids: list[int],
+        config: GenerationConfig,
+        assistant: torch.nn.Module | None,
+        interventions: list[Intervention],
+    ) -> Iterator[str]:
         tokenizer = self._need_tokenizer()
         if config.num_beams > 1 or config.num_return_sequences > 1:
             # beam search and several sequences finish together: the text comes at the end
-            result = generate(self.model, [ids], config, tokenizer=tokenizer, assistant=assistant)
+            result = generate(
+                self.model, [ids], config, tokenizer=tokenizer, assistant=assistant, interventions=interventions
+            )
             yield "\n".join(tokenizer.decode(out, skip_special_tokens=True) for out in result.output_ids)
             return
-        for _, delta in stream(self.model, tokenizer, ids, config, assistant=assistant):
+        for _, delta in stream(self.model, tokenizer, ids, config, assistant=assistant, interventions=interventions):
             if delta:
                 yield delta

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -32,6 +32,7 @@ from .beam import beam_search
 from .cache import KVCache
 from .config import GenerationConfig
 from .errors import LlamascopeError
+from .interventions import Intervention, check_interventions, check_search, pass_capture
 from .sampling import apply_processors, build_processors, make_generator, select_next, token_logprobs
 from .speculative import speculative_steps
 from .stopping import StopRules
@@ -114,14 +115,20 @@ def generate_steps(
     config: GenerationConfig,
     capture: Callable[[int], dict | None] | None = None,
     tokenizer=None,
+    interventions: Sequence[Intervention] = (),
 ) -> Iterator[Step]:
     """Run the loop, yielding each step. Each row stops by `StopRules` (stop strings need the
     `tokenizer`); `Step.stopped` says which rows stop at that step and why. A row that has
     stopped is fed padding, as in transformers, and the loop ends when every row has stopped.
-    A decode step costs a handful of tensor ops around the forward pass.
+    A decode step costs a handful of tensor ops around the forward pass. `interventions`
+    (interventions.py) edit every pass's activations at its positions; not beside `capture`.
     """
     if config.num_beams > 1:
         raise LlamascopeError("beam search goes through llamascope.beam, not generate_steps")
+    if interventions:
+        if capture is not None:
+            raise LlamascopeError("interventions and capture together are not supported yet; pass one of them")
+        check_interventions(interventions, model.config, prompts)
     device = model.device
     pad_id, input_ids, attention_mask, max_length = prepare_batch(model, prompts, config, windowed=True)
     B, T0 = input_ids.shape
@@ -153,6 +160,8 @@ def generate_steps(
             if debug:
                 _log_inputs(step, tokens, step_positions, mask_2d, cache)
             acts = capture(step) if capture is not None else None
+            if interventions:
+                acts = pass_capture(interventions, step_positions)  # (the native decode step is off)
             logits = model(tokens, step_positions, cache, mask, capture=acts, last_only=True)  # [B, 1, V]
             logits = logits[:, -1].float()  # [B, V]
             check_finite(model, logits, lambda row: sequences[row], step)
@@ -181,6 +190,7 @@ def generate(
     on_step: Callable[[Step], None] | None = None,
     capture: Callable[[int], dict | None] | None = None,
     assistant: torch.nn.Module | None = None,
+    interventions: Sequence[Intervention] = (),
     **settings,
 ) -> GenerationResult:
     """Generate for one prompt (a list of ids) or a batch (a list of lists).
@@ -188,6 +198,8 @@ def generate(
     `config` is a resolved GenerationConfig; keyword settings build one with defaults
     (GenerationConfig.resolve(model.config, None, **settings)) when it is not given. `assistant`:
     a model of the same vocabulary that drafts tokens for speculative decoding (speculative.py).
+    `interventions` (interventions.py): edits of the activations in every pass (greedy search or
+    sampling without drafts).
     """
     if prompts and isinstance(prompts[0], int):
         prompts = [prompts]  # type: ignore[list-item]
@@ -196,6 +208,8 @@ def generate(
         config = GenerationConfig.resolve(model.config, None, **settings)
     elif settings:
         raise LlamascopeError("pass either a GenerationConfig or keyword settings, not both")
+    if interventions:
+        check_search(config, assistant is not None)
     if config.prompt_lookup_num_tokens is not None or assistant is not None:
         # One prompt at a time: a batch gives each prompt the tokens it gets alone, and so do drafts.
         parts = [
@@ -210,7 +224,8 @@ def generate(
     if config.num_return_sequences > 1:  # sampling n sequences per prompt: rows i*n .. i*n + n - 1
         check_memory_fits(model, len(prompts) * config.num_return_sequences, 1 + max(map(len, prompts), default=0))
         prompts = [p for p in prompts for _ in range(config.num_return_sequences)]
-    return _collect(generate_steps(model, prompts, config, capture, tokenizer), prompts, config, tokenizer, on_step)
+    steps = generate_steps(model, prompts, config, capture, tokenizer, interventions)
+    return _collect(steps, prompts, config, tokenizer, on_step)
 
 
 def _collect(
@@ -285,15 +300,18 @@ def stream(
     config: GenerationConfig,
     skip_special_tokens: bool = True,
     assistant: torch.nn.Module | None = None,
+    interventions: Sequence[Intervention] = (),
 ) -> Iterator[tuple[int, str]]:
     """Yield (token id, text delta) for one prompt as each token is chosen; an eos token's text
     is left out, and text held back at the end (an unfinished character) comes as (-1, text).
-    `assistant`: as in `generate`."""
+    `assistant`, `interventions`: as in `generate`."""
+    if interventions:
+        check_search(config, assistant is not None)
     decoder = tokenizer.stream_decoder(prompt_ids, skip_special_tokens=skip_special_tokens)
     if config.prompt_lookup_num_tokens is not None or assistant is not None:
         steps = speculative_steps(model, prompt_ids, config, tokenizer, assistant)
     else:
-        steps = generate_steps(model, [prompt_ids], config, tokenizer=tokenizer)
+        steps = generate_steps(model, [prompt_ids], config, tokenizer=tokenizer, interventions=interventions)
     for step in _log_speed(steps):
         token, reason = int(step.next_tokens[0]), step.stopped[0]  # type: ignore[index]
         if reason == "eos":
