@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from browser import find_chromium
 
 CORPUS = [
     "My name is Mariama, my favorite color is blue and my friends call me Mari.",
@@ -143,3 +144,15 @@ def rewrite_json(path: Path, **changes) -> None:
         else:
             data[key] = value
     path.write_text(json.dumps(data, indent=2))
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Headless Chromium for the HTML reports' tests (browser.py), or the test is skipped."""
+    path = find_chromium()
+    if path is None:
+        pytest.skip(
+            "headless Chromium is not installed (Debian package `chromium`; the tests install it with "
+            "apt-get only when running as root)"
+        )
+    return path

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from browser import probe
 from conftest import rewrite_json
 from rich.console import Console
 
@@ -236,26 +235,6 @@ def test_cli_trace_writes_json_and_html(tiny_model, tmp_path, capsys):
 # ---- the HTML report in a real browser ----------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    path = shutil.which("chromium")
-    if path is None and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(
-            ["apt-get", "install", "-y", "chromium"],
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=900,
-        )
-        path = shutil.which("chromium")
-    if path is None:
-        pytest.skip(
-            "headless Chromium is not installed (Debian package `chromium`; the test installs it with "
-            "apt-get only when running as root)"
-        )
-    return path
-
-
 PROBE = """<script>
 const cells = [...document.querySelectorAll('#lens td.cell')];
 const shown = cells.filter(c => { const r = c.getBoundingClientRect(); return r.width > 0 && r.height > 0; });
@@ -272,29 +251,7 @@ document.body.appendChild(probe);
 def test_html_heat_map_in_headless_chromium(chromium, traced, tmp_path):
     page = render_html(traced)
     assert "http://" not in page and "https://" not in page and "<script" not in page  # self-contained
-    report = tmp_path / "report.html"
-    report.write_text(page.replace("</body>", PROBE + "</body>"), encoding="utf-8")
-    profile = tmp_path / "profile"
-    run = subprocess.run(
-        [
-            chromium,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--no-first-run",
-            f"--user-data-dir={profile}",
-            "--dump-dom",
-            report.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    match = re.search(r'<pre id="probe">(.*?)</pre>', run.stdout)
-    assert match, run.stderr[-2000:]
-    found = json.loads(match.group(1).replace("&quot;", '"'))
+    found = probe(chromium, page, PROBE, tmp_path)
     expected = len(traced.lens.layers) * len(traced.lens.positions)
     assert found == {
         "cells": expected,

@@ -564,6 +564,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
         chat=args.chat,
         top=args.top,
         lens=args.lens or bool(args.html),
+        layer=_layer_choice(args.layer),
+        attention=args.attention,
+        attribution=_attributed_steps(args),
         defaults=_command_defaults(args),
         defaults_source="default (CLI)",
         **_option_settings(args),
@@ -579,6 +582,26 @@ def cmd_trace(args: argparse.Namespace) -> int:
     else:
         render_trace(result, _console(), lens=args.lens, steps=_full_steps(args.steps))
     return 0
+
+
+def _layer_choice(value: str | None) -> int | None:
+    """--layer: a layer's number (--layer alone: 0, the first); not given: no layer view."""
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise LlamascopeError(
+            f"--layer {value!r}: expected a layer number such as 0 (--layer alone: the first; put it after the prompt)"
+        ) from None
+
+
+def _attributed_steps(args: argparse.Namespace) -> tuple[int, ...] | str | bool:
+    """--attribution: the steps --steps shows in full ("all" for every step); without it, none."""
+    if not args.attribution:
+        return False
+    steps = _full_steps(args.steps)
+    return "all" if steps is None else steps
 
 
 def _full_steps(value: str) -> tuple[int, ...] | None:
@@ -874,6 +897,24 @@ def _add_generate_commands(sub) -> None:
         default="first",
         metavar="WHICH",
         help="steps shown in full before the table of all steps: first, all, or a list such as 0,3,5 (default first)",
+    )
+    p.add_argument(
+        "--layer",
+        nargs="?",
+        const="0",
+        metavar="N",
+        help="show every tensor of layer N at the prefill, named as in transformers (--layer alone: the first)",
+    )
+    p.add_argument(
+        "--attention",
+        action="store_true",
+        help="record every layer's and head's attention weights at every step (drawn by --html, in --json)",
+    )
+    p.add_argument(
+        "--attribution",
+        action="store_true",
+        help="why this token: split the chosen token's logit into the embedding's, each head's and each MLP's "
+        "direct contributions, at each step --steps shows in full",
     )
     p.add_argument("--json", action="store_true", help="print the whole trace as JSON on stdout (instead of the text)")
     p.add_argument("--json-file", metavar="FILE", help="also write the whole trace as JSON to FILE")

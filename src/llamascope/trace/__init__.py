@@ -15,11 +15,17 @@ point, asked for at every position). The logit lens is the one computation added
 norm and LM head to the residual stream after each layer; at the last layer that is exactly the
 computation the model made, so that row equals the model's logits bit for bit.
 
+`trace(..., layer=N)` lists every tensor of layer N at the prefill, named as in transformers
+(layer.py); `trace(..., attention=True)` keeps every layer's and head's attention weights over
+all the positions (attention.py).
+
 `ActivationRecorder` captures activations by name (off by default), at the points
 activations.NAMES lists: the residual stream around each block, the attention and MLP outputs,
 attention weights, and inside chosen layers every tensor of transformers' modules.
 """
 
+from .attention import AttentionMap
+from .layer import LayerView
 from .record import (
     ACTIVATION_NAMES,
     ActivationRecorder,
@@ -39,6 +45,8 @@ from .text import render_trace
 __all__ = [
     "ACTIVATION_NAMES",
     "ActivationRecorder",
+    "AttentionMap",
+    "LayerView",
     "Lens",
     "PositionPrediction",
     "StepTrace",

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 
 from ..activations import NAMES, Capture
+from ..attribution import POINTS, Attribution, attribute
+from ..cache import KVCache
 from ..config import GenerationConfig, room_for_new_tokens
 from ..constraints import GrammarMask, describe
 from ..errors import LlamascopeError
@@ -22,7 +24,10 @@ from ..info import (
     generation_rows_json,
     source_labels,
 )
+from ..interventions import record as record_activations
 from ..sampling import build_processors
+from .attention import AttentionMap, attention_map, attention_rows, own_rows
+from .layer import LayerView, check_layer, layer_names, layer_view, tensor_facts
 
 # ---- capturing activations by name ------------------------------------------------------------
 
@@ -53,12 +58,19 @@ class ActivationRecorder:
         self.edits = edits
         self._raw: list[Capture] = []
 
-    def new_capture(self, names: Iterable[str] | None = None, all_logits: bool = False) -> Capture:
-        """A capture asking for what this recorder keeps (and `names` besides, e.g. what a trace reads)."""
+    def new_capture(
+        self,
+        names: Iterable[str] | None = None,
+        all_logits: bool = False,
+        detail: Iterable[int] = (),
+        attention_weights: bool = False,
+    ) -> Capture:
+        """A capture asking for what this recorder keeps (and `names`, `detail` layers and attention
+        weights besides, e.g. what a trace reads)."""
         return Capture(
             names=self.patterns if names is None else [*self.patterns, *names],
-            detail=self.detail,
-            attention_weights=self.attention_weights,
+            detail=(*self.detail, *detail),
+            attention_weights=self.attention_weights or attention_weights,
             all_logits=self.all_logits or all_logits,
             edits=self.edits,
         )
@@ -79,14 +91,9 @@ class ActivationRecorder:
 def capture_activations(
     model: torch.nn.Module, ids: Sequence[int], names: Iterable[str] = ("*",), attention_weights: bool = False
 ) -> dict[str, torch.Tensor]:
-    """One forward pass over `ids` (no cache): the named activations, each [1, T, ...]."""
-    recorder = ActivationRecorder(names, attention_weights)
-    tokens = torch.tensor([list(ids)], dtype=torch.long, device=model.device)  # [1, T]
-    positions = torch.arange(tokens.shape[1], device=model.device)[None]  # [1, T]
-    acts = recorder(0)
-    with torch.inference_mode():
-        model(tokens, positions, None, None, capture=acts)  # [1, T, V]
-    return recorder.steps[0]
+    """One forward pass over `ids` (no cache): the named activations, each [1, T, ...]
+    (interventions.record, which also takes interventions)."""
+    return dict(record_activations(model, ids, names, attention_weights=attention_weights))
 
 
 # ---- what a trace holds -----------------------------------------------------------------------
@@ -143,6 +150,9 @@ class StepTrace:
     # sampling: each processor in turn with the candidates it left and the model's probability mass
     # on them, and the drawn token's rank among the processed scores (1: the most likely)
     sampling: dict | None = None
+    # trace(attribution=...): the chosen token's logit split into the direct contributions of the
+    # embedding, each attention head and each MLP (attribution.py)
+    attribution: Attribution | None = None
 
     @property
     def cache_state(self) -> str:
@@ -172,6 +182,7 @@ class StepTrace:
             "speculation": None if self.speculation is None else self.speculation.to_json(),
             "constrained": self.constrained,
             "sampling": self.sampling,
+            "attribution": None if self.attribution is None else self.attribution.to_json(),
         }
 
 
@@ -246,6 +257,8 @@ class Trace:
     model: dict = field(default_factory=dict)
     # the KV cache generation allocated: its tensors' shape and dtype, bytes per position and in all
     kv_cache: dict = field(default_factory=dict)
+    layer: LayerView | None = None  # every tensor of one layer at the prefill (--layer)
+    attention: AttentionMap | None = None  # every layer's and head's attention weights (--attention)
 
     @property
     def prompt_length(self) -> int:
@@ -279,6 +292,8 @@ class Trace:
             "predictions": [p.to_json() for p in self.predictions],
             "predictions_text": self.predictions_text,
             "lens": self.lens.to_json() if self.lens is not None else None,
+            "layer": self.layer.to_json() if self.layer is not None else None,
+            "attention": self.attention.to_json() if self.attention is not None else None,
             "output_ids": self.output_ids,
             "text": self.text,
             "finish_reason": self.finish_reason,
@@ -343,8 +358,16 @@ class _Recorder:
         top: int,
         lens: bool,
         activations: ActivationRecorder | None,
+        layer: int | None = None,
+        attention: bool = False,
+        attributed: frozenset[int] | None = frozenset(),
     ):
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.attributed = attributed  # the steps whose choice is attributed (None: every step)
+        self.layer, self.want_attention = layer, attention  # (--layer, --attention)
+        self.layer_facts: dict[str, tuple[list[int], str]] = {}  # the layer's tensors at step 0: shape, dtype
+        self.layer_positions: list[int] = []
+        self.attention_rows: list[tuple[int, torch.Tensor]] = []  # (position, [layers, heads, position + 1])
         self.prompt_ids, self.top, self.want_lens = prompt_ids, top, lens
         self.activations = activations
         self.steps: list[StepTrace] = []
@@ -363,20 +386,40 @@ class _Recorder:
 
     def capture(self, step_index: int) -> Capture:
         """What the trace reads (and the user's recorder asks for): the residual stream for the
-        lens and the shapes, and at the prefill the logits at every prompt position."""
+        lens and the shapes, at the prefill the logits at every prompt position, and at the steps
+        attributed each head's output and each MLP's in every layer."""
         read = ["embed", "layers.*.output", "norm", "logits"]
+        detail = (self.layer,) if step_index == 0 and self.layer is not None else ()
+        if detail:  # the layer view: every tensor of that layer at the prefill
+            read += layer_names(self.layer)
+        if self.want_attention:
+            read.append("layers.*.attn_weights")
+        if self._attributes(step_index):  # each head's output in every layer, on the plain path
+            read += POINTS
+            detail = tuple(range(self.model.config.num_hidden_layers))
+        asked = dict(all_logits=step_index == 0, detail=detail, attention_weights=self.want_attention)
         if self.activations is not None:
-            return self.activations.new_capture(read, all_logits=step_index == 0)
-        return Capture(names=read, all_logits=step_index == 0)
+            return self.activations.new_capture(read, **asked)
+        return Capture(names=read, **asked)
+
+    def _attributes(self, step_index: int) -> bool:
+        return self.attributed is None or step_index in self.attributed
 
     def on_step(self, step) -> None:
         acts = step.capture
         self.steps.append(self._step_trace(step, acts))
+        if self._attributes(step.index) and "layers.0.self_attn.heads" in acts:  # (a round's pass: if it asked)
+            self.steps[-1].attribution = self._attribution(step, acts)
         self.chosen_ids.append(int(step.next_tokens[0]))
         if step.index == 0:
             self._predictions(acts["logits"][0].float())  # [T, V]
         if self.want_lens:
             self._lens(step, acts)
+        if step.index == 0 and self.layer is not None:
+            self.layer_facts = tensor_facts(acts, self.layer)
+            self.layer_positions = step.position_ids[0].tolist()
+        if self.want_attention:
+            self.attention_rows += attention_rows(step, acts, self.model.config.num_hidden_layers)
 
     def _step_trace(self, step, acts: dict) -> StepTrace:
         """What the step took in, the shapes the model returned, the chosen token and the top ones."""
@@ -396,6 +439,18 @@ class _Recorder:
             constrained=self._constrained(step, chosen) if self.settings.constraint is not None else None,
             sampling=self._sampling(step, chosen) if self.settings.do_sample else None,
         )
+
+    def _attribution(self, step, acts: dict) -> Attribution:
+        """The chosen token's logit (and the runner-up's) at the position that chose it, part by part."""
+        chosen = int(step.next_tokens[0])
+        scores = step.scores[0]  # [V] after the processors: what the choice was made from
+        ranked = torch.topk(scores, min(2, scores.shape[-1])).indices.tolist()
+        others = [i for i in ranked if i != chosen and torch.isfinite(scores[i])]
+        with torch.inference_mode():
+            a = attribute(self.model, acts, _column(step), [chosen, *others[:1]], step.logits[0])
+        for t in (a.token, a.runner_up) if a.runner_up is not None else (a.token,):
+            t.text = self.text(t.id)
+        return a
 
     def _sampling(self, step, chosen: TokenChoice) -> dict:
         """The processors applied one at a time to the step's logits, as generation applied them:
@@ -496,13 +551,7 @@ class _Recorder:
         """Final norm + LM head on the residual stream after each layer, at this step's new positions."""
         model = self.model
         L = model.config.num_hidden_layers
-        T = step.input_ids.shape[1]
-        if step.index == 0:
-            cols = slice(0, T)  # the prompt's positions
-        elif step.speculation is not None:  # a speculative round's pass: this step's own position
-            cols = slice(step.speculation.index, step.speculation.index + 1)
-        else:
-            cols = slice(T - 1, T)
+        cols = own_rows(step)  # the prompt's positions, or this step's own
         new = cols.stop - cols.start
         self.lens_positions.extend(step.position_ids[0, cols].tolist())
         if not self.lens_cells:
@@ -522,6 +571,27 @@ class _Recorder:
                 for row, (vs_row, ids_row) in enumerate(zip(values.tolist(), indices.tolist())):
                     for vs, ids in zip(vs_row, ids_row):
                         self.lens_cells[row].append([(i, self.text(i), p) for i, p in zip(ids, vs)])
+
+
+def _column(step) -> int:
+    """The column of the step's forward pass whose logits chose its token: the prompt's last at
+    the prefill, a speculative round's own column for its step, else the last."""
+    if step.index > 0 and step.speculation is not None:
+        return step.speculation.index
+    return step.input_ids.shape[1] - 1
+
+
+def _attribution_steps(value: bool | str | Iterable[int]) -> frozenset[int] | None:
+    """trace(attribution=...): False: no step; True or "first": the first; "all": None (every
+    step); step numbers: those."""
+    if value is True or value == "first":
+        return frozenset({0})
+    if value == "all":
+        return None
+    steps = tuple(value) if isinstance(value, Iterable) and not isinstance(value, str) else None
+    if value is not False and (steps is None or not all(isinstance(i, int) and i >= 0 for i in steps)):
+        raise LlamascopeError(f"attribution={value!r}: expected True, False, 'first', 'all' or step numbers")
+    return frozenset(steps or ())
 
 
 def _step_shapes(step, acts: dict, layers: int) -> dict[str, list[int]]:
@@ -564,6 +634,9 @@ def trace(
     defaults: dict[str, Any] | None = None,
     defaults_source: str = "default (caller)",
     assistant_model=None,
+    layer: int | None = None,
+    attention: bool = False,
+    attribution: bool | str | Iterable[int] = False,
     **settings: Any,
 ) -> Trace:
     """Generate for one prompt and record every step (greedy search or sampling).
@@ -575,11 +648,22 @@ def trace(
     `defaults_source` ("default (CLI)") rather than "call".
     `activations`: glob patterns of capture names to keep per step (off by default).
     `assistant_model`: as in `Engine.generate` (speculative steps show their drafts).
+    `layer`: the layer whose every tensor the prefill records (`Trace.layer`; off by default: that
+    layer's prefill then runs PyTorch's plain operations, which can change the last bits).
+    `attention`: record every layer's and head's attention weights at every step (`Trace.attention`;
+    attention then runs as an explicit softmax, transformers' eager attention).
+    `attribution`: the steps whose chosen token's logit is split into the direct contributions of
+    the embedding, each attention head and each MLP (`StepTrace.attribution`, attribution.py): True
+    or "first" the first, "all" every step, or step numbers; those steps run every layer plainly.
     """
+    check_layer(layer, engine.config.num_hidden_layers)
     plan = _plan(engine, prompt, chat, settings, defaults or {}, defaults_source)
     assistant = engine.assistant(assistant_model)
     recorder = ActivationRecorder(activations, attention_weights) if (activations or attention_weights) else None
-    record = _Recorder(engine.model, engine.tokenizer, plan.settings, plan.ids, top, lens, recorder)
+    attributed = _attribution_steps(attribution)
+    record = _Recorder(
+        engine.model, engine.tokenizer, plan.settings, plan.ids, top, lens, recorder, layer, attention, attributed
+    )
     result = generate(
         engine.model,
         [plan.ids],
@@ -589,7 +673,13 @@ def trace(
         capture=record.capture,
         assistant=assistant,
     )
-    return _assemble(engine, plan, record, result, top, lens)
+    traced = _assemble(engine, plan, record, result, top, lens)
+    if record.layer_facts:
+        traced.layer = layer_view(layer, record.layer_facts, record.layer_positions, traced.kv_cache)
+    if record.attention_rows:
+        texts = [record.text(i) for i in traced.prompt_ids + traced.output_ids]
+        traced.attention = attention_map(record.attention_rows, engine.model.kv_heads, texts, traced.prompt_length)
+    return traced
 
 
 @dataclass
@@ -672,17 +762,20 @@ def _assemble(engine, plan: _Plan, record: _Recorder, result, top: int, lens: bo
         top=top,
         lens=lens_result,
         model=_model_facts(engine),
-        kv_cache=_kv_cache_facts(engine, config.max_length_for(len(ids), engine.config.max_position_embeddings))
+        kv_cache=_kv_cache_facts(
+            engine, config.max_length_for(len(ids), engine.config.max_position_embeddings), len(ids)
+        )
         if config.use_cache
         else {},
     )
 
 
-def _kv_cache_facts(engine, max_length: int) -> dict:
+def _kv_cache_facts(engine, max_length: int, prompt_length: int) -> dict:
     """The cache one sequence's generate() allocates: per key and value, [layers, batch, kv_heads,
-    capacity, head_dim] (as one tensor per layer), and its bytes per position and in all."""
+    capacity, head_dim] (as one tensor per layer), its bytes per position and in all, and the
+    sliding window by which it drops columns (None: it holds every position)."""
     model, config = engine.model, engine.config
-    capacity = model.decode_step.capacity_for(max_length) if model.decode_step is not None else max_length
+    capacity, window = KVCache.columns_for(model, max_length, prompt_length)
     item = torch.empty((), dtype=model.dtype).element_size()
     per_position = 2 * config.num_hidden_layers * model.kv_heads * config.head_dim * item
     return {
@@ -690,6 +783,7 @@ def _kv_cache_facts(engine, max_length: int) -> dict:
         "dtype": str(model.dtype).removeprefix("torch."),
         "bytes_per_position": per_position,
         "bytes": per_position * capacity,
+        "window": window,
     }
 
 

@@ -8,10 +8,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ..attribution import Attribution
 from ..info import (
     section,
     settings_table,
 )
+from .attention import AttentionMap
+from .layer import LayerView
 from .record import DraftCheck, Lens, StepTrace, Trace, max_length_rule, shape_of
 
 # ---- rendering: terminal ----------------------------------------------------------------------
@@ -41,6 +44,8 @@ def render_trace(t: Trace, console=None, lens: bool = True, steps: Iterable[int]
     for s in t.steps:
         if full is None or s.index in full:
             _render_step(t, s, console)
+        if s.index == 0 and t.layer is not None:
+            _render_layer(t.layer, console)
     if len(t.steps) > 1:
         _render_step_table(t, console)
     if t.predictions:
@@ -48,6 +53,8 @@ def render_trace(t: Trace, console=None, lens: bool = True, steps: Iterable[int]
     _render_result(t, console)
     if lens and t.lens is not None:
         _render_lens(t.lens, console)
+    if t.attention is not None:
+        _render_attention(t.attention, console)
 
 
 def _render_step_table(t: Trace, console) -> None:
@@ -154,6 +161,12 @@ def _render_step(t: Trace, s: StepTrace, console) -> None:
             f"(2 x {layers} x {heads} x {head_dim} x {c['bytes_per_position'] // (2 * layers * heads * head_dim)}), "
             f"{c['bytes']:,} bytes for {capacity} positions",
         )
+        if c.get("window") is not None:
+            _line(
+                console,
+                f"  every layer attends within a window of {c['window']}: when full, the cache keeps the last "
+                f"{c['window'] - 1} positions and drops older ones",
+            )
     if s.speculation is not None and s.index > 0:
         _render_draft_check(s.speculation, console)
     if s.sampling is not None:
@@ -174,6 +187,8 @@ def _render_step(t: Trace, s: StepTrace, console) -> None:
         _line(console, f"constraint: {c['allowed']} tokens allowed after the processors; {verdict}")
     _line(console, f"next token: [bold]{s.chosen.text!r}[/bold] (id {s.chosen.id}), p = {s.chosen.prob:.4f}")
     console.print(_top_table(s, sampled=t.settings.do_sample))
+    if s.attribution is not None:
+        _render_attribution(s, console)
 
 
 def _render_draft_check(check: DraftCheck, console) -> None:
@@ -305,3 +320,92 @@ def _short(text: str, width: int = 8) -> str:
     """A token as a quoted literal of at most `width` characters inside the quotes."""
     r = repr(text)[1:-1]
     return escape("'" + (r if len(r) <= width else r[: width - 1] + "…") + "'")
+
+
+# ---- inside one layer (--layer) and the attention (--attention) ---------------------------------
+
+
+def _render_layer(view: LayerView, console) -> None:
+    """Every tensor of one layer at the prefill, in the order the layer computes it."""
+    prefix = f"model.layers.{view.layer}"
+    section(console, f"inside layer {view.layer} at step 0 (transformers' {prefix}; --layer N for another)")
+    dtypes = {r.dtype for r in view.rows}
+    table = Table()
+    for column in ("tensor", "shape") + (("dtype",) if len(dtypes) > 1 else ()) + ("what",):
+        table.add_column(column)
+    for r in view.rows:
+        name = r.name.removeprefix(prefix).removeprefix(".").strip() or prefix
+        dtype = (r.dtype,) if len(dtypes) > 1 else ()
+        table.add_row(name, _shape_text(r.shape), *dtype, r.what)
+    console.print(table)
+    if len(dtypes) == 1:
+        _line(console, f"every tensor above is {dtypes.pop()}; names are relative to {prefix}")
+
+
+def _render_attention(a: AttentionMap, console) -> None:
+    """What --attention recorded, and where to see it."""
+    section(console, "attention weights (--attention)")
+    groups = "; ".join(f"kv head {j}: q heads {', '.join(map(str, g))}" for j, g in enumerate(a.groups()))
+    _line(
+        console,
+        f"recorded {a.layers} layers x {a.heads} heads over {len(a.positions)} positions (a row per query "
+        f"position: the prompt's from step 0, each later one from its own step); {groups}. "
+        f"--html FILE draws them, --json holds them",
+    )
+
+
+# ---- why this token (--attribution) --------------------------------------------------------------
+
+ATTRIBUTION_ROWS = 10  # the parts shown each way: the most positive, the most negative
+
+
+def _render_attribution(s: StepTrace, console) -> None:
+    """The chosen token's logit part by part (attribution.py): the parts that raise it most and
+    lower it most, the sum of the parts against the model's logit, and against the runner-up the
+    parts that decide between them."""
+    a, token, other = s.attribution, s.attribution.token, s.attribution.runner_up
+    position = s.position_ids[0][a.position]
+    table = Table(
+        title=escape(f"why {token.text!r}: its logit part by part, at position {position} (direct logit attribution)"),
+        title_justify="left",
+    )
+    for column in ("part", f"to {token.text!r}") + ((f"to {other.text!r}", "difference") if other else ()):
+        table.add_column(escape(column), justify="left" if column == "part" else "right")
+
+    def row(name: str, mine: float, theirs: float | None, style: str | None = None) -> None:
+        pair = (f"{theirs:+.4f}", f"{mine - theirs:+.4f}") if theirs is not None else ()
+        table.add_row(name, f"{mine:+.4f}", *pair, style=style)
+
+    order = sorted(range(len(a.parts)), key=lambda k: -token.values[k])
+    shown = order if len(order) <= 2 * ATTRIBUTION_ROWS else order[:ATTRIBUTION_ROWS] + order[-ATTRIBUTION_ROWS:]
+    for n, k in enumerate(shown):
+        if n == ATTRIBUTION_ROWS and len(shown) < len(order):
+            rest = order[ATTRIBUTION_ROWS:-ATTRIBUTION_ROWS]
+            table.add_row(f"... {len(rest)} parts between", "", *(("", "") if other else ()), style="dim")
+        row(a.parts[k], token.values[k], other.values[k] if other else None)
+    row("sum of parts", token.total, other.total if other else None, style="bold")
+    row("logit (the model's)", token.logit, other.logit if other else None, style="bold")
+    console.print(table)
+    _line(
+        console,
+        escape(
+            f"each part c contributes W_U[token] . (g * c / rms): g the final norm's weight, rms that of "
+            f"position {position}'s residual stream = {a.scale:.4f}, held fixed"
+        ),
+    )
+    _line(console, f"{a.basis} (logit - sum of parts = {token.logit - token.total:+.2e})")
+    if other is not None:
+        _line(console, escape(why_not(a)))
+
+
+def why_not(a: Attribution) -> str:
+    """The chosen token against the runner-up: the logit gap, and the parts that decide it."""
+    token, other = a.token, a.runner_up
+    gaps = sorted(((m - t, name) for m, t, name in zip(token.values, other.values, a.parts)), reverse=True)
+    favour = ", ".join(f"{name} ({gap:+.3f})" for gap, name in gaps[:3] if gap > 0) or "none"
+    against = ", ".join(f"{name} ({gap:+.3f})" for gap, name in reversed(gaps[-3:]) if gap < 0) or "none"
+    return (
+        f"{token.text!r} and not {other.text!r}: logit difference {token.logit - other.logit:+.4f} "
+        f"(sum of the parts' differences {token.total - other.total:+.4f}); the parts that favour "
+        f"{token.text!r} most: {favour}; most against: {against}"
+    )
