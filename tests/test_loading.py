@@ -11,9 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_model, rewrite_json
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llamascope.config import GenerationConfig, ModelConfig
 from llamascope.errors import LlamascopeError
@@ -571,3 +574,26 @@ def test_quantised_projections_are_packed_as_read_into_one_buffer_per_fused_laye
     assert generate(model, tokens[0].tolist(), max_new_tokens=8).output_ids == (
         generate(after, tokens[0].tolist(), max_new_tokens=8).output_ids
     )
+
+
+@settings(max_examples=25, deadline=None)
+@given(size=st.integers(0, 40_000), offset=st.integers(0, 5_000), part=st.sampled_from([4096, 8192, 12_288]))
+def test_reads_split_over_threads_give_the_files_bytes(tmp_path_factory, size, offset, part):
+    """A large read is split over the threads in page-aligned parts (tensorfiles.PARALLEL_READ_BYTES;
+    made small here): the bytes equal the file's, and a file that ends early is refused by name."""
+    from llamascope.loading import tensorfiles
+
+    path = tmp_path_factory.mktemp("reads") / "data.bin"
+    data = np.random.default_rng(size + offset).integers(0, 256, offset + size, dtype=np.uint8)
+    path.write_bytes(data.tobytes())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(tensorfiles, "PARALLEL_READ_BYTES", part)
+            out = tensorfiles.read_array(path, offset, torch.uint8, (size,), "t")
+            assert out.numpy().tobytes() == data[offset:].tobytes()
+            with pytest.raises(LlamascopeError, match="truncated while reading tensor 't'"):
+                tensorfiles.read_array(path, offset, torch.uint8, (size + 1,), "t")
+    finally:
+        torch.set_num_threads(threads)

@@ -49,16 +49,15 @@ class TensorSource:
     blocks_slice_reader: Callable[[int, int, int], torch.Tensor] | None = None
     # The format read_blocks gives, where it is not the stored one (GGUF Q5_0 comes as Q8_0 blocks).
     kept_type: str | None = None
-    # `read()`'s values read straight into a given contiguous tensor of its shape and dtype (no
-    # tensor of their own: a fused projection's rows are read in place), where the format can.
-    read_into: Callable[[torch.Tensor], None] | None = None
+    # `read()`'s values read straight into a given contiguous tensor of its shape (no tensor of
+    # their own: a fused projection's rows are read in place), where the format can and the
+    # tensor has `read()`'s dtype; it returns False, reading nothing, where not.
+    read_into: Callable[[torch.Tensor], bool] | None = None
 
     def fill(self, out: torch.Tensor) -> None:
         """`read()`'s values into `out` (of its shape, any float dtype): straight in where the
         format can and the dtype is the stored one, else converted a slice of rows at a time."""
-        sample = self.read_slice(0, 0, 1) if self.slice_reader is not None else None
-        if self.read_into is not None and sample is not None and sample.dtype == out.dtype:
-            self.read_into(out)
+        if self.read_into is not None and self.read_into(out):
             return
         if self.slice_reader is None:
             out.copy_(self.read())

@@ -148,14 +148,21 @@ class GGUFWeight:
         rows = unpermute_rows(values, values.shape[0] // head_rows)
         return rows.contiguous() if isinstance(rows, torch.Tensor) else np.ascontiguousarray(rows)
 
-    def read_into(self, out: torch.Tensor) -> None:
-        """`read()` of a float tensor stored as the model holds it (no Q/K rows to un-permute)
-        straight into `out`; others through a tensor of their own."""
-        if self.type_name in FLOAT_TYPES and not self.heads:
-            dtype, offset = FLOAT_TYPES[self.type_name], int(self.tensor.data_offset)
-            read_array(self.path, offset, dtype, self.shape, self.tensor.name, out)
-        else:
-            out.copy_(self.read())
+    def read_into(self, out: torch.Tensor) -> bool:
+        """`read()` of a float tensor stored in `out`'s dtype into `out` (contiguous, of its shape):
+        straight in, or Q/K rows un-permuted from the file's order as they are copied in; False
+        (nothing read) for other types and dtypes."""
+        if FLOAT_TYPES.get(self.type_name) != out.dtype:
+            return False
+        offset, name = int(self.tensor.data_offset), self.tensor.name
+        if not self.heads:
+            read_array(self.path, offset, out.dtype, self.shape, name, out)
+            return True
+        raw = read_array(self.path, offset, out.dtype, self.shape, name)  # [out, in] in the file's row order
+        half = self.shape[0] // self.heads // 2
+        pairs = raw.view(self.heads, half, 2, -1)  # [H, D/2, 2, in]: as unpermute_rows reads them
+        out.view(self.heads, 2, half, -1).copy_(pairs.swapaxes(1, 2))  # halves order, straight into out
+        return True
 
     def read(self) -> torch.Tensor:
         """[out, in] (or [n]): float32, or the stored dtype of a float tensor (F16, BF16)."""

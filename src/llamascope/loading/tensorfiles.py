@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -125,10 +126,14 @@ class SafetensorsFile:
         dtype, shape, begin, _ = self.entries[name]
         return read_array(self.path, self.data_start + begin, dtype, shape, name)
 
-    def read_into(self, name: str, out: torch.Tensor) -> None:
-        """Tensor `name` read straight into `out` (contiguous, of its shape and dtype)."""
+    def read_into(self, name: str, out: torch.Tensor) -> bool:
+        """Tensor `name` read straight into `out` (contiguous, of its shape) where `out` has its
+        dtype; False (nothing read) where it has another."""
         dtype, shape, begin, _ = self.entries[name]
+        if out.dtype != dtype:
+            return False
         read_array(self.path, self.data_start + begin, dtype, shape, name, out)
+        return True
 
     def read_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         """Indices [start, stop) of tensor `name` along `dim`, reading only those bytes."""
@@ -215,7 +220,28 @@ class Scratch:
         return buffer[:n].view(shape)
 
 
+# Reads of at least this many bytes are split over the process's threads (os.preadv lets go of the
+# GIL): copying from the page cache and faulting in the destination's pages both scale with cores.
+PARALLEL_READ_BYTES = 32 * 2**20
+
+
 def _pread(fd: int, into: np.ndarray, offset: int, path: Path, name: str) -> None:
+    """Fill `into` with the file's bytes from `offset` (large reads in parallel parts)."""
+    data = into.reshape(-1).view(np.uint8)
+    parts = min(torch.get_num_threads(), data.nbytes // PARALLEL_READ_BYTES)
+    if parts < 2:
+        _pread_part(fd, data, offset, path, name)
+        return
+    bounds = [data.nbytes * i // parts // 4096 * 4096 for i in range(parts)] + [data.nbytes]
+    with ThreadPoolExecutor(parts) as pool:
+        done = [
+            pool.submit(_pread_part, fd, data[lo:hi], offset + lo, path, name) for lo, hi in zip(bounds, bounds[1:])
+        ]
+        for future in done:
+            future.result()
+
+
+def _pread_part(fd: int, into: np.ndarray, offset: int, path: Path, name: str) -> None:
     view = memoryview(into).cast("B")
     while len(view):
         n = os.preadv(fd, [view], offset)
