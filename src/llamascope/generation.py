@@ -109,6 +109,35 @@ def _padded(chosen: list[int], running: list[bool], pad_id: int, device) -> tupl
     return chosen, torch.tensor(chosen, dtype=torch.long, device=device)
 
 
+def _check_loop(model, prompts, config: GenerationConfig, capture, interventions: Sequence[Intervention]) -> None:
+    """Refuse what generate_steps does not run: beams (beam.py), and interventions beside a capture
+    or that do not fit the model and prompts."""
+    if config.num_beams > 1:
+        raise LlamascopeError("beam search goes through llamascope.beam, not generate_steps")
+    if interventions:
+        if capture is not None:
+            raise LlamascopeError("interventions and capture together are not supported yet; pass one of them")
+        check_interventions(interventions, model.config, prompts)
+
+
+def _pass_inputs(
+    model, columns: _Columns, cache: KVCache | None, S: int, step: int, padded: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A pass's tokens and positions ([B, S] at the first step, without a cache, or where longrope
+    recomputes the sequence and the cache is cleared; else the newest column [B, 1]), the padding
+    mask of the S columns so far [B, S], and the 4-D mask over the columns the cache holds (None
+    without padding). A windowed cache makes room for the pass first."""
+    restart = cache is not None and step > 0 and model.config.longrope_restarts(S, cache.length)
+    if restart:
+        cache.clear()
+    tokens, positions, mask_2d = columns.step_inputs(S, whole=cache is None or step == 0 or restart)
+    if cache is not None:
+        cache.make_room(tokens.shape[1])  # (a windowed cache may drop columns no query sees)
+    held = mask_2d if cache is None else mask_2d[:, cache.dropped :]  # [B, columns held + T]
+    mask = attention_mask_4d(held, tokens.shape[1]) if padded else None
+    return tokens, positions, mask_2d, mask
+
+
 def generate_steps(
     model: torch.nn.Module,
     prompts: list[list[int]],
@@ -123,12 +152,7 @@ def generate_steps(
     A decode step costs a handful of tensor ops around the forward pass. `interventions`
     (interventions.py) edit every pass's activations at its positions; not beside `capture`.
     """
-    if config.num_beams > 1:
-        raise LlamascopeError("beam search goes through llamascope.beam, not generate_steps")
-    if interventions:
-        if capture is not None:
-            raise LlamascopeError("interventions and capture together are not supported yet; pass one of them")
-        check_interventions(interventions, model.config, prompts)
+    _check_loop(model, prompts, config, capture, interventions)
     device = model.device
     pad_id, input_ids, attention_mask, max_length = prepare_batch(model, prompts, config, windowed=True)
     B, T0 = input_ids.shape
@@ -147,15 +171,8 @@ def generate_steps(
     S, step = T0, 0  # columns so far, steps so far
     with torch.inference_mode():
         while S < max_length and any(running):
-            restart = cache is not None and step > 0 and model.config.longrope_restarts(S, cache.length)
-            if restart:
-                cache.clear()
-            tokens, step_positions, mask_2d = columns.step_inputs(S, whole=cache is None or step == 0 or restart)
-            if cache is not None:
-                cache.make_room(tokens.shape[1])  # (a windowed cache may drop columns no query sees)
+            tokens, step_positions, mask_2d, mask = _pass_inputs(model, columns, cache, S, step, padded)
             cache_length = cache.length if cache is not None else None
-            held = mask_2d if cache is None else mask_2d[:, cache.dropped :]  # [B, columns held + T]
-            mask = attention_mask_4d(held, tokens.shape[1]) if padded else None
             debug = log.isEnabledFor(logging.DEBUG)
             if debug:
                 _log_inputs(step, tokens, step_positions, mask_2d, cache)
