@@ -289,7 +289,7 @@ class Follower:
                     )
                 args = [slots, tokens]
             try:
-                getattr(runner, name)(*args)
+                _replay(runner, name, args)
             except LlamascopeError:
                 raise
             except Exception as e:  # noqa: BLE001 - one line, not a torch traceback
@@ -298,6 +298,31 @@ class Follower:
                     f"{where}: repeating rank 0's {name} failed ({type(e).__name__}: {reason})"
                 ) from None
         return True
+
+
+def _replay(runner: ModelRunner, name: str, args: list) -> None:
+    """Make rank 0's call `name` (one of CALLS but "start" and "stop") on this rank's runner."""
+    match name:
+        case "begin_prefill":
+            runner.begin_prefill(*args)
+        case "prefill":
+            runner.prefill(*args)  # (0 stages: the whole prompt)
+        case "place":
+            runner.place(*args)
+        case "drop":
+            runner.drop(*args)
+        case "decode":
+            runner.decode(*args)
+        case "free":
+            runner.free(*args)
+        case "move":
+            runner.move(*args)
+        case "restart":
+            runner.restart(*args)
+        case "verify":
+            runner.verify(*args)
+        case _:
+            raise LlamascopeError(f"rank 0 sent an unknown call {name!r}")
 
 
 def _use_device(group: ParallelGroup) -> None:
