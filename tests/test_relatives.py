@@ -457,3 +457,24 @@ def test_no_window_or_mixed_windows_or_longrope_keep_every_position(model_factor
         model = load_model(model_factory(name, **CASES[name])).model
         cache = KVCache.for_model(model, 1, 40, first_pass=10)
         assert cache.window is None and cache.capacity == 40, name
+
+
+def test_the_compiled_step_reads_a_windowed_cache_that_moved(model_factory, monkeypatch):
+    """The compiled decode step (its capacity rounded up to 256 columns) over a windowed cache
+    that moves its columns: 300 new tokens give the plain modules' tokens."""
+    import llamascope.cache as cache_module
+
+    folder = model_factory("mistral_window_gqa", **CASES["mistral_window_gqa"])
+    plain = load_model(folder, LoadOptions(backend="plain"))
+    compiled = load_model(folder, LoadOptions(backend="compiled"))
+    if compiled.model.decode_step is None:
+        pytest.skip("no compiled decode step here (torch.compile needs a C++ compiler)")
+    monkeypatch.setattr(cache_module, "WINDOW_SLACK", 1)
+    ids = plain.tokenizer.encode(PROMPTS[0])
+    moves = []
+    make_room = KVCache.make_room
+    monkeypatch.setattr(KVCache, "make_room", lambda c, T: (make_room(c, T), moves.append(c.dropped))[0])
+    expected = generate(plain.model, ids, max_new_tokens=300, eos_token_id=[]).output_ids
+    moves.clear()
+    assert generate(compiled.model, ids, max_new_tokens=300, eos_token_id=[]).output_ids == expected
+    assert max(moves) > 0  # the compiled run's cache moved its columns too
