@@ -217,3 +217,12 @@ def test_cli_layer_and_attention(gqa_model, tmp_path, capsys):
     assert main(base + ["--json", PROMPT]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["attention"] is None and data["layer"] is None
+
+
+def test_token_texts_cannot_break_out_of_the_attention_pages_script(gqa_engine):
+    """Token texts go into the page's JSON with every "<" escaped and are shown through
+    textContent: a prompt holding "</script>" and markup adds no element to the page."""
+    hostile = "</script><img src=x onerror=alert(1)><script>alert(2)</script>"
+    page = render_html(trace(gqa_engine, hostile, max_new_tokens=1, attention=True))
+    assert page.count("<script") == 2  # the weights' JSON and the view's own script
+    assert "<img" not in page and "alert(2)</script>" not in page
