@@ -139,21 +139,16 @@ def _packed_buffers(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     """For each projection of the layers kept in a format the kernels pack (Q8_0, Q4_0, Q4_1), its
     rows of a uint8 buffer in the packed layout: one buffer for each layer's q/k/v and gate/up where
     the parts share a format and input width (fusing takes it whole), one of its own otherwise."""
-    views: dict[str, torch.Tensor] = {}
-    config = checkpoint.config
-    for n in range(config.num_hidden_layers):
-        groups = [[f"model.layers.{n}.{part}" for part in parts] for _, parts in FUSED_PROJECTIONS]
-        for name in expected_shapes(config):
-            if name.startswith(f"model.layers.{n}.") and not any(name in g for g in groups):
-                groups.append([name])
-        for names in groups:
-            sources = [checkpoint.tensors[name] for name in names]
-            if not all(_packs(s) for s in sources) or len({(s.blocks_type, s.shape[1]) for s in sources}) != 1:
-                continue
-            width = packed_row_bytes(sources[0].blocks_type, sources[0].shape[1])
-            buffer = torch.empty(sum(s.shape[0] for s in sources), width, dtype=torch.uint8)  # [rows, bytes]
-            views.update(zip(names, buffer.split([s.shape[0] for s in sources])))
-    return views
+
+    def layout(sources: list[TensorSource]) -> tuple[int, torch.dtype] | None:
+        if not all(_packs(s) for s in sources) or len({(s.blocks_type, s.shape[1]) for s in sources}) != 1:
+            return None
+        return packed_row_bytes(sources[0].blocks_type, sources[0].shape[1]), torch.uint8
+
+    fused = _fused_groups(checkpoint)
+    grouped = {name for names in fused for name in names}
+    alone = [[name] for name in expected_shapes(checkpoint.config) if name.startswith("model.layers.")]
+    return _shared_buffers(checkpoint, fused + [g for g in alone if g[0] not in grouped], layout)
 
 
 def _packs(source: TensorSource) -> bool:
@@ -170,18 +165,36 @@ def _fused_buffers(checkpoint: Checkpoint, dtype: torch.dtype) -> dict[str, torc
     """For each layer's q/k/v and gate/up stored as floats, one buffer of all their rows, and each
     part's rows of it by name: read in place, the parts lie one after another, and fusing them
     (native.fuse_projections) takes the buffer whole instead of copying them together."""
+
+    def layout(sources: list[TensorSource]) -> tuple[int, torch.dtype] | None:
+        if any(s.read_blocks is not None or len(s.shape) != 2 for s in sources):
+            return None  # (block formats stay blocks)
+        return (sources[0].shape[1], dtype) if len({s.shape[1] for s in sources}) == 1 else None
+
+    return _shared_buffers(checkpoint, _fused_groups(checkpoint), layout)
+
+
+def _fused_groups(checkpoint: Checkpoint) -> list[list[str]]:
+    """The names of each layer's projections that fuse (q/k/v, gate/up), a list per fused layer."""
+    layers = range(checkpoint.config.num_hidden_layers)
+    return [[f"model.layers.{n}.{part}" for part in parts] for n in layers for _, parts in FUSED_PROJECTIONS]
+
+
+def _shared_buffers(
+    checkpoint: Checkpoint,
+    groups: list[list[str]],
+    layout: Callable[[list[TensorSource]], tuple[int, torch.dtype] | None],
+) -> dict[str, torch.Tensor]:
+    """For each group of weights that `layout` gives a row (width, dtype), one buffer of all their
+    rows [sum of rows, width], and each weight's rows of it by name, one after another."""
     views: dict[str, torch.Tensor] = {}
-    for n in range(checkpoint.config.num_hidden_layers):
-        for _, parts in FUSED_PROJECTIONS:
-            names = [f"model.layers.{n}.{part}" for part in parts]
-            sources = [checkpoint.tensors[name] for name in names]
-            if any(s.read_blocks is not None or len(s.shape) != 2 for s in sources):
-                continue  # (block formats stay blocks)
-            if len({s.shape[1] for s in sources}) != 1:
-                continue
-            buffer = torch.empty(sum(s.shape[0] for s in sources), sources[0].shape[1], dtype=dtype)
-            for name, part in zip(names, buffer.split([s.shape[0] for s in sources])):
-                views[name] = part
+    for names in groups:
+        sources = [checkpoint.tensors[name] for name in names]
+        row = layout(sources)
+        if row is None:
+            continue
+        buffer = torch.empty(sum(s.shape[0] for s in sources), row[0], dtype=row[1])  # [rows, width]
+        views.update(zip(names, buffer.split([s.shape[0] for s in sources])))
     return views
 
 
