@@ -447,7 +447,8 @@ class _Recorder:
         ranked = torch.topk(scores, min(2, scores.shape[-1])).indices.tolist()
         others = [i for i in ranked if i != chosen and torch.isfinite(scores[i])]
         with torch.inference_mode():
-            a = attribute(self.model, acts, _column(step), [chosen, *others[:1]], step.logits[0])
+            column = own_rows(step).stop - 1  # the last of its own rows: whose logits chose the token
+            a = attribute(self.model, acts, column, [chosen, *others[:1]], step.logits[0])
         for t in (a.token, a.runner_up) if a.runner_up is not None else (a.token,):
             t.text = self.text(t.id)
         return a
@@ -571,14 +572,6 @@ class _Recorder:
                 for row, (vs_row, ids_row) in enumerate(zip(values.tolist(), indices.tolist())):
                     for vs, ids in zip(vs_row, ids_row):
                         self.lens_cells[row].append([(i, self.text(i), p) for i, p in zip(ids, vs)])
-
-
-def _column(step) -> int:
-    """The column of the step's forward pass whose logits chose its token: the prompt's last at
-    the prefill, a speculative round's own column for its step, else the last."""
-    if step.index > 0 and step.speculation is not None:
-        return step.speculation.index
-    return step.input_ids.shape[1] - 1
 
 
 def _attribution_steps(value: bool | str | Iterable[int]) -> frozenset[int] | None:
