@@ -142,9 +142,10 @@ def check_token_ids(ids: list[int], vocab_size: int, where: str = "") -> None:
         raise LlamascopeError(f"{where}token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
 
 
-def _tap(capture: Capture | None, name: str, x: torch.Tensor) -> torch.Tensor:
-    """x, recorded or edited at point `name` when there is a capture (activations.py)."""
-    return x if capture is None else capture.tap(name, x)
+def _tap(capture: Capture | None, name: str, x: torch.Tensor, prefix: str = "") -> torch.Tensor:
+    """x, recorded or edited at point `prefix + name` when there is a capture (activations.py);
+    without one nothing, not even the name, is made."""
+    return x if capture is None else capture.tap(prefix + name, x)
 
 
 # ---- blocks ------------------------------------------------------------------------------------
@@ -186,6 +187,7 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
         self.layer_index = layer_index
+        self.point = f"layers.{layer_index}.self_attn."  # (the names of its capture points)
         self.head_dim = config.head_dim
         h, qkv_bias = config.hidden_size, config.qkv_bias
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -244,7 +246,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         # the points inside this layer are tapped: every step on PyTorch's plain operations
         inner = capture if capture is not None and capture.inside(self.layer_index) else None
-        name = f"layers.{self.layer_index}.self_attn."
+        point = self.point
         if (
             self.native is not None
             and B == 1
@@ -265,18 +267,18 @@ class Attention(nn.Module):
             q, k, v = qkv.split(self.qkv_sizes, dim=-1)  # [B, T, H*D], [B, T, KVH*D] x2
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q, k, v = (_tap(inner, name + part, t) for part, t in (("q_proj", q), ("k_proj", k), ("v_proj", v)))
+        q, k, v = _tap(inner, "q_proj", q, point), _tap(inner, "k_proj", k, point), _tap(inner, "v_proj", v, point)
         q = q.view(B, T, -1, self.head_dim)  # [B, T, H, D]
         k = k.view(B, T, -1, self.head_dim)  # [B, T, KVH, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # each head's D values normed
-            q, k = _tap(inner, name + "q_norm", q), _tap(inner, name + "k_norm", k)
+            q, k = _tap(inner, "q_norm", q, point), _tap(inner, "k_norm", k, point)
         q = q.transpose(1, 2)  # [B, H, T, D]
         k = k.transpose(1, 2)  # [B, KVH, T, D]
         v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
         if not roped:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            q, k = _tap(inner, name + "q_rope", q), _tap(inner, name + "k_rope", k)
+            q, k = _tap(inner, "q_rope", q, point), _tap(inner, "k_rope", k, point)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)  # [B, KVH, S, D], S = cached + T
             if roped and self._prefill_runs_natively(B, T, mask, cache, capture):
@@ -284,7 +286,7 @@ class Attention(nn.Module):
         if not self.within_window(k.shape[2]):
             mask = window_mask(mask, T, k.shape[2], self.window, x.device)  # [B or 1, 1, T, S]
         out = self._attend(q, k, v, mask, capture)  # [B, H, T, D]
-        heads = _tap(inner, name + "heads", out.transpose(1, 2))  # [B, T, H, D]
+        heads = _tap(inner, "heads", out.transpose(1, 2), point)  # [B, T, H, D]
         return self.o_proj(heads.reshape(B, T, -1))  # [B, T, H*D] -> [B, T, hidden]
 
     def _projections(
@@ -496,14 +498,15 @@ class MLP(nn.Module):
             gate, up = gate_up.chunk(2, dim=-1)  # [B, T, I] each
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        gate, up = _tap(inner, name + "gate_proj", gate), _tap(inner, name + "up_proj", up)
-        return self.down_proj(_tap(inner, name + "act", F.silu(gate) * up))  # [B, T, I] -> [B, T, hidden]
+        gate, up = _tap(inner, "gate_proj", gate, name), _tap(inner, "up_proj", up, name)
+        return self.down_proj(_tap(inner, "act", F.silu(gate) * up, name))  # [B, T, I] -> [B, T, hidden]
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
         self.index = layer_index
+        self.point = f"layers.{layer_index}."  # (the names of its capture points)
         self.self_attn = Attention(config, layer_index)
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -513,7 +516,7 @@ class DecoderLayer(nn.Module):
         if capture is None:
             x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, None)
             return x + self.mlp(self.post_attention_layernorm(x))
-        name = f"layers.{self.index}."
+        name = self.point
         inner = capture if capture.inside(self.index) else None
         normed = _tap(inner, name + "input_layernorm", self.input_layernorm(x))
         attn_out = capture.tap(name + "attn_out", self.self_attn(normed, cos, sin, mask, cache, capture))
@@ -575,8 +578,8 @@ class Transformer(nn.Module):
         x = _tap(capture, "embed", stack.embed_tokens(tokens))  # [B, T, hidden]
         cos, sin = stack.rotary_emb(positions, x.dtype)  # [B, T, D] each
         for layer in stack.layers:
-            x = _tap(capture, f"layers.{layer.index}.input", x)
-            x = _tap(capture, f"layers.{layer.index}.output", layer(x, cos, sin, mask, cache, capture))
+            x = _tap(capture, "input", x, layer.point)
+            x = _tap(capture, "output", layer(x, cos, sin, mask, cache, capture), layer.point)
         if cache is not None:
             cache.advance(tokens.shape[1])
         return _tap(capture, "norm", stack.norm(x))  # [B, T, hidden]
