@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from llamascope import Engine
 from llamascope.cache import KVCache
 from llamascope.generation import generate
-from llamascope.prefill import PREFILL_PIECE, PREFILL_TAIL, PrefillRun, prefill_spans
+from llamascope.prefill import PREFILL_PIECE, PREFILL_TAIL, PrefillRun, prefill_spans, resume_rows
+from llamascope.server.prefix_cache import PrefixCache
 from llamascope.server.scheduler import Delta, Done, Request, Scheduler, SequenceSpec
 
 VOCAB = 250  # token ids drawn below this (both test models' vocabularies are larger)
@@ -187,9 +188,11 @@ def test_prompt_lookup_drafts_are_checked_in_one_pass_and_change_no_token(served
 
 
 def test_a_shared_beginning_comes_from_the_prefix_cache(served):
-    """The second of two prompts sharing 600 positions loads the whole pieces among them (two
-    pieces of 256) instead of computing them, and gets its tokens alone. Where RoPE depends on each
-    prompt's length (longrope, dynamic) no piece is shared: the prefix cache is off."""
+    """The second of two prompts sharing 600 positions takes 576 of them from the prefix cache (18
+    blocks of 32) where the model's rows were found the same in calls of 26 rows or more
+    (`resume_rows`), 544 from 58, else the two whole pieces of 256 among them; either way it gets
+    its tokens alone. Where RoPE depends on each prompt's length
+    (longrope, dynamic) nothing is shared: the prefix cache is off."""
     engine, scheduler = served
     shared = [random.Random(7).randrange(3, VOCAB) for _ in range(600)]
     prefix_cache = scheduler.runner.prefix_cache
@@ -198,8 +201,53 @@ def test_a_shared_beginning_comes_from_the_prefix_cache(served):
         spec = SequenceSpec(shared + ending, _config(engine, 3, None), logprobs=1)
         got = asyncio.run(_serve(scheduler, [[spec]], staggered=False))
         assert got == [[_alone(engine, shared + ending, 3, None)]]
-    shared_pieces = 0 if engine.config.rope_varies_with_length else 2 * PREFILL_PIECE
-    assert prefix_cache.hit - hits == shared_pieces
+    if engine.config.rope_varies_with_length:
+        assert prefix_cache.max_bytes == 0 and prefix_cache.hit - hits == 0
+    else:
+        # after 576 the rest (603 or 602 positions) is a first piece of 27 rows, after 544 of 59;
+        # 512 is a cut of the prompt's own run
+        rows = prefix_cache.resume_rows or 2 * PREFILL_PIECE
+        assert prefix_cache.hit - hits == (576 if rows <= 26 else 544 if rows <= 58 else 2 * PREFILL_PIECE)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(length=st.integers(2, 2 * PREFILL_PIECE + 40), data=st.data())
+def test_a_prompt_resumed_from_the_prefix_cache_gets_the_numbers_of_its_own_run(served, length, data):
+    """The rule under prefix caching: a prompt that shares any beginning with an earlier one (which
+    ran from a cached beginning of its own) and takes from the prefix cache what the cache allows,
+    then prefills the rest, has the keys, values and last logits of its own run from position 0,
+    to the bit."""
+    engine, scheduler = served
+    model, rows = engine.model, scheduler.runner.prefix_cache.resume_rows
+    if scheduler.runner.prefix_cache.max_bytes == 0:
+        pytest.skip("no prefix cache where RoPE depends on each prompt's length")
+    draw = data.draw
+    prompt = draw(st.lists(st.integers(3, VOCAB - 1), min_size=length, max_size=length))
+    shared = draw(st.integers(0, length))
+    earlier = prompt[:shared] + draw(st.lists(st.integers(3, VOCAB - 1), min_size=1, max_size=300))
+    first = earlier[: draw(st.integers(0, len(earlier) - 1))]  # a still earlier prompt, its beginning
+    prefix_cache = PrefixCache(1 << 30, resume_rows=rows)
+    with torch.inference_mode():
+        for p in (first + [3], earlier):
+            _prefill(model, p, prefix_cache)
+        own_logits, own = _prefill(model, prompt, PrefixCache(0))
+        logits, resumed = _prefill(model, prompt, prefix_cache)
+    assert torch.equal(logits, own_logits)
+    for layer in range(len(own.keys)):
+        assert torch.equal(resumed.keys[layer], own.keys[layer])
+        assert torch.equal(resumed.values[layer], own.values[layer])
+
+
+def _prefill(model, prompt: list[int], prefix_cache: PrefixCache) -> tuple[torch.Tensor, KVCache]:
+    """`prompt` prefilled as the server's runner does it: its cached beginning loaded, the rest run,
+    its blocks stored -> (the last position's logits [1, 1, V], the cache)."""
+    cache = KVCache.for_model(model, 1, len(prompt))
+    cached = prefix_cache.load(prompt, cache)
+    tokens = torch.tensor([prompt[cached:]])
+    run = PrefillRun(model, tokens, torch.arange(cached, len(prompt))[None], cache)
+    run.advance()
+    prefix_cache.store(prompt, cache, run.spans)
+    return run.logits, cache
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -263,3 +311,18 @@ def test_prompt_pieces_are_cut_at_multiples_and_never_end_in_a_short_tail(start,
     assert all(b % PREFILL_PIECE == 0 for _, b in spans[:-1])
     assert all(b - a <= PREFILL_PIECE for a, b in spans[:-1])
     assert len(spans) == 1 or spans[-1][1] - spans[-1][0] >= PREFILL_TAIL
+
+
+def test_resume_rows_finds_products_whose_rows_depend_on_the_call(model_factory):
+    """The measurement under prefix caching finds a product that gives a row other bits in a call of
+    fewer rows (a matrix library's small-call kernel, imitated by nudging the first layer's down
+    projection below 40 or 256 rows), and refuses PyTorch's attention outright (bfloat16)."""
+    folder = model_factory("invariance", max_position_embeddings=1024)
+    engine = Engine.load(folder)
+    assert resume_rows(engine.model) is not None  # (float32, fused projections: the native attention)
+    down = engine.model.model.layers[0].mlp.down_proj
+    product = down.forward
+    for below, expected in ((40, 48), (256, None)):
+        down.forward = lambda x, below=below: product(x) * (1 + 2**-20 * (x.shape[-2] < below))
+        assert resume_rows(engine.model) == expected
+    assert resume_rows(Engine.load(folder, dtype="bfloat16").model) is None

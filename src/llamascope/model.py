@@ -325,6 +325,11 @@ class Attention(nn.Module):
         )
         return qkv, True
 
+    def prefills_natively(self) -> bool:
+        """Whether a float32 prompt piece of one sequence (no padding, no capture) takes the native
+        attention (`_prefill`), whose rows do not depend on the piece they are computed in."""
+        return self.native is not None and self.qkv_proj is not None and self.q_norm is None and self.head_dim % 16 == 0
+
     def _prefill_runs_natively(self, B: int, T: int, mask, cache, capture) -> bool:
         """A float32 prompt (or piece of one) of one sequence without padding, of at most
         PREFILL_NATIVE_QUERIES positions, when attention weights are not asked for."""

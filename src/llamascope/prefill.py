@@ -20,6 +20,15 @@ the same however the stages are spread (docs/serving.md).
             cache.length = piece.start
             x[piece] = layer(x[piece], rope[piece], cache)   # writes the piece's keys/values
     logits = lm_head(norm(x[last piece]))[:, -1:]
+
+A prompt may also resume after positions another prompt computed (the server's prefix cache). At a
+multiple of PREFILL_PIECE that is exact by the cut rule alone. At any other column its first piece
+is shorter than in its own run, so each of those rows must get the same bits in a shorter call: true
+of the engine's own row-wise work (norms, RoPE, SiLU, the native prefill attention, which walks
+every row's columns in blocks of 64 from column 0), not of PyTorch's attention (it blocks rows and
+columns by the call's lengths), and of the matrix products only as the library behaves.
+`resume_rows` measures it (on the AMD machine PyTorch's bfloat16 products were row-invariant from
+9 rows, its float32 ones from 12; see docs/serving.md).
 """
 
 from __future__ import annotations
@@ -34,6 +43,9 @@ from .layers import KERNEL_MAX_ROWS, dequantized_once
 
 PREFILL_PIECE = 256
 PREFILL_TAIL = KERNEL_MAX_ROWS + 1
+# The first-piece lengths resume_rows tries: every one up to 32 (where libraries switch kernels and
+# handle remainders), then a few about the powers of two
+RESUME_PROBE_ROWS = (*range(PREFILL_TAIL, 33), 48, 63, 64, 65, 96, 127, 128, 129, 192, 255)
 
 
 def prefill_spans(start: int, stop: int, piece: int = PREFILL_PIECE, tail: int = PREFILL_TAIL) -> list[tuple[int, int]]:
@@ -125,3 +137,45 @@ class PrefillRun:
         if self.last_only:
             return self.model.lm_head(stack.norm(xs[-1])[:, -1:])  # [B, 1, vocab]
         return torch.cat([self.model.lm_head(stack.norm(x)) for x in xs], dim=1)  # [B, t, vocab]
+
+
+def resume_rows(model: nn.Module, probe_rows: tuple[int, ...] = RESUME_PROBE_ROWS) -> int | None:
+    """The fewest rows a prompt's first piece must have for the prompt to resume at any column with
+    the numbers of its own run (None: resume only at multiples of PREFILL_PIECE).
+
+    None unless every layer's attention is the native prefill kernel (float32 on the CPU, fused
+    q/k/v projections): PyTorch's own attention blocks its rows and columns by the call's lengths.
+    The matrix products are then measured on the model's first layer over one piece of random
+    hidden states: that piece in one call, then again resumed at column PREFILL_PIECE - M for each
+    M in `probe_rows`, the columns before it taken from the first call. Its outputs and keys and
+    values are compared to the bit; an M that differs rules out every count up to it. (Layers share
+    their products' shapes, and the rows of every other step are computed one by one.)"""
+    stack, piece = model.model, PREFILL_PIECE
+    native = all(layer.self_attn.prefills_natively() for layer in stack.layers)
+    if model.dtype != torch.float32 or model.device.type != "cpu" or not native:
+        return None  # PyTorch's attention cuts its rows and columns into blocks by the call's lengths
+    layer = stack.layers[0]
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(1, piece, model.config.hidden_size, generator=generator) * 0.1).to(model.device, model.dtype)
+    cos, sin = stack.rotary_emb(torch.arange(piece, device=model.device)[None], x.dtype)  # [1, piece, D] each
+    failed = 0
+    with torch.inference_mode(), dequantized_once(layer):
+        whole = KVCache.for_model(model, 1, piece)
+        out = layer(x, cos, sin, None, whole, None)  # [1, piece, hidden]
+        for rows in sorted(probe_rows, reverse=True):
+            start = piece - rows
+            cache = KVCache.for_model(model, 1, piece)
+            cache.keys[0][:, :, :start] = whole.keys[0][:, :, :start]
+            cache.values[0][:, :, :start] = whole.values[0][:, :, :start]
+            cache.length = start
+            resumed = layer(x[:, start:], cos[:, start:].contiguous(), sin[:, start:].contiguous(), None, cache, None)
+            same = torch.equal(resumed, out[:, start:]) and all(
+                torch.equal(mine[0][:, :, start:], theirs[0][:, :, start:])
+                for mine, theirs in ((cache.keys, whole.keys), (cache.values, whole.values))
+            )
+            if not same:
+                failed = max(failed, rows)
+    if failed == 0:
+        return min(probe_rows)
+    above = [rows for rows in probe_rows if rows > failed]
+    return min(above) if above else None

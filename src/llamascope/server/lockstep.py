@@ -145,7 +145,7 @@ class LeaderRunner(ModelRunner):
     lockstep = True
 
     def __init__(self, model, max_batch: int, slot_capacity: int, prefix_cache_bytes: int, group: ParallelGroup):
-        super().__init__(model, max_batch, slot_capacity, prefix_cache_bytes)
+        super().__init__(model, max_batch, slot_capacity, prefix_cache_bytes, measure_resume=False)
         self.group = group
         self.max_batch, self.slot_capacity, self.prefix_cache_bytes = max_batch, slot_capacity, prefix_cache_bytes
         self.keepalive_s = group.timeout_s / 4
@@ -274,7 +274,7 @@ class Follower:
             if name == "stop":
                 return False
             if name == "start":
-                self.runner = ModelRunner(self.model, *args)
+                self.runner = ModelRunner(self.model, *args, measure_resume=False)
                 continue
             runner = self.runner
             if runner is None:

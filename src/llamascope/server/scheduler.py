@@ -4,7 +4,7 @@ One worker thread owns the model and a `SlotKVCache`, through a `ModelRunner` (e
 runs the model or changes the cache). Each loop it
   1. drops the sequences of cancelled requests (their slots are free for the next admission),
   2. admits waiting sequences while slots are free: each new prompt (once for the n choices of
-     one request) starts a prefill, the whole pieces it shares with an earlier prompt loaded from
+     one request) starts a prefill, the beginning it shares with an earlier prompt loaded from
      the prefix cache (prefix_cache.py),
   3. prefills: while sequences decode, one piece's worth of positions (chunked prefill: a long
      prompt holds the running streams up a piece at a time); with none decoding, whole prompts.
@@ -48,11 +48,11 @@ from ..config import GenerationConfig
 from ..decode_step import DecodeStep
 from ..errors import LlamascopeError
 from ..layers import KERNEL_MAX_ROWS
-from ..prefill import PrefillRun
+from ..prefill import PrefillRun, resume_rows
 from ..sampling import apply_processors, build_processors, make_generator, select_next, token_logprobs
 from ..speculative import PromptLookup
 from ..stopping import StopRules, StopText
-from .prefix_cache import PrefixCache
+from .prefix_cache import PREFIX_BLOCK, PrefixCache
 
 log = logging.getLogger("llamascope")
 
@@ -284,7 +284,12 @@ class ModelRunner:
     lockstep = False  # True where other processes repeat these calls: a failed call stops the server
     keepalive_s: float | None = None  # while idle, call keepalive() at least this often (None: no need)
 
-    def __init__(self, model, max_batch: int, slot_capacity: int, prefix_cache_bytes: int = 0):
+    def __init__(
+        self, model, max_batch: int, slot_capacity: int, prefix_cache_bytes: int = 0, measure_resume: bool = True
+    ):
+        """measure_resume: let prompts resume from the prefix cache mid-piece where
+        `prefill.resume_rows` finds that exact (False under tensor parallelism: every rank must
+        decide alike, and each measures its own shard)."""
         self.model = model
         self.cache = SlotKVCache.for_model(model, max_batch, slot_capacity)
         self.cache.reserve(max_batch, slot_capacity)
@@ -293,7 +298,11 @@ class ModelRunner:
             # piece cached from one prompt is not the piece another prompt computes
             log.info("prefix cache off: rope_type %s depends on each prompt's length", model.config.rope_type)
             prefix_cache_bytes = 0
-        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        rows = resume_rows(model) if prefix_cache_bytes and measure_resume else None
+        self.prefix_cache = PrefixCache(prefix_cache_bytes, resume_rows=rows)
+        if prefix_cache_bytes:
+            where = f"to {PREFIX_BLOCK} positions (first pieces of {rows}+ rows)" if rows else "whole pieces only"
+            log.info("prefix cache: %d MB, prompts resume from it at %s", prefix_cache_bytes >> 20, where)
         self.prefills: dict[int, _PromptRun] = {}
 
     def open(self) -> None:
@@ -321,7 +330,7 @@ class ModelRunner:
         prompt = self.prefills[key]
         if not prompt.run.advance(stages or None):
             return None
-        self.prefix_cache.store(prompt.tokens, prompt.run.cache, prompt.cached)
+        self.prefix_cache.store(prompt.tokens, prompt.run.cache, prompt.run.spans)
         return prompt.run.logits[:, -1].float()  # [1, V]
 
     def place(self, key: int, copies: int) -> list[int]:
