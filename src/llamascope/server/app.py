@@ -36,6 +36,7 @@ import logging
 import math
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +48,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import openmp
 from ..cache import SlotKVCache
 from ..config import DEFAULT_MAX_NEW_TOKENS, ContextLengthError, room_for_new_tokens
 from ..constraints import constraint_from, grammars_for
@@ -425,6 +427,12 @@ def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
 def _lifespan(scheduler: Scheduler, settings: ServerSettings):
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # the scheduler's thread is the one that runs the model in parallel (openmp.py): this
+        # thread lets go of the workers it loaded the model with, and the HTTP threads run serially
+        openmp.release_pool()
+        openmp.serial_thread()
+        http_threads = ThreadPoolExecutor(thread_name_prefix="llamascope-http", initializer=openmp.serial_thread)
+        asyncio.get_running_loop().set_default_executor(http_threads)
         scheduler.start()
         log.info(
             "serving %s: up to %d sequences of %d positions, queue of %d",
