@@ -51,6 +51,7 @@ import time
 
 import torch
 
+from .. import openmp
 from ..errors import LlamascopeError
 from ..parallel import ParallelError, ParallelGroup, broadcast
 from .draining import DrainingServer
@@ -362,6 +363,8 @@ def follow(model, group: ParallelGroup, grace_s: float = STOP_GRACE_S) -> None:
             _exit_now(group, f"stopped by a second {signal.Signals(signum).name}", 128 + signum)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    openmp.release_pool()  # the loop's thread is the one that runs the model in parallel (openmp.py)
+    openmp.serial_thread()
     thread = threading.Thread(target=run, name="llamascope-follower", daemon=True)
     thread.start()
     try:
