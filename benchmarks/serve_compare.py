@@ -262,7 +262,7 @@ def print_tables(runs: list[dict], args, model: Path) -> None:
     systems = [r["system"] for r in runs]
     if all("throughput" in r for r in runs):
         head = " | ".join(f"{s} tokens/s" for s in systems)
-        extra = " | llamascope / llama-server" if len(systems) == 2 else ""
+        extra = f" | {systems[0]} / {systems[1]}" if len(systems) == 2 else ""  # (in the order given)
         print(
             f"| clients | {head}{extra} | "
             + " | ".join(f"{s} TTFT p50 / p95 (s) | {s} gap p50 / p95 (ms)" for s in systems)
