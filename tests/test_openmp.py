@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from llamascope import openmp
+from llamascope import Engine, openmp
 
 pytestmark = pytest.mark.skipif(
     openmp.runtime() is None or torch.get_num_threads() < 2, reason="needs PyTorch's libgomp and two threads"
@@ -66,3 +66,19 @@ def test_a_serial_thread_starts_no_workers_and_leaves_other_threads_parallel():
 
     _in_a_thread(work)
     assert torch.get_num_threads() >= 2
+
+
+def test_a_model_loaded_on_one_thread_leaves_no_workers_for_another_to_compete_with(tiny_model):
+    """Engine.load ends its thread's OpenMP workers, so that a model loaded on one thread and run
+    from another (a server, an application's worker thread) has one team."""
+    loaded = {}
+
+    def load():
+        before = _threads()
+        torch.randn(1 << 20).add(1.0)  # this thread's team, as the loader's products make one
+        assert _threads() - before
+        loaded["engine"] = Engine.load(tiny_model)
+        assert _threads() == before
+
+    _in_a_thread(load)
+    assert loaded["engine"].generate("Hello", max_new_tokens=2) is not None

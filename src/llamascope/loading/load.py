@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .. import compiled, kernels, native
+from .. import compiled, kernels, native, openmp
 from ..config import ModelConfig
 from ..errors import LlamascopeError
 from ..memory import freed_memory_returned, peak_rss_bytes, rss_bytes
@@ -105,6 +105,9 @@ def load_model(
         _give_backend(model, options.backend, lib, one_process=not several)
         if options.huge_pages and device.type == "cpu":
             hugepages.move_to_huge_pages(model)  # (it rebuilds the decode step on the moved weights)
+    # the model may run on another thread than this one (a server, an application's worker): this
+    # thread's OpenMP workers would make that thread's team the second one (openmp.py)
+    openmp.release_pool()
     seconds = time.perf_counter() - start
     log.info("loaded in %.2f s", seconds)
     return LoadedModel(
