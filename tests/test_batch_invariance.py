@@ -326,3 +326,18 @@ def test_resume_rows_finds_products_whose_rows_depend_on_the_call(model_factory)
         down.forward = lambda x, below=below: product(x) * (1 + 2**-20 * (x.shape[-2] < below))
         assert resume_rows(engine.model) == expected
     assert resume_rows(Engine.load(folder, dtype="bfloat16").model) is None
+
+
+def test_resume_rows_measures_every_kind_of_layer(model_factory):
+    """A layer whose products take another path (here layer 1's down projection as PyTorch's own
+    Linear, nudged below 40 rows) is measured too, not taken to be like layer 0."""
+    engine = Engine.load(model_factory("invariance", max_position_embeddings=1024))
+    layers = engine.model.model.layers
+    assert len(layers) > 1 and resume_rows(engine.model) is not None
+    mlp = layers[1].mlp
+    plain = torch.nn.Linear(mlp.down_proj.in_features, mlp.down_proj.out_features, bias=False)
+    plain.weight = mlp.down_proj.weight
+    product = plain.forward
+    plain.forward = lambda x: product(x) * (1 + 2**-20 * (x.shape[-2] < 40))
+    mlp.down_proj = plain
+    assert resume_rows(engine.model) == 48

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .cache import KVCache
-from .layers import KERNEL_MAX_ROWS, dequantized_once
+from .layers import KERNEL_MAX_ROWS, FastLinear, QuantLinear, dequantized_once
 
 PREFILL_PIECE = 256
 PREFILL_TAIL = KERNEL_MAX_ROWS + 1
@@ -145,16 +145,39 @@ def resume_rows(model: nn.Module, probe_rows: tuple[int, ...] = RESUME_PROBE_ROW
 
     None unless every layer's attention is the native prefill kernel (float32 on the CPU, fused
     q/k/v projections): PyTorch's own attention blocks its rows and columns by the call's lengths.
-    The matrix products are then measured on the model's first layer over one piece of random
-    hidden states: that piece in one call, then again resumed at column PREFILL_PIECE - M for each
-    M in `probe_rows`, the columns before it taken from the first call. Its outputs and keys and
-    values are compared to the bit; an M that differs rules out every count up to it. (Layers share
-    their products' shapes, and the rows of every other step are computed one by one.)"""
-    stack, piece = model.model, PREFILL_PIECE
+    The matrix products are then measured on one layer of each kind (`_kind`: a GGUF may keep some
+    layers' matrices in other formats) over one piece of random hidden states: that piece in one
+    call, then again resumed at column PREFILL_PIECE - M for each M in `probe_rows`, the columns
+    before it taken from the first call. Outputs, keys and values are compared to the bit; an M that
+    differs rules out every count up to it. (The rows of every other step are computed one by one.)"""
+    stack = model.model
     native = all(layer.self_attn.prefills_natively() for layer in stack.layers)
     if model.dtype != torch.float32 or model.device.type != "cpu" or not native:
         return None  # PyTorch's attention cuts its rows and columns into blocks by the call's lengths
-    layer = stack.layers[0]
+    kinds = {_kind(layer): layer for layer in reversed(stack.layers)}  # (the first layer of each kind)
+    failed = max(_first_differing_rows(model, layer, probe_rows) for layer in kinds.values())
+    if failed == 0:
+        return min(probe_rows)
+    above = [rows for rows in probe_rows if rows > failed]
+    return min(above) if above else None
+
+
+def _kind(layer: nn.Module) -> tuple:
+    """What decides a layer's arithmetic for a prompt piece, besides its numbers: each product's
+    class, shape and (for block weights) the dtype its long inputs run in; the attention window."""
+    products = []
+    for name, module in layer.named_modules():
+        if isinstance(module, QuantLinear):
+            products.append((name, "blocks", module.long_inputs_in_bf16, module.out_features, module.in_features))
+        elif isinstance(module, (FastLinear, nn.Linear)):
+            products.append((name, type(module).__name__, module.weight.dtype, *module.weight.shape))
+    return layer.self_attn.window, tuple(products)
+
+
+def _first_differing_rows(model: nn.Module, layer: nn.Module, probe_rows: tuple[int, ...]) -> int:
+    """The largest M of `probe_rows` for which `layer`, resumed at PREFILL_PIECE - M, gives other
+    bits than in one call (0: none)."""
+    stack, piece, index = model.model, PREFILL_PIECE, layer.self_attn.layer_index
     generator = torch.Generator().manual_seed(0)
     x = (torch.randn(1, piece, model.config.hidden_size, generator=generator) * 0.1).to(model.device, model.dtype)
     cos, sin = stack.rotary_emb(torch.arange(piece, device=model.device)[None], x.dtype)  # [1, piece, D] each
@@ -165,17 +188,14 @@ def resume_rows(model: nn.Module, probe_rows: tuple[int, ...] = RESUME_PROBE_ROW
         for rows in sorted(probe_rows, reverse=True):
             start = piece - rows
             cache = KVCache.for_model(model, 1, piece)
-            cache.keys[0][:, :, :start] = whole.keys[0][:, :, :start]
-            cache.values[0][:, :, :start] = whole.values[0][:, :, :start]
+            cache.keys[index][:, :, :start] = whole.keys[index][:, :, :start]
+            cache.values[index][:, :, :start] = whole.values[index][:, :, :start]
             cache.length = start
             resumed = layer(x[:, start:], cos[:, start:].contiguous(), sin[:, start:].contiguous(), None, cache, None)
             same = torch.equal(resumed, out[:, start:]) and all(
-                torch.equal(mine[0][:, :, start:], theirs[0][:, :, start:])
+                torch.equal(mine[index][:, :, start:], theirs[index][:, :, start:])
                 for mine, theirs in ((cache.keys, whole.keys), (cache.values, whole.values))
             )
             if not same:
                 failed = max(failed, rows)
-    if failed == 0:
-        return min(probe_rows)
-    above = [rows for rows in probe_rows if rows > failed]
-    return min(above) if above else None
+    return failed
