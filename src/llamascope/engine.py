@@ -192,9 +192,7 @@ class Engine:
         single = isinstance(prompts, str)
         texts = [prompts] if single else list(prompts)
         ids = [self.encode(t, chat=chat) for t in texts]
-        config = self.generation_config(chat, **settings)
-        helper, edits = self.assistant(assistant_model), self._interventions(interventions)
-        result = generate(self.model, ids, config, tokenizer=self.tokenizer, assistant=helper, interventions=edits)
+        result = self._generate(ids, self.generation_config(chat, **settings), assistant_model, interventions)
         n = len(result.output_ids) // len(texts)  # sequences per prompt (num_return_sequences)
         completions = [
             self._completion(text, p, result, range(i * n, (i + 1) * n)) for i, (text, p) in enumerate(zip(texts, ids))
@@ -226,7 +224,16 @@ class Engine:
         interventions: Sequence[Intervention] | None = None,
         **settings,
     ) -> GenerationResult:
-        config = self.generation_config(**settings)
+        return self._generate(prompts, self.generation_config(**settings), assistant_model, interventions)
+
+    def _generate(
+        self,
+        prompts: list[list[int]] | list[int],
+        config: GenerationConfig,
+        assistant_model,
+        interventions: Sequence[Intervention] | None,
+    ) -> GenerationResult:
+        """generation.generate on this engine's model, with the call's assistant and interventions."""
         helper, edits = self.assistant(assistant_model), self._interventions(interventions)
         return generate(self.model, prompts, config, tokenizer=self.tokenizer, assistant=helper, interventions=edits)
 

@@ -334,13 +334,12 @@ class Attention(nn.Module):
         """A float32 prompt (or piece of one) of one sequence without padding, of at most
         PREFILL_NATIVE_QUERIES positions, when attention weights are not asked for."""
         return (
-            self.native is not None
+            self.prefills_natively()
             and B == 1
             and T > 1
             and mask is None
             and type(cache) is KVCache
             and T <= PREFILL_NATIVE_QUERIES
-            and self.head_dim % 16 == 0
             and self._native_cache(cache)
             and not (capture is not None and capture.weights_in(self.layer_index))
         )

@@ -181,13 +181,11 @@ def _first_differing_rows(model: nn.Module, layer: nn.Module, probe_rows: tuple[
     generator = torch.Generator().manual_seed(0)
     x = (torch.randn(1, piece, model.config.hidden_size, generator=generator) * 0.1).to(model.device, model.dtype)
     cos, sin = stack.rotary_emb(torch.arange(piece, device=model.device)[None], x.dtype)  # [1, piece, D] each
-    failed = 0
     with torch.inference_mode(), dequantized_once(layer):
-        whole = KVCache.for_model(model, 1, piece)
+        whole, cache = KVCache.for_model(model, 1, piece), KVCache.for_model(model, 1, piece)
         out = layer(x, cos, sin, None, whole, None)  # [1, piece, hidden]
-        for rows in sorted(probe_rows, reverse=True):
+        for rows in sorted(probe_rows, reverse=True):  # (the first that differs is the largest)
             start = piece - rows
-            cache = KVCache.for_model(model, 1, piece)
             cache.keys[index][:, :, :start] = whole.keys[index][:, :, :start]
             cache.values[index][:, :, :start] = whole.values[index][:, :, :start]
             cache.length = start
@@ -197,5 +195,5 @@ def _first_differing_rows(model: nn.Module, layer: nn.Module, probe_rows: tuple[
                 for mine, theirs in ((cache.keys, whole.keys), (cache.values, whole.values))
             )
             if not same:
-                failed = max(failed, rows)
-    return failed
+                return rows
+    return 0

@@ -114,10 +114,21 @@ def unpermute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     the two rotary halves are interleaved (pairs). Hugging Face's rotate-half RoPE wants the halves
     back: view the rows as [heads, D/2, 2] and swap the last two axes.
     """
-    rows = weight.shape[0]
-    head_dim = rows // heads
-    pairs = weight.reshape(heads, head_dim // 2, 2, *weight.shape[1:])  # [H, D/2, 2, ...]
-    return pairs.swapaxes(1, 2).reshape(tuple(weight.shape))  # [H*D, ...] in halves order
+    return _halves(weight, heads).reshape(tuple(weight.shape))  # [H*D, ...] in halves order
+
+
+def _halves(weight: np.ndarray | torch.Tensor, heads: int) -> np.ndarray | torch.Tensor:
+    """unpermute_rows's rows as a view [H, 2, D/2, ...] (no copy yet): a contiguous tensor of that
+    shape, or `weight`'s shape, takes them in one copy."""
+    pairs = weight.reshape(heads, weight.shape[0] // heads // 2, 2, *weight.shape[1:])  # [H, D/2, 2, ...]
+    return pairs.swapaxes(1, 2)
+
+
+def _unpermute_into(weight: torch.Tensor, heads: int, out: torch.Tensor) -> torch.Tensor:
+    """unpermute_rows(weight, heads) copied straight into `out` (contiguous, weight's shape) -> out."""
+    halves = _halves(weight, heads)  # [H, 2, D/2, ...]
+    out.view(halves.shape).copy_(halves)
+    return out
 
 
 def dequantize_tensor(tensor, path: Path) -> np.ndarray:
@@ -159,9 +170,7 @@ class GGUFWeight:
             read_array(self.path, offset, out.dtype, self.shape, name, out)
             return True
         raw = read_array(self.path, offset, out.dtype, self.shape, name)  # [out, in] in the file's row order
-        half = self.shape[0] // self.heads // 2
-        pairs = raw.view(self.heads, half, 2, -1)  # [H, D/2, 2, in]: as unpermute_rows reads them
-        out.view(self.heads, 2, half, -1).copy_(pairs.swapaxes(1, 2))  # halves order, straight into out
+        _unpermute_into(raw, self.heads, out)
         return True
 
     def read(self) -> torch.Tensor:
@@ -196,8 +205,7 @@ class GGUFWeight:
         into = None if scratch is None else scratch.take(0, shape)
         raw = read_array(self.path, int(self.tensor.data_offset), torch.uint8, shape, self.tensor.name, into)
         if scratch is not None and self.heads:
-            head_rows = rows // self.heads
-            raw = scratch.take(1, shape).copy_(unpermute_rows(raw, rows // head_rows))  # [out, row bytes]
+            raw = _unpermute_into(raw, self.heads, scratch.take(1, shape))  # [out, row bytes]
         else:
             raw = self._unpermute(raw)  # [out, row bytes]
         return self._kept(raw, self.shape[1])

@@ -301,8 +301,8 @@ class ModelRunner:
         rows = resume_rows(model) if prefix_cache_bytes and measure_resume else None
         self.prefix_cache = PrefixCache(prefix_cache_bytes, resume_rows=rows)
         if prefix_cache_bytes:
-            where = f"to {PREFIX_BLOCK} positions (first pieces of {rows}+ rows)" if rows else "whole pieces only"
-            log.info("prefix cache: %d MB, prompts resume from it at %s", prefix_cache_bytes >> 20, where)
+            where = f"to within {PREFIX_BLOCK} positions (first pieces of {rows}+ rows)" if rows else "at cuts only"
+            log.info("prefix cache: %d MB, prompts resume from it %s", prefix_cache_bytes >> 20, where)
         self.prefills: dict[int, _PromptRun] = {}
 
     def open(self) -> None:
