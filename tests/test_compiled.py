@@ -164,13 +164,36 @@ def test_past_the_recompile_limit_new_shapes_run_uncompiled(compiled, caplog):
     assert "limit of compiled graphs is reached; batch 5" in caplog.text
 
 
+def _step_logits(model, ids: list[int]) -> tuple[list[int], list[torch.Tensor]]:
+    logits = []
+    found = generate(model, ids, max_new_tokens=24, eos_token_id=[], on_step=lambda s: logits.append(s.logits[0]))
+    return found.output_ids[0], logits
+
+
 def test_bfloat16_rounds_where_eager_pytorch_does(model_factory):
+    """In bfloat16 the compiled step rounds where eager PyTorch does (emulate_precision_casts):
+    many logits come out bitwise equal to the plain path's and the rest within four bfloat16 steps
+    (the generated code sums in another order: 8-wide on AVX2, 16-wide on AVX-512). Tokens are the
+    plain path's until a step whose two best logits are that close on the plain path: a tie in
+    bfloat16 that summation order may break either way (it did on an AVX2 machine, never on
+    AVX-512). Measured on AVX2: a mean of about half the logits bitwise equal at each step, and
+    about a tenth without the emulated rounding."""
     folder = model_factory("bfloat16", dtype=torch.bfloat16)
     model = load_model(folder, backend="compiled").model
-    plain = load_model(folder, backend="plain").model
+    plain = load_model(folder, backend="plain")
+    equal = []
     for prompt in PROMPTS:
-        ids = load_model(folder, backend="plain").tokenizer.encode(prompt)
-        assert (
-            generate(model, ids, max_new_tokens=24, eos_token_id=[]).output_ids
-            == generate(plain, ids, max_new_tokens=24, eos_token_id=[]).output_ids
-        ), prompt
+        ids = plain.tokenizer.encode(prompt)
+        tokens, logits = _step_logits(model, ids)
+        expected, expected_logits = _step_logits(plain.model, ids)
+        for step, (found, want) in enumerate(zip(logits, expected_logits)):
+            tolerance = 4 * 2.0 ** (torch.frexp(want.abs().max()).exponent.item() - 8)  # four bf16 steps at its scale
+            assert (found - want).abs().max() <= tolerance, (prompt, step)
+            equal.append((found == want).float().mean().item())
+            if tokens[step] != expected[step]:
+                best = want.topk(2).values
+                assert best[0] - best[1] <= tolerance, (prompt, step, "tokens differ where the plain path is clear")
+                break
+        else:
+            assert tokens == expected
+    assert sum(equal) / len(equal) > 0.25, f"only {sum(equal) / len(equal):.2f} of the logits bitwise equal"

@@ -73,14 +73,34 @@ def test_logits_match(case):
     assert (found - expected).abs().max().item() <= tolerance
 
 
+# PyTorch multiplies bfloat16 matrices with oneDNN where the CPU has AVX-512 (BF16 or not) and
+# with its own loops elsewhere, summing in another order; the native kernels sum as oneDNN does.
+ONEDNN_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def test_greedy_32_tokens_match(case):
+    """Token for token. The one allowance: in bfloat16 on a CPU where PyTorch's own bfloat16
+    products sum in another order than the kernels' (no oneDNN bfloat16, e.g. AVX2 only), the
+    tokens may part at a step where transformers' two best logits are within four bfloat16 steps
+    of each other (a tie the order breaks either way: on an AVX2 machine at step 12 of 32, with the
+    two logits equal), and nowhere else."""
     name, folder, dtype = case
     ours = load_model(folder)
     ids = ours.tokenizer.encode(PROMPTS[0])
     hf = _hf(folder, dtype)
-    expected = hf_generate(hf, ids, max_new_tokens=32, do_sample=False, eos_token_id=None)
-    result = generate(ours.model, ids, max_new_tokens=32, eos_token_id=[])
-    assert result.output_ids[0] == expected[0, len(ids) :].tolist()
+    expected = hf_generate(
+        hf, ids, max_new_tokens=32, do_sample=False, eos_token_id=None, output_logits=True, return_dict_in_generate=True
+    )
+    wanted = expected.sequences[0, len(ids) :].tolist()
+    found = generate(ours.model, ids, max_new_tokens=32, eos_token_id=[]).output_ids[0]
+    if dtype == torch.float32 or ONEDNN_BF16 or found == wanted:
+        assert found == wanted
+        return
+    step = next(k for k, (a, b) in enumerate(zip(found, wanted)) if a != b)
+    logits = expected.logits[step][0].float()  # [vocab] transformers' logits at the step they part
+    best = logits.topk(2).values
+    tolerance = 4 * 2.0 ** (torch.frexp(logits.abs().max()).exponent.item() - 8)  # four bfloat16 steps
+    assert best[0] - best[1] <= tolerance, f"tokens part at step {step}, where transformers' choice was clear"
 
 
 def test_cache_on_equals_cache_off(case):
