@@ -356,9 +356,10 @@ def test_quantising_while_loading_never_holds_the_float_model(tmp_path_factory, 
 @pytest.mark.slow
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "F32", "BF16"])
 def test_gguf_loads_without_a_second_copy(tmp_path, qtype):
-    """Kept blocks go into their layers as they are read, float tensors are read from the file
-    (not its memory map, whose touched pages would stay resident), and the copies made while
-    repacking and fusing are given back: loading peaks near the model's own bytes, not twice them."""
+    """Kept blocks go into their layers as they are read, float tensors are either views of the
+    mapped file or read from it (never a copy read through the map, whose touched pages would stay
+    resident beside it), and the copies made while repacking and fusing are given back: loading
+    peaks near the model's own bytes, not twice them."""
     from gguf_fixtures import GGUF_BLOCK, TinySpec, write_tiny_llama
 
     floats = qtype in ("F32", "BF16")
@@ -529,7 +530,7 @@ def test_fused_projections_are_read_in_place_not_copied_together(tiny_model, dty
 
     monkeypatch.setattr(native, "_stacked", spy)
     stored = load_file(str(tiny_model / "model.safetensors"))
-    model = load_model(tiny_model, dtype=dtype).model
+    model = load_model(tiny_model, dtype=dtype, mmap=False).model  # (mapped: test_mapping.py)
     assert shared and all(shared)
     want = getattr(torch, dtype)
     for n, layer in enumerate(model.model.layers):

@@ -364,7 +364,7 @@ def test_gguf_ranks_read_and_hold_their_own_blocks(name, model_path, monkeypatch
     from llamascope.layers import QuantLinear
     from llamascope.loading import gguf
 
-    single = load_model(model_path(name)).model
+    single = load_model(model_path(name), mmap=False).model  # (mapped norms would share the file's storage)
     replicated = [single.model.embed_tokens, single.model.norm, single.model.rotary_emb] + [
         m for layer in single.model.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)
     ]

@@ -48,6 +48,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     _add_device_arg(p)
     _add_backend_arg(p)
     _add_huge_pages_arg(p)
+    _add_mmap_arg(p)
     _add_parallel_args(p)
 
 
@@ -108,6 +109,7 @@ def _load_options(args: argparse.Namespace):
         quant=args.quant,
         backend=args.backend,
         huge_pages=args.huge_pages,
+        mmap=args.mmap,
     )
 
 
@@ -118,6 +120,18 @@ def _add_huge_pages_arg(p: argparse.ArgumentParser) -> None:
         help="also copy the weights of 4 MB or more into 2 MB pages after loading (the command already "
         "allocates tensors of 2 MB or more in them unless THP_MEM_ALLOC_ENABLE=0; this mostly "
         "serves the Python API); slower load",
+    )
+
+
+def _add_mmap_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mmap",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="use float weights where they lie in the file, mapped copy-on-write, when it holds them as "
+        "they are used (same dtype, row-major): a faster load (default %(default)s); --no-mmap reads "
+        "every weight into memory of its own (a file rewritten in place while mapped changes or ends "
+        "the running model)",
     )
 
 
@@ -951,6 +965,7 @@ def _add_serve_command(sub) -> None:
     _add_device_arg(p)
     _add_backend_arg(p)
     _add_huge_pages_arg(p)
+    _add_mmap_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port, 0 to 65535 (0: any free one; default %(default)s)")
     p.add_argument(

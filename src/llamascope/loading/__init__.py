@@ -4,13 +4,14 @@
 
 | module            | job                                                                     |
 |-------------------|-------------------------------------------------------------------------|
-| `options.py`      | `LoadOptions` (dtype, device, quant, backend, huge_pages) and their checks |
+| `options.py`      | `LoadOptions` (dtype, device, quant, backend, huge_pages, mmap) and their checks |
 | `checkpoint.py`   | `Checkpoint` / `TensorSource`: a checkpoint before any weight is read; the tensors LLaMA needs |
 | `hf.py`, `gguf.py`| open a Hugging Face folder or a GGUF file as a Checkpoint                |
 | `tensorfiles.py`, `gguf_file.py`, `gguf_metadata.py` | read safetensors / .bin / GGUF bytes, safely |
 | `gguf_tokenizer.py`, `spm.py` | tokenizer settings from GGUF metadata or a SentencePiece model |
 | `build.py`        | the model with plain layers, each weight read once (kept, quantised, or sharded) |
 | `load.py`         | `load_model`: open, build, give the model its backend                   |
+| `mapping.py`      | map checkpoint files copy-on-write; weights as views of them            |
 | `hugepages.py`    | move large weights into 2 MB pages                                      |
 
 The names below are imported on first use, so that the tokenizer can read `spm.py` and

@@ -26,6 +26,7 @@ from ..layers import QuantEmbedding, QuantLinear
 from ..model import ROPE_INIT, Transformer
 from ..parallel import ParallelGroup, attach_collectives, check_world_size, narrow_linears, shard_plan
 from .checkpoint import FUSED_PROJECTIONS, Checkpoint, TensorSource, check_tensors, expected_shapes
+from .mapping import FileMaps
 from .tensorfiles import Scratch
 
 log = logging.getLogger("llamascope")
@@ -40,6 +41,7 @@ def build_model(
     keep_blocks: bool = False,
     quantize_to: str | None = None,
     pack_with=None,
+    map_files: bool = False,
 ) -> torch.nn.Module:
     """The model with plain layers, each weight read once at `dtype`: create it without allocating,
     read the weights, place them.
@@ -52,7 +54,9 @@ def build_model(
     head and embedding to formats.HIGH_QTYPE: the float weights are never held whole. With
     `pack_with` (the kernel library, for the native backend), kept Q8_0/Q4 projections of the
     layers are packed as they are read into the layout its kernels read (formats.pack_blocks), each
-    layer's q/k/v and gate/up into one buffer, which fusing then takes whole.
+    layer's q/k/v and gate/up into one buffer, which fusing then takes whole. With `map_files`
+    (on the CPU, in one process, without `quantize_to`), each float weight the file holds as it is
+    used is a view of the mapped file instead of a copy (mapping.py; `_mapped_weights`).
     """
     check_tensors(checkpoint)
     plan = _shard_plan(checkpoint, parallel)
@@ -61,8 +65,13 @@ def build_model(
         if plan:
             narrow_linears(model, plan)
     packed = _packed_buffers(checkpoint) if pack_with is not None and keep_blocks and not plan else {}
-    reading = _Reading(dtype, device, plan, parallel, keep_blocks, quantize_to, packed, pack_with)
+    maps = FileMaps() if map_files and not plan and not quantize_to and torch.device(device).type == "cpu" else None
+    reading = _Reading(dtype, device, plan, parallel, keep_blocks, quantize_to, packed, pack_with, maps)
     state, kept = _read_weights(model, checkpoint, reading, progress)
+    if maps is not None and maps.spans:
+        seconds = maps.populate()
+        megabytes = maps.nbytes / 1e6
+        log.info("%.1f MB of weights used where they lie in the mapped file (resident in %.2f s)", megabytes, seconds)
     _place_weights(model, checkpoint, state, kept, dtype, plan, packed)
     if plan:
         attach_collectives(model, parallel)
@@ -91,48 +100,95 @@ class _Reading:
     quantize_to: str | None
     packed: dict[str, torch.Tensor]  # name -> its rows of a packed buffer (_packed_buffers)
     pack_with: object  # the kernel library that packs them
+    maps: FileMaps | None  # the mapped files, where weights may be views of them
     scratch: Scratch = field(default_factory=Scratch)
 
 
 def _read_weights(
     model, checkpoint: Checkpoint, reading: _Reading, progress
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, torch.Tensor]]]:
-    """Read every weight once: float ones into the returned state dict; those kept in a block
-    format (as stored, or quantised to `quantize_to` as read) into their layers at once where they
-    can go there (so loading never holds the whole model twice), else into the returned `kept`
-    (name -> (format, blocks)) with the names of those already installed mapped to None."""
+    """Read every weight once: float ones into the returned state dict (or views of the mapped
+    file there, reading nothing); those kept in a block format (as stored, or quantised to
+    `quantize_to` as read) into their layers at once where they can go there (so loading never
+    holds the whole model twice), else into the returned `kept` (name -> (format, blocks)) with
+    the names of those already installed mapped to None."""
     expected = expected_shapes(checkpoint.config)
     r = reading
     state: dict[str, torch.Tensor] = {}
     kept: dict = {}
+    mapped = {} if r.maps is None else _mapped_weights(checkpoint, r.dtype, r.maps)
     on_cpu = torch.device(r.device).type == "cpu"
-    in_place = {} if r.plan or r.quantize_to or not on_cpu else _fused_buffers(checkpoint, r.dtype)
+    groups = [names for names in _fused_groups(checkpoint) if names[0] not in mapped]
+    in_place = {} if r.plan or r.quantize_to or not on_cpu else _fused_buffers(checkpoint, groups, r.dtype)
     for k, name in enumerate(expected):
-        source, shard = checkpoint.tensors[name], r.plan.get(name)
-        qtype = source.blocks_type
-        if name in r.packed:  # straight into the kernels' layout, through reused buffers
-            pack_blocks(source.read_blocks(r.scratch), qtype, source.shape[1], r.pack_with, out=r.packed[name])
-            blocks = r.packed[name]
-        elif r.keep_blocks and name not in in_place:
-            blocks = _kept_blocks(checkpoint, name, shard, r.parallel)
+        if name in mapped:
+            state[name] = mapped[name]
         else:
-            blocks = None
-        if blocks is None and r.quantize_to is not None and len(expected[name]) == 2:
-            qtype = HIGH_QTYPE if name in HIGH_WEIGHTS else r.quantize_to
-            blocks = _read_quantized(source, qtype, shard, checkpoint.config.head_dim)
-        if name in in_place:
-            source.fill(in_place[name])
-            state[name] = in_place[name]
-        elif blocks is None:
-            state[name] = _read_at(source, r.dtype, r.device, shard)
-        elif _install_now(model, name, r.plan):
-            install_block_weights(model, {name: (qtype, blocks.to(r.device))}, r.dtype, r.packed)
-            kept[name] = None
-        else:
-            kept[name] = (qtype, blocks.to(r.device))
+            _read_weight(model, checkpoint, name, r, in_place, state, kept)
         if progress is not None:
             progress(k + 1, len(expected))
     return state, kept
+
+
+def _read_weight(model, checkpoint: Checkpoint, name: str, r: _Reading, in_place: dict, state: dict, kept: dict):
+    """Read weight `name` (see _read_weights) into `state`, into its place in a fused buffer
+    (`in_place`), into its layer, or into `kept`."""
+    source, shard = checkpoint.tensors[name], r.plan.get(name)
+    qtype = source.blocks_type
+    if name in r.packed:  # straight into the kernels' layout, through reused buffers
+        pack_blocks(source.read_blocks(r.scratch), qtype, source.shape[1], r.pack_with, out=r.packed[name])
+        blocks = r.packed[name]
+    elif r.keep_blocks and name not in in_place:
+        blocks = _kept_blocks(checkpoint, name, shard, r.parallel)
+    else:
+        blocks = None
+    if blocks is None and r.quantize_to is not None and len(source.shape) == 2:
+        qtype = HIGH_QTYPE if name in HIGH_WEIGHTS else r.quantize_to
+        blocks = _read_quantized(source, qtype, shard, checkpoint.config.head_dim)
+    if name in in_place:
+        source.fill(in_place[name])
+        state[name] = in_place[name]
+    elif blocks is None:
+        state[name] = _read_at(source, r.dtype, r.device, shard)
+    elif _install_now(model, name, r.plan):
+        install_block_weights(model, {name: (qtype, blocks.to(r.device))}, r.dtype, r.packed)
+        kept[name] = None
+    else:
+        kept[name] = (qtype, blocks.to(r.device))
+
+
+def _mapped_weights(checkpoint: Checkpoint, dtype: torch.dtype, maps: FileMaps) -> dict[str, torch.Tensor]:
+    """The weights that can be views of their mapped file: those it holds row-major as `dtype`
+    (TensorSource.stored). A layer's q/k/v or gate/up are taken only together and only where they
+    lie one after another in one file, as one view that fusing takes whole (native._stacked);
+    elsewhere they are read into one buffer (_fused_buffers) rather than copied together later."""
+    views: dict[str, torch.Tensor] = {}
+    groups = _fused_groups(checkpoint)
+    for names in groups:
+        sources = [checkpoint.tensors[name] for name in names]
+        if _adjacent(sources, dtype):
+            rows = (sum(s.shape[0] for s in sources), sources[0].shape[1])
+            buffer = maps.tensor(sources[0].file, sources[0].stored[0], dtype, rows)  # [rows, in]
+            if buffer is not None:
+                views.update(zip(names, buffer.split([s.shape[0] for s in sources])))
+    grouped = {name for names in groups for name in names}
+    for name in expected_shapes(checkpoint.config):
+        source = checkpoint.tensors[name]
+        if name not in grouped and source.stored is not None and source.stored[1] == dtype:
+            view = maps.tensor(source.file, source.stored[0], dtype, source.shape)
+            if view is not None:
+                views[name] = view
+    return views
+
+
+def _adjacent(sources: list[TensorSource], dtype: torch.dtype) -> bool:
+    """Whether matrices stored as `dtype`, of one width, lie one after another in one file."""
+    first = sources[0]
+    if any(s.stored is None or s.stored[1] != dtype or len(s.shape) != 2 for s in sources):
+        return False
+    if any(s.file != first.file or s.shape[1] != first.shape[1] for s in sources):
+        return False
+    return all(a.stored[0] + a.nbytes == b.stored[0] for a, b in zip(sources, sources[1:]))
 
 
 def _packed_buffers(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
@@ -161,8 +217,9 @@ def _packs(source: TensorSource) -> bool:
     )
 
 
-def _fused_buffers(checkpoint: Checkpoint, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """For each layer's q/k/v and gate/up stored as floats, one buffer of all their rows, and each
+def _fused_buffers(checkpoint: Checkpoint, groups: list[list[str]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """For each group of a layer's q/k/v or gate/up (of `groups`, _fused_groups's) stored as
+    floats, one buffer of all their rows, and each
     part's rows of it by name: read in place, the parts lie one after another, and fusing them
     (native.fuse_projections) takes the buffer whole instead of copying them together."""
 
@@ -171,7 +228,7 @@ def _fused_buffers(checkpoint: Checkpoint, dtype: torch.dtype) -> dict[str, torc
             return None  # (block formats stay blocks)
         return (sources[0].shape[1], dtype) if len({s.shape[1] for s in sources}) == 1 else None
 
-    return _shared_buffers(checkpoint, _fused_groups(checkpoint), layout)
+    return _shared_buffers(checkpoint, groups, layout)
 
 
 def _fused_groups(checkpoint: Checkpoint) -> list[list[str]]:

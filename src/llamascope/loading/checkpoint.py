@@ -53,6 +53,10 @@ class TensorSource:
     # their own: a fused projection's rows are read in place), where the format can and the
     # tensor has `read()`'s dtype; it returns False, reading nothing, where not.
     read_into: Callable[[torch.Tensor], bool] | None = None
+    # (byte offset in `file`, dtype) where the file holds `read()`'s values as they are: row-major,
+    # in that dtype (a float tensor, neither converted nor un-permuted). Loading may then view the
+    # tensor in the mapped file instead of reading it (mapping.py).
+    stored: tuple[int, torch.dtype] | None = None
 
     def fill(self, out: torch.Tensor) -> None:
         """`read()`'s values into `out` (of its shape, any float dtype): straight in where the
@@ -277,14 +281,17 @@ def row_slice(source: TensorSource, start: int, stop: int) -> TensorSource:
 
     shape = (stop - start, *source.shape[1:])
     blocks = source.read_blocks is not None
+    row_bytes = source.nbytes // max(source.shape[0], 1)
+    stored = None if source.stored is None else (source.stored[0] + start * row_bytes, source.stored[1])
     return TensorSource(
         shape,
         source.stored_type,
         source.file,
-        source.nbytes * (stop - start) // max(source.shape[0], 1),
+        row_bytes * (stop - start),
         lambda: source.read_slice(0, start, stop),
         read_slice,
         read_blocks=(lambda scratch=None: source.read_blocks_slice(0, start, stop)) if blocks else None,
         blocks_slice_reader=read_blocks_slice if blocks else None,
         kept_type=source.kept_type,
+        stored=stored,
     )

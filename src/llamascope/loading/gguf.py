@@ -173,6 +173,13 @@ class GGUFWeight:
         _unpermute_into(raw, self.heads, out)
         return True
 
+    def stored(self) -> tuple[int, torch.dtype] | None:
+        """(byte offset, dtype) of a float tensor whose bytes are `read()`'s as they lie (not
+        Q/K rows, which the file holds in llama.cpp's order); None for others."""
+        if self.type_name not in FLOAT_TYPES or self.heads:
+            return None
+        return int(self.tensor.data_offset), FLOAT_TYPES[self.type_name]
+
     def read(self) -> torch.Tensor:
         """[out, in] (or [n]): float32, or the stored dtype of a float tensor (F16, BF16)."""
         if self.type_name in FLOAT_TYPES:
@@ -624,6 +631,7 @@ def _tensor_sources(tensors: dict, config: ModelConfig, path: Path, arch: str) -
             read_blocks=weight.read_blocks if has_blocks else None,
             blocks_slice_reader=weight.read_blocks_slice if has_blocks else None,
             read_into=weight.read_into,
+            stored=weight.stored(),
         )
     return split_fused(sources, config)
 

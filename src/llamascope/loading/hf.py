@@ -96,6 +96,7 @@ def open_hf_folder(folder: Path) -> Checkpoint:
                     functools.partial(st.read, name),
                     functools.partial(st.read_slice, name),
                     read_into=functools.partial(st.read_into, name),
+                    stored=(st.offset(name), st.dtype(name)),
                 )
         else:
             tensors.update(_bin_tensors(path))

@@ -101,6 +101,7 @@ def load_model(
             keep_blocks=keep_blocks,
             quantize_to=options.quant_format,
             pack_with=lib,  # (kept blocks go straight into the layout the kernels read)
+            map_files=options.mmap and not options.huge_pages,
         )
         _give_backend(model, options.backend, lib, one_process=not several)
         if options.huge_pages and device.type == "cpu":

@@ -1,6 +1,6 @@
 """How to load a model: one object from the CLI and the Python API down to `load_model`.
 
-    LoadOptions(dtype="auto", device="auto", quant=None, backend="native", huge_pages=False)
+    LoadOptions(dtype="auto", device="auto", quant=None, backend="native", huge_pages=False, mmap=True)
 
 `backend` is the one choice of how the layers compute:
 
@@ -34,13 +34,17 @@ class LoadOptions:
     reads them); "none" makes every matrix float at `dtype`; "int8" / "int4" (or "q8_0", "q4_0",
     "q4_1") quantise the projections as they are read, the LM head and embedding to 8 bits.
     `backend`: "native", "plain" or "compiled" (see the module's table).
-    `huge_pages`: copy the weights of 4 MB or more into 2 MB pages after loading (slower load)."""
+    `huge_pages`: copy the weights of 4 MB or more into 2 MB pages after loading (slower load).
+    `mmap`: float weights the file holds as they are used (same dtype, row-major; not a GGUF's
+    Q/K rows) are views of the file mapped copy-on-write, not copies (loading/mapping.py); off,
+    or with `huge_pages`, every weight is read into memory of its own."""
 
     dtype: str | torch.dtype = "auto"
     device: str | torch.device = "auto"
     quant: str | None = None
     backend: str = "native"
     huge_pages: bool = False
+    mmap: bool = True
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

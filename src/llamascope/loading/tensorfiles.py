@@ -1,9 +1,11 @@
 """Read tensors from safetensors and PyTorch .bin files one at a time, with clear errors.
 
 safetensors files (and GGUF's float tensors and blocks, through `read_array`) are read with
-plain file reads into freshly allocated tensors: a memory-mapped read would keep every touched
-page of the file resident beside the converted weights (two copies at peak). The header is
-validated first, so a truncated or foreign file fails with its name.
+plain file reads into freshly allocated tensors, where a weight must be a copy of its own
+(converted, re-ordered, or `mmap=False`): reading such a weight through a memory map would keep
+every touched page of the file resident beside the copy (two copies at peak). Weights used as the
+file holds them are views of it instead (mapping.py). The header is validated first, so a
+truncated or foreign file fails with its name.
 .bin files go through `torch.load(weights_only=True, mmap=True)`: no code in a pickle ever runs.
 """
 
@@ -117,6 +119,10 @@ class SafetensorsFile:
 
     def dtype(self, name: str) -> torch.dtype:
         return self.entries[name][0]
+
+    def offset(self, name: str) -> int:
+        """The file byte where tensor `name`'s data starts."""
+        return self.data_start + self.entries[name][2]
 
     def nbytes(self, name: str) -> int:
         _, _, begin, end = self.entries[name]
