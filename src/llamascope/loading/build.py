@@ -116,10 +116,11 @@ def _read_weights(
     r = reading
     state: dict[str, torch.Tensor] = {}
     kept: dict = {}
-    mapped = {} if r.maps is None else _mapped_weights(checkpoint, r.dtype, r.maps)
+    groups = _fused_groups(checkpoint)
+    mapped = {} if r.maps is None else _mapped_weights(checkpoint, groups, r.dtype, r.maps)
+    unmapped = [names for names in groups if names[0] not in mapped]
     on_cpu = torch.device(r.device).type == "cpu"
-    groups = [names for names in _fused_groups(checkpoint) if names[0] not in mapped]
-    in_place = {} if r.plan or r.quantize_to or not on_cpu else _fused_buffers(checkpoint, groups, r.dtype)
+    in_place = {} if r.plan or r.quantize_to or not on_cpu else _fused_buffers(checkpoint, unmapped, r.dtype)
     for k, name in enumerate(expected):
         if name in mapped:
             state[name] = mapped[name]
@@ -157,36 +158,34 @@ def _read_weight(model, checkpoint: Checkpoint, name: str, r: _Reading, in_place
         kept[name] = (qtype, blocks.to(r.device))
 
 
-def _mapped_weights(checkpoint: Checkpoint, dtype: torch.dtype, maps: FileMaps) -> dict[str, torch.Tensor]:
+def _mapped_weights(
+    checkpoint: Checkpoint, groups: list[list[str]], dtype: torch.dtype, maps: FileMaps
+) -> dict[str, torch.Tensor]:
     """The weights that can be views of their mapped file: those it holds row-major as `dtype`
-    (TensorSource.stored). A layer's q/k/v or gate/up are taken only together and only where they
-    lie one after another in one file, as one view that fusing takes whole (native._stacked);
-    elsewhere they are read into one buffer (_fused_buffers) rather than copied together later."""
+    (TensorSource.stored). A layer's q/k/v or gate/up (of `groups`, _fused_groups's) are taken only
+    together and only where they lie one after another in one file, as one view that fusing takes
+    whole (native._stacked); elsewhere they are read into one buffer (_fused_buffers) rather than
+    copied together later. Every other weight is a group of its own."""
+    grouped = {name for names in groups for name in names}
+    alone = [[name] for name in expected_shapes(checkpoint.config) if name not in grouped]
     views: dict[str, torch.Tensor] = {}
-    groups = _fused_groups(checkpoint)
-    for names in groups:
+    for names in groups + alone:
         sources = [checkpoint.tensors[name] for name in names]
         if _adjacent(sources, dtype):
-            rows = (sum(s.shape[0] for s in sources), sources[0].shape[1])
-            buffer = maps.tensor(sources[0].file, sources[0].stored[0], dtype, rows)  # [rows, in]
+            rows = [s.shape[0] for s in sources]
+            shape = (sum(rows), *sources[0].shape[1:])  # [rows, in] (or [n])
+            buffer = maps.tensor(sources[0].file, sources[0].stored[0], dtype, shape)
             if buffer is not None:
-                views.update(zip(names, buffer.split([s.shape[0] for s in sources])))
-    grouped = {name for names in groups for name in names}
-    for name in expected_shapes(checkpoint.config):
-        source = checkpoint.tensors[name]
-        if name not in grouped and source.stored is not None and source.stored[1] == dtype:
-            view = maps.tensor(source.file, source.stored[0], dtype, source.shape)
-            if view is not None:
-                views[name] = view
+                views.update(zip(names, buffer.split(rows)))
     return views
 
 
 def _adjacent(sources: list[TensorSource], dtype: torch.dtype) -> bool:
-    """Whether matrices stored as `dtype`, of one width, lie one after another in one file."""
+    """Whether tensors stored as `dtype`, of one row shape, lie one after another in one file."""
     first = sources[0]
-    if any(s.stored is None or s.stored[1] != dtype or len(s.shape) != 2 for s in sources):
+    if any(s.stored is None or s.stored[1] != dtype for s in sources):
         return False
-    if any(s.file != first.file or s.shape[1] != first.shape[1] for s in sources):
+    if any(s.file != first.file or s.shape[1:] != first.shape[1:] for s in sources):
         return False
     return all(a.stored[0] + a.nbytes == b.stored[0] for a, b in zip(sources, sources[1:]))
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import math
 import mmap
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -49,10 +50,7 @@ class FileMaps:
         """The `shape` array of `dtype` stored row-major at byte `offset` of `path`, as a view of
         the file's mapping; None where it cannot be one (no elements, an offset that is not a
         multiple of the element size, a file that cannot be mapped)."""
-        item = torch.empty((), dtype=dtype).element_size()
-        count = 1
-        for size in shape:
-            count *= size
+        item, count = dtype.itemsize, math.prod(shape)
         if count == 0 or offset % item:
             return None
         file = self._file(Path(path))
